@@ -1,0 +1,51 @@
+"""The exceptions cdka raises; the CLI maps each to one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+
+class CdkaError(Exception):
+    """Base of every error cdka reports to a user. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class BudgetError(CdkaError, ValueError):
+    """A budget that cannot be parsed or cannot be met."""
+
+    exit_code = 2
+
+
+class ModelSourceError(CdkaError, ValueError):
+    """A model name, folder or file that cannot be read into a ModelSpec."""
+
+    exit_code = 3
+
+
+class TargetError(CdkaError, ValueError):
+    """A target selection that matches nothing, or a shape no adapter fits."""
+
+    exit_code = 4
+
+
+class PlanError(CdkaError, ValueError):
+    """A plan document that is malformed or does not match its model."""
+
+    exit_code = 5
+
+
+class ReferenceFileError(CdkaError, ValueError):
+    """A reference-update file or probe input that is missing, corrupt or mismatched."""
+
+    exit_code = 6
+
+
+class SweepError(CdkaError, RuntimeError):
+    """A sweep that cannot start or continue (storage, study, task)."""
+
+    exit_code = 7
+
+
+class ExportError(CdkaError, ValueError):
+    """A plan that the chosen export target cannot express."""
+
+    exit_code = 8
