@@ -1,0 +1,384 @@
+"""The CDKA adapter module: a frozen linear layer plus lambda * sum_i B_i (x) A_i, never materialised.
+
+Symbols follow cdka-notes.md: the adapted weight W0 has shape (d_out, d_in) = (m1*m2, n1*n2); component i
+has a left factor B_i of shape m1 x n1 and a right factor A_i of shape m2 x n2. The paper's component
+dimensions are r1 = m2 and r2 = n1. The forward pass contracts the input with the stacked factors in two
+matrix products (cdka-notes.md section 2); dW is only formed by :meth:`CdkaLinear.delta_weight`, which
+merging and tests use.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from cdka_search.errors import PlanError
+
+__all__ = ["SCALINGS", "CONTRACTIONS", "CdkaLinear", "base_kind", "base_shape", "resolve_dtype"]
+
+#: Names accepted for the scaling lambda. ``fixed`` uses the ``scale`` value as given.
+SCALINGS = ("alpha/sqrt(r*r2)", "alpha/r", "alpha/sqrt(r)", "fixed")
+#: Orders of the two contractions. ``auto`` picks the one with fewer multiply-adds.
+CONTRACTIONS = ("auto", "A-first", "B-first")
+#: Names accepted for the initialisation.
+INITS = ("kaiming-A-zero-B",)
+#: Default factor applied to B in the gradient-aligned init (see :meth:`CdkaLinear.init_from_gradient`).
+GRADIENT_INIT_B_SCALE = 1e-3
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """``"linear"`` for ``nn.Linear``, ``"conv1d"`` for transformers' GPT-2 ``Conv1D``, else None.
+
+    ``Conv1D`` is recognised without importing transformers: its class name and its ``nf``/``nx``
+    attributes with a weight stored (in, out).
+    """
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and getattr(module, "weight").dim() == 2
+        and tuple(module.weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+    ):
+        return "conv1d"
+    return None
+
+
+def base_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a linear or Conv1D module, in PyTorch (out, in) orientation."""
+    kind = base_kind(module)
+    if kind == "linear":
+        return (module.out_features, module.in_features)
+    if kind == "conv1d":
+        return (int(module.weight.shape[1]), int(module.weight.shape[0]))
+    raise PlanError(f"cannot adapt a {type(module).__name__}: only nn.Linear and transformers Conv1D are supported")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A torch dtype from a dtype or its name ("float32", "bfloat16", "float64", ...); None means float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise PlanError(f"unknown adapter dtype {dtype!r}: use float32, float64, bfloat16 or float16")
+    return value
+
+
+def scaling_value(scaling: str, alpha: float, r: int, r2: int, scale: float | None = None) -> float:
+    """lambda for one adapter. ``alpha/sqrt(r*r2)`` keeps E||grad_B||^2 independent of r, r1, r2."""
+    if scaling == "alpha/sqrt(r*r2)":
+        return float(alpha) / math.sqrt(r * r2)
+    if scaling == "alpha/r":
+        return float(alpha) / r
+    if scaling == "alpha/sqrt(r)":
+        return float(alpha) / math.sqrt(r)
+    if scaling == "fixed":
+        if scale is None:
+            raise PlanError("scaling 'fixed' needs a scale value (adapter.scale in the plan)")
+        return float(scale)
+    raise PlanError(f"unknown scaling {scaling!r}: allowed are {', '.join(SCALINGS)}")
+
+
+#: Largest m2 (= r1) for which the second product runs as one dense GEMM against kron(B', I_m2).
+EXPAND_MAX_M2 = 4
+
+
+class _CdkaDelta(torch.autograd.Function):
+    """out = base_out + lam * sum_i (B_i (x) A_i) x in the A-first order, with a hand-written backward.
+
+    Shapes: x (N, d_in), base_out (N, d_out), A (r, m2, n2), B (r, m1, n1); K = r * n1.
+    First product: t = x.reshape(N*n1, n2) @ A.reshape(r*m2, n2).T, read as t[n, (q, i), a].
+    Second product, Y[n, p, a] = sum_k B'[p, k] t[n, k, a] with B'[p, (q, i)] = B[i, p, q]:
+
+    - m2 <= EXPAND_MAX_M2: one GEMM (N, K*m2) @ kron(B'^T, I_m2) (K*m2, d_out), fused with the addition
+      (addmm). It spends m2 times the multiply-adds of the second product but writes the output in its
+      final layout, so no strided pass over (N, d_out) is needed (measured faster for m2 <= 4 on CPU).
+    - larger m2: (N*m2, K) @ B'^T gives Y in (n, a, p) layout; the addition reads it transposed, and the
+      gradient is transposed by the scaling multiplication, so no pass is spent on a bare copy.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                lam: float) -> torch.Tensor:
+        r, m2, n2 = A.shape
+        _, m1, n1 = B.shape
+        n, k = x.shape[0], n1 * r
+        t = x.reshape(n * n1, n2) @ A.reshape(r * m2, n2).T                 # t[(n, q), (i, a)]
+        bq = B.permute(1, 2, 0).reshape(m1, k)                              # B'[p, (q, i)] = B[i, p, q]
+        ctx.lam, ctx.expand = lam, m2 <= EXPAND_MAX_M2
+        if ctx.expand:
+            t = t.view(n, k * m2)
+            expanded = bq.T.contiguous()                                    # (K*m2, d_out)
+            if m2 > 1:
+                expanded = torch.kron(expanded, torch.eye(m2, dtype=bq.dtype, device=bq.device))
+            if base_out.dtype == t.dtype:
+                out = torch.addmm(base_out, t, expanded, alpha=lam)
+            else:
+                out = torch.empty_like(base_out, memory_format=torch.contiguous_format)
+                torch.add(base_out, t @ expanded, alpha=lam, out=out)
+            ctx.save_for_backward(x, A, B, t, expanded)
+            return out
+        tt = t.view(n, k, m2).transpose(1, 2).reshape(n * m2, k)             # small: N * r * r1 * r2
+        yt = tt @ bq.T                                                      # yt[(n, a), p]
+        out = torch.empty((n, m1, m2), dtype=base_out.dtype, device=base_out.device)
+        torch.add(base_out.reshape(n, m1, m2), yt.view(n, m2, m1).transpose(1, 2), alpha=lam, out=out)
+        ctx.save_for_backward(x, A, B, tt, bq)
+        return out.view(n, m1 * m2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, A, B, t, mat = ctx.saved_tensors
+        r, m2, n2 = A.shape
+        _, m1, n1 = B.shape
+        n, k = x.shape[0], n1 * r
+        need_base, need_x, need_a, need_b, _ = ctx.needs_input_grad
+        grad_b = grad_a = grad_x = gt = None
+        if ctx.expand:
+            g = grad.to(A.dtype) if grad.dtype != A.dtype else grad
+            if need_b:
+                full = (t.T @ g).view(k, m2, m1, m2)                        # only its (a, a) blocks count
+                grad_b = torch.diagonal(full, dim1=1, dim2=3).sum(-1).mul_(ctx.lam)       # (K, m1)
+                grad_b = grad_b.T.reshape(m1, n1, r).permute(2, 0, 1).contiguous()
+            if need_a or need_x:
+                gt = (g @ mat.T).mul_(ctx.lam).view(n * n1, r * m2)
+        else:
+            gy = torch.empty((n, m2, m1), dtype=A.dtype, device=A.device)
+            torch.mul(grad.reshape(n, m1, m2).transpose(1, 2), ctx.lam, out=gy)
+            gy = gy.view(n * m2, m1)
+            if need_b:
+                grad_b = (gy.T @ t).view(m1, n1, r).permute(2, 0, 1).contiguous()
+            if need_a or need_x:
+                gt = (gy @ mat).view(n, m2, k).transpose(1, 2).reshape(n * n1, r * m2)
+        if need_a:
+            grad_a = (gt.T @ x.reshape(n * n1, n2)).view(r, m2, n2)
+        if need_x:
+            grad_x = (gt @ A.reshape(r * m2, n2)).view(n, n1 * n2)
+        return (grad if need_base else None), grad_x, grad_a, grad_b, None
+
+
+def _delta_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """sum_i (B_i (x) A_i) x contracting B first; cheaper only when r1 and r2 are both large."""
+    r, m2, n2 = A.shape
+    _, m1, n1 = B.shape
+    n = x.shape[0]
+    u = torch.matmul(B.reshape(r * m1, n1), x.reshape(n, n1, n2))           # u[n, (i, p), b]
+    y = torch.einsum("nipb,iab->npa", u.view(n, r, m1, n2), A)
+    return y.reshape(n, m1 * m2)
+
+
+class CdkaLinear(nn.Module):
+    """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` plus a CDKA adapter (cdka-notes.md section 1).
+
+    ``y = base_layer(x) + lambda * sum_{i=1..r} (B_i (x) A_i) x`` with ``cdka_A`` of shape (r, m2, n2) and
+    ``cdka_B`` of shape (r, m1, n1), where d_out = m1*m2 and d_in = n1*n2 (paper: r1 = m2, r2 = n1).
+    The base module stays inside as ``base_layer``, so its state-dict names gain ``.base_layer``.
+
+    Args:
+        base_layer: the module to adapt; its parameters are frozen here.
+        m1, n1, m2, n2, r: the design (B_i is m1 x n1, A_i is m2 x n2, r components).
+        alpha: numerator of the scaling.
+        scaling: one of :data:`SCALINGS`; ``alpha/sqrt(r*r2)`` by default (cdka-notes.md section 3).
+        scale: lambda itself when ``scaling == "fixed"``.
+        dropout: dropout probability on the adapter input (the base path sees x unchanged).
+        dtype: adapter parameter dtype, float32 unless given, whatever the base dtype; the input is cast
+            to it and the adapter output cast back to the base output dtype.
+        init: ``kaiming-A-zero-B`` (A Kaiming-uniform with fan_in = n2, B = 0, so dW = 0 at step 0).
+        contraction: ``auto`` (fewer multiply-adds), ``A-first`` or ``B-first``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        m1: int,
+        n1: int,
+        m2: int,
+        n2: int,
+        r: int,
+        alpha: float = 64.0,
+        scaling: str = "alpha/sqrt(r*r2)",
+        scale: float | None = None,
+        dropout: float = 0.0,
+        dtype: torch.dtype | str | None = None,
+        init: str = "kaiming-A-zero-B",
+        contraction: str = "auto",
+    ) -> None:
+        super().__init__()
+        kind = base_kind(base_layer)
+        if kind is None:
+            raise PlanError(
+                f"cannot adapt a {type(base_layer).__name__}: only nn.Linear and transformers Conv1D are supported"
+            )
+        d_out, d_in = base_shape(base_layer)
+        dims = (m1, n1, m2, n2, r)
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in dims):
+            raise PlanError(f"design (m1, n1, m2, n2, r) = {dims} must be positive integers")
+        if m1 * m2 != d_out or n1 * n2 != d_in:
+            raise PlanError(
+                f"design B {m1}x{n1} (x) A {m2}x{n2} gives a {m1 * m2}x{n1 * n2} update, "
+                f"but the layer is {d_out}x{d_in} (d_out x d_in)"
+            )
+        if not 0.0 <= float(dropout) < 1.0:
+            raise PlanError(f"adapter dropout {dropout!r} must lie in [0, 1)")
+        if init not in INITS:
+            raise PlanError(f"unknown init {init!r}: allowed are {', '.join(INITS)}")
+        if contraction not in CONTRACTIONS:
+            raise PlanError(f"unknown contraction {contraction!r}: allowed are {', '.join(CONTRACTIONS)}")
+        self.base_layer = base_layer
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.kind = kind
+        self.d_out, self.d_in = d_out, d_in
+        self.m1, self.n1, self.m2, self.n2, self.r = m1, n1, m2, n2, r
+        self.alpha = float(alpha)
+        self.scaling_name = scaling
+        self.scaling = scaling_value(scaling, alpha, r, n1, scale)
+        self.init = init
+        self.contraction = contraction
+        self.merged = False
+        self.dropout = nn.Dropout(float(dropout)) if dropout else nn.Identity()
+        adapter_dtype = resolve_dtype(dtype)
+        device = base_layer.weight.device
+        self.cdka_A = nn.Parameter(torch.empty((r, m2, n2), dtype=adapter_dtype, device=device))
+        self.cdka_B = nn.Parameter(torch.empty((r, m1, n1), dtype=adapter_dtype, device=device))
+        self.reset_parameters()
+
+    # paper symbols ------------------------------------------------------------------------------------
+    @property
+    def r1(self) -> int:
+        """Paper's r1 = m2 (rows of A_i)."""
+        return self.m2
+
+    @property
+    def r2(self) -> int:
+        """Paper's r2 = n1 (columns of B_i)."""
+        return self.n1
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, so code that reads ``module.weight`` keeps working."""
+        return self.base_layer.weight
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, d_out={self.d_out}, d_in={self.d_in}, B={self.m1}x{self.n1}, "
+            f"A={self.m2}x{self.n2}, r={self.r}, scaling={self.scaling:.6g}, merged={self.merged}"
+        )
+
+    # initialisation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A_i ~ U(-1/sqrt(n2), 1/sqrt(n2)), B_i = 0.
+
+        This is ``kaiming_uniform_(a=sqrt(5))`` with fan_in = n2 = d_in / r2 (torch would read the fan-in of
+        a 3-D tensor as m2*n2, so the bound is computed here): gain sqrt(2/(1+5)) times sqrt(3/fan_in).
+        """
+        bound = 1.0 / math.sqrt(self.n2)
+        if generator is None:
+            self.cdka_A.uniform_(-bound, bound)
+        else:
+            sample = torch.rand(self.cdka_A.shape, generator=generator, dtype=torch.float64,
+                                device=generator.device)
+            self.cdka_A.copy_((sample * 2.0 - 1.0) * bound)
+        self.cdka_B.zero_()
+
+    @torch.no_grad()
+    def init_from_gradient(self, grad: torch.Tensor, *, b_scale: float = GRADIENT_INIT_B_SCALE) -> None:
+        """Gradient-aligned init from G = dL/dW0 in (d_out, d_in) orientation (for Conv1D pass weight.grad.T).
+
+        With U S V^T the top-r SVD of R(-G) (R: cdka-notes.md section 4) and s_i = S_i / S_0:
+        ``A_i = sqrt(s_i) * v_i.reshape(m2, n2) * sqrt(m2*n2/(3*n2))`` so A has the element RMS of the
+        Kaiming-uniform default, and ``B_i = b_scale * sqrt(s_i) * u_i.reshape(m1, n1)``, so B_i (x) A_i is
+        the i-th rank-one term of R(-G) rescaled by s_i and dW starts small (b_scale = 1e-3 by default)
+        while the first update of B already points along the top-r part of -G. Components past the rank
+        of R(G) keep a zero B and a random A. The model output moves by lambda * dW; nothing is
+        subtracted from the base weight.
+        """
+        if self.merged:
+            raise PlanError("unmerge the adapter before re-initialising it")
+        g = torch.as_tensor(grad)
+        if tuple(g.shape) != (self.d_out, self.d_in):
+            raise PlanError(f"gradient has shape {tuple(g.shape)}, expected {(self.d_out, self.d_in)} (d_out, d_in)")
+        work = torch.float64 if g.dtype == torch.float64 else torch.float32
+        rg = -g.to(device=self.cdka_A.device, dtype=work)
+        rg = rg.reshape(self.m1, self.m2, self.n1, self.n2).permute(0, 2, 1, 3).reshape(self.m1 * self.n1,
+                                                                                         self.m2 * self.n2)
+        k = min(self.r, *rg.shape)
+        if min(rg.shape) <= 512:
+            u, s, vh = torch.linalg.svd(rg, full_matrices=False)
+            u, s, v = u[:, :k], s[:k], vh[:k].T
+        else:
+            u, s, v = torch.svd_lowrank(rg, q=min(k + 8, *rg.shape), niter=4)
+            u, s, v = u[:, :k], s[:k], v[:, :k]
+        self.reset_parameters()
+        if s.numel() == 0 or s[0] <= 0:
+            return
+        keep = s > s[0] * torch.finfo(work).eps * max(rg.shape)
+        weight = torch.sqrt(s / s[0]) * keep
+        a_rms = math.sqrt(self.m2 * self.n2 / (3.0 * self.n2))
+        a_new = (v * weight).T.reshape(k, self.m2, self.n2) * a_rms
+        b_new = (u * weight).T.reshape(k, self.m1, self.n1) * b_scale
+        self.cdka_A[:k][keep] = a_new[keep].to(self.cdka_A.dtype)
+        self.cdka_B[:k] = b_new.to(self.cdka_B.dtype)
+
+    # maths ------------------------------------------------------------------------------------------
+    def _order(self) -> str:
+        if self.contraction != "auto":
+            return self.contraction
+        a_first = self.m2 * self.d_in + self.n1 * self.d_out
+        b_first = self.m1 * self.d_in + self.n2 * self.d_out
+        return "A-first" if a_first <= b_first else "B-first"
+
+    def delta_weight(self) -> torch.Tensor:
+        """lambda * sum_i kron(B_i, A_i) in (d_out, d_in) orientation and adapter dtype (merging, tests)."""
+        dw = torch.einsum("ipq,iab->paqb", self.cdka_B, self.cdka_A)
+        return dw.reshape(self.d_out, self.d_in) * self.scaling
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return out
+        lead = x.shape[:-1]
+        xa = self.dropout(x.to(self.cdka_A.dtype)).reshape(-1, self.d_in)
+        base2 = out.reshape(-1, self.d_out)
+        if self._order() == "A-first":
+            y = _CdkaDelta.apply(base2, xa, self.cdka_A, self.cdka_B, self.scaling)
+        else:
+            delta = _delta_b_first(xa, self.cdka_A, self.cdka_B) * self.scaling
+            y = base2 + delta.to(out.dtype)
+        return y.reshape(*lead, self.d_out)
+
+    # merging ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold lambda * dW into the base weight (Conv1D: its transpose); the forward then skips the adapter."""
+        if self.merged:
+            return
+        self._fold(+1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract lambda * dW from the base weight again (exact up to rounding in the base dtype)."""
+        if not self.merged:
+            return
+        self._fold(-1.0)
+        self.merged = False
+
+    def _fold(self, sign: float) -> None:
+        weight = self.base_layer.weight
+        dw = self.delta_weight().to(device=weight.device)
+        if self.kind == "conv1d":
+            dw = dw.T
+        if weight.dtype == dw.dtype:
+            weight.add_(dw, alpha=sign)
+        else:
+            # accumulate in the wider of the two dtypes, then round once
+            wide = torch.promote_types(weight.dtype, dw.dtype)
+            weight.copy_(weight.to(wide).add_(dw.to(wide), alpha=sign))
