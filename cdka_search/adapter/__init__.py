@@ -1,5 +1,25 @@
 """The torch ring: the CDKA adapter module, applying a plan to a model, merging, saving and loading."""
 
+from cdka_search.adapter.io import load_adapter, read_adapter, save_adapter
 from cdka_search.adapter.layer import CdkaLinear
+from cdka_search.adapter.model import (
+    ApplySummary,
+    adapter_modules,
+    applied_plan,
+    apply_plan,
+    merge_adapters,
+    unmerge_adapters,
+)
 
-__all__ = ["CdkaLinear"]
+__all__ = [
+    "ApplySummary",
+    "CdkaLinear",
+    "adapter_modules",
+    "applied_plan",
+    "apply_plan",
+    "load_adapter",
+    "merge_adapters",
+    "read_adapter",
+    "save_adapter",
+    "unmerge_adapters",
+]

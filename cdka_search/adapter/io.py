@@ -1,0 +1,133 @@
+"""Saving and loading adapters as .safetensors: the factor tensors, with the plan in the header.
+
+File layout: one tensor per factor, named ``<module>.cdka_A`` (r, m2, n2) and ``<module>.cdka_B``
+(r, m1, n1); the header's ``__metadata__`` holds ``format = "cdka-adapter"``, ``cdka_adapter = "1"`` and
+``cdka_plan``, the applied plan as JSON text (``Plan.to_dict()``). No base weight and no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from cdka_search.adapter.model import ApplySummary, _apply, _resolve, _unique_params, adapter_modules, applied_plan
+from cdka_search.errors import PlanError
+from cdka_search.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from cdka_search.plan import Plan
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_adapter", "load_adapter", "read_adapter"]
+
+FORMAT = "cdka-adapter"
+FORMAT_VERSION = "1"
+_FACTORS = ("cdka_A", "cdka_B")
+
+
+def save_adapter(model: nn.Module, path: str | Path) -> Path:
+    """Write the adapter tensors of ``model`` and its applied plan to ``path`` atomically.
+
+    Merged or not, the file holds the factors A and B (never dW or a base weight).
+    """
+    from safetensors.torch import save
+
+    plan = applied_plan(model)
+    layers = adapter_modules(model)
+    if plan is None or not layers:
+        raise PlanError("the model carries no applied plan; apply_plan (or load_adapter) before save_adapter")
+    tensors = {
+        f"{name}.{factor}": getattr(layer, factor).detach().to("cpu").contiguous()
+        for name, layer in layers.items() for factor in _FACTORS
+    }
+    metadata = {"format": FORMAT, "cdka_adapter": FORMAT_VERSION, "cdka_plan": json.dumps(plan.to_dict())}
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def read_adapter(path: str | Path) -> tuple["Plan", dict[str, torch.Tensor]]:
+    """The plan and the tensors stored in an adapter file; PlanError when it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    from cdka_search.plan import Plan
+
+    file = Path(path)
+    if not file.is_file():
+        raise PlanError(f"{file}: no such adapter file")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PlanError(f"{file}: not a readable .safetensors file ({exc})") from None
+    if metadata.get("format") != FORMAT or "cdka_plan" not in metadata:
+        raise PlanError(f"{file}: not a cdka adapter (no cdka_plan in its metadata); save one with save_adapter")
+    if metadata.get("cdka_adapter") != FORMAT_VERSION:
+        raise PlanError(f"{file}: adapter format {metadata.get('cdka_adapter')!r} is not supported (this cdka reads {FORMAT_VERSION})")
+    try:
+        plan = Plan.from_dict(json.loads(metadata["cdka_plan"]))
+    except json.JSONDecodeError:
+        raise PlanError(f"{file}: the stored plan is not valid JSON") from None
+    except PlanError as exc:
+        raise PlanError(f"{file}: stored plan: {exc}") from None
+    return plan, tensors
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
+    """Load an adapter file onto ``model`` and return what is adapted.
+
+    A base model without adapters gets the stored plan applied first (PlanError, model untouched, when
+    the plan does not match it). A model that already carries adapters must carry exactly the stored
+    ones (same modules and factor shapes) and none merged. Every tensor name and shape is checked before
+    anything changes; values are copied into the adapter parameters (cast to their dtype).
+    """
+    plan, tensors = read_adapter(path)
+    layers = adapter_modules(model)
+    if layers:
+        expected = {f"{name}.{f}": tuple(getattr(layer, f).shape) for name, layer in layers.items() for f in _FACTORS}
+        merged = [name for name, layer in layers.items() if layer.merged]
+        if merged:
+            raise PlanError(f"{merged[0]} is merged; unmerge_adapters(model) before load_adapter")
+    else:
+        assignment = _resolve(model, plan)
+        expected = {}
+        for name, group in assignment.items():
+            d = group.design
+            expected[f"{name}.cdka_A"] = (d.r, d.m2, d.n2)
+            expected[f"{name}.cdka_B"] = (d.r, d.m1, d.n1)
+    _check_tensors(Path(path), tensors, expected)
+    if layers:
+        summary = ApplySummary(tuple(layers), *_counts(model))
+    else:
+        summary = _apply(model, plan, assignment, gradients=None, initialise=False)
+        layers = adapter_modules(model)
+    with torch.no_grad():
+        for key, value in tensors.items():
+            name, _, factor = key.rpartition(".")
+            getattr(layers[name], factor).copy_(value)
+    return summary
+
+
+def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        if extra:
+            parts.append(f"no module for {extra[0]}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
+        raise PlanError(f"{file}: adapter tensors do not match the model: {'; '.join(parts)}")
+    for key, shape in expected.items():
+        got = tuple(tensors[key].shape)
+        if got != shape:
+            raise PlanError(f"{file}: {key} has shape {got}, the model's adapter has {shape}")
+        if not tensors[key].is_floating_point():
+            raise PlanError(f"{file}: {key} is {tensors[key].dtype}, expected a floating-point tensor")
+
+
+def _counts(model: nn.Module) -> tuple[int, int]:
+    params = _unique_params(model)
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

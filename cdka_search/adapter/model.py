@@ -1,0 +1,204 @@
+"""Applying a plan to a live model, and folding the adapters into the base weights and back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import nn
+
+from cdka_search.adapter.layer import CdkaLinear, base_kind, base_shape, resolve_dtype
+from cdka_search.errors import PlanError
+
+if TYPE_CHECKING:
+    from cdka_search.plan import Plan, PlanGroup
+
+__all__ = ["ApplySummary", "adapter_modules", "apply_plan", "merge_adapters", "unmerge_adapters", "applied_plan", "PLAN_ATTRIBUTE"]
+
+#: Attribute under which apply_plan leaves the plan it applied (with overrides folded in) on the model.
+PLAN_ATTRIBUTE = "cdka_plan"
+
+
+@dataclass(frozen=True)
+class ApplySummary:
+    """What apply_plan did: the adapted module names and the parameter counts after it.
+
+    ``trainable_params`` equals the plan's ``used_params``; ``total_params`` counts every distinct
+    parameter of the model, base and adapters together.
+    """
+
+    modules: tuple[str, ...]
+    trainable_params: int
+    total_params: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+
+def adapter_modules(model: nn.Module) -> dict[str, CdkaLinear]:
+    """Every CdkaLinear of ``model`` by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, CdkaLinear)}
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _describe(kind: str | None, shape: tuple[int, int] | None, module: nn.Module) -> str:
+    if kind is None:
+        return f"a {type(module).__name__}"
+    return f"{kind} {shape[0]}x{shape[1]}"
+
+
+def _resolve(model: nn.Module, plan: "Plan") -> dict[str, "PlanGroup"]:
+    """Map module names to groups and check every kind and shape; raises PlanError listing all problems."""
+    if adapter_modules(model):
+        raise PlanError("the model already carries CDKA adapters; apply a plan to a fresh base model "
+                        "(or load_adapter, which reuses adapters that match)")
+    modules = dict(model.named_modules())
+    assignment = plan.assign(name for name in modules if name)
+    problems = []
+    for name, group in assignment.items():
+        module = modules[name]
+        kind = base_kind(module)
+        shape = base_shape(module) if kind else None
+        if kind != group.kind or shape != tuple(group.shape):
+            problems.append(
+                f"{name}: the plan has {group.kind} {group.shape[0]}x{group.shape[1]} (d_out x d_in) "
+                f"but the model has {_describe(kind, shape, module)}"
+            )
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise PlanError("plan does not match the model: " + "; ".join(problems[:3]) + more)
+    return assignment
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: "Plan",
+    *,
+    alpha: float | None = None,
+    scaling: str | None = None,
+    scale: float | None = None,
+    dropout: float | None = None,
+    dtype: str | None = None,
+    gradients: Mapping[str, torch.Tensor] | None = None,
+) -> ApplySummary:
+    """Replace every planned module with a CdkaLinear and freeze everything else.
+
+    The plan is checked against the model first (each module exists and has the planned kind and
+    (d_out, d_in)); on any mismatch a PlanError names the module and both shapes and the model is left
+    untouched. Keyword arguments override the plan's ``adapter`` settings; the plan actually applied is
+    left on the model as ``model.cdka_plan`` for :func:`save_adapter`. ``gradients`` maps module names to
+    dL/dW in (d_out, d_in) orientation and is required when the plan's init is ``gradient-aligned``.
+    """
+    changes: dict[str, Any] = {
+        k: v for k, v in {"alpha": alpha, "scaling": scaling, "scale": scale, "dropout": dropout, "dtype": dtype}.items()
+        if v is not None
+    }
+    if changes:
+        try:
+            plan = plan.with_adapter(**changes)
+        except TypeError as exc:
+            raise PlanError(f"adapter override: {exc}") from None
+    assignment = _resolve(model, plan)
+    if plan.adapter.init == "gradient-aligned":
+        missing = [n for n in assignment if gradients is None or n not in gradients]
+        if missing:
+            raise PlanError(
+                f"the plan's init is 'gradient-aligned' but no gradient was given for {missing[0]}"
+                f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; pass gradients={{name: dL/dW}} "
+                "or set adapter.init to kaiming-A-zero-B"
+            )
+        for name, group in assignment.items():
+            got = tuple(gradients[name].shape)  # type: ignore[index]
+            if got != tuple(group.shape):
+                raise PlanError(f"gradient for {name} has shape {got}, expected {tuple(group.shape)} (d_out, d_in)")
+    return _apply(model, plan, assignment, gradients=gradients, initialise=True)
+
+
+def _apply(
+    model: nn.Module,
+    plan: "Plan",
+    assignment: dict[str, "PlanGroup"],
+    *,
+    gradients: Mapping[str, torch.Tensor] | None,
+    initialise: bool,
+) -> ApplySummary:
+    """Build every CdkaLinear (restoring requires_grad flags if one fails), then swap and freeze."""
+    settings = plan.adapter
+    adapter_dtype = resolve_dtype(settings.dtype)
+    params = {id(p): p for p in _unique_params(model)}
+    flags = {key: p.requires_grad for key, p in params.items()}
+    try:
+        built: dict[str, CdkaLinear] = {}
+        modules = dict(model.named_modules())
+        for name, group in assignment.items():
+            d = group.design
+            layer = CdkaLinear(
+                modules[name], m1=d.m1, n1=d.n1, m2=d.m2, n2=d.n2, r=d.r, alpha=settings.alpha,
+                scaling=settings.scaling, scale=settings.scale, dropout=settings.dropout, dtype=adapter_dtype,
+            )
+            if initialise and settings.init == "gradient-aligned":
+                layer.init_from_gradient(gradients[name])  # type: ignore[index]
+            built[name] = layer
+    except BaseException:
+        for key, p in params.items():
+            p.requires_grad_(flags[key])
+        raise
+
+    for p in params.values():
+        p.requires_grad_(False)
+    for name, layer in built.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+    setattr(model, PLAN_ATTRIBUTE, plan)
+    everything = _unique_params(model)
+    trainable = sum(p.numel() for p in everything if p.requires_grad)
+    if trainable != plan.used_params:  # by construction; a failure here is a bug, not a user error
+        raise PlanError(f"applied {trainable} trainable parameters but the plan counts {plan.used_params}")
+    return ApplySummary(tuple(built), trainable, sum(p.numel() for p in everything))
+
+
+def _adapters_or_raise(model: nn.Module) -> dict[str, CdkaLinear]:
+    found = adapter_modules(model)
+    if not found:
+        raise PlanError("the model carries no CDKA adapters; apply_plan or load_adapter first")
+    return found
+
+
+def merge_adapters(model: nn.Module) -> int:
+    """Fold lambda * dW into every adapted base weight; the forward then skips the adapter path.
+
+    Returns how many modules were merged (already merged ones are left as they are). In a low-precision
+    base dtype, merge followed by unmerge is exact only up to that dtype's rounding.
+    """
+    count = 0
+    for layer in _adapters_or_raise(model).values():
+        if not layer.merged:
+            layer.merge()
+            count += 1
+    return count
+
+
+def unmerge_adapters(model: nn.Module) -> int:
+    """Subtract lambda * dW from every merged base weight again; returns how many were unmerged."""
+    count = 0
+    for layer in _adapters_or_raise(model).values():
+        if layer.merged:
+            layer.unmerge()
+            count += 1
+    return count
+
+
+def applied_plan(model: nn.Module) -> "Plan | None":
+    """The plan apply_plan left on ``model`` (overrides included), or None."""
+    return getattr(model, PLAN_ATTRIBUTE, None)

@@ -1,0 +1,161 @@
+"""Alignment energies: the share of ||M||_F^2 the best r-component Kronecker fit keeps.
+
+For a shape (m1, n1, m2, n2) and r components the best fit of M is the rank-r truncated SVD of
+R(M) (Eckart-Young), so the kept share is sum_{j<=r} sigma_j(R(M))^2 / ||M||_F^2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from cdka_search.alignment.rearrange import rearrange
+from cdka_search.errors import TargetError
+
+Pair = tuple[int, int]
+
+
+def factor_sizes(d_out: int, d_in: int, r1: int, r2: int) -> tuple[int, int, int, int]:
+    """(m1, n1, m2, n2) for the pair (r1, r2): m2 = r1, n1 = r2, m1 = d_out/r1, n2 = d_in/r2."""
+    if r1 < 1 or r2 < 1 or d_out % r1 or d_in % r2:
+        raise TargetError(
+            f"pair (r1={r1}, r2={r2}) does not fit a {d_out} x {d_in} matrix: "
+            f"r1 must divide d_out={d_out} and r2 must divide d_in={d_in}"
+        )
+    return d_out // r1, r2, r1, d_in // r2
+
+
+def divisor_pairs(d_out: int, d_in: int) -> list[Pair]:
+    """Every (r1, r2) with r1 | d_out and r2 | d_in, in increasing order."""
+    return [(r1, r2) for r1 in _divisors(d_out) for r2 in _divisors(d_in)]
+
+
+def _divisors(n: int) -> list[int]:
+    small = [k for k in range(1, int(n**0.5) + 1) if n % k == 0]
+    return sorted(set(small + [n // k for k in small]))
+
+
+def topr_energies(
+    M: torch.Tensor,
+    m1: int,
+    n1: int,
+    m2: int,
+    n2: int,
+    r_max: int,
+    *,
+    oversample: int = 8,
+    power_iters: int = 4,
+    seed: int = 0,
+    tol: float = 1e-5,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Energies e[r-1] = sum_{j<=r} sigma_j(R(M))^2 / ||M||_F^2 for r = 1..r_max, in float64.
+
+    Exact (eigenvalues of the small Gram matrix of R(M)) when min(R.shape) is at most what the
+    randomized path would cost in matrix passes, 2 * (power_iters + 1) * (r_max + oversample);
+    otherwise one randomized block Krylov run (see _krylov_sigma_sq). The result is clamped to
+    [0, 1] and non-decreasing; a zero M gives zeros. bf16/fp16 inputs are upcast to `dtype`.
+    """
+    if r_max < 1:
+        raise TargetError(f"r_max must be at least 1, got {r_max}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TargetError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    R = rearrange(M.to(dtype), m1, n1, m2, n2)
+    return _energies(R, r_max, oversample=oversample, power_iters=power_iters, seed=seed, tol=tol)
+
+
+def alignment_table(
+    M: torch.Tensor,
+    r_max: int,
+    pairs: Iterable[Pair] | None = None,
+    *,
+    oversample: int = 8,
+    power_iters: int = 4,
+    seed: int = 0,
+    tol: float = 1e-5,
+    dtype: torch.dtype = torch.float32,
+) -> dict[Pair, list[float]]:
+    """Energies for r = 1..r_max of every pair (r1, r2) (all divisor pairs when pairs is None).
+
+    Paper mapping: m2 = r1, n1 = r2, m1 = d_out / r1, n2 = d_in / r2. M is upcast once and every
+    pair draws its sketch from the same seed, so a pair's row does not depend on the others.
+    """
+    if M.dim() != 2:
+        raise TargetError(f"expected a 2-D (d_out, d_in) matrix, got shape {tuple(M.shape)}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TargetError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    d_out, d_in = M.shape
+    wanted = divisor_pairs(d_out, d_in) if pairs is None else [tuple(p) for p in pairs]
+    sizes = {p: factor_sizes(d_out, d_in, *p) for p in wanted}  # validate all before any work
+    work = M.to(dtype)
+    table: dict[Pair, list[float]] = {}
+    for pair, (m1, n1, m2, n2) in sizes.items():
+        energies = topr_energies(
+            work, m1, n1, m2, n2, r_max,
+            oversample=oversample, power_iters=power_iters, seed=seed, tol=tol, dtype=dtype,
+        )
+        table[pair] = energies.tolist()
+    return table
+
+
+def _energies(
+    R: torch.Tensor, r_max: int, *, oversample: int, power_iters: int, seed: int, tol: float
+) -> torch.Tensor:
+    if R.shape[0] > R.shape[1]:
+        R = R.T  # keep the Krylov basis on the small side; singular values are unchanged
+    small = R.shape[0]
+    k = min(r_max + oversample, small)
+    norm_sq = torch.linalg.vector_norm(R, dtype=torch.float64).square()
+    if norm_sq == 0:
+        return torch.zeros(r_max, dtype=torch.float64)
+    if small <= 2 * (power_iters + 1) * k:
+        sigma_sq = torch.linalg.eigvalsh((R @ R.T).double()).flip(0)
+    else:
+        sigma_sq = _krylov_sigma_sq(R, r_max, k, power_iters, seed, tol, norm_sq)
+    energies = sigma_sq.clamp(min=0)[:r_max].cumsum(0) / norm_sq
+    if energies.numel() < r_max:  # fewer singular values than r_max: the fit is already exact
+        energies = torch.cat([energies, energies[-1:].expand(r_max - energies.numel())])
+    return energies.clamp(0.0, 1.0)
+
+
+def _krylov_sigma_sq(
+    R: torch.Tensor, r_max: int, k: int, power_iters: int, seed: int, tol: float,
+    norm_sq: torch.Tensor,
+) -> torch.Tensor:
+    """Top squared singular values of R (rows <= cols) by randomized block Krylov iteration.
+
+    Halko-Martinsson-Tropp range finder with power iterations, except that every block is kept
+    (Musco and Musco 2015): the Ritz values of span{R W, (R R^T) R W, ...} converge much faster
+    than those of the last block alone on flat spectra. The basis K is kept orthonormal, so the
+    Ritz values, eigenvalues of (R^T K)^T (R^T K), are lower bounds of the true sigma_j^2. Stops
+    early when the top-r_max energies move by less than tol between two steps.
+    """
+    gen = torch.Generator(device=R.device).manual_seed(seed)
+    sketch = torch.randn(R.shape[1], k, generator=gen, dtype=R.dtype, device=R.device)
+    block = _orthonormal(R @ sketch, None)
+    basis: list[torch.Tensor] = []
+    images: list[torch.Tensor] = []  # R^T @ block, one per block
+    previous = None
+    for step in range(power_iters + 1):
+        basis.append(block)
+        images.append(R.T @ block)
+        Z = torch.cat(images, dim=1).double()
+        ritz = torch.linalg.eigvalsh(Z.T @ Z).flip(0)[:r_max]
+        energies = ritz.clamp(min=0).cumsum(0) / norm_sq
+        if previous is not None and (energies - previous).abs().max() < tol:
+            break
+        previous = energies
+        if step == power_iters:
+            break
+        block = _orthonormal(R @ torch.linalg.qr(images[-1]).Q, torch.cat(basis, dim=1))
+    return ritz
+
+
+def _orthonormal(Y: torch.Tensor, against: torch.Tensor | None) -> torch.Tensor:
+    """Orthonormal columns spanning Y minus its part in span(against); projected twice for rounding."""
+    for _ in range(2):
+        if against is not None:
+            Y = Y - against @ (against.T @ Y)
+        Y = torch.linalg.qr(Y).Q
+    return Y

@@ -1,0 +1,141 @@
+"""Factorisation enumeration: every component design (m1 x n1, m2 x n2, r) of a weight shape.
+
+Paper mapping: r1 = m2 (rows of A_i), r2 = n1 (columns of B_i); d_out = m1*m2, d_in = n1*n2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from cdka_search.errors import TargetError
+
+FAMILIES = ("cdka", "lora", "lokr")
+
+
+@dataclass(frozen=True, order=True)
+class Design:
+    """One component design: B_i is m1 x n1, A_i is m2 x n2, r components."""
+
+    m1: int
+    n1: int
+    m2: int
+    n2: int
+    r: int
+
+    @classmethod
+    def from_paper(cls, d_out: int, d_in: int, r1: int, r2: int, r: int) -> "Design":
+        """The design the paper writes as (r1, r2, r) on a d_out x d_in weight."""
+        if r1 < 1 or r2 < 1 or r < 1 or d_out % r1 or d_in % r2:
+            raise TargetError(f"(r1, r2, r) = ({r1}, {r2}, {r}) does not fit {d_out}x{d_in}: r1 must divide d_out and r2 d_in")
+        return cls(d_out // r1, r2, r1, d_in // r2, r)
+
+    @property
+    def r1(self) -> int:
+        return self.m2
+
+    @property
+    def r2(self) -> int:
+        return self.n1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.m1 * self.m2, self.n1 * self.n2)
+
+    @property
+    def params(self) -> int:
+        """Trainable parameters: r * (m1*n1 + m2*n2)."""
+        return self.r * (self.m1 * self.n1 + self.m2 * self.n2)
+
+    @property
+    def rank_bound(self) -> int:
+        """rank(dW) <= min(d_out, d_in, r * min(m1, n1) * min(m2, n2))."""
+        d_out, d_in = self.shape
+        return min(d_out, d_in, self.r * min(self.m1, self.n1) * min(self.m2, self.n2))
+
+    @property
+    def is_lora(self) -> bool:
+        return self.m2 == 1 and self.n1 == 1
+
+    def label(self) -> str:
+        return f"({self.r1},{self.r2},{self.r})"
+
+
+@dataclass(frozen=True)
+class CandidateSpace:
+    """Which designs to consider: pins on r1, r2, r, a cap on r, and an adapter family.
+
+    ``family``: "cdka" (everything), "lora" (r1 = r2 = 1), "lokr" (one Kronecker term, r = 1,
+    as PEFT LoKr and LyCORIS express it).
+    """
+
+    r1: int | None = None
+    r2: int | None = None
+    r: int | None = None
+    max_r: int = 64
+    family: str = "cdka"
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise TargetError(f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        for name in ("r1", "r2", "r"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TargetError(f"--{name} must be a positive integer, got {value}")
+        if self.max_r < 1:
+            raise TargetError(f"--max-r must be a positive integer, got {self.max_r}")
+
+
+@lru_cache(maxsize=256)
+def divisors(n: int) -> tuple[int, ...]:
+    """All positive divisors of n, ascending."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return tuple(small + large[::-1])
+
+
+def factor_pairs(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()) -> list[tuple[int, int]]:
+    """Every (r1, r2) with r1 | d_out and r2 | d_in allowed by the space's pins and family."""
+    if space.family == "lora":
+        r1s, r2s = (1,), (1,)
+    else:
+        r1s, r2s = divisors(d_out), divisors(d_in)
+    pairs = [
+        (r1, r2)
+        for r1 in r1s
+        for r2 in r2s
+        if (space.r1 is None or r1 == space.r1) and (space.r2 is None or r2 == space.r2)
+    ]
+    if not pairs:
+        raise TargetError(
+            f"no design fits {d_out}x{d_in} with r1={space.r1}, r2={space.r2}: r1 must divide {d_out} "
+            f"(e.g. {', '.join(map(str, divisors(d_out)[:6]))}) and r2 must divide {d_in}"
+        )
+    return pairs
+
+
+def r_range(d_out: int, d_in: int, r1: int, r2: int, space: CandidateSpace = CandidateSpace()) -> range:
+    """Component counts worth trying: up to the cap, and no further than the rank saturates."""
+    if space.r is not None:
+        return range(space.r, space.r + 1)
+    if space.family == "lokr":
+        return range(1, 2)
+    p = min(d_out // r1, r1)
+    q = min(r2, d_in // r2)
+    saturating = -(-min(d_out, d_in) // (p * q))
+    return range(1, min(space.max_r, saturating) + 1)
+
+
+def enumerate_candidates(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()) -> list[Design]:
+    """Every design of a d_out x d_in weight in the space, LoRA (r1 = r2 = 1) included."""
+    return [
+        Design.from_paper(d_out, d_in, r1, r2, r)
+        for r1, r2 in factor_pairs(d_out, d_in, space)
+        for r in r_range(d_out, d_in, r1, r2, space)
+    ]

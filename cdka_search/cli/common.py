@@ -1,0 +1,52 @@
+"""Options shared by several commands, declared once, and the error boundary."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional, TypeVar
+
+import typer
+
+from cdka_search.errors import CdkaError
+
+F = TypeVar("F", bound=Callable)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Preset (cdka models), family alias (llama, gpt2, ...), HF folder, config.json or .safetensors."),
+]
+BudgetOpt = Annotated[
+    str,
+    typer.Option("--budget", "-b", help='Trainable parameters: "0.5%" of the model, "20M", "1.5B", "2e7", or "lora:8".'),
+]
+TargetsOpt = Annotated[
+    str,
+    typer.Option("--targets", "-t", help="all-linear (default, no LM head/embeddings), attn, mlp, or comma-separated names/globs."),
+]
+ObjectiveOpt = Annotated[
+    str, typer.Option("--objective", help="balanced = sqrt(capacity * alignment) (default), capacity, or alignment.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the plan.")]
+StorageOpt = Annotated[
+    Optional[str], typer.Option("--storage", help="Optuna storage: sqlite:///file.db (default), postgresql://..., or a journal file path.")
+]
+
+
+def guarded(fn: F) -> F:
+    """Turn a CdkaError into one line on stderr and its exit code; CDKA_DEBUG=1 shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CdkaError as exc:
+            if os.environ.get("CDKA_DEBUG"):
+                raise
+            sys.stderr.write(f"error: {exc}\n")
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]

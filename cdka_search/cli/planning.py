@@ -1,0 +1,157 @@
+"""Commands of the data-free pipeline: plan, models, inspect, explain, validate."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cdka_search.cli.common import BudgetOpt, JsonOpt, ModelOpt, ObjectiveOpt, OutputOpt, TargetsOpt, guarded
+from cdka_search.errors import PlanError, TargetError
+
+app = typer.Typer()
+
+FamilyOpt = Annotated[str, typer.Option("--family", help="cdka (all designs), lora (r1 = r2 = 1) or lokr (one Kronecker term).")]
+R1Opt = Annotated[Optional[int], typer.Option("--r1", help="Pin r1 (= m2, rows of A_i); must divide d_out.")]
+R2Opt = Annotated[Optional[int], typer.Option("--r2", help="Pin r2 (= n1, columns of B_i); must divide d_in.")]
+ROpt = Annotated[Optional[int], typer.Option("--r", help="Pin the number of components r.")]
+MaxROpt = Annotated[int, typer.Option("--max-r", help="Largest number of components considered.")]
+
+
+def _space(family: str, r1: int | None, r2: int | None, r: int | None, max_r: int):
+    from cdka_search.candidates import CandidateSpace
+
+    return CandidateSpace(r1=r1, r2=r2, r=r, max_r=max_r, family=family)
+
+
+def _load(model: str):
+    from cdka_search.render import info
+    from cdka_search.spec import load_spec
+
+    spec = load_spec(model)
+    if spec.source == "preset" and model.strip().lower() != spec.name:
+        info(f"model {model!r} -> preset {spec.name} ({spec.total_params:,} parameters); see `cdka models`")
+    return spec
+
+
+@app.command()
+@guarded
+def plan(
+    model: ModelOpt = "llama-2-7b",
+    budget: BudgetOpt = "0.5%",
+    targets: TargetsOpt = "all-linear",
+    objective: ObjectiveOpt = "balanced",
+    family: FamilyOpt = "cdka",
+    r1: R1Opt = None,
+    r2: R2Opt = None,
+    r: ROpt = None,
+    max_r: MaxROpt = 64,
+    output: OutputOpt = Path("plan.yaml"),
+    fmt: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+    seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo alignment estimate.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Choose a component design for every target within a budget and write the plan.
+
+    Examples:
+
+      cdka plan --model llama --budget 0.5%
+
+      cdka plan -m gpt2 -b lora:8 --targets attn -o gpt2.yaml
+
+      cdka plan -m ./my-model/config.json -b 20M --family lora --format json -o plan.json
+    """
+    from cdka_search.plan import save_plan
+    from cdka_search.planner import make_plan
+    from cdka_search.render import render
+    from cdka_search.views import plan_table
+
+    result = make_plan(_load(model), budget, targets=targets, objective=objective, space=_space(family, r1, r2, r, max_r), seed=seed)
+    written = save_plan(result, output or Path("plan.yaml"), fmt)
+    render(plan_table(result, written), as_json=as_json)
+
+
+@app.command()
+@guarded
+def models(as_json: JsonOpt = False) -> None:
+    """List the embedded presets and their aliases (all offline).
+
+    Example: cdka models --json
+    """
+    from cdka_search.render import render
+    from cdka_search.views import models_table
+
+    render(models_table(), as_json=as_json)
+
+
+@app.command()
+@guarded
+def inspect(
+    model: Annotated[str, typer.Argument(help="Preset, alias, HF folder, config.json or .safetensors file.")],
+    targets: TargetsOpt = "all-linear",
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a model's target modules, shapes and counts.
+
+    Examples: cdka inspect llama-2-7b;  cdka inspect ./gpt2/model.safetensors --targets attn
+    """
+    from cdka_search.render import render
+    from cdka_search.targets import select_targets
+    from cdka_search.views import inspect_table
+
+    render(inspect_table(select_targets(_load(model), targets)), as_json=as_json)
+
+
+@app.command()
+@guarded
+def explain(
+    shape: Annotated[str, typer.Option("--shape", help="d_out x d_in, e.g. 4096x11008.")],
+    params: Annotated[Optional[str], typer.Option("--params", help="Only candidates with at most this many parameters (20k, 1e5, ...).")] = None,
+    objective: ObjectiveOpt = "balanced",
+    family: FamilyOpt = "cdka",
+    r1: R1Opt = None,
+    r2: R2Opt = None,
+    r: ROpt = None,
+    max_r: MaxROpt = 64,
+    top: Annotated[int, typer.Option(help="How many candidates to list.")] = 15,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rank the candidates of one weight shape, scores explained, Pareto front marked.
+
+    Examples: cdka explain --shape 4096x11008 --params 70000;  cdka explain --shape 768x2304 --family lora
+    """
+    from cdka_search.budget import parse_budget
+    from cdka_search.planner import explain_shape
+    from cdka_search.render import render
+    from cdka_search.views import explain_table
+
+    match = re.fullmatch(r"\s*(\d+)\s*[xX*,]\s*(\d+)\s*", shape)
+    if not match or 0 in (int(match.group(1)), int(match.group(2))):
+        raise TargetError(f"--shape {shape!r}: expected two positive sizes like 4096x11008")
+    d_out, d_in = int(match.group(1)), int(match.group(2))
+    limit = parse_budget(params, total_params=d_out * d_in, targets=()).limit if params else None
+    rows = explain_shape(d_out, d_in, max_params=limit, objective=objective, space=_space(family, r1, r2, r, max_r), top=top)
+    render(explain_table((d_out, d_in), rows, objective, limit), as_json=as_json)
+
+
+@app.command()
+@guarded
+def validate(
+    plan_file: Annotated[Path, typer.Argument(help="A plan written by cdka plan (or edited by hand).")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also check the plan against this model.")] = None,
+) -> None:
+    """Check a plan against its schema and, with --model, against a model; list every problem.
+
+    Examples: cdka validate plan.yaml;  cdka validate plan.yaml --model llama-2-7b
+    """
+    from cdka_search.plan import load_plan
+    from cdka_search.planner import plan_problems
+
+    loaded = load_plan(plan_file)
+    problems = plan_problems(loaded, _load(model)) if model else []
+    if problems:
+        raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + " | ".join(problems))
+    against = f" and matches {model}" if model else ""
+    typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of {loaded.budget_limit:,} parameters)")

@@ -1,0 +1,181 @@
+"""The data-free pipeline in one call: spec -> targets -> candidates -> scores -> allocation -> Plan."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from cdka_search.allocate import Allocation, allocate
+from cdka_search.budget import Budget, parse_budget
+from cdka_search.candidates import CandidateSpace, Design
+from cdka_search.errors import BudgetError, PlanError
+from cdka_search.plan import AdapterSettings, Plan, PlanGroup
+from cdka_search.scoring import DEFAULT_SAMPLES, DEFAULT_SEED, ScoreTable, SpectrumCache, score_shape
+from cdka_search.spec.model_spec import ModelSpec, TargetModule
+from cdka_search.targets import select_targets
+
+
+@dataclass(frozen=True)
+class ExplainRow:
+    """One ranked candidate of a shape, for ``cdka explain``."""
+
+    design: Design
+    scores: dict[str, float]
+    pareto: bool
+
+
+def score_tables(
+    spec: ModelSpec,
+    space: CandidateSpace,
+    objective: str,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> dict[tuple[int, int], ScoreTable]:
+    """One score table per distinct target shape: cost follows shapes, not layers."""
+    cache = SpectrumCache(samples, seed)
+    return {shape: score_shape(*shape, space, objective, spectra=cache) for shape in sorted(spec.shapes)}
+
+
+def smallest_adapter(spec: ModelSpec, tables: dict[tuple[int, int], ScoreTable]) -> int:
+    """Parameters of the cheapest allowed adapter on every target."""
+    counts = spec.shapes
+    return sum(counts[s] * int(t.params.min()) for s, t in tables.items())
+
+
+def _group_patterns(role: str, members: list[TargetModule], spec: ModelSpec) -> tuple[str, ...]:
+    """The role glob when it matches exactly these members among all targets, else their names."""
+    if "*" in role:
+        names = {m.name for m in members}
+        hits = {t.name for t in spec.targets if fnmatch.fnmatchcase(t.name, role)}
+        if hits == names:
+            return (role,)
+    return tuple(m.name for m in members)
+
+
+def make_plan(
+    spec: ModelSpec,
+    budget: str | int | Budget = "0.5%",
+    *,
+    targets: str = "all-linear",
+    objective: str = "balanced",
+    space: CandidateSpace = CandidateSpace(),
+    adapter: AdapterSettings = AdapterSettings(),
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> Plan:
+    """Plan adapters for ``spec`` within ``budget``; same-shape targets share one design."""
+    chosen = select_targets(spec, targets)
+    if isinstance(budget, Budget):
+        limit = budget
+    else:
+        limit = parse_budget(str(budget), total_params=chosen.total_params, targets=chosen.targets)
+    tables = score_tables(chosen, space, objective, samples=samples, seed=seed)
+    floor = smallest_adapter(chosen, tables)
+    if floor > limit.limit:
+        raise BudgetError(
+            f"budget {limit.spec!r} ({limit.limit:,} parameters) is below the smallest possible adapter on "
+            f"these targets: {floor:,} parameters (r = 1 everywhere); raise the budget or narrow --targets"
+        )
+    counts = chosen.shapes
+    shapes = list(tables)
+    fronts = [tables[s].pareto() for s in shapes]
+    units = [
+        [(counts[s] * int(tables[s].params[i]), counts[s] * float(tables[s].objective[i])) for i in front]
+        for s, front in zip(shapes, fronts)
+    ]
+    result: Allocation = allocate(units, limit.limit)
+    picked = {s: tables[s].scored(front[i]) for s, front, i in zip(shapes, fronts, result.choice)}
+    groups = []
+    for role, members in chosen.roles().items():
+        by_shape: dict[tuple[int, int], list[TargetModule]] = {}
+        for m in members:
+            by_shape.setdefault(m.shape, []).append(m)
+        for shape, same in by_shape.items():
+            best = picked[shape]
+            groups.append(
+                PlanGroup(
+                    modules=_group_patterns(role, same, chosen),
+                    shape=shape,
+                    count=len(same),
+                    design=best.design,
+                    kind=same[0].kind,
+                    scores=best.scores.as_dict(),
+                )
+            )
+    return Plan(
+        model_name=spec.name,
+        model_source=spec.source,
+        total_params=spec.total_params,
+        budget_spec=limit.spec,
+        budget_limit=limit.limit,
+        groups=tuple(groups),
+        adapter=adapter,
+        objective=objective,
+        exact=result.exact,
+        gap=result.gap,
+    )
+
+
+def explain_shape(
+    d_out: int,
+    d_in: int,
+    *,
+    max_params: int | None = None,
+    objective: str = "balanced",
+    space: CandidateSpace = CandidateSpace(),
+    top: int = 15,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> list[ExplainRow]:
+    """The best ``top`` candidates of a shape by objective, within ``max_params`` if given."""
+    table = score_shape(d_out, d_in, space, objective, spectra=SpectrumCache(samples, seed))
+    front = set(table.pareto())
+    ranked = table.ranked(max_params)
+    if not ranked:
+        cheapest = int(table.params.min())
+        raise BudgetError(f"no candidate of {d_out}x{d_in} fits {max_params:,} parameters; the smallest needs {cheapest:,}")
+    rows = []
+    for i in ranked[:top]:
+        s = table.scored(i)
+        rows.append(ExplainRow(s.design, s.scores.as_dict(), i in front))
+    return rows
+
+
+def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
+    """Every way ``plan`` does not fit ``spec``: missing modules, counts, shapes, kinds, budget."""
+    problems: list[str] = []
+    by_name = {t.name: t for t in spec.targets}
+    owners: dict[str, list[PlanGroup]] = {}
+    for g in plan.groups:
+        hits = [n for n in by_name if g.matches(n)]
+        for n in hits:
+            owners.setdefault(n, []).append(g)
+        if not hits:
+            problems.append(f"group {g.modules[0]!r}: matches no module of {spec.name}")
+            continue
+        if len(hits) != g.count:
+            problems.append(f"group {g.modules[0]!r}: matches {len(hits)} modules of {spec.name}, the plan says {g.count}")
+        for n in hits:
+            t = by_name[n]
+            if t.shape != g.shape:
+                problems.append(
+                    f"module {n}: the model's weight is {t.d_out}x{t.d_in}, the plan says {g.shape[0]}x{g.shape[1]}"
+                )
+            elif t.kind != g.kind:
+                problems.append(f"module {n}: the model has a {t.kind} module, the plan says {g.kind}")
+    for n, gs in owners.items():
+        if len(gs) > 1:
+            problems.append(f"module {n}: matched by {len(gs)} groups")
+    if plan.total_params != spec.total_params:
+        problems.append(
+            f"model.total_params is {plan.total_params:,} but {spec.name} has {spec.total_params:,} (a plan for another model?)"
+        )
+    return problems
+
+
+def check_plan(plan: Plan, spec: ModelSpec) -> None:
+    """Raise PlanError listing every problem of ``plan`` against ``spec``."""
+    problems = plan_problems(plan, spec)
+    if problems:
+        raise PlanError("; ".join(problems))

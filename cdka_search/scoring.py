@@ -1,0 +1,253 @@
+"""Data-free scores of a component design (formulas in README "Scores"; cdka-notes.md sections 1, 4).
+
+- capacity    log2(1 + K) / log2(1 + min(d_out, d_in)), K = the rank bound
+- alignment   expected share of ||M||_F^2 a design keeps for a random rank-1 update M (derived):
+              R(u v^T) = U (x) V with U = u as m1 x m2, V = v as n1 x n2, so the singular values of
+              R(M) are the products sigma_i(U) sigma_j(V) and the top-r share needs only the small
+              factors' spectra; estimated by seeded Monte Carlo (Bartlett-sampled Wishart spectra).
+- first_step  cos(dW_1, -G) ~ sqrt(r * r2 / (r1 * d_in)) after one step from the standard init.
+- objective   "balanced" = sqrt(capacity * alignment) (default), "capacity", or "alignment".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from cdka_search.candidates import CandidateSpace, Design, factor_pairs, r_range
+from cdka_search.errors import TargetError
+
+DEFAULT_SAMPLES = 32
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Every score of one design on one shape; ``objective`` is the one allocation maximises."""
+
+    capacity: float
+    alignment: float
+    first_step: float
+    objective: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "capacity": round(self.capacity, 6),
+            "alignment": round(self.alignment, 6),
+            "first_step": round(self.first_step, 6),
+            "objective": round(self.objective, 6),
+        }
+
+
+@dataclass(frozen=True)
+class ScoredDesign:
+    design: Design
+    scores: Scores
+
+
+Objective = Callable[[float, float, float], float]
+
+OBJECTIVES: dict[str, Objective] = {
+    "balanced": lambda capacity, alignment, first_step: math.sqrt(capacity * alignment),
+    "capacity": lambda capacity, alignment, first_step: capacity,
+    "alignment": lambda capacity, alignment, first_step: alignment,
+}
+
+
+def check_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise TargetError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def capacity(design: Design) -> float:
+    """Rank bound on a log scale, 1.0 when dW can reach full rank."""
+    d_out, d_in = design.shape
+    return math.log2(1 + design.rank_bound) / math.log2(1 + min(d_out, d_in))
+
+
+def first_step_alignment(design: Design) -> float:
+    """sqrt(r * r2 / (r1 * d_in)), capped at 1: LoRA gives sqrt(r / d_in)."""
+    d_in = design.shape[1]
+    return math.sqrt(min(1.0, design.r * design.r2 / (design.r1 * d_in)))
+
+
+def _squared_singular_values(rows: int, cols: int, samples: int, seed: int):
+    """Sorted (descending) squared singular values of ``samples`` Gaussian rows x cols matrices.
+
+    Bartlett: the Gram matrix of the short side is Wishart, L L^T with L lower triangular,
+    chi-distributed diagonal and standard-normal below it, so p(p+1)/2 draws replace rows*cols.
+    """
+    import numpy as np
+
+    p, dof = min(rows, cols), max(rows, cols)
+    # Spectra of large Wishart matrices concentrate (Marchenko-Pastur), so fewer draws keep the
+    # same accuracy; this keeps the cost of a p x p draw set near 16 * p^2 rather than samples * p^3.
+    if p > 16:
+        samples = max(2, samples * 16 // p)
+    rng = np.random.default_rng((seed, rows, cols))
+    lower = np.tril(rng.standard_normal((samples, p, p)), k=-1)
+    diag = np.sqrt(rng.chisquare(dof - np.arange(p), size=(samples, p)))
+    lower[:, np.arange(p), np.arange(p)] = diag
+    if p == 1:
+        return diag**2
+    return np.linalg.svd(lower, compute_uv=False) ** 2
+
+
+class SpectrumCache:
+    """Memo of Gaussian-factor spectra for one planning run, shared by every pair and shape.
+
+    A rows x cols and a cols x rows matrix have the same singular values, so both share a draw.
+    """
+
+    def __init__(self, samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED) -> None:
+        self.samples, self.seed = samples, seed
+        self._memo: dict[tuple[int, int], object] = {}
+
+    def get(self, rows: int, cols: int):
+        key = (min(rows, cols), max(rows, cols))
+        if key not in self._memo:
+            self._memo[key] = _squared_singular_values(*key, self.samples, self.seed)
+        return self._memo[key]
+
+
+def _rank1_curve(spectra: SpectrumCache, d_out: int, d_in: int, r1: int, r2: int, r_max: int):
+    """Mean top-r share (r = 1..r_max) of products sigma_i(U)^2 sigma_j(V)^2 over the samples."""
+    import numpy as np
+
+    su = spectra.get(d_out // r1, r1)
+    sv = spectra.get(r2, d_in // r2)
+    if sorted((d_out // r1, r1)) == sorted((r2, d_in // r2)):
+        sv = np.roll(sv, 1, axis=0)  # the same draw set: shift it so U and V stay independent
+    # Large factors are drawn fewer times; cycle the smaller draw set to pair every draw.
+    n = max(len(su), len(sv))
+    su, sv = su[np.arange(n) % len(su)], sv[np.arange(n) % len(sv)]
+    total = su.sum(axis=1) * sv.sum(axis=1)
+    # The r largest products only involve the r largest values of each factor.
+    products = (su[:, :r_max, None] * sv[:, None, :r_max]).reshape(n, -1)
+    k = min(r_max, products.shape[1])
+    top = -np.sort(-products, axis=1)[:, :k]
+    curve = (np.cumsum(top, axis=1) / total[:, None]).mean(axis=0)
+    if k < r_max:
+        curve = np.concatenate([curve, np.full(r_max - k, curve[-1])])
+    return np.minimum(curve, 1.0)
+
+
+def rank1_energy(
+    d_out: int,
+    d_in: int,
+    r1: int,
+    r2: int,
+    r_max: int,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> list[float]:
+    """Expected share of a random rank-1 update kept by r = 1..r_max components of (r1, r2)."""
+    return _rank1_curve(SpectrumCache(samples, seed), d_out, d_in, r1, r2, r_max).tolist()
+
+
+@dataclass(frozen=True)
+class ScoreTable:
+    """Every candidate of one shape, column-wise (numpy arrays): what allocation and explain read."""
+
+    d_out: int
+    d_in: int
+    objective_name: str
+    r1: object
+    r2: object
+    r: object
+    params: object
+    rank_bound: object
+    capacity: object
+    alignment: object
+    first_step: object
+    objective: object
+
+    def __len__(self) -> int:
+        return len(self.r)
+
+    def design(self, i: int) -> Design:
+        return Design.from_paper(self.d_out, self.d_in, int(self.r1[i]), int(self.r2[i]), int(self.r[i]))
+
+    def scored(self, i: int) -> ScoredDesign:
+        scores = Scores(float(self.capacity[i]), float(self.alignment[i]), float(self.first_step[i]), float(self.objective[i]))
+        return ScoredDesign(self.design(i), scores)
+
+    def pareto(self) -> list[int]:
+        """Indices of the Pareto front (fewer parameters, higher objective), by parameters."""
+        import numpy as np
+
+        order = np.lexsort((self.r, self.r2, self.r1, -self.objective, self.params))
+        front, best = [], -math.inf
+        for i in order.tolist():
+            if self.objective[i] > best + 1e-12:
+                front.append(i)
+                best = float(self.objective[i])
+        return front
+
+    def ranked(self, max_params: int | None = None) -> list[int]:
+        """Indices by objective (highest first), fewest parameters breaking ties."""
+        import numpy as np
+
+        order = np.lexsort((self.r, self.r2, self.r1, self.params, -self.objective)).tolist()
+        return [i for i in order if max_params is None or self.params[i] <= max_params]
+
+
+def score_shape(
+    d_out: int,
+    d_in: int,
+    space: CandidateSpace = CandidateSpace(),
+    objective: str = "balanced",
+    *,
+    spectra: SpectrumCache | None = None,
+) -> ScoreTable:
+    """Score every candidate of a d_out x d_in shape, vectorised per (r1, r2)."""
+    import numpy as np
+
+    check_objective(objective)
+    spectra = spectra or SpectrumCache()
+    cols: dict[str, list] = {k: [] for k in ("r1", "r2", "r", "align")}
+    for r1, r2 in factor_pairs(d_out, d_in, space):
+        span = r_range(d_out, d_in, r1, r2, space)
+        rs = np.arange(span.start, span.stop)
+        curve = _rank1_curve(spectra, d_out, d_in, r1, r2, int(rs[-1]))
+        cols["r1"].append(np.full(len(rs), r1))
+        cols["r2"].append(np.full(len(rs), r2))
+        cols["r"].append(rs)
+        cols["align"].append(curve[rs - 1])
+    r1, r2, r = (np.concatenate(cols[k]).astype(np.int64) for k in ("r1", "r2", "r"))
+    align = np.concatenate(cols["align"])
+    m1, n2 = d_out // r1, d_in // r2
+    params = r * (m1 * r2 + r1 * n2)
+    rank_bound = np.minimum(min(d_out, d_in), r * np.minimum(m1, r2) * np.minimum(r1, n2))
+    cap = np.log2(1 + rank_bound) / math.log2(1 + min(d_out, d_in))
+    first = np.sqrt(np.minimum(1.0, r * r2 / (r1 * d_in)))
+    obj = {"balanced": np.sqrt(cap * align), "capacity": cap, "alignment": align}[objective]
+    return ScoreTable(d_out, d_in, objective, r1, r2, r, params, rank_bound, cap, align, first, obj)
+
+
+def score_designs(
+    designs: Iterable[Design],
+    objective: str = "balanced",
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> list[ScoredDesign]:
+    """Scores of designs (any shapes); alignment curves are computed once per (shape, r1, r2)."""
+    combine = check_objective(objective)
+    pending = list(designs)
+    r_max: dict[tuple[int, int, int, int], int] = {}
+    for d in pending:
+        key = (*d.shape, d.r1, d.r2)
+        r_max[key] = max(r_max.get(key, 0), d.r)
+    spectra = SpectrumCache(samples, seed)
+    curves = {key: _rank1_curve(spectra, *key, top).tolist() for key, top in r_max.items()}
+    out = []
+    for d in pending:
+        cap = capacity(d)
+        align = curves[(*d.shape, d.r1, d.r2)][d.r - 1]
+        first = first_step_alignment(d)
+        out.append(ScoredDesign(d, Scores(cap, align, first, combine(cap, align, first))))
+    return out

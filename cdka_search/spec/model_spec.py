@@ -1,0 +1,58 @@
+"""ModelSpec: what the planner needs to know about a model, whatever it was read from."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["linear", "conv1d"]
+_LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+@dataclass(frozen=True)
+class TargetModule:
+    """One adaptable weight. ``d_out`` x ``d_in`` is the nn.Linear orientation even for a
+    GPT-2 ``Conv1D`` (``kind="conv1d"``), whose tensor is stored (d_in, d_out)."""
+
+    name: str
+    d_out: int
+    d_in: int
+    kind: Kind = "linear"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.d_out, self.d_in)
+
+    @property
+    def role(self) -> str:
+        """The name with layer indices replaced by ``*``: the glob its group is written as."""
+        return _LAYER_INDEX.sub("*", self.name)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The adaptable weights of a model and its total parameter count (the base of a % budget)."""
+
+    name: str
+    source: str
+    total_params: int
+    targets: tuple[TargetModule, ...]
+
+    def with_targets(self, targets: tuple[TargetModule, ...]) -> "ModelSpec":
+        return ModelSpec(self.name, self.source, self.total_params, targets)
+
+    @property
+    def shapes(self) -> dict[tuple[int, int], int]:
+        """Distinct (d_out, d_in) shapes and how many targets have each."""
+        counts: dict[tuple[int, int], int] = {}
+        for t in self.targets:
+            counts[t.shape] = counts.get(t.shape, 0) + 1
+        return counts
+
+    def roles(self) -> dict[str, list[TargetModule]]:
+        """Targets grouped by role (``model.layers.*.mlp.up_proj``), in first-seen order."""
+        out: dict[str, list[TargetModule]] = {}
+        for t in self.targets:
+            out.setdefault(t.role, []).append(t)
+        return out

@@ -1,0 +1,46 @@
+"""Which weights of a ModelSpec get an adapter: "all-linear", "attn", "mlp", or names and globs."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+from cdka_search.errors import TargetError
+from cdka_search.spec.model_spec import ModelSpec, TargetModule
+
+PRESET_SELECTIONS = ("all-linear", "attn", "mlp")
+_ATTENTION = re.compile(r"att", re.IGNORECASE)
+
+
+def is_attention(module: TargetModule) -> bool:
+    """Attention projections: any path segment mentions attention (attn, self_attn, SelfAttention)."""
+    return any(_ATTENTION.search(seg) for seg in module.name.split("."))
+
+
+def _matches(module: TargetModule, item: str) -> bool:
+    if any(ch in item for ch in "*?["):
+        return fnmatch.fnmatchcase(module.name, item)
+    return module.name == item or module.name.endswith("." + item)
+
+
+def select_targets(spec: ModelSpec, selection: str = "all-linear") -> ModelSpec:
+    """The spec restricted to the selected targets; an item matching nothing is an error."""
+    choice = selection.strip()
+    if choice == "all-linear":
+        chosen = list(spec.targets)
+    elif choice == "attn":
+        chosen = [t for t in spec.targets if is_attention(t)]
+    elif choice == "mlp":
+        chosen = [t for t in spec.targets if not is_attention(t)]
+    else:
+        items = [i.strip() for i in choice.split(",") if i.strip()]
+        if not items:
+            raise TargetError(f"empty target list; use one of {', '.join(PRESET_SELECTIONS)} or module names")
+        missing = [i for i in items if not any(_matches(t, i) for t in spec.targets)]
+        if missing:
+            known = ", ".join(sorted({t.name.rsplit(".", 1)[-1] for t in spec.targets}))
+            raise TargetError(f"target {', '.join(map(repr, missing))} matches no module of {spec.name}; modules end in: {known}")
+        chosen = [t for t in spec.targets if any(_matches(t, i) for i in items)]
+    if not chosen:
+        raise TargetError(f"selection {selection!r} matches no module of {spec.name}")
+    return spec.with_targets(tuple(chosen))

@@ -1,0 +1,104 @@
+"""Library objects -> render.Table rows: what each command shows, kept out of the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from cdka_search.budget import lora_params
+from cdka_search.plan import Plan
+from cdka_search.planner import ExplainRow
+from cdka_search.render import Table, rows_of
+from cdka_search.spec.model_spec import ModelSpec
+from cdka_search.spec.presets import ALIASES, PRESETS, preset_spec
+
+
+def plan_table(plan: Plan, written: Path | None = None) -> Table:
+    rows = []
+    for g in plan.groups:
+        d = g.design
+        rows.append(
+            (
+                g.modules[0] if len(g.modules) == 1 else f"{g.modules[0]} (+{len(g.modules) - 1})",
+                g.count,
+                f"{g.shape[0]}x{g.shape[1]}",
+                d.label(),
+                f"{d.m1}x{d.n1} (x) {d.m2}x{d.n2}",
+                d.params,
+                g.params,
+                d.rank_bound,
+                float(g.scores.get("objective", 0.0)),
+            )
+        )
+    used, limit = plan.used_params, plan.budget_limit
+    optimality = "exact optimum" if plan.exact else f"gap {100 * (plan.gap or 0):.3f}% to the LP bound"
+    notes = [
+        f"budget {plan.budget_spec}: {used:,} of {limit:,} parameters used ({100 * used / limit:.2f}%), "
+        f"{100 * used / plan.total_params:.4f}% of {plan.model_name}'s {plan.total_params:,}; allocation: {optimality}",
+    ]
+    if written is not None:
+        notes.append(f"plan written to {written}")
+    return Table(
+        title=f"cdka plan: {plan.model_name}, objective {plan.objective}",
+        columns=("Modules", "Count", "Shape", "(r1,r2,r)", "B (x) A", "Each", "Params", "Rank", "Score"),
+        rows=rows_of(rows),
+        notes=tuple(notes),
+        extra={"plan": plan.to_dict(), "written": str(written) if written else None},
+    )
+
+
+def models_table() -> Table:
+    aliases: dict[str, list[str]] = {}
+    for alias, target in ALIASES.items():
+        aliases.setdefault(target, []).append(alias)
+    rows = []
+    for name, arch in PRESETS.items():
+        spec = preset_spec(name)
+        rows.append(
+            (name, ", ".join(aliases.get(name, [])), arch.family, arch.layers, arch.hidden, arch.intermediate, len(spec.targets), spec.total_params)
+        )
+    return Table("Embedded presets (offline)", ("Preset", "Aliases", "Family", "Layers", "Hidden", "Intermediate", "Targets", "Total params"), rows_of(rows))
+
+
+def inspect_table(spec: ModelSpec) -> Table:
+    rows = []
+    for role, members in spec.roles().items():
+        shapes = sorted({m.shape for m in members})
+        shape_text = ", ".join(f"{a}x{b}" for a, b in shapes)
+        rows.append((role, len(members), shape_text, members[0].kind, sum(m.d_out * m.d_in for m in members)))
+    notes = (
+        f"{len(spec.targets)} targets, {len(spec.shapes)} distinct shapes; base model {spec.total_params:,} parameters "
+        f"(source: {spec.source}); LoRA r=8 on all targets = {lora_params(spec.targets, 8):,} parameters",
+    )
+    return Table(f"Targets of {spec.name}", ("Module", "Count", "Shape (out x in)", "Kind", "Weights"), rows_of(rows), notes)
+
+
+def explain_table(shape: tuple[int, int], rows: Sequence[ExplainRow], objective: str, max_params: int | None) -> Table:
+    out = []
+    for row in rows:
+        d = row.design
+        out.append(
+            (
+                d.label(),
+                f"{d.m1}x{d.n1}",
+                f"{d.m2}x{d.n2}",
+                d.params,
+                d.rank_bound,
+                row.scores["capacity"],
+                row.scores["alignment"],
+                row.scores["first_step"],
+                row.scores["objective"],
+                row.pareto,
+            )
+        )
+    limit = f" within {max_params:,} parameters" if max_params else ""
+    notes = (
+        "capacity = log2(1+K)/log2(1+min(d_out,d_in)), K = rank bound; alignment = expected share of a random rank-1 "
+        "update kept; first_step = sqrt(r*r2/(r1*d_in)); Pareto = no design has fewer parameters and a higher score.",
+    )
+    return Table(
+        f"Candidates for {shape[0]}x{shape[1]}{limit}, by {objective}",
+        ("(r1,r2,r)", "B (m1xn1)", "A (m2xn2)", "Params", "Rank bound", "Capacity", "Alignment", "First step", "Score", "Pareto"),
+        rows_of(out),
+        notes,
+    )
