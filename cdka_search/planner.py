@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import Mapping
 
 from cdka_search.allocate import Allocation, allocate
 from cdka_search.budget import Budget, parse_budget
 from cdka_search.candidates import CandidateSpace, Design
 from cdka_search.errors import BudgetError, PlanError
 from cdka_search.plan import AdapterSettings, Plan, PlanGroup
-from cdka_search.scoring import DEFAULT_SAMPLES, DEFAULT_SEED, ScoreTable, SpectrumCache, score_shape
+from cdka_search.scoring import DEFAULT_SAMPLES, DEFAULT_SEED, ScoredDesign, ScoreTable, SpectrumCache, score_shape
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
 from cdka_search.targets import select_targets
 
@@ -53,6 +54,57 @@ def _group_patterns(role: str, members: list[TargetModule], spec: ModelSpec) -> 
     return tuple(m.name for m in members)
 
 
+def resolve_budget(spec: ModelSpec, budget: str | int | Budget) -> Budget:
+    """A Budget for ``spec``'s selected targets ("lora:8" counts LoRA on exactly those)."""
+    if isinstance(budget, Budget):
+        return budget
+    return parse_budget(str(budget), total_params=spec.total_params, targets=spec.targets)
+
+
+def build_plan(
+    spec: ModelSpec,
+    budget: Budget,
+    picked: Mapping[tuple[int, int], ScoredDesign],
+    *,
+    objective: str = "balanced",
+    adapter: AdapterSettings = AdapterSettings(),
+    allocation: Allocation | None = None,
+) -> Plan:
+    """The Plan giving every selected target of ``spec`` the design picked for its shape.
+
+    Groups follow roles (``model.layers.*.mlp.up_proj``), so a plan reads like the model.
+    """
+    groups = []
+    for role, members in spec.roles().items():
+        by_shape: dict[tuple[int, int], list[TargetModule]] = {}
+        for m in members:
+            by_shape.setdefault(m.shape, []).append(m)
+        for shape, same in by_shape.items():
+            best = picked[shape]
+            groups.append(
+                PlanGroup(
+                    modules=_group_patterns(role, same, spec),
+                    shape=shape,
+                    count=len(same),
+                    design=best.design,
+                    kind=same[0].kind,
+                    scores=best.scores.as_dict(),
+                )
+            )
+    return Plan(
+        model_name=spec.name,
+        model_source=spec.source,
+        total_params=spec.total_params,
+        budget_spec=budget.spec,
+        budget_limit=budget.limit,
+        groups=tuple(groups),
+        adapter=adapter,
+        objective=objective,
+        exact=allocation.exact if allocation else None,
+        gap=allocation.gap if allocation else None,
+    )
+
+
 def make_plan(
     spec: ModelSpec,
     budget: str | int | Budget = "0.5%",
@@ -66,10 +118,7 @@ def make_plan(
 ) -> Plan:
     """Plan adapters for ``spec`` within ``budget``; same-shape targets share one design."""
     chosen = select_targets(spec, targets)
-    if isinstance(budget, Budget):
-        limit = budget
-    else:
-        limit = parse_budget(str(budget), total_params=chosen.total_params, targets=chosen.targets)
+    limit = resolve_budget(chosen, budget)
     tables = score_tables(chosen, space, objective, samples=samples, seed=seed)
     floor = smallest_adapter(chosen, tables)
     if floor > limit.limit:
@@ -84,37 +133,9 @@ def make_plan(
         [(counts[s] * int(tables[s].params[i]), counts[s] * float(tables[s].objective[i])) for i in front]
         for s, front in zip(shapes, fronts)
     ]
-    result: Allocation = allocate(units, limit.limit)
+    result = allocate(units, limit.limit)
     picked = {s: tables[s].scored(front[i]) for s, front, i in zip(shapes, fronts, result.choice)}
-    groups = []
-    for role, members in chosen.roles().items():
-        by_shape: dict[tuple[int, int], list[TargetModule]] = {}
-        for m in members:
-            by_shape.setdefault(m.shape, []).append(m)
-        for shape, same in by_shape.items():
-            best = picked[shape]
-            groups.append(
-                PlanGroup(
-                    modules=_group_patterns(role, same, chosen),
-                    shape=shape,
-                    count=len(same),
-                    design=best.design,
-                    kind=same[0].kind,
-                    scores=best.scores.as_dict(),
-                )
-            )
-    return Plan(
-        model_name=spec.name,
-        model_source=spec.source,
-        total_params=spec.total_params,
-        budget_spec=limit.spec,
-        budget_limit=limit.limit,
-        groups=tuple(groups),
-        adapter=adapter,
-        objective=objective,
-        exact=result.exact,
-        gap=result.gap,
-    )
+    return build_plan(chosen, limit, picked, objective=objective, adapter=adapter, allocation=result)
 
 
 def explain_shape(

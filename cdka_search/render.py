@@ -48,7 +48,7 @@ def render(table: Table, *, as_json: bool = False, stream=None) -> None:
     console = Console(file=out, width=max(100, Console().width if out.isatty() else 120), highlight=False)
     rich_table = RichTable(title=table.title, title_justify="left")
     for i, column in enumerate(table.columns):
-        rich_table.add_column(column, justify="left" if i == 0 else "right", no_wrap=i == 0)
+        rich_table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
     for row in table.rows:
         rich_table.add_row(*(_cell(v) for v in row))
     console.print(rich_table)
