@@ -1,0 +1,226 @@
+"""Reference updates (checkpoint deltas, gradients) stored as safetensors files.
+
+A reference maps full module names (``model.layers.0.self_attn.q_proj``) to 2-D float tensors in
+nn.Linear (d_out, d_in) orientation; its ``__metadata__`` holds ``cdka_reference = "1"`` and a
+``kind`` of "delta", "gradient" or "tensors".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from cdka_search.errors import ReferenceFileError, TargetError
+
+FORMAT_VERSION = "1"
+KINDS = ("delta", "gradient", "tensors")
+
+Progress = Callable[[int, int | None], None]
+
+
+def save_reference(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], kind: str) -> Path:
+    """Write tensors to path atomically (temporary file in the same folder, then os.replace)."""
+    if kind not in KINDS:
+        raise ReferenceFileError(f"reference kind {kind!r} is not one of {', '.join(KINDS)}")
+    for name, tensor in tensors.items():
+        _check_matrix(name, tensor, f"tensors to save to {path}")
+    target = Path(path)
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(
+            {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
+            temp,
+            metadata={"cdka_reference": FORMAT_VERSION, "kind": kind},
+        )
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_reference(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a reference file written by save_reference; ReferenceFileError if it is not one."""
+    source = Path(path)
+    if not source.is_file():
+        raise ReferenceFileError(
+            f"reference file {source} does not exist; write one with save_reference, "
+            "delta_reference or gradient_reference"
+        )
+    try:
+        with safe_open(source, framework="pt") as reader:
+            _check_metadata(source, reader.metadata() or {})
+            tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ReferenceFileError(f"{source} is not a readable safetensors file: {exc}") from exc
+    for name, tensor in tensors.items():
+        _check_matrix(name, tensor, str(source))
+    return tensors
+
+
+def delta_reference(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    module_names: Sequence[str],
+    *,
+    conv1d_names: Iterable[str] = (),
+) -> dict[str, torch.Tensor]:
+    """finetuned - base of ``<module>.weight`` for each module, float32, (d_out, d_in).
+
+    base and finetuned are .safetensors files or folders holding model.safetensors or a sharded
+    model.safetensors.index.json. Tensors are read one at a time, so neither model is ever whole
+    in memory. Modules in conv1d_names are GPT-2 Conv1D, stored (d_in, d_out), and get transposed.
+    """
+    conv1d = set(conv1d_names)
+    base_files, tuned_files = _weight_files(Path(base)), _weight_files(Path(finetuned))
+    deltas: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        readers: dict[Path, Any] = {}
+
+        def read(files: Mapping[str, Path], source: Path, module: str) -> torch.Tensor:
+            key = f"{module}.weight"
+            if key not in files:
+                raise ReferenceFileError(f"module {module}: tensor {key!r} is missing from {source}")
+            file = files[key]
+            if file not in readers:
+                readers[file] = stack.enter_context(_open_checkpoint(file))
+            return readers[file].get_tensor(key)
+
+        for module in module_names:
+            before = read(base_files, Path(base), module)
+            after = read(tuned_files, Path(finetuned), module)
+            if before.shape != after.shape:
+                raise ReferenceFileError(
+                    f"module {module}: base weight has shape {tuple(before.shape)} but finetuned "
+                    f"has {tuple(after.shape)}; are both checkpoints of the same architecture?"
+                )
+            if before.dim() != 2:
+                raise ReferenceFileError(
+                    f"module {module}: weight has shape {tuple(before.shape)}, expected a 2-D matrix"
+                )
+            delta = after.float() - before.float()
+            deltas[module] = delta.T.contiguous() if module in conv1d else delta
+    return deltas
+
+
+def gradient_reference(
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    module_names: Sequence[str],
+    *,
+    conv1d_names: Iterable[str] = (),
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sum over batches of d(loss)/d(weight) for each module, (d_out, d_in), float32.
+
+    model is a causal LM whose forward returns ``.loss`` for batches holding input_ids,
+    attention_mask and labels. Only the target weights require grad during the call (the rest is
+    frozen to save memory) and dropout is off; requires_grad flags and train/eval mode are restored.
+    progress(i, n) is called after batch i (1-based); n is None when batches has no len().
+    """
+    conv1d = set(conv1d_names)
+    weights = {name: _module_weight(model, name) for name in module_names}
+    flags = {param: param.requires_grad for param in model.parameters()}
+    was_training = model.training
+    device = next(iter(weights.values())).device if weights else torch.device("cpu")
+    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        for param in flags:
+            param.requires_grad_(False)
+        for weight in weights.values():
+            weight.requires_grad_(True)
+            weight.grad = None
+        model.eval()
+        with torch.enable_grad():
+            for index, batch in enumerate(batches, start=1):
+                output = model(**{key: value.to(device) for key, value in batch.items()})
+                loss = getattr(output, "loss", None)
+                if loss is None:
+                    raise ReferenceFileError(
+                        f"batch {index} gave no loss; each batch needs input_ids, attention_mask "
+                        f"and labels (got keys {sorted(batch)})"
+                    )
+                loss.backward()
+                if progress is not None:
+                    progress(index, total)
+        grads: dict[str, torch.Tensor] = {}
+        for name, weight in weights.items():
+            grad = torch.zeros_like(weight) if weight.grad is None else weight.grad
+            grad = grad.detach().float()
+            grads[name] = grad.T.contiguous() if name in conv1d else grad
+        return grads
+    finally:
+        for weight in weights.values():
+            weight.grad = None
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _module_weight(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as exc:
+        raise TargetError(f"model has no module named {name!r}") from exc
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 2:
+        raise TargetError(f"module {name!r} has no 2-D weight parameter to take a gradient of")
+    return weight
+
+
+def _weight_files(source: Path) -> dict[str, Path]:
+    """Map each tensor name of a checkpoint (file or folder, sharded or not) to its file."""
+    if source.is_file():
+        return {name: source for name in _tensor_names(source)}
+    single, index = source / "model.safetensors", source / "model.safetensors.index.json"
+    if single.is_file():
+        return {name: single for name in _tensor_names(single)}
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ReferenceFileError(f"{index} is not a safetensors index with a weight_map: {exc}") from exc
+        return {name: source / file for name, file in weight_map.items()}
+    raise ReferenceFileError(
+        f"{source} is neither a .safetensors file nor a folder holding model.safetensors or "
+        "model.safetensors.index.json"
+    )
+
+
+def _tensor_names(file: Path) -> list[str]:
+    with _open_checkpoint(file) as reader:
+        return list(reader.keys())
+
+
+def _open_checkpoint(file: Path) -> Any:
+    if not file.is_file():
+        raise ReferenceFileError(f"checkpoint file {file} does not exist")
+    try:
+        return safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise ReferenceFileError(f"{file} is not a readable safetensors file: {exc}") from exc
+
+
+def _check_metadata(source: Path, metadata: Mapping[str, str]) -> None:
+    if metadata.get("cdka_reference") != FORMAT_VERSION or metadata.get("kind") not in KINDS:
+        raise ReferenceFileError(
+            f"{source} is a safetensors file but not a cdka reference (metadata {dict(metadata)}); "
+            f"expected cdka_reference={FORMAT_VERSION!r} and kind in {KINDS}"
+        )
+
+
+def _check_matrix(name: str, tensor: torch.Tensor, where: str) -> None:
+    if tensor.dim() != 2 or not tensor.is_floating_point():
+        raise ReferenceFileError(
+            f"{where}: {name!r} must be a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}"
+        )
