@@ -1,0 +1,144 @@
+"""save_adapter / load_adapter: safetensors files holding only the factors, with the plan in the header."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cdka_search.adapter import adapter_modules, apply_plan, load_adapter, merge_adapters, read_adapter, save_adapter
+from cdka_search.errors import PlanError
+
+transformers = pytest.importorskip("transformers")
+
+from test_adapter_model import plan_for, snapshot, tiny_gpt2, tiny_llama, tokens  # noqa: E402
+
+
+def trained(model, steps: int = 3):
+    """Apply the planner's plan and take a few AdamW steps so that every factor is non-trivial."""
+    apply_plan(model, plan_for(model))
+    ids = tokens()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_round_trip_onto_fresh_base_reproduces_outputs_exactly(build, tmp_path):
+    model = trained(build(seed=5))
+    path = save_adapter(model, tmp_path / "adapter.safetensors")
+    ids = tokens(9)
+    expected = model(ids).logits
+
+    fresh = build(seed=5)  # same base weights, no adapter
+    summary = load_adapter(fresh, path)
+    assert summary.trainable_params == model.cdka_plan.used_params
+    assert torch.equal(fresh(ids).logits, expected)
+    assert fresh.cdka_plan.to_dict() == model.cdka_plan.to_dict()
+
+
+def test_file_holds_only_factors_and_the_plan(tmp_path):
+    model = trained(tiny_llama())
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])  # safetensors layout, no pickle
+    metadata = header.pop("__metadata__")
+    assert metadata["format"] == "cdka-adapter" and metadata["cdka_adapter"] == "1"
+    assert json.loads(metadata["cdka_plan"]) == model.cdka_plan.to_dict()
+    layers = adapter_modules(model)
+    assert set(header) == {f"{n}.{f}" for n in layers for f in ("cdka_A", "cdka_B")}
+    first = next(iter(layers))
+    assert header[f"{first}.cdka_A"]["shape"] == list(layers[first].cdka_A.shape)
+    assert header[f"{first}.cdka_A"]["dtype"] == "F32"
+    plan, tensors = read_adapter(path)
+    assert plan.used_params == sum(t.numel() for t in tensors.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]  # no temporary file left
+
+
+def test_overwrite_is_atomic_and_complete(tmp_path):
+    model = trained(tiny_gpt2())
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(b"old contents")
+    save_adapter(model, path)
+    assert read_adapter(path)[0].used_params == model.cdka_plan.used_params
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_load_onto_model_with_matching_adapters_copies_values(tmp_path):
+    source = trained(tiny_llama())
+    path = save_adapter(source, tmp_path / "a.safetensors")
+    target = tiny_llama()
+    apply_plan(target, plan_for(target))
+    load_adapter(target, path)
+    ids = tokens(2)
+    assert torch.equal(target(ids).logits, source(ids).logits)
+
+
+def test_load_refuses_mismatched_model_and_leaves_it_untouched(tmp_path):
+    path = save_adapter(trained(tiny_llama()), tmp_path / "a.safetensors")
+    other = tiny_llama(intermediate=64)
+    state = snapshot(other)
+    with pytest.raises(PlanError, match=r"gate_proj.*48x32.*64x32"):
+        load_adapter(other, path)
+    assert not adapter_modules(other)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in state.items())
+
+
+def test_load_refuses_other_architecture(tmp_path):
+    path = save_adapter(trained(tiny_llama()), tmp_path / "a.safetensors")
+    with pytest.raises(PlanError, match="matches 0 modules"):
+        load_adapter(tiny_gpt2(), path)
+
+
+def test_load_refuses_tensors_that_do_not_fit(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = trained(tiny_llama())
+    path = save_adapter(source, tmp_path / "a.safetensors")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    metadata = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    tensors = load_file(path)
+    key = next(iter(tensors))
+    bad = dict(tensors, **{key: torch.zeros(1, 2, 3)})
+    save_file(bad, tmp_path / "bad.safetensors", metadata=metadata)
+    target = tiny_llama()
+    with pytest.raises(PlanError, match=f"{key} has shape \\(1, 2, 3\\)"):
+        load_adapter(target, tmp_path / "bad.safetensors")
+    assert not adapter_modules(target)
+    del tensors[key]
+    save_file(tensors, tmp_path / "short.safetensors", metadata=metadata)
+    with pytest.raises(PlanError, match=f"missing {key}"):
+        load_adapter(tiny_llama(), tmp_path / "short.safetensors")
+
+
+def test_load_refuses_non_adapter_files(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(PlanError, match="no such adapter file"):
+        load_adapter(tiny_llama(), tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(PlanError, match="not a readable .safetensors file"):
+        load_adapter(tiny_llama(), tmp_path / "junk.safetensors")
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(PlanError, match="not a cdka adapter"):
+        load_adapter(tiny_llama(), tmp_path / "plain.safetensors")
+    save_file({"w": torch.zeros(2)}, tmp_path / "badplan.safetensors",
+              metadata={"format": "cdka-adapter", "cdka_adapter": "1", "cdka_plan": "{"})
+    with pytest.raises(PlanError, match="stored plan is not valid JSON"):
+        load_adapter(tiny_llama(), tmp_path / "badplan.safetensors")
+
+
+def test_save_needs_an_applied_plan_and_load_refuses_merged(tmp_path):
+    with pytest.raises(PlanError, match="no applied plan"):
+        save_adapter(tiny_llama(), tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+    model = trained(tiny_llama())
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    merge_adapters(model)
+    with pytest.raises(PlanError, match="unmerge_adapters"):
+        load_adapter(model, path)
