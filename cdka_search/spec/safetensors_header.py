@@ -80,6 +80,8 @@ def spec_from_header(header: dict[str, Any], name: str, source: str) -> ModelSpe
             targets.append(TargetModule(module, shape[0], shape[1]))
     if not targets:
         raise ModelSourceError(f"{source}: no 2-D weight tensors that could be adapted")
+    # Headers list tensors alphabetically; order layers numerically (2 before 10).
+    targets.sort(key=lambda t: [int(p) if p.isdigit() else p for p in t.name.split(".")])
     return ModelSpec(name, source, total, tuple(targets))
 
 

@@ -1,0 +1,208 @@
+"""Rearrangement properties, energy accuracy against exact SVD, and what the energies mean."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cdka_search.alignment import (
+    alignment_table,
+    divisor_pairs,
+    factor_sizes,
+    rearrange,
+    topr_energies,
+)
+from cdka_search.errors import TargetError
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def exact_energies(M: torch.Tensor, pair: tuple[int, int], r_max: int) -> torch.Tensor:
+    """Reference: full float64 SVD of R(M)."""
+    m1, n1, m2, n2 = factor_sizes(*M.shape, *pair)
+    s2 = torch.linalg.svdvals(rearrange(M.double(), m1, n1, m2, n2)).square()
+    e = s2.cumsum(0) / s2.sum()
+    return torch.cat([e, e[-1:].expand(max(0, r_max - e.numel()))])[:r_max]
+
+
+def spectra(d_out: int, d_in: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Flat (Gaussian), decaying (sigma_j = 1/j) and heavy-tailed (Student t, 2 dof) matrices."""
+    g = gen(seed)
+    k = min(d_out, d_in)
+    U = torch.linalg.qr(torch.randn(d_out, k, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(d_in, k, generator=g)).Q
+    t = torch.randn(d_out, d_in, generator=g) / torch.rand(d_out, d_in, generator=g).sqrt()
+    return {
+        "flat": torch.randn(d_out, d_in, generator=g),
+        "decaying": (U / torch.arange(1, k + 1)) @ V.T,
+        "heavy": t,
+    }
+
+
+# --- rearrange ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m1,n1,m2,n2", [(3, 4, 5, 2), (1, 6, 4, 1), (8, 8, 6, 8)])
+def test_rearrange_keeps_frobenius_norm(m1: int, n1: int, m2: int, n2: int) -> None:
+    M = torch.randn(m1 * m2, n1 * n2, generator=gen())
+    R = rearrange(M, m1, n1, m2, n2)
+    assert R.shape == (m1 * n1, m2 * n2)
+    assert torch.equal(R.flatten().sort().values, M.flatten().sort().values)  # a permutation
+
+
+@pytest.mark.parametrize("m1,n1,m2,n2", [(3, 4, 5, 2), (2, 7, 3, 3), (6, 1, 1, 5)])
+def test_rearrange_of_kron_is_outer_product(m1: int, n1: int, m2: int, n2: int) -> None:
+    B = torch.randn(m1, n1, generator=gen(1), dtype=torch.float64)
+    A = torch.randn(m2, n2, generator=gen(2), dtype=torch.float64)
+    R = rearrange(torch.kron(B, A), m1, n1, m2, n2)
+    assert torch.equal(R, torch.outer(B.flatten(), A.flatten()))
+
+
+@pytest.mark.parametrize("r", [1, 2, 5])
+def test_rearranged_sum_of_r_krons_has_rank_r(r: int) -> None:
+    m1, n1, m2, n2 = 6, 8, 4, 5
+    g = gen(r)
+    M = sum(
+        torch.kron(torch.randn(m1, n1, generator=g), torch.randn(m2, n2, generator=g))
+        for _ in range(r)
+    )
+    assert torch.linalg.matrix_rank(rearrange(M, m1, n1, m2, n2)).item() == r
+
+
+def test_rearrange_rejects_a_shape_that_does_not_split() -> None:
+    with pytest.raises(TargetError, match="does not split"):
+        rearrange(torch.zeros(12, 10), 3, 2, 5, 5)
+
+
+# --- topr_energies accuracy -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (96, 128)])
+@pytest.mark.parametrize("kind", ["flat", "decaying", "heavy"])
+def test_small_matrices_match_exact_svd_for_every_pair(shape: tuple[int, int], kind: str) -> None:
+    M = spectra(*shape)[kind]
+    table = alignment_table(M, 16)
+    assert set(table) == set(divisor_pairs(*shape))
+    for pair, energies in table.items():
+        err = (torch.tensor(energies, dtype=torch.float64) - exact_energies(M, pair, 16)).abs()
+        assert err.max() < 1e-3, (pair, err.max())
+
+
+@pytest.mark.parametrize("kind", ["flat", "decaying", "heavy"])
+def test_randomized_path_matches_exact_svd_on_medium_matrices(kind: str) -> None:
+    # min(R.shape) = 512 and 456 > 2 * (6 + 1) * 24 = 336, so these pairs take the Krylov path.
+    M = spectra(512, 912, seed=3)[kind]
+    for pair in [(1, 1), (2, 2)]:
+        got = topr_energies(M, *factor_sizes(512, 912, *pair), 16)
+        err = (got - exact_energies(M, pair, 16)).abs().max()
+        assert err < 1e-3, (pair, err)
+
+
+def test_few_power_iterations_still_give_lower_bounds() -> None:
+    # Ritz values on an orthonormal basis never exceed the true singular values.
+    M = spectra(256, 320)["flat"]
+    got = topr_energies(M, 256, 1, 1, 320, 8, oversample=2, power_iters=0)
+    assert (got <= exact_energies(M, (1, 1), 8) + 1e-6).all()
+
+
+def test_energies_are_deterministic_monotone_and_in_unit_interval() -> None:
+    M = spectra(512, 912)["heavy"]
+    a = topr_energies(M, 512, 1, 1, 912, 16, seed=7)
+    b = topr_energies(M, 512, 1, 1, 912, 16, seed=7)
+    assert torch.equal(a, b)
+    assert a.dtype == torch.float64 and a.shape == (16,)
+    assert (a.diff() >= 0).all() and a.min() >= 0 and a.max() <= 1
+
+
+def test_half_precision_inputs_are_upcast() -> None:
+    M = spectra(96, 128)["decaying"]
+    half = topr_energies(M.to(torch.bfloat16), 12, 8, 8, 16, 16)
+    assert half.dtype == torch.float64
+    exact = exact_energies(M.to(torch.bfloat16).float(), (8, 8), 16)
+    assert (half - exact).abs().max() < 1e-5
+    double = topr_energies(M.to(torch.float16), 12, 8, 8, 16, 16, dtype=torch.float64)
+    assert (double - exact_energies(M.to(torch.float16).float(), (8, 8), 16)).abs().max() < 1e-9
+
+
+def test_r_max_above_the_rank_ceiling_pads_with_full_energy() -> None:
+    M = torch.randn(4, 6, generator=gen())
+    energies = topr_energies(M, 2, 3, 2, 2, 10)  # R is 6 x 4: at most 4 components
+    assert energies[3:].tolist() == pytest.approx([1.0] * 7)
+
+
+def test_zero_matrix_gives_zero_energy() -> None:
+    assert topr_energies(torch.zeros(6, 8), 3, 2, 2, 4, 3).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_table_with_given_pairs_and_bad_pairs() -> None:
+    M = torch.randn(48, 64, generator=gen())
+    assert list(alignment_table(M, 4, pairs=[(2, 8), (1, 1)])) == [(2, 8), (1, 1)]
+    with pytest.raises(TargetError, match="r1 must divide d_out=48"):
+        alignment_table(M, 4, pairs=[(5, 1)])
+    with pytest.raises(TargetError, match="r_max"):
+        alignment_table(M, 0, pairs=[(1, 1)])
+
+
+# --- what the energies mean -----------------------------------------------------------------
+
+
+def test_a_sum_of_k_krons_is_found_by_its_own_shape() -> None:
+    """(a) M = sum of 2 kron(B_i, A_i) for the pair (r1, r2) = (4, 8) of a 48 x 64 matrix, plus
+    noise at 1e-3 of its norm. At r = 2 that shape keeps ~all energy and beats every divisor pair
+    whose per-component parameter count m1*n1 + m2*n2 is at most its own 12*8 + 4*8 = 128. (Pairs
+    with tiny R, e.g. (48, 2) with R of shape 2 x 1536, also reach 1.0 at r = 2, but only at
+    1538 parameters per component, so 'best at equal r' is only meaningful at bounded cost.)"""
+    g = gen(5)
+    m1, n1, m2, n2 = factor_sizes(48, 64, 4, 8)
+    M = sum(
+        torch.kron(torch.randn(m1, n1, generator=g), torch.randn(m2, n2, generator=g))
+        for _ in range(2)
+    )
+    M = M + 1e-3 * M.norm() / (48 * 64) ** 0.5 * torch.randn(48, 64, generator=g)
+    table = alignment_table(M, 2)
+    assert table[(4, 8)][1] > 0.9999
+    own_cost = m1 * n1 + m2 * n2
+    for pair, energies in table.items():
+        a1, b1, a2, b2 = factor_sizes(48, 64, *pair)
+        if pair != (4, 8) and a1 * b1 + a2 * b2 <= own_cost:
+            assert energies[1] < 0.8, pair  # runner-up (8, 8) keeps 0.70 by exact SVD
+
+
+def test_a_low_rank_target_is_kept_whole_by_lora() -> None:
+    """(b) For M = U V^T of rank 3, the LoRA pair (r1, r2) = (1, 1) has R(M) = M, so it keeps all
+    energy from r = 3 on and strictly less before."""
+    g = gen(6)
+    M = torch.randn(48, 3, generator=g) @ torch.randn(3, 64, generator=g)
+    energies = alignment_table(M, 5, pairs=[(1, 1)])[(1, 1)]
+    assert energies[2:] == pytest.approx([1.0] * 3, abs=1e-6)
+    assert energies[1] < 0.999
+
+
+def test_gaussian_energy_per_parameter_follows_the_aspect_ratio_of_r() -> None:
+    """(c) For a full-rank Gaussian 48 x 64 M, R(M) is again Gaussian, of shape
+    (48 r2/r1) x (64 r1/r2): its spectrum depends on (r1, r2) only through r2/r1, not r1*r2.
+    Marchenko-Pastur gives sigma_1^2 ~ (sqrt(p) + sqrt(q))^2 for a p x q Gaussian, so the energy
+    per parameter at r = 1, sigma_1^2 / (||M||^2 (p + q)), is largest for square-ish R: the designs
+    with R of shape 48 x 64 or 64 x 48 (r2/r1 = 1 or 4/3) beat every other design. At equal
+    parameter count P = r*(m1*n1 + m2*n2) = 448, exact SVD gives 0.235..0.257 for all ten of them
+    (r = 4), LoRA 0.2467: a larger r1*r2 alone does not keep more energy on a Gaussian target."""
+    M = torch.randn(48, 64, generator=gen(0), dtype=torch.float64)
+    table = alignment_table(M, 4, dtype=torch.float64)
+    per_param = {}
+    for pair, energies in table.items():
+        m1, n1, m2, n2 = factor_sizes(48, 64, *pair)
+        per_param[pair] = energies[0] / (m1 * n1 + m2 * n2)
+    square = {p for p in table if set(factor_sizes(48, 64, *p)[::2]) and _r_shape(p) in {(48, 64), (64, 48)}}
+    assert len(square) == 10
+    worst_square = min(per_param[p] for p in square)
+    assert all(per_param[p] < worst_square for p in table if p not in square)
+    at_448 = [table[p][3] for p in square]
+    assert min(at_448) > 0.23 and max(at_448) < 0.26
+    assert table[(1, 1)][3] == pytest.approx(0.2467, abs=1e-4)  # exact SVD, seed 0
+
+
+def _r_shape(pair: tuple[int, int]) -> tuple[int, int]:
+    m1, n1, m2, n2 = factor_sizes(48, 64, *pair)
+    return (m1 * n1, m2 * n2)

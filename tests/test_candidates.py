@@ -1,0 +1,77 @@
+import pytest
+
+from cdka_search.candidates import CandidateSpace, Design, divisors, enumerate_candidates, factor_pairs, r_range
+from cdka_search.errors import TargetError
+
+
+@pytest.mark.parametrize(
+    ("n", "count"),
+    [(11008, 18), (13824, 40), (14336, 24), (18944, 20), (4096, 13), (768, 18), (5632, 20), (3584, 20), (2304, 27), (97, 2)],
+)
+def test_divisor_counts_of_awkward_sizes(n, count):
+    # 11008 = 2^8*43 -> 9*2; 13824 = 2^9*3^3 -> 10*4; 14336 = 2^11*7 -> 12*2; 18944 = 2^9*37 -> 10*2
+    ds = divisors(n)
+    assert len(ds) == count
+    assert all(n % d == 0 for d in ds) and list(ds) == sorted(ds)
+
+
+def test_paper_mapping_and_counts():
+    d = Design.from_paper(4096, 4096, 2, 8, 4)  # the paper's default (r1, r2, r) = (2, 8, 4)
+    assert (d.m1, d.n1, d.m2, d.n2) == (2048, 8, 2, 512)
+    assert (d.r1, d.r2, d.shape) == (2, 8, (4096, 4096))
+    assert d.params == 69_632  # design.md example: params_each 69632
+    assert d.rank_bound == 64
+
+
+def test_llama_examples_from_notes():
+    # cdka-notes.md section 1, all 7 linears of 32 blocks of LLaMA-2-7B
+    shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+    total = lambda r1, r2, r: 32 * sum(Design.from_paper(o, i, r1, r2, r).params for o, i in shapes)
+    assert total(1, 1, 8) == 19_988_480
+    assert total(2, 2, 8) == 19_988_480
+    assert total(2, 8, 4) == 22_896_640
+    assert Design.from_paper(4096, 4096, 2, 2, 8).rank_bound == 32
+    assert Design.from_paper(4096, 4096, 1, 1, 8).rank_bound == 8
+
+
+def test_rank_bound_checked_value():
+    # cdka-notes.md: (r1, r2, r) = (2, 8, 3) on 48x64 reaches rank 48
+    assert Design.from_paper(48, 64, 2, 8, 3).rank_bound == 48
+
+
+def test_enumeration_is_complete_and_contains_lora():
+    designs = enumerate_candidates(12, 18)
+    pairs = {(d.r1, d.r2) for d in designs}
+    assert pairs == {(a, b) for a in divisors(12) for b in divisors(18)}
+    assert Design.from_paper(12, 18, 1, 1, 1) in designs
+    for d in designs:
+        assert d.m1 * d.m2 == 12 and d.n1 * d.n2 == 18
+        assert d.r <= r_range(12, 18, d.r1, d.r2).stop - 1
+
+
+def test_r_stops_where_rank_saturates():
+    # r1 = r2 = 2 on 8x8: r*2*2 >= 8 at r = 2, so r in 1..2
+    assert list(r_range(8, 8, 2, 2)) == [1, 2]
+    assert list(r_range(4096, 4096, 1, 1, CandidateSpace(max_r=16))) == list(range(1, 17))
+
+
+def test_pins_and_families():
+    assert factor_pairs(4096, 11008, CandidateSpace(family="lora")) == [(1, 1)]
+    assert factor_pairs(4096, 11008, CandidateSpace(r1=2, r2=8)) == [(2, 8)]
+    assert {d.r for d in enumerate_candidates(64, 64, CandidateSpace(r=3))} == {3}
+
+
+def test_prime_sizes_leave_only_trivial_factors():
+    assert {r1 for r1, _ in factor_pairs(97, 64)} == {1, 97}
+
+
+@pytest.mark.parametrize("space", [dict(r1=3), dict(r2=5)])
+def test_pins_that_do_not_divide(space):
+    with pytest.raises(TargetError, match="must divide"):
+        factor_pairs(4096, 4096, CandidateSpace(**space))
+
+
+@pytest.mark.parametrize("bad", [dict(family="ia3"), dict(r=0), dict(max_r=0), dict(r1=-2)])
+def test_bad_spaces(bad):
+    with pytest.raises(TargetError):
+        CandidateSpace(**bad)

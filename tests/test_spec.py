@@ -1,0 +1,166 @@
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from cdka_search.errors import ModelSourceError
+from cdka_search.spec import PRESETS, load_spec, spec_from_module
+from cdka_search.spec.presets import ALIASES
+
+DATA = Path(__file__).parent / "data"
+
+# model-shapes.md, "total params" column
+TOTALS = {
+    "llama-2-7b": 6_738_415_616,
+    "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192,
+    "llama-3-8b": 8_030_261_248,
+    "llama-3-70b": 70_553_706_496,
+    "mistral-7b": 7_241_732_096,
+    "qwen2-7b": 7_615_616_512,
+    "tinyllama-1.1b": 1_100_048_384,
+    "roberta-base": 124_645_632,
+    "gpt2": 124_439_808,
+}
+
+
+def write_header_only(path: Path, header: dict) -> Path:
+    body = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(TOTALS))
+def test_preset_totals_equal_model_shapes(name):
+    assert load_spec(name).total_params == TOTALS[name]
+
+
+def test_every_preset_is_tested():
+    assert set(PRESETS) == set(TOTALS)
+
+
+def test_llama_module_names_and_shapes():
+    spec = load_spec("llama-2-70b")
+    by_name = {t.name: t for t in spec.targets}
+    assert len(spec.targets) == 80 * 7
+    assert by_name["model.layers.0.self_attn.k_proj"].shape == (1024, 8192)  # 8 kv heads x 128
+    assert by_name["model.layers.79.mlp.down_proj"].shape == (8192, 28672)
+    assert not any("lm_head" in n or "embed" in n for n in by_name)
+
+
+def test_gpt2_preset_is_conv1d_in_linear_orientation():
+    spec = load_spec("gpt2")
+    c_attn = next(t for t in spec.targets if t.name == "transformer.h.0.attn.c_attn")
+    assert (c_attn.d_out, c_attn.d_in, c_attn.kind) == (2304, 768, "conv1d")
+
+
+@pytest.mark.parametrize(("alias", "preset"), sorted(ALIASES.items()))
+def test_aliases_resolve(alias, preset):
+    assert load_spec(alias).name == preset
+
+
+def test_product_owner_alias_is_the_paper_model():
+    assert load_spec("llama").name == "llama-2-7b"
+
+
+def test_unknown_model_suggests_near_names():
+    with pytest.raises(ModelSourceError, match="Did you mean: llama-2-7b"):
+        load_spec("llama-2-7")
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "mistral-7b", "qwen2-7b", "gpt2", "roberta-base"])
+def test_config_json_gives_the_preset_spec(name):
+    """Conformance: a local config.json and the preset describe the same model."""
+    from_config = load_spec(str(DATA / name / "config.json"))
+    preset = load_spec(name)
+    assert from_config.targets == preset.targets
+    assert from_config.total_params == preset.total_params
+    assert load_spec(str(DATA / name)).targets == preset.targets  # the folder form
+
+
+def test_safetensors_header_gives_the_preset_spec(tmp_path):
+    """Conformance: the published GPT-2 header (no weights) gives the preset's shapes and total."""
+    header = json.loads((DATA / "gpt2" / "header.json").read_text())
+    spec = load_spec(str(write_header_only(tmp_path / "model.safetensors", header)))
+    preset = load_spec("gpt2")
+    assert spec.total_params == preset.total_params
+    assert [(t.name, t.shape, t.kind) for t in spec.targets] == [
+        (t.name.removeprefix("transformer."), t.shape, t.kind) for t in preset.targets
+    ]
+
+
+def test_sharded_index(tmp_path):
+    header = json.loads((DATA / "gpt2" / "header.json").read_text())
+    names = [k for k in header if k != "__metadata__"]
+    half = len(names) // 2
+    for shard, part in (("a.safetensors", names[:half]), ("b.safetensors", names[half:])):
+        write_header_only(tmp_path / shard, {k: header[k] for k in part})
+    index = {"metadata": {}, "weight_map": {k: ("a.safetensors" if i < half else "b.safetensors") for i, k in enumerate(names)}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    spec = load_spec(str(tmp_path))
+    assert spec.total_params == TOTALS["gpt2"]
+    assert len(spec.targets) == 48
+
+
+def test_live_and_meta_modules_match_the_config(tmp_path):
+    """Conformance: a tiny real LlamaForCausalLM, its saved folder, its safetensors and its config agree."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64
+    )
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    live = spec_from_module(model)
+    from_config = load_spec(str(tmp_path))
+    from_weights = load_spec(str(tmp_path / "model.safetensors"))
+    assert live.targets == from_config.targets
+    assert set(live.targets) == set(from_weights.targets)  # headers are stored alphabetically
+    assert live.total_params == from_config.total_params == from_weights.total_params
+    assert [t.shape for t in live.targets[:7]] == [(32, 32), (16, 32), (16, 32), (32, 32), (48, 32), (48, 32), (32, 48)]
+
+
+def test_unknown_model_type_goes_through_transformers_meta(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=64)
+    config.save_pretrained(tmp_path)
+    spec = load_spec(str(tmp_path))
+    names = {t.name.split(".")[-1] for t in spec.targets}
+    assert {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"} <= names
+    assert spec.source == "hf-config"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"{not json", "not a readable JSON config"),
+        (b'{"model_type": "llama", "hidden_size": 8}', "lacks or garbles"),
+        (b"[1, 2]", "must be a JSON object"),
+    ],
+)
+def test_corrupt_config(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ModelSourceError, match=message):
+        load_spec(str(tmp_path / "config.json"))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"abc", "too short"),
+        (struct.pack("<Q", 10**12) + b"{}", "not plausible"),
+        (struct.pack("<Q", 50) + b"{}", "truncated header"),
+        (struct.pack("<Q", 5) + b"notjs", "not JSON"),
+        (struct.pack("<Q", 24) + b'{"a.weight": {"x": 1}}  ', "corrupt safetensors header entry"),
+    ],
+)
+def test_corrupt_safetensors(tmp_path, content, message):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ModelSourceError, match=message):
+        load_spec(str(path))
+
+
+def test_missing_path():
+    with pytest.raises(ModelSourceError, match="no such file"):
+        load_spec("./does/not/exist.safetensors")
