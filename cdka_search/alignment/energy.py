@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 
 from cdka_search.alignment.rearrange import rearrange
-from cdka_search.errors import TargetError
+from cdka_search.errors import ReferenceFileError, TargetError
 
 Pair = tuple[int, int]
 
@@ -57,11 +57,8 @@ def topr_energies(
     otherwise one randomized block Krylov run (see _krylov_sigma_sq). The result is clamped to
     [0, 1] and non-decreasing; a zero M gives zeros. bf16/fp16 inputs are upcast to `dtype`.
     """
-    if r_max < 1:
-        raise TargetError(f"r_max must be at least 1, got {r_max}")
-    if dtype not in (torch.float32, torch.float64):
-        raise TargetError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    R = rearrange(M.to(dtype), m1, n1, m2, n2)
+    work = _checked_input(M, r_max, dtype)
+    R = rearrange(work, m1, n1, m2, n2)
     return _energies(R, r_max, oversample=oversample, power_iters=power_iters, seed=seed, tol=tol)
 
 
@@ -83,20 +80,31 @@ def alignment_table(
     """
     if M.dim() != 2:
         raise TargetError(f"expected a 2-D (d_out, d_in) matrix, got shape {tuple(M.shape)}")
-    if dtype not in (torch.float32, torch.float64):
-        raise TargetError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     d_out, d_in = M.shape
     wanted = divisor_pairs(d_out, d_in) if pairs is None else [tuple(p) for p in pairs]
     sizes = {p: factor_sizes(d_out, d_in, *p) for p in wanted}  # validate all before any work
+    work = _checked_input(M, r_max, dtype)
+    return {
+        pair: _energies(
+            rearrange(work, *shape), r_max,
+            oversample=oversample, power_iters=power_iters, seed=seed, tol=tol,
+        ).tolist()
+        for pair, shape in sizes.items()
+    }
+
+
+def _checked_input(M: torch.Tensor, r_max: int, dtype: torch.dtype) -> torch.Tensor:
+    """M upcast to dtype, after checking r_max, dtype and that every entry is finite."""
+    if r_max < 1:
+        raise TargetError(f"r_max must be at least 1, got {r_max}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TargetError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     work = M.to(dtype)
-    table: dict[Pair, list[float]] = {}
-    for pair, (m1, n1, m2, n2) in sizes.items():
-        energies = topr_energies(
-            work, m1, n1, m2, n2, r_max,
-            oversample=oversample, power_iters=power_iters, seed=seed, tol=tol, dtype=dtype,
+    if not torch.isfinite(work).all():
+        raise ReferenceFileError(
+            f"matrix of shape {tuple(M.shape)} has inf or nan entries; check the reference it came from"
         )
-        table[pair] = energies.tolist()
-    return table
+    return work
 
 
 def _energies(
