@@ -45,7 +45,8 @@ def render(table: Table, *, as_json: bool = False, stream=None) -> None:
     from rich.console import Console
     from rich.table import Table as RichTable
 
-    console = Console(file=out, width=max(100, Console().width if out.isatty() else 120), highlight=False)
+    # Off a terminal (pipes, files, CI logs) use a fixed width so output is the same everywhere.
+    console = Console(file=out, width=Console().width if out.isatty() else 160, highlight=False)
     rich_table = RichTable(title=table.title, title_justify="left")
     for i, column in enumerate(table.columns):
         rich_table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
@@ -53,7 +54,7 @@ def render(table: Table, *, as_json: bool = False, stream=None) -> None:
         rich_table.add_row(*(_cell(v) for v in row))
     console.print(rich_table)
     for note in table.notes:
-        console.print(note)
+        console.print(note, soft_wrap=True)
 
 
 def info(message: str) -> None:

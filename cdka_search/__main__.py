@@ -1,0 +1,3 @@
+from cdka_search.cli.app import main
+
+main()

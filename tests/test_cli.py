@@ -1,0 +1,149 @@
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_plan_product_owner_example(cli, tmp_path):
+    out = tmp_path / "plan.yaml"
+    result = cli("plan", "--model", "llama", "--budget", "0.5%", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "model.layers.*.self_attn.q_proj" in result.stdout
+    assert "allocation: exact optimum" in result.stdout
+    assert "preset llama-2-7b" in result.stderr  # says which preset the alias chose
+    doc = yaml.safe_load(out.read_text())
+    assert doc["budget"]["limit"] == 33_692_078
+    assert 0.9 * 33_692_078 <= doc["budget"]["used"] <= 33_692_078
+
+
+def test_plan_is_byte_for_byte_reproducible(cli, tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    ra = cli("plan", "-m", "gpt2", "-b", "lora:8", "-o", str(a))
+    rb = cli("plan", "-m", "gpt2", "-b", "lora:8", "-o", str(b))
+    assert a.read_bytes() == b.read_bytes()
+    assert ra.stdout.replace(str(a), "X") == rb.stdout.replace(str(b), "X")
+
+
+def test_plan_json_output_and_format(cli, tmp_path):
+    out = tmp_path / "plan.json"
+    result = cli("plan", "-m", "roberta", "-b", "1%", "--format", "json", "-o", str(out), "--json")
+    assert result.exit_code == 0
+    payload = json.loads(result.stdout)
+    assert payload["plan"]["model"]["name"] == "roberta-base"
+    assert json.loads(out.read_text()) == payload["plan"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["-m", "lama-2-7"], 3, "Did you mean: llama-2-7b"),
+        (["-b", "half"], 2, "budget 'half' is not understood"),
+        (["-b", "0%"], 2, "above 0"),
+        (["-b", "101%"], 2, "at most 100"),
+        (["-b", "100"], 2, "below the smallest possible adapter"),
+        (["-t", "q_porj"], 4, "'q_porj' matches no module"),
+        (["--r1", "3"], 4, "must divide"),
+        (["--objective", "speed"], 4, "unknown objective"),
+        (["-m", str(DATA / "missing" / "config.json")], 3, "no such file"),
+    ],
+)
+def test_plan_bad_input_is_one_line_and_no_file(cli, tmp_path, args, code, message):
+    out = tmp_path / "plan.yaml"
+    result = cli("plan", *args, "-o", str(out))
+    assert result.exit_code == code
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("config.json", b"{oops", "not a readable JSON config"),
+        ("model.safetensors", struct.pack("<Q", 9) + b"not json!", "corrupt safetensors header"),
+    ],
+)
+def test_corrupt_model_files(cli, tmp_path, name, content, message):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / name).write_bytes(content)
+    out = tmp_path / "plan.yaml"
+    result = cli("plan", "-m", str(bad / name), "-o", str(out))
+    assert result.exit_code == 3 and message in result.stderr
+    assert not out.exists()
+
+
+def test_models_lists_presets(cli):
+    result = cli("models", "--json")
+    rows = json.loads(result.stdout)["rows"]
+    assert {r["preset"]: r["total_params"] for r in rows}["llama-2-70b"] == 68_976_648_192
+    assert "llama" in {r["preset"]: r["aliases"] for r in rows}["llama-2-7b"]
+
+
+def test_inspect_shows_targets(cli):
+    result = cli("inspect", "llama-2-7b", "--json")
+    rows = json.loads(result.stdout)["rows"]
+    assert {r["module"]: r["shape_(out_x_in)"] for r in rows}["model.layers.*.mlp.down_proj"] == "4096x11008"
+    assert all(r["count"] == 32 for r in rows)
+    gpt2 = cli("inspect", str(DATA / "gpt2"), "--targets", "attn")
+    assert "c_attn" in gpt2.stdout and "c_fc" not in gpt2.stdout and "conv1d" in gpt2.stdout
+
+
+def test_explain(cli):
+    result = cli("explain", "--shape", "4096x11008", "--params", "70k", "--json")
+    rows = json.loads(result.stdout)["rows"]
+    assert rows and all(r["params"] <= 70_000 for r in rows)
+    assert rows[0]["pareto"] is True
+    assert cli("explain", "--shape", "4096by11008").exit_code == 4
+
+
+def test_validate(cli, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    cli("plan", "-m", "llama-2-7b", "-o", str(plan))
+    ok = cli("validate", str(plan), "--model", "llama-2-7b")
+    assert ok.exit_code == 0 and "valid plan and matches llama-2-7b" in ok.stdout
+    bad = cli("validate", str(plan), "--model", "llama-3-8b")
+    assert bad.exit_code == 5
+    assert "model.layers.0.self_attn.k_proj: the model's weight is 1024x4096" in bad.stderr
+    assert "total_params" in bad.stderr
+    plan.write_text(plan.read_text().replace("count: 32", "cuont: 32", 1))
+    broken = cli("validate", str(plan))
+    assert broken.exit_code == 5 and "unknown key 'cuont' (did you mean 'count'?)" in broken.stderr
+
+
+def test_version_and_help(cli):
+    assert cli("--version").stdout.startswith("cdka ")
+    help_text = cli("plan", "--help").stdout
+    assert "cdka plan --model llama --budget 0.5%" in help_text
+
+
+def test_data_free_planning_does_not_import_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from cdka_search.cli.app import app\n"
+        "try:\n"
+        f"    app(['plan', '-m', 'llama-2-70b', '-o', r'{tmp_path / 'p.yaml'}'])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'optuna' not in sys.modules\n"
+        "import cdka_search\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_console_script_exit_codes(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "cdka_search", "plan", "-b", "nope", "-o", str(tmp_path / "x.yaml")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: budget 'nope' is not understood; use a percentage (\"0.5%\"), a count (\"20M\", \"1.5B\", \"2e7\", \"20000000\") or \"lora:R\""]

@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import yaml
+
+from cdka_search.errors import PlanError
+from cdka_search.plan import AdapterSettings, Plan, dumps_plan, load_plan, loads_plan, save_plan
+from cdka_search.planner import make_plan
+from cdka_search.spec import load_spec
+
+
+@pytest.fixture(scope="module")
+def gpt2_plan() -> Plan:
+    return make_plan(load_spec("gpt2"), "lora:8")
+
+
+def test_yaml_and_json_round_trip(tmp_path, gpt2_plan):
+    for name in ("p.yaml", "p.json"):
+        path = save_plan(gpt2_plan, tmp_path / name)
+        assert load_plan(path) == gpt2_plan
+    assert json.loads((tmp_path / "p.json").read_text())["cdka_plan"] == 1
+
+
+def test_document_fields(gpt2_plan):
+    doc = yaml.safe_load(dumps_plan(gpt2_plan))
+    assert doc["budget"] == {"spec": "lora:8", "limit": 1_179_648, "used": gpt2_plan.used_params}
+    group = doc["groups"][0]
+    assert group["modules"] == "transformer.h.*.attn.c_attn"
+    assert group["kind"] == "conv1d" and group["shape"] == [2304, 768] and group["count"] == 12
+    m1, n1 = group["left"]
+    m2, n2 = group["right"]
+    assert (m1 * m2, n1 * n2) == (2304, 768)
+    assert (group["r1"], group["r2"]) == (m2, n1)
+    assert group["params_each"] == group["r"] * (m1 * n1 + m2 * n2)
+    assert set(group["scores"]) == {"capacity", "alignment", "first_step", "objective"}
+
+
+def test_yaml_is_deterministic(gpt2_plan):
+    assert dumps_plan(gpt2_plan) == dumps_plan(make_plan(load_spec("gpt2"), "lora:8"))
+
+
+def edited(plan: Plan, change) -> str:
+    doc = plan.to_dict()
+    change(doc)
+    return yaml.safe_dump(doc)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["groups"][0].update(rnak=3), "unknown key 'rnak'.*allowed: modules, kind"),
+        (lambda d: d.update(cdka_plan=2), "schema version 2"),
+        (lambda d: d["groups"][0].update(left=[100, 8]), "give a"),
+        (lambda d: d["groups"][0].update(params_each=1), "params_each is 1"),
+        (lambda d: d["groups"][0].update(r=0), "positive"),
+        (lambda d: d["budget"].update(used=5), "budget.used"),
+        (lambda d: d["budget"].update(limit=10), "over the budget limit"),
+        (lambda d: d["adapter"].update(scaling="alpha/r2"), "adapter.scaling"),
+        (lambda d: d["adapter"].update(alpah=3), "did you mean 'alpha'"),
+        (lambda d: d.pop("groups"), "missing key"),
+        (lambda d: d["groups"][0].update(kind="conv2d"), "kind"),
+    ],
+)
+def test_hand_edits_are_checked(gpt2_plan, change, message):
+    with pytest.raises(PlanError, match=message):
+        loads_plan(edited(gpt2_plan, change))
+
+
+def test_consistent_hand_edit_is_accepted(gpt2_plan):
+    def to_lora(d):
+        g = d["groups"][0]
+        g.update(left=[2304, 1], right=[1, 768], r=2, r1=1, r2=1, params_each=2 * (2304 + 768), rank_bound=2)
+        d["budget"]["used"] = None
+        del d["budget"]["used"]
+
+    plan = loads_plan(edited(gpt2_plan, to_lora))
+    assert plan.groups[0].design.is_lora
+
+
+def test_unsafe_yaml_is_refused():
+    with pytest.raises(PlanError, match="not valid YAML"):
+        loads_plan("!!python/object/apply:os.system ['echo hi']")
+
+
+def test_atomic_save_leaves_no_temporary(tmp_path, gpt2_plan):
+    save_plan(gpt2_plan, tmp_path / "plan.yaml")
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.yaml"]
+
+
+def test_scaling_values():
+    from cdka_search.candidates import Design
+
+    d = Design.from_paper(64, 64, 2, 8, 4)
+    assert AdapterSettings().scaling_value(d) == pytest.approx(64 / (4 * 8) ** 0.5)
+    assert AdapterSettings(scaling="alpha/r").scaling_value(d) == 16
+    assert AdapterSettings(scaling="fixed", scale=0.5).scaling_value(d) == 0.5
+    with pytest.raises(PlanError, match="needs adapter.scale"):
+        AdapterSettings(scaling="fixed")
+
+
+def test_assign_maps_modules_and_checks_counts(gpt2_plan):
+    names = [t.name for t in load_spec("gpt2").targets]
+    assigned = gpt2_plan.assign(names)
+    assert len(assigned) == 48
+    assert assigned["transformer.h.3.mlp.c_fc"].shape == (3072, 768)
+    with pytest.raises(PlanError, match="matches 11 modules"):
+        gpt2_plan.assign([n for n in names if n != "transformer.h.5.attn.c_attn"])

@@ -1,0 +1,104 @@
+import pytest
+
+from cdka_search.budget import lora_params
+from cdka_search.candidates import CandidateSpace
+from cdka_search.errors import BudgetError, PlanError, TargetError
+from cdka_search.planner import check_plan, explain_shape, make_plan, plan_problems
+from cdka_search.spec import load_spec
+
+LLAMA = load_spec("llama-2-7b")
+
+
+def test_product_owner_example_uses_the_budget():
+    plan = make_plan(load_spec("llama"), "0.5%")
+    assert plan.budget_limit == 33_692_078  # 0.5 % of 6,738,415,616 (model-shapes.md)
+    assert 0.9 * 33_692_078 <= plan.used_params <= 33_692_078
+    assert plan.exact
+    assert sum(g.count for g in plan.groups) == 224
+
+
+def test_lora8_budget_beats_lora_rank_everywhere():
+    plan = make_plan(LLAMA, "lora:8")
+    assert plan.used_params <= 19_988_480  # cdka-notes.md: LoRA r=8 on all linears
+    for g in plan.groups:
+        assert g.design.rank_bound > 8, g.modules
+        assert g.design.r1 <= 4  # the paper's guideline: small r1
+
+
+def test_same_shape_modules_share_a_design():
+    plan = make_plan(LLAMA, "0.5%")
+    by_shape = {}
+    for g in plan.groups:
+        by_shape.setdefault(g.shape, set()).add(g.design)
+    assert all(len(designs) == 1 for designs in by_shape.values())
+
+
+@pytest.mark.parametrize("model", ["qwen2-7b", "gpt2", "roberta-base", "llama-3-8b", "tinyllama-1.1b"])
+def test_awkward_and_conv1d_models_plan(model):
+    spec = load_spec(model)
+    plan = make_plan(spec, "0.5%")
+    assert plan.used_params <= plan.budget_limit
+    check_plan(plan, spec)
+    for g in plan.groups:
+        d = g.design
+        assert (d.m1 * d.m2, d.n1 * d.n2) == g.shape
+
+
+def test_qwen2_factors_divide_18944():
+    plan = make_plan(load_spec("qwen2-7b"), "lora:8")
+    gate = next(g for g in plan.groups if g.modules[0].endswith("gate_proj"))
+    assert 18944 % gate.design.r1 == 0  # 18944 = 2^9 * 37
+
+
+def test_plan_fails_against_another_model_naming_the_module():
+    plan = make_plan(LLAMA, "0.5%")
+    problems = plan_problems(plan, load_spec("llama-3-8b"))
+    assert any("model.layers.0.self_attn.k_proj" in p and "1024x4096" in p for p in problems)
+    with pytest.raises(PlanError, match="mlp.gate_proj: the model's weight is 14336x4096"):
+        check_plan(plan, load_spec("mistral-7b"))
+    assert plan_problems(plan, LLAMA) == []
+
+
+def test_targets_selection():
+    attn = make_plan(LLAMA, "lora:8", targets="attn")
+    assert {g.modules[0].rsplit(".", 1)[-1] for g in attn.groups} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert attn.budget_limit == lora_params([t for t in LLAMA.targets if "self_attn" in t.name], 8)
+    some = make_plan(LLAMA, "1%", targets="q_proj,model.layers.1*.mlp.down_proj")
+    assert sum(g.count for g in some.groups) == 32 + 11  # layers 1 and 10..19
+    with pytest.raises(TargetError, match="'qproj' matches no module.*q_proj"):
+        make_plan(LLAMA, "1%", targets="qproj")
+
+
+def test_budget_below_minimum_says_the_minimum():
+    with pytest.raises(BudgetError, match="smallest possible adapter.*parameters"):
+        make_plan(LLAMA, "1000")
+
+
+def test_family_lora_plans_only_lora():
+    plan = make_plan(LLAMA, "lora:8", space=CandidateSpace(family="lora"))
+    assert all(g.design.is_lora for g in plan.groups)
+    assert 0.95 * 19_988_480 <= plan.used_params <= 19_988_480
+
+
+def test_pinned_design_is_respected():
+    plan = make_plan(LLAMA, "1%", space=CandidateSpace(r1=2, r2=8))
+    assert {(g.design.r1, g.design.r2) for g in plan.groups} == {(2, 8)}
+
+
+def test_explain_marks_pareto_and_respects_params():
+    rows = explain_shape(4096, 11008, max_params=70_000, top=10)
+    assert rows and all(r.design.params <= 70_000 for r in rows)
+    assert rows[0].scores["objective"] == max(r.scores["objective"] for r in rows)
+    assert rows[0].pareto
+    with pytest.raises(BudgetError, match="smallest needs"):
+        explain_shape(4096, 11008, max_params=10)
+
+
+def test_cost_follows_distinct_shapes_not_layers(monkeypatch):
+    import cdka_search.planner as planner
+
+    calls = []
+    real = planner.score_shape
+    monkeypatch.setattr(planner, "score_shape", lambda *a, **k: calls.append(a[:2]) or real(*a, **k))
+    make_plan(load_spec("llama-2-70b"), "0.5%")
+    assert sorted(calls) == sorted({(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)})
