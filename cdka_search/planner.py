@@ -156,10 +156,19 @@ def explain_shape(
     if not ranked:
         cheapest = int(table.params.min())
         raise BudgetError(f"no candidate of {d_out}x{d_in} fits {max_params:,} parameters; the smallest needs {cheapest:,}")
-    rows = []
-    for i in ranked[:top]:
+    rows: list[ExplainRow] = []
+    seen: set[tuple[int, int, float]] = set()
+    for i in ranked:
+        # A design and its mirror (r1 <-> d_out/r1, r2 <-> d_in/r2) tie on every allocation score;
+        # list the one with the smaller r1 (ranked first) only.
+        key = (int(table.params[i]), int(table.rank_bound[i]), round(float(table.objective[i]), 12))
+        if key in seen:
+            continue
+        seen.add(key)
         s = table.scored(i)
         rows.append(ExplainRow(s.design, s.scores.as_dict(), i in front))
+        if len(rows) == top:
+            break
     return rows
 
 
