@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 from cdka_search.allocate import Allocation, allocate
 from cdka_search.budget import Budget, parse_budget
@@ -38,12 +38,6 @@ def score_tables(
     return {shape: score_shape(*shape, space, objective, spectra=cache) for shape in sorted(spec.shapes)}
 
 
-def smallest_adapter(spec: ModelSpec, tables: dict[tuple[int, int], ScoreTable]) -> int:
-    """Parameters of the cheapest allowed adapter on every target."""
-    counts = spec.shapes
-    return sum(counts[s] * int(t.params.min()) for s, t in tables.items())
-
-
 def _group_patterns(role: str, members: list[TargetModule], spec: ModelSpec) -> tuple[str, ...]:
     """The role glob when it matches exactly these members among all targets, else their names."""
     if "*" in role:
@@ -64,30 +58,35 @@ def resolve_budget(spec: ModelSpec, budget: str | int | Budget) -> Budget:
 def build_plan(
     spec: ModelSpec,
     budget: Budget,
-    picked: Mapping[tuple[int, int], ScoredDesign],
+    picked: Mapping[Any, ScoredDesign],
     *,
     objective: str = "balanced",
     adapter: AdapterSettings = AdapterSettings(),
     allocation: Allocation | None = None,
+    per_layer: bool = False,
 ) -> Plan:
-    """The Plan giving every selected target of ``spec`` the design picked for its shape.
+    """The Plan giving every selected target the design picked for its name or, failing that, its shape.
 
-    Groups follow roles (``model.layers.*.mlp.up_proj``), so a plan reads like the model.
+    Groups follow roles (``model.layers.*.mlp.up_proj``) and designs, so a plan reads like the
+    model; ``per_layer`` lists every module as its own group.
     """
     groups = []
     for role, members in spec.roles().items():
-        by_shape: dict[tuple[int, int], list[TargetModule]] = {}
+        by_design: dict[tuple, list[TargetModule]] = {}
         for m in members:
-            by_shape.setdefault(m.shape, []).append(m)
-        for shape, same in by_shape.items():
-            best = picked[shape]
+            best = picked[m.name] if m.name in picked else picked[m.shape]
+            key = (m.name,) if per_layer else (m.shape, best.design)
+            by_design.setdefault(key, []).append(m)
+        for same in by_design.values():
+            first = same[0]
+            best = picked[first.name] if first.name in picked else picked[first.shape]
             groups.append(
                 PlanGroup(
                     modules=_group_patterns(role, same, spec),
-                    shape=shape,
+                    shape=first.shape,
                     count=len(same),
                     design=best.design,
-                    kind=same[0].kind,
+                    kind=first.kind,
                     scores=best.scores.as_dict(),
                 )
             )
@@ -105,6 +104,27 @@ def build_plan(
     )
 
 
+def allocate_tables(
+    tables: Mapping[Any, ScoreTable], counts: Mapping[Any, int], weights: Mapping[Any, float], budget: Budget
+) -> tuple[dict[Any, ScoredDesign], Allocation]:
+    """Pick one Pareto design per unit: cost count * params, value weight * count * objective."""
+    floor = sum(counts[k] * int(t.params.min()) for k, t in tables.items())
+    if floor > budget.limit:
+        raise BudgetError(
+            f"budget {budget.spec!r} ({budget.limit:,} parameters) is below the smallest possible adapter on "
+            f"these targets: {floor:,} parameters (r = 1 everywhere); raise the budget or narrow --targets"
+        )
+    keys = list(tables)
+    fronts = [tables[k].pareto() for k in keys]
+    units = [
+        [(counts[k] * int(tables[k].params[i]), weights[k] * counts[k] * float(tables[k].objective[i])) for i in front]
+        for k, front in zip(keys, fronts)
+    ]
+    result = allocate(units, budget.limit)
+    picked = {k: tables[k].scored(front[i]) for k, front, i in zip(keys, fronts, result.choice)}
+    return picked, result
+
+
 def make_plan(
     spec: ModelSpec,
     budget: str | int | Budget = "0.5%",
@@ -115,27 +135,31 @@ def make_plan(
     adapter: AdapterSettings = AdapterSettings(),
     samples: int = DEFAULT_SAMPLES,
     seed: int = DEFAULT_SEED,
+    reference: Mapping[str, Any] | None = None,
+    per_layer: bool = False,
 ) -> Plan:
-    """Plan adapters for ``spec`` within ``budget``; same-shape targets share one design."""
+    """Plan adapters for ``spec`` within ``budget``.
+
+    Data-free (default): same-shape targets share one design, scored once per shape. With a
+    ``reference`` (module name -> reference update tensor, see cdka_search.alignment) every module
+    is scored on its own update and weighted by that update's energy: a per-layer plan.
+    """
     chosen = select_targets(spec, targets)
     limit = resolve_budget(chosen, budget)
-    tables = score_tables(chosen, space, objective, samples=samples, seed=seed)
-    floor = smallest_adapter(chosen, tables)
-    if floor > limit.limit:
-        raise BudgetError(
-            f"budget {limit.spec!r} ({limit.limit:,} parameters) is below the smallest possible adapter on "
-            f"these targets: {floor:,} parameters (r = 1 everywhere); raise the budget or narrow --targets"
-        )
-    counts = chosen.shapes
-    shapes = list(tables)
-    fronts = [tables[s].pareto() for s in shapes]
-    units = [
-        [(counts[s] * int(tables[s].params[i]), counts[s] * float(tables[s].objective[i])) for i in front]
-        for s, front in zip(shapes, fronts)
-    ]
-    result = allocate(units, limit.limit)
-    picked = {s: tables[s].scored(front[i]) for s, front, i in zip(shapes, fronts, result.choice)}
-    return build_plan(chosen, limit, picked, objective=objective, adapter=adapter, allocation=result)
+    if reference is None:
+        tables: Mapping[Any, ScoreTable] = score_tables(chosen, space, objective, samples=samples, seed=seed)
+        counts = chosen.shapes
+        weights = {k: 1.0 for k in tables}
+    else:
+        from cdka_search.alignment.planning import reference_tables
+
+        tables, weights = reference_tables(chosen, reference, space, objective, seed=seed)
+        counts = {k: 1 for k in tables}
+    picked, result = allocate_tables(tables, counts, weights, limit)
+    return build_plan(
+        chosen, limit, picked, objective=objective, adapter=adapter, allocation=result,
+        per_layer=per_layer or reference is not None,
+    )
 
 
 def explain_shape(

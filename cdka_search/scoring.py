@@ -47,6 +47,7 @@ class ScoredDesign:
 
 
 Objective = Callable[[float, float, float], float]
+AlignmentCurve = Callable[[int, int, int], Sequence[float]]
 
 OBJECTIVES: dict[str, Objective] = {
     "balanced": lambda capacity, alignment, first_step: math.sqrt(capacity * alignment),
@@ -214,17 +215,23 @@ def score_shape(
     objective: str = "balanced",
     *,
     spectra: SpectrumCache | None = None,
+    alignment: AlignmentCurve | None = None,
 ) -> ScoreTable:
-    """Score every candidate of a d_out x d_in shape, vectorised per (r1, r2)."""
+    """Score every candidate of a d_out x d_in shape, vectorised per (r1, r2).
+
+    ``alignment(r1, r2, r_max)`` replaces the data-free rank-1 estimate, e.g. with the energy a
+    design keeps of a real reference update (cdka_search.alignment).
+    """
     import numpy as np
 
     check_objective(objective)
     spectra = spectra or SpectrumCache()
+    curve_of = alignment or (lambda r1, r2, r_max: spectra.curve(d_out, d_in, r1, r2, r_max))
     cols: dict[str, list] = {k: [] for k in ("r1", "r2", "r", "align")}
     for r1, r2 in factor_pairs(d_out, d_in, space):
         span = r_range(d_out, d_in, r1, r2, space)
         rs = np.arange(span.start, span.stop)
-        curve = spectra.curve(d_out, d_in, r1, r2, int(rs[-1]))
+        curve = np.asarray(curve_of(r1, r2, int(rs[-1])), dtype=float)
         cols["r1"].append(np.full(len(rs), r1))
         cols["r2"].append(np.full(len(rs), r2))
         cols["r"].append(rs)

@@ -1,0 +1,57 @@
+"""Per-layer planning from reference updates (the data-aware path of make_plan)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from cdka_search.candidates import Design
+from cdka_search.errors import ReferenceFileError
+from cdka_search.planner import make_plan
+from cdka_search.spec import ModelSpec, TargetModule
+
+
+def spec_of(*names, shape=(48, 64)) -> ModelSpec:
+    return ModelSpec("toy", "test", 10**6, tuple(TargetModule(n, *shape) for n in names))
+
+
+def kron_sum(design: Design, k: int, gen) -> torch.Tensor:
+    return sum(torch.kron(torch.randn(design.m1, design.n1, generator=gen), torch.randn(design.m2, design.n2, generator=gen)) for _ in range(k))
+
+
+def test_sum_of_kronecker_products_recovers_its_shape():
+    gen = torch.Generator().manual_seed(0)
+    true = Design.from_paper(48, 64, 2, 8, 3)
+    M = kron_sum(true, 3, gen) + 1e-3 * torch.randn(48, 64, generator=gen)
+    plan = make_plan(spec_of("a"), true.params, objective="alignment", reference={"a": M})
+    design = plan.groups[0].design
+    assert (design.r1, design.r2) == (2, 8) and design.r >= 3
+    assert plan.groups[0].scores["alignment"] > 0.999
+
+
+def test_low_rank_update_prefers_lora_at_equal_parameters():
+    gen = torch.Generator().manual_seed(1)
+    M = torch.randn(48, 2, generator=gen) @ torch.randn(2, 64, generator=gen)
+    budget = Design.from_paper(48, 64, 1, 1, 2).params  # LoRA rank 2 = 224 parameters
+    plan = make_plan(spec_of("a"), budget, objective="alignment", reference={"a": M})
+    assert plan.groups[0].design.is_lora
+    assert plan.groups[0].scores["alignment"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_more_energetic_modules_get_more_budget():
+    gen = torch.Generator().manual_seed(2)
+    ref = {"loud": 10 * torch.randn(48, 64, generator=gen), "quiet": 0.1 * torch.randn(48, 64, generator=gen)}
+    plan = make_plan(spec_of("loud", "quiet"), 2000, objective="alignment", reference=ref)
+    params = {g.modules[0]: g.design.params for g in plan.groups}
+    assert params["loud"] > params["quiet"]
+    assert plan.used_params <= 2000
+    assert [g.count for g in plan.groups] == [1, 1]  # a per-layer plan lists every module
+
+
+def test_missing_and_mismatched_reference_modules_are_named():
+    ref = {"a": torch.zeros(48, 64)}
+    with pytest.raises(ReferenceFileError, match="no update for 1 target module.*: b"):
+        make_plan(spec_of("a", "b"), 5000, reference=ref)
+    with pytest.raises(ReferenceFileError, match="reference a is \\(64, 48\\)"):
+        make_plan(spec_of("a"), 5000, reference={"a": torch.zeros(64, 48)})
+    with pytest.raises(ReferenceFileError, match="every reference update is zero"):
+        make_plan(spec_of("a"), 5000, reference=ref)
