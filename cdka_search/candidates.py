@@ -65,8 +65,9 @@ class Design:
 class CandidateSpace:
     """Which designs to consider: pins on r1, r2, r, a cap on r, and an adapter family.
 
-    ``family``: "cdka" (everything), "lora" (r1 = r2 = 1), "lokr" (one Kronecker term, r = 1,
-    as PEFT LoKr and LyCORIS express it).
+    ``family``: "cdka" (everything), "lora" (r1 = r2 = 1), "lokr" (one Kronecker term, r = 1, with
+    exactly the factor shapes both PEFT LoKr and LyCORIS build from some ``factor``; see
+    cdka_search.export.lokr_shapes).
     """
 
     r1: int | None = None
@@ -103,14 +104,15 @@ def divisors(n: int) -> tuple[int, ...]:
 def factor_pairs(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()) -> list[tuple[int, int]]:
     """Every (r1, r2) with r1 | d_out and r2 | d_in allowed by the space's pins and family."""
     if space.family == "lora":
-        r1s, r2s = (1,), (1,)
+        allowed = [(1, 1)]
+    elif space.family == "lokr":
+        from cdka_search.export.lokr_shapes import lokr_factor_pairs
+
+        allowed = list(lokr_factor_pairs(d_out, d_in))
     else:
-        r1s, r2s = divisors(d_out), divisors(d_in)
+        allowed = [(r1, r2) for r1 in divisors(d_out) for r2 in divisors(d_in)]
     pairs = [
-        (r1, r2)
-        for r1 in r1s
-        for r2 in r2s
-        if (space.r1 is None or r1 == space.r1) and (space.r2 is None or r2 == space.r2)
+        (r1, r2) for r1, r2 in allowed if (space.r1 is None or r1 == space.r1) and (space.r2 is None or r2 == space.r2)
     ]
     if not pairs:
         raise TargetError(

@@ -1,0 +1,157 @@
+"""What every exporter shares: the Export result, module-name resolution, key checks, atomic writes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from cdka_search.errors import ExportError
+from cdka_search.fileio import atomic_write_text
+
+if TYPE_CHECKING:
+    from cdka_search.plan import Plan, PlanGroup
+    from cdka_search.render import Table
+    from cdka_search.spec.model_spec import ModelSpec
+
+_GLOB = "*?["
+
+
+@dataclass(frozen=True)
+class ExportFile:
+    """One file of an export: a path relative to the output folder and its text."""
+
+    path: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ExportRow:
+    """How one plan group was translated: into which config, with which of the target's knobs."""
+
+    group: str
+    modules: int
+    design: str
+    config: str
+    settings: str
+
+
+@dataclass(frozen=True)
+class Export:
+    """The files an exporter produced, one row per group, and notes on what the target treats differently."""
+
+    target: str
+    files: tuple[ExportFile, ...]
+    rows: tuple[ExportRow, ...]
+    notes: tuple[str, ...] = ()
+    default_dir: str = "."
+    trainable_params: int = 0
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # parsed form of each file, for callers
+
+
+def group_label(group: "PlanGroup") -> str:
+    return group.modules[0] if len(group.modules) == 1 else f"{group.modules[0]} (+{len(group.modules) - 1})"
+
+
+def resolve_modules(
+    plan: "Plan", spec: "ModelSpec | None" = None
+) -> tuple[list[tuple["PlanGroup", tuple[str, ...]]], tuple[str, ...]]:
+    """Each group with the full names of the modules it adapts (model order), and every adaptable
+    module name of the model (what a key must not match by accident).
+
+    With ``spec`` the plan is first checked against it (PlanError listing every problem). Without it, a
+    preset plan reads its preset offline; any other plan must name its modules exactly (no globs).
+    """
+    from cdka_search.planner import check_plan
+
+    if spec is None and plan.model_source == "preset":
+        from cdka_search.spec import load_spec
+
+        spec = load_spec(plan.model_name)
+    if spec is None:
+        globbed = [g for g in plan.groups if any(c in p for p in g.modules for c in _GLOB)]
+        if globbed:
+            raise ExportError(
+                f"group(s) {', '.join(repr(g.modules[0]) for g in globbed)} use globs and the plan's model "
+                f"({plan.model_name}, source {plan.model_source}) is not a preset: pass the model "
+                "(--model FOLDER_OR_CONFIG, or spec=spec_from_module(model)) so module names can be listed"
+            )
+        out = []
+        for g in plan.groups:
+            names = tuple(dict.fromkeys(g.modules))
+            if len(names) != g.count:
+                raise ExportError(f"group {g.modules[0]!r} names {len(names)} modules but says count {g.count}")
+            out.append((g, names))
+        return out, tuple(n for _, names in out for n in names)
+    check_plan(plan, spec)
+    names = tuple(t.name for t in spec.targets)
+    return [(g, tuple(n for n in names if g.matches(n))) for g in plan.groups], names
+
+
+def anchored(name: str) -> str:
+    """A rank_pattern / alpha_pattern key that matches exactly ``name`` and nothing else."""
+    return "^" + re.escape(name) + "$"
+
+
+def peft_key_matches(key: str, name: str) -> bool:
+    """PEFT's pattern rule (peft.utils.other.get_pattern_key): ``(.*\\.)?(key)$`` from the start."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
+def peft_target_matches(key: str, name: str) -> bool:
+    """PEFT's rule for a list of target_modules: an exact name or a dotted suffix."""
+    return name == key or name.endswith("." + key)
+
+
+def check_keys(config_name: str, keys: Iterable[str], wanted: dict[str, str], all_names: Sequence[str], rule) -> None:
+    """Each key must match exactly the one module it was written for among ``all_names``."""
+    for key in keys:
+        hits = [n for n in all_names if rule(key, n)]
+        if hits != [wanted[key]]:
+            raise ExportError(
+                f"{config_name}: key {key!r} matches {hits[:3] or 'no module'}, not only {wanted[key]!r}; "
+                "this is a bug in the exporter, please report it"
+            )
+
+
+def note_init_and_dropout(plan: "Plan", notes: list[str], *, dropout_ok: bool, what: str) -> None:
+    """Notes shared by the exporters on settings the target sets its own way."""
+    if plan.adapter.init != "kaiming-A-zero-B":
+        notes.append(f"adapter.init {plan.adapter.init!r} has no {what} equivalent: {what} starts from its own init")
+    if plan.adapter.dropout and not dropout_ok:
+        notes.append(f"adapter.dropout {plan.adapter.dropout} has no {what} LoKr equivalent (input dropout); not exported")
+    if plan.adapter.dtype != "float32":
+        notes.append(f"adapter.dtype {plan.adapter.dtype}: {what} keeps adapter weights in the base layer's dtype")
+
+
+def write_export(export: Export, *, out_dir: str | Path | None = None, out_file: str | Path | None = None) -> list[Path]:
+    """Write every file of ``export`` atomically under ``out_dir`` (default: export.default_dir), or its
+    only file to ``out_file``. Returns the paths written."""
+    if out_dir is not None and out_file is not None:
+        raise ExportError("give an output folder or an output file, not both")
+    if out_file is not None:
+        if len(export.files) != 1:
+            raise ExportError(
+                f"this {export.target} export has {len(export.files)} files "
+                f"({', '.join(f.path for f in export.files)}); write them to a folder with --out DIR"
+            )
+        return [atomic_write_text(Path(out_file), export.files[0].text)]
+    root = Path(out_dir if out_dir is not None else export.default_dir)
+    if root.exists() and not root.is_dir():
+        raise ExportError(f"{root} exists and is not a folder; use -o FILE for a single file")
+    return [atomic_write_text(root / f.path, f.text) for f in export.files]
+
+
+def export_table(export: Export, written: Sequence[Path] = ()) -> "Table":
+    from cdka_search.render import Table
+
+    notes = [f"wrote {p}" for p in written] + [f"note: {n}" for n in export.notes]
+    return Table(
+        title=f"{export.target} export: {len(export.rows)} groups, {export.trainable_params:,} trainable parameters",
+        columns=("Group", "Modules", "Design (r1,r2,r)", "Config", "Settings"),
+        rows=tuple((r.group, r.modules, r.design, r.config, r.settings) for r in export.rows),
+        notes=tuple(notes),
+        extra={"target": export.target, "files": [str(p) for p in written], "notes": list(export.notes),
+               "trainable_params": export.trainable_params},
+    )

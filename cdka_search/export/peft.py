@@ -1,0 +1,197 @@
+"""Plan -> PEFT configs: LoraConfig for LoRA groups, LoKrConfig(s) for single Kronecker terms.
+
+What PEFT can express (checked against peft 0.21, peft/tuners/{lora,lokr}):
+
+- LoRA (r1 = r2 = 1, any r): one LoraConfig, ranks per module through ``rank_pattern``. The plan's
+  lambda is carried exactly: scalings alpha/sqrt(r*r2) and alpha/sqrt(r) are rsLoRA (lambda =
+  lora_alpha / sqrt(r)) with lora_alpha = alpha; alpha/r is plain LoRA with lora_alpha = alpha; "fixed"
+  gives each module lora_alpha = scale * r through ``alpha_pattern``.
+- LoKr: ONE term kron(w1, w2) per module, w1 = B (m1 x n1), w2 = A (m2 x n2), both shapes fixed by
+  ``factorization(d, decompose_factor)`` with one factor per config. A plan group is expressible when its
+  r is 1 and some factor gives its shapes (cdka_search.export.lokr_shapes); one LoKrConfig is written per
+  distinct factor. PEFT's ``r`` is the rank of w2, and w2 is a full matrix only when r >= max(m2, n2)/2,
+  so each module gets r = max(m2, n2) and alpha = lambda * r (LoKr's scale is alpha / r).
+- Everything else (r > 1 components with r1 or r2 > 1, factor shapes LoKr never builds, LoKr on GPT-2's
+  Conv1D, which PEFT LoKr rejects) is refused with an ExportError naming the groups.
+
+Keys are '^'-anchored, escaped full module names, each checked to match exactly its module under PEFT's
+own matching rules. Output: adapter_config.json, or <adapter_name>/adapter_config.json per config when
+there are several (PEFT's save_pretrained layout for named adapters).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from cdka_search.errors import ExportError
+from cdka_search.export.base import (
+    Export,
+    ExportFile,
+    ExportRow,
+    anchored,
+    check_keys,
+    group_label,
+    note_init_and_dropout,
+    peft_key_matches,
+    peft_target_matches,
+    resolve_modules,
+)
+from cdka_search.export.lokr_shapes import peft_factorization, peft_factors
+
+if TYPE_CHECKING:
+    from cdka_search.candidates import Design
+    from cdka_search.plan import AdapterSettings, Plan
+    from cdka_search.spec.model_spec import ModelSpec
+
+__all__ = ["export_peft", "lora_alpha", "lokr_rank_alpha", "choose_factors"]
+
+RSLORA_SCALINGS = ("alpha/sqrt(r*r2)", "alpha/sqrt(r)")
+
+
+def lora_alpha(settings: "AdapterSettings", design: "Design") -> tuple[bool, float]:
+    """(use_rslora, lora_alpha) giving PEFT LoRA the plan's lambda for a LoRA design (r2 = 1)."""
+    if settings.scaling in RSLORA_SCALINGS:
+        return True, float(settings.alpha)  # alpha / sqrt(r * 1) = alpha / sqrt(r)
+    if settings.scaling == "alpha/r":
+        return False, float(settings.alpha)
+    return False, float(settings.scale) * design.r  # type: ignore[arg-type]  # fixed: alpha / r = scale
+
+
+def lokr_rank_alpha(settings: "AdapterSettings", design: "Design") -> tuple[int, float]:
+    """(r, alpha) for a PEFT LoKr module: r keeps w2 a full matrix, alpha / r equals the plan's lambda."""
+    r = max(design.m2, design.n2)
+    return r, settings.scaling_value(design) * r
+
+
+def choose_factors(options: dict[int, tuple[int, ...]]) -> dict[int, int]:
+    """Group index -> decompose_factor, using as few distinct factors as a greedy cover finds
+    (preferring PEFT's default -1, then the smallest factor)."""
+    left = dict(options)
+    chosen: dict[int, int] = {}
+    while left:
+        counts = Counter(f for fs in left.values() for f in fs)
+        best = max(counts, key=lambda f: (counts[f], f == -1, -f))
+        for i in [i for i, fs in left.items() if best in fs]:
+            chosen[i] = best
+            del left[i]
+    return chosen
+
+
+def _defaults_and_patterns(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The most common value (first seen wins ties) and anchored keys for the modules that differ."""
+    default = Counter(values.values()).most_common(1)[0][0]
+    return default, {anchored(n): v for n, v in values.items() if v != default}
+
+
+def _config(base: dict[str, Any], names: list[str], r: dict[str, int], alpha: dict[str, float], alpha_key: str) -> dict[str, Any]:
+    r0, rank_pattern = _defaults_and_patterns(r)
+    a0, alpha_pattern = _defaults_and_patterns(alpha)
+    return {
+        **base,
+        "target_modules": names,
+        "r": r0,
+        alpha_key: a0,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+    }
+
+
+def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
+    """PEFT configs expressing ``plan`` exactly, or an ExportError naming what PEFT cannot express."""
+    groups, all_names = resolve_modules(plan, spec)
+    settings = plan.adapter
+    refused: list[str] = []
+    lora: dict[str, list[int]] = {}
+    lokr_options: dict[int, tuple[int, ...]] = {}
+    for i, (g, _) in enumerate(groups):
+        d = g.design
+        if d.is_lora:
+            lora.setdefault(g.kind, []).append(i)
+        elif d.r > 1:
+            refused.append(f"{g.modules[0]} (r = {d.r} Kronecker components; PEFT LoKr builds one)")
+        elif g.kind != "linear":
+            refused.append(f"{g.modules[0]} (PEFT LoKr rejects transformers Conv1D)")
+        else:
+            factors = peft_factors(d.m1, d.n1, d.m2, d.n2)
+            if factors:
+                lokr_options[i] = factors
+            else:
+                refused.append(
+                    f"{g.modules[0]} (left {[d.m1, d.n1]}, right {[d.m2, d.n2]}: no decompose_factor makes LoKr build them)"
+                )
+    if refused:
+        raise ExportError(
+            f"PEFT cannot express {len(refused)} group(s) of this plan: {'; '.join(refused)}. Re-plan with "
+            "`cdka plan --family lokr` (single Kronecker terms) or `--family lora`; nothing was written"
+        )
+
+    configs: dict[str, dict[str, Any]] = {}
+    rows: list[ExportRow] = []
+    notes: list[str] = []
+    trainable = 0
+
+    for kind, members in lora.items():
+        name = "lora" if kind == "linear" else "lora_conv1d"
+        rslora = lora_alpha(settings, groups[members[0]][0].design)[0]
+        r, alpha, names = {}, {}, []
+        for i in members:
+            g, modules = groups[i]
+            _, a = lora_alpha(settings, g.design)
+            for n in modules:
+                names.append(n)
+                r[n], alpha[n] = g.design.r, a
+            trainable += g.count * g.design.r * (g.shape[0] + g.shape[1])
+            rows.append(ExportRow(group_label(g), g.count, g.design.label(), name,
+                                  f"r={g.design.r} lora_alpha={a:g}{' rslora' if rslora else ''}"))
+        base = {
+            "peft_type": "LORA", "task_type": None, "lora_dropout": settings.dropout, "bias": "none",
+            "use_rslora": rslora, "fan_in_fan_out": kind == "conv1d", "init_lora_weights": True,
+        }
+        configs[name] = _config(base, names, r, alpha, "lora_alpha")
+
+    factor_of = choose_factors(lokr_options)
+    for f in sorted(set(factor_of.values()), key=lambda f: (f != -1, f)):
+        name = "lokr" if f == -1 else f"lokr_f{f}"
+        r, alpha, names = {}, {}, []
+        for i in sorted(i for i, fi in factor_of.items() if fi == f):
+            g, modules = groups[i]
+            d = g.design
+            assert peft_factorization(g.shape[0], f) == (d.m1, d.m2) and peft_factorization(g.shape[1], f) == (d.n1, d.n2)
+            rk, a = lokr_rank_alpha(settings, d)
+            for n in modules:
+                names.append(n)
+                r[n], alpha[n] = rk, a
+            trainable += g.count * (d.m1 * d.n1 + d.m2 * d.n2)
+            rows.append(ExportRow(group_label(g), g.count, d.label(), name, f"factor={f} r={rk} alpha={a:g}"))
+        base = {
+            "peft_type": "LOKR", "task_type": None, "decompose_factor": f, "decompose_both": False,
+            "rank_dropout": 0.0, "module_dropout": 0.0, "init_weights": True,
+        }
+        configs[name] = _config(base, names, r, alpha, "alpha")
+
+    for name, cfg in configs.items():
+        wanted = {n: n for n in cfg["target_modules"]}
+        check_keys(name, cfg["target_modules"], wanted, all_names, peft_target_matches)
+        for pattern in ("rank_pattern", "alpha_pattern"):
+            keyed = {k: next(n for n in cfg["target_modules"] if anchored(n) == k) for k in cfg[pattern]}
+            check_keys(name, keyed, keyed, all_names, peft_key_matches)
+    if trainable != plan.used_params:  # by construction; a failure is a bug in this module
+        raise ExportError(f"PEFT would train {trainable:,} parameters, the plan {plan.used_params:,}; please report this")
+
+    if lokr_options:
+        note_init_and_dropout(plan, notes, dropout_ok=False, what="PEFT")
+    elif plan.adapter.init != "kaiming-A-zero-B":
+        note_init_and_dropout(plan, notes, dropout_ok=True, what="PEFT")
+    if len(configs) > 1:
+        notes.append(
+            f"{len(configs)} configs ({', '.join(configs)}): load each as a named adapter of one PeftMixedModel "
+            "and activate them all (see docs/ecosystem.md)"
+        )
+    single = len(configs) == 1
+    files = tuple(
+        ExportFile("adapter_config.json" if single else f"{name}/adapter_config.json", json.dumps(cfg, indent=2) + "\n")
+        for name, cfg in configs.items()
+    )
+    return Export("peft", files, tuple(rows), tuple(notes), "peft_adapter", trainable, configs)
