@@ -49,3 +49,9 @@ class ExportError(CdkaError, ValueError):
     """A plan that the chosen export target cannot express."""
 
     exit_code = 8
+
+
+class DataError(CdkaError, ValueError):
+    """A local data file (text or JSONL) that is missing, empty or malformed."""
+
+    exit_code = 9

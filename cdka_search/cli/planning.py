@@ -51,6 +51,10 @@ def plan(
     output: OutputOpt = Path("plan.yaml"),
     fmt: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
     seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo alignment estimate.")] = 0,
+    reference: Annotated[
+        Optional[Path], typer.Option("--reference", help="Reference updates from `cdka probe`: score every module on its own update.")
+    ] = None,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="List every module as its own group.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Choose a component design for every target within a budget and write the plan.
@@ -62,13 +66,23 @@ def plan(
       cdka plan -m gpt2 -b lora:8 --targets attn -o gpt2.yaml
 
       cdka plan -m ./my-model/config.json -b 20M --family lora --format json -o plan.json
+
+      cdka plan -m ./my-llama -b 0.5% --reference grad.safetensors --objective alignment
     """
     from cdka_search.plan import save_plan
     from cdka_search.planner import make_plan
     from cdka_search.render import render
     from cdka_search.views import plan_table
 
-    result = make_plan(_load(model), budget, targets=targets, objective=objective, space=_space(family, r1, r2, r, max_r), seed=seed)
+    updates = None
+    if reference is not None:
+        from cdka_search.alignment.reference import load_reference
+
+        updates = load_reference(reference)
+    result = make_plan(
+        _load(model), budget, targets=targets, objective=objective, space=_space(family, r1, r2, r, max_r),
+        seed=seed, reference=updates, per_layer=per_layer,
+    )
     written = save_plan(result, output or Path("plan.yaml"), fmt)
     render(plan_table(result, written), as_json=as_json)
 

@@ -1,0 +1,62 @@
+"""Reference updates from local checkpoints: checkpoint deltas and accumulated gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cdka_search.alignment.reference import delta_reference, gradient_reference
+from cdka_search.errors import ModelSourceError
+from cdka_search.spec import load_spec
+from cdka_search.targets import select_targets
+from cdka_search.textdata import encode, read_texts, token_batches
+
+Progress = Callable[[int, "int | None"], None]
+
+
+def probe_delta(base: str | Path, finetuned: str | Path, *, targets: str = "all-linear") -> dict[str, torch.Tensor]:
+    """W_finetuned - W_base for every selected target of ``base``, read tensor by tensor."""
+    spec = select_targets(load_spec(str(base)), targets)
+    conv1d = [t.name for t in spec.targets if t.kind == "conv1d"]
+    return delta_reference(base, finetuned, [t.name for t in spec.targets], conv1d_names=conv1d)
+
+
+def load_causal_lm(model_dir: str | Path) -> torch.nn.Module:
+    """A local Hugging Face causal LM from safetensors weights (never pickle, never the hub)."""
+    folder = Path(model_dir)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise ModelSourceError(f"{folder}: no safetensors weights (model.safetensors or its index) to load")
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ModelSourceError("probing gradients needs transformers: pip install 'cdka[hf]'") from None
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"{folder}: cannot load the model ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def probe_gradients(
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    targets: str = "all-linear",
+    batches: int = 8,
+    batch_size: int = 4,
+    seq_len: int = 128,
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """Gradients of the selected target weights, summed over ``batches`` batches of ``data``."""
+    texts = read_texts(data)
+    model = load_causal_lm(model_dir)
+    from cdka_search.spec import spec_from_module
+
+    spec = select_targets(spec_from_module(model, Path(model_dir).name), targets)
+    ids = encode(texts, model_dir, model.config.vocab_size)
+    loader = token_batches(ids, seq_len=seq_len, batch_size=batch_size, limit=batches)
+    conv1d = [t.name for t in spec.targets if t.kind == "conv1d"]
+    return gradient_reference(model, loader, [t.name for t in spec.targets], conv1d_names=conv1d, progress=progress)

@@ -1,0 +1,61 @@
+"""`cdka probe`: write a reference-update file for data-aware planning (torch ring)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cdka_search.cli.common import TargetsOpt, guarded
+from cdka_search.errors import ReferenceFileError
+
+app = typer.Typer()
+
+
+@app.command()
+@guarded
+def probe(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Reference file to write (.safetensors).")] = Path("reference.safetensors"),
+    delta: Annotated[
+        Optional[tuple[Path, Path]], typer.Option("--delta", help="BASE FINETUNED: two .safetensors files or HF folders.")
+    ] = None,
+    grad: Annotated[Optional[Path], typer.Option("--grad", help="A local Hugging Face causal-LM folder.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Local .txt or .jsonl ('text' field) for --grad.")] = None,
+    targets: TargetsOpt = "all-linear",
+    batches: Annotated[int, typer.Option(help="Batches of gradient to accumulate.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 4,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+) -> None:
+    """Measure reference updates (checkpoint deltas or gradients) for `cdka plan --reference`.
+
+    Examples:
+
+      cdka probe --delta base/ finetuned/ -o delta.safetensors
+
+      cdka probe --grad ./my-llama --data train.jsonl --batches 16 -o grad.safetensors
+
+      cdka plan -m ./my-llama -b 0.5% --reference grad.safetensors
+    """
+    from cdka_search.alignment.probe import probe_delta, probe_gradients
+    from cdka_search.alignment.reference import save_reference
+
+    if (delta is None) == (grad is None):
+        raise ReferenceFileError("give exactly one of --delta BASE FINETUNED or --grad MODEL_DIR --data FILE")
+    if delta is not None:
+        tensors, kind = probe_delta(*delta, targets=targets), "delta"
+    else:
+        if data is None:
+            raise ReferenceFileError("--grad needs --data FILE (a local .txt or .jsonl)")
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("gradients", total=batches)
+            tensors = probe_gradients(
+                grad, data, targets=targets, batches=batches, batch_size=batch_size, seq_len=seq_len,
+                progress=lambda i, n: bar.update(task, completed=i, total=n or batches),
+            )
+        kind = "gradient"
+    written = save_reference(tensors, output, kind)
+    energy = sum(float(t.double().pow(2).sum()) for t in tensors.values())
+    typer.echo(f"{written}: {kind} reference for {len(tensors)} modules (total energy {energy:.4g})")

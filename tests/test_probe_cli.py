@@ -1,0 +1,85 @@
+"""`cdka probe` and `cdka plan --reference` end to end on a tiny local Llama (nothing downloaded)."""
+
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny LlamaForCausalLM saved twice: base and a 'fine-tuned' copy with perturbed weights."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64
+    )
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(root / "base")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.add_(torch.ones(32, 48))
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+    model.save_pretrained(root / "tuned")
+    (root / "train.txt").write_text("the cat sat on the mat.\n\n" * 40)
+    return root
+
+
+def test_delta_probe_then_per_layer_plan(cli, tiny, tmp_path):
+    ref = tmp_path / "delta.safetensors"
+    result = cli("probe", "--delta", str(tiny / "base"), str(tiny / "tuned"), "-o", str(ref))
+    assert result.exit_code == 0, result.output
+    assert "delta reference for 14 modules" in result.stdout
+    plan_file = tmp_path / "plan.yaml"
+    planned = cli("plan", "-m", str(tiny / "base"), "-b", "2000", "--reference", str(ref), "--objective", "alignment", "-o", str(plan_file))
+    assert planned.exit_code == 0, planned.output
+    groups = yaml.safe_load(plan_file.read_text())["groups"]
+    assert len(groups) == 14 and all(g["count"] == 1 for g in groups)  # per layer
+    by_name = {g["modules"]: g for g in groups}
+    # the all-ones update of down_proj is rank 1 and carries almost all energy: it is kept whole
+    down = by_name["model.layers.1.mlp.down_proj"]
+    assert down["scores"]["alignment"] == pytest.approx(1.0, abs=1e-4)
+    assert down["params_each"] >= max(g["params_each"] for g in groups if g["modules"].endswith("down_proj"))
+
+
+def test_gradient_probe(cli, tiny, tmp_path):
+    ref = tmp_path / "grad.safetensors"
+    result = cli("probe", "--grad", str(tiny / "base"), "--data", str(tiny / "train.txt"), "--batches", "2", "--seq-len", "16", "-o", str(ref))
+    assert result.exit_code == 0, result.output
+    from cdka_search.alignment.reference import load_reference
+
+    grads = load_reference(ref)
+    assert grads["model.layers.0.mlp.gate_proj"].shape == (48, 32)
+    assert all(float(g.abs().sum()) > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--grad", "{base}", "--data", "{root}/missing.txt"], 9, "no such data file"),
+        (["--grad", "{root}", "--data", "{root}/train.txt"], 3, "not a Hugging Face model folder"),
+        (["--grad", "{base}"], 6, "--grad needs --data"),
+        ([], 6, "exactly one of"),
+        (["--delta", "{base}", "{root}/train.txt"], 6, "not a readable safetensors"),
+    ],
+)
+def test_probe_bad_inputs(cli, tiny, tmp_path, args, code, message):
+    out = tmp_path / "ref.safetensors"
+    filled = [a.format(base=tiny / "base", root=tiny) for a in args]
+    result = cli("probe", *filled, "-o", str(out))
+    assert result.exit_code == code, result.output
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert not out.exists()
+
+
+def test_weightless_folder_and_corrupt_reference(cli, tiny, tmp_path):
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny / "base" / "config.json").read_text())
+    result = cli("probe", "--grad", str(folder), "--data", str(tiny / "train.txt"), "-o", str(tmp_path / "r.safetensors"))
+    assert result.exit_code == 3 and "no safetensors weights" in result.stderr
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    planned = cli("plan", "-m", str(tiny / "base"), "-b", "2000", "--reference", str(bad), "-o", str(tmp_path / "p.yaml"))
+    assert planned.exit_code == 6 and "not a readable safetensors" in planned.stderr
+    assert not (tmp_path / "p.yaml").exists()
