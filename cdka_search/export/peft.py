@@ -133,7 +133,7 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
     trainable = 0
 
     for kind, members in lora.items():
-        name = "lora" if kind == "linear" else "lora_conv1d"
+        name = "cdka_lora" if kind == "linear" else "cdka_lora_conv1d"
         rslora = lora_alpha(settings, groups[members[0]][0].design)[0]
         r, alpha, names = {}, {}, []
         for i in members:
@@ -153,7 +153,7 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
 
     factor_of = choose_factors(lokr_options)
     for f in sorted(set(factor_of.values()), key=lambda f: (f != -1, f)):
-        name = "lokr" if f == -1 else f"lokr_f{f}"
+        name = "cdka_lokr" if f == -1 else f"cdka_lokr_f{f}"  # not "lokr": PEFT warns when a name is in its "lokr_" prefix
         r, alpha, names = {}, {}, []
         for i in sorted(i for i, fi in factor_of.items() if fi == f):
             g, modules = groups[i]
