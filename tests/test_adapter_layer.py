@@ -128,6 +128,22 @@ def test_low_precision_base_keeps_float32_adapter():
     assert layer.cdka_B.grad.dtype == torch.float32 and layer.cdka_B.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("contraction", ["A-first", "B-first"])
+def test_autocast_keeps_adapter_dtype(contraction):
+    torch.manual_seed(0)
+    layer = CdkaLinear(nn.Linear(32, 16), m1=8, n1=8, m2=2, n2=4, r=4, contraction=contraction)
+    with torch.no_grad():
+        layer.cdka_B.normal_()
+    x = torch.randn(3, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16  # the base matmul ran in bf16
+    out.float().sum().backward()
+    assert layer.cdka_B.grad.dtype == torch.float32 and x.grad is not None
+    expected = layer.base_layer(x).float() + x @ layer.delta_weight().T
+    assert torch.allclose(out.float(), expected, rtol=2e-2, atol=5e-2)
+
+
 def test_default_init_kaiming_a_zero_b_and_output_unchanged():
     torch.manual_seed(0)
     base = nn.Linear(64, 24)

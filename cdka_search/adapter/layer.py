@@ -344,14 +344,25 @@ class CdkaLinear(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return out
+        return self.add_delta(out, x)
+
+    def add_delta(self, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``base_out + lambda * sum_i (B_i (x) A_i) x``: the adapter half of :meth:`forward`.
+
+        ``x`` is cast to the adapter dtype (and passed through dropout); the result has ``base_out``'s
+        dtype and shape. Exposed so that benchmarks can time the adapter without the base matmul.
+        """
         lead = x.shape[:-1]
         xa = self.dropout(x.to(self.cdka_A.dtype)).reshape(-1, self.d_in)
-        base2 = out.reshape(-1, self.d_out)
-        if self._order() == "A-first":
-            y = _CdkaDelta.apply(base2, xa, self.cdka_A, self.cdka_B, self.scaling)
-        else:
-            delta = _delta_b_first(xa, self.cdka_A, self.cdka_B) * self.scaling
-            y = base2 + delta.to(out.dtype)
+        base2 = base_out.reshape(-1, self.d_out)
+        # The adapter keeps its own dtype under autocast too (the products would otherwise run in the
+        # autocast dtype in forward and in the adapter dtype in backward).
+        with torch.autocast(device_type=xa.device.type, enabled=False):
+            if self._order() == "A-first":
+                y = _CdkaDelta.apply(base2, xa, self.cdka_A, self.cdka_B, self.scaling)
+            else:
+                delta = _delta_b_first(xa, self.cdka_A, self.cdka_B) * self.scaling
+                y = base2 + delta.to(base_out.dtype)
         return y.reshape(*lead, self.d_out)
 
     # merging ------------------------------------------------------------------------------------------
