@@ -1,0 +1,313 @@
+"""Recipes: ready, validated YAML settings for a model (targets, budget, objective, sweep space, training).
+
+A recipe lives at ``recipes/<family>/<size>_<purpose>.yaml`` and is named by that path without the
+suffix (``llama2/7B_cdka_lora8``). Schema (version 1)::
+
+    cdka_recipe: 1
+    description: one line                  # what the recipe is for
+    model: llama-2-7b                      # preset, alias, or a local folder / config.json
+    targets: all-linear                    # all-linear, attn, mlp, or comma-separated names/globs
+    budget: lora:8                         # "0.5%", "20M", "lora:8", ...
+    objective: balanced                    # balanced, capacity, alignment
+    family: cdka                           # cdka, lora, lokr
+    max_r: 64
+    adapter: {alpha, scaling, dropout, init, dtype}          # the plan's adapter block
+    sweep: {trials, steps, task, top_k, lr: [lo, hi], alpha: [choices], seed}
+    train: {optimizer, lr, weight_decay, warmup_ratio, scheduler, epochs, batch_size, max_length, source}
+
+Every key is optional except ``cdka_recipe`` and ``model``; defaults live in the dataclasses below.
+Unknown keys are errors naming the allowed keys and the nearest one. Recipes are found in the source
+checkout's top-level ``recipes/`` folder or, in an installed wheel, in the package data
+``cdka_search/recipes/``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from cdka_search.candidates import FAMILIES, CandidateSpace
+from cdka_search.errors import PlanError
+from cdka_search.plan import AdapterSettings
+
+__all__ = [
+    "RECIPE_SCHEMA_VERSION",
+    "Recipe",
+    "RecipeError",
+    "SweepSettings",
+    "TrainSettings",
+    "list_recipes",
+    "load_recipe",
+    "recipe_path",
+    "recipes_root",
+]
+
+RECIPE_SCHEMA_VERSION = 1
+SCHEDULERS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw",)
+_SUFFIX = ".yaml"
+
+
+class RecipeError(PlanError):
+    """A recipe that is missing, malformed or inconsistent (a document error, exit code as PlanError)."""
+
+
+def _reject_unknown(data: Mapping[str, Any], cls: type, where: str, extra: tuple[str, ...] = ()) -> None:
+    allowed = [*extra, *(f.name for f in fields(cls) if f.init and f.name not in ("name", "path"))]
+    for key in data:
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise RecipeError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _number(value: Any, where: str, *, low: float = 0.0, strict: bool = True, integer: bool = False) -> Any:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise RecipeError(f"{where}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+    if value < low or (strict and value == low):
+        raise RecipeError(f"{where}: must be {'above' if strict else 'at least'} {low:g}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The sweep's defaults: ``trials`` Optuna trials of ``steps`` training steps on ``task`` (proxy or
+    lm), ``top_k`` design families per group, the learning rate searched log-uniformly in ``lr`` and
+    the adapter alpha among ``alpha``."""
+
+    trials: int = 40
+    steps: int = 200
+    task: str = "proxy"
+    top_k: int = 6
+    lr: tuple[float, float] = (5e-5, 1e-3)
+    alpha: tuple[float, ...] = (16.0, 32.0, 64.0, 128.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("trials", "steps", "top_k"):
+            _number(getattr(self, name), f"sweep.{name}", integer=True)
+        _number(self.seed, "sweep.seed", strict=False, integer=True)
+        try:
+            from cdka_search.sweep.tasks import task_names
+
+            tasks = task_names()
+        except ImportError:  # the sweep ring is optional; keep recipes loadable without it
+            tasks = ("proxy", "lm")
+        if self.task not in tasks:
+            raise RecipeError(f"sweep.task {self.task!r} is not one of {', '.join(tasks)}")
+        if len(self.lr) != 2 or not 0 < _number(self.lr[0], "sweep.lr[0]") < _number(self.lr[1], "sweep.lr[1]"):
+            raise RecipeError(f"sweep.lr must be [low, high] with 0 < low < high, got {list(self.lr)}")
+        if not self.alpha:
+            raise RecipeError("sweep.alpha must list at least one value")
+        for i, a in enumerate(self.alpha):
+            _number(a, f"sweep.alpha[{i}]")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SweepSettings":
+        data = dict(_mapping(data, "sweep"))
+        _reject_unknown(data, cls, "sweep")
+        for key in ("lr", "alpha"):
+            if key in data:
+                if not isinstance(data[key], list):
+                    raise RecipeError(f"sweep.{key}: expected a list, got {data[key]!r}")
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Training defaults. Unless ``source`` says otherwise they are the paper's reference recipe
+    (cdka-notes.md section 3): AdamW, lr 2e-4, weight decay 5e-4, 3 % warm-up, cosine, 1 epoch,
+    effective batch 32, max length 1024."""
+
+    optimizer: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 5e-4
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    epochs: float = 1
+    batch_size: int = 32
+    max_length: int = 1024
+    source: str = "CDKA reference code (cdka-notes.md section 3)"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise RecipeError(f"train.optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise RecipeError(f"train.scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        _number(self.lr, "train.lr")
+        _number(self.weight_decay, "train.weight_decay", strict=False)
+        _number(self.warmup_ratio, "train.warmup_ratio", strict=False)
+        if self.warmup_ratio >= 1:
+            raise RecipeError(f"train.warmup_ratio is a fraction of training, below 1; got {self.warmup_ratio}")
+        _number(self.epochs, "train.epochs")
+        _number(self.batch_size, "train.batch_size", integer=True)
+        _number(self.max_length, "train.max_length", integer=True)
+        if not isinstance(self.source, str) or not self.source:
+            raise RecipeError("train.source: say where the values come from")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "TrainSettings":
+        data = _mapping(data, "train")
+        _reject_unknown(data, cls, "train")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. ``name`` is its path under recipes/ without .yaml (or the file's stem)."""
+
+    model: str
+    description: str = ""
+    targets: str = "all-linear"
+    budget: str = "0.5%"
+    objective: str = "balanced"
+    family: str = "cdka"
+    max_r: int = 64
+    adapter: AdapterSettings = AdapterSettings()
+    sweep: SweepSettings = SweepSettings()
+    train: TrainSettings = TrainSettings()
+    name: str = ""
+    path: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        from cdka_search.scoring import OBJECTIVES
+
+        for key in ("model", "targets", "budget"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key).strip():
+                raise RecipeError(f"{key}: expected a non-empty string, got {getattr(self, key)!r}")
+        if self.objective not in OBJECTIVES:
+            raise RecipeError(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.family not in FAMILIES:
+            raise RecipeError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        _number(self.max_r, "max_r", integer=True)
+
+    @classmethod
+    def from_dict(cls, data: Any, name: str = "", path: Path | None = None) -> "Recipe":
+        where = f"recipe {name}" if name else "recipe"
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{where}: expected a mapping with a 'cdka_recipe' version key")
+        try:
+            _reject_unknown(data, cls, "recipe", extra=("cdka_recipe",))
+            if data.get("cdka_recipe") != RECIPE_SCHEMA_VERSION:
+                raise RecipeError(
+                    f"'cdka_recipe' is {data.get('cdka_recipe')!r}; this cdka reads recipe schema {RECIPE_SCHEMA_VERSION}"
+                )
+            if "model" not in data:
+                raise RecipeError("missing key 'model'")
+            values = {k: v for k, v in data.items() if k not in ("cdka_recipe", "adapter", "sweep", "train")}
+            if isinstance(values.get("budget"), (int, float)) and not isinstance(values["budget"], bool):
+                values["budget"] = f"{values['budget']:g}" if isinstance(values["budget"], float) else str(values["budget"])
+            try:
+                adapter = AdapterSettings.from_dict(_mapping(data.get("adapter"), "adapter"))
+            except PlanError as exc:
+                raise RecipeError(str(exc)) from None
+            return cls(
+                **values,
+                adapter=adapter,
+                sweep=SweepSettings.from_dict(data.get("sweep")),
+                train=TrainSettings.from_dict(data.get("train")),
+                name=name,
+                path=path,
+            )
+        except TypeError as exc:  # a wrong type reached a dataclass
+            raise RecipeError(f"{where}: {exc}") from None
+        except RecipeError as exc:
+            raise RecipeError(f"{where}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cdka_recipe": RECIPE_SCHEMA_VERSION,
+            "description": self.description,
+            "model": self.model,
+            "targets": self.targets,
+            "budget": self.budget,
+            "objective": self.objective,
+            "family": self.family,
+            "max_r": self.max_r,
+            "adapter": self.adapter.to_dict(),
+            "sweep": self.sweep.to_dict(),
+            "train": self.train.to_dict(),
+        }
+
+    def space(self) -> CandidateSpace:
+        return CandidateSpace(max_r=self.max_r, family=self.family)
+
+    def plan_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``make_plan`` (after the spec): make_plan(load_spec(r.model), **r.plan_kwargs())."""
+        return {
+            "budget": self.budget,
+            "targets": self.targets,
+            "objective": self.objective,
+            "space": self.space(),
+            "adapter": self.adapter,
+        }
+
+
+def recipes_root() -> Path:
+    """The folder holding the recipes: the package data of an installed wheel, else the source tree's."""
+    packaged = resources.files("cdka_search") / "recipes"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    source = Path(__file__).resolve().parent.parent / "recipes"
+    if source.is_dir():
+        return source
+    raise RecipeError("no recipes folder found (neither cdka_search/recipes in the package nor recipes/ in the source tree)")
+
+
+def list_recipes(root: Path | None = None) -> list[str]:
+    """Every recipe name (``family/size_purpose``), sorted."""
+    base = root or recipes_root()
+    return sorted(p.relative_to(base).with_suffix("").as_posix() for p in base.rglob(f"*{_SUFFIX}") if p.is_file())
+
+
+def recipe_path(name: str, root: Path | None = None) -> Path:
+    """The file of a recipe given by name (``llama2/7B_cdka_lora8``) or as a path to a YAML file."""
+    given = Path(name).expanduser()
+    if given.suffix in (_SUFFIX, ".yml") and given.is_file():
+        return given
+    base = root or recipes_root()
+    key = name.strip().removesuffix(_SUFFIX)
+    candidate = base / f"{key}{_SUFFIX}"
+    if key and candidate.is_file():
+        return candidate
+    names = list_recipes(base)
+    near = difflib.get_close_matches(key, names, n=1, cutoff=0.3)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise RecipeError(f"no recipe {name!r}{hint}; known recipes: {', '.join(names)} (see `cdka recipes list`)")
+
+
+def load_recipe(name: str | Path, root: Path | None = None) -> Recipe:
+    """Read and validate a recipe by name or path (safe YAML only)."""
+    import yaml
+
+    file = recipe_path(str(name), root)
+    base = root or (recipes_root() if not Path(str(name)).expanduser().is_file() else None)
+    label = file.relative_to(base).with_suffix("").as_posix() if base and file.is_relative_to(base) else file.stem
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise RecipeError(f"{file}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{file}: cannot read ({exc.__class__.__name__})") from None
+    return Recipe.from_dict(data, label, file)
