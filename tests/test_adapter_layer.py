@@ -32,7 +32,7 @@ def reference_weight(layer: CdkaLinear) -> torch.Tensor:
 
 
 # (d_out, d_in, r1, r2, r): LoRA (r1 = r2 = 1), single Kronecker (r = 1), the paper's (2, 8, 4) and
-# (2, 2, 8), non-square factors, r1 > 4 (second product on the strided path), odd sizes.
+# (2, 2, 8), non-square factors, r1 > 4 or r*r1*r2 > 256 (second product on the strided path), odd sizes.
 DESIGNS = [
     (24, 48, 1, 1, 3),
     (24, 48, 2, 8, 4),
@@ -43,6 +43,7 @@ DESIGNS = [
     (35, 21, 7, 3, 2),
     (16, 16, 16, 16, 2),
     (12, 18, 4, 1, 5),
+    (24, 64, 2, 32, 5),  # r * r1 * r2 = 320 > EXPAND_MAX_ROWS: strided path with a small r1
 ]
 
 

@@ -65,7 +65,10 @@ def read_adapter(path: str | Path) -> tuple["Plan", dict[str, torch.Tensor]]:
     if metadata.get("format") != FORMAT or "cdka_plan" not in metadata:
         raise PlanError(f"{file}: not a cdka adapter (no cdka_plan in its metadata); save one with save_adapter")
     if metadata.get("cdka_adapter") != FORMAT_VERSION:
-        raise PlanError(f"{file}: adapter format {metadata.get('cdka_adapter')!r} is not supported (this cdka reads {FORMAT_VERSION})")
+        raise PlanError(
+            f"{file}: adapter format {metadata.get('cdka_adapter')!r} is not supported "
+            f"(this cdka reads {FORMAT_VERSION})"
+        )
     try:
         plan = Plan.from_dict(json.loads(metadata["cdka_plan"]))
     except json.JSONDecodeError:

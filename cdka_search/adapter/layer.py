@@ -84,8 +84,11 @@ def scaling_value(scaling: str, alpha: float, r: int, r2: int, scale: float | No
     raise PlanError(f"unknown scaling {scaling!r}: allowed are {', '.join(SCALINGS)}")
 
 
-#: Largest m2 (= r1) for which the second product runs as one dense GEMM against kron(B', I_m2).
+#: The second product runs as one dense GEMM against kron(B', I_m2) when m2 (= r1) <= EXPAND_MAX_M2 and
+#: that matrix has at most EXPAND_MAX_ROWS rows (r * r1 * r2): it stays small next to dW and the GEMM stays
+#: memory-bound, so spending m2 times the multiply-adds is cheaper than strided passes over the output.
 EXPAND_MAX_M2 = 4
+EXPAND_MAX_ROWS = 256
 
 
 class _CdkaDelta(torch.autograd.Function):
@@ -95,10 +98,11 @@ class _CdkaDelta(torch.autograd.Function):
     First product: t = x.reshape(N*n1, n2) @ A.reshape(r*m2, n2).T, read as t[n, (q, i), a].
     Second product, Y[n, p, a] = sum_k B'[p, k] t[n, k, a] with B'[p, (q, i)] = B[i, p, q]:
 
-    - m2 <= EXPAND_MAX_M2: one GEMM (N, K*m2) @ kron(B'^T, I_m2) (K*m2, d_out), fused with the addition
-      (addmm). It spends m2 times the multiply-adds of the second product but writes the output in its
-      final layout, so no strided pass over (N, d_out) is needed (measured faster for m2 <= 4 on CPU).
-    - larger m2: (N*m2, K) @ B'^T gives Y in (n, a, p) layout; the addition reads it transposed, and the
+    - m2 <= EXPAND_MAX_M2 and K*m2 <= EXPAND_MAX_ROWS: one GEMM (N, K*m2) @ kron(B'^T, I_m2) of shape
+      (K*m2, d_out), fused with the addition (addmm). It spends m2 times the multiply-adds of the second
+      product but writes the output in its final layout, so no strided pass over (N, d_out) is needed
+      (measured faster for m2 <= 4 on CPU).
+    - otherwise: (N*m2, K) @ B'^T gives Y in (n, a, p) layout; the addition reads it transposed, and the
       gradient is transposed by the scaling multiplication, so no pass is spent on a bare copy.
     """
 
@@ -110,7 +114,7 @@ class _CdkaDelta(torch.autograd.Function):
         n, k = x.shape[0], n1 * r
         t = x.reshape(n * n1, n2) @ A.reshape(r * m2, n2).T                 # t[(n, q), (i, a)]
         bq = B.permute(1, 2, 0).reshape(m1, k)                              # B'[p, (q, i)] = B[i, p, q]
-        ctx.lam, ctx.expand = lam, m2 <= EXPAND_MAX_M2
+        ctx.lam, ctx.expand = lam, m2 <= EXPAND_MAX_M2 and k * m2 <= EXPAND_MAX_ROWS
         if ctx.expand:
             t = t.view(n, k * m2)
             expanded = bq.T.contiguous()                                    # (K*m2, d_out)

@@ -14,7 +14,15 @@ from cdka_search.errors import PlanError
 if TYPE_CHECKING:
     from cdka_search.plan import Plan, PlanGroup
 
-__all__ = ["ApplySummary", "adapter_modules", "apply_plan", "merge_adapters", "unmerge_adapters", "applied_plan", "PLAN_ATTRIBUTE"]
+__all__ = [
+    "PLAN_ATTRIBUTE",
+    "ApplySummary",
+    "adapter_modules",
+    "applied_plan",
+    "apply_plan",
+    "merge_adapters",
+    "unmerge_adapters",
+]
 
 #: Attribute under which apply_plan leaves the plan it applied (with overrides folded in) on the model.
 PLAN_ATTRIBUTE = "cdka_plan"
@@ -100,10 +108,8 @@ def apply_plan(
     left on the model as ``model.cdka_plan`` for :func:`save_adapter`. ``gradients`` maps module names to
     dL/dW in (d_out, d_in) orientation and is required when the plan's init is ``gradient-aligned``.
     """
-    changes: dict[str, Any] = {
-        k: v for k, v in {"alpha": alpha, "scaling": scaling, "scale": scale, "dropout": dropout, "dtype": dtype}.items()
-        if v is not None
-    }
+    overrides = {"alpha": alpha, "scaling": scaling, "scale": scale, "dropout": dropout, "dtype": dtype}
+    changes: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     if changes:
         try:
             plan = plan.with_adapter(**changes)
