@@ -6,6 +6,7 @@ R(M) (Eckart-Young), so the kept share is sum_{j<=r} sigma_j(R(M))^2 / ||M||_F^2
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -57,9 +58,11 @@ def topr_energies(
     otherwise one randomized block Krylov run (see _krylov_sigma_sq). The result is clamped to
     [0, 1] and non-decreasing; a zero M gives zeros. bf16/fp16 inputs are upcast to `dtype`.
     """
-    work = _checked_input(M, r_max, dtype)
+    work, norm_sq = _checked_input(M, r_max, dtype)
     R = rearrange(work, m1, n1, m2, n2)
-    return _energies(R, r_max, oversample=oversample, power_iters=power_iters, seed=seed, tol=tol)
+    return _energies(
+        R, norm_sq, r_max, oversample=oversample, power_iters=power_iters, seed=seed, tol=tol
+    )
 
 
 def alignment_table(
@@ -83,38 +86,43 @@ def alignment_table(
     d_out, d_in = M.shape
     wanted = divisor_pairs(d_out, d_in) if pairs is None else [tuple(p) for p in pairs]
     sizes = {p: factor_sizes(d_out, d_in, *p) for p in wanted}  # validate all before any work
-    work = _checked_input(M, r_max, dtype)
+    work, norm_sq = _checked_input(M, r_max, dtype)
     return {
         pair: _energies(
-            rearrange(work, *shape), r_max,
+            rearrange(work, *shape), norm_sq, r_max,
             oversample=oversample, power_iters=power_iters, seed=seed, tol=tol,
         ).tolist()
         for pair, shape in sizes.items()
     }
 
 
-def _checked_input(M: torch.Tensor, r_max: int, dtype: torch.dtype) -> torch.Tensor:
-    """M upcast to dtype, after checking r_max, dtype and that every entry is finite."""
+def _checked_input(M: torch.Tensor, r_max: int, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """M upcast to dtype and ||M||_F^2, after checking r_max, dtype and that the norm is finite.
+
+    R(M) only permutes entries, so this one norm serves every pair.
+    """
     if r_max < 1:
         raise TargetError(f"r_max must be at least 1, got {r_max}")
     if dtype not in (torch.float32, torch.float64):
         raise TargetError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     work = M.to(dtype)
-    if not torch.isfinite(work).all():
+    norm_sq = torch.linalg.vector_norm(work).item() ** 2  # inf or nan entries make it non-finite
+    if not math.isfinite(norm_sq):
         raise ReferenceFileError(
-            f"matrix of shape {tuple(M.shape)} has inf or nan entries; check the reference it came from"
+            f"matrix of shape {tuple(M.shape)} has inf or nan entries (or overflows {dtype}); "
+            "check the reference it came from"
         )
-    return work
+    return work, norm_sq
 
 
 def _energies(
-    R: torch.Tensor, r_max: int, *, oversample: int, power_iters: int, seed: int, tol: float
+    R: torch.Tensor, norm_sq: float, r_max: int, *,
+    oversample: int, power_iters: int, seed: int, tol: float,
 ) -> torch.Tensor:
     if R.shape[0] > R.shape[1]:
         R = R.T  # keep the Krylov basis on the small side; singular values are unchanged
     small = R.shape[0]
     k = min(r_max + oversample, small)
-    norm_sq = torch.linalg.vector_norm(R, dtype=torch.float64).square()
     if norm_sq == 0:
         return torch.zeros(r_max, dtype=torch.float64)
     if small <= 2 * (power_iters + 1) * k:
@@ -128,35 +136,40 @@ def _energies(
 
 
 def _krylov_sigma_sq(
-    R: torch.Tensor, r_max: int, k: int, power_iters: int, seed: int, tol: float,
-    norm_sq: torch.Tensor,
+    R: torch.Tensor, r_max: int, k: int, power_iters: int, seed: int, tol: float, norm_sq: float
 ) -> torch.Tensor:
     """Top squared singular values of R (rows <= cols) by randomized block Krylov iteration.
 
     Halko-Martinsson-Tropp range finder with power iterations, except that every block is kept
     (Musco and Musco 2015): the Ritz values of span{R W, (R R^T) R W, ...} converge much faster
     than those of the last block alone on flat spectra. The basis K is kept orthonormal, so the
-    Ritz values, eigenvalues of (R^T K)^T (R^T K), are lower bounds of the true sigma_j^2. Stops
-    early when the top-r_max energies move by less than tol between two steps.
+    Ritz values, eigenvalues of H = (R^T K)^T (R^T K), are lower bounds of the true sigma_j^2.
+    Stops early when the top-r_max energies move by less than tol between two steps.
     """
     gen = torch.Generator(device=R.device).manual_seed(seed)
     sketch = torch.randn(R.shape[1], k, generator=gen, dtype=R.dtype, device=R.device)
     block = _orthonormal(R @ sketch, None)
-    basis: list[torch.Tensor] = []
-    images: list[torch.Tensor] = []  # R^T @ block, one per block
+    basis = block
+    images = R.T @ block  # R^T K, grown one block of columns per step
+    H = (images.T @ images).double()
     previous = None
     for step in range(power_iters + 1):
-        basis.append(block)
-        images.append(R.T @ block)
-        Z = torch.cat(images, dim=1).double()
-        ritz = torch.linalg.eigvalsh(Z.T @ Z).flip(0)[:r_max]
+        ritz = torch.linalg.eigvalsh(H).flip(0)[:r_max]
         energies = ritz.clamp(min=0).cumsum(0) / norm_sq
-        if previous is not None and (energies - previous).abs().max() < tol:
+        if step == power_iters or (previous is not None and (energies - previous).abs().max() < tol):
             break
         previous = energies
-        if step == power_iters:
-            break
-        block = _orthonormal(R @ torch.linalg.qr(images[-1]).Q, torch.cat(basis, dim=1))
+        # Whiten the last image block from its diagonal block of H (cheaper than a QR of the
+        # tall image) so that R @ image does not lose its small directions to rounding.
+        weights, vectors = torch.linalg.eigh(H[-block.shape[1]:, -block.shape[1]:])
+        keep = weights > weights[-1] * 1e-12
+        whiten = (vectors[:, keep] / weights[keep].sqrt()).to(R.dtype)
+        block = _orthonormal(R @ (images[:, -block.shape[1]:] @ whiten), basis)
+        image = R.T @ block
+        cross = (images.T @ image).double()
+        H = torch.cat([torch.cat([H, cross], 1), torch.cat([cross.T, (image.T @ image).double()], 1)])
+        basis = torch.cat([basis, block], 1)
+        images = torch.cat([images, image], 1)
     return ritz
 
 
