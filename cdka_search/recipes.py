@@ -26,7 +26,6 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field, fields
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -265,9 +264,9 @@ class Recipe:
 
 def recipes_root() -> Path:
     """The folder holding the recipes: the package data of an installed wheel, else the source tree's."""
-    packaged = resources.files("cdka_search") / "recipes"
+    packaged = Path(__file__).resolve().parent / "recipes"  # wheels install package data on disk
     if packaged.is_dir():
-        return Path(str(packaged))
+        return packaged
     source = Path(__file__).resolve().parent.parent / "recipes"
     if source.is_dir():
         return source
@@ -301,8 +300,12 @@ def load_recipe(name: str | Path, root: Path | None = None) -> Recipe:
     import yaml
 
     file = recipe_path(str(name), root)
-    base = root or (recipes_root() if not Path(str(name)).expanduser().is_file() else None)
-    label = file.relative_to(base).with_suffix("").as_posix() if base and file.is_relative_to(base) else file.stem
+    try:
+        base = (root or recipes_root()).resolve()
+    except RecipeError:
+        base = None
+    full = file.resolve()
+    label = full.relative_to(base).with_suffix("").as_posix() if base and full.is_relative_to(base) else file.stem
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -103,7 +103,7 @@ def test_refuses_components_and_conv1d_and_writes_nothing(tmp_path):
     plan = Plan("tiny", "module", 10**6, "1%", 10**5, (group, conv))
     with pytest.raises(ExportError) as info:
         write_export(export_plan(plan, "lycoris"), out_dir=tmp_path / "out")
-    assert "q_proj (r = 3" in str(info.value) and "c_attn (transformers Conv1D" in str(info.value)
+    assert "q_proj (r = 3)" in str(info.value) and "Conv1D (LyCORIS does not adapt it): transformer.h.0.attn.c_attn" in str(info.value)
     assert not (tmp_path / "out").exists()
 
 

@@ -137,7 +137,7 @@ def test_refuses_what_peft_cannot_express_and_writes_nothing(tmp_path):
     with pytest.raises(ExportError) as info:
         write_export(export_plan(plan, "peft", spec), out_dir=tmp_path / "out")
     message = str(info.value)
-    assert "model.layers.*.self_attn.q_proj" in message and "r = 2" in message
+    assert "model.layers.*.self_attn.q_proj (r = 2)" in message and "r > 1 Kronecker components" in message
     assert not (tmp_path / "out").exists()
 
 
@@ -150,7 +150,7 @@ def test_refuses_factor_shapes_lokr_never_builds():
     assert peft_factors(4, 16, 8, 2) == ()
     group = PlanGroup(("model.layers.0.self_attn.q_proj",), (32, 32), 1, Design(4, 16, 8, 2, 1))
     plan = Plan("tiny", "module", 10**6, "1%", 10**5, (group,))
-    with pytest.raises(ExportError, match="no decompose_factor"):
+    with pytest.raises(ExportError, match="no decompose_factor builds"):
         export_plan(plan, "peft")
 
 

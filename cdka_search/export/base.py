@@ -115,6 +115,16 @@ def check_keys(config_name: str, keys: Iterable[str], wanted: dict[str, str], al
             )
 
 
+def refusal(tool: str, refused: dict[str, list[str]]) -> ExportError:
+    """One error naming every group the tool cannot express, grouped by reason."""
+    count = sum(len(v) for v in refused.values())
+    parts = [f"{reason}: {', '.join(groups)}" for reason, groups in refused.items()]
+    return ExportError(
+        f"{tool} cannot express {count} group(s) of this plan; {'; '.join(parts)}. Re-plan with "
+        "`cdka plan --family lokr` (single Kronecker terms) or `--family lora`; nothing was written"
+    )
+
+
 def note_init_and_dropout(plan: "Plan", notes: list[str], *, dropout_ok: bool, what: str) -> None:
     """Notes shared by the exporters on settings the target sets its own way."""
     if plan.adapter.init != "kaiming-A-zero-B":

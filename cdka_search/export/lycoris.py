@@ -24,7 +24,16 @@ import fnmatch
 from typing import TYPE_CHECKING, Any
 
 from cdka_search.errors import ExportError
-from cdka_search.export.base import Export, ExportFile, ExportRow, check_keys, group_label, note_init_and_dropout, resolve_modules
+from cdka_search.export.base import (
+    Export,
+    ExportFile,
+    ExportRow,
+    check_keys,
+    group_label,
+    note_init_and_dropout,
+    refusal,
+    resolve_modules,
+)
 from cdka_search.export.lokr_shapes import lycoris_factors
 
 if TYPE_CHECKING:
@@ -48,27 +57,26 @@ def export_lycoris(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
         raise ExportError("the LyCORIS export writes TOML with tomli-w: pip install 'cdka[export]'") from None
     groups, all_names = resolve_modules(plan, spec)
     settings = plan.adapter
-    refused: list[str] = []
+    refused: dict[str, list[str]] = {}
     factor_of: dict[int, int] = {}
     for i, (g, _) in enumerate(groups):
         d = g.design
         if g.kind != "linear":
-            refused.append(f"{g.modules[0]} (transformers Conv1D: LyCORIS does not adapt it)")
+            refused.setdefault("transformers Conv1D (LyCORIS does not adapt it)", []).append(g.modules[0])
         elif d.is_lora:
             continue
         elif d.r > 1:
-            refused.append(f"{g.modules[0]} (r = {d.r} Kronecker components; LyCORIS LoKr builds one)")
+            refused.setdefault("r > 1 Kronecker components (LyCORIS LoKr builds one term)", []).append(f"{g.modules[0]} (r = {d.r})")
         else:
             factors = lycoris_factors(d.m1, d.n1, d.m2, d.n2)
             if not factors:
-                refused.append(f"{g.modules[0]} (left {[d.m1, d.n1]}, right {[d.m2, d.n2]}: no LyCORIS factor builds them)")
+                refused.setdefault("factor shapes no LyCORIS factor builds", []).append(
+                    f"{g.modules[0]} (left {[d.m1, d.n1]}, right {[d.m2, d.n2]})"
+                )
             else:
                 factor_of[i] = -1 if -1 in factors else min(factors)
     if refused:
-        raise ExportError(
-            f"LyCORIS cannot express {len(refused)} group(s) of this plan: {'; '.join(refused)}. Re-plan with "
-            "`cdka plan --family lokr` (single Kronecker terms) or `--family lora`; nothing was written"
-        )
+        raise refusal("LyCORIS", refused)
 
     lokr_lambdas = {settings.scaling_value(groups[i][0].design) for i in factor_of}
     multiplier = lokr_lambdas.pop() if len(lokr_lambdas) == 1 else 1.0

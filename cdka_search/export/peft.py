@@ -36,6 +36,7 @@ from cdka_search.export.base import (
     note_init_and_dropout,
     peft_key_matches,
     peft_target_matches,
+    refusal,
     resolve_modules,
 )
 from cdka_search.export.lokr_shapes import peft_factorization, peft_factors
@@ -102,7 +103,7 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
     """PEFT configs expressing ``plan`` exactly, or an ExportError naming what PEFT cannot express."""
     groups, all_names = resolve_modules(plan, spec)
     settings = plan.adapter
-    refused: list[str] = []
+    refused: dict[str, list[str]] = {}
     lora: dict[str, list[int]] = {}
     lokr_options: dict[int, tuple[int, ...]] = {}
     for i, (g, _) in enumerate(groups):
@@ -110,22 +111,19 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
         if d.is_lora:
             lora.setdefault(g.kind, []).append(i)
         elif d.r > 1:
-            refused.append(f"{g.modules[0]} (r = {d.r} Kronecker components; PEFT LoKr builds one)")
+            refused.setdefault("r > 1 Kronecker components (PEFT LoKr builds one term)", []).append(f"{g.modules[0]} (r = {d.r})")
         elif g.kind != "linear":
-            refused.append(f"{g.modules[0]} (PEFT LoKr rejects transformers Conv1D)")
+            refused.setdefault("transformers Conv1D (PEFT LoKr rejects it)", []).append(g.modules[0])
         else:
             factors = peft_factors(d.m1, d.n1, d.m2, d.n2)
             if factors:
                 lokr_options[i] = factors
             else:
-                refused.append(
-                    f"{g.modules[0]} (left {[d.m1, d.n1]}, right {[d.m2, d.n2]}: no decompose_factor makes LoKr build them)"
+                refused.setdefault("factor shapes no decompose_factor builds", []).append(
+                    f"{g.modules[0]} (left {[d.m1, d.n1]}, right {[d.m2, d.n2]})"
                 )
     if refused:
-        raise ExportError(
-            f"PEFT cannot express {len(refused)} group(s) of this plan: {'; '.join(refused)}. Re-plan with "
-            "`cdka plan --family lokr` (single Kronecker terms) or `--family lora`; nothing was written"
-        )
+        raise refusal("PEFT", refused)
 
     configs: dict[str, dict[str, Any]] = {}
     rows: list[ExportRow] = []
