@@ -26,6 +26,7 @@ Schema (version 1), YAML or JSON::
 from __future__ import annotations
 
 import difflib
+import math
 import fnmatch
 import json
 from dataclasses import dataclass, field, fields, replace
@@ -74,6 +75,18 @@ def _pair(value: Any, where: str) -> tuple[int, int]:
     return a, b
 
 
+def scaling_value(scaling: str, alpha: float, r: int, r2: int, scale: float | None = None) -> float:
+    """lambda for one adapter. ``alpha/sqrt(r*r2)`` keeps E||grad_B||^2 independent of r, r1, r2."""
+    if scaling == "fixed":
+        if scale is None:
+            raise PlanError("scaling 'fixed' needs a scale value (adapter.scale in the plan)")
+        return float(scale)
+    denominators = {"alpha/sqrt(r*r2)": math.sqrt(r * r2), "alpha/r": float(r), "alpha/sqrt(r)": math.sqrt(r)}
+    if scaling not in denominators:
+        raise PlanError(f"unknown scaling {scaling!r}: allowed are {', '.join(SCALINGS)}")
+    return float(alpha) / denominators[scaling]
+
+
 @dataclass(frozen=True)
 class AdapterSettings:
     """How every adapter of the plan is built (cdka-notes.md section 3).
@@ -105,14 +118,7 @@ class AdapterSettings:
 
     def scaling_value(self, design: Design) -> float:
         """lambda for one design."""
-        if self.scaling == "fixed":
-            return float(self.scale)  # type: ignore[arg-type]
-        denominators = {
-            "alpha/sqrt(r*r2)": (design.r * design.r2) ** 0.5,
-            "alpha/r": float(design.r),
-            "alpha/sqrt(r)": design.r**0.5,
-        }
-        return self.alpha / denominators[self.scaling]
+        return scaling_value(self.scaling, self.alpha, design.r, design.r2, self.scale)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -225,6 +231,8 @@ class Plan:
         return sum(g.params for g in self.groups)
 
     def with_adapter(self, **changes: Any) -> "Plan":
+        """A copy with some adapter settings changed; unknown settings are a PlanError."""
+        _reject_unknown(changes, [f.name for f in fields(AdapterSettings)], "adapter")
         return replace(self, adapter=replace(self.adapter, **changes))
 
     def assign(self, module_names: Iterable[str]) -> dict[str, PlanGroup]:

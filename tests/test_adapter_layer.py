@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from cdka_search.adapter.layer import CdkaLinear, scaling_value
+from cdka_search.adapter.layer import CdkaLinear
+from cdka_search.plan import scaling_value
 from cdka_search.errors import PlanError
 
 F64 = torch.float64

@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from cdka_search.errors import PlanError
+from cdka_search.plan import SCALINGS, scaling_value
 
 __all__ = ["SCALINGS", "CONTRACTIONS", "CdkaLinear", "base_kind", "base_shape", "resolve_dtype"]
 
-#: Names accepted for the scaling lambda. ``fixed`` uses the ``scale`` value as given.
-SCALINGS = ("alpha/sqrt(r*r2)", "alpha/r", "alpha/sqrt(r)", "fixed")
 #: Orders of the two contractions. ``auto`` picks the one with fewer multiply-adds.
 CONTRACTIONS = ("auto", "A-first", "B-first")
 #: Names accepted for the initialisation.
@@ -67,21 +66,6 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise PlanError(f"unknown adapter dtype {dtype!r}: use float32, float64, bfloat16 or float16")
     return value
-
-
-def scaling_value(scaling: str, alpha: float, r: int, r2: int, scale: float | None = None) -> float:
-    """lambda for one adapter. ``alpha/sqrt(r*r2)`` keeps E||grad_B||^2 independent of r, r1, r2."""
-    if scaling == "alpha/sqrt(r*r2)":
-        return float(alpha) / math.sqrt(r * r2)
-    if scaling == "alpha/r":
-        return float(alpha) / r
-    if scaling == "alpha/sqrt(r)":
-        return float(alpha) / math.sqrt(r)
-    if scaling == "fixed":
-        if scale is None:
-            raise PlanError("scaling 'fixed' needs a scale value (adapter.scale in the plan)")
-        return float(scale)
-    raise PlanError(f"unknown scaling {scaling!r}: allowed are {', '.join(SCALINGS)}")
 
 
 #: The second product runs as one dense GEMM against kron(B', I_m2) when m2 (= r1) <= EXPAND_MAX_M2 and
