@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cdka_search.cli import exporting, planning, probing
+from cdka_search.cli import exporting, planning, probing, sweeping
 
 app = typer.Typer(
     name="cdka",
@@ -16,6 +16,7 @@ app = typer.Typer(
     help="Plan, refine and export Component Designed Kronecker Adapters (CDKA) under a parameter budget.",
 )
 app.registered_commands += planning.app.registered_commands
+app.registered_commands += sweeping.app.registered_commands
 app.registered_commands += exporting.app.registered_commands
 app.add_typer(exporting.recipes_app, name="recipes")
 app.registered_commands += probing.app.registered_commands

@@ -1,0 +1,318 @@
+"""Running a sweep: open or resume the study, enqueue the heuristic plan, optimise, write the best plan.
+
+``--trials N`` is the study's total of finished (complete or pruned) trials: a resumed or second
+process stops when the study holds N, so rerunning a killed sweep's command finishes the same sweep.
+The heuristic plan (make_plan) is enqueued as the first trial of a new study, so the best value is never
+worse than its value; the result reports both and the improvement.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cdka_search.errors import SweepError
+from cdka_search.sweep.objective import HEURISTIC, Objective
+from cdka_search.sweep.space import DEFAULT_TOP_K
+from cdka_search.sweep.storage import normalise, open_storage, redact
+from cdka_search.sweep.tasks import TaskOptions
+
+PRUNERS = ("median", "hyperband", "none")
+STUDY_ATTR = "cdka_sweep"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything ``cdka sweep`` takes; defaults are the CLI's."""
+
+    model: str = "llama-2-7b"
+    budget: str = "0.5%"
+    trials: int = 20
+    timeout: float | None = None
+    storage: str | None = None
+    study: str | None = None
+    seed: int | None = 0
+    task: str = "proxy"
+    data: Path | None = None
+    steps: int = 200
+    reference: Path | None = None
+    output: Path | None = Path("best.yaml")
+    targets: str = "all-linear"
+    objective: str = "balanced"
+    pruner: str = "median"
+    top_k: int = DEFAULT_TOP_K
+    report_every: int = 0
+
+
+@dataclass
+class SweepResult:
+    """What a sweep ends with (across every worker of the study)."""
+
+    study: str
+    storage: str
+    complete: int
+    pruned: int
+    failed: int
+    ran_here: int
+    best_number: int
+    best_value: float
+    best_params: dict[str, Any]
+    trial0_value: float | None
+    plan: Any
+    output: Path | None
+    seconds: float
+    groups: list[tuple[str, str, str]] = field(default_factory=list)  # (group, heuristic, best)
+
+    @property
+    def improvement(self) -> float | None:
+        return None if self.trial0_value is None else self.trial0_value - self.best_value
+
+    @property
+    def improvement_pct(self) -> float | None:
+        if self.trial0_value is None or self.trial0_value == 0:
+            return None
+        return 100.0 * (self.trial0_value - self.best_value) / abs(self.trial0_value)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "study": self.study,
+            "storage": self.storage,
+            "best_trial": self.best_number,
+            "best_value": self.best_value,
+            "trial0_value": self.trial0_value,
+            "improvement": self.improvement,
+            "improvement_pct": self.improvement_pct,
+            "best_lr": self.best_params.get("lr"),
+            "best_alpha": self.best_params.get("alpha"),
+            "complete": self.complete,
+            "pruned": self.pruned,
+            "failed": self.failed,
+            "ran_here": self.ran_here,
+            "seconds": round(self.seconds, 1),
+            "output": str(self.output) if self.output else None,
+        }
+
+
+def default_study_name(config: SweepConfig, model_name: str) -> str:
+    raw = f"cdka-{model_name}-{config.budget}-{config.task}"
+    return re.sub(r"[^A-Za-z0-9_.%-]+", "-", raw)
+
+
+def make_pruner(name: str, steps: int, every: int) -> Any:
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(0, steps // 5), interval_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=steps, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise SweepError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
+
+
+def _fingerprint(config: SweepConfig, space: Any, task_name: str, model_name: str) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "model": model_name,
+        "budget": config.budget,
+        "limit": space.budget.limit,
+        "task": task_name,
+        "steps": config.steps,
+        "targets": config.targets,
+        "objective": config.objective,
+        "space": space.fingerprint(),
+        "reference": str(config.reference) if config.reference else None,
+        "data": str(config.data) if config.data else None,
+    }
+
+
+def _check_compatible(study: Any, wanted: dict[str, Any], storage: str) -> None:
+    have = study.user_attrs.get(STUDY_ATTR)
+    if have is None:
+        study.set_user_attr(STUDY_ATTR, wanted)
+        return
+    diff = [k for k in wanted if have.get(k) != wanted[k]]
+    if diff:
+        detail = ", ".join(f"{k}: study has {have.get(k)!r}, this run {wanted[k]!r}" for k in diff[:3])
+        raise SweepError(
+            f"study {study.study_name!r} in {storage} was started with other settings ({detail}); "
+            "resume it with the same options, or pass a new --study name"
+        )
+
+
+def _ensure_heuristic(study: Any, params: dict[str, Any], journal: bool) -> None:
+    """Enqueue the heuristic plan unless a finished, waiting or (RDB only) running copy exists."""
+    from optuna.trial import TrialState
+
+    live = {TrialState.COMPLETE, TrialState.WAITING, TrialState.PRUNED}
+    if not journal:
+        live.add(TrialState.RUNNING)  # stale ones are failed by the heartbeat and retried
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(HEURISTIC) and t.state in live:
+            return
+    study.enqueue_trial(params, user_attrs={HEURISTIC: True}, skip_if_exists=False)
+
+
+def finished_count(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def open_study(storage: str | None, name: str | None, *, create: bool = False, sampler: Any = None,
+               pruner: Any = None, heartbeat: bool = True) -> Any:
+    """Load (or create) a study; with no name, the storage's only study."""
+    import optuna
+
+    store = open_storage(storage, heartbeat=heartbeat)
+    where = redact(normalise(storage))
+    if name is None:
+        names = optuna.get_all_study_names(store)
+        if len(names) != 1:
+            listing = ", ".join(names[:10]) or "none"
+            raise SweepError(f"{where} holds {len(names)} studies ({listing}); choose one with --study")
+        name = names[0]
+    if create:
+        return optuna.create_study(storage=store, study_name=name, direction="minimize", sampler=sampler,
+                                   pruner=pruner, load_if_exists=True)
+    try:
+        return optuna.load_study(study_name=name, storage=store, sampler=sampler, pruner=pruner)
+    except KeyError:
+        names = optuna.get_all_study_names(store)
+        raise SweepError(f"no study {name!r} in {where}; it holds: {', '.join(names) or 'none'}") from None
+
+
+def run_sweep(config: SweepConfig, *, on_trial: Callable[[int, int, float | None], None] | None = None) -> SweepResult:
+    """Run (or resume, or join) the sweep ``config`` describes; write the best plan; return the result.
+
+    ``on_trial(finished, total, best_value)`` is called after each trial this process finishes.
+    """
+    import optuna
+
+    from cdka_search.spec import load_spec
+    from cdka_search.sweep.space import build_space
+    from cdka_search.sweep.tasks import make_task
+    from cdka_search.targets import select_targets
+
+    if config.trials < 1:
+        raise SweepError(f"--trials must be at least 1, got {config.trials}")
+    if config.timeout is not None and config.timeout <= 0:
+        raise SweepError(f"--timeout must be positive seconds, got {config.timeout}")
+    if config.output is not None and config.output.exists() and config.output.is_dir():
+        raise SweepError(f"-o {config.output} is a folder; give a file name such as best.yaml")
+    started = time.monotonic()
+    if config.task == "lm" and config.data is None:
+        raise SweepError("--task lm needs --data FILE (a local .txt or .jsonl file)")
+    model_path = Path(config.model).expanduser()
+    if config.task == "lm" and not model_path.is_dir():
+        raise SweepError(f"--task lm needs --model to be a local Hugging Face folder, got {config.model!r}")
+    options = TaskOptions(steps=config.steps, seed=config.seed or 0, report_every=config.report_every,
+                          data=config.data, reference=config.reference,
+                          model=model_path if config.task == "lm" else None)
+    task = make_task(config.task, options)
+    make_pruner(config.pruner, config.steps, options.every)  # validate before touching storage
+    spec = select_targets(load_spec(config.model), config.targets)
+    space = build_space(spec, config.budget, objective=config.objective, top_k=config.top_k)
+    storage_url = normalise(config.storage)
+    where = redact(storage_url)
+    name = config.study or default_study_name(config, spec.name)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    sampler = optuna.samplers.TPESampler(seed=config.seed)
+    study = open_study(config.storage, name, create=True, sampler=sampler,
+                       pruner=make_pruner(config.pruner, config.steps, options.every))
+    _check_compatible(study, _fingerprint(config, space, task.name, spec.name), where)
+    _ensure_heuristic(study, space.heuristic_params(task.default_lr), storage_url.startswith("journal:"))
+
+    ran = 0
+    if finished_count(study) < config.trials:
+        task.prepare(space)
+        stop = optuna.study.MaxTrialsCallback(config.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+
+        def callback(st: Any, trial: Any) -> None:
+            nonlocal ran
+            ran += 1
+            if on_trial is not None:
+                on_trial(finished_count(st), config.trials, _best_value(st))
+
+        study.optimize(Objective(space, task), n_trials=config.trials, timeout=config.timeout,
+                       callbacks=[stop, callback], catch=(), gc_after_trial=False)
+    return _result(study, space, config, where, ran, time.monotonic() - started)
+
+
+def _best_value(study: Any) -> float | None:
+    try:
+        return float(study.best_value)
+    except ValueError:
+        return None
+
+
+def _result(study: Any, space: Any, config: SweepConfig, where: str, ran: int, seconds: float) -> SweepResult:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise SweepError(f"study {study.study_name!r} has no finished trial yet; run more trials or raise --timeout")
+    best = min(complete, key=lambda t: (t.value, t.number))
+    heuristic = [t.value for t in complete if t.user_attrs.get(HEURISTIC)]
+    trial0 = min(heuristic) if heuristic else None
+    plan = space.plan_for(best.params)
+    result = SweepResult(
+        study=study.study_name,
+        storage=where,
+        complete=len(complete),
+        pruned=sum(t.state == TrialState.PRUNED for t in trials),
+        failed=sum(t.state == TrialState.FAIL for t in trials),
+        ran_here=ran,
+        best_number=best.number,
+        best_value=float(best.value),
+        best_params=dict(best.params),
+        trial0_value=trial0,
+        plan=plan,
+        output=None,
+        seconds=seconds,
+        groups=[(g.param, str(h), str(best.params[g.param]))
+                for g, h in zip(space.groups, [space.heuristic_params(0)[g.param] for g in space.groups])],
+    )
+    if config.output is not None:
+        result.output = write_best_plan(result, config)
+    return result
+
+
+def plan_header(result: SweepResult, config: SweepConfig) -> str:
+    """YAML comment lines carrying the sweep's measured values above the plan document."""
+    lines = [
+        f"cdka sweep: study {result.study} in {result.storage}; task {config.task}, {config.steps} steps",
+        f"best trial {result.best_number}: value {result.best_value:.6g}; lr {result.best_params.get('lr', float('nan')):.4g} "
+        f"(alpha is adapter.alpha)",
+    ]
+    if result.trial0_value is not None:
+        lines.append(
+            f"trial 0 (heuristic plan): value {result.trial0_value:.6g}; improvement {result.improvement:.6g} "
+            f"({result.improvement_pct:.2f} %)"
+        )
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def write_best_plan(result: SweepResult, config: SweepConfig) -> Path:
+    """Write the best plan atomically (YAML with the sweep's values as leading comments, or JSON)."""
+    from cdka_search.fileio import atomic_write_text
+    from cdka_search.plan import dumps_plan
+
+    path = Path(config.output)  # type: ignore[arg-type]
+    fmt = "json" if path.suffix == ".json" else "yaml"
+    text = dumps_plan(result.plan, fmt)
+    if fmt == "yaml":
+        text = plan_header(result, config) + text
+    return atomic_write_text(path, text)
+
+
+def sweep_value_ok(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)

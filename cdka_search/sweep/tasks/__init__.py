@@ -1,0 +1,76 @@
+"""Sweep tasks: what a trial trains. A closed name -> class registry (no dotted import paths).
+
+A task is built from :class:`TaskOptions`, prepared once per process against the search space
+(:meth:`Task.prepare`), then :meth:`Task.run` trains one trial's plan and returns the value to minimise.
+``run`` calls ``report(step, value)`` every few steps (the objective turns that into Optuna's
+intermediate values and may stop the trial there) and raises :class:`NonFiniteLoss` when a loss is NaN
+or infinite. Tasks import torch lazily, so importing this registry stays cheap.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from cdka_search.errors import SweepError
+
+if TYPE_CHECKING:
+    from cdka_search.plan import Plan
+    from cdka_search.sweep.space import SearchSpace
+
+Report = Callable[[int, float], None]
+
+
+class NonFiniteLoss(Exception):
+    """A NaN or infinite loss; the trial ends as pruned with this message as its reason."""
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """What every task may read. ``steps``: optimiser steps per trial; ``report_every``: steps between
+    intermediate values (0 = about ten per trial); ``data``: the lm task's text/JSONL file;
+    ``reference``: the proxy task's reference updates (safetensors, see cdka_search.alignment.reference);
+    ``model``: the lm task's local Hugging Face folder."""
+
+    steps: int = 200
+    seed: int = 0
+    report_every: int = 0
+    batch_size: int = 0
+    data: Path | None = None
+    reference: Path | None = None
+    model: Path | None = None
+
+    @property
+    def every(self) -> int:
+        return self.report_every or max(1, self.steps // 10)
+
+
+class Task(Protocol):
+    name: str
+    default_lr: float
+    lr_range: tuple[float, float]
+
+    def prepare(self, space: "SearchSpace") -> None: ...
+
+    def run(self, plan: "Plan", lr: float, report: Report) -> float: ...
+
+
+def task_names() -> tuple[str, ...]:
+    return ("proxy", "lm")
+
+
+def make_task(name: str, options: TaskOptions) -> Task:
+    """The task called ``name`` (proxy or lm), built from ``options``."""
+    if name == "proxy":
+        from cdka_search.sweep.tasks.proxy import ProxyTask
+
+        return ProxyTask(options)
+    if name == "lm":
+        from cdka_search.sweep.tasks.lm import LMTask
+
+        return LMTask(options)
+    near = difflib.get_close_matches(name, task_names(), n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    raise SweepError(f"unknown task {name!r}{hint}; choose one of {', '.join(task_names())}")
