@@ -127,13 +127,22 @@ def _energies(
     if norm_sq == 0:
         return torch.zeros(r_max, dtype=torch.float64)
     if small <= 2 * (power_iters + 1) * k:
-        sigma_sq = torch.linalg.eigvalsh((R @ R.T).double()).flip(0)
+        sigma_sq = torch.linalg.eigvalsh(_gram(R)).flip(0)
     else:
         sigma_sq = _krylov_sigma_sq(R, r_max, k, power_iters, seed, tol, norm_sq)
     energies = sigma_sq.clamp(min=0)[:r_max].cumsum(0) / norm_sq
     if energies.numel() < r_max:  # fewer singular values than r_max: the fit is already exact
         energies = torch.cat([energies, energies[-1:].expand(r_max - energies.numel())])
     return energies.clamp(0.0, 1.0)
+
+
+def _gram(R: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """R @ R.T in float64, summed over column chunks: one float32 dot product over millions of
+    columns (R is 1 x 8M for some pairs) loses percents."""
+    gram = torch.zeros(R.shape[0], R.shape[0], dtype=torch.float64, device=R.device)
+    for part in R.split(chunk, dim=1):
+        gram += (part @ part.T).double()
+    return gram
 
 
 def _krylov_sigma_sq(
