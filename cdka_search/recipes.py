@@ -18,7 +18,7 @@ suffix (``llama2/7B_cdka_lora8``). Schema (version 1)::
 Every key is optional except ``cdka_recipe`` and ``model``; defaults live in the dataclasses below.
 Unknown keys are errors naming the allowed keys and the nearest one. Recipes are found in the source
 checkout's top-level ``recipes/`` folder or, in an installed wheel, in the package data
-``cdka_search/recipes/``.
+``cdka_search/recipe_files/`` (a link to ``recipes/`` in the source tree).
 """
 
 from __future__ import annotations
@@ -263,14 +263,11 @@ class Recipe:
 
 
 def recipes_root() -> Path:
-    """The folder holding the recipes: the package data of an installed wheel, else the source tree's."""
-    packaged = Path(__file__).resolve().parent / "recipes"  # wheels install package data on disk
-    if packaged.is_dir():
-        return packaged
-    source = Path(__file__).resolve().parent.parent / "recipes"
-    if source.is_dir():
-        return source
-    raise RecipeError("no recipes folder found (neither cdka_search/recipes in the package nor recipes/ in the source tree)")
+    """The folder holding the recipes: package data, a link to the source tree's recipes/."""
+    packaged = Path(__file__).resolve().parent / "recipe_files"
+    if not packaged.is_dir():
+        raise RecipeError(f"no recipes folder at {packaged}; reinstall cdka")
+    return packaged
 
 
 def list_recipes(root: Path | None = None) -> list[str]:
