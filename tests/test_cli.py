@@ -147,3 +147,17 @@ def test_console_script_exit_codes(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: budget 'nope' is not understood; use a percentage (\"0.5%\"), a count (\"20M\", \"1.5B\", \"2e7\", \"20000000\") or \"lora:R\""]
+
+
+def test_plan_from_a_recipe_with_a_flag_overriding_it(cli, tmp_path):
+    out = tmp_path / "plan.yaml"
+    result = cli("plan", "--recipe", "llama2/7B_cdka_lora8", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    doc = yaml.safe_load(out.read_text())
+    assert doc["budget"]["spec"] == "lora:8" and doc["budget"]["limit"] == 19_988_480
+    assert doc["adapter"]["dropout"] == 0.05  # from the recipe, not the default 0.0
+    overridden = cli("plan", "--recipe", "llama2/7B_cdka_lora8", "-b", "1%", "-o", str(out))
+    assert overridden.exit_code == 0
+    assert yaml.safe_load(out.read_text())["budget"]["spec"] == "1%"
+    missing = cli("plan", "--recipe", "llama2/7B_nope", "-o", str(tmp_path / "x.yaml"))
+    assert missing.exit_code == 5 and "known recipes: llama2/7B_cdka_lora8" in missing.stderr

@@ -6,7 +6,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 
@@ -34,6 +34,28 @@ OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Where
 StorageOpt = Annotated[
     Optional[str], typer.Option("--storage", help="Optuna storage: sqlite:///file.db (default), postgresql://..., or a journal file path.")
 ]
+
+
+RecipeOpt = Annotated[
+    Optional[str],
+    typer.Option("--recipe", help="A recipe name (cdka recipes list) or YAML file; flags given on the command line win."),
+]
+
+
+def with_recipe(ctx: typer.Context, recipe: str | None, values: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """``values`` with every option the user did not type replaced by the recipe's, and the recipe."""
+    if recipe is None:
+        return values, None
+    from cdka_search.recipes import load_recipe
+
+    loaded = load_recipe(recipe)
+    merged = dict(values)
+    for name in values:
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name == "DEFAULT":
+            if hasattr(loaded, name):
+                merged[name] = getattr(loaded, name)
+    return merged, loaded
 
 
 def guarded(fn: F) -> F:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cdka_search.cli.common import BudgetOpt, JsonOpt, ModelOpt, ObjectiveOpt, OutputOpt, TargetsOpt, guarded
+from cdka_search.cli.common import BudgetOpt, JsonOpt, ModelOpt, ObjectiveOpt, OutputOpt, RecipeOpt, TargetsOpt, guarded, with_recipe
 from cdka_search.errors import PlanError, TargetError
 
 app = typer.Typer()
@@ -39,6 +39,7 @@ def _load(model: str):
 @app.command()
 @guarded
 def plan(
+    ctx: typer.Context,
     model: ModelOpt = "llama-2-7b",
     budget: BudgetOpt = "0.5%",
     targets: TargetsOpt = "all-linear",
@@ -55,6 +56,7 @@ def plan(
         Optional[Path], typer.Option("--reference", help="Reference updates from `cdka probe`: score every module on its own update.")
     ] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="List every module as its own group.")] = False,
+    recipe: RecipeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Choose a component design for every target within a budget and write the plan.
@@ -68,20 +70,26 @@ def plan(
       cdka plan -m ./my-model/config.json -b 20M --family lora --format json -o plan.json
 
       cdka plan -m ./my-llama -b 0.5% --reference grad.safetensors --objective alignment
+
+      cdka plan --recipe llama2/7B_cdka_lora8
     """
-    from cdka_search.plan import save_plan
+    from cdka_search.plan import AdapterSettings, save_plan
     from cdka_search.planner import make_plan
     from cdka_search.render import render
     from cdka_search.views import plan_table
 
+    opts, loaded = with_recipe(
+        ctx, recipe, dict(model=model, budget=budget, targets=targets, objective=objective, family=family, max_r=max_r)
+    )
+    adapter = loaded.adapter if loaded else AdapterSettings()
     updates = None
     if reference is not None:
         from cdka_search.alignment.reference import load_reference
 
         updates = load_reference(reference)
     result = make_plan(
-        _load(model), budget, targets=targets, objective=objective, space=_space(family, r1, r2, r, max_r),
-        seed=seed, reference=updates, per_layer=per_layer,
+        _load(opts["model"]), opts["budget"], targets=opts["targets"], objective=opts["objective"],
+        space=_space(opts["family"], r1, r2, r, opts["max_r"]), adapter=adapter, seed=seed, reference=updates, per_layer=per_layer,
     )
     written = save_plan(result, output or Path("plan.yaml"), fmt)
     render(plan_table(result, written), as_json=as_json)
