@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 from typing import TYPE_CHECKING, Any
 
 from cdka_search.sweep.tasks import NonFiniteLoss
@@ -15,6 +17,8 @@ if TYPE_CHECKING:
 PRUNED_REASON = "pruned_reason"
 #: user attribute set on the heuristic plan's trial (trial 0)
 HEURISTIC = "heuristic"
+#: user attribute naming the process (host:pid) that ran a trial
+WORKER = "worker"
 
 
 def suggest(trial: Any, space: "SearchSpace", lr_range: tuple[float, float]) -> tuple[dict[str, object], float]:
@@ -37,6 +41,7 @@ class Objective:
         params, lr = suggest(trial, self.space, self.task.lr_range)
         plan = self.space.plan_for(params)
         trial.set_user_attr("params_used", plan.used_params)
+        trial.set_user_attr(WORKER, f"{socket.gethostname()}:{os.getpid()}")
 
         def report(step: int, value: float) -> None:
             trial.report(value, step)

@@ -259,7 +259,14 @@ def _result(study: Any, space: Any, config: SweepConfig, where: str, ran: int, s
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
-        raise SweepError(f"study {study.study_name!r} has no finished trial yet; run more trials or raise --timeout")
+        from cdka_search.sweep.objective import PRUNED_REASON
+
+        reasons = [t.user_attrs[PRUNED_REASON] for t in trials if PRUNED_REASON in t.user_attrs]
+        why = f" ({len(reasons)} pruned, last: {reasons[-1]})" if reasons else ""
+        raise SweepError(
+            f"study {study.study_name!r} has no finished trial yet{why}; run more trials, raise --timeout, "
+            "or check the task with fewer --steps"
+        )
     best = min(complete, key=lambda t: (t.value, t.number))
     heuristic = [t.value for t in complete if t.user_attrs.get(HEURISTIC)]
     trial0 = min(heuristic) if heuristic else None
