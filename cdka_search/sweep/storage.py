@@ -85,13 +85,36 @@ def open_storage(storage: str | None, *, heartbeat: bool = True) -> Any:
     return _rdb(url, **kwargs)
 
 
+def driver_url(url: str) -> str:
+    """Pick an installed PostgreSQL driver: SQLAlchemy 2.1 maps postgresql:// to psycopg (3), while
+    many installs (and cdka[test]) have psycopg2; ``postgres://`` is accepted as ``postgresql://``."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        return url
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2{sep}{rest}"
+    return f"postgresql{sep}{rest}"
+
+
 def _rdb(url: str, **kwargs: Any) -> Any:
+    import time
+
     import optuna
 
-    try:
-        return optuna.storages.RDBStorage(url, **kwargs)
-    except ImportError as exc:
-        raise SweepError(f"storage {redact(url)}: a database driver is missing ({exc}); e.g. pip install psycopg2-binary") from None
-    except Exception as exc:  # sqlalchemy's OperationalError and friends: one line, no traceback
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise SweepError(f"cannot open storage {redact(url)}: {redact(first)[:300]}") from None
+    for attempt in range(4):
+        try:
+            return optuna.storages.RDBStorage(driver_url(url), **kwargs)
+        except ImportError as exc:
+            raise SweepError(
+                f"storage {redact(url)}: a database driver is missing ({exc}); e.g. pip install psycopg2-binary"
+            ) from None
+        except Exception as exc:  # sqlalchemy errors: one line, no traceback
+            # Several workers creating the schema of a new database at once: one wins, the others retry.
+            if "already exists" in str(exc) and attempt < 3:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise SweepError(f"cannot open storage {redact(url)}: {redact(first)[:300]}") from None
+    raise AssertionError("unreachable")
