@@ -137,12 +137,14 @@ def make_plan(
     seed: int = DEFAULT_SEED,
     reference: Mapping[str, Any] | None = None,
     per_layer: bool = False,
+    all_pairs: bool = False,
 ) -> Plan:
     """Plan adapters for ``spec`` within ``budget``.
 
     Data-free (default): same-shape targets share one design, scored once per shape. With a
     ``reference`` (module name -> reference update tensor, see cdka_search.alignment) every module
-    is scored on its own update and weighted by that update's energy: a per-layer plan.
+    is scored on its own update and weighted by that update's energy: a per-layer plan
+    (``all_pairs`` measures every divisor pair instead of the data-free front's).
     """
     chosen = select_targets(spec, targets)
     limit = resolve_budget(chosen, budget)
@@ -153,7 +155,7 @@ def make_plan(
     else:
         from cdka_search.alignment.planning import reference_tables
 
-        tables, weights = reference_tables(chosen, reference, space, objective, seed=seed)
+        tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs)
         counts = {k: 1 for k in tables}
     picked, result = allocate_tables(tables, counts, weights, limit)
     return build_plan(

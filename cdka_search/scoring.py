@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Collection, Iterable, Sequence
 
 from cdka_search.candidates import CandidateSpace, Design, factor_pairs, r_range
 from cdka_search.errors import TargetError
@@ -216,11 +216,12 @@ def score_shape(
     *,
     spectra: SpectrumCache | None = None,
     alignment: AlignmentCurve | None = None,
+    pairs: Collection[tuple[int, int]] | None = None,
 ) -> ScoreTable:
     """Score every candidate of a d_out x d_in shape, vectorised per (r1, r2).
 
     ``alignment(r1, r2, r_max)`` replaces the data-free rank-1 estimate, e.g. with the energy a
-    design keeps of a real reference update (cdka_search.alignment).
+    design keeps of a real reference update (cdka_search.alignment); ``pairs`` restricts (r1, r2).
     """
     import numpy as np
 
@@ -229,6 +230,8 @@ def score_shape(
     curve_of = alignment or (lambda r1, r2, r_max: spectra.curve(d_out, d_in, r1, r2, r_max))
     cols: dict[str, list] = {k: [] for k in ("r1", "r2", "r", "align")}
     for r1, r2 in factor_pairs(d_out, d_in, space):
+        if pairs is not None and (r1, r2) not in pairs:
+            continue
         span = r_range(d_out, d_in, r1, r2, space)
         rs = np.arange(span.start, span.stop)
         curve = np.asarray(curve_of(r1, r2, int(rs[-1])), dtype=float)
