@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from cdka_search.candidates import Design, divisors
 from cdka_search.errors import ReferenceFileError, SweepError
@@ -154,9 +154,8 @@ class ProxyTask:
             self.shapes[g.shape] = scaled
             if key in self.problems:
                 continue
-            gen = torch.Generator().manual_seed(self.options.seed * 1_000_003 + scaled[0] * 7919 + scaled[1])
             target = None if references is None else references[g.index][: scaled[0]].to(torch.float64)
-            self.problems[key] = self._problem(scaled, gen, target)
+            self.problems[key] = make_problem(scaled, self.options.seed, target)
 
     def _references(self, space: "SearchSpace") -> dict[int, Any] | None:
         if self.options.reference is None:
@@ -181,103 +180,133 @@ class ProxyTask:
             out[g.index] = t
         return out
 
-    def _problem(self, shape: tuple[int, int], gen: Any, target: Any) -> _Problem:
-        import torch
-
-        d_out, d_in = shape
-        base = torch.nn.Linear(d_in, d_out, bias=False)
-        with torch.no_grad():
-            w0 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) / math.sqrt(d_in)
-            base.weight.copy_(w0)
-        dw = synthetic_update(d_out, d_in, gen) if target is None else target / target.norm()
-        dw = dw * (UPDATE_NORM * float(w0.norm()))
-        q, root = input_basis(d_in, gen)
-        mix = (root[:, None] * q.T).to(torch.float32)
-        x = torch.randn(POOL_ROWS + EVAL_ROWS, d_in, generator=gen, dtype=torch.float32) @ mix
-        target32 = dw.to(torch.float32)
-        x_pool, x_eval = x[:POOL_ROWS].contiguous(), x[POOL_ROWS:].contiguous()
-        with torch.no_grad():
-            y_update = x_pool @ target32.T
-            y_pool = base(x_pool) + y_update
-        return _Problem(shape, base, target32, x_pool, y_pool, y_update.pow(2).sum(1), x_eval, x_eval @ target32.T)
-
     # training -----------------------------------------------------------------------------------------
     def run(self, plan: "Plan", lr: float, report: Report) -> float:
-        import torch
-
-        from cdka_search.adapter import CdkaLinear
-
         if not self.problems:
             raise SweepError("the proxy task was not prepared")
-        settings = plan.adapter
-        torch.manual_seed(self.options.seed)
-        # one adapter per distinct (problem, design): same-shape groups with the same design train once
-        runs: dict[tuple[Any, Design], Any] = {}
-        group_run: dict[int, tuple[Any, Design]] = {}
-        for i, g in enumerate(plan.groups):
-            key = self.key_of[i]
-            problem = self.problems[key]
-            design = scale_design(g.design, problem.shape)
-            group_run[i] = (key, design)
-            if (key, design) in runs:
-                continue
-            layer = CdkaLinear(problem.base, m1=design.m1, n1=design.n1, m2=design.m2, n2=design.n2, r=design.r,
-                               alpha=settings.alpha, scaling=settings.scaling, scale=settings.scale,
-                               dropout=settings.dropout, dtype="float32")
-            gen = torch.Generator().manual_seed(self.options.seed * 65_537 + hash((design.r1, design.r2, design.r)) % 65_536)
-            layer.reset_parameters(generator=gen)
-            runs[(key, design)] = layer
-        params = [p for layer in runs.values() for p in (layer.cdka_A, layer.cdka_B)]
-        steps = self.options.steps
-        optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        warm = max(1, int(WARMUP * steps))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimiser,
-            lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))),
-        )
-        data_gen = torch.Generator().manual_seed(self.options.seed + 17)
-        by_problem: dict[Any, list[tuple[Any, Design]]] = {}
-        for k in runs:
-            by_problem.setdefault(k[0], []).append(k)
+        group_run = {i: (self.key_of[i], scale_design(g.design, self.problems[self.key_of[i]].shape))
+                     for i, g in enumerate(plan.groups)}
+        total = sum(self.weights.values())
 
-        value = 1.0
-        for step in range(1, steps + 1):
-            optimiser.zero_grad(set_to_none=True)
-            losses = []
-            for key, members in by_problem.items():
-                p = self.problems[key]
-                rows = torch.randint(0, POOL_ROWS, (self.batch,), generator=data_gen)
-                x, y_star, norm = p.x_pool[rows], p.y_pool[rows], p.norm_pool[rows].sum()
-                for k in members:
-                    loss = (runs[k](x) - y_star).pow(2).sum() / norm
-                    losses.append((k, loss))
-            total = torch.stack([l for _, l in losses]).sum()
-            if not torch.isfinite(total):
-                bad = next(k for k, l in losses if not torch.isfinite(l))
-                raise NonFiniteLoss(f"non-finite loss at step {step} (design {bad[1].label()} on {bad[0]})")
-            total.backward()
-            optimiser.step()
-            schedule.step()
-            if step % self.options.every == 0 or step == steps:
-                value = self._value(runs, group_run)
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(f"non-finite held-out error at step {step}")
-                report(step, value)
-        return value
+        def value_of(errors: dict[tuple[Any, Design], float]) -> float:
+            return sum(self.weights[i] * errors[k] for i, k in group_run.items()) / total
 
-    def errors(self, runs: dict, group_run: dict[int, tuple[Any, Design]]) -> dict[int, float]:
-        """Relative held-out output error of each group's adapter."""
-        import torch
+        def on_report(step: int, errors: dict[tuple[Any, Design], float]) -> None:
+            report(step, value_of(errors))
 
-        out: dict[tuple[Any, Design], float] = {}
-        with torch.no_grad():
-            for k, layer in runs.items():
-                p = self.problems[k[0]]
-                delta = layer(p.x_eval) - p.base(p.x_eval)
-                out[k] = float((delta - p.y_eval).norm() / p.y_eval.norm())
-        return {i: out[k] for i, k in group_run.items()}
+        errors = fit(self.problems, sorted(set(group_run.values()), key=repr), plan.adapter, lr=lr,
+                     steps=self.options.steps, seed=self.options.seed, batch=self.batch, every=self.options.every,
+                     on_report=on_report)
+        return value_of(errors)
 
-    def _value(self, runs: dict, group_run: dict[int, tuple[Any, Design]]) -> float:
-        errs = self.errors(runs, group_run)
-        total = sum(self.weights[i] for i in errs)
-        return sum(self.weights[i] * e for i, e in errs.items()) / total
+
+def fit(
+    problems: dict[Any, _Problem],
+    runs_keys: list[tuple[Any, Design]],
+    settings: Any,
+    *,
+    lr: float,
+    steps: int,
+    seed: int,
+    batch: int = BATCH,
+    every: int = 0,
+    on_report: Callable[[int, dict[tuple[Any, Design], float]], None] | None = None,
+) -> dict[tuple[Any, Design], float]:
+    """Train one CdkaLinear per (problem key, scaled design) in lockstep; return each final held-out error.
+
+    ``settings`` is a plan's AdapterSettings (alpha, scaling, dropout). Every adapter sees the same batches
+    of its problem; one AdamW over all of them is the same as separate ones (their parameters are
+    disjoint and AdamW is per parameter). A NaN or infinite loss raises NonFiniteLoss.
+    """
+    import torch
+
+    from cdka_search.adapter import CdkaLinear
+
+    torch.manual_seed(seed)
+    runs: dict[tuple[Any, Design], Any] = {}
+    for key, design in runs_keys:
+        problem = problems[key]
+        layer = CdkaLinear(problem.base, m1=design.m1, n1=design.n1, m2=design.m2, n2=design.n2, r=design.r,
+                           alpha=settings.alpha, scaling=settings.scaling, scale=settings.scale,
+                           dropout=settings.dropout, dtype="float32")
+        gen = torch.Generator().manual_seed(seed * 65_537 + (design.r1 * 1_009 + design.r2 * 101 + design.r) % 65_536)
+        layer.reset_parameters(generator=gen)
+        runs[(key, design)] = layer
+    params = [p for layer in runs.values() for p in (layer.cdka_A, layer.cdka_B)]
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, int(WARMUP * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser,
+        lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))),
+    )
+    data_gen = torch.Generator().manual_seed(seed + 17)
+    by_problem: dict[Any, list[tuple[Any, Design]]] = {}
+    for k in runs:
+        by_problem.setdefault(k[0], []).append(k)
+    every = every or max(1, steps // 10)
+    errors: dict[tuple[Any, Design], float] = {k: 1.0 for k in runs}
+    for step in range(1, steps + 1):
+        optimiser.zero_grad(set_to_none=True)
+        losses = []
+        for key, members in by_problem.items():
+            p = problems[key]
+            rows = torch.randint(0, POOL_ROWS, (batch,), generator=data_gen)
+            x, y_star, norm = p.x_pool[rows], p.y_pool[rows], p.norm_pool[rows].sum()
+            for k in members:
+                losses.append((k, (runs[k](x) - y_star).pow(2).sum() / norm))
+        total = torch.stack([loss for _, loss in losses]).sum()
+        if not torch.isfinite(total):
+            bad = next(k for k, loss in losses if not torch.isfinite(loss))
+            raise NonFiniteLoss(f"non-finite loss at step {step} (design {bad[1].label()} on {bad[0]})")
+        total.backward()
+        optimiser.step()
+        schedule.step()
+        if step % every == 0 or step == steps:
+            errors = held_out_errors(problems, runs)
+            if not all(math.isfinite(e) for e in errors.values()):
+                raise NonFiniteLoss(f"non-finite held-out error at step {step}")
+            if on_report is not None:
+                on_report(step, errors)
+    return errors
+
+
+def held_out_errors(problems: dict[Any, _Problem], runs: dict[tuple[Any, Design], Any]) -> dict[tuple[Any, Design], float]:
+    """||X (dW - dW*)^T||_F / ||X dW*^T||_F on each problem's held-out batch, through the module."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for k, layer in runs.items():
+            p = problems[k[0]]
+            delta = layer(p.x_eval) - p.base(p.x_eval)
+            out[k] = float((delta - p.y_eval).norm() / p.y_eval.norm())
+    return out
+
+
+def make_problem(shape: tuple[int, int], seed: int, target: Any = None) -> _Problem:
+    """The proxy problem of the module docstring for one (scaled) shape; ``target`` replaces dW*."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + shape[0] * 7919 + shape[1])
+    return _build_problem(shape, gen, target)
+
+
+def _build_problem(shape: tuple[int, int], gen: Any, target: Any) -> _Problem:
+    import torch
+
+    d_out, d_in = shape
+    base = torch.nn.Linear(d_in, d_out, bias=False)
+    with torch.no_grad():
+        w0 = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) / math.sqrt(d_in)
+        base.weight.copy_(w0)
+    dw = synthetic_update(d_out, d_in, gen) if target is None else target / target.norm()
+    dw = dw * (UPDATE_NORM * float(w0.norm()))
+    q, root = input_basis(d_in, gen)
+    mix = (root[:, None] * q.T).to(torch.float32)
+    x = torch.randn(POOL_ROWS + EVAL_ROWS, d_in, generator=gen, dtype=torch.float32) @ mix
+    target32 = dw.to(torch.float32)
+    x_pool, x_eval = x[:POOL_ROWS].contiguous(), x[POOL_ROWS:].contiguous()
+    with torch.no_grad():
+        y_update = x_pool @ target32.T
+        y_pool = base(x_pool) + y_update
+    return _Problem(shape, base, target32, x_pool, y_pool, y_update.pow(2).sum(1), x_eval, x_eval @ target32.T)
