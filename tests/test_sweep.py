@@ -264,3 +264,30 @@ def test_sweep_modules_import_neither_torch_nor_optuna():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_reference_updates_replace_the_synthetic_target_and_hyperband_runs(tmp_path, tiny_config):
+    import torch
+
+    from cdka_search.alignment.reference import save_reference
+    from cdka_search.spec import load_spec
+    from cdka_search.sweep.study import run_sweep
+    from cdka_search.sweep.tasks import TaskOptions
+    from cdka_search.sweep.tasks.proxy import ProxyTask
+    from cdka_search.sweep.space import build_space
+
+    spec = load_spec(str(tiny_config))
+    gen = torch.Generator().manual_seed(0)
+    tensors = {t.name: torch.randn(t.d_out, t.d_in, generator=gen) for t in spec.targets}
+    ref = save_reference(tensors, tmp_path / "ref.safetensors", "delta")
+    task = ProxyTask(TaskOptions(steps=5, reference=ref))
+    space = build_space(spec, "lora:4")
+    task.prepare(space)
+    assert len(task.problems) == len(space.groups)  # one problem per group, each from its own tensor
+    first = space.heuristic.groups[0]
+    name = sorted(n for n in tensors if first.matches(n))[0]
+    expected = tensors[name] / tensors[name].norm()
+    got = task.problems[0].target / task.problems[0].target.norm()
+    assert torch.allclose(got, expected, atol=1e-6)
+    result = run_sweep(_config(tmp_path, tiny_config, trials=3, reference=ref, pruner="hyperband"))
+    assert result.complete >= 1

@@ -25,6 +25,8 @@ GRACE_S = 30
 SQLITE_TIMEOUT_S = 60
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _JOURNAL_SUFFIXES = (".journal", ".log")
+# What a worker sees when another one is creating the schema of the same new database at that moment.
+_SCHEMA_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key", "database is locked")
 
 
 def redact(url: str) -> str:
@@ -112,7 +114,7 @@ def _rdb(url: str, **kwargs: Any) -> Any:
             ) from None
         except Exception as exc:  # sqlalchemy errors: one line, no traceback
             # Several workers creating the schema of a new database at once: one wins, the others retry.
-            if "already exists" in str(exc) and attempt < 3:
+            if any(m in str(exc) for m in _SCHEMA_RACE) and attempt < 3:
                 time.sleep(0.5 * (attempt + 1))
                 continue
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__

@@ -8,7 +8,6 @@ worse than its value; the result reports both and the improvement.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 import warnings
@@ -319,7 +318,3 @@ def write_best_plan(result: SweepResult, config: SweepConfig) -> Path:
     if fmt == "yaml":
         text = plan_header(result, config) + text
     return atomic_write_text(path, text)
-
-
-def sweep_value_ok(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
