@@ -8,6 +8,8 @@ Schema (version 1), YAML or JSON::
     objective: balanced
     adapter: {alpha, scaling, scale, init, dtype, dropout}
     allocation: {exact, gap}                       # optional, written by the planner
+    sweep: {study, storage, task, steps, best_trial, best_value, trial0_value,
+            improvement, improvement_pct, lr}      # optional, written by cdka sweep (at the end)
     groups:
       - modules: "model.layers.*.mlp.up_proj"       # a glob or an exact name, or a list of them
         kind: linear                                # or conv1d (GPT-2, weight stored in x out)
@@ -212,6 +214,38 @@ class PlanGroup:
 
 
 @dataclass(frozen=True)
+class SweepRecord:
+    """What a sweep measured for the plan it wrote (lower values are better).
+
+    trial0_value is the heuristic plan's value (trial 0); improvement = trial0_value - best_value.
+    """
+
+    study: str
+    storage: str
+    task: str
+    steps: int
+    best_trial: int
+    best_value: float
+    trial0_value: float | None = None
+    improvement: float | None = None
+    improvement_pct: float | None = None
+    lr: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SweepRecord":
+        if not isinstance(data, Mapping):
+            raise PlanError("sweep: expected a mapping")
+        _reject_unknown(data, [f.name for f in fields(cls)], "sweep")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise PlanError(f"sweep: {exc}") from None
+
+
+@dataclass(frozen=True)
 class Plan:
     """A whole plan; ``assign`` maps real module names to their groups."""
 
@@ -225,6 +259,7 @@ class Plan:
     objective: str = "balanced"
     exact: bool | None = None
     gap: float | None = None
+    sweep: SweepRecord | None = None
 
     @property
     def used_params(self) -> int:
@@ -263,13 +298,15 @@ class Plan:
         if self.exact is not None:
             out["allocation"] = {"exact": self.exact, "gap": round(self.gap or 0.0, 9)}
         out["groups"] = [g.to_dict() for g in self.groups]
+        if self.sweep is not None:
+            out["sweep"] = self.sweep.to_dict()
         return out
 
     @classmethod
     def from_dict(cls, data: Any) -> "Plan":
         if not isinstance(data, Mapping):
             raise PlanError("a plan must be a mapping with a 'cdka_plan' version key")
-        _reject_unknown(data, ("cdka_plan", "model", "budget", "objective", "adapter", "allocation", "groups"), "plan")
+        _reject_unknown(data, ("cdka_plan", "model", "budget", "objective", "adapter", "allocation", "groups", "sweep"), "plan")
         _require(data, ("cdka_plan", "model", "budget", "groups"), "plan")
         if data["cdka_plan"] != SCHEMA_VERSION:
             raise PlanError(f"plan schema version {data['cdka_plan']!r} is not supported (this cdka reads {SCHEMA_VERSION})")
@@ -299,6 +336,7 @@ class Plan:
             objective=str(data.get("objective", "balanced")),
             exact=allocation.get("exact"),
             gap=allocation.get("gap"),
+            sweep=SweepRecord.from_dict(data["sweep"]) if data.get("sweep") is not None else None,
         )
         if "used" in budget and budget["used"] != plan.used_params:
             raise PlanError(f"budget.used is {budget['used']!r} but the groups add up to {plan.used_params}")

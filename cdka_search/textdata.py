@@ -1,4 +1,4 @@
-"""Local text data -> token batches for causal-LM probes and trials (offline, no data set hub)."""
+"""Local models and text for causal-LM probes and trials: files only, no hub, no pickle."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cdka_search.errors import DataError
+from cdka_search.errors import DataError, ModelSourceError
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -26,9 +28,9 @@ def read_texts(path: str | Path) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise DataError(f"{file}:{number}: not a JSON object") from None
+                raise DataError(f"{file}: line {number} is not JSON") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{file}:{number}: each JSONL line needs a string field 'text'")
+                raise DataError(f"{file}: line {number} has no string 'text' field")
             texts.append(record["text"])
     else:
         texts = [p.strip() for p in raw.split("\n\n") if p.strip()]
@@ -38,20 +40,42 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 def encode(texts: list[str], model_dir: str | Path, vocab_size: int) -> list[int]:
-    """Token ids of all texts, joined: the folder's tokenizer if it has one, else UTF-8 bytes.
+    """Token ids of all texts joined by EOS: the folder's tokenizer if it has one, else UTF-8 bytes.
 
     The byte fallback (id = byte % vocab_size) lets tiny test models without a tokenizer train.
     """
     folder = Path(model_dir)
-    if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if any((folder / f).is_file() for f in _TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         ids: list[int] = []
         for text in texts:
-            ids.extend(tokenizer(text, add_special_tokens=True)["input_ids"])
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
         return ids
     return [b % vocab_size for text in texts for b in (text + "\n").encode("utf-8")]
+
+
+def load_causal_lm(model_dir: str | Path) -> Any:
+    """A local Hugging Face causal LM in float32 from safetensors weights (never pickle, never the hub)."""
+    folder = Path(model_dir)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise ModelSourceError(f"{folder}: no safetensors weights (model.safetensors or its index) to load")
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ModelSourceError("loading a local model needs transformers: pip install 'cdka[hf]'") from None
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ModelSourceError(f"{folder}: cannot load a causal LM ({first[:200]})") from None
 
 
 def token_batches(ids: list[int], *, seq_len: int, batch_size: int, limit: int | None = None) -> list[dict[str, Any]]:

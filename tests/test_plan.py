@@ -105,3 +105,17 @@ def test_assign_maps_modules_and_checks_counts(gpt2_plan):
     assert assigned["transformer.h.3.mlp.c_fc"].shape == (3072, 768)
     with pytest.raises(PlanError, match="matches 11 modules"):
         gpt2_plan.assign([n for n in names if n != "transformer.h.5.attn.c_attn"])
+
+
+def test_sweep_block_round_trips_and_is_strict(gpt2_plan):
+    from dataclasses import replace
+
+    from cdka_search.plan import SweepRecord
+
+    record = SweepRecord("s", "sqlite:///x.db", "proxy", 20, 3, 0.5, 0.7, 0.2, 28.57, 2e-4)
+    swept = replace(gpt2_plan, sweep=record)
+    assert loads_plan(dumps_plan(swept)) == swept
+    doc = swept.to_dict()
+    doc["sweep"]["best_vlaue"] = 1
+    with pytest.raises(PlanError, match="did you mean 'best_value'"):
+        loads_plan(yaml.safe_dump(doc))

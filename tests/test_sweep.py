@@ -142,9 +142,10 @@ def test_tiny_sweep_end_to_end_then_report(cli, tmp_path, tiny_config):
     assert summary["complete"] + summary["pruned"] == 6
     assert summary["best_value"] <= summary["trial0_value"]
     assert summary["improvement"] == pytest.approx(summary["trial0_value"] - summary["best_value"])
-    text = out.read_text()
-    assert text.startswith("# cdka sweep: study e2e") and "trial 0 (heuristic plan)" in text
     plan = load_plan(out)
+    assert plan.sweep.study == "e2e" and plan.sweep.best_value == pytest.approx(summary["best_value"])
+    assert plan.sweep.trial0_value == pytest.approx(summary["trial0_value"])
+    assert plan.sweep.improvement == pytest.approx(summary["improvement"])
     assert plan.used_params <= plan.budget_limit
     assert plan.adapter.alpha == pytest.approx(summary["best_alpha"])
     assert not list(tmp_path.glob(".best.yaml.*"))  # no temporary file left behind
@@ -291,3 +292,21 @@ def test_reference_updates_replace_the_synthetic_target_and_hyperband_runs(tmp_p
     assert torch.allclose(got, expected, atol=1e-6)
     result = run_sweep(_config(tmp_path, tiny_config, trials=3, reference=ref, pruner="hyperband"))
     assert result.complete >= 1
+
+
+def test_sweep_from_a_recipe_uses_its_space_and_settings(cli, tmp_path):
+    from cdka_search.plan import load_plan
+
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    out = tmp_path / "best.yaml"
+    res = cli("sweep", "--recipe", "roberta/base_cdka_lora8", "--trials", "2", "--steps", "6",
+              "--storage", db, "--study", "rec", "-o", str(out), "--json")
+    assert res.exit_code == 0, res.output
+    plan = load_plan(out)
+    assert plan.model_name == "roberta-base" and plan.budget_spec == "lora:8"  # from the recipe
+    assert plan.sweep.steps == 6  # typed flags win over the recipe's 200
+    import optuna
+
+    study = optuna.load_study(study_name="rec", storage=db)
+    alphas = [t.params["alpha"] for t in study.trials]
+    assert alphas[0] == 64 and all(16 <= a <= 128 for a in alphas)  # the recipe's alpha choices span 16..128

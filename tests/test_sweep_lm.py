@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cdka_search.errors import SweepError
+from cdka_search.errors import DataError
 
 TEXT = " ".join(
     f"the adapter {w} learns a kronecker update number {i % 7} under a budget." for i, w in
@@ -45,14 +45,14 @@ def test_lm_sweep_trains_the_real_model_and_writes_a_plan(tmp_path, tiny_lm):
 
 
 def test_lm_task_reads_jsonl_and_reports_bad_lines(tmp_path):
-    from cdka_search.sweep.tasks.lm import read_texts
+    from cdka_search.textdata import read_texts
 
     good = tmp_path / "d.jsonl"
     good.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
     assert read_texts(good) == ["one", "two"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "one"}) + "\n{oops\n")
-    with pytest.raises(SweepError, match="line 2 is not JSON"):
+    with pytest.raises(DataError, match="line 2 is not JSON"):
         read_texts(bad)
-    with pytest.raises(SweepError, match="no such file"):
+    with pytest.raises(DataError, match="no such data file"):
         read_texts(tmp_path / "missing.txt")

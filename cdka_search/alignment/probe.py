@@ -8,10 +8,9 @@ from typing import Callable
 import torch
 
 from cdka_search.alignment.reference import delta_reference, gradient_reference
-from cdka_search.errors import ModelSourceError
 from cdka_search.spec import load_spec
 from cdka_search.targets import select_targets
-from cdka_search.textdata import encode, read_texts, token_batches
+from cdka_search.textdata import encode, load_causal_lm, read_texts, token_batches
 
 Progress = Callable[[int, "int | None"], None]
 
@@ -21,23 +20,6 @@ def probe_delta(base: str | Path, finetuned: str | Path, *, targets: str = "all-
     spec = select_targets(load_spec(str(base)), targets)
     conv1d = [t.name for t in spec.targets if t.kind == "conv1d"]
     return delta_reference(base, finetuned, [t.name for t in spec.targets], conv1d_names=conv1d)
-
-
-def load_causal_lm(model_dir: str | Path) -> torch.nn.Module:
-    """A local Hugging Face causal LM from safetensors weights (never pickle, never the hub)."""
-    folder = Path(model_dir)
-    if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
-        raise ModelSourceError(f"{folder}: no safetensors weights (model.safetensors or its index) to load")
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise ModelSourceError("probing gradients needs transformers: pip install 'cdka[hf]'") from None
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"{folder}: cannot load the model ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
 
 
 def probe_gradients(

@@ -38,7 +38,7 @@ def _root(
 
 
 def main() -> None:
-    # Scoring does thousands of tiny SVDs: BLAS threads only add contention there.
+    # Scoring does thousands of tiny numpy SVDs: OpenBLAS threads only add contention there
+    # (torch keeps its own thread pool, so training is unaffected).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     app()

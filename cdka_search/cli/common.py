@@ -42,20 +42,25 @@ RecipeOpt = Annotated[
 ]
 
 
-def with_recipe(ctx: typer.Context, recipe: str | None, values: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """``values`` with every option the user did not type replaced by the recipe's, and the recipe."""
-    if recipe is None:
-        return values, None
-    from cdka_search.recipes import load_recipe
-
-    loaded = load_recipe(recipe)
+def from_recipe(ctx: typer.Context, source: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each option the user did not type replaced by ``source``'s attribute of that name."""
+    if source is None:
+        return values
     merged = dict(values)
     for name in values:
-        source = ctx.get_parameter_source(name)
-        if source is None or source.name == "DEFAULT":
-            if hasattr(loaded, name):
-                merged[name] = getattr(loaded, name)
-    return merged, loaded
+        typed = ctx.get_parameter_source(name)
+        if (typed is None or typed.name == "DEFAULT") and hasattr(source, name):
+            merged[name] = getattr(source, name)
+    return merged
+
+
+def load_recipe_option(recipe: str | None) -> Any:
+    """The Recipe named by --recipe, or None."""
+    if recipe is None:
+        return None
+    from cdka_search.recipes import load_recipe
+
+    return load_recipe(recipe)
 
 
 def guarded(fn: F) -> F:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cdka_search.cli.common import BudgetOpt, JsonOpt, ModelOpt, ObjectiveOpt, OutputOpt, RecipeOpt, TargetsOpt, guarded, with_recipe
+from cdka_search.cli.common import BudgetOpt, JsonOpt, ModelOpt, ObjectiveOpt, OutputOpt, RecipeOpt, TargetsOpt, from_recipe, guarded, load_recipe_option
 from cdka_search.errors import PlanError, TargetError
 
 app = typer.Typer()
@@ -78,9 +78,8 @@ def plan(
     from cdka_search.render import render
     from cdka_search.views import plan_table
 
-    opts, loaded = with_recipe(
-        ctx, recipe, dict(model=model, budget=budget, targets=targets, objective=objective, family=family, max_r=max_r)
-    )
+    loaded = load_recipe_option(recipe)
+    opts = from_recipe(ctx, loaded, dict(model=model, budget=budget, targets=targets, objective=objective, family=family, max_r=max_r))
     adapter = loaded.adapter if loaded else AdapterSettings()
     updates = None
     if reference is not None:

@@ -9,7 +9,18 @@ from typing import Annotated, Callable, Iterator, Optional
 
 import typer
 
-from cdka_search.cli.common import BudgetOpt, JsonOpt, ModelOpt, ObjectiveOpt, StorageOpt, TargetsOpt, guarded
+from cdka_search.cli.common import (
+    BudgetOpt,
+    JsonOpt,
+    ModelOpt,
+    ObjectiveOpt,
+    RecipeOpt,
+    StorageOpt,
+    TargetsOpt,
+    from_recipe,
+    guarded,
+    load_recipe_option,
+)
 
 app = typer.Typer()
 
@@ -19,6 +30,7 @@ StudyOpt = Annotated[Optional[str], typer.Option("--study", help="Study name (de
 @app.command()
 @guarded
 def sweep(
+    ctx: typer.Context,
     model: ModelOpt = "llama-2-7b",
     budget: BudgetOpt = "0.5%",
     trials: Annotated[int, typer.Option("--trials", "-n", help="Finished trials the study should hold (all workers together).")] = 20,
@@ -35,6 +47,7 @@ def sweep(
     targets: TargetsOpt = "all-linear",
     objective: ObjectiveOpt = "balanced",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the best plan.")] = Path("best.yaml"),
+    recipe: RecipeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Refine the heuristic plan by short real training of the adapter in an Optuna study.
@@ -50,14 +63,23 @@ def sweep(
       cdka sweep -m gpt2 -b lora:8 --trials 40 --storage postgresql://cdka@db/cdka --study gpt2-a --seed 1
 
       cdka sweep -m ./tiny-llama --task lm --data train.jsonl --steps 100 --storage journal:sweep.journal
+
+      cdka sweep --recipe llama2/7B_cdka_lora8 --trials 10
     """
     from cdka_search.render import render
     from cdka_search.sweep.study import SweepConfig, run_sweep
     from cdka_search.sweep.views import sweep_table
 
-    config = SweepConfig(model=model, budget=budget, trials=trials, timeout=timeout, storage=storage, study=study,
-                         seed=seed, task=task, data=data, steps=steps, reference=reference, output=output,
-                         targets=targets, objective=objective, pruner=pruner, top_k=top_k)
+    loaded = load_recipe_option(recipe)
+    opts = from_recipe(ctx, loaded, dict(model=model, budget=budget, targets=targets, objective=objective))
+    opts.update(from_recipe(ctx, loaded.sweep if loaded else None, dict(trials=trials, steps=steps, task=task, top_k=top_k, seed=seed)))
+    ranges: dict = {}
+    if loaded:
+        ranges["alpha_range"] = (min(loaded.sweep.alpha), max(loaded.sweep.alpha))
+        if opts["task"] == "lm":  # a recipe's lr range is for real LM training, not the proxy's
+            ranges["lr_range"] = tuple(loaded.sweep.lr)
+    config = SweepConfig(timeout=timeout, storage=storage, study=study, data=data, reference=reference, output=output,
+                         pruner=pruner, **opts, **ranges)
     with trial_progress(trials, enabled=not as_json) as on_trial:
         result = run_sweep(config, on_trial=on_trial)
     render(sweep_table(result), as_json=as_json)

@@ -21,11 +21,11 @@ HEURISTIC = "heuristic"
 WORKER = "worker"
 
 
-def suggest(trial: Any, space: "SearchSpace", lr_range: tuple[float, float]) -> tuple[dict[str, object], float]:
+def suggest(trial: Any, space: "SearchSpace") -> tuple[dict[str, object], float]:
     """A trial's choices: one design label per group, alpha and the learning rate (both log scale)."""
     params: dict[str, object] = {g.param: trial.suggest_categorical(g.param, list(g.labels)) for g in space.groups}
     params["alpha"] = trial.suggest_float("alpha", *space.alpha_range, log=True)
-    lr = trial.suggest_float("lr", *lr_range, log=True)
+    lr = trial.suggest_float("lr", *space.lr_range, log=True)
     return params, lr
 
 
@@ -38,7 +38,7 @@ class Objective:
     def __call__(self, trial: Any) -> float:
         import optuna
 
-        params, lr = suggest(trial, self.space, self.task.lr_range)
+        params, lr = suggest(trial, self.space)
         plan = self.space.plan_for(params)
         trial.set_user_attr("params_used", plan.used_params)
         trial.set_user_attr(WORKER, f"{socket.gethostname()}:{os.getpid()}")

@@ -129,6 +129,8 @@ def build_space(
     top_k: int = DEFAULT_TOP_K,
     include_lora: bool = True,
     seed: int = 0,
+    alpha_range: tuple[float, float] = (4.0, 256.0),
+    lr_range: tuple[float, float] = (1e-4, 1e-1),
 ) -> SearchSpace:
     """The search space around ``make_plan(spec, budget)``; ``spec`` holds the selected targets only."""
     from cdka_search.planner import make_plan, resolve_budget, score_tables
@@ -168,4 +170,4 @@ def build_space(
     worst = sum(g.count * max(c.design.params for c in g.choices) for g in groups)
     if worst > limit.limit:  # by construction; a failure here is a bug, not a user error
         raise SweepError(f"search space can exceed the budget: {worst:,} > {limit.limit:,}")
-    return SearchSpace(heuristic=heuristic, groups=tuple(groups), budget=limit)
+    return SearchSpace(heuristic=heuristic, groups=tuple(groups), budget=limit, alpha_range=alpha_range, lr_range=lr_range)

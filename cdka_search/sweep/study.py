@@ -46,6 +46,8 @@ class SweepConfig:
     pruner: str = "median"
     top_k: int = DEFAULT_TOP_K
     report_every: int = 0
+    lr_range: tuple[float, float] | None = None  # default: the task's
+    alpha_range: tuple[float, float] = (4.0, 256.0)
 
 
 @dataclass
@@ -216,7 +218,8 @@ def run_sweep(config: SweepConfig, *, on_trial: Callable[[int, int, float | None
     task = make_task(config.task, options)
     make_pruner(config.pruner, config.steps, options.every)  # validate before touching storage
     spec = select_targets(load_spec(config.model), config.targets)
-    space = build_space(spec, config.budget, objective=config.objective, top_k=config.top_k)
+    space = build_space(spec, config.budget, objective=config.objective, top_k=config.top_k,
+                        lr_range=config.lr_range or task.lr_range, alpha_range=config.alpha_range)
     storage_url = normalise(config.storage)
     where = redact(storage_url)
     name = config.study or default_study_name(config, spec.name)
@@ -292,29 +295,30 @@ def _result(study: Any, space: Any, config: SweepConfig, where: str, ran: int, s
     return result
 
 
-def plan_header(result: SweepResult, config: SweepConfig) -> str:
-    """YAML comment lines carrying the sweep's measured values above the plan document."""
-    lines = [
-        f"cdka sweep: study {result.study} in {result.storage}; task {config.task}, {config.steps} steps",
-        f"best trial {result.best_number}: value {result.best_value:.6g}; lr {result.best_params.get('lr', float('nan')):.4g} "
-        f"(alpha is adapter.alpha)",
-    ]
-    if result.trial0_value is not None:
-        lines.append(
-            f"trial 0 (heuristic plan): value {result.trial0_value:.6g}; improvement {result.improvement:.6g} "
-            f"({result.improvement_pct:.2f} %)"
-        )
-    return "".join(f"# {line}\n" for line in lines)
+def sweep_record(result: SweepResult, config: SweepConfig) -> Any:
+    """The plan document's ``sweep`` block: what the study measured."""
+    from cdka_search.plan import SweepRecord
+
+    lr = result.best_params.get("lr")
+    return SweepRecord(
+        study=result.study,
+        storage=result.storage,
+        task=config.task,
+        steps=config.steps,
+        best_trial=result.best_number,
+        best_value=result.best_value,
+        trial0_value=result.trial0_value,
+        improvement=result.improvement,
+        improvement_pct=None if result.improvement_pct is None else round(result.improvement_pct, 4),
+        lr=None if lr is None else float(lr),
+    )
 
 
 def write_best_plan(result: SweepResult, config: SweepConfig) -> Path:
-    """Write the best plan atomically (YAML with the sweep's values as leading comments, or JSON)."""
-    from cdka_search.fileio import atomic_write_text
-    from cdka_search.plan import dumps_plan
+    """Write the best plan atomically, with the sweep's measured values in its ``sweep`` block."""
+    from dataclasses import replace
 
-    path = Path(config.output)  # type: ignore[arg-type]
-    fmt = "json" if path.suffix == ".json" else "yaml"
-    text = dumps_plan(result.plan, fmt)
-    if fmt == "yaml":
-        text = plan_header(result, config) + text
-    return atomic_write_text(path, text)
+    from cdka_search.plan import save_plan
+
+    result.plan = replace(result.plan, sweep=sweep_record(result, config))
+    return save_plan(result.plan, Path(config.output))  # type: ignore[arg-type]

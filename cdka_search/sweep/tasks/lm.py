@@ -1,12 +1,11 @@
 """The ``lm`` task: K steps of causal-LM training of a local Hugging Face model under the trial's plan.
 
-- Model: a local folder loaded with ``AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)``
-  in float32, once per process; each trial trains a fresh copy with the plan applied by ``apply_plan``
+- Model: a local folder loaded by ``cdka_search.textdata.load_causal_lm`` (safetensors, float32), once
+  per process; each trial trains a fresh copy with the plan applied by ``apply_plan``
   (real CdkaLinear modules, default stabilisation).
-- Data: a local ``.txt`` file (the whole text) or ``.jsonl`` file (one JSON object per line, its "text"
-  field). Tokenised with the folder's tokenizer; a folder without tokenizer files falls back to UTF-8
-  bytes as token ids (needs vocab_size >= 256; used by the tests). Documents are joined with the EOS
-  token, cut into blocks of SEQ_LEN tokens; the last HELD_OUT (10 %, at least one) blocks are held out.
+- Data: ``cdka_search.textdata``: a local ``.txt`` file (blank-line separated documents) or ``.jsonl``
+  file ("text" field), tokenised with the folder's tokenizer or, without one, as UTF-8 bytes modulo the
+  vocabulary (the tests' tiny models). Documents are joined with EOS and cut into blocks of SEQ_LEN tokens; the last HELD_OUT (10 %, at least one) blocks are held out.
 - Training: AdamW (weight decay 5e-4, the reference recipe), 3 % warm-up then cosine, batches of
   BATCH blocks from a seeded shuffle. The value is the mean causal-LM loss on the held-out blocks; it is
   also the intermediate value reported every few steps.
@@ -15,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,34 +30,6 @@ BATCH = 8
 HELD_OUT = 0.1
 WARMUP = 0.03
 WEIGHT_DECAY = 5e-4
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def read_texts(path: Path) -> list[str]:
-    """The documents of a .txt (one) or .jsonl (one per line, "text" field) file."""
-    if not path.is_file():
-        raise SweepError(f"--data {path}: no such file")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SweepError(f"--data {path}: cannot read as UTF-8 text ({exc.__class__.__name__})") from None
-    if path.suffix != ".jsonl":
-        texts = [raw]
-    else:
-        texts = []
-        for number, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise SweepError(f"--data {path}: line {number} is not JSON") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise SweepError(f'--data {path}: line {number} has no string "text" field')
-            texts.append(record["text"])
-    if not any(t.strip() for t in texts):
-        raise SweepError(f"--data {path}: no text")
-    return texts
 
 
 class LMTask:
@@ -80,42 +50,16 @@ class LMTask:
         self.held: Any = None
         self.device = "cpu"
 
-    def _encode(self, texts: list[str], vocab: int) -> list[int]:
-        folder = self.options.model
-        assert folder is not None
-        if any((folder / f).is_file() for f in _TOKENIZER_FILES):
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-            ids: list[int] = []
-            for t in texts:
-                ids.extend(tok(t, add_special_tokens=False)["input_ids"] + eos)
-            return ids
-        if vocab < 256:
-            raise SweepError(f"{folder} has no tokenizer and its vocab_size {vocab} < 256 (needed for byte tokens)")
-        ids = []
-        for t in texts:
-            ids.extend(t.encode("utf-8"))
-        return ids
-
     def prepare(self, space: "SearchSpace") -> None:
         import torch
 
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            raise SweepError("the lm task needs transformers: pip install 'cdka[hf]'") from None
-        folder = self.options.model
-        try:
-            self.base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise SweepError(f"--model {folder}: cannot load a causal LM ({first[:200]})") from None
+        from cdka_search.textdata import encode, load_causal_lm, read_texts
+
+        self.base = load_causal_lm(self.options.model)  # type: ignore[arg-type]
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base.eval()
         vocab = int(self.base.config.vocab_size)
-        ids = self._encode(read_texts(self.options.data), vocab)  # type: ignore[arg-type]
+        ids = encode(read_texts(self.options.data), self.options.model, vocab)  # type: ignore[arg-type]
         blocks = len(ids) // self.seq_len
         if blocks < 2:
             raise SweepError(
