@@ -8,8 +8,8 @@ proxy's default lr and alpha 64) for STEPS steps, with SEEDS problem seeds (a ne
 init per seed). The printed rho is Spearman(score, -error) per shape (positive = a higher score means a
 lower trained error), then the mean over shapes.
 
-Run:  python benchmarks/validity.py            (about 3-5 minutes on 2 CPU cores)
-      python benchmarks/validity.py --quick    (fewer steps and one seed, for a smoke test)
+Run:  python benchmarks/validity.py                                      (about 2-5 minutes on 2 CPU cores)
+      python benchmarks/validity.py --steps 5 --seeds 1 --shapes 128x128      (a smoke test)
 """
 
 from __future__ import annotations
@@ -74,9 +74,12 @@ def spearman(a, b) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="100 steps, one seed")
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps per design")
+    parser.add_argument("--seeds", type=int, default=len(SEEDS), help="problem seeds per design")
+    parser.add_argument("--shapes", nargs="*", default=[f"{o}x{i}" for o, i in SHAPES], help="d_outxd_in ...")
     args = parser.parse_args()
-    steps, seeds = (100, (0,)) if args.quick else (STEPS, SEEDS)
+    steps, seeds = args.steps, tuple(range(args.seeds))
+    shapes = [tuple(int(v) for v in text.split("x")) for text in args.shapes]
 
     import numpy as np
     import torch
@@ -90,7 +93,7 @@ def main() -> None:
     started = time.monotonic()
     table = {o: [] for o in OBJECTIVES}
     print(f"proxy task, {steps} steps, seeds {list(seeds)}, lr {lr}, alpha 64; rho = Spearman(score, -error)")
-    for shape in SHAPES:
+    for shape in shapes:
         budget = R_EQ * (shape[0] + shape[1])
         designs = designs_for(shape, budget)
         if len(designs) < 12:
