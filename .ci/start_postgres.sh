@@ -54,6 +54,9 @@ else
     log "initdb in $DIR"
     "${RUN[@]}" "$BIN/initdb" -D "$DIR" -U postgres -A trust --no-sync -E UTF8 >&2
   fi
+  # Nothing answers on the port, so a postmaster.pid left by a killed server is stale (its PID may
+  # even belong to another process by now): remove it rather than let pg_ctl refuse to start.
+  rm -f "$DIR/postmaster.pid"
   log "starting on 127.0.0.1:$PORT"
   "${RUN[@]}" "$BIN/pg_ctl" -D "$DIR" -l "$DIR/server.log" -w -t 60 \
     -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DIR -c fsync=off -c max_connections=100" start >&2
