@@ -27,15 +27,15 @@ Schema (version 1), YAML or JSON::
 
 from __future__ import annotations
 
-import difflib
-import math
 import fnmatch
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from cdka_search.candidates import Design
+from cdka_search.documents import reject_unknown, strict_dataclass
 from cdka_search.errors import PlanError
 from cdka_search.fileio import atomic_write_text
 
@@ -45,15 +45,6 @@ INITS = ("kaiming-A-zero-B", "gradient-aligned")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 KINDS = ("linear", "conv1d")
 _GLOB = "*?["
-
-
-def _reject_unknown(data: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
-    allowed = list(allowed)
-    for key in data:
-        if key not in allowed:
-            near = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise PlanError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
 
 
 def _require(data: Mapping[str, Any], keys: Iterable[str], where: str) -> None:
@@ -130,13 +121,7 @@ class AdapterSettings:
 
     @classmethod
     def from_dict(cls, data: Any) -> "AdapterSettings":
-        if not isinstance(data, Mapping):
-            raise PlanError("adapter: expected a mapping")
-        _reject_unknown(data, [f.name for f in fields(cls)], "adapter")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise PlanError(f"adapter: {exc}") from None
+        return strict_dataclass(cls, data, "adapter")
 
 
 @dataclass(frozen=True)
@@ -183,7 +168,7 @@ class PlanGroup:
         keys = ("modules", "kind", "shape", "count", "left", "right", "r", "r1", "r2", "params_each", "rank_bound", "scores")
         if not isinstance(data, Mapping):
             raise PlanError(f"{where}: expected a mapping")
-        _reject_unknown(data, keys, where)
+        reject_unknown(data, keys, where)
         _require(data, ("modules", "shape", "count", "left", "right", "r"), where)
         modules = data["modules"]
         patterns = (modules,) if isinstance(modules, str) else tuple(modules) if isinstance(modules, list) else ()
@@ -236,13 +221,7 @@ class SweepRecord:
 
     @classmethod
     def from_dict(cls, data: Any) -> "SweepRecord":
-        if not isinstance(data, Mapping):
-            raise PlanError("sweep: expected a mapping")
-        _reject_unknown(data, [f.name for f in fields(cls)], "sweep")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise PlanError(f"sweep: {exc}") from None
+        return strict_dataclass(cls, data, "sweep")
 
 
 @dataclass(frozen=True)
@@ -267,7 +246,7 @@ class Plan:
 
     def with_adapter(self, **changes: Any) -> "Plan":
         """A copy with some adapter settings changed; unknown settings are a PlanError."""
-        _reject_unknown(changes, [f.name for f in fields(AdapterSettings)], "adapter")
+        reject_unknown(changes, [f.name for f in fields(AdapterSettings)], "adapter")
         return replace(self, adapter=replace(self.adapter, **changes))
 
     def assign(self, module_names: Iterable[str]) -> dict[str, PlanGroup]:
@@ -306,15 +285,15 @@ class Plan:
     def from_dict(cls, data: Any) -> "Plan":
         if not isinstance(data, Mapping):
             raise PlanError("a plan must be a mapping with a 'cdka_plan' version key")
-        _reject_unknown(data, ("cdka_plan", "model", "budget", "objective", "adapter", "allocation", "groups", "sweep"), "plan")
+        reject_unknown(data, ("cdka_plan", "model", "budget", "objective", "adapter", "allocation", "groups", "sweep"), "plan")
         _require(data, ("cdka_plan", "model", "budget", "groups"), "plan")
         if data["cdka_plan"] != SCHEMA_VERSION:
             raise PlanError(f"plan schema version {data['cdka_plan']!r} is not supported (this cdka reads {SCHEMA_VERSION})")
         model, budget = data["model"], data["budget"]
         if not isinstance(model, Mapping) or not isinstance(budget, Mapping):
             raise PlanError("plan: 'model' and 'budget' must be mappings")
-        _reject_unknown(model, ("name", "source", "total_params"), "model")
-        _reject_unknown(budget, ("spec", "limit", "used"), "budget")
+        reject_unknown(model, ("name", "source", "total_params"), "model")
+        reject_unknown(budget, ("spec", "limit", "used"), "budget")
         _require(model, ("name", "total_params"), "model")
         _require(budget, ("limit",), "budget")
         groups_data = data["groups"]
@@ -324,7 +303,7 @@ class Plan:
         allocation = data.get("allocation") or {}
         if not isinstance(allocation, Mapping):
             raise PlanError("plan: 'allocation' must be a mapping")
-        _reject_unknown(allocation, ("exact", "gap"), "allocation")
+        reject_unknown(allocation, ("exact", "gap"), "allocation")
         plan = cls(
             model_name=str(model["name"]),
             model_source=str(model.get("source", "unknown")),

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cdka_search.candidates import FAMILIES, CandidateSpace
+from cdka_search.documents import reject_unknown
 from cdka_search.errors import PlanError
 from cdka_search.plan import AdapterSettings
 
@@ -57,11 +58,7 @@ class RecipeError(PlanError):
 
 def _reject_unknown(data: Mapping[str, Any], cls: type, where: str, extra: tuple[str, ...] = ()) -> None:
     allowed = [*extra, *(f.name for f in fields(cls) if f.init and f.name not in ("name", "path"))]
-    for key in data:
-        if key not in allowed:
-            near = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise RecipeError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+    reject_unknown(data, allowed, where, RecipeError)
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:

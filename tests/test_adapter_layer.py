@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from cdka_search.adapter.layer import CdkaLinear
-from cdka_search.plan import scaling_value
 from cdka_search.errors import PlanError
+from cdka_search.plan import scaling_value
 
 F64 = torch.float64
 

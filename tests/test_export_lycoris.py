@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import replace
 
 import pytest
+import tomllib
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -272,10 +272,10 @@ def test_reference_updates_replace_the_synthetic_target_and_hyperband_runs(tmp_p
 
     from cdka_search.alignment.reference import save_reference
     from cdka_search.spec import load_spec
+    from cdka_search.sweep.space import build_space
     from cdka_search.sweep.study import run_sweep
     from cdka_search.sweep.tasks import TaskOptions
     from cdka_search.sweep.tasks.proxy import ProxyTask
-    from cdka_search.sweep.space import build_space
 
     spec = load_spec(str(tiny_config))
     gen = torch.Generator().manual_seed(0)

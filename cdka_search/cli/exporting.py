@@ -58,7 +58,7 @@ def list_(as_json: JsonOpt = False) -> None:
 
     Example: cdka recipes list --json
     """
-    from cdka_search.recipes import load_recipe, list_recipes, recipes_root
+    from cdka_search.recipes import list_recipes, load_recipe, recipes_root
     from cdka_search.render import Table, render
 
     recipes = [load_recipe(name) for name in list_recipes()]

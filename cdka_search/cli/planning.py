@@ -8,7 +8,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from cdka_search.cli.common import BudgetOpt, JsonOpt, ModelOpt, ObjectiveOpt, OutputOpt, RecipeOpt, TargetsOpt, from_recipe, guarded, load_recipe_option
+from cdka_search.cli.common import (
+    BudgetOpt,
+    JsonOpt,
+    ModelOpt,
+    ObjectiveOpt,
+    OutputOpt,
+    RecipeOpt,
+    TargetsOpt,
+    from_recipe,
+    guarded,
+    load_recipe_option,
+)
 from cdka_search.errors import PlanError, TargetError
 
 app = typer.Typer()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdka_search.errors import SweepError
