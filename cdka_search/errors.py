@@ -55,3 +55,9 @@ class DataError(CdkaError, ValueError):
     """A local data file (text or JSONL) that is missing, empty or malformed."""
 
     exit_code = 9
+
+
+class OutputError(CdkaError, OSError):
+    """An output file that cannot be written (a folder, a missing or read-only location)."""
+
+    exit_code = 10

@@ -161,3 +161,11 @@ def test_plan_from_a_recipe_with_a_flag_overriding_it(cli, tmp_path):
     assert yaml.safe_load(out.read_text())["budget"]["spec"] == "1%"
     missing = cli("plan", "--recipe", "llama2/7B_nope", "-o", str(tmp_path / "x.yaml"))
     assert missing.exit_code == 5 and "known recipes: llama2/7B_cdka_lora8" in missing.stderr
+
+
+@pytest.mark.parametrize("target", ["{tmp}", "/proc/cdka-cannot-write/plan.yaml"])
+def test_unwritable_output_is_one_line(cli, tmp_path, target):
+    result = cli("plan", "-m", "gpt2", "-o", target.format(tmp=tmp_path))
+    assert result.exit_code == 10
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,9 +16,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from cdka_search.errors import ReferenceFileError, TargetError
+from cdka_search.fileio import atomic_write_bytes
 
 FORMAT_VERSION = "1"
 KINDS = ("delta", "gradient", "tensors")
@@ -28,25 +28,16 @@ Progress = Callable[[int, int | None], None]
 
 
 def save_reference(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], kind: str) -> Path:
-    """Write tensors to path atomically (temporary file in the same folder, then os.replace)."""
+    """Write tensors to path atomically (cdka_search.fileio: a temporary file, then a rename)."""
     if kind not in KINDS:
         raise ReferenceFileError(f"reference kind {kind!r} is not one of {', '.join(KINDS)}")
     for name, tensor in tensors.items():
         _check_matrix(name, tensor, f"tensors to save to {path}")
-    target = Path(path)
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(
-            {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
-            temp,
-            metadata={"cdka_reference": FORMAT_VERSION, "kind": kind},
-        )
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return target
+    data = save(
+        {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
+        metadata={"cdka_reference": FORMAT_VERSION, "kind": kind},
+    )
+    return atomic_write_bytes(path, data)
 
 
 def load_reference(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

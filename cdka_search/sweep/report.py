@@ -163,6 +163,11 @@ def study_report(storage: str | None, study: str | None, folder: Path | None, *,
     from cdka_search.sweep.storage import normalise, redact
     from cdka_search.sweep.study import open_study
 
+    url = normalise(storage)
+    for prefix in ("sqlite:///", "journal:"):
+        # Opening a missing file would create an empty storage; a report only reads.
+        if url.startswith(prefix) and not Path(url[len(prefix):]).exists():
+            raise SweepError(f"--storage {redact(url)}: no such file; run `cdka sweep` first or check the path")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     loaded = open_study(storage, study, heartbeat=False)

@@ -49,6 +49,12 @@ class SweepConfig:
     lr_range: tuple[float, float] | None = None  # default: the task's
     alpha_range: tuple[float, float] = (4.0, 256.0)
 
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise SweepError(f"--trials must be at least 1, got {self.trials}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise SweepError(f"--timeout must be positive seconds, got {self.timeout}")
+
 
 @dataclass
 class SweepResult:
@@ -200,10 +206,6 @@ def run_sweep(config: SweepConfig, *, on_trial: Callable[[int, int, float | None
     from cdka_search.sweep.tasks import make_task
     from cdka_search.targets import select_targets
 
-    if config.trials < 1:
-        raise SweepError(f"--trials must be at least 1, got {config.trials}")
-    if config.timeout is not None and config.timeout <= 0:
-        raise SweepError(f"--timeout must be positive seconds, got {config.timeout}")
     if config.output is not None and config.output.exists() and config.output.is_dir():
         raise SweepError(f"-o {config.output} is a folder; give a file name such as best.yaml")
     started = time.monotonic()
