@@ -27,7 +27,7 @@ TOLERANCE = 0.15
 STEPS = 200
 MAX_DESIGNS = 25
 SEEDS = (0, 1, 2)
-OBJECTIVES = ("capacity", "alignment", "first_step", "balanced")
+OBJECTIVES = ("capacity", "alignment", "first_step", "balanced", "speed")
 
 
 def designs_for(shape: tuple[int, int], budget: int):
@@ -106,13 +106,14 @@ def main() -> None:
         mean_err = errors.mean(axis=0)
         line = [f"{shape[0]}x{shape[1]} ({len(designs)} designs, {budget:,} +-{TOLERANCE:.0%} params)"]
         scored = {}
-        for objective in ("capacity", "alignment", "balanced"):
+        for objective in ("capacity", "alignment", "balanced", "speed"):
             scored[objective] = [s.scores for s in score_designs(designs, objective)]
         values = {
             "capacity": [sc.capacity for sc in scored["capacity"]],
             "alignment": [sc.alignment for sc in scored["capacity"]],
             "first_step": [sc.first_step for sc in scored["capacity"]],
             "balanced": [sc.objective for sc in scored["balanced"]],
+            "speed": [sc.objective for sc in scored["speed"]],
         }
         for objective in OBJECTIVES:
             rho = spearman(values[objective], -mean_err)

@@ -5,8 +5,11 @@
               R(u v^T) = U (x) V with U = u as m1 x m2, V = v as n1 x n2, so the singular values of
               R(M) are the products sigma_i(U) sigma_j(V) and the top-r share needs only the small
               factors' spectra; estimated by seeded Monte Carlo (Bartlett-sampled Wishart spectra).
-- first_step  cos(dW_1, -G) ~ sqrt(r * r2 / (r1 * d_in)) after one step from the standard init.
-- objective   "balanced" = sqrt(capacity * alignment) (default), "capacity", or "alignment".
+- first_step  cos(dW_1, -G) ~ sqrt(r * r2 / (r1 * d_in)) after one step from the standard init (derived).
+- speed       first_step on a log scale: log(1 + r * r2 / r1) / log(1 + d_in) = log(1 + d_in cos^2) /
+              log(1 + d_in), 1 when the first update can align fully.
+- objective   "balanced" = sqrt(capacity * alignment) (default), "speed" = sqrt(alignment * speed),
+              "capacity", or "alignment". benchmarks/validity.py measures how each ranks trained errors.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Scores:
     capacity: float
     alignment: float
     first_step: float
+    speed: float
     objective: float
 
     def as_dict(self) -> dict[str, float]:
@@ -36,6 +40,7 @@ class Scores:
             "capacity": round(self.capacity, 6),
             "alignment": round(self.alignment, 6),
             "first_step": round(self.first_step, 6),
+            "speed": round(self.speed, 6),
             "objective": round(self.objective, 6),
         }
 
@@ -46,13 +51,14 @@ class ScoredDesign:
     scores: Scores
 
 
-Objective = Callable[[float, float, float], float]
+Objective = Callable[[float, float, float], float]  # (capacity, alignment, speed) -> objective
 AlignmentCurve = Callable[[int, int, int], Sequence[float]]
 
 OBJECTIVES: dict[str, Objective] = {
-    "balanced": lambda capacity, alignment, first_step: math.sqrt(capacity * alignment),
-    "capacity": lambda capacity, alignment, first_step: capacity,
-    "alignment": lambda capacity, alignment, first_step: alignment,
+    "balanced": lambda capacity, alignment, speed: math.sqrt(capacity * alignment),
+    "speed": lambda capacity, alignment, speed: math.sqrt(alignment * speed),
+    "capacity": lambda capacity, alignment, speed: capacity,
+    "alignment": lambda capacity, alignment, speed: alignment,
 }
 
 
@@ -66,6 +72,12 @@ def capacity(design: Design) -> float:
     """Rank bound on a log scale, 1.0 when dW can reach full rank."""
     d_out, d_in = design.shape
     return math.log2(1 + design.rank_bound) / math.log2(1 + min(d_out, d_in))
+
+
+def speed(design: Design) -> float:
+    """log(1 + r * r2 / r1) / log(1 + d_in), capped at 1: the first-step alignment on a log scale."""
+    d_in = design.shape[1]
+    return min(1.0, math.log1p(design.r * design.r2 / design.r1) / math.log1p(d_in))
 
 
 def first_step_alignment(design: Design) -> float:
@@ -176,6 +188,7 @@ class ScoreTable:
     capacity: object
     alignment: object
     first_step: object
+    speed: object
     objective: object
 
     def __len__(self) -> int:
@@ -185,7 +198,9 @@ class ScoreTable:
         return Design.from_paper(self.d_out, self.d_in, int(self.r1[i]), int(self.r2[i]), int(self.r[i]))
 
     def scored(self, i: int) -> ScoredDesign:
-        scores = Scores(float(self.capacity[i]), float(self.alignment[i]), float(self.first_step[i]), float(self.objective[i]))
+        scores = Scores(
+            float(self.capacity[i]), float(self.alignment[i]), float(self.first_step[i]), float(self.speed[i]), float(self.objective[i])
+        )
         return ScoredDesign(self.design(i), scores)
 
     def pareto(self) -> list[int]:
@@ -246,8 +261,9 @@ def score_shape(
     rank_bound = np.minimum(min(d_out, d_in), r * np.minimum(m1, r2) * np.minimum(r1, n2))
     cap = np.log2(1 + rank_bound) / math.log2(1 + min(d_out, d_in))
     first = np.sqrt(np.minimum(1.0, r * r2 / (r1 * d_in)))
-    obj = {"balanced": np.sqrt(cap * align), "capacity": cap, "alignment": align}[objective]
-    return ScoreTable(d_out, d_in, objective, r1, r2, r, params, rank_bound, cap, align, first, obj)
+    fast = np.minimum(1.0, np.log1p(r * r2 / r1) / math.log1p(d_in))
+    obj = {"balanced": np.sqrt(cap * align), "speed": np.sqrt(align * fast), "capacity": cap, "alignment": align}[objective]
+    return ScoreTable(d_out, d_in, objective, r1, r2, r, params, rank_bound, cap, align, first, fast, obj)
 
 
 def score_designs(
@@ -270,6 +286,6 @@ def score_designs(
     for d in pending:
         cap = capacity(d)
         align = curves[(*d.shape, d.r1, d.r2)][d.r - 1]
-        first = first_step_alignment(d)
-        out.append(ScoredDesign(d, Scores(cap, align, first, combine(cap, align, first))))
+        fast = speed(d)
+        out.append(ScoredDesign(d, Scores(cap, align, first_step_alignment(d), fast, combine(cap, align, fast))))
     return out

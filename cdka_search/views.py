@@ -87,6 +87,7 @@ def explain_table(shape: tuple[int, int], rows: Sequence[ExplainRow], objective:
                 row.scores["capacity"],
                 row.scores["alignment"],
                 row.scores["first_step"],
+                row.scores["speed"],
                 row.scores["objective"],
                 row.pareto,
             )
@@ -94,11 +95,11 @@ def explain_table(shape: tuple[int, int], rows: Sequence[ExplainRow], objective:
     limit = f" within {max_params:,} parameters" if max_params else ""
     notes = (
         "capacity = log2(1+K)/log2(1+min(d_out,d_in)), K = rank bound; alignment = expected share of a random rank-1 "
-        "update kept; first_step = sqrt(r*r2/(r1*d_in)); Pareto = no design has fewer parameters and a higher score.",
+        "update kept; first_step = sqrt(r*r2/(r1*d_in)); speed = log(1+r*r2/r1)/log(1+d_in); Pareto = no design has fewer parameters and a higher score.",
     )
     return Table(
         f"Candidates for {shape[0]}x{shape[1]}{limit}, by {objective}",
-        ("(r1,r2,r)", "B (m1xn1)", "A (m2xn2)", "Params", "Rank bound", "Capacity", "Alignment", "First step", "Score", "Pareto"),
+        ("(r1,r2,r)", "B (m1xn1)", "A (m2xn2)", "Params", "Rank bound", "Capacity", "Alignment", "First step", "Speed", "Score", "Pareto"),
         rows_of(out),
         notes,
     )

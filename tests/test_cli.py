@@ -49,7 +49,7 @@ def test_plan_json_output_and_format(cli, tmp_path):
         (["-b", "100"], 2, "below the smallest possible adapter"),
         (["-t", "q_porj"], 4, "'q_porj' matches no module"),
         (["--r1", "3"], 4, "must divide"),
-        (["--objective", "speed"], 4, "unknown objective"),
+        (["--objective", "fastest"], 4, "unknown objective"),
         (["-m", str(DATA / "missing" / "config.json")], 3, "no such file"),
     ],
 )

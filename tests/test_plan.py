@@ -32,7 +32,7 @@ def test_document_fields(gpt2_plan):
     assert (m1 * m2, n1 * n2) == (2304, 768)
     assert (group["r1"], group["r2"]) == (m2, n1)
     assert group["params_each"] == group["r"] * (m1 * n1 + m2 * n2)
-    assert set(group["scores"]) == {"capacity", "alignment", "first_step", "objective"}
+    assert set(group["scores"]) == {"capacity", "alignment", "first_step", "speed", "objective"}
 
 
 def test_yaml_is_deterministic(gpt2_plan):

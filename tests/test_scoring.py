@@ -71,3 +71,13 @@ def test_pareto_front_is_nondominated():
     for i in range(len(table)):
         # every design is matched or beaten by a front member that costs no more
         assert any(table.params[j] <= table.params[i] and table.objective[j] >= table.objective[i] - 1e-12 for j in front)
+
+
+def test_speed_score_and_objective():
+    from cdka_search.scoring import speed
+
+    d = Design.from_paper(4096, 4096, 2, 8, 4)
+    assert speed(d) == pytest.approx(math.log1p(4 * 8 / 2) / math.log1p(4096))
+    assert speed(Design.from_paper(64, 64, 1, 64, 1)) == 1.0  # A is 1x1: B is the whole update
+    scored = score_designs([d], "speed")[0].scores
+    assert scored.objective == pytest.approx(math.sqrt(scored.alignment * scored.speed))

@@ -27,7 +27,7 @@ TargetsOpt = Annotated[
     typer.Option("--targets", "-t", help="all-linear (default, no LM head/embeddings), attn, mlp, or comma-separated names/globs."),
 ]
 ObjectiveOpt = Annotated[
-    str, typer.Option("--objective", help="balanced = sqrt(capacity * alignment) (default), capacity, or alignment.")
+    str, typer.Option("--objective", help="balanced = sqrt(capacity * alignment) (default), speed = sqrt(alignment * speed), capacity, or alignment.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the plan.")]
