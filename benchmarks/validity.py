@@ -9,6 +9,9 @@ init per seed). The printed rho is Spearman(score, -error) per shape (positive =
 lower trained error), then the mean over shapes.
 
 Run:  python benchmarks/validity.py                                      (about 2-5 minutes on 2 CPU cores)
+      python benchmarks/validity.py --shapes 256x1024 768x768 1024x256 --seed-offset 3     (held out)
+      python benchmarks/validity.py --shapes 256x1024 768x768 1024x256 --seed-offset 3 --seeds 2 \
+          --all-orientations --max-designs 40                             (every orientation)
       python benchmarks/validity.py --steps 5 --seeds 1 --shapes 128x128      (a smoke test)
 """
 
@@ -30,23 +33,24 @@ SEEDS = (0, 1, 2)
 OBJECTIVES = ("capacity", "alignment", "first_step", "balanced", "speed")
 
 
-def designs_for(shape: tuple[int, int], budget: int):
+def designs_for(shape: tuple[int, int], budget: int, *, all_orientations: bool = False, most: int = MAX_DESIGNS):
     from cdka_search.candidates import Design, divisors
 
     d_out, d_in = shape
     out = []
     for r1 in divisors(d_out):
         for r2 in divisors(d_in):
-            if r1 > d_out // r1 or r2 > d_in // r2:  # mirrored: the same design with B and A swapped
+            # Outside the paper's orientation (r1 <= m1, r2 <= n2) B and A trade roles; skipped unless asked.
+            if not all_orientations and (r1 > d_out // r1 or r2 > d_in // r2):
                 continue
             per = (d_out // r1) * r2 + r1 * (d_in // r2)
             r = max(1, round(budget / per))
             d = Design.from_paper(d_out, d_in, r1, r2, r)
             if abs(d.params - budget) <= TOLERANCE * budget:
                 out.append(d)
-    if len(out) > MAX_DESIGNS:  # an even, deterministic subsample that keeps LoRA (the first)
-        step = len(out) / MAX_DESIGNS
-        out = [out[int(i * step)] for i in range(MAX_DESIGNS)]
+    if len(out) > most:  # an even, deterministic subsample that keeps LoRA (the first)
+        step = len(out) / most
+        out = [out[int(i * step)] for i in range(most)]
     return out
 
 
@@ -77,8 +81,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps per design")
     parser.add_argument("--seeds", type=int, default=len(SEEDS), help="problem seeds per design")
     parser.add_argument("--shapes", nargs="*", default=[f"{o}x{i}" for o, i in SHAPES], help="d_outxd_in ...")
+    parser.add_argument("--seed-offset", type=int, default=0, help="first problem seed (held-out runs)")
+    parser.add_argument("--all-orientations", action="store_true", help="also designs with r1 > d_out/r1 or r2 > d_in/r2")
+    parser.add_argument("--max-designs", type=int, default=MAX_DESIGNS, help="designs per shape (even subsample)")
     args = parser.parse_args()
-    steps, seeds = args.steps, tuple(range(args.seeds))
+    steps, seeds = args.steps, tuple(range(args.seed_offset, args.seed_offset + args.seeds))
     shapes = [tuple(int(v) for v in text.split("x")) for text in args.shapes]
 
     import numpy as np
@@ -95,7 +102,7 @@ def main() -> None:
     print(f"proxy task, {steps} steps, seeds {list(seeds)}, lr {lr}, alpha 64; rho = Spearman(score, -error)")
     for shape in shapes:
         budget = R_EQ * (shape[0] + shape[1])
-        designs = designs_for(shape, budget)
+        designs = designs_for(shape, budget, all_orientations=args.all_orientations, most=args.max_designs)
         if len(designs) < 12:
             sys.exit(f"{shape}: only {len(designs)} designs within {TOLERANCE:.0%} of {budget} parameters")
         errors = np.zeros((len(seeds), len(designs)))
