@@ -6,8 +6,8 @@ the total reference energy kept, and modules whose update carries more energy ea
 
 Which (r1, r2) are measured: every divisor pair for updates of at most 2^20 entries or with
 ``all_pairs``; for larger ones the shape's data-free Pareto front plus LoRA (a few dozen pairs on
-LLaMA sizes), since each pair costs several passes over the update, about a second for a 4096x11008
-matrix on two cores (docs/alignment.md).
+LLaMA sizes), since each pair costs several passes over the update: a 4096x11008 module takes about
+6 s on two cores this way (all 234 pairs would take minutes; docs/alignment.md).
 """
 
 from __future__ import annotations
