@@ -67,6 +67,9 @@ def plan(
         Optional[Path], typer.Option("--reference", help="Reference updates from `cdka probe`: score every module on its own update.")
     ] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="List every module as its own group.")] = False,
+    all_pairs: Annotated[
+        bool, typer.Option("--all-pairs", help="With --reference: measure every (r1, r2) of large updates, not only the data-free front's.")
+    ] = False,
     recipe: RecipeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -99,7 +102,7 @@ def plan(
         updates = load_reference(reference)
     result = make_plan(
         _load(opts["model"]), opts["budget"], targets=opts["targets"], objective=opts["objective"],
-        space=_space(opts["family"], r1, r2, r, opts["max_r"]), adapter=adapter, seed=seed, reference=updates, per_layer=per_layer,
+        space=_space(opts["family"], r1, r2, r, opts["max_r"]), adapter=adapter, seed=seed, reference=updates, per_layer=per_layer, all_pairs=all_pairs,
     )
     written = save_plan(result, output or Path("plan.yaml"), fmt)
     render(plan_table(result, written), as_json=as_json)
