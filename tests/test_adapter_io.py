@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-from cdka_search.adapter import adapter_modules, apply_plan, load_adapter, merge_adapters, read_adapter, save_adapter
+from cdka_search.adapter import (
+    adapter_modules,
+    apply_plan,
+    load_adapter,
+    merge_adapters,
+    read_adapter,
+    save_adapter,
+)
 from cdka_search.errors import PlanError
 
 transformers = pytest.importorskip("transformers")

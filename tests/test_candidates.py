@@ -1,6 +1,13 @@
 import pytest
 
-from cdka_search.candidates import CandidateSpace, Design, divisors, enumerate_candidates, factor_pairs, r_range
+from cdka_search.candidates import (
+    CandidateSpace,
+    Design,
+    divisors,
+    enumerate_candidates,
+    factor_pairs,
+    r_range,
+)
 from cdka_search.errors import TargetError
 
 

@@ -10,22 +10,14 @@ import tomllib
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tiny import tiny_llama  # noqa: E402
+
 from cdka_search.candidates import CandidateSpace, Design  # noqa: E402
 from cdka_search.errors import ExportError  # noqa: E402
 from cdka_search.export import export_plan, write_export  # noqa: E402
 from cdka_search.plan import AdapterSettings, Plan, PlanGroup  # noqa: E402
 from cdka_search.planner import make_plan  # noqa: E402
 from cdka_search.spec import load_spec, spec_from_module  # noqa: E402
-
-
-def tiny_llama():
-    """hidden 32, intermediate 64, 2 layers, vocab 64; k, v are 16 x 32 (2 of 4 heads)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config)
 
 
 def build(model, preset_path, multiplier):

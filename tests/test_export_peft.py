@@ -10,6 +10,8 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from tiny import tiny_llama  # noqa: E402
+
 from cdka_search.candidates import CandidateSpace, Design  # noqa: E402
 from cdka_search.errors import ExportError, PlanError  # noqa: E402
 from cdka_search.export import export_plan, write_export  # noqa: E402
@@ -23,16 +25,6 @@ from cdka_search.export.peft import choose_factors  # noqa: E402
 from cdka_search.plan import AdapterSettings, Plan, PlanGroup  # noqa: E402
 from cdka_search.planner import make_plan  # noqa: E402
 from cdka_search.spec import spec_from_module  # noqa: E402
-
-
-def tiny_llama():
-    """hidden 32, intermediate 64, 2 layers, vocab 64; 4 heads / 2 kv heads -> k, v are 16 x 32."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config)
 
 
 def group_of(plan, name):

@@ -4,7 +4,14 @@ import pytest
 import yaml
 
 from cdka_search.errors import PlanError
-from cdka_search.plan import AdapterSettings, Plan, dumps_plan, load_plan, loads_plan, save_plan
+from cdka_search.plan import (
+    AdapterSettings,
+    Plan,
+    dumps_plan,
+    load_plan,
+    loads_plan,
+    save_plan,
+)
 from cdka_search.planner import make_plan
 from cdka_search.spec import load_spec
 

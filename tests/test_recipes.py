@@ -11,7 +11,13 @@ from typer.testing import CliRunner
 from cdka_search.cli.app import app
 from cdka_search.errors import PlanError
 from cdka_search.planner import make_plan
-from cdka_search.recipes import Recipe, RecipeError, list_recipes, load_recipe, recipes_root
+from cdka_search.recipes import (
+    Recipe,
+    RecipeError,
+    list_recipes,
+    load_recipe,
+    recipes_root,
+)
 from cdka_search.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent / "recipes"

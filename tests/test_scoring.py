@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from cdka_search.candidates import CandidateSpace, Design
-from cdka_search.scoring import capacity, first_step_alignment, rank1_energy, score_designs, score_shape
+from cdka_search.scoring import (
+    capacity,
+    first_step_alignment,
+    rank1_energy,
+    score_designs,
+    score_shape,
+)
 
 
 def rearrange(M, m1, n1, m2, n2):
