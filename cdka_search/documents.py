@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import fields
 from typing import Any, Iterable, Mapping, TypeVar
 
@@ -16,6 +15,8 @@ def reject_unknown(data: Mapping[str, Any], allowed: Iterable[str], where: str, 
     allowed = list(allowed)
     for key in data:
         if key not in allowed:
+            import difflib  # only on the error path
+
             near = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise error(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")

@@ -243,19 +243,22 @@ def score_shape(
     check_objective(objective)
     spectra = spectra or SpectrumCache()
     curve_of = alignment or (lambda r1, r2, r_max: spectra.curve(d_out, d_in, r1, r2, r_max))
-    cols: dict[str, list] = {k: [] for k in ("r1", "r2", "r", "align")}
-    for r1, r2 in factor_pairs(d_out, d_in, space):
-        if pairs is not None and (r1, r2) not in pairs:
+    r1s, r2s, starts, stops, curves = [], [], [], [], []
+    for p1, p2 in factor_pairs(d_out, d_in, space):
+        if pairs is not None and (p1, p2) not in pairs:
             continue
-        span = r_range(d_out, d_in, r1, r2, space)
-        rs = np.arange(span.start, span.stop)
-        curve = np.asarray(curve_of(r1, r2, int(rs[-1])), dtype=float)
-        cols["r1"].append(np.full(len(rs), r1))
-        cols["r2"].append(np.full(len(rs), r2))
-        cols["r"].append(rs)
-        cols["align"].append(curve[rs - 1])
-    r1, r2, r = (np.concatenate(cols[k]).astype(np.int64) for k in ("r1", "r2", "r"))
-    align = np.concatenate(cols["align"])
+        span = r_range(d_out, d_in, p1, p2, space)
+        r1s.append(p1)
+        r2s.append(p2)
+        starts.append(span.start)
+        stops.append(span.stop)
+        curves.append(np.asarray(curve_of(p1, p2, span.stop - 1), dtype=float)[span.start - 1 :])
+    counts = np.subtract(stops, starts)
+    r1, r2 = np.repeat(r1s, counts).astype(np.int64), np.repeat(r2s, counts).astype(np.int64)
+    # r runs from each pair's start: position in the whole column minus the pair's offset.
+    offsets = np.repeat(np.cumsum(counts) - counts, counts)
+    r = (np.arange(int(counts.sum())) - offsets + np.repeat(starts, counts)).astype(np.int64)
+    align = np.concatenate(curves)
     m1, n2 = d_out // r1, d_in // r2
     params = r * (m1 * r2 + r1 * n2)
     rank_bound = np.minimum(min(d_out, d_in), r * np.minimum(m1, r2) * np.minimum(r1, n2))
