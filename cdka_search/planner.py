@@ -10,6 +10,7 @@ from cdka_search.allocate import Allocation, allocate
 from cdka_search.budget import Budget, parse_budget
 from cdka_search.candidates import CandidateSpace, Design
 from cdka_search.errors import BudgetError, PlanError
+from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_fronts
 from cdka_search.plan import AdapterSettings, Plan, PlanGroup
 from cdka_search.scoring import DEFAULT_SAMPLES, DEFAULT_SEED, ScoredDesign, ScoreTable, SpectrumCache, score_shape
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
@@ -104,24 +105,39 @@ def build_plan(
     )
 
 
-def allocate_tables(
-    tables: Mapping[Any, ScoreTable], counts: Mapping[Any, int], weights: Mapping[Any, float], budget: Budget
+def score_fronts(
+    spec: ModelSpec,
+    space: CandidateSpace,
+    objective: str,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> dict[tuple[int, int], Front]:
+    """The Pareto front of every distinct target shape: shipped for preset shapes under default
+    settings (no numpy needed), computed otherwise."""
+    if is_shipped_setting(space, objective, samples, seed):
+        shipped = shipped_fronts()
+        if all(shape in shipped for shape in spec.shapes):
+            return {shape: shipped[shape] for shape in sorted(spec.shapes)}
+    return {shape: front_of(t) for shape, t in score_tables(spec, space, objective, samples=samples, seed=seed).items()}
+
+
+def allocate_fronts(
+    fronts: Mapping[Any, Front], counts: Mapping[Any, int], weights: Mapping[Any, float], budget: Budget
 ) -> tuple[dict[Any, ScoredDesign], Allocation]:
-    """Pick one Pareto design per unit: cost count * params, value weight * count * objective."""
-    floor = sum(counts[k] * int(t.params.min()) for k, t in tables.items())
+    """Pick one front design per unit: cost count * params, value weight * count * objective."""
+    floor = sum(counts[k] * front[0].design.params for k, front in fronts.items())  # front[0] is the cheapest
     if floor > budget.limit:
         raise BudgetError(
             f"budget {budget.spec!r} ({budget.limit:,} parameters) is below the smallest possible adapter on "
             f"these targets: {floor:,} parameters (r = 1 everywhere); raise the budget or narrow --targets"
         )
-    keys = list(tables)
-    fronts = [tables[k].pareto() for k in keys]
+    keys = list(fronts)
     units = [
-        [(counts[k] * int(tables[k].params[i]), weights[k] * counts[k] * float(tables[k].objective[i])) for i in front]
-        for k, front in zip(keys, fronts)
+        [(counts[k] * s.design.params, weights[k] * counts[k] * s.scores.objective) for s in fronts[k]] for k in keys
     ]
     result = allocate(units, budget.limit)
-    picked = {k: tables[k].scored(front[i]) for k, front, i in zip(keys, fronts, result.choice)}
+    picked = {k: fronts[k][i] for k, i in zip(keys, result.choice)}
     return picked, result
 
 
@@ -149,15 +165,15 @@ def make_plan(
     chosen = select_targets(spec, targets)
     limit = resolve_budget(chosen, budget)
     if reference is None:
-        tables: Mapping[Any, ScoreTable] = score_tables(chosen, space, objective, samples=samples, seed=seed)
+        fronts: Mapping[Any, Front] = score_fronts(chosen, space, objective, samples=samples, seed=seed)
         counts = chosen.shapes
-        weights = {k: 1.0 for k in tables}
+        weights = {k: 1.0 for k in fronts}
     else:
         from cdka_search.alignment.planning import reference_tables
 
         tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs)
-        counts = {k: 1 for k in tables}
-    picked, result = allocate_tables(tables, counts, weights, limit)
+        fronts, counts = {k: front_of(t) for k, t in tables.items()}, {k: 1 for k in tables}
+    picked, result = allocate_fronts(fronts, counts, weights, limit)
     return build_plan(
         chosen, limit, picked, objective=objective, adapter=adapter, allocation=result,
         per_layer=per_layer or reference is not None,

@@ -132,6 +132,7 @@ def test_data_free_planning_does_not_import_torch(tmp_path):
         "except SystemExit as e:\n"
         "    assert e.code in (0, None), e.code\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'numpy' not in sys.modules, 'a preset plan reads its shipped fronts'\n"
         "assert 'optuna' not in sys.modules\n"
         "import cdka_search\n"
         "assert 'torch' not in sys.modules\n"

@@ -100,5 +100,5 @@ def test_cost_follows_distinct_shapes_not_layers(monkeypatch):
     calls = []
     real = planner.score_shape
     monkeypatch.setattr(planner, "score_shape", lambda *a, **k: calls.append(a[:2]) or real(*a, **k))
-    make_plan(load_spec("llama-2-70b"), "0.5%")
+    make_plan(load_spec("llama-2-70b"), "0.5%", seed=1)  # seed 1: not the shipped fronts, so scored here
     assert sorted(calls) == sorted({(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)})
