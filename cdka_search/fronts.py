@@ -13,7 +13,15 @@ from functools import lru_cache
 from pathlib import Path
 
 from cdka_search.candidates import CandidateSpace, Design
-from cdka_search.scoring import DEFAULT_SAMPLES, DEFAULT_SEED, ScoredDesign, Scores, ScoreTable, SpectrumCache, score_shape
+from cdka_search.scoring import (
+    DEFAULT_SAMPLES,
+    DEFAULT_SEED,
+    ScoredDesign,
+    Scores,
+    ScoreTable,
+    SpectrumCache,
+    score_shape,
+)
 
 Front = tuple[ScoredDesign, ...]  # by parameters ascending, objective strictly increasing
 SHIPPED = Path(__file__).resolve().parent / "data" / "preset_fronts.json"

@@ -11,7 +11,8 @@ Schema (version 1), YAML or JSON::
     sweep: {study, storage, task, steps, best_trial, best_value, trial0_value,
             improvement, improvement_pct, lr}      # optional, written by cdka sweep (at the end)
     groups:
-      - modules: "model.layers.*.mlp.up_proj"       # a glob or an exact name, or a list of them
+      - modules: "model.layers.*.mlp.up_proj"       # a pattern (cdka_search.patterns: * stays inside
+                                                    # one dotted part, ** crosses parts) or exact name, or a list
         kind: linear                                # or conv1d (GPT-2, weight stored in x out)
         shape: [11008, 4096]                        # [d_out, d_in]
         count: 32                                   # modules the patterns must match
@@ -27,7 +28,6 @@ Schema (version 1), YAML or JSON::
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 from dataclasses import dataclass, field, fields, replace
@@ -38,13 +38,13 @@ from cdka_search.candidates import Design
 from cdka_search.documents import reject_unknown, strict_dataclass
 from cdka_search.errors import PlanError
 from cdka_search.fileio import atomic_write_text
+from cdka_search.patterns import match_module
 
 SCHEMA_VERSION = 1
 SCALINGS = ("alpha/sqrt(r*r2)", "alpha/r", "alpha/sqrt(r)", "fixed")
 INITS = ("kaiming-A-zero-B", "gradient-aligned")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 KINDS = ("linear", "conv1d")
-_GLOB = "*?["
 
 
 def _require(data: Mapping[str, Any], keys: Iterable[str], where: str) -> None:
@@ -140,9 +140,7 @@ class PlanGroup:
         return self.count * self.design.params
 
     def matches(self, name: str) -> bool:
-        return any(
-            fnmatch.fnmatchcase(name, p) if any(c in p for c in _GLOB) else name == p for p in self.modules
-        )
+        return any(match_module(name, p) for p in self.modules)
 
     def to_dict(self) -> dict[str, Any]:
         d = self.design

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -11,8 +10,16 @@ from cdka_search.budget import Budget, parse_budget
 from cdka_search.candidates import CandidateSpace, Design
 from cdka_search.errors import BudgetError, PlanError
 from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_fronts
+from cdka_search.patterns import match_module
 from cdka_search.plan import AdapterSettings, Plan, PlanGroup
-from cdka_search.scoring import DEFAULT_SAMPLES, DEFAULT_SEED, ScoredDesign, ScoreTable, SpectrumCache, score_shape
+from cdka_search.scoring import (
+    DEFAULT_SAMPLES,
+    DEFAULT_SEED,
+    ScoredDesign,
+    ScoreTable,
+    SpectrumCache,
+    score_shape,
+)
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
 from cdka_search.targets import select_targets
 
@@ -43,7 +50,7 @@ def _group_patterns(role: str, members: list[TargetModule], spec: ModelSpec) -> 
     """The role glob when it matches exactly these members among all targets, else their names."""
     if "*" in role:
         names = {m.name for m in members}
-        hits = {t.name for t in spec.targets if fnmatch.fnmatchcase(t.name, role)}
+        hits = {t.name for t in spec.targets if match_module(t.name, role)}
         if hits == names:
             return (role,)
     return tuple(m.name for m in members)

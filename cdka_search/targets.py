@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import fnmatch
 import re
 
 from cdka_search.errors import TargetError
+from cdka_search.patterns import is_pattern, match_module
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
 
 PRESET_SELECTIONS = ("all-linear", "attn", "mlp")
@@ -18,8 +18,8 @@ def is_attention(module: TargetModule) -> bool:
 
 
 def _matches(module: TargetModule, item: str) -> bool:
-    if any(ch in item for ch in "*?["):
-        return fnmatch.fnmatchcase(module.name, item)
+    if is_pattern(item):
+        return match_module(module.name, item)
     return module.name == item or module.name.endswith("." + item)
 
 

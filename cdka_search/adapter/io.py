@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from cdka_search.adapter.model import ApplySummary, _apply, _resolve, _unique_params, adapter_modules, applied_plan
+from cdka_search.adapter.model import (
+    ApplySummary,
+    _apply,
+    _resolve,
+    _unique_params,
+    adapter_modules,
+    applied_plan,
+)
 from cdka_search.errors import PlanError
 from cdka_search.fileio import atomic_write_bytes
 

@@ -111,7 +111,13 @@ def trial_progress(total: int, *, enabled: bool = True) -> Iterator[Callable[[in
         yield lambda finished, total, best: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     console = Console(file=sys.stderr)
     with Progress(
