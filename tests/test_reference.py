@@ -157,3 +157,19 @@ def test_index_without_weight_map_is_reported(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
     with pytest.raises(ReferenceFileError, match="weight_map"):
         delta_reference(tmp_path, tmp_path, MODULES[:1])
+
+
+def test_gradient_reference_releases_each_gradient_as_it_is_summed() -> None:
+    model = tiny_llama()
+    x = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
+    held = []
+    grads = gradient_reference(
+        model, [batch, batch], MODULES,
+        progress=lambda i, n: held.append([model.get_submodule(m).weight.grad is not None for m in MODULES]),
+    )
+    assert held == [[False] * 3, [False] * 3]  # nothing accumulates on the weights themselves
+    plain = tiny_llama()
+    plain(**batch).loss.backward()
+    reference = plain.get_submodule(MODULES[2]).weight.grad
+    assert torch.allclose(grads[MODULES[2]], 2 * reference, atol=1e-6)  # two identical batches

@@ -112,11 +112,13 @@ def gradient_reference(
     conv1d_names: Iterable[str] = (),
     progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Sum over batches of d(loss)/d(weight) for each module, (d_out, d_in), float32.
+    """Sum over batches of d(loss)/d(weight) for each module, (d_out, d_in), float32, on the CPU.
 
     model is a causal LM whose forward returns ``.loss`` for batches holding input_ids,
     attention_mask and labels. Only the target weights require grad during the call (the rest is
-    frozen to save memory) and dropout is off; requires_grad flags and train/eval mode are restored.
+    frozen) and dropout is off; requires_grad flags and train/eval mode are restored. Each weight's
+    gradient is added to a CPU float32 sum the moment backward produces it and then released, so
+    the model's device holds the model plus about one layer's gradients, not all of them.
     progress(i, n) is called after batch i (1-based); n is None when batches has no len().
     """
     conv1d = set(conv1d_names)
@@ -125,12 +127,23 @@ def gradient_reference(
     was_training = model.training
     device = next(iter(weights.values())).device if weights else torch.device("cpu")
     total = len(batches) if hasattr(batches, "__len__") else None
+    sums = {name: torch.zeros(weight.shape, dtype=torch.float32) for name, weight in weights.items()}
+
+    def accumulate(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            sums[name] += param.grad.detach().to("cpu", torch.float32)
+            param.grad = None
+
+        return hook
+
+    handles = []
     try:
         for param in flags:
             param.requires_grad_(False)
-        for weight in weights.values():
+        for name, weight in weights.items():
             weight.requires_grad_(True)
             weight.grad = None
+            handles.append(weight.register_post_accumulate_grad_hook(accumulate(name)))
         model.eval()
         with torch.enable_grad():
             for index, batch in enumerate(batches, start=1):
@@ -144,13 +157,10 @@ def gradient_reference(
                 loss.backward()
                 if progress is not None:
                     progress(index, total)
-        grads: dict[str, torch.Tensor] = {}
-        for name, weight in weights.items():
-            grad = torch.zeros_like(weight) if weight.grad is None else weight.grad
-            grad = grad.detach().float()
-            grads[name] = grad.T.contiguous() if name in conv1d else grad
-        return grads
+        return {name: g.T.contiguous() if name in conv1d else g for name, g in sums.items()}
     finally:
+        for handle in handles:
+            handle.remove()
         for weight in weights.values():
             weight.grad = None
         for param, flag in flags.items():
