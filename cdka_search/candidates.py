@@ -128,9 +128,9 @@ def r_range(d_out: int, d_in: int, r1: int, r2: int, space: CandidateSpace = Can
         return range(space.r, space.r + 1)
     if space.family == "lokr":
         return range(1, 2)
-    p = min(d_out // r1, r1)
-    q = min(r2, d_in // r2)
-    saturating = -(-min(d_out, d_in) // (p * q))
+    m1, n1, m2, n2 = d_out // r1, r2, r1, d_in // r2
+    per_component = min(m1, n1) * min(m2, n2)  # rank(B (x) A) = rank(B) * rank(A)
+    saturating = -(-min(d_out, d_in) // per_component)
     return range(1, min(space.max_r, saturating) + 1)
 
 

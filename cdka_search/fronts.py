@@ -3,7 +3,7 @@
 The default-setting fronts of every embedded preset shape ship in ``data/preset_fronts.json`` so
 that planning a preset needs neither numpy nor the Monte Carlo spectra; they are exactly what
 ``score_shape(...).pareto()`` computes (tests/test_fronts.py recomputes every one).
-Regenerate after changing scoring:  python -m cdka_search.fronts
+Regenerate after changing candidates or scoring:  python scripts/make_preset_fronts.py
 """
 
 from __future__ import annotations
@@ -78,7 +78,3 @@ def main() -> None:
                 "objective": SHIPPED_OBJECTIVE, "fronts": compute_fronts(preset_shapes())}
     atomic_write_text(SHIPPED, json.dumps(document, separators=(",", ":")) + "\n")
     print(f"wrote {SHIPPED} ({len(document['fronts'])} shapes)")
-
-
-if __name__ == "__main__":
-    main()

@@ -82,3 +82,11 @@ def test_pins_that_do_not_divide(space):
 def test_bad_spaces(bad):
     with pytest.raises(TargetError):
         CandidateSpace(**bad)
+
+
+def test_r_stops_at_the_rank_bound_of_each_design():
+    # r1 = 1, r2 = 101 on 97x101: B is the whole 97x101 matrix, so r = 1 already reaches rank 97
+    assert list(r_range(97, 101, 1, 101)) == [1]
+    for d in enumerate_candidates(48, 64):
+        previous = Design(d.m1, d.n1, d.m2, d.n2, d.r - 1) if d.r > 1 else None
+        assert previous is None or previous.rank_bound < min(48, 64)  # every r but the last adds rank
