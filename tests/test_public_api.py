@@ -42,3 +42,22 @@ def test_readme_api_flow(tmp_path):
         cdka.unmerge_adapters(fresh)
         assert torch.allclose(fresh(input_ids=ids).logits, trained, atol=1e-5)
     assert isinstance(next(m for m in fresh.modules() if isinstance(m, cdka.CdkaLinear)), torch.nn.Module)
+
+
+def test_gradient_aligned_init_from_a_probed_reference(tmp_path):
+    """cdka probe --grad's file feeds apply_plan's gradient-aligned init; the first dW opposes G."""
+    from cdka_search.alignment.reference import gradient_reference, load_reference, save_reference
+
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    names = [t.name for t in cdka.spec_from_module(model).targets]
+    grads = gradient_reference(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}], names)
+    save_reference(grads, tmp_path / "grad.safetensors", "gradient")
+
+    plan = cdka.make_plan(cdka.spec_from_module(model), "lora:4").with_adapter(init="gradient-aligned")
+    cdka.apply_plan(model, plan, gradients=load_reference(tmp_path / "grad.safetensors"))
+    layer = model.get_submodule("model.layers.0.mlp.down_proj")
+    dW, G = layer.delta_weight().detach().double(), grads["model.layers.0.mlp.down_proj"].double()
+    assert float((dW * G).sum()) < 0  # a descent direction from step 0
+    with pytest.raises(cdka.PlanError, match="no gradient was given"):
+        cdka.apply_plan(tiny_llama(), plan, gradients={})
