@@ -179,7 +179,6 @@ class ScoreTable:
 
     d_out: int
     d_in: int
-    objective_name: str
     r1: object
     r2: object
     r: object
@@ -266,7 +265,7 @@ def score_shape(
     first = np.sqrt(np.minimum(1.0, r * r2 / (r1 * d_in)))
     fast = np.minimum(1.0, np.log1p(r * r2 / r1) / math.log1p(d_in))
     obj = {"balanced": np.sqrt(cap * align), "speed": np.sqrt(align * fast), "capacity": cap, "alignment": align}[objective]
-    return ScoreTable(d_out, d_in, objective, r1, r2, r, params, rank_bound, cap, align, first, fast, obj)
+    return ScoreTable(d_out, d_in, r1, r2, r, params, rank_bound, cap, align, first, fast, obj)
 
 
 def score_designs(

@@ -225,7 +225,6 @@ class CdkaLinear(nn.Module):
         self.d_out, self.d_in = d_out, d_in
         self.m1, self.n1, self.m2, self.n2, self.r = m1, n1, m2, n2, r
         self.alpha = float(alpha)
-        self.scaling_name = scaling
         self.scaling = scaling_value(scaling, alpha, r, n1, scale)
         self.init = init
         self.contraction = contraction

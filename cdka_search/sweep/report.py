@@ -17,8 +17,6 @@ from typing import Any
 from cdka_search.errors import SweepError
 from cdka_search.sweep.objective import HEURISTIC, PRUNED_REASON
 
-PLOTS = ("history.png", "params.png", "choices.png")
-
 
 @dataclass(frozen=True)
 class TrialRow:
