@@ -172,19 +172,33 @@ def make_plan(
     chosen = select_targets(spec, targets)
     limit = resolve_budget(chosen, budget)
     if reference is None:
-        fronts: Mapping[Any, Front] = score_fronts(chosen, space, objective, samples=samples, seed=seed)
-        counts = chosen.shapes
-        weights = {k: 1.0 for k in fronts}
-    else:
-        from cdka_search.alignment.planning import reference_tables
+        fronts = score_fronts(chosen, space, objective, samples=samples, seed=seed)
+        return plan_from_fronts(chosen, limit, fronts, objective=objective, adapter=adapter, per_layer=per_layer)
+    from cdka_search.alignment.planning import reference_tables
 
-        tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs)
-        fronts, counts = {k: front_of(t) for k, t in tables.items()}, {k: 1 for k in tables}
-    picked, result = allocate_fronts(fronts, counts, weights, limit)
-    return build_plan(
-        chosen, limit, picked, objective=objective, adapter=adapter, allocation=result,
-        per_layer=per_layer or reference is not None,
+    tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs)
+    return plan_from_fronts(
+        chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts={k: 1 for k in tables}, weights=weights,
+        objective=objective, adapter=adapter, per_layer=True,
     )
+
+
+def plan_from_fronts(
+    spec: ModelSpec,
+    budget: Budget,
+    fronts: Mapping[Any, Front],
+    *,
+    counts: Mapping[Any, int] | None = None,
+    weights: Mapping[Any, float] | None = None,
+    objective: str = "balanced",
+    adapter: AdapterSettings = AdapterSettings(),
+    per_layer: bool = False,
+) -> Plan:
+    """Allocate ``budget`` over ``fronts`` (by shape unless ``counts`` keys them otherwise) into a Plan."""
+    counts = spec.shapes if counts is None else counts
+    weights = {k: 1.0 for k in fronts} if weights is None else weights
+    picked, result = allocate_fronts(fronts, counts, weights, budget)
+    return build_plan(spec, budget, picked, objective=objective, adapter=adapter, allocation=result, per_layer=per_layer)
 
 
 def explain_shape(

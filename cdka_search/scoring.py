@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 from cdka_search.candidates import CandidateSpace, Design, factor_pairs, r_range
 from cdka_search.errors import TargetError
@@ -51,12 +51,12 @@ class ScoredDesign:
     scores: Scores
 
 
-Objective = Callable[[float, float, float], float]  # (capacity, alignment, speed) -> objective
+Objective = Callable[[Any, Any, Any], Any]  # (capacity, alignment, speed) -> objective; floats or arrays
 AlignmentCurve = Callable[[int, int, int], Sequence[float]]
 
 OBJECTIVES: dict[str, Objective] = {
-    "balanced": lambda capacity, alignment, speed: math.sqrt(capacity * alignment),
-    "speed": lambda capacity, alignment, speed: math.sqrt(alignment * speed),
+    "balanced": lambda capacity, alignment, speed: (capacity * alignment) ** 0.5,
+    "speed": lambda capacity, alignment, speed: (alignment * speed) ** 0.5,
     "capacity": lambda capacity, alignment, speed: capacity,
     "alignment": lambda capacity, alignment, speed: alignment,
 }
@@ -68,22 +68,37 @@ def check_objective(name: str) -> Objective:
     return OBJECTIVES[name]
 
 
+def _capacity(rank_bound: Any, d_min: int) -> Any:
+    import numpy as np
+
+    return np.log2(1 + rank_bound) / math.log2(1 + d_min)
+
+
+def _first_step(r: Any, r1: Any, r2: Any, d_in: int) -> Any:
+    import numpy as np
+
+    return np.sqrt(np.minimum(1.0, r * r2 / (r1 * d_in)))
+
+
+def _speed(r: Any, r1: Any, r2: Any, d_in: int) -> Any:
+    import numpy as np
+
+    return np.minimum(1.0, np.log1p(r * r2 / r1) / math.log1p(d_in))
+
+
 def capacity(design: Design) -> float:
     """Rank bound on a log scale, 1.0 when dW can reach full rank."""
-    d_out, d_in = design.shape
-    return math.log2(1 + design.rank_bound) / math.log2(1 + min(d_out, d_in))
+    return float(_capacity(design.rank_bound, min(design.shape)))
 
 
 def speed(design: Design) -> float:
     """log(1 + r * r2 / r1) / log(1 + d_in), capped at 1: the first-step alignment on a log scale."""
-    d_in = design.shape[1]
-    return min(1.0, math.log1p(design.r * design.r2 / design.r1) / math.log1p(d_in))
+    return float(_speed(design.r, design.r1, design.r2, design.shape[1]))
 
 
 def first_step_alignment(design: Design) -> float:
     """sqrt(r * r2 / (r1 * d_in)), capped at 1: LoRA gives sqrt(r / d_in)."""
-    d_in = design.shape[1]
-    return math.sqrt(min(1.0, design.r * design.r2 / (design.r1 * d_in)))
+    return float(_first_step(design.r, design.r1, design.r2, design.shape[1]))
 
 
 def _squared_singular_values(rows: int, cols: int, samples: int, seed: int):
@@ -261,10 +276,10 @@ def score_shape(
     m1, n2 = d_out // r1, d_in // r2
     params = r * (m1 * r2 + r1 * n2)
     rank_bound = np.minimum(min(d_out, d_in), r * np.minimum(m1, r2) * np.minimum(r1, n2))
-    cap = np.log2(1 + rank_bound) / math.log2(1 + min(d_out, d_in))
-    first = np.sqrt(np.minimum(1.0, r * r2 / (r1 * d_in)))
-    fast = np.minimum(1.0, np.log1p(r * r2 / r1) / math.log1p(d_in))
-    obj = {"balanced": np.sqrt(cap * align), "speed": np.sqrt(align * fast), "capacity": cap, "alignment": align}[objective]
+    cap = _capacity(rank_bound, min(d_out, d_in))
+    first = _first_step(r, r1, r2, d_in)
+    fast = _speed(r, r1, r2, d_in)
+    obj = OBJECTIVES[objective](cap, align, fast)
     return ScoreTable(d_out, d_in, r1, r2, r, params, rank_bound, cap, align, first, fast, obj)
 
 
@@ -289,5 +304,5 @@ def score_designs(
         cap = capacity(d)
         align = curves[(*d.shape, d.r1, d.r2)][d.r - 1]
         fast = speed(d)
-        out.append(ScoredDesign(d, Scores(cap, align, first_step_alignment(d), fast, combine(cap, align, fast))))
+        out.append(ScoredDesign(d, Scores(cap, align, first_step_alignment(d), fast, float(combine(cap, align, fast)))))
     return out

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cdka_search.alignment.rearrange import rearrange
 from cdka_search.errors import PlanError
 from cdka_search.plan import SCALINGS, scaling_value
 
@@ -293,9 +294,7 @@ class CdkaLinear(nn.Module):
         if tuple(g.shape) != (self.d_out, self.d_in):
             raise PlanError(f"gradient has shape {tuple(g.shape)}, expected {(self.d_out, self.d_in)} (d_out, d_in)")
         work = torch.float64 if g.dtype == torch.float64 else torch.float32
-        rg = -g.to(device=self.cdka_A.device, dtype=work)
-        rg = rg.reshape(self.m1, self.m2, self.n1, self.n2).permute(0, 2, 1, 3).reshape(self.m1 * self.n1,
-                                                                                         self.m2 * self.n2)
+        rg = rearrange(-g.to(device=self.cdka_A.device, dtype=work), self.m1, self.n1, self.m2, self.n2)
         k = min(self.r, *rg.shape)
         if min(rg.shape) <= 512:
             u, s, vh = torch.linalg.svd(rg, full_matrices=False)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from cdka_search.alignment.rearrange import rearrange
+from cdka_search.candidates import factor_pairs
 from cdka_search.errors import ReferenceFileError, TargetError
 
 Pair = tuple[int, int]
@@ -29,12 +30,7 @@ def factor_sizes(d_out: int, d_in: int, r1: int, r2: int) -> tuple[int, int, int
 
 def divisor_pairs(d_out: int, d_in: int) -> list[Pair]:
     """Every (r1, r2) with r1 | d_out and r2 | d_in, in increasing order."""
-    return [(r1, r2) for r1 in _divisors(d_out) for r2 in _divisors(d_in)]
-
-
-def _divisors(n: int) -> list[int]:
-    small = [k for k in range(1, int(n**0.5) + 1) if n % k == 0]
-    return sorted(set(small + [n // k for k in small]))
+    return factor_pairs(d_out, d_in)
 
 
 def topr_energies(

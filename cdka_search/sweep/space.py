@@ -133,13 +133,15 @@ def build_space(
     lr_range: tuple[float, float] = (1e-4, 1e-1),
 ) -> SearchSpace:
     """The search space around ``make_plan(spec, budget)``; ``spec`` holds the selected targets only."""
-    from cdka_search.planner import make_plan, resolve_budget, score_tables
+    from cdka_search.fronts import front_of
+    from cdka_search.planner import plan_from_fronts, resolve_budget, score_tables
 
     if top_k < 1:
         raise SweepError(f"top_k must be at least 1, got {top_k}")
     limit = resolve_budget(spec, budget)
-    heuristic = make_plan(spec, limit, objective=objective, space=space, seed=seed)
     tables = score_tables(spec, space, objective, seed=seed)
+    # The heuristic plan is make_plan's, allocated from these same tables rather than scored again.
+    heuristic = plan_from_fronts(spec, limit, {s: front_of(t) for s, t in tables.items()}, objective=objective)
     lora_tables = score_tables(spec, CandidateSpace(family="lora", max_r=space.max_r), objective, seed=seed) if include_lora else {}
     used = heuristic.used_params
     slack = max(0, limit.limit - used)

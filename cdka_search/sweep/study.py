@@ -275,6 +275,7 @@ def _result(study: Any, space: Any, config: SweepConfig, where: str, ran: int, s
     heuristic = [t.value for t in complete if t.user_attrs.get(HEURISTIC)]
     trial0 = min(heuristic) if heuristic else None
     plan = space.plan_for(best.params)
+    start = space.heuristic_params(0)
     result = SweepResult(
         study=study.study_name,
         storage=where,
@@ -289,8 +290,7 @@ def _result(study: Any, space: Any, config: SweepConfig, where: str, ran: int, s
         plan=plan,
         output=None,
         seconds=seconds,
-        groups=[(g.param, str(h), str(best.params[g.param]))
-                for g, h in zip(space.groups, [space.heuristic_params(0)[g.param] for g in space.groups])],
+        groups=[(g.param, str(start[g.param]), str(best.params[g.param])) for g in space.groups],
     )
     if config.output is not None:
         result.output = write_best_plan(result, config)
