@@ -13,7 +13,9 @@ Schema (version 1), YAML or JSON::
     groups:
       - modules: "model.layers.*.mlp.up_proj"       # a pattern (cdka_search.patterns: * stays inside
                                                     # one dotted part, ** crosses parts) or exact name, or a list
-        kind: linear                                # or conv1d (GPT-2, weight stored in x out)
+        kind: linear                                # or conv1d (GPT-2, weight stored in x out), or
+                                                    # experts (3-D MoE parameter, experts x out x in)
+        experts: 8                                  # only for kind experts: factors per expert
         shape: [11008, 4096]                        # [d_out, d_in]
         count: 32                                   # modules the patterns must match
         left: [5504, 8]                             # B_i: m1 x n1
@@ -44,7 +46,7 @@ SCHEMA_VERSION = 1
 SCALINGS = ("alpha/sqrt(r*r2)", "alpha/r", "alpha/sqrt(r)", "fixed")
 INITS = ("kaiming-A-zero-B", "gradient-aligned")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-KINDS = ("linear", "conv1d")
+KINDS = ("linear", "conv1d", "experts")
 
 
 def _require(data: Mapping[str, Any], keys: Iterable[str], where: str) -> None:
@@ -134,10 +136,16 @@ class PlanGroup:
     design: Design
     kind: str = "linear"
     scores: Mapping[str, float] = field(default_factory=dict)
+    experts: int = 1
+
+    @property
+    def params_each(self) -> int:
+        """Trainable parameters of one module (every expert of an expert tensor counted)."""
+        return self.experts * self.design.params
 
     @property
     def params(self) -> int:
-        return self.count * self.design.params
+        return self.count * self.params_each
 
     def matches(self, name: str) -> bool:
         return any(match_module(name, p) for p in self.modules)
@@ -147,6 +155,7 @@ class PlanGroup:
         out: dict[str, Any] = {
             "modules": self.modules[0] if len(self.modules) == 1 else list(self.modules),
             "kind": self.kind,
+            **({"experts": self.experts} if self.kind == "experts" else {}),
             "shape": list(self.shape),
             "count": self.count,
             "left": [d.m1, d.n1],
@@ -154,7 +163,7 @@ class PlanGroup:
             "r": d.r,
             "r1": d.r1,
             "r2": d.r2,
-            "params_each": d.params,
+            "params_each": self.params_each,
             "rank_bound": d.rank_bound,
         }
         if self.scores:
@@ -163,7 +172,7 @@ class PlanGroup:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "PlanGroup":
-        keys = ("modules", "kind", "shape", "count", "left", "right", "r", "r1", "r2", "params_each", "rank_bound", "scores")
+        keys = ("modules", "kind", "experts", "shape", "count", "left", "right", "r", "r1", "r2", "params_each", "rank_bound", "scores")
         if not isinstance(data, Mapping):
             raise PlanError(f"{where}: expected a mapping")
         reject_unknown(data, keys, where)
@@ -183,17 +192,26 @@ class PlanGroup:
                 f"{where}: left {[m1, n1]} and right {[m2, n2]} give a {m1 * m2}x{n1 * n2} update, not the shape {shape[0]}x{shape[1]}"
             )
         design = Design(m1, n1, m2, n2, r)
-        derived = {"r1": design.r1, "r2": design.r2, "params_each": design.params, "rank_bound": design.rank_bound}
-        for key, value in derived.items():
-            if key in data and data[key] != value:
-                raise PlanError(f"{where}.{key} is {data[key]!r} but left/right/r give {value}")
         kind = data.get("kind", "linear")
         if kind not in KINDS:
             raise PlanError(f"{where}.kind {kind!r} is not one of {', '.join(KINDS)}")
+        if kind == "experts":
+            _require(data, ("experts",), where)
+            experts = _int(data["experts"], f"{where}.experts")
+            if experts < 1:
+                raise PlanError(f"{where}.experts must be positive")
+        elif "experts" in data:
+            raise PlanError(f"{where}.experts is only allowed with kind: experts")
+        else:
+            experts = 1
+        derived = {"r1": design.r1, "r2": design.r2, "params_each": experts * design.params, "rank_bound": design.rank_bound}
+        for key, value in derived.items():
+            if key in data and data[key] != value:
+                raise PlanError(f"{where}.{key} is {data[key]!r} but left/right/r give {value}")
         scores = data.get("scores") or {}
         if not isinstance(scores, Mapping):
             raise PlanError(f"{where}.scores: expected a mapping")
-        return cls(patterns, shape, count, design, kind, dict(scores))
+        return cls(patterns, shape, count, design, kind, dict(scores), experts)
 
 
 @dataclass(frozen=True)

@@ -6,19 +6,30 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-Kind = Literal["linear", "conv1d"]
+Kind = Literal["linear", "conv1d", "experts"]
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 
 
 @dataclass(frozen=True)
 class TargetModule:
     """One adaptable weight. ``d_out`` x ``d_in`` is the nn.Linear orientation even for a
-    GPT-2 ``Conv1D`` (``kind="conv1d"``), whose tensor is stored (d_in, d_out)."""
+    GPT-2 ``Conv1D`` (``kind="conv1d"``), whose tensor is stored (d_in, d_out).
+
+    ``kind="experts"`` is a 3-D MoE parameter stored (experts, d_out, d_in) and named as PEFT's
+    ``target_parameters`` names it (``model.layers.0.mlp.experts.gate_up_proj``); every expert
+    gets its own factors of one shared design, so its adapter costs ``experts`` times a 2-D one.
+    """
 
     name: str
     d_out: int
     d_in: int
     kind: Kind = "linear"
+    experts: int = 1
+
+    @property
+    def weight_params(self) -> int:
+        """Parameters of the frozen weight (every expert counted)."""
+        return self.experts * self.d_out * self.d_in
 
     @property
     def shape(self) -> tuple[int, int]:
