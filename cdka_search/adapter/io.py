@@ -77,8 +77,9 @@ def read_adapter(path: str | Path) -> tuple["Plan", dict[str, torch.Tensor]]:
             f"{file}: adapter format {metadata.get('cdka_adapter')!r} is not supported "
             f"(this cdka reads {FORMAT_VERSION})"
         )
+    stored = read_json(metadata["cdka_plan"], f"{file}: stored plan", PlanError)
     try:
-        plan = Plan.from_dict(read_json(metadata["cdka_plan"], "the stored plan", PlanError))
+        plan = Plan.from_dict(stored)
     except PlanError as exc:
         raise PlanError(f"{file}: stored plan: {exc}") from None
     return plan, tensors
