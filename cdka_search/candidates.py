@@ -127,6 +127,8 @@ def factor_pairs(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()
 def r_range(d_out: int, d_in: int, r1: int, r2: int, space: CandidateSpace = CandidateSpace()) -> range:
     """Component counts worth trying: up to the cap, and no further than the rank saturates."""
     if space.r is not None:
+        if space.r > min(d_out, d_in):
+            raise TargetError(f"--r {space.r} is more components than a {d_out}x{d_in} update can use (at most {min(d_out, d_in)})")
         return range(space.r, space.r + 1)
     if space.family == "lokr":
         return range(1, 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cdka_search.errors import ModelSourceError
+from cdka_search.errors import ModelSourceError, one_line
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
 
 
@@ -45,14 +45,17 @@ def meta_spec_from_config(folder: Path, name: str) -> ModelSpec:
         raise ModelSourceError(
             f"{folder}: model_type not built in; install the 'hf' extra (pip install 'cdka[hf]') to read any architecture"
         ) from None
+    from cdka_search.textdata import refuse_remote_code
+
+    refuse_remote_code(folder, "config.json")
     try:
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         with torch.device("meta"):
             try:
                 model = transformers.AutoModelForCausalLM.from_config(config)
             except ValueError:
                 model = transformers.AutoModel.from_config(config)
     except Exception as exc:  # transformers raises many unrelated types for a bad config
-        raise ModelSourceError(f"{folder}: transformers cannot build this config ({exc.__class__.__name__}: {exc})") from None
+        raise ModelSourceError(f"{folder}: transformers cannot build this config ({one_line(exc)})") from None
     spec = spec_from_module(model, name)
     return ModelSpec(name, "hf-config", spec.total_params, spec.targets)
