@@ -181,12 +181,13 @@ def validate(
 
     Examples: cdka validate plan.yaml;  cdka validate plan.yaml --model llama-2-7b
     """
+    from cdka_search.matching import summarise
     from cdka_search.plan import load_plan
     from cdka_search.planner import plan_problems
 
     loaded = load_plan(plan_file)
     problems = plan_problems(loaded, _load(model)) if model else []
     if problems:
-        raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + " | ".join(problems))
+        raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + summarise(problems, sep=" | "))
     against = f" and matches {model}" if model else ""
     typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of {loaded.budget_limit:,} parameters)")
