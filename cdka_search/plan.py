@@ -40,8 +40,9 @@ from cdka_search.candidates import Design
 from cdka_search.documents import brief, read_text_file, read_yaml, reject_unknown, strict_dataclass
 from cdka_search.errors import PlanError
 from cdka_search.fileio import atomic_write_text
-from cdka_search.limits import MAX_DIM, MAX_EXPERTS, MAX_MODULES, MAX_PATTERN_CHARS, MAX_TOTAL_PARAMS, check_int
-from cdka_search.patterns import match_module
+from cdka_search.limits import MAX_DIM, MAX_EXPERTS, MAX_MODULES, MAX_TOTAL_PARAMS, check_int
+from cdka_search.matching import match_groups, raise_problems
+from cdka_search.patterns import MAX_PATTERN_CHARS, match_module
 from cdka_search.scoring import OBJECTIVES
 
 SCHEMA_VERSION = 1
@@ -361,21 +362,11 @@ class Plan:
         return replace(self, adapter=replace(self.adapter, **changes))
 
     def assign(self, module_names: Iterable[str]) -> dict[str, PlanGroup]:
-        """Each matched module name -> its group; a group matching a count other than its own,
-        or a module matched twice, is a PlanError naming them."""
-        out: dict[str, PlanGroup] = {}
-        matched = {id(g): 0 for g in self.groups}
-        for name in module_names:
-            owners = [g for g in self.groups if g.matches(name)]
-            if len(owners) > 1:
-                raise PlanError(f"module {name} is matched by {len(owners)} groups ({', '.join(o.modules[0] for o in owners)})")
-            if owners:
-                out[name] = owners[0]
-                matched[id(owners[0])] += 1
-        for g in self.groups:
-            if matched[id(g)] != g.count:
-                raise PlanError(f"group {g.modules[0]!r} matches {matched[id(g)]} modules of the model, but the plan says {g.count}")
-        return out
+        """Each matched module name (model order) -> its group. A group matching a count other than
+        its own, or a module matched twice, is a PlanError listing every such problem."""
+        found = match_groups([g.modules for g in self.groups], module_names, counts=[g.count for g in self.groups])
+        raise_problems(found.problems)
+        return {name: self.groups[g] for name, g in found.owner.items()}
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -9,10 +9,10 @@ from cdka_search.allocate import Allocation, allocate
 from cdka_search.budget import Budget, parse_budget
 from cdka_search.candidates import CandidateSpace, Design
 from cdka_search.documents import brief
-from cdka_search.errors import ArgumentError, BudgetError, PlanError, TargetError
+from cdka_search.errors import ArgumentError, BudgetError, TargetError
 from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_fronts
 from cdka_search.limits import MAX_DIM, MAX_SEED, check_int
-from cdka_search.patterns import match_module
+from cdka_search.matching import ModuleIndex, match_groups, raise_problems
 from cdka_search.plan import AdapterSettings, Plan, PlanGroup
 from cdka_search.scoring import (
     DEFAULT_SAMPLES,
@@ -48,12 +48,16 @@ def score_tables(
     return {shape: score_shape(*shape, space, objective, spectra=cache) for shape in sorted(spec.shapes)}
 
 
-def _group_patterns(role: str, members: list[TargetModule], spec: ModelSpec) -> tuple[str, ...]:
-    """The role glob when it matches exactly these members among all targets, else their names."""
+def _group_patterns(role: str, members: list[TargetModule], index: ModuleIndex, role_hits: dict[str, list[str]]) -> tuple[str, ...]:
+    """The role glob when it matches exactly these members among all targets, else their names.
+
+    ``role_hits`` memoises each role glob's matches, so a per-layer plan looks each role up once.
+    """
     if "*" in role:
-        names = {m.name for m in members}
-        hits = {t.name for t in spec.targets if match_module(t.name, role)}
-        if hits == names:
+        if role not in role_hits:
+            role_hits[role] = index.find(role)
+        hits = role_hits[role]
+        if len(hits) == len(members) and set(hits) == {m.name for m in members}:
             return (role,)
     return tuple(m.name for m in members)
 
@@ -81,6 +85,7 @@ def build_plan(
     model; ``per_layer`` lists every module as its own group.
     """
     groups = []
+    index, role_hits = ModuleIndex(t.name for t in spec.targets), {}
     for role, members in spec.roles().items():
         by_design: dict[tuple, list[TargetModule]] = {}
         for m in members:
@@ -92,7 +97,7 @@ def build_plan(
             best = picked[first.name] if first.name in picked else picked[first.shape]
             groups.append(
                 PlanGroup(
-                    modules=_group_patterns(role, same, spec),
+                    modules=_group_patterns(role, same, index, role_hits),
                     shape=first.shape,
                     count=len(same),
                     design=best.design,
@@ -291,30 +296,25 @@ def explain_shape(
 
 
 def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
-    """Every way ``plan`` does not fit ``spec``: missing modules, counts, shapes, kinds, budget."""
-    problems: list[str] = []
+    """Every way ``plan`` does not fit ``spec``: missing modules, counts, shapes, kinds, budget (one pass)."""
     by_name = {t.name: t for t in spec.targets}
-    owners: dict[str, list[PlanGroup]] = {}
-    for g in plan.groups:
-        hits = [n for n in by_name if g.matches(n)]
-        for n in hits:
-            owners.setdefault(n, []).append(g)
-        if not hits:
-            problems.append(f"group {g.modules[0]!r}: matches no module of {spec.name}")
-            continue
-        if len(hits) != g.count:
-            problems.append(f"group {g.modules[0]!r}: matches {len(hits)} modules of {spec.name}, the plan says {g.count}")
+    found = match_groups(
+        [g.modules for g in plan.groups], ModuleIndex(by_name), counts=[g.count for g in plan.groups], model=spec.name
+    )
+    problems = list(found.problems)
+    for g, hits in zip(plan.groups, found.hits):
+        # One problem per group and mismatch, naming its first module: a plan for another model
+        # stays a readable line however many layers it has.
+        wrong: dict[str, list[str]] = {}
         for n in hits:
             t = by_name[n]
             if t.shape != g.shape:
-                problems.append(
-                    f"module {n}: the model's weight is {t.d_out}x{t.d_in}, the plan says {g.shape[0]}x{g.shape[1]}"
-                )
+                wrong.setdefault(f"the model's weight is {t.d_out}x{t.d_in}, the plan says {g.shape[0]}x{g.shape[1]}", []).append(n)
             elif t.kind != g.kind:
-                problems.append(f"module {n}: the model has a {t.kind} module, the plan says {g.kind}")
-    for n, gs in owners.items():
-        if len(gs) > 1:
-            problems.append(f"module {n}: matched by {len(gs)} groups")
+                wrong.setdefault(f"the model has a {t.kind} module, the plan says {g.kind}", []).append(n)
+        for what, names in wrong.items():
+            more = f" (and {len(names) - 1} more of group {g.modules[0]!r})" if len(names) > 1 else ""
+            problems.append(f"module {names[0]}: {what}{more}")
     if plan.total_params != spec.total_params:
         problems.append(
             f"model.total_params is {plan.total_params:,} but {spec.name} has {spec.total_params:,} (a plan for another model?)"
@@ -324,6 +324,4 @@ def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
 
 def check_plan(plan: Plan, spec: ModelSpec) -> None:
     """Raise PlanError listing every problem of ``plan`` against ``spec``."""
-    problems = plan_problems(plan, spec)
-    if problems:
-        raise PlanError("; ".join(problems))
+    raise_problems(plan_problems(plan, spec))

@@ -177,6 +177,7 @@ def validate(
 
     Examples: cdka validate plan.yaml;  cdka validate plan.yaml --model llama-2-7b
     """
+    from cdka_search.matching import summarise
     from cdka_search.plan import load_plan
     from cdka_search.planner import plan_model, plan_problems
 
@@ -184,6 +185,6 @@ def validate(
     spec = plan_model(loaded, model)
     problems = plan_problems(loaded, spec) if spec is not None else []
     if problems:
-        raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + " | ".join(problems))
+        raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + summarise(problems, sep=" | "))
     against = f" and matches {model or loaded.model_path}" if spec is not None else ""
     typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of {loaded.budget_limit:,} parameters)")

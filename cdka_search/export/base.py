@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from cdka_search.errors import ExportError
 from cdka_search.fileio import atomic_write_text, write_folder
+from cdka_search.matching import ModuleIndex
 
 if TYPE_CHECKING:
     from cdka_search.plan import Plan, PlanGroup
@@ -86,7 +87,8 @@ def resolve_modules(
         return out, tuple(n for _, names in out for n in names)
     check_plan(plan, spec)
     names = tuple(t.name for t in spec.targets)
-    return [(g, tuple(n for n in names if g.matches(n))) for g in plan.groups], names
+    index = ModuleIndex(names)
+    return [(g, tuple(index.find_any(g.modules))) for g in plan.groups], names
 
 
 def anchored(name: str) -> str:
