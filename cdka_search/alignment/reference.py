@@ -213,7 +213,7 @@ def _open_checkpoint(file: Path) -> Any:
 def _check_metadata(source: Path, metadata: Mapping[str, str]) -> None:
     if metadata.get("cdka_reference") != FORMAT_VERSION or metadata.get("kind") not in KINDS:
         raise ReferenceFileError(
-            f"{source} is a safetensors file but not a cdka reference (metadata {dict(metadata)}); "
+            f"{source} is a safetensors file but not a cdka reference (metadata {brief(dict(metadata))}); "
             f"expected cdka_reference={FORMAT_VERSION!r} and kind in {KINDS}"
         )
 
