@@ -525,7 +525,7 @@ def finished_study(tmp_path_factory):
     return storage
 
 
-@pytest.mark.parametrize(("make", "message"), [("file", "is a file; give a folder"), ("under-file", "cannot create the plot folder")])
+@pytest.mark.parametrize(("make", "message"), [("file", "is a file; give a folder"), ("under-file", "cannot be created: ")])
 def test_report_out_errors(cli, tmp_path, finished_study, make, message):
     (tmp_path / "taken").write_text("x")
     out = tmp_path / "taken" if make == "file" else tmp_path / "taken" / "plots"

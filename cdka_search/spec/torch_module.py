@@ -38,6 +38,13 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
 
 def meta_spec_from_config(folder: Path, name: str) -> ModelSpec:
     """Any architecture transformers knows, built on the meta device (no weight allocated)."""
+    from cdka_search.spec.hf_config import read_config
+    from cdka_search.textdata import refuse_remote_code
+
+    kind = read_config(folder).get("model_type")
+    if not isinstance(kind, str) or not kind.strip():
+        raise ModelSourceError(f"{folder}: config.json has no model_type, so its architecture is unknown")
+    refuse_remote_code(folder, "config.json")  # both before importing torch: bad input fails fast
     try:
         import torch
         import transformers
@@ -45,9 +52,6 @@ def meta_spec_from_config(folder: Path, name: str) -> ModelSpec:
         raise ModelSourceError(
             f"{folder}: model_type not built in; install the 'hf' extra (pip install 'cdka[hf]') to read any architecture"
         ) from None
-    from cdka_search.textdata import refuse_remote_code
-
-    refuse_remote_code(folder, "config.json")
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         with torch.device("meta"):
