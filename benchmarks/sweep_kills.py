@@ -1,8 +1,10 @@
 """A sweep killed with SIGKILL at random moments, resumed each time: is the study still whole?
 
 Runs `cdka sweep` (proxy task, a tiny LLaMA config, SQLite storage) in a subprocess, kills it with
-SIGKILL after a random delay, starts it again with the same command and --seed, KILLS times; then
-lets the last run finish. After every kill it checks, and prints one row per kill:
+SIGKILL, starts it again with the same command and --seed, KILLS times; then lets the last run
+finish. The first TRIAL0_KILLS kills come while trial 0 (the heuristic plan) trains, a random
+0 to 0.5 s after it starts (three such kills used to lose it for good); the others come at a random
+moment MIN_DELAY to MAX_DELAY seconds after the start. After every kill it checks, and prints one row per kill:
 
 - lost: completed trials (number -> value) seen before the kill and missing or changed after it;
 - trial 0: whether the heuristic plan's trial has completed yet;
@@ -81,6 +83,18 @@ def design_duplicates(trials: list) -> int:
     return duplicates
 
 
+def trial0_running(folder: Path, pid: int) -> bool:
+    """Trial 0 is training in process ``pid``."""
+    import optuna
+
+    try:
+        trials = load_trials(folder)
+    except Exception:  # the study is being created: not yet
+        return False
+    return any(t.user_attrs.get("heuristic") and t.state == optuna.trial.TrialState.RUNNING
+               and str(t.user_attrs.get("worker", "")).endswith(f":{pid}") for t in trials)
+
+
 def heuristic_value(trials: list) -> float | None:
     import optuna
 
@@ -94,6 +108,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the kill moments.")
+    parser.add_argument("--trial0-kills", type=int, default=3, help="Kills while trial 0 trains (the first ones).")
     parser.add_argument("--min-delay", type=float, default=0.5, help="Seconds after start, at the earliest, of a kill.")
     parser.add_argument("--max-delay", type=float, default=8.0, help="Seconds after start, at the latest, of a kill.")
     args = parser.parse_args()
@@ -107,13 +122,18 @@ def main() -> int:
         print(f"{'kill':>4} {'after s':>8} {'completed':>9} {'lost':>4} {'trial 0':>8} {'duplicates':>10}")
         for kill in range(1, args.kills + 1):
             before = completed(load_trials(folder))
-            delay = rng.uniform(args.min_delay, args.max_delay)
             proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                proc.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
+            started = time.monotonic()
+            if kill <= args.trial0_kills:
+                while proc.poll() is None and not trial0_running(folder, proc.pid) and time.monotonic() - started < 120:
+                    time.sleep(0.05)
+                time.sleep(rng.uniform(0.0, 0.5))
+            else:
+                time.sleep(rng.uniform(args.min_delay, args.max_delay))
+            delay = time.monotonic() - started
+            if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
-                proc.wait()
+            proc.wait()
             trials = load_trials(folder)
             after = completed(trials)
             lost = sum(after.get(n) != v for n, v in before.items())

@@ -22,6 +22,8 @@ import os
 import socket
 from typing import Any, Iterable, Sequence
 
+#: user attribute: the trial number the WORKER stamp was made for (copies of a trial carry stale stamps)
+STAMPED = "worker_trial"
 #: user attribute set on the heuristic plan's trial (trial 0)
 HEURISTIC = "heuristic"
 #: user attribute naming the process (host:pid) that ran a trial
@@ -37,8 +39,17 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def stamp(trial: Any) -> None:
+    """Record which process runs ``trial`` (an optuna.Trial), first thing when it starts."""
+    trial.set_user_attr(WORKER, worker_id())
+    trial.set_user_attr(STAMPED, trial.number)
+
+
 def _alive(trial: Any) -> bool:
-    """False only for a trial started by a process of this host that no longer runs."""
+    """False only for a trial started by a process of this host that no longer runs. A trial not
+    stamped for itself (a queued copy just started, whose stamp is its original's) counts as alive."""
+    if trial.user_attrs.get(STAMPED) != trial.number:
+        return True
     host, _, pid = str(trial.user_attrs.get(WORKER, "")).rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return True
@@ -87,7 +98,8 @@ def reap_dead(study: Any) -> int:
         reaped += 1
         times = int(t.user_attrs.get(REQUEUED, 0)) + 1
         if t.user_attrs.get(HEURISTIC) or times <= MAX_REQUEUE:
-            study.enqueue_trial(dict(t.params), user_attrs={**t.user_attrs, REQUEUED: times}, skip_if_exists=False)
+            attrs = {k: v for k, v in t.user_attrs.items() if k not in (WORKER, STAMPED)}
+            study.enqueue_trial(dict(t.params), user_attrs={**attrs, REQUEUED: times}, skip_if_exists=False)
     return reaped
 
 

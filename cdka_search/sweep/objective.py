@@ -17,10 +17,10 @@ from cdka_search.sweep.bookkeeping import (
     WORKER,
     design_key,
     may_start,
+    stamp,
     trial_seed,
     tried_designs,
     untried_design,
-    worker_id,
 )
 from cdka_search.sweep.tasks import NonFiniteLoss
 
@@ -59,7 +59,7 @@ class Objective:
     def __call__(self, trial: Any) -> float:
         import optuna
 
-        trial.set_user_attr(WORKER, worker_id())
+        stamp(trial)
         heuristic = bool(trial.user_attrs.get(HEURISTIC))
         if self.trials is not None and not heuristic and not may_start(trial.study, trial.number, self.trials):
             trial.study.stop()
