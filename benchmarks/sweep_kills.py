@@ -4,7 +4,8 @@ Runs `cdka sweep` (proxy task, a tiny LLaMA config, SQLite storage) in a subproc
 SIGKILL, starts it again with the same command and --seed, KILLS times; then lets the last run
 finish. The first TRIAL0_KILLS kills come while trial 0 (the heuristic plan) trains, a random
 0 to 0.5 s after it starts (three such kills used to lose it for good); the others come at a random
-moment MIN_DELAY to MAX_DELAY seconds after the start. After every kill it checks, and prints one row per kill:
+moment MIN_DELAY to MAX_DELAY seconds after the process starts its first trial (start-up takes
+seconds and holds nothing to lose). After every kill it checks, and prints one row per kill:
 
 - lost: completed trials (number -> value) seen before the kill and missing or changed after it;
 - trial 0: whether the heuristic plan's trial has completed yet;
@@ -14,8 +15,8 @@ moment MIN_DELAY to MAX_DELAY seconds after the start. After every kill it check
 At the end: the study must hold exactly --trials counted trials, a completed trial 0 whose value is
 the best plan file's trial0_value, no lost trial and no duplicate. Exit status 1 if any check fails.
 
-Run:  python benchmarks/sweep_kills.py                       (20 kills; about 3-6 minutes on 2 cores)
-      python benchmarks/sweep_kills.py --kills 3 --trials 6   (a smoke test)
+Run:  python benchmarks/sweep_kills.py                                   (20 kills, 12 trials)
+      python benchmarks/sweep_kills.py --kills 3 --trial0-kills 2 --trials 5   (a smoke test)
 """
 
 from __future__ import annotations
@@ -83,15 +84,15 @@ def design_duplicates(trials: list) -> int:
     return duplicates
 
 
-def trial0_running(folder: Path, pid: int) -> bool:
-    """Trial 0 is training in process ``pid``."""
+def running_in(folder: Path, pid: int, *, trial0: bool) -> bool:
+    """A trial (trial 0 if ``trial0``) is training in process ``pid``."""
     import optuna
 
     try:
         trials = load_trials(folder)
     except Exception:  # the study is being created: not yet
         return False
-    return any(t.user_attrs.get("heuristic") and t.state == optuna.trial.TrialState.RUNNING
+    return any((t.user_attrs.get("heuristic") or not trial0) and t.state == optuna.trial.TrialState.RUNNING
                and str(t.user_attrs.get("worker", "")).endswith(f":{pid}") for t in trials)
 
 
@@ -109,8 +110,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the kill moments.")
     parser.add_argument("--trial0-kills", type=int, default=3, help="Kills while trial 0 trains (the first ones).")
-    parser.add_argument("--min-delay", type=float, default=0.5, help="Seconds after start, at the earliest, of a kill.")
-    parser.add_argument("--max-delay", type=float, default=8.0, help="Seconds after start, at the latest, of a kill.")
+    parser.add_argument("--min-delay", type=float, default=0.0, help="Seconds after the first trial starts, at the earliest, of a kill.")
+    parser.add_argument("--max-delay", type=float, default=6.0, help="Seconds after the first trial starts, at the latest, of a kill.")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -124,12 +125,10 @@ def main() -> int:
             before = completed(load_trials(folder))
             proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             started = time.monotonic()
-            if kill <= args.trial0_kills:
-                while proc.poll() is None and not trial0_running(folder, proc.pid) and time.monotonic() - started < 120:
-                    time.sleep(0.05)
-                time.sleep(rng.uniform(0.0, 0.5))
-            else:
-                time.sleep(rng.uniform(args.min_delay, args.max_delay))
+            trial0 = kill <= args.trial0_kills
+            while proc.poll() is None and not running_in(folder, proc.pid, trial0=trial0) and time.monotonic() - started < 300:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.5) if trial0 else rng.uniform(args.min_delay, args.max_delay))
             delay = time.monotonic() - started
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
