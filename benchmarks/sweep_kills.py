@@ -15,7 +15,7 @@ seconds and holds nothing to lose). After every kill it checks, and prints one r
 At the end: the study must hold exactly --trials counted trials, a completed trial 0 whose value is
 the best plan file's trial0_value, no lost trial and no duplicate. Exit status 1 if any check fails.
 
-Run:  python benchmarks/sweep_kills.py                                   (20 kills, 12 trials)
+Run:  python benchmarks/sweep_kills.py                                   (20 kills, 40 trials)
       python benchmarks/sweep_kills.py --kills 3 --trial0-kills 2 --trials 5   (a smoke test)
 """
 
@@ -106,7 +106,7 @@ def heuristic_value(trials: list) -> float | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the kill moments.")
     parser.add_argument("--trial0-kills", type=int, default=3, help="Kills while trial 0 trains (the first ones).")
@@ -120,7 +120,8 @@ def main() -> int:
         folder = Path(tmp)
         (folder / "config.json").write_text(json.dumps(TINY))
         command = sweep_command(folder, args.trials, args.steps)
-        print(f"{'kill':>4} {'after s':>8} {'completed':>9} {'lost':>4} {'trial 0':>8} {'duplicates':>10}")
+        print(f"{'kill':>4} {'after s':>8} {'killed':>6} {'completed':>9} {'lost':>4} {'trial 0':>8} {'duplicates':>10}")
+        real_kills = 0
         for kill in range(1, args.kills + 1):
             before = completed(load_trials(folder))
             proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -130,15 +131,17 @@ def main() -> int:
                 time.sleep(0.05)
             time.sleep(rng.uniform(0.0, 0.5) if trial0 else rng.uniform(args.min_delay, args.max_delay))
             delay = time.monotonic() - started
-            if proc.poll() is None:
+            killed = proc.poll() is None
+            if killed:
                 proc.send_signal(signal.SIGKILL)
+                real_kills += 1
             proc.wait()
             trials = load_trials(folder)
             after = completed(trials)
             lost = sum(after.get(n) != v for n, v in before.items())
             duplicates = design_duplicates(trials)
             trial0 = "done" if heuristic_value(trials) is not None else "-"
-            print(f"{kill:>4} {delay:>8.2f} {len(after):>9} {lost:>4} {trial0:>8} {duplicates:>10}", flush=True)
+            print(f"{kill:>4} {delay:>8.2f} {'yes' if killed else 'no':>6} {len(after):>9} {lost:>4} {trial0:>8} {duplicates:>10}", flush=True)
             if lost:
                 failures.append(f"kill {kill}: {lost} completed trial(s) lost or changed")
         before = completed(load_trials(folder))
@@ -152,6 +155,9 @@ def main() -> int:
         lost = sum(after.get(n) != v for n, v in before.items())
         duplicates = design_duplicates(trials)
         trial0 = heuristic_value(trials)
+        print(f"{real_kills} of {args.kills} runs were killed while working")
+        if real_kills < args.kills:
+            failures.append(f"only {real_kills} of {args.kills} runs were still working when killed (raise --trials)")
         print(f"final run: exit {done.returncode} after {time.monotonic() - started:.1f} s; {counted_trials} counted "
               f"trials (--trials {args.trials}), {len(after)} completed, lost {lost}, duplicates {duplicates}, "
               f"trial 0 value {trial0}")

@@ -13,6 +13,8 @@
   trained; an untried combination is queued instead (unless every combination has been tried).
 - **No overshoot**: a worker starts training only while the counted trials plus the live running
   trials numbered below its own are fewer than ``--trials``; the lowest-numbered trial wins a tie.
+  Otherwise it waits: it stops once the study holds ``--trials``, and trains if a trial it waited
+  for dies instead.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ SKIPPED = "skipped"
 #: how many times a trial whose worker died has been queued again
 REQUEUED = "requeued"
 MAX_REQUEUE = 3  # a trial that kills its worker this often is dropped (trial 0 never is)
+STAMP_GRACE_S = 30.0
+WAIT_S = 1.0  # how often a worker that must wait for others' trials looks again
 
 
 def worker_id() -> str:
@@ -46,10 +50,14 @@ def stamp(trial: Any) -> None:
 
 
 def _alive(trial: Any) -> bool:
-    """False only for a trial started by a process of this host that no longer runs. A trial not
-    stamped for itself (a queued copy just started, whose stamp is its original's) counts as alive."""
+    """False for a trial started by a process of this host that no longer runs, and for a trial not
+    stamped for itself within STAMP_GRACE_S of its start (its process died before its first step;
+    stamping is the first thing a trial does, so until then it counts as alive)."""
     if trial.user_attrs.get(STAMPED) != trial.number:
-        return True
+        import datetime
+
+        started = trial.datetime_start
+        return started is None or (datetime.datetime.now() - started).total_seconds() < STAMP_GRACE_S
     host, _, pid = str(trial.user_attrs.get(WORKER, "")).rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return True
@@ -99,7 +107,8 @@ def reap_dead(study: Any) -> int:
         times = int(t.user_attrs.get(REQUEUED, 0)) + 1
         if t.user_attrs.get(HEURISTIC) or times <= MAX_REQUEUE:
             attrs = {k: v for k, v in t.user_attrs.items() if k not in (WORKER, STAMPED)}
-            study.enqueue_trial(dict(t.params), user_attrs={**attrs, REQUEUED: times}, skip_if_exists=False)
+            params = {**t.system_attrs.get("fixed_params", {}), **t.params}  # killed before it drew them all
+            study.enqueue_trial(params, user_attrs={**attrs, REQUEUED: times}, skip_if_exists=False)
     return reaped
 
 
