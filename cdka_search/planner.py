@@ -8,8 +8,10 @@ from typing import Any, Mapping
 from cdka_search.allocate import Allocation, allocate
 from cdka_search.budget import Budget, parse_budget
 from cdka_search.candidates import CandidateSpace, Design
-from cdka_search.errors import BudgetError
+from cdka_search.documents import brief
+from cdka_search.errors import ArgumentError, BudgetError, TargetError
 from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_fronts
+from cdka_search.limits import MAX_DIM, MAX_SEED, check_int
 from cdka_search.matching import ModuleIndex, match_groups, raise_problems
 from cdka_search.plan import AdapterSettings, Plan, PlanGroup
 from cdka_search.scoring import (
@@ -141,8 +143,9 @@ def allocate_fronts(
     floor = sum(counts[k] * front[0].design.params for k, front in fronts.items())  # front[0] is the cheapest
     if floor > budget.limit:
         raise BudgetError(
-            f"budget {budget.spec!r} ({budget.limit:,} parameters) is below the smallest possible adapter on "
-            f"these targets: {floor:,} parameters (r = 1 everywhere); raise the budget or narrow --targets"
+            f"budget {brief(budget.spec)} ({budget.limit:,} parameters) is below the cheapest adapter the candidate "
+            f"space allows on these targets: {floor:,} parameters (the cheapest design of every target, under any "
+            f"pins such as --r); raise the budget, narrow --targets or relax the pins"
         )
     keys = list(fronts)
     units = [
@@ -174,6 +177,8 @@ def make_plan(
     is scored on its own update and weighted by that update's energy: a per-layer plan
     (``all_pairs`` measures every divisor pair instead of the data-free front's).
     """
+    check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
+    check_int(samples, "samples", ArgumentError, 1, 1 << 16)
     chosen = select_targets(spec, targets)
     limit = resolve_budget(chosen, budget)
     if reference is None:
@@ -206,6 +211,25 @@ def plan_from_fronts(
     return build_plan(spec, budget, picked, objective=objective, adapter=adapter, allocation=result, per_layer=per_layer)
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"4096x11008"`` -> (4096, 11008); each side an integer in [1, MAX_DIM]."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d{1,12})\s*[xX*,]\s*(\d{1,12})\s*", text)
+    if not match:
+        raise TargetError(f"--shape {brief(text)}: expected two positive sizes like 4096x11008")
+    d_out, d_in = int(match.group(1)), int(match.group(2))
+    for size in (d_out, d_in):
+        if not 1 <= size <= MAX_DIM:
+            raise TargetError(f"--shape {brief(text)}: each size must be in [1, {MAX_DIM:,}]")
+    return d_out, d_in
+
+
+def shape_budget(text: str, d_out: int, d_in: int) -> int:
+    """The parameter limit ``text`` means for one d_out x d_in weight ("lora:8" is LoRA rank 8 on it)."""
+    return parse_budget(text, total_params=d_out * d_in, targets=(TargetModule("weight", d_out, d_in),)).limit
+
+
 def explain_shape(
     d_out: int,
     d_in: int,
@@ -218,6 +242,11 @@ def explain_shape(
     seed: int = DEFAULT_SEED,
 ) -> list[ExplainRow]:
     """The best ``top`` candidates of a shape by objective, within ``max_params`` if given."""
+    check_int(top, "--top", ArgumentError, 1, 100_000)
+    check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
+    check_int(samples, "samples", ArgumentError, 1, 1 << 16)
+    for size in (d_out, d_in):
+        check_int(size, "--shape", TargetError, 1, MAX_DIM)
     table = score_shape(d_out, d_in, space, objective, spectra=SpectrumCache(samples, seed))
     front = set(table.pareto())
     ranked = table.ranked(max_params)
