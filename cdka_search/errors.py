@@ -61,3 +61,7 @@ class OutputError(CdkaError, OSError):
     """An output file that cannot be written (a folder, a missing or read-only location)."""
 
     exit_code = 10
+
+
+class ConfigError(ModelSourceError):
+    """A config.json field that is missing, of the wrong type, out of range, or not understood."""

@@ -52,12 +52,12 @@ def models_table() -> Table:
     for alias, target in ALIASES.items():
         aliases.setdefault(target, []).append(alias)
     rows = []
-    for name, arch in PRESETS.items():
+    for name, config in PRESETS.items():
         spec = preset_spec(name)
-        rows.append(
-            (name, ", ".join(aliases.get(name, [])), arch.family, arch.layers, arch.hidden, arch.intermediate, len(spec.targets), spec.total_params)
-        )
-    return Table("Embedded presets (offline)", ("Preset", "Aliases", "Family", "Layers", "Hidden", "Intermediate", "Targets", "Total params"), rows_of(rows))
+        layers = config.get("num_hidden_layers", config.get("n_layer"))
+        hidden = config.get("hidden_size", config.get("n_embd"))
+        rows.append((name, ", ".join(aliases.get(name, [])), config["model_type"], layers, hidden, len(spec.targets), spec.total_params))
+    return Table("Embedded presets (offline)", ("Preset", "Aliases", "Family", "Layers", "Hidden", "Targets", "Total params"), rows_of(rows))
 
 
 def inspect_table(spec: ModelSpec) -> Table:
