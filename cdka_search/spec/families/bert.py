@@ -22,9 +22,10 @@ def tensors(f):
     hidden, intermediate = f.int("hidden_size"), f.int("intermediate_size")
     f.heads("num_attention_heads", "num_attention_heads")
     e = f"{root}.embeddings"
-    out = embedding(f"{e}.word_embeddings", f.int("vocab_size", MAX_VOCAB), hidden)
-    out += embedding(f"{e}.position_embeddings", f.int("max_position_embeddings"), hidden)
-    out += embedding(f"{e}.token_type_embeddings", f.int("type_vocab_size", low=0), hidden) + norm(f"{e}.LayerNorm", hidden, bias=True)
+    words = embedding(f"{e}.word_embeddings", f.int("vocab_size", MAX_VOCAB), hidden)
+    positions = embedding(f"{e}.position_embeddings", f.int("max_position_embeddings"), hidden)
+    types = embedding(f"{e}.token_type_embeddings", f.int("type_vocab_size", low=0), hidden) + norm(f"{e}.LayerNorm", hidden, bias=True)
+    out = words + positions + types if root == "bert" else words + types + positions  # RoBERTa registers positions last
     for i in range(f.int("num_hidden_layers", MAX_LAYERS)):
         p = f"{root}.encoder.layer.{i}"
         for leaf in ("query", "key", "value"):
