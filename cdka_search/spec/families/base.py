@@ -62,7 +62,8 @@ COMMON_HARMLESS = frozenset(
     embd_pdrop resid_pdrop attn_pdrop hidden_dropout_prob attention_probs_dropout_prob classifier_dropout
     id2label label2id num_labels problem_type finetuning_task tokenizer_class prefix task_specific_params
     return_dict output_hidden_states output_attentions torchscript chunk_size_feed_forward
-    quantization_config gradient_checkpointing is_encoder_decoder use_return_dict
+    quantization_config gradient_checkpointing is_encoder_decoder use_return_dict cache_implementation
+    rope_local_base_freq
     """.split()
 )
 
