@@ -83,7 +83,7 @@ def build_plan(
         by_design: dict[tuple, list[TargetModule]] = {}
         for m in members:
             best = picked[m.name] if m.name in picked else picked[m.shape]
-            key = (m.name,) if per_layer else (m.shape, best.design)
+            key = (m.name,) if per_layer else (m.shape, m.experts, best.design)
             by_design.setdefault(key, []).append(m)
         for same in by_design.values():
             first = same[0]
@@ -96,6 +96,7 @@ def build_plan(
                     design=best.design,
                     kind=first.kind,
                     scores=best.scores.as_dict(),
+                    experts=first.experts,
                 )
             )
     return Plan(
@@ -178,7 +179,7 @@ def make_plan(
 
     tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs)
     return plan_from_fronts(
-        chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts={k: 1 for k in tables}, weights=weights,
+        chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts={t.name: t.experts for t in chosen.targets if t.name in tables}, weights=weights,
         objective=objective, adapter=adapter, per_layer=True,
     )
 
@@ -194,8 +195,12 @@ def plan_from_fronts(
     adapter: AdapterSettings = AdapterSettings(),
     per_layer: bool = False,
 ) -> Plan:
-    """Allocate ``budget`` over ``fronts`` (by shape unless ``counts`` keys them otherwise) into a Plan."""
-    counts = spec.shapes if counts is None else counts
+    """Allocate ``budget`` over ``fronts`` (by shape unless ``counts`` keys them otherwise) into a Plan.
+
+    By shape, a unit's count is its number of matrices: an expert tensor of E experts pays for E
+    copies of the shape's one design (each expert trains its own factors).
+    """
+    counts = spec.matrices if counts is None else counts
     weights = {k: 1.0 for k in fronts} if weights is None else weights
     picked, result = allocate_fronts(fronts, counts, weights, budget)
     return build_plan(spec, budget, picked, objective=objective, adapter=adapter, allocation=result, per_layer=per_layer)
@@ -257,6 +262,8 @@ def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
                 )
             elif t.kind != g.kind:
                 problems.append(f"module {n}: the model has a {t.kind} module, the plan says {g.kind}")
+            elif t.experts != g.experts:
+                problems.append(f"module {n}: the model has {t.experts} experts, the plan says {g.experts}")
     for n, gs in owners.items():
         if len(gs) > 1:
             problems.append(f"module {n}: matched by {len(gs)} groups")
