@@ -41,9 +41,9 @@ def plan_table(plan: Plan, written: Path | None = None, covered: Coverage | None
     ]
     if used < UNSPENT_SHARE * limit:
         notes.append(
-            f"the budget cannot be spent usefully on these targets: every design stays below the size of the frozen "
-            f"weight it adapts (at that size fine-tuning the weight is cheaper and exact), so {limit - used:,} parameters "
-            "are left unspent; widen --targets or lower the budget"
+            f"the budget cannot be spent usefully on these targets: no candidate goes past full rank, --max-r, or the "
+            f"size of the frozen weight it adapts (where fine-tuning the weight is cheaper and exact), so {limit - used:,} "
+            "parameters are left unspent; widen --targets or lower the budget"
         )
     if covered is not None:
         notes.append(covered.summary())
