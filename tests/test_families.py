@@ -172,3 +172,21 @@ def test_unknown_field_goes_through_transformers_not_a_guess(tmp_path, monkeypat
     monkeypatch.setattr(torch_module, "meta_spec_from_config", no_transformers)
     with pytest.raises(ConfigError, match="'some_new_shape_field' are unknown to the built-in llama family"):
         load_spec(str(tmp_path))
+
+
+def test_tiny_mixtral_module_plans_its_experts():
+    """A live tiny Mixtral (real weights, CPU): spec_from_module lists the expert tensors, a plan
+    covers them with one design per tensor and every expert paid for, and the plan checks clean."""
+    from cdka_search.planner import make_plan, plan_problems
+
+    config = transformers.MixtralConfig(**TINY["mixtral"])
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config)
+    spec = spec_from_module(model, "tiny-mixtral")
+    assert spec.total_params == sum(p.numel() for p in model.parameters())
+    plan = make_plan(spec, "10%")
+    experts = [g for g in plan.groups if g.kind == "experts"]
+    assert {g.modules[0] for g in experts} == {"model.layers.*.mlp.experts.gate_up_proj", "model.layers.*.mlp.experts.down_proj"}
+    assert all(g.experts == 4 and g.count == 2 and g.params == 2 * 4 * g.design.params for g in experts)
+    assert plan.used_params <= plan.budget_limit
+    assert plan_problems(plan, spec) == []
