@@ -249,6 +249,11 @@ def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
         hits = [n for n in by_name if g.matches(n)]
         for n in hits:
             owners.setdefault(n, []).append(g)
+        if g.design.params >= g.shape[0] * g.shape[1]:
+            problems.append(
+                f"group {g.modules[0]!r}: its design has {g.design.params:,} parameters per matrix, not fewer than the "
+                f"{g.shape[0]}x{g.shape[1]} weight's {g.shape[0] * g.shape[1]:,} (fine-tune the weight instead)"
+            )
         if not hits:
             problems.append(f"group {g.modules[0]!r}: matches no module of {spec.name}")
             continue
