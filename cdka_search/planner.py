@@ -178,8 +178,9 @@ def make_plan(
     from cdka_search.alignment.planning import reference_tables
 
     tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs)
+    counts = {t.name: t.experts for t in chosen.targets if t.name in tables}  # an expert tensor pays for every expert
     return plan_from_fronts(
-        chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts={t.name: t.experts for t in chosen.targets if t.name in tables}, weights=weights,
+        chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts=counts, weights=weights,
         objective=objective, adapter=adapter, per_layer=True,
     )
 

@@ -85,23 +85,25 @@ class Coverage:
     def not_adaptable(self) -> int:
         return self.total - self.covered - self.left_out_params
 
+    def share(self, params: int) -> str:
+        return f"{100 * params / self.total:.1f}%"
+
     def summary(self) -> str:
-        pct = lambda n: f"{100 * n / self.total:.1f}%"  # noqa: E731
         return (
-            f"coverage: the targets hold {pct(self.covered)} of {self.model}'s {self.total:,} parameters; "
-            f"{pct(self.left_out_params)} lie in weights not selected, {pct(self.not_adaptable)} in tensors no adapter "
-            "targets (embeddings, norms, LM head, routers)"
+            f"coverage: the targets hold {self.share(self.covered)} of {self.model}'s {self.total:,} parameters; "
+            f"{self.share(self.left_out_params)} lie in weights not selected, {self.share(self.not_adaptable)} in tensors "
+            "no adapter targets (embeddings, norms, LM head, routers)"
         )
 
     def warning(self) -> str | None:
         """A warning naming the left-out weights when they exceed WARN_SHARE of the model, else None."""
         if self.left_out_params <= WARN_SHARE * self.total:
             return None
-        names = ", ".join(f"{role} ({100 * w / self.total:.1f}%)" for role, w in self.left_out[:4])
+        names = ", ".join(f"{role} ({self.share(w)})" for role, w in self.left_out[:4])
         more = f" and {len(self.left_out) - 4} more" if len(self.left_out) > 4 else ""
-        option = "--targets all-linear" if self.selection.strip() != "all-linear" else "--targets with their names"
+        option = "--targets all-linear" if self.selection.strip() != "all-linear" else "their names in --targets"
         return (
-            f"warning: {100 * self.left_out_params / self.total:.1f}% of {self.model}'s parameters are in weights "
+            f"warning: {self.share(self.left_out_params)} of {self.model}'s parameters are in weights "
             f"--targets {self.selection} leaves out: {names}{more}; include them with {option}"
         )
 

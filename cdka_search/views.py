@@ -90,7 +90,7 @@ def inspect_table(spec: ModelSpec, covered: Coverage | None = None) -> Table:
     )
 
 
-def coverage_extra(covered: Coverage | None) -> dict:
+def coverage_extra(covered: Coverage | None) -> dict[str, object]:
     """The coverage figures for JSON output."""
     if covered is None:
         return {}

@@ -2,8 +2,8 @@
 the total is the base model with its pooler, the number their model cards quote."""
 
 from cdka_search.errors import ConfigError
-from cdka_search.spec.config_fields import MAX_LAYERS, MAX_VOCAB
-from cdka_search.spec.families.base import COMMON_HARMLESS, Family, embedding, linear, norm
+from cdka_search.spec.config_fields import MAX_LAYERS, MAX_VOCAB, Fields
+from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor, embedding, linear, norm
 
 DEFAULTS = {
     "vocab_size": 30522, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -12,7 +12,7 @@ DEFAULTS = {
 }  # transformers BertConfig (RobertaConfig differs only in vocab_size, which its configs set)
 
 
-def tensors(f):
+def tensors(f: Fields) -> list[Tensor]:
     root = str(f.raw("model_type"))
     for key in ("is_decoder", "add_cross_attention"):
         if f.flag(key):

@@ -7,9 +7,6 @@ from typing import Callable
 from cdka_search.spec.config_fields import MAX_LAYERS, MAX_VOCAB, Fields
 from cdka_search.spec.families.base import Tensor, attention, causal_lm, gated_mlp, norm
 
-# Fields a LLaMA-style config reads, with the transformers defaults for a missing one.
-SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
-
 
 def decoder(
     f: Fields,

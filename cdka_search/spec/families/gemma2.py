@@ -1,6 +1,7 @@
 """Gemma 2: head_dim 256 by default, sandwich norms around the MLP, tied embeddings."""
 
-from cdka_search.spec.families.base import COMMON_HARMLESS, Family
+from cdka_search.spec.config_fields import Fields
+from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor
 from cdka_search.spec.families.dense import decoder
 
 DEFAULTS = {
@@ -10,7 +11,7 @@ DEFAULTS = {
 }  # transformers Gemma2Config
 
 
-def tensors(f):
+def tensors(f: Fields) -> list[Tensor]:
     bias = f.flag("attention_bias")
     return decoder(f, qkv_bias=bias, o_bias=bias, sandwich_norms=True)
 

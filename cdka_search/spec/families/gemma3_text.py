@@ -1,6 +1,7 @@
 """Gemma 3 text models (1B, and the text tower's config): Gemma 2's layout plus q_norm / k_norm."""
 
-from cdka_search.spec.families.base import COMMON_HARMLESS, Family
+from cdka_search.spec.config_fields import Fields
+from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor
 from cdka_search.spec.families.dense import decoder
 
 DEFAULTS = {
@@ -10,7 +11,7 @@ DEFAULTS = {
 }  # transformers Gemma3TextConfig
 
 
-def tensors(f):
+def tensors(f: Fields) -> list[Tensor]:
     bias = f.flag("attention_bias")
     return decoder(f, qkv_bias=bias, o_bias=bias, qk_norm=True, sandwich_norms=True)
 

@@ -1,7 +1,7 @@
 """GPT-2: Conv1D layers store (in, out); learned positions; the LM head is tied by default."""
 
 from cdka_search.errors import ConfigError
-from cdka_search.spec.config_fields import MAX_LAYERS, MAX_VOCAB
+from cdka_search.spec.config_fields import MAX_LAYERS, MAX_VOCAB, Fields
 from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor, embedding, linear, norm
 
 DEFAULTS = {
@@ -18,7 +18,7 @@ def conv1d(prefix: str, d_in: int, d_out: int) -> list[Tensor]:
     return [Tensor(f"{prefix}.weight", (d_in, d_out), "conv1d"), Tensor(f"{prefix}.bias", (d_out,))]
 
 
-def tensors(f):
+def tensors(f: Fields) -> list[Tensor]:
     if f.flag("add_cross_attention"):
         raise ConfigError(f"{f.where}: add_cross_attention is not supported by the built-in gpt2 family")
     hidden, vocab = f.int("n_embd"), f.int("vocab_size", MAX_VOCAB)

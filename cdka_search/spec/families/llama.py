@@ -1,6 +1,7 @@
 """LLaMA 1/2/3 (also TinyLlama and most LLaMA derivatives): head_dim, GQA, attention_bias, mlp_bias."""
 
-from cdka_search.spec.families.base import COMMON_HARMLESS, Family
+from cdka_search.spec.config_fields import Fields
+from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor
 from cdka_search.spec.families.dense import decoder
 
 DEFAULTS = {
@@ -10,7 +11,7 @@ DEFAULTS = {
 }  # transformers LlamaConfig
 
 
-def tensors(f):
+def tensors(f: Fields) -> list[Tensor]:
     bias = f.flag("attention_bias")
     return decoder(f, qkv_bias=bias, o_bias=bias, mlp_bias=f.flag("mlp_bias"))
 

@@ -1,6 +1,7 @@
 """Mistral (7B, NeMo 12B, Small): head_dim may differ from hidden / heads (NeMo: 128, not 160)."""
 
-from cdka_search.spec.families.base import COMMON_HARMLESS, Family
+from cdka_search.spec.config_fields import Fields
+from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor
 from cdka_search.spec.families.dense import decoder
 
 DEFAULTS = {
@@ -9,7 +10,7 @@ DEFAULTS = {
 }  # transformers MistralConfig
 
 
-def tensors(f):
+def tensors(f: Fields) -> list[Tensor]:
     return decoder(f, qkv_bias=False, o_bias=False)
 
 

@@ -1,7 +1,7 @@
 """Mixtral (8x7B, 8x22B): Mistral attention, every layer's MLP is a router plus routed experts."""
 
-from cdka_search.spec.config_fields import MAX_EXPERTS
-from cdka_search.spec.families.base import COMMON_HARMLESS, Family, router, routed_experts
+from cdka_search.spec.config_fields import MAX_EXPERTS, Fields
+from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor, routed_experts, router
 from cdka_search.spec.families.dense import decoder
 
 DEFAULTS = {
@@ -11,10 +11,10 @@ DEFAULTS = {
 }  # transformers MixtralConfig (num_local_experts is its config.json spelling of num_experts)
 
 
-def tensors(f):
+def tensors(f: Fields) -> list[Tensor]:
     hidden, intermediate, experts = f.int("hidden_size"), f.int("intermediate_size"), f.int("num_experts", MAX_EXPERTS)
 
-    def mlp(layer, prefix):
+    def mlp(layer: int, prefix: str) -> list[Tensor]:
         return router(f"{prefix}.gate", experts, hidden) + routed_experts(f"{prefix}.experts", experts, hidden, intermediate)
 
     return decoder(f, qkv_bias=False, o_bias=False, mlp=mlp)

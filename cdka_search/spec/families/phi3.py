@@ -1,7 +1,7 @@
 """Phi-3 / Phi-3.5 / Phi-4: fused qkv_proj (q, then k and v of the kv heads) and fused gate_up_proj."""
 
-from cdka_search.spec.config_fields import MAX_LAYERS, MAX_VOCAB
-from cdka_search.spec.families.base import COMMON_HARMLESS, Family, causal_lm, linear, norm
+from cdka_search.spec.config_fields import MAX_LAYERS, MAX_VOCAB, Fields
+from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor, causal_lm, linear, norm
 
 DEFAULTS = {
     "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
@@ -9,7 +9,7 @@ DEFAULTS = {
 }  # transformers Phi3Config
 
 
-def tensors(f):
+def tensors(f: Fields) -> list[Tensor]:
     hidden, intermediate, vocab = f.int("hidden_size"), f.int("intermediate_size"), f.int("vocab_size", MAX_VOCAB)
     heads, kv_heads = f.heads("num_attention_heads", "num_key_value_heads")
     head_dim = f.head_dim(hidden, heads)

@@ -1,6 +1,7 @@
 """Qwen2 / Qwen2.5: q, k, v carry a bias, o does not (fixed in the architecture, not a field)."""
 
-from cdka_search.spec.families.base import COMMON_HARMLESS, Family
+from cdka_search.spec.config_fields import Fields
+from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor
 from cdka_search.spec.families.dense import decoder
 
 DEFAULTS = {
@@ -9,7 +10,7 @@ DEFAULTS = {
 }  # transformers Qwen2Config
 
 
-def tensors(f):
+def tensors(f: Fields) -> list[Tensor]:
     return decoder(f, qkv_bias=True, o_bias=False)
 
 

@@ -1,6 +1,7 @@
 """Qwen3 (dense): head_dim 128 by default whatever the width, per-head q_norm / k_norm."""
 
-from cdka_search.spec.families.base import COMMON_HARMLESS, Family
+from cdka_search.spec.config_fields import Fields
+from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor
 from cdka_search.spec.families.dense import decoder
 
 DEFAULTS = {
@@ -10,7 +11,7 @@ DEFAULTS = {
 }  # transformers Qwen3Config
 
 
-def tensors(f):
+def tensors(f: Fields) -> list[Tensor]:
     bias = f.flag("attention_bias")
     return decoder(f, qkv_bias=bias, o_bias=bias, qk_norm=True)
 

@@ -1,8 +1,8 @@
 """Qwen3-MoE (30B-A3B, 235B-A22B): routed experts on every decoder_sparse_step-th layer not in
 mlp_only_layers, a dense MLP elsewhere; the router is counted, not adapted."""
 
-from cdka_search.spec.config_fields import MAX_EXPERTS, MAX_LAYERS
-from cdka_search.spec.families.base import COMMON_HARMLESS, Family, gated_mlp, routed_experts, router
+from cdka_search.spec.config_fields import MAX_EXPERTS, MAX_LAYERS, Fields
+from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor, gated_mlp, routed_experts, router
 from cdka_search.spec.families.dense import decoder
 
 DEFAULTS = {
@@ -13,12 +13,12 @@ DEFAULTS = {
 }  # transformers Qwen3MoeConfig
 
 
-def tensors(f):
+def tensors(f: Fields) -> list[Tensor]:
     hidden, experts = f.int("hidden_size"), f.int("num_experts", MAX_EXPERTS, low=0)
     dense_intermediate, expert_intermediate = f.int("intermediate_size"), f.int("moe_intermediate_size")
     step, dense_only = f.int("decoder_sparse_step", MAX_LAYERS), set(f.int_list("mlp_only_layers", MAX_LAYERS))
 
-    def mlp(layer, prefix):
+    def mlp(layer: int, prefix: str) -> list[Tensor]:
         if layer not in dense_only and experts > 0 and (layer + 1) % step == 0:
             return routed_experts(f"{prefix}.experts", experts, hidden, expert_intermediate) + router(f"{prefix}.gate", experts, hidden)
         return gated_mlp(prefix, hidden, dense_intermediate)
