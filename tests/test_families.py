@@ -1,0 +1,192 @@
+"""Conformance, family by family: cdka's tensor list for a tiny config is exactly what the real
+transformers class builds on the meta device (names, shapes, order), and so are its targets and total."""
+
+import json
+
+import pytest
+
+from cdka_search.errors import ConfigError, ModelSourceError
+from cdka_search.spec import load_spec, spec_from_module
+from cdka_search.spec.families import FAMILIES, family_spec, family_tensors
+from cdka_search.spec.presets import PRESETS
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# One tiny config per family, each setting the fields that change shapes to values unlike the
+# defaults (head_dim != hidden / heads, GQA, biases, untied heads, MoE layer patterns, MLA ranks).
+TINY = {
+    "llama": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=24, attention_bias=True, mlp_bias=True, vocab_size=128, tie_word_embeddings=False),
+    "mistral": dict(hidden_size=80, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, vocab_size=128, tie_word_embeddings=True),
+    "qwen2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=128, tie_word_embeddings=False),
+    "qwen3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                  head_dim=32, attention_bias=True, vocab_size=128, tie_word_embeddings=True),
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2,
+                      mlp_only_layers=[3], vocab_size=128),
+    "mixtral": dict(hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=24, num_local_experts=4, num_experts_per_tok=2, vocab_size=128),
+    "gemma2": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=32, vocab_size=128),
+    "gemma3_text": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                        head_dim=32, vocab_size=128, tie_word_embeddings=False),
+    "phi3": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=128, pad_token_id=0),
+    "deepseek_v3": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=4, n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=2, n_group=1, topk_group=1,
+                        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                        v_head_dim=12, vocab_size=128),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_inner=100, n_positions=32, vocab_size=128),
+    "bert": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                 max_position_embeddings=40, type_vocab_size=3),
+    "roberta": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                    max_position_embeddings=40, type_vocab_size=1),
+}
+# Variants that take another code path of a family.
+VARIANTS = {
+    "deepseek_v3 q_lora_rank null": ("deepseek_v3", {**TINY["deepseek_v3"], "q_lora_rank": None, "attention_bias": True}),
+    "gpt2 untied": ("gpt2", {**TINY["gpt2"], "tie_word_embeddings": False}),
+    "mistral head_dim null": ("mistral", {**TINY["mistral"], "head_dim": None}),
+}
+CASES = {**{k: (k, v) for k, v in TINY.items()}, **VARIANTS}
+ENCODERS = ("bert", "roberta")
+
+
+def meta_model(model_type: str, fields: dict):
+    """The real transformers class of the config on the meta device (encoders: the base model with pooler)."""
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    with torch.device("meta"):
+        if model_type in ENCODERS:
+            return transformers.AutoModel.from_config(config)
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def meta_tensors(model_type: str, model) -> list[tuple[str, tuple[int, ...]]]:
+    prefix = f"{model_type}." if model_type in ENCODERS else ""
+    return [(prefix + n, tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def live_targets(model_type: str, model) -> list:
+    """spec_from_module's targets named as a task model names them; the base model's pooler is not
+    an adapter target (task models such as RobertaForSequenceClassification have none)."""
+    prefix = f"{model_type}." if model_type in ENCODERS else ""
+    targets = spec_from_module(model).targets
+    return [t.__class__(prefix + t.name, t.d_out, t.d_in, t.kind, t.experts) for t in targets if t.name != "pooler.dense"]
+
+
+def config_dict(model_type: str, fields: dict) -> dict:
+    return {"model_type": model_type, **fields}
+
+
+def test_every_family_has_a_conformance_case():
+    assert set(TINY) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_family_lists_every_tensor_transformers_builds(case):
+    model_type, fields = CASES[case]
+    model = meta_model(model_type, fields)
+    ours = [(t.name, t.shape) for t in family_tensors(config_dict(model_type, fields), FAMILIES[model_type], case)]
+    assert ours == meta_tensors(model_type, model)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_family_spec_equals_the_meta_module_spec(case, tmp_path):
+    """Same target names, shapes, kinds, expert counts and total as spec_from_module of the real class,
+    also when read from a config.json folder."""
+    model_type, fields = CASES[case]
+    model = meta_model(model_type, fields)
+    (tmp_path / "config.json").write_text(json.dumps(config_dict(model_type, fields)))
+    spec = load_spec(str(tmp_path))
+    assert spec.source == "hf-config"
+    assert list(spec.targets) == live_targets(model_type, model)
+    assert spec.total_params == spec_from_module(model).total_params
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_experts_are_targets_named_as_peft_target_parameters(model_type):
+    spec = family_spec(config_dict(model_type, TINY[model_type]), FAMILIES[model_type], model_type, "test", model_type)
+    experts = [t for t in spec.targets if t.kind == "experts"]
+    assert experts, "MoE experts must be targets"
+    first = experts[0]
+    assert first.name.endswith(".mlp.experts.gate_up_proj") and first.experts == 4
+    assert first.shape == (2 * (TINY[model_type].get("moe_intermediate_size") or TINY[model_type]["intermediate_size"]), 64)
+    assert not any(t.name.endswith(".gate") for t in spec.targets)  # routers are counted, never targets
+
+
+def test_phi3_fused_projections():
+    spec = family_spec(config_dict("phi3", TINY["phi3"]), FAMILIES["phi3"], "phi3", "test", "phi3")
+    by_name = {t.name: t.shape for t in spec.targets}
+    assert by_name["model.layers.0.self_attn.qkv_proj"] == ((4 + 2 * 2) * 16, 64)
+    assert by_name["model.layers.0.mlp.gate_up_proj"] == (2 * 96, 64)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_equals_meta_instantiation(preset):
+    """Every preset's total and targets are the transformers meta instantiation of its config."""
+    config = dict(PRESETS[preset])
+    model_type = config.pop("model_type")
+    model = meta_model(model_type, config)
+    spec = load_spec(preset)
+    assert spec.total_params == spec_from_module(model).total_params
+    assert list(spec.targets) == live_targets(model_type, model)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"hidden_size": "4096"}, "'hidden_size' must be an integer in \\[1, 1,048,576\\], got '4096'"),
+        ({"hidden_size": 4096.5}, "'hidden_size' must be an integer"),
+        ({"hidden_size": float("inf")}, "Infinity is not a JSON value"),  # json.dumps writes Infinity; the strict reader refuses it
+        ({"hidden_size": -8}, "'hidden_size' must be an integer in \\[1, 1,048,576\\], got -8"),
+        ({"hidden_size": 2**40}, "'hidden_size' must be an integer in"),
+        ({"hidden_size": True}, "'hidden_size' must be an integer"),
+        ({"num_hidden_layers": 10**6}, "'num_hidden_layers' must be an integer in \\[1, 4,096\\]"),
+        ({"num_attention_heads": 0}, "'num_attention_heads' must be an integer"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads = 3 must divide num_attention_heads = 32"),
+        ({"vocab_size": None}, "'vocab_size' must be an integer"),
+        ({"attention_bias": "yes"}, "'attention_bias' must be true or false"),
+        ({"head_dim": 0}, "'head_dim' must be an integer"),
+    ],
+)
+def test_bad_config_values_are_one_error(tmp_path, fields, message):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **fields}, allow_nan=True))
+    with pytest.raises(ModelSourceError, match=message):
+        load_spec(str(tmp_path))
+
+
+def test_unknown_field_goes_through_transformers_not_a_guess(tmp_path, monkeypatch):
+    """A field the family does not know is read by transformers (exact); without transformers it is an error."""
+    fields = {**TINY["llama"], "some_new_shape_field": 3}
+    (tmp_path / "config.json").write_text(json.dumps(config_dict("llama", fields)))
+    live = spec_from_module(meta_model("llama", TINY["llama"]))
+    assert load_spec(str(tmp_path)).total_params == live.total_params
+    import cdka_search.spec.torch_module as torch_module
+
+    def no_transformers(*args, **kwargs):
+        raise ImportError("transformers")
+
+    monkeypatch.setattr(torch_module, "meta_spec_from_config", no_transformers)
+    with pytest.raises(ConfigError, match="'some_new_shape_field' are unknown to the built-in llama family"):
+        load_spec(str(tmp_path))
+
+
+def test_tiny_mixtral_module_plans_its_experts():
+    """A live tiny Mixtral (real weights, CPU): spec_from_module lists the expert tensors, a plan
+    covers them with one design per tensor and every expert paid for, and the plan checks clean."""
+    from cdka_search.planner import make_plan, plan_problems
+
+    config = transformers.MixtralConfig(**TINY["mixtral"])
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config)
+    spec = spec_from_module(model, "tiny-mixtral")
+    assert spec.total_params == sum(p.numel() for p in model.parameters())
+    plan = make_plan(spec, "10%")
+    experts = [g for g in plan.groups if g.kind == "experts"]
+    assert {g.modules[0] for g in experts} == {"model.layers.*.mlp.experts.gate_up_proj", "model.layers.*.mlp.experts.down_proj"}
+    assert all(g.experts == 4 and g.count == 2 and g.params == 2 * 4 * g.design.params for g in experts)
+    assert plan.used_params <= plan.budget_limit
+    assert plan_problems(plan, spec) == []
