@@ -21,6 +21,7 @@ from cdka_search.adapter.model import (
     _unique_params,
     adapter_modules,
     applied_plan,
+    factor_shapes,
 )
 from cdka_search.errors import PlanError
 from cdka_search.fileio import atomic_write_bytes
@@ -102,11 +103,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
             raise PlanError(f"{merged[0]} is merged; unmerge_adapters(model) before load_adapter")
     else:
         assignment = _resolve(model, plan)
-        expected = {}
-        for name, group in assignment.items():
-            d = group.design
-            expected[f"{name}.cdka_A"] = (d.r, d.m2, d.n2)
-            expected[f"{name}.cdka_B"] = (d.r, d.m1, d.n1)
+        expected = {f"{name}.{f}": shape for name, group in assignment.items() for f, shape in factor_shapes(group).items()}
     _check_tensors(Path(path), tensors, expected)
     if layers:
         summary = ApplySummary(tuple(layers), *_counts(model))
