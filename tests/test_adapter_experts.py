@@ -265,3 +265,15 @@ def test_experts_stored_transposed_are_refused():
     with pytest.raises(PlanError, match=r"0.up_proj: _TransposedExperts stores its experts \(experts, d_in, d_out\)"):
         apply_plan(model, type(plan)("odd", "test", 48, "t", 1000, (group,)))
     assert not adapter_modules(model)
+
+
+def test_load_onto_adapted_moe_takes_the_stored_settings(tmp_path):
+    base, model = _adapted("qwen3_moe")
+    path = save_adapter(model, tmp_path / "experts.safetensors")
+    apply_plan(base, expert_plan(), alpha=4.0, scaling="alpha/r", dtype="float32")
+    load_adapter(base, path)
+    for name, adapter in adapter_modules(base).items():
+        assert adapter.cdka_A.dtype == F64 and adapter.scaling == adapter_modules(model)[name].scaling
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, model(ids).logits)

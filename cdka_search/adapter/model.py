@@ -11,14 +11,16 @@ from torch import nn
 from cdka_search.adapter.experts import CdkaExperts, ExpertAdapter, expert_parameters
 from cdka_search.adapter.layer import CdkaLinear, base_kind, base_shape, resolve_dtype
 from cdka_search.errors import PlanError
+from cdka_search.plan import scaling_value
 
 if TYPE_CHECKING:
-    from cdka_search.plan import Plan, PlanGroup
+    from cdka_search.plan import AdapterSettings, Plan, PlanGroup
 
 __all__ = [
     "PLAN_ATTRIBUTE",
     "ApplySummary",
     "adapter_modules",
+    "adopt_settings",
     "applied_plan",
     "apply_plan",
     "factor_shapes",
@@ -72,6 +74,22 @@ def factor_shapes(group: "PlanGroup") -> dict[str, tuple[int, ...]]:
     d = group.design
     lead = (group.experts,) if group.kind == "experts" else ()
     return {"cdka_A": (*lead, d.r, d.m2, d.n2), "cdka_B": (*lead, d.r, d.m1, d.n1)}
+
+
+def adopt_settings(adapter: Adapter, settings: "AdapterSettings") -> None:
+    """Give an unmerged adapter the plan's alpha, scaling, dropout and dtype (its design is unchanged).
+
+    The factors keep their Parameter objects; only their dtype changes when it differs.
+    """
+    if adapter.merged:
+        raise PlanError("unmerge the adapter before changing its settings")
+    adapter.alpha = float(settings.alpha)
+    adapter.scaling = scaling_value(settings.scaling, settings.alpha, adapter.r, adapter.n1, settings.scale)
+    adapter.dropout = nn.Dropout(float(settings.dropout)) if settings.dropout else nn.Identity()
+    dtype = resolve_dtype(settings.dtype)
+    for factor in (adapter.cdka_A, adapter.cdka_B):
+        if factor.dtype != dtype:
+            factor.data = factor.data.to(dtype)
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:
