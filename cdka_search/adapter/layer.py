@@ -79,6 +79,22 @@ EXPAND_MAX_M2 = 4
 EXPAND_MAX_ROWS = 256
 
 
+def packed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides ``torch.empty`` gives its shape (those of a parameter, and of DDP's bucket views).
+
+    ``.contiguous()`` is not enough: it keeps any stride on a size-1 dimension (a LoRA-shaped B (r, m1, 1),
+    any factor with r = 1), which DDP reports as a gradient layout unlike its bucket's, copying it every
+    step, and which torch.kron cannot view.
+    """
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    if t.stride() == tuple(reversed(expected)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class _CdkaDelta(torch.autograd.Function):
     """out = base_out + lam * sum_i (B_i (x) A_i) x in the A-first order, with a hand-written backward.
 
@@ -105,7 +121,7 @@ class _CdkaDelta(torch.autograd.Function):
         ctx.lam, ctx.expand = lam, m2 <= EXPAND_MAX_M2 and k * m2 <= EXPAND_MAX_ROWS
         if ctx.expand:
             t = t.view(n, k * m2)
-            expanded = bq.T.contiguous()                                    # (K*m2, d_out)
+            expanded = packed(bq.T)                                         # (K*m2, d_out)
             if m2 > 1:
                 expanded = torch.kron(expanded, torch.eye(m2, dtype=bq.dtype, device=bq.device))
             if base_out.dtype == t.dtype:
@@ -136,7 +152,7 @@ class _CdkaDelta(torch.autograd.Function):
             if need_b:
                 full = (t.T @ g).view(k, m2, m1, m2)                        # only its (a, a) blocks count
                 grad_b = torch.diagonal(full, dim1=1, dim2=3).sum(-1).mul_(ctx.lam)       # (K, m1)
-                grad_b = grad_b.T.reshape(m1, n1, r).permute(2, 0, 1).contiguous()
+                grad_b = packed(grad_b.T.reshape(m1, n1, r).permute(2, 0, 1))
             if need_a or need_x:
                 gt = (g @ mat.T).mul_(ctx.lam).view(n * n1, r * m2)
         else:
@@ -144,14 +160,27 @@ class _CdkaDelta(torch.autograd.Function):
             torch.mul(grad.reshape(n, m1, m2).transpose(1, 2), ctx.lam, out=gy)
             gy = gy.view(n * m2, m1)
             if need_b:
-                grad_b = (gy.T @ t).view(m1, n1, r).permute(2, 0, 1).contiguous()
+                grad_b = packed((gy.T @ t).view(m1, n1, r).permute(2, 0, 1))
             if need_a or need_x:
                 gt = (gy @ mat).view(n, m2, k).transpose(1, 2).reshape(n * n1, r * m2)
         if need_a:
-            grad_a = (gt.T @ x.reshape(n * n1, n2)).view(r, m2, n2)
+            grad_a = packed((gt.T @ x.reshape(n * n1, n2)).view(r, m2, n2))
         if need_x:
             grad_x = (gt @ A.reshape(r * m2, n2)).view(n, n1 * n2)
         return (grad if need_base else None), grad_x, grad_a, grad_b, None
+
+
+class _PackedGrad(torch.autograd.Function):
+    """Identity whose backward hands on the gradient :func:`packed`, for factors used in autograd's own ops."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return packed(grad)
 
 
 def _delta_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -202,7 +231,7 @@ def kron_add(base2: torch.Tensor, xa: torch.Tensor, A: torch.Tensor, B: torch.Te
     with torch.autocast(device_type=xa.device.type, enabled=False):
         if order == "A-first":
             return _CdkaDelta.apply(base2, xa, A, B, scaling)
-        delta = _delta_b_first(xa, A, B) * scaling
+        delta = _delta_b_first(xa, _PackedGrad.apply(A), _PackedGrad.apply(B)) * scaling
         return base2 + delta.to(base2.dtype)
 
 
