@@ -277,3 +277,21 @@ def test_load_onto_adapted_moe_takes_the_stored_settings(tmp_path):
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(base(ids).logits, model(ids).logits)
+
+
+def test_experts_benchmark_runs_and_prints_its_table():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "benchmarks/experts_speed.py", "--experts", "4", "--hidden", "32", "--intermediate", "48",
+         "--tokens", "16", "--repeats", "1"],
+        cwd=root, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[2:]}
+    assert set(rows) == {"base", "cdka", "peft-lora", "kron"}
+    assert rows["base"][1] == "0"
+    assert rows["cdka"][1] == rows["kron"][1] == f"{4 * 4 * (48 * 8 + 2 * 4 + 16 * 8 + 2 * 6):,}"  # E * r * (m1 n1 + m2 n2), both

@@ -138,22 +138,19 @@ class ExpertAdapter(nn.Module):
         """``base2`` plus each expert's update applied to its rows; rows come sorted by expert, ``counts[e]``
         of them for expert e, and rows past ``sum(counts)`` are left as they are."""
         order = contraction_order(self.contraction, self.m1, self.n1, self.m2, self.n2)
-        xa = self.dropout(x2.to(self.cdka_A.dtype))
-        # one unbind per call: its backward stacks the per-expert gradients into one tensor, where indexing
-        # the factors once per expert would allocate a full-size zero gradient per expert
-        a_each, b_each = self.cdka_A.unbind(0), self.cdka_B.unbind(0)
-        pieces, start = [], 0
-        for expert, count in enumerate(counts):
-            if count:
-                stop = start + count
-                pieces.append(kron_add(base2[start:stop], xa[start:stop], a_each[expert], b_each[expert],
-                                       self.scaling, order))
-                start = stop
-        if start < base2.shape[0]:
-            pieces.append(base2[start:])
-        if not pieces:
+        sizes = [*counts, base2.shape[0] - sum(counts)]
+        if not any(counts):
             return base2
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        xa = self.dropout(x2.to(self.cdka_A.dtype))
+        # split and unbind once per call: their backward assembles the per-expert gradients in one pass,
+        # where slicing or indexing once per expert would write a full-size zero gradient per expert
+        base_rows, x_rows = base2.split(sizes), xa.split(sizes)
+        a_each, b_each = self.cdka_A.unbind(0), self.cdka_B.unbind(0)
+        pieces = [
+            kron_add(base_rows[e], x_rows[e], a_each[e], b_each[e], self.scaling, order) if count else base_rows[e]
+            for e, count in enumerate(counts)
+        ]
+        return torch.cat([*pieces, base_rows[-1]])
 
     def add_expert(self, base2: torch.Tensor, x2: torch.Tensor, expert: int) -> torch.Tensor:
         """``base2`` plus expert ``expert``'s update applied to every row of ``x2``."""
