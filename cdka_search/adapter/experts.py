@@ -134,35 +134,50 @@ class ExpertAdapter(nn.Module):
         """lambda * sum_i kron(B[e, i], A[e, i]) for every expert: (E, d_out, d_in) (merging and tests only)."""
         return kron_weight(self.cdka_A, self.cdka_B) * self.scaling
 
-    def add_segments(self, base2: torch.Tensor, x2: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def factors_each(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """(A_e for each expert, B_e for each expert) as views of the batched factors.
+
+        Unbind once per forward and reuse the views: the backward of one unbind assembles every expert's
+        gradient in one pass, where indexing the factors once per expert would write a full-size zero
+        gradient per expert.
+        """
+        return self.cdka_A.unbind(0), self.cdka_B.unbind(0)
+
+    def _order(self) -> str:
+        return contraction_order(self.contraction, self.m1, self.n1, self.m2, self.n2)
+
+    def add_segments(self, base2: torch.Tensor, x2: torch.Tensor, counts: list[int],
+                     each: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
         """``base2`` plus each expert's update applied to its rows; rows come sorted by expert, ``counts[e]``
-        of them for expert e, and rows past ``sum(counts)`` are left as they are."""
-        order = contraction_order(self.contraction, self.m1, self.n1, self.m2, self.n2)
-        sizes = [*counts, base2.shape[0] - sum(counts)]
+        of them for expert e, and rows past ``sum(counts)`` are left as they are. ``each``: the
+        :meth:`factors_each` of this forward, if already taken."""
         if not any(counts):
             return base2
+        a_each, b_each = each or self.factors_each()
+        sizes = [*counts, base2.shape[0] - sum(counts)]
         xa = self.dropout(x2.to(self.cdka_A.dtype))
-        # split and unbind once per call: their backward assembles the per-expert gradients in one pass,
-        # where slicing or indexing once per expert would write a full-size zero gradient per expert
+        # one split per call, for the same reason as one unbind: its backward is a single cat
         base_rows, x_rows = base2.split(sizes), xa.split(sizes)
-        a_each, b_each = self.cdka_A.unbind(0), self.cdka_B.unbind(0)
+        order = self._order()
         pieces = [
             kron_add(base_rows[e], x_rows[e], a_each[e], b_each[e], self.scaling, order) if count else base_rows[e]
             for e, count in enumerate(counts)
         ]
         return torch.cat([*pieces, base_rows[-1]])
 
-    def add_expert(self, base2: torch.Tensor, x2: torch.Tensor, expert: int) -> torch.Tensor:
+    def add_expert(self, base2: torch.Tensor, x2: torch.Tensor, expert: int,
+                   each: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
         """``base2`` plus expert ``expert``'s update applied to every row of ``x2``."""
-        counts = [0] * self.experts
-        counts[expert] = x2.shape[0]
-        return self.add_segments(base2, x2, counts)
+        a_each, b_each = each or self.factors_each()
+        xa = self.dropout(x2.to(self.cdka_A.dtype))
+        return kron_add(base2, xa, a_each[expert], b_each[expert], self.scaling, self._order())
 
-    def add_rows(self, base2: torch.Tensor, x2: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def add_rows(self, base2: torch.Tensor, x2: torch.Tensor, ids: torch.Tensor,
+                 each: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
         """``base2`` plus, row by row, the update of expert ``ids[row]``."""
         sorted_ids, perm = torch.sort(ids, stable=True)
         counts = torch.bincount(sorted_ids, minlength=self.experts).tolist()
-        out = self.add_segments(base2[perm], x2[perm], counts)
+        out = self.add_segments(base2[perm], x2[perm], counts, each)
         return out[torch.argsort(perm)]
 
     @torch.no_grad()
@@ -250,6 +265,13 @@ class _ExpertCalls(TorchFunctionMode):
         self.module_name = type(experts).__name__
         self.params = [(getattr(experts, name), adapter) for name, adapter in adapters.items()]
         self.tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.each: dict[str, Any] = {}
+
+    def _each(self, adapter: ExpertAdapter) -> Any:
+        """The adapter's per-expert factor views, taken once for this forward."""
+        if adapter.parameter_name not in self.each:
+            self.each[adapter.parameter_name] = adapter.factors_each()
+        return self.each[adapter.parameter_name]
 
     def _adapter_of(self, tensor: Any) -> ExpertAdapter | None:
         return next((a for p, a in self.params if p is tensor), None)
@@ -280,11 +302,12 @@ class _ExpertCalls(TorchFunctionMode):
         if name == "linear" and how == "one" and len(args) > 1 and args[1] is weight:
             out = func(*args, **kwargs)
             x = args[0]
-            y = adapter.add_expert(out.reshape(-1, adapter.d_out), x.reshape(-1, adapter.d_in), selector)
+            y = adapter.add_expert(out.reshape(-1, adapter.d_out), x.reshape(-1, adapter.d_in), selector,
+                                   self._each(adapter))
             return y.reshape(out.shape)
         if name == "bmm" and how == "rows" and args[0] is weight:
             out = func(*args, **kwargs)  # (S, d_out, 1) = W[ids] @ x.unsqueeze(-1)
-            y = adapter.add_rows(out.squeeze(-1), args[1].squeeze(-1), selector)
+            y = adapter.add_rows(out.squeeze(-1), args[1].squeeze(-1), selector, self._each(adapter))
             return y.unsqueeze(-1)
         if name in _GROUPED_MM and how == "stack-T" and len(args) > 1 and args[1] is weight:
             out = func(*args, **kwargs)  # (S, d_out), rows sorted by expert
@@ -292,7 +315,7 @@ class _ExpertCalls(TorchFunctionMode):
             if offsets is None:
                 raise self._refuse(adapter, f"calls {name} without offsets")
             counts = torch.diff(offsets.to(torch.int64), prepend=offsets.new_zeros(1, dtype=torch.int64)).tolist()
-            return adapter.add_segments(out, args[0], counts)
+            return adapter.add_segments(out, args[0], counts, self._each(adapter))
         out = func(*args, **kwargs)
         if _tensors(out):
             raise self._refuse(adapter, f"passes it to {name}")
