@@ -295,3 +295,23 @@ def test_experts_benchmark_runs_and_prints_its_table():
     assert set(rows) == {"base", "cdka", "peft-lora", "kron"}
     assert rows["base"][1] == "0"
     assert rows["cdka"][1] == rows["kron"][1] == f"{4 * 4 * (48 * 8 + 2 * 4 + 16 * 8 + 2 * 6):,}"  # E * r * (m1 n1 + m2 n2), both
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bfloat16_base_with_float32_adapters(implementation):
+    """The adapter keeps float32 factors and gradients on a bf16 base and adds what float32 adds (to bf16)."""
+    base, model = _adapted("deepseek_v3", dtype=torch.float32, implementation=implementation)
+    ref = _reference(base, model)
+    model.to(torch.bfloat16)
+    for adapter in adapter_modules(model).values():
+        adapter.cdka_A.data, adapter.cdka_B.data = adapter.cdka_A.data.float(), adapter.cdka_B.data.float()
+    ids = _ids()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert out.logits.dtype == torch.bfloat16
+    assert (out.logits.float() - want).abs().max() < 0.05 * want.abs().max()
+    for adapter in adapter_modules(model).values():
+        assert adapter.cdka_B.grad.dtype == torch.float32 and torch.isfinite(adapter.cdka_B.grad).all()
+        assert adapter.cdka_B.grad.abs().max() > 0
