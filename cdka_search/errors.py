@@ -61,3 +61,9 @@ class OutputError(CdkaError, OSError):
     """An output file that cannot be written (a folder, a missing or read-only location)."""
 
     exit_code = 10
+
+
+class ArgumentError(CdkaError, ValueError):
+    """A command-line option or API argument outside its documented range (a seed, --top, --batches)."""
+
+    exit_code = 11
