@@ -128,14 +128,14 @@ def _resolve(model: nn.Module, plan: "Plan") -> dict[str, "PlanGroup"]:
     assignment = plan.assign([name for name in modules if name] + list(experts))
     problems = []
     for name, group in assignment.items():
-        planned = f"{group.kind} {group.shape[0]}x{group.shape[1]}"
+        planned = f"{group.kind} {group.shape[0]}x{group.shape[1]} (d_out x d_in)"
         if group.kind == "experts":
-            planned = f"experts {group.experts}x{group.shape[0]}x{group.shape[1]}"
+            planned = f"experts {group.experts}x{group.shape[0]}x{group.shape[1]} (experts x d_out x d_in)"
         if name in experts:
             owner, _, weight = experts[name]
             e, d_out, d_in = weight.shape
             if (group.kind, group.experts, tuple(group.shape)) != ("experts", e, (d_out, d_in)):
-                problems.append(f"{name}: the plan has {planned} (d_out x d_in) but the model has experts "
+                problems.append(f"{name}: the plan has {planned} but the model has experts "
                                 f"{e}x{d_out}x{d_in}")
             elif getattr(modules[owner], "is_transposed", False):
                 problems.append(f"{name}: {type(modules[owner]).__name__} stores its experts (experts, d_in, "
@@ -146,7 +146,7 @@ def _resolve(model: nn.Module, plan: "Plan") -> dict[str, "PlanGroup"]:
         shape = base_shape(module) if kind else None
         if kind != group.kind or shape != tuple(group.shape):
             problems.append(
-                f"{name}: the plan has {planned} (d_out x d_in) but the model has {_describe(kind, shape, module)}"
+                f"{name}: the plan has {planned} but the model has {_describe(kind, shape, module)}"
             )
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
