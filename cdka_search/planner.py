@@ -166,13 +166,15 @@ def make_plan(
     reference: Mapping[str, Any] | None = None,
     per_layer: bool = False,
     all_pairs: bool = False,
+    device: str | None = "auto",
 ) -> Plan:
     """Plan adapters for ``spec`` within ``budget``.
 
     Data-free (default): same-shape targets share one design, scored once per shape. With a
     ``reference`` (module name -> reference update tensor, see cdka_search.alignment) every module
     is scored on its own update and weighted by that update's energy: a per-layer plan
-    (``all_pairs`` measures every divisor pair instead of the data-free front's).
+    (``all_pairs`` measures every divisor pair instead of the data-free front's; the energies run on
+    ``device``: cpu, cuda or auto).
     """
     chosen = select_targets(spec, targets)
     limit = resolve_budget(chosen, budget)
@@ -181,7 +183,7 @@ def make_plan(
         return plan_from_fronts(chosen, limit, fronts, objective=objective, adapter=adapter, per_layer=per_layer)
     from cdka_search.alignment.planning import reference_tables
 
-    tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs)
+    tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs, device=device)
     return plan_from_fronts(
         chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts={k: 1 for k in tables}, weights=weights,
         objective=objective, adapter=adapter, per_layer=True,
