@@ -170,13 +170,15 @@ def make_plan(
     reference: Mapping[str, Any] | None = None,
     per_layer: bool = False,
     all_pairs: bool = False,
+    device: str | None = "auto",
 ) -> Plan:
     """Plan adapters for ``spec`` within ``budget``.
 
     Data-free (default): same-shape targets share one design, scored once per shape. With a
     ``reference`` (module name -> reference update tensor, see cdka_search.alignment) every module
     is scored on its own update and weighted by that update's energy: a per-layer plan
-    (``all_pairs`` measures every divisor pair instead of the data-free front's).
+    (``all_pairs`` measures every divisor pair instead of the data-free front's; the energies run on
+    ``device``: cpu, cuda or auto).
     """
     check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
     check_int(samples, "samples", ArgumentError, 1, 1 << 16)
@@ -187,7 +189,7 @@ def make_plan(
         return plan_from_fronts(chosen, limit, fronts, objective=objective, adapter=adapter, per_layer=per_layer)
     from cdka_search.alignment.planning import reference_tables
 
-    tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs)
+    tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs, device=device)
     counts = {t.name: t.experts for t in chosen.targets if t.name in tables}  # an expert tensor pays for every expert
     return plan_from_fronts(
         chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts=counts, weights=weights,

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from cdka_search.alignment.device import resolve_device
 from cdka_search.alignment.reference import delta_reference, gradient_reference
 from cdka_search.errors import ArgumentError
 from cdka_search.limits import check_int
@@ -33,13 +34,16 @@ def probe_gradients(
     batch_size: int = 4,
     seq_len: int = 128,
     progress: Progress | None = None,
+    device: str | torch.device | None = "auto",
 ) -> dict[str, torch.Tensor]:
-    """Gradients of the selected target weights, summed over ``batches`` batches of ``data``."""
+    """Gradients of the selected target weights, summed over ``batches`` batches of ``data``; the model
+    runs on ``device`` (cdka_search.alignment.device) and the sums stay on the CPU."""
     check_int(batches, "--batches", ArgumentError, 1, 1 << 20)
     check_int(batch_size, "--batch-size", ArgumentError, 1, 1 << 16)
     check_int(seq_len, "--seq-len", ArgumentError, 2, 1 << 20)
+    where = resolve_device(device)
     texts = read_texts(data)
-    model = load_causal_lm(model_dir)
+    model = load_causal_lm(model_dir).to(where)
     from cdka_search.spec import spec_from_module
 
     spec = select_targets(spec_from_module(model, Path(model_dir).name), targets)

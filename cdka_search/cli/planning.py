@@ -9,6 +9,7 @@ import typer
 
 from cdka_search.cli.common import (
     BudgetOpt,
+    DeviceOpt,
     JsonOpt,
     ModelOpt,
     ObjectiveOpt,
@@ -80,6 +81,7 @@ def plan(
     all_pairs: Annotated[
         bool, typer.Option("--all-pairs", help="With --reference: measure every (r1, r2) of large updates, not only the data-free front's.")
     ] = False,
+    device: DeviceOpt = "auto",
     recipe: RecipeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -114,6 +116,7 @@ def plan(
     result = make_plan(
         spec, opts["budget"], targets=opts["targets"], objective=opts["objective"],
         space=_space(opts["family"], r1, r2, r, opts["max_r"]), adapter=adapter, seed=seed, reference=updates, per_layer=per_layer, all_pairs=all_pairs,
+        device=device,
     )
     written = save_plan(result, output or Path("plan.yaml"), fmt)
     covered = _coverage(spec, opts["targets"])
