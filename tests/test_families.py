@@ -231,3 +231,13 @@ def test_family_plan_applies_and_trains_one_step(model_type, tmp_path):
     optimizer.step()
     with torch.no_grad():
         assert loss().item() < before.item()
+
+
+def test_config_for_transformers_is_bounded_before_it_is_built(tmp_path):
+    """A config of another model_type asking for absurd sizes is refused, not built (10^9 layers would hang)."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "num_hidden_layers": 10**9}))
+    with pytest.raises(ConfigError, match="'num_hidden_layers' must be an integer in \\[0, 4,096\\], got 1,000,000,000"):
+        load_spec(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {"hidden_size": "wide"}}))
+    with pytest.raises(ConfigError, match="\\(text_config\\): config field 'hidden_size' must be an integer"):
+        load_spec(str(tmp_path))

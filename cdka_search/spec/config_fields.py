@@ -97,3 +97,22 @@ class Fields:
         if hidden % heads:
             raise ConfigError(f"{self.where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}; set head_dim")
         return hidden // heads
+
+
+# Fields that set how many modules a transformers class builds: bounded before any config, of any
+# model_type, reaches transformers (a config asking for 10^9 layers would otherwise hang the build).
+_SIZE_FIELDS = {
+    "num_hidden_layers": MAX_LAYERS, "n_layer": MAX_LAYERS, "num_layers": MAX_LAYERS, "num_decoder_layers": MAX_LAYERS,
+    "encoder_layers": MAX_LAYERS, "decoder_layers": MAX_LAYERS, "num_attention_heads": MAX_HEADS, "n_head": MAX_HEADS,
+    "num_key_value_heads": MAX_HEADS, "hidden_size": MAX_DIM, "n_embd": MAX_DIM, "d_model": MAX_DIM,
+    "intermediate_size": MAX_DIM, "vocab_size": MAX_VOCAB, "num_local_experts": MAX_EXPERTS, "num_experts": MAX_EXPERTS,
+}
+
+
+def check_sizes(config: Mapping[str, Any], where: str) -> None:
+    """Bound the module-count and width fields of a config and of its sub-configs (text_config, ...)."""
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            check_sizes(value, f"{where} ({key})")
+        elif key in _SIZE_FIELDS and value is not None:
+            bounded_int(value, key, where, 0, _SIZE_FIELDS[key])
