@@ -20,7 +20,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ModelSourceError(f"{path}: no config.json found")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelSourceError(f"{file}: not a readable JSON config ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(data, dict):
         raise ModelSourceError(f"{file}: a config must be a JSON object")
