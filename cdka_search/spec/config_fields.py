@@ -111,8 +111,11 @@ _SIZE_FIELDS = {
 
 def check_sizes(config: Mapping[str, Any], where: str) -> None:
     """Bound the module-count and width fields of a config and of its sub-configs (text_config, ...)."""
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            check_sizes(value, f"{where} ({key})")
-        elif key in _SIZE_FIELDS and value is not None:
-            bounded_int(value, key, where, 0, _SIZE_FIELDS[key])
+    pending = [(config, where)]  # a stack, not recursion: a config may nest deeply
+    while pending:
+        section, place = pending.pop()
+        for key, value in section.items():
+            if isinstance(value, Mapping):
+                pending.append((value, f"{place} ({key})"))
+            elif key in _SIZE_FIELDS and value is not None:
+                bounded_int(value, key, place, 0, _SIZE_FIELDS[key])
