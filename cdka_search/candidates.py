@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from cdka_search.errors import TargetError
+from cdka_search.limits import MAX_DIM, check_int
 
 FAMILIES = ("cdka", "lora", "lokr")
 
@@ -81,15 +82,16 @@ class CandidateSpace:
             raise TargetError(f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)}")
         for name in ("r1", "r2", "r"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise TargetError(f"--{name} must be a positive integer, got {value}")
-        if self.max_r < 1:
-            raise TargetError(f"--max-r must be a positive integer, got {self.max_r}")
+            if value is not None:
+                check_int(value, f"--{name.replace('_', '-')}", TargetError, 1, MAX_DIM)
+        check_int(self.max_r, "--max-r", TargetError, 1, MAX_DIM)
 
 
 @lru_cache(maxsize=256)
 def divisors(n: int) -> tuple[int, ...]:
-    """All positive divisors of n, ascending."""
+    """All positive divisors of n, ascending. n is bounded by MAX_DIM, so trial division up to
+    sqrt(n) takes at most about a thousand steps."""
+    check_int(n, "a weight dimension", TargetError, 1, MAX_DIM)
     small, large = [], []
     d = 1
     while d * d <= n:

@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 
 from cdka_search.errors import TargetError
-from cdka_search.patterns import is_pattern, match_module
+from cdka_search.matching import ModuleIndex
+from cdka_search.patterns import check_pattern, is_pattern
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
 
 PRESET_SELECTIONS = ("all-linear", "attn", "mlp", "experts")
@@ -28,10 +29,11 @@ def is_router(module: TargetModule) -> bool:
     return module.kind == "linear" and (leaf in _ROUTER_LEAVES or leaf.endswith("_gate"))
 
 
-def _matches(module: TargetModule, item: str) -> bool:
+def _selected(index: ModuleIndex, item: str) -> set[str]:
+    """A pattern's matches, or the names equal to ``item`` or ending in ``.item``."""
     if is_pattern(item):
-        return match_module(module.name, item)
-    return module.name == item or module.name.endswith("." + item)
+        return set(index.find(check_pattern(item)))
+    return {n for n in index.names if n == item or n.endswith("." + item)}
 
 
 def select_targets(spec: ModelSpec, selection: str = "all-linear") -> ModelSpec:
@@ -53,11 +55,14 @@ def select_targets(spec: ModelSpec, selection: str = "all-linear") -> ModelSpec:
         items = [i.strip() for i in choice.split(",") if i.strip()]
         if not items:
             raise TargetError(f"empty target list; use one of {', '.join(PRESET_SELECTIONS)} or module names")
-        missing = [i for i in items if not any(_matches(t, i) for t in spec.targets)]
+        index = ModuleIndex(t.name for t in spec.targets)
+        hits = {i: _selected(index, i) for i in items}
+        missing = [i for i in items if not hits[i]]
         if missing:
             known = ", ".join(sorted({t.name.rsplit(".", 1)[-1] for t in spec.targets}))
             raise TargetError(f"target {', '.join(map(repr, missing))} matches no module of {spec.name}; modules end in: {known}")
-        chosen = [t for t in spec.targets if any(_matches(t, i) for i in items)]
+        picked = set().union(*hits.values())
+        chosen = [t for t in spec.targets if t.name in picked]
     if not chosen:
         raise TargetError(f"selection {selection!r} matches no module of {spec.name}")
     return spec.with_targets(tuple(chosen))

@@ -136,7 +136,7 @@ def test_load_refuses_non_adapter_files(tmp_path):
         load_adapter(tiny_llama(), tmp_path / "plain.safetensors")
     save_file({"w": torch.zeros(2)}, tmp_path / "badplan.safetensors",
               metadata={"format": "cdka-adapter", "cdka_adapter": "1", "cdka_plan": "{"})
-    with pytest.raises(PlanError, match="stored plan is not valid JSON"):
+    with pytest.raises(PlanError, match="stored plan: not valid JSON"):
         load_adapter(tiny_llama(), tmp_path / "badplan.safetensors")
 
 

@@ -32,8 +32,12 @@ TOTALS = {
 
 
 def write_header_only(path: Path, header: dict) -> Path:
+    """A safetensors file whose data is a hole: the size the header claims, no disk used."""
     body = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(body)) + body)
+        fh.truncate(8 + len(body) + end)
     return path
 
 
@@ -154,10 +158,10 @@ def test_corrupt_config(tmp_path, content, message):
     ("content", "message"),
     [
         (b"abc", "too short"),
-        (struct.pack("<Q", 10**12) + b"{}", "not plausible"),
-        (struct.pack("<Q", 50) + b"{}", "truncated header"),
-        (struct.pack("<Q", 5) + b"notjs", "not JSON"),
-        (struct.pack("<Q", 24) + b'{"a.weight": {"x": 1}}  ', "corrupt safetensors header entry"),
+        (struct.pack("<Q", 10**12) + b"{}", "header length is impossible"),
+        (struct.pack("<Q", 50) + b"{}", "header length is impossible"),
+        (struct.pack("<Q", 5) + b"notjs", "not valid JSON"),
+        (struct.pack("<Q", 24) + b'{"a.weight": {"x": 1}}  ', "needs exactly the keys data_offsets, dtype, shape"),
     ],
 )
 def test_corrupt_safetensors(tmp_path, content, message):

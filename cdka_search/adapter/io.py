@@ -22,6 +22,7 @@ from cdka_search.adapter.model import (
     adapter_modules,
     applied_plan,
 )
+from cdka_search.documents import read_json
 from cdka_search.errors import PlanError
 from cdka_search.fileio import atomic_write_bytes
 
@@ -76,10 +77,9 @@ def read_adapter(path: str | Path) -> tuple["Plan", dict[str, torch.Tensor]]:
             f"{file}: adapter format {metadata.get('cdka_adapter')!r} is not supported "
             f"(this cdka reads {FORMAT_VERSION})"
         )
+    stored = read_json(metadata["cdka_plan"], f"{file}: stored plan", PlanError)
     try:
-        plan = Plan.from_dict(json.loads(metadata["cdka_plan"]))
-    except json.JSONDecodeError:
-        raise PlanError(f"{file}: the stored plan is not valid JSON") from None
+        plan = Plan.from_dict(stored)
     except PlanError as exc:
         raise PlanError(f"{file}: stored plan: {exc}") from None
     return plan, tensors

@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 
 from cdka_search.alignment.reference import delta_reference, gradient_reference
+from cdka_search.errors import ArgumentError
+from cdka_search.limits import check_int
 from cdka_search.spec import load_spec
 from cdka_search.targets import select_targets
 from cdka_search.textdata import encode, load_causal_lm, read_texts, token_batches
@@ -33,6 +35,9 @@ def probe_gradients(
     progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
     """Gradients of the selected target weights, summed over ``batches`` batches of ``data``."""
+    check_int(batches, "--batches", ArgumentError, 1, 1 << 20)
+    check_int(batch_size, "--batch-size", ArgumentError, 1, 1 << 16)
+    check_int(seq_len, "--seq-len", ArgumentError, 2, 1 << 20)
     texts = read_texts(data)
     model = load_causal_lm(model_dir)
     from cdka_search.spec import spec_from_module

@@ -7,7 +7,6 @@ nn.Linear (d_out, d_in) orientation; its ``__metadata__`` holds ``cdka_reference
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
@@ -187,11 +186,9 @@ def _weight_files(source: Path) -> dict[str, Path]:
     if single.is_file():
         return {name: single for name in _tensor_names(single)}
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ReferenceFileError(f"{index} is not a safetensors index with a weight_map: {exc}") from exc
-        return {name: source / file for name, file in weight_map.items()}
+        from cdka_search.spec.safetensors_header import shard_files
+
+        return shard_files(index, ReferenceFileError)
     raise ReferenceFileError(
         f"{source} is neither a .safetensors file nor a folder holding model.safetensors or "
         "model.safetensors.index.json"

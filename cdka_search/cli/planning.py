@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,7 +19,7 @@ from cdka_search.cli.common import (
     guarded,
     load_recipe_option,
 )
-from cdka_search.errors import PlanError, TargetError
+from cdka_search.errors import PlanError
 
 app = typer.Typer()
 
@@ -172,16 +171,12 @@ def explain(
 
     Examples: cdka explain --shape 4096x11008 --params 70000;  cdka explain --shape 768x2304 --family lora
     """
-    from cdka_search.budget import parse_budget
-    from cdka_search.planner import explain_shape
+    from cdka_search.planner import explain_shape, parse_shape, shape_budget
     from cdka_search.render import render
     from cdka_search.views import explain_table
 
-    match = re.fullmatch(r"\s*(\d+)\s*[xX*,]\s*(\d+)\s*", shape)
-    if not match or 0 in (int(match.group(1)), int(match.group(2))):
-        raise TargetError(f"--shape {shape!r}: expected two positive sizes like 4096x11008")
-    d_out, d_in = int(match.group(1)), int(match.group(2))
-    limit = parse_budget(params, total_params=d_out * d_in, targets=()).limit if params else None
+    d_out, d_in = parse_shape(shape)
+    limit = shape_budget(params, d_out, d_in) if params else None
     rows = explain_shape(d_out, d_in, max_params=limit, objective=objective, space=_space(family, r1, r2, r, max_r), top=top)
     render(explain_table((d_out, d_in), rows, objective, limit), as_json=as_json)
 
@@ -196,12 +191,13 @@ def validate(
 
     Examples: cdka validate plan.yaml;  cdka validate plan.yaml --model llama-2-7b
     """
+    from cdka_search.matching import summarise
     from cdka_search.plan import load_plan
     from cdka_search.planner import plan_problems
 
     loaded = load_plan(plan_file)
     problems = plan_problems(loaded, _load(model)) if model else []
     if problems:
-        raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + " | ".join(problems))
+        raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + summarise(problems, sep=" | "))
     against = f" and matches {model}" if model else ""
     typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of {loaded.budget_limit:,} parameters)")

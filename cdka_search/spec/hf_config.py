@@ -3,10 +3,10 @@ or through transformers on the meta device for anything else."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from cdka_search.documents import read_file_bytes, read_json
 from cdka_search.errors import ConfigError, ModelSourceError
 from cdka_search.spec.config_fields import check_sizes
 from cdka_search.spec.families import family_of, family_spec, unknown_fields
@@ -18,10 +18,7 @@ def read_config(path: Path) -> dict[str, Any]:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ModelSourceError(f"{path}: no config.json found")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelSourceError(f"{file}: not a readable JSON config ({exc.__class__.__name__}: {exc})") from None
+    data = read_json(read_file_bytes(file, ModelSourceError), f"{file}: not a readable JSON config", ModelSourceError)
     if not isinstance(data, dict):
         raise ModelSourceError(f"{file}: a config must be a JSON object")
     return data
