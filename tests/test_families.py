@@ -141,7 +141,6 @@ def test_preset_equals_meta_instantiation(preset):
     [
         ({"hidden_size": "4096"}, "'hidden_size' must be an integer in \\[1, 1,048,576\\], got '4096'"),
         ({"hidden_size": 4096.5}, "'hidden_size' must be an integer"),
-        ({"hidden_size": float("inf")}, "'hidden_size' must be an integer"),
         ({"hidden_size": -8}, "'hidden_size' must be an integer in \\[1, 1,048,576\\], got -8"),
         ({"hidden_size": 2**40}, "'hidden_size' must be an integer in"),
         ({"hidden_size": True}, "'hidden_size' must be an integer"),
@@ -157,6 +156,16 @@ def test_bad_config_values_are_one_error(tmp_path, fields, message):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **fields}, allow_nan=True))
     with pytest.raises(ConfigError, match=message):
         load_spec(str(tmp_path))
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300, "7", None, [4096]])
+def test_bounded_int_refuses_non_integers(value):
+    """Configs passed as dicts (the Python API, presets) get the same checks as config.json files,
+    whose reader already refuses NaN and Infinity."""
+    from cdka_search.spec.config_fields import bounded_int
+
+    with pytest.raises(ConfigError, match="config field 'hidden_size' must be an integer in \\[1, 1,048,576\\]"):
+        bounded_int(value, "hidden_size", "cfg", 1, 2**20)
 
 
 def test_unknown_field_goes_through_transformers_not_a_guess(tmp_path, monkeypatch):
