@@ -250,3 +250,32 @@ def test_config_for_transformers_is_bounded_before_it_is_built(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {"hidden_size": "wide"}}))
     with pytest.raises(ConfigError, match="\\(text_config\\): config field 'hidden_size': expected an integer, got 'wide'"):
         load_spec(str(tmp_path))
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_saved_checkpoint_folds_per_expert_weights_into_expert_targets(model_type, tmp_path):
+    """transformers 5 saves experts one 2-D weight per expert; the header spec folds them back into the
+    built model's expert tensors, so a checkpoint, its config and the live model give one spec."""
+    model = real_model(model_type, TINY[model_type])
+    model.save_pretrained(tmp_path)
+    from_header = load_spec(str(tmp_path / "model.safetensors"))
+    live = spec_from_module(model)
+    # A checkpoint also stores persistent buffers (DeepSeek-V3's router score-correction bias).
+    assert from_header.total_params == sum(t.numel() for t in model.state_dict().values())
+    assert set(from_header.targets) == set(live.targets)
+    assert any(t.kind == "experts" and t.experts == 4 for t in from_header.targets)
+
+
+def test_incomplete_per_expert_block_is_left_as_it_is():
+    from cdka_search.spec.checkpoint_experts import fold_checkpoint_experts
+    from cdka_search.spec.model_spec import TargetModule
+
+    p = "model.layers.0.mlp.experts"
+    complete = [TargetModule(f"{p}.{e}.{proj}", *shape) for e in range(2) for proj, shape in
+                (("gate_proj", (8, 4)), ("up_proj", (8, 4)), ("down_proj", (4, 8)))]
+    assert [(t.name, t.shape, t.experts) for t in fold_checkpoint_experts(complete)] == [
+        (f"{p}.gate_up_proj", (16, 4), 2), (f"{p}.down_proj", (4, 8), 2)
+    ]
+    assert fold_checkpoint_experts(complete[:-1]) == complete[:-1]  # expert 1 lacks down_proj
+    skipped = [t for t in complete if not t.name.startswith(f"{p}.0.")]
+    assert fold_checkpoint_experts(skipped) == skipped  # experts must be numbered 0..E-1
