@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from cdka_search.errors import ConfigError, ModelSourceError
+from cdka_search.errors import ConfigError
+from cdka_search.planner import make_plan, plan_problems
 from cdka_search.spec import load_spec, spec_from_module
 from cdka_search.spec.families import FAMILIES, family_spec, family_tensors
 from cdka_search.spec.presets import PRESETS
@@ -138,24 +139,33 @@ def test_preset_equals_meta_instantiation(preset):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"hidden_size": "4096"}, "'hidden_size' must be an integer in \\[1, 1,048,576\\], got '4096'"),
-        ({"hidden_size": 4096.5}, "'hidden_size' must be an integer"),
-        ({"hidden_size": float("inf")}, "Infinity is not a JSON value"),  # json.dumps writes Infinity; the strict reader refuses it
-        ({"hidden_size": -8}, "'hidden_size' must be an integer in \\[1, 1,048,576\\], got -8"),
-        ({"hidden_size": 2**40}, "'hidden_size' must be an integer in"),
-        ({"hidden_size": True}, "'hidden_size' must be an integer"),
-        ({"num_hidden_layers": 10**6}, "'num_hidden_layers' must be an integer in \\[1, 4,096\\]"),
-        ({"num_attention_heads": 0}, "'num_attention_heads' must be an integer"),
+        ({"hidden_size": "4096"}, "'hidden_size': expected an integer, got '4096'"),
+        ({"hidden_size": 4096.5}, "'hidden_size': expected an integer, got 4096.5"),
+        ({"hidden_size": -8}, "'hidden_size': -8 is outside \\[1, 1,048,576\\]"),
+        ({"hidden_size": 2**40}, "'hidden_size': 1099511627776 is outside \\[1, 1,048,576\\]"),
+        ({"hidden_size": True}, "'hidden_size': expected an integer, got True"),
+        ({"num_hidden_layers": 10**6}, "'num_hidden_layers': 1000000 is outside \\[1, 16,384\\]"),
+        ({"num_attention_heads": 0}, "'num_attention_heads': 0 is outside"),
         ({"num_key_value_heads": 3}, "num_key_value_heads = 3 must divide num_attention_heads = 32"),
-        ({"vocab_size": None}, "'vocab_size' must be an integer"),
+        ({"vocab_size": None}, "'vocab_size': expected an integer, got None"),
         ({"attention_bias": "yes"}, "'attention_bias' must be true or false"),
-        ({"head_dim": 0}, "'head_dim' must be an integer"),
+        ({"head_dim": 0}, "'head_dim': 0 is outside"),
     ],
 )
 def test_bad_config_values_are_one_error(tmp_path, fields, message):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **fields}, allow_nan=True))
-    with pytest.raises(ModelSourceError, match=message):
+    with pytest.raises(ConfigError, match=message):
         load_spec(str(tmp_path))
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300, 4096.0, "7", None, [4096]])
+def test_bounded_int_refuses_non_integers(value):
+    """Configs passed as dicts (the Python API, presets) get the same checks as config.json files,
+    whose reader already refuses NaN and Infinity."""
+    from cdka_search.spec.config_fields import bounded_int
+
+    with pytest.raises(ConfigError, match="config field 'hidden_size': expected an integer, got"):
+        bounded_int(value, "hidden_size", "cfg", 1, 2**20)
 
 
 def test_unknown_field_goes_through_transformers_not_a_guess(tmp_path, monkeypatch):
@@ -177,8 +187,6 @@ def test_unknown_field_goes_through_transformers_not_a_guess(tmp_path, monkeypat
 def test_tiny_mixtral_module_plans_its_experts():
     """A live tiny Mixtral (real weights, CPU): spec_from_module lists the expert tensors, a plan
     covers them with one design per tensor and every expert paid for, and the plan checks clean."""
-    from cdka_search.planner import make_plan, plan_problems
-
     config = transformers.MixtralConfig(**TINY["mixtral"])
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(config)
@@ -190,3 +198,84 @@ def test_tiny_mixtral_module_plans_its_experts():
     assert all(g.experts == 4 and g.count == 2 and g.params == 2 * 4 * g.design.params for g in experts)
     assert plan.used_params <= plan.budget_limit
     assert plan_problems(plan, spec) == []
+
+
+MOE = ("mixtral", "qwen3_moe", "deepseek_v3")
+
+
+def real_model(model_type: str, fields: dict):
+    """A tiny real instance (CPU weights): a causal LM, or a sequence classifier for the encoders."""
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(0)
+    if model_type in ENCODERS:
+        return transformers.AutoModelForSequenceClassification.from_config(config)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_family_plan_applies_and_trains_one_step(model_type, tmp_path):
+    """The family's spec (from config.json) plans a tiny real instance, expert tensors included, which
+    trains one step."""
+    from cdka_search.adapter import apply_plan
+
+    (tmp_path / "config.json").write_text(json.dumps(config_dict(model_type, TINY[model_type])))
+    spec = load_spec(str(tmp_path))
+    plan = make_plan(spec, "20%")
+    assert ("experts" in {g.kind for g in plan.groups}) == (model_type in MOE)
+    model = real_model(model_type, TINY[model_type])
+    summary = apply_plan(model, plan)
+    model.eval()  # no dropout: the step is compared on the same function
+    assert summary.trainable_params == plan.used_params
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids if model_type not in ENCODERS else torch.tensor([0, 1])
+
+    def loss():
+        return model(input_ids=ids, labels=labels).loss
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.005)
+    before = loss()
+    before.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    optimizer.step()
+    with torch.no_grad():
+        assert loss().item() < before.item()
+
+
+def test_config_for_transformers_is_bounded_before_it_is_built(tmp_path):
+    """A config of another model_type asking for absurd sizes is refused, not built (10^9 layers would hang)."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "num_hidden_layers": 10**9}))
+    with pytest.raises(ConfigError, match="'num_hidden_layers': 1000000000 is outside \\[0, 16,384\\]"):
+        load_spec(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {"hidden_size": "wide"}}))
+    with pytest.raises(ConfigError, match="\\(text_config\\): config field 'hidden_size': expected an integer, got 'wide'"):
+        load_spec(str(tmp_path))
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_saved_checkpoint_folds_per_expert_weights_into_expert_targets(model_type, tmp_path):
+    """transformers 5 saves experts one 2-D weight per expert; the header spec folds them back into the
+    built model's expert tensors, so a checkpoint, its config and the live model give one spec."""
+    model = real_model(model_type, TINY[model_type])
+    model.save_pretrained(tmp_path)
+    from_header = load_spec(str(tmp_path / "model.safetensors"))
+    live = spec_from_module(model)
+    # A checkpoint also stores persistent buffers (DeepSeek-V3's router score-correction bias).
+    assert from_header.total_params == sum(t.numel() for t in model.state_dict().values())
+    assert set(from_header.targets) == set(live.targets)
+    assert any(t.kind == "experts" and t.experts == 4 for t in from_header.targets)
+
+
+def test_incomplete_per_expert_block_is_left_as_it_is():
+    from cdka_search.spec.checkpoint_experts import fold_checkpoint_experts
+    from cdka_search.spec.model_spec import TargetModule
+
+    p = "model.layers.0.mlp.experts"
+    complete = [TargetModule(f"{p}.{e}.{proj}", *shape) for e in range(2) for proj, shape in
+                (("gate_proj", (8, 4)), ("up_proj", (8, 4)), ("down_proj", (4, 8)))]
+    assert [(t.name, t.shape, t.experts) for t in fold_checkpoint_experts(complete)] == [
+        (f"{p}.gate_up_proj", (16, 4), 2), (f"{p}.down_proj", (4, 8), 2)
+    ]
+    assert fold_checkpoint_experts(complete[:-1]) == complete[:-1]  # expert 1 lacks down_proj
+    skipped = [t for t in complete if not t.name.startswith(f"{p}.0.")]
+    assert fold_checkpoint_experts(skipped) == skipped  # experts must be numbered 0..E-1

@@ -56,7 +56,7 @@ def test_bad_config_value_is_one_error_line(cli, tmp_path):
     result = cli("plan", "-m", str(tmp_path), "-o", str(tmp_path / "plan.yaml"))
     assert result.exit_code == 3
     assert result.stderr.strip().splitlines() == [
-        f"error: {tmp_path}: config field 'num_experts' must be an integer in [1, 65,536], got -1"
+        f"error: {tmp_path}: config field 'num_experts': -1 is outside [1, 16,384]"
     ]
     assert not (tmp_path / "plan.yaml").exists()
 

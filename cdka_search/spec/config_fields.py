@@ -6,31 +6,19 @@ Each read names the field and the allowed range, so a bad config is one clear er
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from cdka_search.errors import ConfigError
+from cdka_search.limits import MAX_DIM, MAX_EXPERTS, MAX_LAYERS, check_int
 
-MAX_DIM = 2**20  # hidden, intermediate, head sizes: 1,048,576 is far above any released model
-MAX_VOCAB = 2**22
-MAX_LAYERS = 4096
-MAX_HEADS = 2**14
-MAX_EXPERTS = 2**16
 # transformers' attribute_map: a config.json may spell a field either way.
 _ALIASES = {"num_experts": ("num_local_experts",), "n_routed_experts": ("num_local_experts",)}
 
 
 def bounded_int(value: Any, key: str, where: str, low: int, high: int) -> int:
-    """``value`` as an int in [low, high]; bools, strings, fractions and non-finite floats are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: config field {key!r} must be an integer in [{low}, {high:,}], got {value!r}")
-    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise ConfigError(f"{where}: config field {key!r} must be an integer in [{low}, {high:,}], got {value!r}")
-    number = int(value)
-    if not low <= number <= high:
-        raise ConfigError(f"{where}: config field {key!r} must be an integer in [{low}, {high:,}], got {number:,}")
-    return number
+    """``value`` as an int in [low, high]; bools, strings, floats and null are refused."""
+    return check_int(value, f"{where}: config field {key!r}", ConfigError, low, high)
 
 
 @dataclass(frozen=True)
@@ -84,8 +72,8 @@ class Fields:
 
     def heads(self, heads_key: str, kv_key: str) -> tuple[int, int]:
         """(heads, kv_heads): kv_heads defaults to heads (null means "same as heads") and must divide it."""
-        heads = self.int(heads_key, MAX_HEADS)
-        kv = self.optional_int(kv_key, MAX_HEADS) or heads
+        heads = self.int(heads_key)
+        kv = self.optional_int(kv_key) or heads
         if heads % kv:
             raise ConfigError(f"{self.where}: {kv_key} = {kv} must divide {heads_key} = {heads}")
         return heads, kv
@@ -97,3 +85,25 @@ class Fields:
         if hidden % heads:
             raise ConfigError(f"{self.where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}; set head_dim")
         return hidden // heads
+
+
+# Fields that set how many modules a transformers class builds: bounded before any config, of any
+# model_type, reaches transformers (a config asking for 10^9 layers would otherwise hang the build).
+_SIZE_FIELDS = {
+    "num_hidden_layers": MAX_LAYERS, "n_layer": MAX_LAYERS, "num_layers": MAX_LAYERS, "num_decoder_layers": MAX_LAYERS,
+    "encoder_layers": MAX_LAYERS, "decoder_layers": MAX_LAYERS, "num_attention_heads": MAX_DIM, "n_head": MAX_DIM,
+    "num_key_value_heads": MAX_DIM, "hidden_size": MAX_DIM, "n_embd": MAX_DIM, "d_model": MAX_DIM,
+    "intermediate_size": MAX_DIM, "vocab_size": MAX_DIM, "num_local_experts": MAX_EXPERTS, "num_experts": MAX_EXPERTS,
+}
+
+
+def check_sizes(config: Mapping[str, Any], where: str) -> None:
+    """Bound the module-count and width fields of a config and of its sub-configs (text_config, ...)."""
+    pending = [(config, where)]  # a stack, not recursion: a config may nest deeply
+    while pending:
+        section, place = pending.pop()
+        for key, value in section.items():
+            if isinstance(value, Mapping):
+                pending.append((value, f"{place} ({key})"))
+            elif key in _SIZE_FIELDS and value is not None:
+                bounded_int(value, key, place, 0, _SIZE_FIELDS[key])

@@ -8,6 +8,7 @@ from typing import Any
 
 from cdka_search.documents import read_file_bytes, read_json
 from cdka_search.errors import ConfigError, ModelSourceError
+from cdka_search.spec.config_fields import check_sizes
 from cdka_search.spec.families import family_of, family_spec, unknown_fields
 from cdka_search.spec.model_spec import ModelSpec
 
@@ -35,6 +36,7 @@ def config_spec(path: Path) -> ModelSpec:
         return family_spec(config, family, name, "hf-config", str(path))
     from cdka_search.spec.torch_module import meta_spec_from_config
 
+    check_sizes(config, str(path))
     try:
         return meta_spec_from_config(path, name)
     except ImportError:

@@ -2,7 +2,8 @@
 the total is the base model with its pooler, the number their model cards quote."""
 
 from cdka_search.errors import ConfigError
-from cdka_search.spec.config_fields import MAX_LAYERS, MAX_VOCAB, Fields
+from cdka_search.limits import MAX_LAYERS
+from cdka_search.spec.config_fields import Fields
 from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor, embedding, linear, norm
 
 DEFAULTS = {
@@ -22,7 +23,7 @@ def tensors(f: Fields) -> list[Tensor]:
     hidden, intermediate = f.int("hidden_size"), f.int("intermediate_size")
     f.heads("num_attention_heads", "num_attention_heads")
     e = f"{root}.embeddings"
-    words = embedding(f"{e}.word_embeddings", f.int("vocab_size", MAX_VOCAB), hidden)
+    words = embedding(f"{e}.word_embeddings", f.int("vocab_size"), hidden)
     positions = embedding(f"{e}.position_embeddings", f.int("max_position_embeddings"), hidden)
     types = embedding(f"{e}.token_type_embeddings", f.int("type_vocab_size", low=0), hidden) + norm(f"{e}.LayerNorm", hidden, bias=True)
     out = words + positions + types if root == "bert" else words + types + positions  # RoBERTa registers positions last

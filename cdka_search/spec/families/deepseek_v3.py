@@ -2,7 +2,8 @@
 kv_a_proj_with_mqa, kv_b_proj), dense MLPs in the first first_k_dense_replace layers, then routed
 experts plus always-on shared experts. Multi-token-prediction layers are not built by transformers."""
 
-from cdka_search.spec.config_fields import MAX_EXPERTS, MAX_LAYERS, MAX_VOCAB, Fields
+from cdka_search.limits import MAX_EXPERTS, MAX_LAYERS
+from cdka_search.spec.config_fields import Fields
 from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor, causal_lm, gated_mlp, linear, norm, routed_experts, router
 
 DEFAULTS = {
@@ -15,7 +16,7 @@ DEFAULTS = {
 
 
 def tensors(f: Fields) -> list[Tensor]:
-    hidden, vocab = f.int("hidden_size"), f.int("vocab_size", MAX_VOCAB)
+    hidden, vocab = f.int("hidden_size"), f.int("vocab_size")
     heads, _ = f.heads("num_attention_heads", "num_key_value_heads")
     q_rank, kv_rank = f.optional_int("q_lora_rank"), f.int("kv_lora_rank")
     rope, nope, v_dim = f.int("qk_rope_head_dim"), f.int("qk_nope_head_dim"), f.int("v_head_dim")

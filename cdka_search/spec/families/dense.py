@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from cdka_search.spec.config_fields import MAX_LAYERS, MAX_VOCAB, Fields
+from cdka_search.limits import MAX_LAYERS
+from cdka_search.spec.config_fields import Fields
 from cdka_search.spec.families.base import Tensor, attention, causal_lm, gated_mlp, norm
 
 
@@ -23,7 +24,7 @@ def decoder(
     dense MLP of a layer (MoE blocks)."""
     hidden = f.int("hidden_size")
     intermediate = f.int("intermediate_size")
-    vocab = f.int("vocab_size", MAX_VOCAB)
+    vocab = f.int("vocab_size")
     heads, kv_heads = f.heads("num_attention_heads", "num_key_value_heads")
     head_dim = f.head_dim(hidden, heads)
     layers: list[Tensor] = []

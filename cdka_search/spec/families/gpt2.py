@@ -1,7 +1,8 @@
 """GPT-2: Conv1D layers store (in, out); learned positions; the LM head is tied by default."""
 
 from cdka_search.errors import ConfigError
-from cdka_search.spec.config_fields import MAX_LAYERS, MAX_VOCAB, Fields
+from cdka_search.limits import MAX_LAYERS
+from cdka_search.spec.config_fields import Fields
 from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor, embedding, linear, norm
 
 DEFAULTS = {
@@ -21,7 +22,7 @@ def conv1d(prefix: str, d_in: int, d_out: int) -> list[Tensor]:
 def tensors(f: Fields) -> list[Tensor]:
     if f.flag("add_cross_attention"):
         raise ConfigError(f"{f.where}: add_cross_attention is not supported by the built-in gpt2 family")
-    hidden, vocab = f.int("n_embd"), f.int("vocab_size", MAX_VOCAB)
+    hidden, vocab = f.int("n_embd"), f.int("vocab_size")
     f.int("n_head")
     inner = f.optional_int("n_inner") or 4 * hidden
     out = embedding("transformer.wte", vocab, hidden) + embedding("transformer.wpe", f.int("n_positions"), hidden)

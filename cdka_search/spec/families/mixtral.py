@@ -1,6 +1,7 @@
 """Mixtral (8x7B, 8x22B): Mistral attention, every layer's MLP is a router plus routed experts."""
 
-from cdka_search.spec.config_fields import MAX_EXPERTS, Fields
+from cdka_search.limits import MAX_EXPERTS
+from cdka_search.spec.config_fields import Fields
 from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor, routed_experts, router
 from cdka_search.spec.families.dense import decoder
 

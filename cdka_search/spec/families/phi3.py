@@ -1,6 +1,7 @@
 """Phi-3 / Phi-3.5 / Phi-4: fused qkv_proj (q, then k and v of the kv heads) and fused gate_up_proj."""
 
-from cdka_search.spec.config_fields import MAX_LAYERS, MAX_VOCAB, Fields
+from cdka_search.limits import MAX_LAYERS
+from cdka_search.spec.config_fields import Fields
 from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor, causal_lm, linear, norm
 
 DEFAULTS = {
@@ -10,7 +11,7 @@ DEFAULTS = {
 
 
 def tensors(f: Fields) -> list[Tensor]:
-    hidden, intermediate, vocab = f.int("hidden_size"), f.int("intermediate_size"), f.int("vocab_size", MAX_VOCAB)
+    hidden, intermediate, vocab = f.int("hidden_size"), f.int("intermediate_size"), f.int("vocab_size")
     heads, kv_heads = f.heads("num_attention_heads", "num_key_value_heads")
     head_dim = f.head_dim(hidden, heads)
     layers = []

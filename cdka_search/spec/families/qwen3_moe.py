@@ -1,7 +1,8 @@
 """Qwen3-MoE (30B-A3B, 235B-A22B): routed experts on every decoder_sparse_step-th layer not in
 mlp_only_layers, a dense MLP elsewhere; the router is counted, not adapted."""
 
-from cdka_search.spec.config_fields import MAX_EXPERTS, MAX_LAYERS, Fields
+from cdka_search.limits import MAX_EXPERTS, MAX_LAYERS
+from cdka_search.spec.config_fields import Fields
 from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor, gated_mlp, routed_experts, router
 from cdka_search.spec.families.dense import decoder
 
