@@ -76,3 +76,7 @@ class ArgumentError(CdkaError, ValueError):
     """A command-line option or API argument outside its documented range (a seed, --top, --batches)."""
 
     exit_code = 11
+
+
+class ConfigError(ModelSourceError):
+    """A config.json field that is missing, of the wrong type, out of range, or not understood."""

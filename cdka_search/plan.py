@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from cdka_search.candidates import Design
-from cdka_search.documents import brief, read_text_file, read_yaml, reject_unknown, strict_dataclass
+from cdka_search.documents import (
+    brief,
+    read_text_file,
+    read_yaml,
+    reject_unknown,
+    strict_dataclass,
+)
 from cdka_search.errors import PlanError
 from cdka_search.fileio import atomic_write_text
 from cdka_search.limits import MAX_DIM, MAX_EXPERTS, MAX_MODULES, MAX_TOTAL_PARAMS, check_int

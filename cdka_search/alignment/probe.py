@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from cdka_search.alignment.device import resolve_device
 from cdka_search.alignment.reference import delta_reference, gradient_reference
 from cdka_search.spec import load_spec
 from cdka_search.targets import select_targets
@@ -31,12 +32,15 @@ def probe_gradients(
     batch_size: int = 4,
     seq_len: int = 128,
     progress: Progress | None = None,
+    device: str | torch.device | None = "auto",
 ) -> dict[str, torch.Tensor]:
-    """Gradients of the selected target weights, summed over ``batches`` batches of ``data``."""
+    """Gradients of the selected target weights, summed over ``batches`` batches of ``data``; the model
+    runs on ``device`` (cdka_search.alignment.device) and the sums stay on the CPU."""
     check_grad_inputs(model_dir, batches=batches, batch_size=batch_size, seq_len=seq_len)
+    where = resolve_device(device)
     texts = read_texts(data)
     tokenizer = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir)
+    model = load_causal_lm(model_dir).to(where)
     from cdka_search.spec import spec_from_module
 
     spec = select_targets(spec_from_module(model, Path(model_dir).name), targets)
