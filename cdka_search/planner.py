@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from cdka_search.allocate import Allocation, allocate
 from cdka_search.budget import Budget, parse_budget
 from cdka_search.candidates import CandidateSpace, Design
-from cdka_search.errors import BudgetError
+from cdka_search.documents import brief
+from cdka_search.errors import ArgumentError, BudgetError, TargetError
 from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_fronts
+from cdka_search.limits import MAX_DIM, MAX_SEED, check_int
 from cdka_search.matching import ModuleIndex, match_groups, raise_problems
 from cdka_search.plan import AdapterSettings, Plan, PlanGroup
 from cdka_search.scoring import (
@@ -88,7 +90,7 @@ def build_plan(
         by_design: dict[tuple, list[TargetModule]] = {}
         for m in members:
             best = picked[m.name] if m.name in picked else picked[m.shape]
-            key = (m.name,) if per_layer else (m.shape, best.design)
+            key = (m.name,) if per_layer else (m.shape, m.experts, best.design)
             by_design.setdefault(key, []).append(m)
         for same in by_design.values():
             first = same[0]
@@ -101,6 +103,7 @@ def build_plan(
                     design=best.design,
                     kind=first.kind,
                     scores=best.scores.as_dict(),
+                    experts=first.experts,
                 )
             )
     return Plan(
@@ -141,8 +144,9 @@ def allocate_fronts(
     floor = sum(counts[k] * front[0].design.params for k, front in fronts.items())  # front[0] is the cheapest
     if floor > budget.limit:
         raise BudgetError(
-            f"budget {budget.spec!r} ({budget.limit:,} parameters) is below the smallest possible adapter on "
-            f"these targets: {floor:,} parameters (r = 1 everywhere); raise the budget or narrow --targets"
+            f"budget {brief(budget.spec)} ({budget.limit:,} parameters) is below the cheapest adapter the candidate "
+            f"space allows on these targets: {floor:,} parameters (the cheapest design of every target, under any "
+            f"pins such as --r); raise the budget, narrow --targets or relax the pins"
         )
     keys = list(fronts)
     units = [
@@ -176,6 +180,8 @@ def make_plan(
     (``all_pairs`` measures every divisor pair instead of the data-free front's; the energies run on
     ``device``: cpu, cuda or auto).
     """
+    check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
+    check_int(samples, "samples", ArgumentError, 1, 1 << 16)
     chosen = select_targets(spec, targets)
     limit = resolve_budget(chosen, budget)
     if reference is None:
@@ -184,8 +190,9 @@ def make_plan(
     from cdka_search.alignment.planning import reference_tables
 
     tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs, device=device)
+    counts = {t.name: t.experts for t in chosen.targets if t.name in tables}  # an expert tensor pays for every expert
     return plan_from_fronts(
-        chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts={k: 1 for k in tables}, weights=weights,
+        chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts=counts, weights=weights,
         objective=objective, adapter=adapter, per_layer=True,
     )
 
@@ -201,11 +208,60 @@ def plan_from_fronts(
     adapter: AdapterSettings = AdapterSettings(),
     per_layer: bool = False,
 ) -> Plan:
-    """Allocate ``budget`` over ``fronts`` (by shape unless ``counts`` keys them otherwise) into a Plan."""
-    counts = spec.shapes if counts is None else counts
+    """Allocate ``budget`` over ``fronts`` (by shape unless ``counts`` keys them otherwise) into a Plan.
+
+    By shape, a unit's count is its number of matrices: an expert tensor of E experts pays for E
+    copies of the shape's one design (each expert trains its own factors).
+    """
+    counts = spec.matrices if counts is None else counts
     weights = {k: 1.0 for k in fronts} if weights is None else weights
     picked, result = allocate_fronts(fronts, counts, weights, budget)
     return build_plan(spec, budget, picked, objective=objective, adapter=adapter, allocation=result, per_layer=per_layer)
+
+
+def record_model_path(plan: Plan, model: str) -> Plan:
+    """``plan`` noting the local folder or file it was made from (absolute), so that export and
+    validate find the model again without --model; unchanged for a preset or alias."""
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    return replace(plan, model_path=str(path.resolve())) if path.exists() else plan
+
+
+def plan_model(plan: Plan, model: str | None) -> ModelSpec | None:
+    """The model to check ``plan`` against: ``model`` if given, else the local path the plan
+    recorded (ModelSourceError if it is gone), else None (a preset plan names its model)."""
+    from pathlib import Path
+
+    from cdka_search.errors import ModelSourceError
+    from cdka_search.spec import load_spec
+
+    if model:
+        return load_spec(model)
+    if plan.model_path is None:
+        return None
+    if not Path(plan.model_path).exists():
+        raise ModelSourceError(f"the plan was made from {plan.model_path}, which no longer exists; give the model with --model")
+    return load_spec(plan.model_path)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"4096x11008"`` -> (4096, 11008); each side an integer in [1, MAX_DIM]."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d{1,12})\s*[xX*,]\s*(\d{1,12})\s*", text)
+    if not match:
+        raise TargetError(f"--shape {brief(text)}: expected two positive sizes like 4096x11008")
+    d_out, d_in = int(match.group(1)), int(match.group(2))
+    for size in (d_out, d_in):
+        if not 1 <= size <= MAX_DIM:
+            raise TargetError(f"--shape {brief(text)}: each size must be in [1, {MAX_DIM:,}]")
+    return d_out, d_in
+
+
+def shape_budget(text: str, d_out: int, d_in: int) -> int:
+    """The parameter limit ``text`` means for one d_out x d_in weight ("lora:8" is LoRA rank 8 on it)."""
+    return parse_budget(text, total_params=d_out * d_in, targets=(TargetModule("weight", d_out, d_in),)).limit
 
 
 def explain_shape(
@@ -220,6 +276,11 @@ def explain_shape(
     seed: int = DEFAULT_SEED,
 ) -> list[ExplainRow]:
     """The best ``top`` candidates of a shape by objective, within ``max_params`` if given."""
+    check_int(top, "--top", ArgumentError, 1, 100_000)
+    check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
+    check_int(samples, "samples", ArgumentError, 1, 1 << 16)
+    for size in (d_out, d_in):
+        check_int(size, "--shape", TargetError, 1, MAX_DIM)
     table = score_shape(d_out, d_in, space, objective, spectra=SpectrumCache(samples, seed))
     front = set(table.pareto())
     ranked = table.ranked(max_params)
@@ -250,6 +311,11 @@ def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
     )
     problems = list(found.problems)
     for g, hits in zip(plan.groups, found.hits):
+        if g.design.params >= g.shape[0] * g.shape[1]:
+            problems.append(
+                f"group {g.modules[0]!r}: its design has {g.design.params:,} parameters per matrix, not fewer than the "
+                f"{g.shape[0]}x{g.shape[1]} weight's {g.shape[0] * g.shape[1]:,} (fine-tune the weight instead)"
+            )
         # One problem per group and mismatch, naming its first module: a plan for another model
         # stays a readable line however many layers it has.
         wrong: dict[str, list[str]] = {}
@@ -259,6 +325,8 @@ def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
                 wrong.setdefault(f"the model's weight is {t.d_out}x{t.d_in}, the plan says {g.shape[0]}x{g.shape[1]}", []).append(n)
             elif t.kind != g.kind:
                 wrong.setdefault(f"the model has a {t.kind} module, the plan says {g.kind}", []).append(n)
+            elif t.experts != g.experts:
+                wrong.setdefault(f"the model has {t.experts} experts, the plan says {g.experts}", []).append(n)
         for what, names in wrong.items():
             more = f" (and {len(names) - 1} more of group {g.modules[0]!r})" if len(names) > 1 else ""
             problems.append(f"module {names[0]}: {what}{more}")

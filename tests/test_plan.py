@@ -59,7 +59,7 @@ def edited(plan: Plan, change) -> str:
         (lambda d: d.update(cdka_plan=2), "schema version 2"),
         (lambda d: d["groups"][0].update(left=[100, 8]), "give a"),
         (lambda d: d["groups"][0].update(params_each=1), "params_each is 1"),
-        (lambda d: d["groups"][0].update(r=0), "positive"),
+        (lambda d: d["groups"][0].update(r=0), r"groups\[0\].r: 0 is outside \[1, 768\]"),
         (lambda d: d["budget"].update(used=5), "budget.used"),
         (lambda d: d["budget"].update(limit=10), "over the budget limit"),
         (lambda d: d["adapter"].update(scaling="alpha/r2"), "adapter.scaling"),
