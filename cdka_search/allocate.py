@@ -51,20 +51,19 @@ class Allocation:
 def _hull(options: Sequence[Option]) -> list[int]:
     """Option indices along the upper convex hull, from the cheapest (best-valued) option."""
     hull: list[int] = []
-    points: list[Option] = []
-    for c, negative_v, i in sorted((c, -v, i) for i, (c, v) in enumerate(options)):
+    cs: list[int] = []
+    vs: list[float] = []
+    for c, negative_v, i in sorted([(c, -v, i) for i, (c, v) in enumerate(options)]):
         v = -negative_v
-        if points and v <= points[-1][1]:
+        if vs and v <= vs[-1]:
             continue  # dominated: costs at least as much, worth no more
-        while len(points) >= 2:
-            (c1, v1), (c2, v2) = points[-2], points[-1]
-            if (v2 - v1) * (c - c1) <= (v - v1) * (c2 - c1):
-                points.pop()
-                hull.pop()
-            else:
-                break
+        while len(vs) >= 2 and (vs[-1] - vs[-2]) * (c - cs[-2]) <= (v - vs[-2]) * (cs[-1] - cs[-2]):
+            hull.pop()
+            cs.pop()
+            vs.pop()
         hull.append(i)
-        points.append((c, v))
+        cs.append(c)
+        vs.append(v)
     return hull
 
 
