@@ -157,15 +157,11 @@ def allocate(units: Sequence[Sequence[Option]], budget: int, *, node_limit: int 
     top = [max(r) for r in reduced]
     upper = min(lp.upper, lam * budget + sum(top))  # the same bound, by duality; min guards rounding
     eps = 1e-12 * max(1.0, abs(upper))
-
-    # Options that can still appear in a better solution, cheapest loss first.
-    def candidates(slack: float) -> list[list[tuple[float, int, int]]]:
-        return [
-            sorted((top[k] - r, units[k][i][0], i) for i, r in enumerate(rk) if top[k] - r < slack + eps)
-            for k, rk in enumerate(reduced)
-        ]
-
-    options = candidates(upper - best_value)
+    # Options that can still appear in a better solution (reduced loss below the gap), cheapest loss first.
+    options = []
+    for k, rk in enumerate(reduced):
+        floor_k = top[k] - (upper - best_value) - eps
+        options.append(sorted((top[k] - r, units[k][i][0], i) for i, r in enumerate(rk) if r > floor_k))
     fixed = [k for k, o in enumerate(options) if len(o) == 1]
     free = sorted((k for k, o in enumerate(options) if len(o) > 1), key=lambda k: (-options[k][1][0], k))
     fixed_value = sum(units[k][options[k][0][2]][1] for k in fixed)

@@ -4,12 +4,12 @@ Rule for spreading the budget: a module's value is w_m * objective_m with
 w_m = ||M_m||_F^2 / mean_k ||M_k||_F^2, so with ``--objective alignment`` the allocation maximises
 the total reference energy kept, and modules whose update carries more energy earn more budget.
 
-Which (r1, r2) are measured: every divisor pair of updates of at most 2^12 entries (a few dozen
-milliseconds each) or with ``all_pairs``; otherwise the shape's data-free Pareto front plus LoRA
+Which (r1, r2) are measured: every divisor pair of updates of at most 2^12 entries (cheap at that
+size) or with ``all_pairs``; otherwise the shape's data-free Pareto front plus LoRA
 (``shortlist_pairs``: 7 pairs on LLaMA sizes), so that a 1376 x 512 module no longer measures its
-120 pairs and costs more than a 4096 x 11008 one. Each pair costs a few passes over the update
-(docs/alignment.md); one shape's shortlist is computed once for all its modules, and each update is
-checked, upcast and moved to the device once for all its pairs.
+120 pairs and costs more than a 4096 x 11008 one. How deep: see ReferenceScores (16 components
+first, more only where the allocation's choice needs them). One shape's shortlist is computed once
+for all its modules, and each update is upcast and moved to the device once per module and round.
 """
 
 from __future__ import annotations
