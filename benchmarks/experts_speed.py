@@ -7,8 +7,9 @@
 What is timed, identically for every method, in one process on the same inputs: one forward and backward
 of the experts module (transformers' MixtralExperts, the given ``--implementation``) on routed tokens
 whose hidden states require grad; the router is outside. Times are the best of ``--repeats`` runs after
-two warm-ups. "saved" is the bytes autograd keeps between forward and backward (saved-tensor hooks,
-deduplicated by storage, the frozen expert weights and the input excluded).
+two warm-ups, the methods taking turns run by run so that all see the same machine load. "saved" is the
+bytes autograd keeps between forward and backward (saved-tensor hooks, deduplicated by storage, the frozen
+expert weights and the input excluded).
 
 Methods, on both 3-D parameters (gate_up_proj (E, 2I, H) and down_proj (E, H, I)):
 - base: the frozen experts alone (no adapter), for reference.
@@ -150,29 +151,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"experts={args.experts} hidden={args.hidden} intermediate={args.intermediate} tokens={args.tokens} "
           f"top-2 implementation={args.implementation} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"{'method':<10} {'trainable':>11} {'fwd+bwd ms':>11} {'x base':>7} {'saved MiB':>10}")
-    base_ms = None
-    for method in args.methods:
-        model = build(method, args)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    models = {method: build(method, args) for method in args.methods}
+
+    def step(model: nn.Module) -> torch.Tensor:
+        x = hidden.clone().requires_grad_()
+        return model(x, index, weights)
+
+    saved = {}
+    for method, model in models.items():
         frozen = [p for p in model.parameters() if not p.requires_grad]
-
-        def step() -> torch.Tensor:
-            x = hidden.clone().requires_grad_()
-            return model(x, index, weights)
-
-        saved = saved_bytes(step, frozen + [hidden])  # also the warm-up
-        step().sum().backward()
-        times = []
-        for _ in range(args.repeats):
+        saved[method] = saved_bytes(lambda: step(model), frozen + [hidden])  # also the first warm-up
+        step(model).sum().backward()
+    times: dict[str, list[float]] = {method: [] for method in models}
+    for _ in range(args.repeats):  # round robin, so that every method sees the same machine load
+        for method, model in models.items():
             model.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            out = step()
+            out = step(model)
             out.backward(torch.ones_like(out))
-            times.append((time.perf_counter() - start) * 1e3)
-        best = min(times)
-        base_ms = best if method == "base" else base_ms
+            times[method].append((time.perf_counter() - start) * 1e3)
+    base_ms = min(times["base"]) if "base" in times else None
+    for method, model in models.items():
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        best = min(times[method])
         ratio = f"{best / base_ms:7.2f}" if base_ms else "    n/a"
-        print(f"{method:<10} {trainable:>11,} {best:>11.1f} {ratio} {saved / 2**20:>10.1f}")
+        print(f"{method:<10} {trainable:>11,} {best:>11.1f} {ratio} {saved[method] / 2**20:>10.1f}")
     return 0
 
 

@@ -137,6 +137,8 @@ def r_range(d_out: int, d_in: int, r1: int, r2: int, space: CandidateSpace = Can
     never as many parameters as the weight (the range may be empty)."""
     sane = sane_r(d_out, d_in, r1, r2)
     if space.r is not None:
+        if space.r > min(d_out, d_in):
+            raise TargetError(f"--r {space.r} is more components than a {d_out}x{d_in} update can use (at most {min(d_out, d_in)})")
         return range(space.r, min(space.r, sane) + 1)
     if space.family == "lokr":
         return range(1, min(1, sane) + 1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from cdka_search.allocate import Allocation, allocate
@@ -170,13 +170,15 @@ def make_plan(
     reference: Mapping[str, Any] | None = None,
     per_layer: bool = False,
     all_pairs: bool = False,
+    device: str | None = "auto",
 ) -> Plan:
     """Plan adapters for ``spec`` within ``budget``.
 
     Data-free (default): same-shape targets share one design, scored once per shape. With a
     ``reference`` (module name -> reference update tensor, see cdka_search.alignment) every module
     is scored on its own update and weighted by that update's energy: a per-layer plan
-    (``all_pairs`` measures every divisor pair instead of the data-free front's).
+    (``all_pairs`` measures every divisor pair instead of the data-free front's; the energies run on
+    ``device``: cpu, cuda or auto).
     """
     check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
     check_int(samples, "samples", ArgumentError, 1, 1 << 16)
@@ -187,7 +189,7 @@ def make_plan(
         return plan_from_fronts(chosen, limit, fronts, objective=objective, adapter=adapter, per_layer=per_layer)
     from cdka_search.alignment.planning import reference_tables
 
-    tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs)
+    tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs, device=device)
     counts = {t.name: t.experts for t in chosen.targets if t.name in tables}  # an expert tensor pays for every expert
     return plan_from_fronts(
         chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts=counts, weights=weights,
@@ -215,6 +217,32 @@ def plan_from_fronts(
     weights = {k: 1.0 for k in fronts} if weights is None else weights
     picked, result = allocate_fronts(fronts, counts, weights, budget)
     return build_plan(spec, budget, picked, objective=objective, adapter=adapter, allocation=result, per_layer=per_layer)
+
+
+def record_model_path(plan: Plan, model: str) -> Plan:
+    """``plan`` noting the local folder or file it was made from (absolute), so that export and
+    validate find the model again without --model; unchanged for a preset or alias."""
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    return replace(plan, model_path=str(path.resolve())) if path.exists() else plan
+
+
+def plan_model(plan: Plan, model: str | None) -> ModelSpec | None:
+    """The model to check ``plan`` against: ``model`` if given, else the local path the plan
+    recorded (ModelSourceError if it is gone), else None (a preset plan names its model)."""
+    from pathlib import Path
+
+    from cdka_search.errors import ModelSourceError
+    from cdka_search.spec import load_spec
+
+    if model:
+        return load_spec(model)
+    if plan.model_path is None:
+        return None
+    if not Path(plan.model_path).exists():
+        raise ModelSourceError(f"the plan was made from {plan.model_path}, which no longer exists; give the model with --model")
+    return load_spec(plan.model_path)
 
 
 def parse_shape(text: str) -> tuple[int, int]:

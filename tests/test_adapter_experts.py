@@ -223,11 +223,30 @@ def test_plan_that_does_not_fit_the_experts_is_refused_and_model_untouched():
         apply_plan(model, plan)
 
 
-def test_gradient_aligned_init_is_refused_for_experts():
+def test_gradient_aligned_init_sets_every_expert_as_a_linear_layer_of_that_gradient():
+    from cdka_search.adapter import CdkaLinear
+
+    model = tiny_moe("mixtral").to(F64)
+    gen = torch.Generator().manual_seed(5)
+    gradients = {n: torch.randn(p.shape, generator=gen, dtype=F64) for n, p in model.named_parameters() if p.dim() == 3}
+    plan = expert_plan().with_adapter(init="gradient-aligned", dtype="float64")
+    apply_plan(model, plan, gradients=gradients)
+    for name, adapter in adapter_modules(model).items():
+        assert torch.count_nonzero(adapter.cdka_B) > 0
+        for e in range(EXPERTS):
+            linear = CdkaLinear(nn.Linear(adapter.d_in, adapter.d_out), m1=adapter.m1, n1=adapter.n1, m2=adapter.m2,
+                                n2=adapter.n2, r=adapter.r, dtype=F64)
+            linear.init_from_gradient(gradients[name][e])
+            assert torch.equal(adapter.cdka_B[e], linear.cdka_B)
+            assert torch.equal(adapter.cdka_A[e], linear.cdka_A)  # every component has s > 0: A set, not drawn
+
+
+def test_gradient_aligned_init_needs_expert_shaped_gradients():
     model = tiny_moe("mixtral")
-    plan = expert_plan().with_adapter(init="gradient-aligned")
-    with pytest.raises(PlanError, match="not available for expert tensors"):
-        apply_plan(model, plan, gradients={})
+    gradients = {n: torch.zeros(p.shape[1:]) for n, p in model.named_parameters() if p.dim() == 3}
+    with pytest.raises(PlanError, match=r"gradient for model.layers.0.mlp.experts.gate_up_proj has shape \(24, 16\), "
+                                        r"expected \(4, 24, 16\) \(experts, d_out, d_in\)"):
+        apply_plan(model, expert_plan().with_adapter(init="gradient-aligned"), gradients=gradients)
     assert not adapter_modules(model)
 
 

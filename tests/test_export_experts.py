@@ -22,9 +22,10 @@ F64 = torch.float64
 
 
 def moe_spec(model):
-    """spec_from_module's targets: the linear modules and every 3-D expert parameter (kind experts)."""
+    """spec_from_module lists every 3-D expert parameter as a kind-experts target (checked here)."""
     spec = spec_from_module(model)
-    assert {t.name for t in spec.targets if t.kind == "experts"} == {n for n, p in model.named_parameters() if p.dim() == 3}
+    experts = {(n, tuple(p.shape)) for n, p in model.named_parameters() if p.dim() == 3}
+    assert {(t.name, (t.experts, t.d_out, t.d_in)) for t in spec.targets if t.kind == "experts"} == experts
     return spec
 
 

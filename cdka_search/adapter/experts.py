@@ -32,9 +32,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from cdka_search.adapter.layer import (
+    GRADIENT_INIT_B_SCALE,
     check_design,
     contraction_order,
     fold_into,
+    gradient_init_,
     kron_add,
     kron_weight,
     resolve_dtype,
@@ -129,6 +131,19 @@ class ExpertAdapter(nn.Module):
         """Every expert's A_i ~ U(-1/sqrt(n2), 1/sqrt(n2)) and B_i = 0, so dW = 0 at step 0."""
         uniform_init_(self.cdka_A, self.n2, generator)
         self.cdka_B.zero_()
+
+    @torch.no_grad()
+    def init_from_gradient(self, grad: torch.Tensor, *, b_scale: float = GRADIENT_INIT_B_SCALE) -> None:
+        """Gradient-aligned init of every expert from G = dL/dW of shape (E, d_out, d_in), expert by expert
+        as :meth:`CdkaLinear.init_from_gradient` does for one weight."""
+        if self.merged:
+            raise PlanError("unmerge the adapter before re-initialising it")
+        g = torch.as_tensor(grad)
+        expected = (self.experts, self.d_out, self.d_in)
+        if tuple(g.shape) != expected:
+            raise PlanError(f"gradient has shape {tuple(g.shape)}, expected {expected} (experts, d_out, d_in)")
+        for expert in range(self.experts):
+            gradient_init_(self.cdka_A[expert], self.cdka_B[expert], g[expert], b_scale)
 
     def delta_weight(self) -> torch.Tensor:
         """lambda * sum_i kron(B[e, i], A[e, i]) for every expert: (E, d_out, d_in) (merging and tests only)."""

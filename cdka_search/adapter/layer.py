@@ -21,7 +21,7 @@ from cdka_search.plan import SCALINGS, scaling_value
 
 __all__ = [
     "SCALINGS", "CONTRACTIONS", "CdkaLinear", "base_kind", "base_shape", "check_design", "contraction_order",
-    "fold_into", "kron_add", "kron_weight", "resolve_dtype", "uniform_init_",
+    "fold_into", "gradient_init_", "kron_add", "kron_weight", "resolve_dtype", "uniform_init_",
 ]
 
 #: Orders of the two contractions. ``auto`` picks the one with fewer multiply-adds.
@@ -255,6 +255,36 @@ def fold_into(weight: torch.Tensor, dw: torch.Tensor, sign: float) -> None:
 
 
 @torch.no_grad()
+def gradient_init_(A: torch.Tensor, B: torch.Tensor, grad: torch.Tensor, b_scale: float) -> None:
+    """Set A (r, m2, n2) and B (r, m1, n1) in place to the gradient-aligned init from G = dL/dW (d_out, d_in).
+
+    See :meth:`CdkaLinear.init_from_gradient`; A and B may be views (one expert's slice of batched factors).
+    """
+    r, m2, n2 = A.shape
+    _, m1, n1 = B.shape
+    work = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    rg = rearrange(-grad.to(device=A.device, dtype=work), m1, n1, m2, n2)
+    k = min(r, *rg.shape)
+    if min(rg.shape) <= 512:
+        u, s, vh = torch.linalg.svd(rg, full_matrices=False)
+        u, s, v = u[:, :k], s[:k], vh[:k].T
+    else:
+        u, s, v = torch.svd_lowrank(rg, q=min(k + 8, *rg.shape), niter=4)
+        u, s, v = u[:, :k], s[:k], v[:, :k]
+    uniform_init_(A, n2)
+    B.zero_()
+    if s.numel() == 0 or s[0] <= 0:
+        return
+    keep = s > s[0] * torch.finfo(work).eps * max(rg.shape)
+    weight = torch.sqrt(s / s[0]) * keep
+    a_rms = math.sqrt(m2 * n2 / (3.0 * n2))
+    a_new = (v * weight).T.reshape(k, m2, n2) * a_rms
+    b_new = (u * weight).T.reshape(k, m1, n1) * b_scale
+    A[:k][keep] = a_new[keep].to(A.dtype)
+    B[:k] = b_new.to(B.dtype)
+
+
+@torch.no_grad()
 def uniform_init_(A: torch.Tensor, n2: int, generator: torch.Generator | None = None) -> None:
     """A ~ U(-1/sqrt(n2), 1/sqrt(n2)): ``kaiming_uniform_(a=sqrt(5))`` with fan_in = n2 = d_in / r2.
 
@@ -380,25 +410,7 @@ class CdkaLinear(nn.Module):
         g = torch.as_tensor(grad)
         if tuple(g.shape) != (self.d_out, self.d_in):
             raise PlanError(f"gradient has shape {tuple(g.shape)}, expected {(self.d_out, self.d_in)} (d_out, d_in)")
-        work = torch.float64 if g.dtype == torch.float64 else torch.float32
-        rg = rearrange(-g.to(device=self.cdka_A.device, dtype=work), self.m1, self.n1, self.m2, self.n2)
-        k = min(self.r, *rg.shape)
-        if min(rg.shape) <= 512:
-            u, s, vh = torch.linalg.svd(rg, full_matrices=False)
-            u, s, v = u[:, :k], s[:k], vh[:k].T
-        else:
-            u, s, v = torch.svd_lowrank(rg, q=min(k + 8, *rg.shape), niter=4)
-            u, s, v = u[:, :k], s[:k], v[:, :k]
-        self.reset_parameters()
-        if s.numel() == 0 or s[0] <= 0:
-            return
-        keep = s > s[0] * torch.finfo(work).eps * max(rg.shape)
-        weight = torch.sqrt(s / s[0]) * keep
-        a_rms = math.sqrt(self.m2 * self.n2 / (3.0 * self.n2))
-        a_new = (v * weight).T.reshape(k, self.m2, self.n2) * a_rms
-        b_new = (u * weight).T.reshape(k, self.m1, self.n1) * b_scale
-        self.cdka_A[:k][keep] = a_new[keep].to(self.cdka_A.dtype)
-        self.cdka_B[:k] = b_new.to(self.cdka_B.dtype)
+        gradient_init_(self.cdka_A, self.cdka_B, g, b_scale)
 
     # maths ------------------------------------------------------------------------------------------
     def _order(self) -> str:

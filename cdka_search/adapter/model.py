@@ -172,7 +172,8 @@ def apply_plan(
     d_in) and expert count); on any mismatch a PlanError names the module and both shapes and the model is left
     untouched. Keyword arguments override the plan's ``adapter`` settings; the plan actually applied is
     left on the model as ``model.cdka_plan`` for :func:`save_adapter`. ``gradients`` maps module names to
-    dL/dW in (d_out, d_in) orientation and is required when the plan's init is ``gradient-aligned``.
+    dL/dW in (d_out, d_in) orientation (expert parameter names to (experts, d_out, d_in)) and is required
+    when the plan's init is ``gradient-aligned``.
     """
     overrides = {"alpha": alpha, "scaling": scaling, "scale": scale, "dropout": dropout, "dtype": dtype}
     changes: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
@@ -183,10 +184,6 @@ def apply_plan(
             raise PlanError(f"adapter override: {exc}") from None
     assignment = _resolve(model, plan)
     if plan.adapter.init == "gradient-aligned":
-        experts = [n for n, g in assignment.items() if g.kind == "experts"]
-        if experts:
-            raise PlanError(f"the gradient-aligned init is not available for expert tensors ({experts[0]}); "
-                            "set adapter.init to kaiming-A-zero-B")
         missing = [n for n in assignment if gradients is None or n not in gradients]
         if missing:
             raise PlanError(
@@ -196,7 +193,10 @@ def apply_plan(
             )
         for name, group in assignment.items():
             got = tuple(gradients[name].shape)  # type: ignore[index]
-            if got != tuple(group.shape):
+            if group.kind == "experts" and got != (group.experts, *group.shape):
+                raise PlanError(f"gradient for {name} has shape {got}, expected {(group.experts, *group.shape)} "
+                                "(experts, d_out, d_in)")
+            if group.kind != "experts" and got != tuple(group.shape):
                 raise PlanError(f"gradient for {name} has shape {got}, expected {tuple(group.shape)} (d_out, d_in)")
     return _apply(model, plan, assignment, gradients=gradients, initialise=True)
 
@@ -228,7 +228,9 @@ def _apply(
                 wrapper = replacements.get(owner)
                 if wrapper is None:
                     wrapper = replacements[owner] = CdkaExperts(modules[owner])
-                wrapper.add_adapter(parameter, **options)  # type: ignore[operator]
+                adapter = wrapper.add_adapter(parameter, **options)  # type: ignore[operator]
+                if initialise and settings.init == "gradient-aligned":
+                    adapter.init_from_gradient(gradients[name])  # type: ignore[index]
             else:
                 layer = replacements[name] = CdkaLinear(modules[name], **options)
                 if initialise and settings.init == "gradient-aligned":

@@ -29,6 +29,9 @@ TargetsOpt = Annotated[
 ObjectiveOpt = Annotated[
     str, typer.Option("--objective", help="balanced = sqrt(capacity * alignment) (default), speed = sqrt(alignment * speed), capacity, or alignment.")
 ]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="Where torch runs: auto (CUDA where present), cpu, cuda or cuda:N.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the plan.")]
 StorageOpt = Annotated[

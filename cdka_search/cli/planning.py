@@ -9,6 +9,7 @@ import typer
 
 from cdka_search.cli.common import (
     BudgetOpt,
+    DeviceOpt,
     JsonOpt,
     ModelOpt,
     ObjectiveOpt,
@@ -80,6 +81,7 @@ def plan(
     all_pairs: Annotated[
         bool, typer.Option("--all-pairs", help="With --reference: measure every (r1, r2) of large updates, not only the data-free front's.")
     ] = False,
+    device: DeviceOpt = "auto",
     recipe: RecipeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -98,7 +100,7 @@ def plan(
       cdka plan --recipe llama2/7B_cdka_lora8
     """
     from cdka_search.plan import AdapterSettings, save_plan
-    from cdka_search.planner import make_plan
+    from cdka_search.planner import make_plan, record_model_path
     from cdka_search.render import render
     from cdka_search.views import plan_table
 
@@ -114,7 +116,9 @@ def plan(
     result = make_plan(
         spec, opts["budget"], targets=opts["targets"], objective=opts["objective"],
         space=_space(opts["family"], r1, r2, r, opts["max_r"]), adapter=adapter, seed=seed, reference=updates, per_layer=per_layer, all_pairs=all_pairs,
+        device=device,
     )
+    result = record_model_path(result, opts["model"])
     written = save_plan(result, output or Path("plan.yaml"), fmt)
     covered = _coverage(spec, opts["targets"])
     render(plan_table(result, written, covered), as_json=as_json)
@@ -185,7 +189,7 @@ def explain(
 @guarded
 def validate(
     plan_file: Annotated[Path, typer.Argument(help="A plan written by cdka plan (or edited by hand).")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also check the plan against this model.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also check the plan against this model (default: the local model the plan was made from, if any).")] = None,
 ) -> None:
     """Check a plan against its schema and, with --model, against a model; list every problem.
 
@@ -193,11 +197,12 @@ def validate(
     """
     from cdka_search.matching import summarise
     from cdka_search.plan import load_plan
-    from cdka_search.planner import plan_problems
+    from cdka_search.planner import plan_model, plan_problems
 
     loaded = load_plan(plan_file)
-    problems = plan_problems(loaded, _load(model)) if model else []
+    spec = plan_model(loaded, model)
+    problems = plan_problems(loaded, spec) if spec is not None else []
     if problems:
         raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + summarise(problems, sep=" | "))
-    against = f" and matches {model}" if model else ""
+    against = f" and matches {model or loaded.model_path}" if spec is not None else ""
     typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of {loaded.budget_limit:,} parameters)")

@@ -38,7 +38,7 @@ def _check_entry(name: Any, info: Any, data_bytes: int, where: str) -> None:
     if not isinstance(info, dict) or sorted(info) != list(_ENTRY_KEYS):
         raise ModelSourceError(f"{where}: tensor {label} needs exactly the keys {', '.join(_ENTRY_KEYS)}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise ModelSourceError(f"{where}: tensor {label} has an unknown dtype {brief(dtype)}")
     if not isinstance(shape, list) or len(shape) > 8:
         raise ModelSourceError(f"{where}: tensor {label} shape must be a list of at most 8 sizes")

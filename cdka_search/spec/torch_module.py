@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cdka_search.errors import ModelSourceError
+from cdka_search.errors import ModelSourceError, one_line
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
 
 
@@ -50,14 +50,20 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
     import torch  # ImportError reaches config_spec, which says what to install
     import transformers
 
+    from cdka_search.textdata import refuse_remote_code
+
+    if path.is_dir():
+        refuse_remote_code(path, "config.json")
+    else:
+        refuse_remote_code(path.parent, path.name)
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         with torch.device("meta"):
             try:
                 model = transformers.AutoModelForCausalLM.from_config(config)
             except ValueError:
                 model = transformers.AutoModel.from_config(config)
     except Exception as exc:  # transformers raises many unrelated types for a bad config
-        raise ModelSourceError(f"{path}: transformers cannot build this config ({exc.__class__.__name__}: {exc})") from None
+        raise ModelSourceError(f"{path}: transformers cannot build this config ({one_line(exc)})") from None
     spec = spec_from_module(model, name)
     return ModelSpec(name, "hf-config", spec.total_params, spec.targets)
