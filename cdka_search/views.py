@@ -99,9 +99,11 @@ def coverage_extra(covered: Coverage | None) -> dict[str, object]:
             "total_params": covered.total,
             "covered_params": covered.covered,
             "left_out_params": covered.left_out_params,
-            "not_adaptable_params": covered.not_adaptable,
+            "unadaptable_params": covered.unadaptable_params,
+            "other_params": covered.other_params,
             "left_out": [{"module": role, "params": w} for role, w in covered.left_out],
-            "warning": covered.warning(),
+            "unadaptable": [{"tensor": role, "params": w} for role, w in covered.unadaptable],
+            "warnings": covered.warnings(),
         }
     }
 
