@@ -100,6 +100,22 @@ def test_gradients_match_autograd_through_materialised_kron_in_float64(family):
         assert adapter.cdka_A.grad.is_contiguous() and adapter.cdka_B.grad.is_contiguous()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grouped_mm_fallback_matches_materialised_kron_in_float64(family, monkeypatch):
+    """grouped_mm where torch's kernel does not apply (float64): transformers' own fallback op."""
+    import transformers.integrations.moe as moe
+
+    monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *args, **kwargs: False)
+    base, model = _adapted(family, implementation="grouped_mm")
+    ref = _reference(base, model)
+    ids = _ids()
+    with torch.no_grad():
+        got, want = model(ids).logits, ref(ids).logits
+    assert (got - want).abs().max() < 1e-10
+    model(ids).logits.square().mean().backward()
+    assert all(a.cdka_B.grad.abs().max() > 0 for a in adapter_modules(model).values())
+
+
 def test_implementations_agree_and_grouped_mm_in_float32():
     outs = {}
     for implementation in ("eager", "batched_mm", "grouped_mm"):
