@@ -26,8 +26,8 @@ class Budget:
 
 
 def lora_params(targets: Sequence[TargetModule], rank: int) -> int:
-    """Parameters of LoRA rank ``rank`` on ``targets``: rank * (d_out + d_in) each."""
-    return sum(rank * (t.d_out + t.d_in) for t in targets)
+    """Parameters of LoRA rank ``rank`` on ``targets``: rank * (d_out + d_in) each (per expert)."""
+    return sum(t.experts * rank * (t.d_out + t.d_in) for t in targets)
 
 
 def parse_budget(text: str, *, total_params: int, targets: Sequence[TargetModule]) -> Budget:

@@ -124,20 +124,33 @@ def factor_pairs(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()
     return pairs
 
 
+def sane_r(d_out: int, d_in: int, r1: int, r2: int) -> int:
+    """The most components a design may have while costing fewer parameters than the frozen
+    d_out x d_in weight (0: none may): at or above that size, fine-tuning the weight itself is
+    cheaper and exact, so no such design is ever a candidate."""
+    m1, n1, m2, n2 = d_out // r1, r2, r1, d_in // r2
+    return (d_out * d_in - 1) // (m1 * n1 + m2 * n2)
+
+
 def r_range(d_out: int, d_in: int, r1: int, r2: int, space: CandidateSpace = CandidateSpace()) -> range:
-    """Component counts worth trying: up to the cap, and no further than the rank saturates."""
+    """Component counts worth trying: up to the cap, no further than the rank saturates, and
+    never as many parameters as the weight (the range may be empty)."""
+    sane = sane_r(d_out, d_in, r1, r2)
     if space.r is not None:
-        return range(space.r, space.r + 1)
+        if space.r > min(d_out, d_in):
+            raise TargetError(f"--r {space.r} is more components than a {d_out}x{d_in} update can use (at most {min(d_out, d_in)})")
+        return range(space.r, min(space.r, sane) + 1)
     if space.family == "lokr":
-        return range(1, 2)
+        return range(1, min(1, sane) + 1)
     m1, n1, m2, n2 = d_out // r1, r2, r1, d_in // r2
     per_component = min(m1, n1) * min(m2, n2)  # rank(B (x) A) = rank(B) * rank(A)
     saturating = -(-min(d_out, d_in) // per_component)
-    return range(1, min(space.max_r, saturating) + 1)
+    return range(1, min(space.max_r, saturating, sane) + 1)
 
 
 def enumerate_candidates(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()) -> list[Design]:
-    """Every design of a d_out x d_in weight in the space, LoRA (r1 = r2 = 1) included."""
+    """Every design of a d_out x d_in weight in the space, LoRA (r1 = r2 = 1) included, each with
+    fewer parameters than the weight."""
     return [
         Design.from_paper(d_out, d_in, r1, r2, r)
         for r1, r2 in factor_pairs(d_out, d_in, space)

@@ -111,56 +111,86 @@ def read_json(data: bytes | str, where: str, error: type[CdkaError], max_bytes: 
 
 
 def read_yaml(text: str, where: str, error: type[CdkaError]) -> Any:
-    """Parse safe YAML (JSON included): no anchors or aliases, no duplicate keys, bounded depth."""
+    """Parse safe YAML (JSON included): no anchors or aliases, no duplicate keys, bounded depth.
+
+    Built from the parser's events with an explicit stack (libyaml's parser where installed), so
+    neither deep nesting nor a large document recurses or composes a node tree; scalars get the
+    types of YAML's safe schema (int, float, bool, null, str, timestamp)."""
     if len(text) > MAX_YAML_BYTES:
         raise error(f"{where}: {len(text):,} characters is larger than a plan or recipe can be ({MAX_YAML_BYTES:,})")
     import yaml
 
-    loader = yaml.SafeLoader(text)
-    depth = 0
-
-    def compose_node(parent: Any, index: Any) -> Any:
-        nonlocal depth
-        event = loader.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise error(f"{where}: YAML anchors and aliases (& and *) are not allowed (line {event.start_mark.line + 1})")
-        depth += 1
-        if depth > MAX_DEPTH:
-            raise error(f"{where}: nested deeper than {MAX_DEPTH} levels")
-        try:
-            return yaml.composer.Composer.compose_node(loader, parent, index)
-        finally:
-            depth -= 1
-
-    def construct_mapping(node: Any, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-            except TypeError:  # an unhashable key: SafeLoader reports it below
-                break
-            if duplicate:
-                raise error(f"{where}: duplicate key {brief(key)} (line {key_node.start_mark.line + 1})")
-            seen.add(key)
-        return yaml.constructor.SafeConstructor.construct_mapping(loader, node, deep=deep)
-
-    loader.compose_node = compose_node  # type: ignore[method-assign]
-    loader.construct_mapping = construct_mapping  # type: ignore[method-assign]
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
     try:
-        return loader.get_single_data()
+        return _data_from_events(loader, where, error)
     except CdkaError:
         raise
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise error(f"{where}: not valid YAML{at}") from None
-    except RecursionError:
-        raise error(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
     except ValueError:  # an integer with more digits than Python converts
         raise error(f"{where}: a number is too long") from None
     finally:
         loader.dispose()
+
+
+def _data_from_events(loader: Any, where: str, error: type[CdkaError]) -> Any:
+    import yaml
+    from yaml import events
+
+    constructors = yaml.constructor.SafeConstructor.yaml_constructors
+    stack: list[list[Any]] = []  # [container, pending key or _NO_KEY]
+    documents, root = 0, None
+
+    def add(value: Any, line: int) -> None:
+        nonlocal root
+        if not stack:
+            root = value
+            return
+        top = stack[-1]
+        if isinstance(top[0], list):
+            top[0].append(value)
+        elif top[1] is _NO_KEY:
+            if isinstance(value, (list, dict)):
+                raise error(f"{where}: a mapping key must be a plain value (line {line + 1})")
+            if value in top[0]:
+                raise error(f"{where}: duplicate key {brief(value)} (line {line + 1})")
+            top[1] = value
+        else:
+            top[0][top[1]] = value
+            top[1] = _NO_KEY
+
+    while loader.check_event():
+        event = loader.get_event()
+        line = event.start_mark.line if event.start_mark else 0
+        if isinstance(event, events.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise error(f"{where}: YAML anchors and aliases (& and *) are not allowed (line {line + 1})")
+        if isinstance(event, events.DocumentStartEvent):
+            documents += 1
+            if documents > 1:
+                raise error(f"{where}: holds more than one YAML document (line {line + 1})")
+        elif isinstance(event, events.ScalarEvent):
+            tag = event.tag
+            if tag is None or tag == "!":
+                tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+            if tag not in constructors or tag.endswith(("merge", "value")):
+                raise error(f"{where}: YAML tag {brief(tag)} is not allowed (line {line + 1})")
+            node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+            add(constructors[tag](loader, node), line)
+        elif isinstance(event, (events.SequenceStartEvent, events.MappingStartEvent)):
+            mapping = isinstance(event, events.MappingStartEvent)
+            if event.tag not in (None, "!", "tag:yaml.org,2002:map" if mapping else "tag:yaml.org,2002:seq"):
+                raise error(f"{where}: YAML tag {brief(event.tag)} is not allowed (line {line + 1})")
+            if len(stack) >= MAX_DEPTH:
+                raise error(f"{where}: nested deeper than {MAX_DEPTH} levels")
+            stack.append([{} if mapping else [], _NO_KEY])
+        elif isinstance(event, (events.SequenceEndEvent, events.MappingEndEvent)):
+            add(stack.pop()[0], line)
+    return root
+
+
+_NO_KEY = object()
 
 
 def read_file_bytes(path: str | os.PathLike[str], error: type[CdkaError], max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:

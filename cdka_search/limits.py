@@ -18,7 +18,6 @@ MAX_TOTAL_PARAMS = 10**14  # parameters of a whole model (largest today: about 2
 MAX_MODULES = 1 << 20  # modules of one group, or target modules of one model
 MAX_EXPERTS = 1 << 14  # experts of one expert tensor
 MAX_LAYERS = 1 << 14  # layers of one model
-MAX_PATTERN_CHARS = 1024  # one module name or glob in a plan
 MAX_TRIALS = 100_000  # trials of one sweep
 MAX_SEED = 2**32 - 1  # seeds numpy and Optuna's samplers accept
 

@@ -46,16 +46,9 @@ from cdka_search.documents import (
 )
 from cdka_search.errors import PlanError
 from cdka_search.fileio import atomic_write_text
-from cdka_search.limits import (
-    MAX_DIM,
-    MAX_EXPERTS,
-    MAX_MODULES,
-    MAX_PATTERN_CHARS,
-    MAX_TOTAL_PARAMS,
-    check_int,
-)
+from cdka_search.limits import MAX_DIM, MAX_EXPERTS, MAX_MODULES, MAX_TOTAL_PARAMS, check_int
 from cdka_search.matching import match_groups, raise_problems
-from cdka_search.patterns import match_module
+from cdka_search.patterns import MAX_PATTERN_CHARS, match_module
 from cdka_search.scoring import OBJECTIVES
 
 SCHEMA_VERSION = 1
@@ -209,6 +202,18 @@ class PlanGroup:
     kind: str = "linear"
     scores: Mapping[str, float] = field(default_factory=dict)
     experts: int = 1
+
+    def __post_init__(self) -> None:
+        # Checked for every group, however made: a plan built in code gets the bounds a file gets,
+        # so apply_plan never meets an r whose tensors could not be allocated.
+        d = self.design
+        if d.shape != tuple(self.shape) or not 1 <= d.r <= min(self.shape) or min(d.m1, d.n1, d.m2, d.n2) < 1:
+            raise PlanError(
+                f"group {brief(self.modules[0] if self.modules else '')}: design {d.label()} with r = {brief(d.r)} does not fit "
+                f"{self.shape[0]}x{self.shape[1]} (the factors must multiply to the shape and 1 <= r <= {min(self.shape)})"
+            )
+        if not 1 <= self.count <= MAX_MODULES or not 1 <= self.experts <= MAX_EXPERTS:
+            raise PlanError(f"group {brief(self.modules[0] if self.modules else '')}: count or experts out of range")
 
     @property
     def params_each(self) -> int:

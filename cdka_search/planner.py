@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from cdka_search.allocate import Allocation, allocate
@@ -90,7 +90,7 @@ def build_plan(
         by_design: dict[tuple, list[TargetModule]] = {}
         for m in members:
             best = picked[m.name] if m.name in picked else picked[m.shape]
-            key = (m.name,) if per_layer else (m.shape, best.design)
+            key = (m.name,) if per_layer else (m.shape, m.experts, best.design)
             by_design.setdefault(key, []).append(m)
         for same in by_design.values():
             first = same[0]
@@ -103,6 +103,7 @@ def build_plan(
                     design=best.design,
                     kind=first.kind,
                     scores=best.scores.as_dict(),
+                    experts=first.experts,
                 )
             )
     return Plan(
@@ -169,13 +170,15 @@ def make_plan(
     reference: Mapping[str, Any] | None = None,
     per_layer: bool = False,
     all_pairs: bool = False,
+    device: str | None = "auto",
 ) -> Plan:
     """Plan adapters for ``spec`` within ``budget``.
 
     Data-free (default): same-shape targets share one design, scored once per shape. With a
     ``reference`` (module name -> reference update tensor, see cdka_search.alignment) every module
     is scored on its own update and weighted by that update's energy: a per-layer plan
-    (``all_pairs`` measures every divisor pair instead of the data-free front's).
+    (``all_pairs`` measures every divisor pair instead of the data-free front's; the energies run on
+    ``device``: cpu, cuda or auto).
     """
     check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
     check_int(samples, "samples", ArgumentError, 1, 1 << 16)
@@ -186,9 +189,10 @@ def make_plan(
         return plan_from_fronts(chosen, limit, fronts, objective=objective, adapter=adapter, per_layer=per_layer)
     from cdka_search.alignment.planning import reference_tables
 
-    tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs)
+    tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs, device=device)
+    counts = {t.name: t.experts for t in chosen.targets if t.name in tables}  # an expert tensor pays for every expert
     return plan_from_fronts(
-        chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts={k: 1 for k in tables}, weights=weights,
+        chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts=counts, weights=weights,
         objective=objective, adapter=adapter, per_layer=True,
     )
 
@@ -204,11 +208,41 @@ def plan_from_fronts(
     adapter: AdapterSettings = AdapterSettings(),
     per_layer: bool = False,
 ) -> Plan:
-    """Allocate ``budget`` over ``fronts`` (by shape unless ``counts`` keys them otherwise) into a Plan."""
-    counts = spec.shapes if counts is None else counts
+    """Allocate ``budget`` over ``fronts`` (by shape unless ``counts`` keys them otherwise) into a Plan.
+
+    By shape, a unit's count is its number of matrices: an expert tensor of E experts pays for E
+    copies of the shape's one design (each expert trains its own factors).
+    """
+    counts = spec.matrices if counts is None else counts
     weights = {k: 1.0 for k in fronts} if weights is None else weights
     picked, result = allocate_fronts(fronts, counts, weights, budget)
     return build_plan(spec, budget, picked, objective=objective, adapter=adapter, allocation=result, per_layer=per_layer)
+
+
+def record_model_path(plan: Plan, model: str) -> Plan:
+    """``plan`` noting the local folder or file it was made from (absolute), so that export and
+    validate find the model again without --model; unchanged for a preset or alias."""
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    return replace(plan, model_path=str(path.resolve())) if path.exists() else plan
+
+
+def plan_model(plan: Plan, model: str | None) -> ModelSpec | None:
+    """The model to check ``plan`` against: ``model`` if given, else the local path the plan
+    recorded (ModelSourceError if it is gone), else None (a preset plan names its model)."""
+    from pathlib import Path
+
+    from cdka_search.errors import ModelSourceError
+    from cdka_search.spec import load_spec
+
+    if model:
+        return load_spec(model)
+    if plan.model_path is None:
+        return None
+    if not Path(plan.model_path).exists():
+        raise ModelSourceError(f"the plan was made from {plan.model_path}, which no longer exists; give the model with --model")
+    return load_spec(plan.model_path)
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -277,6 +311,11 @@ def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
     )
     problems = list(found.problems)
     for g, hits in zip(plan.groups, found.hits):
+        if g.design.params >= g.shape[0] * g.shape[1]:
+            problems.append(
+                f"group {g.modules[0]!r}: its design has {g.design.params:,} parameters per matrix, not fewer than the "
+                f"{g.shape[0]}x{g.shape[1]} weight's {g.shape[0] * g.shape[1]:,} (fine-tune the weight instead)"
+            )
         # One problem per group and mismatch, naming its first module: a plan for another model
         # stays a readable line however many layers it has.
         wrong: dict[str, list[str]] = {}
@@ -286,6 +325,8 @@ def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
                 wrong.setdefault(f"the model's weight is {t.d_out}x{t.d_in}, the plan says {g.shape[0]}x{g.shape[1]}", []).append(n)
             elif t.kind != g.kind:
                 wrong.setdefault(f"the model has a {t.kind} module, the plan says {g.kind}", []).append(n)
+            elif t.experts != g.experts:
+                wrong.setdefault(f"the model has {t.experts} experts, the plan says {g.experts}", []).append(n)
         for what, names in wrong.items():
             more = f" (and {len(names) - 1} more of group {g.modules[0]!r})" if len(names) > 1 else ""
             problems.append(f"module {names[0]}: {what}{more}")

@@ -1,21 +1,32 @@
-"""Which weights of a ModelSpec get an adapter: "all-linear", "attn", "mlp", or names and globs."""
+"""Which weights of a ModelSpec get an adapter: "all-linear", "attn", "mlp", "experts", or names and globs,
+and how much of the model a selection covers."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from cdka_search.errors import TargetError
 from cdka_search.matching import ModuleIndex
 from cdka_search.patterns import check_pattern, is_pattern
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
 
-PRESET_SELECTIONS = ("all-linear", "attn", "mlp")
+PRESET_SELECTIONS = ("all-linear", "attn", "mlp", "experts")
 _ATTENTION = re.compile(r"att", re.IGNORECASE)
+_ROUTER_LEAVES = ("gate", "router")
+WARN_SHARE = 0.20  # untargeted adaptable weights above this share of the model get a warning
 
 
 def is_attention(module: TargetModule) -> bool:
     """Attention projections: any path segment mentions attention (attn, self_attn, SelfAttention)."""
     return any(_ATTENTION.search(seg) for seg in module.name.split("."))
+
+
+def is_router(module: TargetModule) -> bool:
+    """A MoE router or gate (``mlp.gate``, ``shared_expert_gate``): tiny, and adapting it changes
+    which experts see a token, so it is a target only when named."""
+    leaf = module.name.rsplit(".", 1)[-1]
+    return module.kind == "linear" and (leaf in _ROUTER_LEAVES or leaf.endswith("_gate"))
 
 
 def _selected(index: ModuleIndex, item: str) -> set[str]:
@@ -26,14 +37,20 @@ def _selected(index: ModuleIndex, item: str) -> set[str]:
 
 
 def select_targets(spec: ModelSpec, selection: str = "all-linear") -> ModelSpec:
-    """The spec restricted to the selected targets; an item matching nothing is an error."""
+    """The spec restricted to the selected targets; an item matching nothing is an error.
+
+    "all-linear" is every weight but routers (expert tensors included), "mlp" every non-attention
+    weight but routers (experts included), "experts" only the 3-D expert tensors.
+    """
     choice = selection.strip()
     if choice == "all-linear":
-        chosen = list(spec.targets)
+        chosen = [t for t in spec.targets if not is_router(t)]
     elif choice == "attn":
         chosen = [t for t in spec.targets if is_attention(t)]
     elif choice == "mlp":
-        chosen = [t for t in spec.targets if not is_attention(t)]
+        chosen = [t for t in spec.targets if not is_attention(t) and not is_router(t)]
+    elif choice == "experts":
+        chosen = [t for t in spec.targets if t.kind == "experts"]
     else:
         items = [i.strip() for i in choice.split(",") if i.strip()]
         if not items:
@@ -49,3 +66,60 @@ def select_targets(spec: ModelSpec, selection: str = "all-linear") -> ModelSpec:
     if not chosen:
         raise TargetError(f"selection {selection!r} matches no module of {spec.name}")
     return spec.with_targets(tuple(chosen))
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a model's parameters a target selection covers, and which adaptable weights it leaves out.
+
+    ``left_out`` holds (role, weights) of every unselected target role, largest first; the rest of
+    the model (embeddings, norms, LM head, routers' plain parameters) is ``not_adaptable``.
+    """
+
+    model: str
+    total: int
+    covered: int
+    left_out: tuple[tuple[str, int], ...]
+    selection: str
+
+    @property
+    def left_out_params(self) -> int:
+        return sum(w for _, w in self.left_out)
+
+    @property
+    def not_adaptable(self) -> int:
+        return self.total - self.covered - self.left_out_params
+
+    def share(self, params: int) -> str:
+        return f"{100 * params / self.total:.1f}%"
+
+    def summary(self) -> str:
+        return (
+            f"coverage: the targets hold {self.share(self.covered)} of {self.model}'s {self.total:,} parameters; "
+            f"{self.share(self.left_out_params)} lie in weights not selected, {self.share(self.not_adaptable)} in tensors "
+            "no adapter targets (embeddings, norms, LM head, routers)"
+        )
+
+    def warning(self) -> str | None:
+        """A warning naming the left-out weights when they exceed WARN_SHARE of the model, else None."""
+        if self.left_out_params <= WARN_SHARE * self.total:
+            return None
+        names = ", ".join(f"{role} ({self.share(w)})" for role, w in self.left_out[:4])
+        more = f" and {len(self.left_out) - 4} more" if len(self.left_out) > 4 else ""
+        option = "--targets all-linear" if self.selection.strip() != "all-linear" else "their names in --targets"
+        return (
+            f"warning: {self.share(self.left_out_params)} of {self.model}'s parameters are in weights "
+            f"--targets {self.selection} leaves out: {names}{more}; include them with {option}"
+        )
+
+
+def coverage(spec: ModelSpec, chosen: ModelSpec, selection: str) -> Coverage:
+    """The Coverage of ``chosen`` (a selection of ``spec``'s targets)."""
+    picked = {t.name for t in chosen.targets}
+    left: dict[str, int] = {}
+    for t in spec.targets:
+        if t.name not in picked:
+            left[t.role] = left.get(t.role, 0) + t.weight_params
+    ranked = tuple(sorted(left.items(), key=lambda kv: -kv[1]))
+    covered = sum(t.weight_params for t in chosen.targets)
+    return Coverage(spec.name, spec.total_params, covered, ranked, selection)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cdka_search.documents import read_file_bytes, read_json
-from cdka_search.errors import DataError, ModelSourceError
+from cdka_search.errors import DataError, ModelSourceError, one_line
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -40,31 +40,32 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def encode(texts: list[str], model_dir: str | Path, vocab_size: int) -> list[int]:
-    """Token ids of all texts joined by EOS: the folder's tokenizer if it has one, else UTF-8 bytes.
-
-    The byte fallback (id = byte % vocab_size) lets tiny test models without a tokenizer train.
-    """
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The folder's tokenizer, or None when it has none (ModelSourceError for a broken one, or one
+    that asks for remote code). Load it before the model, so a bad tokenizer fails fast."""
     folder = Path(model_dir)
-    if any((folder / f).is_file() for f in _TOKENIZER_FILES):
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    refuse_remote_code(folder, "tokenizer_config.json")
+    try:
         from transformers import AutoTokenizer
 
-        refuse_remote_code(folder, "tokenizer_config.json")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-        except Exception as exc:  # tokenizers raises bare Exceptions from Rust; any failure is the folder's
-            raise ModelSourceError(f"{folder}: cannot load its tokenizer ({_first_line(exc)})") from None
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # tokenizers raises bare Exceptions from Rust; any failure is the folder's
+        raise ModelSourceError(f"{folder}: cannot load its tokenizer ({one_line(exc)})") from None
+
+
+def encode(texts: list[str], tokenizer: Any, vocab_size: int) -> list[int]:
+    """Token ids of all texts joined by EOS: with ``tokenizer`` (load_tokenizer) if there is one, else
+    UTF-8 bytes. The byte fallback (id = byte % vocab_size) lets tiny test models without a tokenizer train.
+    """
+    if tokenizer is not None:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         ids: list[int] = []
         for text in texts:
             ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
         return ids
     return [b % vocab_size for text in texts for b in (text + "\n").encode("utf-8")]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else exc.__class__.__name__)[:200]
 
 
 def refuse_remote_code(folder: Path, name: str) -> None:
@@ -101,7 +102,7 @@ def load_causal_lm(model_dir: str | Path) -> Any:
             str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True, trust_remote_code=False
         )
     except Exception as exc:  # transformers raises many types for a broken folder; each is the folder's fault
-        raise ModelSourceError(f"{folder}: cannot load a causal LM ({_first_line(exc)})") from None
+        raise ModelSourceError(f"{folder}: cannot load a causal LM ({one_line(exc)})") from None
 
 
 def token_batches(ids: list[int], *, seq_len: int, batch_size: int, limit: int | None = None) -> list[dict[str, Any]]:

@@ -7,8 +7,6 @@ about gradient strides (DDP copies every gradient whose layout differs from its 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import socket
 import sys

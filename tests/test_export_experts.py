@@ -17,17 +17,16 @@ from cdka_search.errors import ExportError  # noqa: E402
 from cdka_search.export import export_plan, write_export  # noqa: E402
 from cdka_search.plan import AdapterSettings, Plan, PlanGroup  # noqa: E402
 from cdka_search.spec import spec_from_module  # noqa: E402
-from cdka_search.spec.model_spec import TargetModule  # noqa: E402
 
 F64 = torch.float64
 
 
 def moe_spec(model):
-    """spec_from_module's linear targets plus every 3-D expert parameter as a kind-experts target."""
+    """spec_from_module lists every 3-D expert parameter as a kind-experts target (checked here)."""
     spec = spec_from_module(model)
-    experts = tuple(TargetModule(n, p.shape[1], p.shape[2], "experts", p.shape[0])
-                    for n, p in model.named_parameters() if p.dim() == 3)
-    return spec.with_targets(spec.targets + experts)
+    experts = {(n, tuple(p.shape)) for n, p in model.named_parameters() if p.dim() == 3}
+    assert {(t.name, (t.experts, t.d_out, t.d_in)) for t in spec.targets if t.kind == "experts"} == experts
+    return spec
 
 
 def lora(d_out, d_in, r):

@@ -17,7 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from cdka_search.errors import ReferenceFileError, TargetError
+from cdka_search.documents import brief
+from cdka_search.errors import ReferenceFileError, TargetError, one_line
 from cdka_search.fileio import atomic_write_bytes
 
 FORMAT_VERSION = "1"
@@ -52,7 +53,7 @@ def load_reference(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             _check_metadata(source, reader.metadata() or {})
             tensors = {name: reader.get_tensor(name) for name in reader.keys()}
     except (SafetensorError, OSError) as exc:
-        raise ReferenceFileError(f"{source} is not a readable safetensors file: {exc}") from exc
+        raise ReferenceFileError(f"{source} is not a readable safetensors file ({one_line(exc)})") from None
     for name, tensor in tensors.items():
         _check_matrix(name, tensor, str(source))
     return tensors
@@ -212,7 +213,7 @@ def _open_checkpoint(file: Path) -> Any:
 def _check_metadata(source: Path, metadata: Mapping[str, str]) -> None:
     if metadata.get("cdka_reference") != FORMAT_VERSION or metadata.get("kind") not in KINDS:
         raise ReferenceFileError(
-            f"{source} is a safetensors file but not a cdka reference (metadata {dict(metadata)}); "
+            f"{source} is a safetensors file but not a cdka reference (metadata {brief(dict(metadata))}); "
             f"expected cdka_reference={FORMAT_VERSION!r} and kind in {KINDS}"
         )
 
@@ -220,5 +221,7 @@ def _check_metadata(source: Path, metadata: Mapping[str, str]) -> None:
 def _check_matrix(name: str, tensor: torch.Tensor, where: str) -> None:
     if tensor.dim() != 2 or not tensor.is_floating_point():
         raise ReferenceFileError(
-            f"{where}: {name!r} must be a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}"
+            f"{where}: {brief(name)} must be a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}"
         )
+    if not bool(torch.isfinite(tensor).all()):
+        raise ReferenceFileError(f"{where}: {brief(name)} has NaN or infinite entries; a reference update must be finite")

@@ -9,6 +9,7 @@ import typer
 
 from cdka_search.cli.common import (
     BudgetOpt,
+    DeviceOpt,
     JsonOpt,
     ModelOpt,
     ObjectiveOpt,
@@ -46,6 +47,17 @@ def _load(model: str):
     return spec
 
 
+def _coverage(spec, targets: str):
+    """The selection's coverage of ``spec``; its warning, if any, goes to stderr."""
+    from cdka_search.render import info
+    from cdka_search.targets import coverage, select_targets
+
+    covered = coverage(spec, select_targets(spec, targets), targets)
+    if covered.warning():
+        info(covered.warning())
+    return covered
+
+
 @app.command()
 @guarded
 def plan(
@@ -69,6 +81,7 @@ def plan(
     all_pairs: Annotated[
         bool, typer.Option("--all-pairs", help="With --reference: measure every (r1, r2) of large updates, not only the data-free front's.")
     ] = False,
+    device: DeviceOpt = "auto",
     recipe: RecipeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -87,7 +100,7 @@ def plan(
       cdka plan --recipe llama2/7B_cdka_lora8
     """
     from cdka_search.plan import AdapterSettings, save_plan
-    from cdka_search.planner import make_plan
+    from cdka_search.planner import make_plan, record_model_path
     from cdka_search.render import render
     from cdka_search.views import plan_table
 
@@ -99,12 +112,16 @@ def plan(
         from cdka_search.alignment.reference import load_reference
 
         updates = load_reference(reference)
+    spec = _load(opts["model"])
     result = make_plan(
-        _load(opts["model"]), opts["budget"], targets=opts["targets"], objective=opts["objective"],
+        spec, opts["budget"], targets=opts["targets"], objective=opts["objective"],
         space=_space(opts["family"], r1, r2, r, opts["max_r"]), adapter=adapter, seed=seed, reference=updates, per_layer=per_layer, all_pairs=all_pairs,
+        device=device,
     )
+    result = record_model_path(result, opts["model"])
     written = save_plan(result, output or Path("plan.yaml"), fmt)
-    render(plan_table(result, written), as_json=as_json)
+    covered = _coverage(spec, opts["targets"])
+    render(plan_table(result, written, covered), as_json=as_json)
 
 
 @app.command()
@@ -135,7 +152,9 @@ def inspect(
     from cdka_search.targets import select_targets
     from cdka_search.views import inspect_table
 
-    render(inspect_table(select_targets(_load(model), targets)), as_json=as_json)
+    spec = _load(model)
+    covered = _coverage(spec, targets)
+    render(inspect_table(select_targets(spec, targets), covered), as_json=as_json)
 
 
 @app.command()
@@ -170,7 +189,7 @@ def explain(
 @guarded
 def validate(
     plan_file: Annotated[Path, typer.Argument(help="A plan written by cdka plan (or edited by hand).")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also check the plan against this model.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also check the plan against this model (default: the local model the plan was made from, if any).")] = None,
 ) -> None:
     """Check a plan against its schema and, with --model, against a model; list every problem.
 
@@ -178,11 +197,12 @@ def validate(
     """
     from cdka_search.matching import summarise
     from cdka_search.plan import load_plan
-    from cdka_search.planner import plan_problems
+    from cdka_search.planner import plan_model, plan_problems
 
     loaded = load_plan(plan_file)
-    problems = plan_problems(loaded, _load(model)) if model else []
+    spec = plan_model(loaded, model)
+    problems = plan_problems(loaded, spec) if spec is not None else []
     if problems:
         raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + summarise(problems, sep=" | "))
-    against = f" and matches {model}" if model else ""
+    against = f" and matches {model or loaded.model_path}" if spec is not None else ""
     typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of {loaded.budget_limit:,} parameters)")

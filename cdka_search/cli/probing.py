@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cdka_search.cli.common import TargetsOpt, guarded
+from cdka_search.cli.common import DeviceOpt, TargetsOpt, guarded
 from cdka_search.errors import ReferenceFileError
 
 app = typer.Typer()
@@ -26,6 +26,7 @@ def probe(
     batches: Annotated[int, typer.Option(help="Batches of gradient to accumulate.")] = 8,
     batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 4,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Measure reference updates (checkpoint deltas or gradients) for `cdka plan --reference`.
 
@@ -34,6 +35,8 @@ def probe(
       cdka probe --delta base/ finetuned/ -o delta.safetensors
 
       cdka probe --grad ./my-llama --data train.jsonl --batches 16 -o grad.safetensors
+
+      cdka probe --grad ./my-llama --data train.jsonl --device cuda -o grad.safetensors
 
       cdka plan -m ./my-llama -b 0.5% --reference grad.safetensors
     """
@@ -52,7 +55,7 @@ def probe(
         with Progress(transient=True) as bar:
             task = bar.add_task("gradients", total=batches)
             tensors = probe_gradients(
-                grad, data, targets=targets, batches=batches, batch_size=batch_size, seq_len=seq_len,
+                grad, data, targets=targets, batches=batches, batch_size=batch_size, seq_len=seq_len, device=device,
                 progress=lambda i, n: bar.update(task, completed=i, total=n or batches),
             )
         kind = "gradient"

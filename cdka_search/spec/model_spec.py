@@ -61,6 +61,15 @@ class ModelSpec:
             counts[t.shape] = counts.get(t.shape, 0) + 1
         return counts
 
+    @property
+    def matrices(self) -> dict[tuple[int, int], int]:
+        """Distinct (d_out, d_in) shapes and how many 2-D matrices have each (every expert counted):
+        what one shared design per shape is paid for."""
+        counts: dict[tuple[int, int], int] = {}
+        for t in self.targets:
+            counts[t.shape] = counts.get(t.shape, 0) + t.experts
+        return counts
+
     def roles(self) -> dict[str, list[TargetModule]]:
         """Targets grouped by role (``model.layers.*.mlp.up_proj``), in first-seen order."""
         out: dict[str, list[TargetModule]] = {}

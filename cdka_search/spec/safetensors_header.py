@@ -11,6 +11,7 @@ from typing import Any
 from cdka_search.documents import brief, read_file_bytes, read_json
 from cdka_search.errors import CdkaError, ModelSourceError
 from cdka_search.limits import MAX_DIM, MAX_TENSOR_DIM, MAX_TOTAL_PARAMS, check_int
+from cdka_search.spec.checkpoint_experts import fold_checkpoint_experts
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
 
 # The safetensors format allows 100 MB headers; real ones are far smaller (about 100 bytes a tensor,
@@ -37,7 +38,7 @@ def _check_entry(name: Any, info: Any, data_bytes: int, where: str) -> None:
     if not isinstance(info, dict) or sorted(info) != list(_ENTRY_KEYS):
         raise ModelSourceError(f"{where}: tensor {label} needs exactly the keys {', '.join(_ENTRY_KEYS)}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise ModelSourceError(f"{where}: tensor {label} has an unknown dtype {brief(dtype)}")
     if not isinstance(shape, list) or len(shape) > 8:
         raise ModelSourceError(f"{where}: tensor {label} shape must be a list of at most 8 sizes")
@@ -146,6 +147,7 @@ def spec_from_header(header: dict[str, Any], name: str, source: str) -> ModelSpe
         raise ModelSourceError(f"{source}: {total:,} parameters is more than a model can have ({MAX_TOTAL_PARAMS:,})")
     if not targets:
         raise ModelSourceError(f"{source}: no 2-D weight tensors that could be adapted")
+    targets = fold_checkpoint_experts(targets)
     # Headers list tensors alphabetically; order layers numerically (2 before 10).
     targets.sort(key=lambda t: [int(p) if p.isdigit() else p for p in t.name.split(".")])
     return ModelSpec(name, source, total, tuple(targets))

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdka_search.errors import SweepError
+from cdka_search.errors import OutputError, SweepError
+from cdka_search.sweep.bookkeeping import SKIPPED
 from cdka_search.sweep.objective import HEURISTIC, PRUNED_REASON
 
 
@@ -48,7 +49,7 @@ def trial_rows(study: Any) -> list[TrialRow]:
                 seconds=seconds,
                 heuristic=bool(t.user_attrs.get(HEURISTIC)),
                 choices=choices,
-                note=str(t.user_attrs.get(PRUNED_REASON, "")),
+                note=str(t.user_attrs.get(PRUNED_REASON, "") or (f"skipped: {t.user_attrs[SKIPPED]}" if SKIPPED in t.user_attrs else "")),
             )
         )
     return rows
@@ -66,10 +67,15 @@ def write_plots(rows: list[TrialRow], folder: Path, title: str) -> list[Path]:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
     done = [r for r in rows if r.state == "complete" and r.value is not None]
     if not done:
         raise SweepError("the study has no completed trial to plot yet")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--out {folder} is a file; give a folder for the plots")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the plot folder {folder}: {exc.strerror or exc}") from None
     out = []
 
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -330,5 +330,7 @@ def write_best_plan(result: SweepResult, config: SweepConfig) -> Path:
 
     from cdka_search.plan import save_plan
 
-    result.plan = replace(result.plan, sweep=sweep_record(result, config))
+    from cdka_search.planner import record_model_path
+
+    result.plan = record_model_path(replace(result.plan, sweep=sweep_record(result, config)), config.model)
     return save_plan(result.plan, Path(config.output))  # type: ignore[arg-type]
