@@ -90,6 +90,7 @@ def adopt_settings(adapter: Adapter, settings: "AdapterSettings") -> None:
     for factor in (adapter.cdka_A, adapter.cdka_B):
         if factor.dtype != dtype:
             factor.data = factor.data.to(dtype)
+            factor.grad = None  # a gradient of the old dtype could not accumulate with the new one
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:
