@@ -52,7 +52,7 @@ _GROUPED_MM = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
 
 def expert_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     """The 3-D parameters held directly by ``module`` (experts, d_out, d_in), by name; none for convolutions."""
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or isinstance(module, CdkaExperts):
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, CdkaExperts)):
         return {}
     return {name: p for name, p in module.named_parameters(recurse=False) if p.dim() == 3}
 
