@@ -17,7 +17,7 @@ from torch import nn
 
 from cdka_search.alignment.rearrange import rearrange
 from cdka_search.errors import PlanError
-from cdka_search.plan import SCALINGS, scaling_value
+from cdka_search.plan import LORA_INIT_SCALINGS, SCALINGS, scaling_value
 
 __all__ = ["SCALINGS", "CONTRACTIONS", "CdkaLinear", "base_kind", "base_shape", "resolve_dtype"]
 
@@ -227,6 +227,7 @@ class CdkaLinear(nn.Module):
         self.m1, self.n1, self.m2, self.n2, self.r = m1, n1, m2, n2, r
         self.alpha = float(alpha)
         self.scaling = scaling_value(scaling, alpha, r, n1, scale)
+        self.a_fan_in = d_in if scaling in LORA_INIT_SCALINGS else n2
         self.init = init
         self.contraction = contraction
         self.merged = False
@@ -262,12 +263,13 @@ class CdkaLinear(nn.Module):
     # initialisation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """A_i ~ U(-1/sqrt(n2), 1/sqrt(n2)), B_i = 0.
+        """A_i ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B_i = 0.
 
         This is ``kaiming_uniform_(a=sqrt(5))`` with fan_in = n2 = d_in / r2 (torch would read the fan-in of
         a 3-D tensor as m2*n2, so the bound is computed here): gain sqrt(2/(1+5)) times sqrt(3/fan_in).
+        Under the ``matched`` scaling fan_in = d_in, LoRA's A entry size, whatever the design.
         """
-        bound = 1.0 / math.sqrt(self.n2)
+        bound = 1.0 / math.sqrt(self.a_fan_in)
         if generator is None:
             self.cdka_A.uniform_(-bound, bound)
         else:

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = ["export_peft", "lora_alpha", "lokr_rank_alpha", "choose_factors"]
 
-RSLORA_SCALINGS = ("alpha/sqrt(r*r2)", "alpha/sqrt(r)")
+RSLORA_SCALINGS = ("alpha/sqrt(r*r2)", "matched", "alpha/sqrt(r)")
 
 
 def lora_alpha(settings: "AdapterSettings", design: "Design") -> tuple[bool, float]:
