@@ -40,13 +40,35 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-MODEL = {"vocab_size": 256, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
-SEQ_LEN = 128
-PRETRAIN = {"steps": 600, "batch": 16, "lr": 2e-3, "seed": 0, "code_bytes": 2_400_000}
-TASK_BYTES = 600_000
-EVAL_BLOCKS = 32
-BATCH = 8
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The pretrained model and the data: what the cache key hashes."""
+
+    model: tuple = (("vocab_size", 256), ("hidden_size", 256), ("intermediate_size", 688), ("num_hidden_layers", 2),
+                    ("num_attention_heads", 4), ("num_key_value_heads", 2), ("max_position_embeddings", 256))
+    seq_len: int = 128
+    pretrain_steps: int = 600
+    pretrain_batch: int = 16
+    pretrain_lr: float = 2e-3
+    seed: int = 0
+    code_bytes: int = 2_400_000
+    task_bytes: int = 600_000
+    eval_blocks: int = 32
+    batch: int = 8
+
+    @property
+    def config(self) -> dict:
+        return dict(self.model)
+
+
+FULL = Recipe()
+# The tests' smoke run: the same code on a model small enough to pretrain and fine-tune in seconds.
+SMOKE = Recipe(model=(("vocab_size", 256), ("hidden_size", 32), ("intermediate_size", 86), ("num_hidden_layers", 1),
+                      ("num_attention_heads", 4), ("num_key_value_heads", 2), ("max_position_embeddings", 64)),
+               seq_len=32, pretrain_steps=5, pretrain_batch=4, code_bytes=60_000, task_bytes=20_000, eval_blocks=8,
+               batch=4)
 STEPS = 100
 WARMUP = 5
 ADAPTER_LRS = (5e-4, 1.5e-3, 4.5e-3)
@@ -88,60 +110,59 @@ def _read(files: list[Path], limit: int) -> bytes:
     return b"\n\n".join(chunks)[:limit]
 
 
-def corpus(name: str) -> bytes:
+def corpus(name: str, recipe: Recipe = FULL) -> bytes:
     """Bytes of one corpus; every one comes from this Python's own installation."""
     if name == "code":
-        return _read(_files(stdlib(), test=False), PRETRAIN["code_bytes"])
+        return _read(_files(stdlib(), test=False), recipe.code_bytes)
     if name == "prose":
         from pydoc_data.topics import topics
 
-        return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")[:TASK_BYTES]
+        return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")[: recipe.task_bytes]
     if name == "swapcase":
-        return _read(_files(stdlib(), test=True), TASK_BYTES).decode("utf-8", "replace").swapcase().encode("utf-8")
+        return _read(_files(stdlib(), test=True), recipe.task_bytes).decode("utf-8", "replace").swapcase().encode("utf-8")
     raise SystemExit(f"error: unknown task {name!r}; choose from {', '.join(TASKS)}")
 
 
-def blocks(data: bytes):
+def blocks(data: bytes, seq_len: int):
     import torch
 
-    n = len(data) // SEQ_LEN
-    return torch.frombuffer(bytearray(data[: n * SEQ_LEN]), dtype=torch.uint8).long().view(n, SEQ_LEN)
+    n = len(data) // seq_len
+    return torch.frombuffer(bytearray(data[: n * seq_len]), dtype=torch.uint8).long().view(n, seq_len)
 
 
-def cache_dir() -> Path:
+def cache_dir(recipe: Recipe) -> Path:
     root = Path(os.environ.get("CDKA_CACHE", Path.home() / ".cache" / "cdka")) / "validity"
-    code = corpus("code")
-    key = json.dumps({"model": MODEL, "seq": SEQ_LEN, "pretrain": PRETRAIN, "corpus": hashlib.sha256(code).hexdigest()},
-                     sort_keys=True)
+    code = corpus("code", recipe)
+    key = json.dumps({"recipe": repr(recipe), "corpus": hashlib.sha256(code).hexdigest()}, sort_keys=True)
     return root / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def pretrained(log=print) -> Path:
+def pretrained(recipe: Recipe, log=print) -> Path:
     """The pretrained model folder, trained once per recipe (about 3 minutes on one core)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = cache_dir()
+    folder = cache_dir(recipe)
     if (folder / "model.safetensors").is_file():
         return folder
     started = time.monotonic()
-    torch.manual_seed(PRETRAIN["seed"])
-    model = LlamaForCausalLM(LlamaConfig(**MODEL))
-    data = blocks(corpus("code"))
-    gen = torch.Generator().manual_seed(PRETRAIN["seed"])
-    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], weight_decay=0.01)
-    steps = PRETRAIN["steps"]
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(LlamaConfig(**recipe.config))
+    data = blocks(corpus("code", recipe), recipe.seq_len)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.pretrain_lr, weight_decay=0.01)
+    steps = recipe.pretrain_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     for step in range(steps):
-        batch = data[torch.randint(len(data), (PRETRAIN["batch"],), generator=gen)]
+        batch = data[torch.randint(len(data), (recipe.pretrain_batch,), generator=gen)]
         loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 100 == 0:
-            log(f"  pretrain step {step}: loss {float(loss):.3f}")
-    tmp = folder.with_name(folder.name + ".tmp")
+            log(f"  pretrain step {step}: loss {loss.item():.3f}")
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")  # a half-written folder is never the cache
     model.save_pretrained(str(tmp), safe_serialization=True)
     tmp.rename(folder)
     log(f"  pretrained in {time.monotonic() - started:.0f} s -> {folder}")
@@ -208,6 +229,22 @@ def entries(spec, rank: int, adapter, objectives) -> list[Entry]:
     return out
 
 
+def reference_entry(spec, task: str, rank: int, adapter) -> Entry:
+    """The default objective's plan from a gradient probe of the task (as cdka probe --grad: 8 batches of 4)."""
+    import torch
+
+    from cdka_search.alignment.reference import gradient_reference
+    from cdka_search.planner import make_plan
+    from cdka_search.scoring import DEFAULT_OBJECTIVE
+
+    train, _ = _STATE[task]
+    batches = [{"input_ids": train[i : i + 4], "attention_mask": torch.ones_like(train[i : i + 4]), "labels": train[i : i + 4]}
+               for i in range(0, 32, 4)]
+    grads = gradient_reference(_STATE["base"], batches, [t.name for t in spec.targets])
+    plan = make_plan(spec, f"lora:{rank}", objective=DEFAULT_OBJECTIVE, adapter=adapter, reference=grads)
+    return Entry(f"plan reference {DEFAULT_OBJECTIVE} (probe --grad)", "reference", plan)
+
+
 def _key(plan) -> tuple:
     return tuple(sorted((g.modules, g.design) for g in plan.groups))
 
@@ -233,17 +270,18 @@ def describe(plan) -> str:
 _STATE: dict = {}
 
 
-def _init_worker(folder: str, tasks: list[str]) -> None:
+def _init_worker(folder: str, tasks: list[str], recipe: Recipe) -> None:
     import torch
 
     from cdka_search.textdata import load_causal_lm
 
     torch.set_num_threads(1)
     _STATE["base"] = load_causal_lm(folder)
+    _STATE["batch"] = recipe.batch
     for task in tasks:
-        data = blocks(corpus(task))
+        data = blocks(corpus(task, recipe), recipe.seq_len)
         # Held-out blocks are an even sample across the corpus, so both halves share its topics.
-        held = torch.arange(EVAL_BLOCKS) * (len(data) // EVAL_BLOCKS)
+        held = torch.arange(recipe.eval_blocks) * (len(data) // recipe.eval_blocks)
         mask = torch.ones(len(data), dtype=torch.bool)
         mask[held] = False
         _STATE[task] = (data[mask], data[held])
@@ -265,12 +303,12 @@ def fine_tune(task: str, plan, lr: float, seed: int, steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / WARMUP if s < WARMUP else 0.5 * (1 + math.cos(math.pi * (s - WARMUP) / (steps - WARMUP)))
+        opt, lambda s: (s + 1) / WARMUP if s < WARMUP else 0.5 * (1 + math.cos(math.pi * (s - WARMUP) / max(1, steps - WARMUP)))
     )
     gen = torch.Generator().manual_seed(1000 + seed)
     model.train()
     for _ in range(steps):
-        batch = train[torch.randint(len(train), (BATCH,), generator=gen)]
+        batch = train[torch.randint(len(train), (_STATE["batch"],), generator=gen)]
         loss = model(input_ids=batch, labels=batch).loss
         if not torch.isfinite(loss):
             return model, math.inf
@@ -293,14 +331,27 @@ def train_one(job: tuple) -> tuple:
     return task, label, lr, seed, loss, time.monotonic() - started
 
 
-def run_jobs(jobs: list[tuple], folder: Path, tasks: list[str], workers: int) -> list[tuple]:
+def run_jobs(jobs: list[tuple], folder: Path, tasks: list[str], recipe: Recipe, workers: int, what: str) -> list[tuple]:
+    """Every job's result; progress on stderr."""
+    done: list[tuple] = []
+    started = time.monotonic()
+
+    def progress(result: tuple) -> None:
+        done.append(result)
+        if len(done) % max(1, len(jobs) // 10) == 0 or len(done) == len(jobs):
+            print(f"  {what}: {len(done)}/{len(jobs)} runs, {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
     if workers <= 1:
-        _init_worker(str(folder), tasks)
-        return [train_one(j) for j in jobs]
+        _init_worker(str(folder), tasks, recipe)
+        for j in jobs:
+            progress(train_one(j))
+        return done
     import multiprocessing as mp
 
-    with mp.get_context("spawn").Pool(workers, _init_worker, (str(folder), tasks)) as pool:
-        return list(pool.imap_unordered(train_one, jobs))
+    with mp.get_context("spawn").Pool(workers, _init_worker, (str(folder), tasks, recipe)) as pool:
+        for result in pool.imap_unordered(train_one, jobs):
+            progress(result)
+    return done
 
 
 # ---- measured spectra -----------------------------------------------------------------------------
@@ -315,39 +366,68 @@ def fit_beta(sigma, first: int = 1, last: int | None = None) -> float:
     return -sum((a - mk) * (b - ml) for a, b in zip(ks, ls)) / sum((a - mk) ** 2 for a in ks)
 
 
-def measure_spectra(folder: Path, tasks: list[str], steps: int, out) -> None:
-    """Singular spectra of full fine-tuning deltas and of the early gradient, fitted to k^-beta."""
+def measure_spectra(folder: Path, tasks: list[str], recipe: Recipe, steps: int, out) -> dict:
+    """Singular spectra of full fine-tuning deltas and of the early gradient, fitted to k^-beta, and the
+    share of each update the uniform designs at lora:2 keep (parameter-weighted over targets)."""
     import copy
 
     import torch
 
-    _init_worker(str(folder), tasks)
+    from cdka_search.alignment.energy import factor_sizes, topr_energies
+    from cdka_search.plan import AdapterSettings
+    from cdka_search.planner import resolve_budget
+
+    _init_worker(str(folder), tasks, recipe)
+    spec = model_spec(folder)
+    budget = resolve_budget(spec, "lora:2")
+    uniform = [p for p in (uniform_plan(spec, budget, r1, r2, AdapterSettings()) for r1, r2 in UNIFORM_PAIRS) if p]
+    betas_out: dict = {}
+    rows = []
     out("| task | update | " + " | ".join(ROLES) + " | all |")
     out("|---|---|" + "---:|" * (len(ROLES) + 1))
     for task in tasks:
         train, _ = _STATE[task]
         base = _STATE["base"]
-        torch.manual_seed(0)
         gen = torch.Generator().manual_seed(1000)
-        grads = {n: torch.zeros_like(m.weight) for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+        names = [t.name for t in spec.targets]
+        grads = {n: torch.zeros_like(base.get_submodule(n).weight) for n in names}
         model = copy.deepcopy(base)
-        mods = {n: m for n, m in model.named_modules() if n in grads}
         for _ in range(8):
-            batch = train[torch.randint(len(train), (BATCH,), generator=gen)]
+            batch = train[torch.randint(len(train), (recipe.batch,), generator=gen)]
             model.zero_grad(set_to_none=True)
             model(input_ids=batch, labels=batch).loss.backward()
-            for n, m in mods.items():
-                grads[n] += m.weight.grad
-        tuned = dict(fine_tune(task, None, FULL_LRS[1], 0, steps)[0].named_modules())
-        for what, mats in (("early gradient (8 batches)", grads),
-                           (f"full FT delta ({steps} steps)", {n: tuned[n].weight.detach() - base.get_submodule(n).weight.detach() for n in grads})):
+            for n in names:
+                grads[n] += model.get_submodule(n).weight.grad
+        tuned = fine_tune(task, None, FULL_LRS[2], 0, steps)[0]
+        deltas = {n: tuned.get_submodule(n).weight.detach() - base.get_submodule(n).weight.detach() for n in names}
+        for what, mats in (("early gradient (8 batches)", grads), (f"full FT delta ({steps} steps)", deltas)):
             betas = {role: [] for role in ROLES}
             for n, mat in mats.items():
                 s = torch.linalg.svdvals(mat.double())
                 betas[n.split(".")[-1]].append(fit_beta(s.tolist(), 1, len(s) // 2))
             mean = {r: statistics.fmean(v) for r, v in betas.items() if v}
+            betas_out[(task, what)] = statistics.fmean(mean.values())
             out(f"| {task} | {what} | " + " | ".join(f"{mean[r]:.2f}" for r in ROLES)
                 + f" | {statistics.fmean(mean.values()):.2f} |")
+            for plan in uniform:
+                kept, total = 0.0, 0.0
+                for g in plan.groups:
+                    d = g.design
+                    for n in names:
+                        if g.matches(n):
+                            e = topr_energies(mats[n], *factor_sizes(*g.shape, d.r1, d.r2), d.r)[-1]
+                            kept += float(e) * float(mats[n].pow(2).sum())
+                            total += float(mats[n].pow(2).sum())
+                rows.append((task, what, plan.groups[0].design.label(), kept / total))
+    out()
+    out("Share of ||update||^2 the best fit of each uniform lora:2 design keeps (all targets):")
+    out()
+    out("| task | update | " + " | ".join(r[2] for r in rows[: len(uniform)]) + " |")
+    out("|---|---|" + "---:|" * len(uniform))
+    for i in range(0, len(rows), len(uniform)):
+        chunk = rows[i : i + len(uniform)]
+        out(f"| {chunk[0][0]} | {chunk[0][1]} | " + " | ".join(f"{r[3]:.3f}" for r in chunk) + " |")
+    return betas_out
 
 
 # ---- statistics -----------------------------------------------------------------------------------
@@ -385,6 +465,7 @@ def summary(losses: list[float]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="prose at lora:2, 2 seeds, fewer designs")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and 3 steps: the tests' run (seconds)")
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--budgets", nargs="*", type=int, default=None, help="LoRA ranks of the budgets")
     parser.add_argument("--seeds", type=int, default=None)
@@ -392,15 +473,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-designs", type=int, default=None, help="adapter designs per budget (first ones kept)")
     parser.add_argument("--scaling", default="matched", help="adapter scaling rule (cdka_search.plan.SCALINGS)")
+    parser.add_argument("--reference", action="store_true", help="also a plan from a gradient probe of each task (--reference)")
     parser.add_argument("--spectra", action="store_true", help="only measure the update spectra (power-law fits)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report (markdown) here")
     args = parser.parse_args(argv)
-    tasks = args.tasks or (["prose"] if args.quick else list(TASKS))
+    argv_text = list(sys.argv[1:] if argv is None else argv)
+    recipe = SMOKE if args.smoke else FULL
+    if args.smoke:
+        args.steps, args.seeds, args.workers, args.max_designs = min(args.steps, 3), args.seeds or 2, 1, args.max_designs or 3
+        args.budgets = args.budgets or [1]
+    tasks = args.tasks or (["prose"] if args.quick or args.smoke else list(TASKS))
     budgets = args.budgets or ([2] if args.quick else list(BUDGETS))
     seeds = list(range(args.seeds or (2 if args.quick else 3)))
     most = args.max_designs or (7 if args.quick else None)
     for t in tasks:
-        corpus(t)  # unknown names fail before any work
+        corpus(t, recipe)  # unknown names fail before any work
 
     from cdka_search.plan import AdapterSettings
     from cdka_search.scoring import OBJECTIVES, Scores
@@ -412,16 +499,18 @@ def main(argv: list[str] | None = None) -> int:
         print(text, flush=True)
         lines.append(text)
 
-    folder = pretrained(log=lambda s: print(s, flush=True))
+    folder = pretrained(recipe, log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.spectra:
-        out(f"Fitted beta of sigma_k ~ k^-beta (k = 1..d/2), mean over layers; {args.steps} full FT steps at lr {FULL_LRS[1]:g}")
+        out(f"Fitted beta of sigma_k ~ k^-beta (k = 1..d/2), mean over layers; {args.steps} full FT steps at lr {FULL_LRS[2]:g}")
         out()
-        measure_spectra(folder, tasks, args.steps, out)
+        measure_spectra(folder, tasks, recipe, args.steps, out)
         return 0
     spec = model_spec(folder)
     adapter = AdapterSettings(scaling=args.scaling)
     score_names = [f for f in Scores.__dataclass_fields__ if f != "objective"]
-    designs = {}
+    if args.reference:
+        _init_worker(str(folder), tasks, recipe)
+    designs: dict[tuple[str, int], list[Entry]] = {}
     for rank in budgets:
         found = entries(spec, rank, adapter, list(OBJECTIVES))
         adapters = [e for e in found if e.kind != "full"]
@@ -429,56 +518,54 @@ def main(argv: list[str] | None = None) -> int:
             keep = [e for e in adapters if e.kind in ("lora", "paper") or e.label.startswith("plan ")][:most]
             keep += [e for e in adapters if e not in keep][: max(0, most - len(keep))]
             adapters = keep
-        designs[rank] = [found[0]] + adapters
+        for t in tasks:
+            designs[(t, rank)] = [found[0]] + adapters + ([reference_entry(spec, t, rank, adapter)] if args.reference else [])
 
     def lrs(entry: Entry):
         return FULL_LRS if entry.plan is None else ADAPTER_LRS
 
+    def runs(t: str, rank: int) -> list[Entry]:
+        return [e for e in designs[(t, rank)] if "(= " not in e.label]
+
     # Stage 1: every lr of the grid on seed 0.
     jobs = [(t, f"{rank}|{e.label}", e.plan, lr, seeds[0], args.steps)
-            for t in tasks for rank in budgets for e in designs[rank] if "(= " not in e.label for lr in lrs(e)]
+            for (t, rank) in designs for e in runs(t, rank) for lr in lrs(e)]
     results: dict[tuple, float] = {}
-    for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, args.workers):
+    for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, recipe, args.workers, "lr grid, seed 0"):
         results[(task, label, lr, seed)] = loss
     stage1 = time.monotonic() - started
     # Stage 2: the own best and the shared lr on the other seeds.
     own, shared = {}, {}
-    for t in tasks:
-        for rank in budgets:
-            pool = [e for e in designs[rank] if e.plan is not None and "(= " not in e.label]
-            for e in designs[rank]:
-                if "(= " in e.label:
-                    continue
-                key = f"{rank}|{e.label}"
-                own[(t, key)] = min(lrs(e), key=lambda lr: results[(t, key, lr, seeds[0])])
-            mean_log = {lr: statistics.fmean(math.log(results[(t, f"{rank}|{e.label}", lr, seeds[0])]) for e in pool)
-                        for lr in ADAPTER_LRS}
-            shared[(t, rank)] = min(ADAPTER_LRS, key=lambda lr: mean_log[lr])
+    for (t, rank) in designs:
+        for e in runs(t, rank):
+            key = f"{rank}|{e.label}"
+            own[(t, key)] = min(lrs(e), key=lambda lr: results[(t, key, lr, seeds[0])])
+        mean_log = {lr: statistics.fmean(math.log(results[(t, f"{rank}|{e.label}", lr, seeds[0])])
+                                         for e in runs(t, rank) if e.plan is not None) for lr in ADAPTER_LRS}
+        shared[(t, rank)] = min(ADAPTER_LRS, key=lambda lr: mean_log[lr])
     jobs = []
-    for t in tasks:
-        for rank in budgets:
-            for e in designs[rank]:
-                if "(= " in e.label:
-                    continue
-                key = f"{rank}|{e.label}"
-                wanted = {own[(t, key)]} | ({shared[(t, rank)]} if e.plan is not None else set())
-                jobs += [(t, key, e.plan, lr, s, args.steps) for lr in sorted(wanted) for s in seeds[1:]]
-    for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, args.workers):
+    for (t, rank) in designs:
+        for e in runs(t, rank):
+            key = f"{rank}|{e.label}"
+            wanted = {own[(t, key)]} | ({shared[(t, rank)]} if e.plan is not None else set())
+            jobs += [(t, key, e.plan, lr, s, args.steps) for lr in sorted(wanted) for s in seeds[1:]]
+    for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, recipe, args.workers, "other seeds"):
         results[(task, label, lr, seed)] = loss
 
-    out(f"# Real-training validity (benchmarks/validity_lm.py{' --quick' if args.quick else ''})")
+    out(f"# Real-training validity (benchmarks/validity_lm.py{' ' + ' '.join(argv_text) if argv_text else ''})")
     out()
-    out(f"Model: LLaMA-style, {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, intermediate "
-        f"{MODEL['intermediate_size']}, {MODEL['num_attention_heads']}/{MODEL['num_key_value_heads']} heads, byte vocabulary, "
-        f"{spec.total_params:,} parameters; pretrained {PRETRAIN['steps']} steps on Python stdlib code. Fine-tuning: "
-        f"{args.steps} steps x {BATCH} x {SEQ_LEN} tokens, AdamW, warm-up {WARMUP} + cosine, adapter {adapter.scaling} "
+    cfg = recipe.config
+    out(f"Model: LLaMA-style, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, intermediate "
+        f"{cfg['intermediate_size']}, {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, byte vocabulary, "
+        f"{spec.total_params:,} parameters; pretrained {recipe.pretrain_steps} steps on Python stdlib code. Fine-tuning: "
+        f"{args.steps} steps x {recipe.batch} x {recipe.seq_len} tokens, AdamW, warm-up {WARMUP} + cosine, adapter {adapter.scaling} "
         f"alpha {adapter.alpha:g}; seeds {seeds}; lr grid {list(ADAPTER_LRS)} (full FT {list(FULL_LRS)}). Loss = held-out "
         f"causal-LM loss (nats/byte), mean +- spread (max - min) over seeds. 'own lr' = the design's best grid lr on seed 0; "
         f"'shared lr' = the one grid lr best on average over the budget's designs.")
     rho_rows = []
     for t in tasks:
         for rank in budgets:
-            limit = designs[rank][1].plan.budget_limit
+            limit = designs[(t, rank)][1].plan.budget_limit
             out()
             out(f"## {t}, budget lora:{rank} ({limit:,} parameters), shared lr {shared[(t, rank)]:g}")
             out()
@@ -486,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             out("|---|---:|---:|---:|---:|---|")
             xs = {n: [] for n in score_names + ["objective", "params"]}
             ys = []
-            for e in designs[rank]:
+            for e in designs[(t, rank)]:
                 base = e.label.split(" (= ")[1][:-1] if "(= " in e.label else e.label
                 key = f"{rank}|{base}"
                 lr = own[(t, key)]

@@ -85,3 +85,29 @@ def test_matched_scaling_starts_a_at_loras_size():
     _, paper = _one_adam_step_norm(2, 8, 4, "alpha/sqrt(r*r2)", steps=0)
     assert paper.scaling == pytest.approx(64.0 / math.sqrt(4 * 8))
     assert float(paper.cdka_A.abs().max()) > 0.9 / math.sqrt(128 / 8)
+
+
+def test_real_training_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks/validity_lm.py end to end on a tiny model: pretrain, cache, fine-tune, table, rho."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("CDKA_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "validity_lm.py"
+    spec = importlib.util.spec_from_file_location("validity_lm", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "validity_lm", bench)  # dataclasses resolve the module by name
+    spec.loader.exec_module(bench)
+    report = tmp_path / "report.md"
+    assert bench.main(["--smoke", "--out", str(report)]) == 0
+    cached = list((tmp_path / "cache" / "validity").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
+    text = report.read_text()
+    assert "## prose, budget lora:1" in text
+    rows = [line for line in text.splitlines() if line.startswith("| uniform (1,1,1)") or line.startswith("| full")]
+    assert len(rows) == 2
+    loss = float(rows[1].split("|")[4].split("+-")[0])
+    assert 0.5 < loss < 6.0  # nats per byte after 3 steps from a 5-step pretraining (log 256 = 5.55)
+    assert "| prose | lora:1 |" in text  # the Spearman row
+    assert bench.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
