@@ -69,11 +69,11 @@ SMOKE = Recipe(model=(("vocab_size", 256), ("hidden_size", 32), ("intermediate_s
                       ("num_attention_heads", 4), ("num_key_value_heads", 2), ("max_position_embeddings", 64)),
                seq_len=32, pretrain_steps=5, pretrain_batch=4, code_bytes=60_000, task_bytes=20_000, eval_blocks=8,
                batch=4)
-STEPS = 100
+STEPS = 80
 WARMUP = 5
-ADAPTER_LRS = (5e-4, 1.5e-3, 4.5e-3)
-FULL_LRS = (1e-4, 3e-4, 1e-3)
-UNIFORM_PAIRS = ((1, 1), (2, 2), (2, 8), (8, 2), (4, 4), (2, 4), (4, 8), (8, 8), (16, 16), (4, 16), (1, 4), (4, 1))
+ADAPTER_LRS = (1.5e-3, 4.5e-3, 1.35e-2)
+FULL_LRS = (3e-4, 1e-3, 3e-3)
+UNIFORM_PAIRS = ((1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (2, 8), (8, 2), (4, 8))
 PAPER = ((2, 8), (2, 2))
 TASKS = ("prose", "swapcase")
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -249,10 +249,20 @@ def _key(plan) -> tuple:
     return tuple(sorted((g.modules, g.design) for g in plan.groups))
 
 
+def rank_score(design) -> float:
+    """The rank bound on a log scale without the cap at full rank."""
+    d_min = min(design.shape)
+    return math.log2(1 + design.r * min(design.m1, design.n1) * min(design.m2, design.n2)) / math.log2(1 + d_min)
+
+
 def plan_scores(plan, names) -> dict[str, float]:
     """Every score of the plan, the parameter-weighted mean over its groups."""
     total = sum(g.params for g in plan.groups)
-    return {n: sum(g.params * float(g.scores.get(n, 0.0)) for g in plan.groups) / total for n in names}
+
+    def value(g, n: str) -> float:
+        return rank_score(g.design) if n == "rank" and n not in g.scores else float(g.scores.get(n, 0.0))
+
+    return {n: sum(g.params * value(g, n) for g in plan.groups) / total for n in names}
 
 
 def describe(plan) -> str:
@@ -473,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-designs", type=int, default=None, help="adapter designs per budget (first ones kept)")
     parser.add_argument("--scaling", default="matched", help="adapter scaling rule (cdka_search.plan.SCALINGS)")
+    parser.add_argument("--cells", nargs="*", default=None, help="task:rank cells (default: every task x budget)")
+    parser.add_argument("--calibrate", default=None, help="task:rank cell that runs the lr grid (default: the first)")
     parser.add_argument("--reference", action="store_true", help="also a plan from a gradient probe of each task (--reference)")
     parser.add_argument("--spectra", action="store_true", help="only measure the update spectra (power-law fits)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report (markdown) here")
@@ -486,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     budgets = args.budgets or ([2] if args.quick else list(BUDGETS))
     seeds = list(range(args.seeds or (2 if args.quick else 3)))
     most = args.max_designs or (7 if args.quick else None)
+    cells = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cells] if args.cells else [(t, b) for t in tasks for b in budgets]
+    tasks = list(dict.fromkeys(t for t, _ in cells))
     for t in tasks:
         corpus(t, recipe)  # unknown names fail before any work
 
@@ -511,14 +525,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference:
         _init_worker(str(folder), tasks, recipe)
     designs: dict[tuple[str, int], list[Entry]] = {}
-    for rank in budgets:
+    for rank in sorted({b for _, b in cells}):
         found = entries(spec, rank, adapter, list(OBJECTIVES))
         adapters = [e for e in found if e.kind != "full"]
         if most is not None:
             keep = [e for e in adapters if e.kind in ("lora", "paper") or e.label.startswith("plan ")][:most]
             keep += [e for e in adapters if e not in keep][: max(0, most - len(keep))]
             adapters = keep
-        for t in tasks:
+        for t in [t for t, b in cells if b == rank]:
             designs[(t, rank)] = [found[0]] + adapters + ([reference_entry(spec, t, rank, adapter)] if args.reference else [])
 
     def lrs(entry: Entry):
@@ -527,29 +541,36 @@ def main(argv: list[str] | None = None) -> int:
     def runs(t: str, rank: int) -> list[Entry]:
         return [e for e in designs[(t, rank)] if "(= " not in e.label]
 
-    # Stage 1: every lr of the grid on seed 0.
-    jobs = [(t, f"{rank}|{e.label}", e.plan, lr, seeds[0], args.steps)
-            for (t, rank) in designs for e in runs(t, rank) for lr in lrs(e)]
+    # Stage 1: every lr of the grid on seed 0, in the calibration cell.
+    calib = cells[0] if args.calibrate is None else (args.calibrate.split(":")[0], int(args.calibrate.split(":")[1]))
+    if calib not in designs:
+        raise SystemExit(f"error: --calibrate {calib[0]}:{calib[1]} is not one of the task:budget cells run")
+    jobs = [(calib[0], f"{calib[1]}|{e.label}", e.plan, lr, seeds[0], args.steps) for e in runs(*calib) for lr in lrs(e)]
     results: dict[tuple, float] = {}
     for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, recipe, args.workers, "lr grid, seed 0"):
         results[(task, label, lr, seed)] = loss
     stage1 = time.monotonic() - started
-    # Stage 2: the own best and the shared lr on the other seeds.
-    own, shared = {}, {}
-    for (t, rank) in designs:
-        for e in runs(t, rank):
-            key = f"{rank}|{e.label}"
-            own[(t, key)] = min(lrs(e), key=lambda lr: results[(t, key, lr, seeds[0])])
-        mean_log = {lr: statistics.fmean(math.log(results[(t, f"{rank}|{e.label}", lr, seeds[0])])
-                                         for e in runs(t, rank) if e.plan is not None) for lr in ADAPTER_LRS}
-        shared[(t, rank)] = min(ADAPTER_LRS, key=lambda lr: mean_log[lr])
+    # Every design's own best lr and the one shared lr (best mean log-loss over adapter designs).
+    own = {e.label: min(lrs(e), key=lambda lr: results[(calib[0], f"{calib[1]}|{e.label}", lr, seeds[0])]) for e in runs(*calib)}
+    mean_log = {lr: statistics.fmean(math.log(results[(calib[0], f"{calib[1]}|{e.label}", lr, seeds[0])])
+                                     for e in runs(*calib) if e.plan is not None) for lr in ADAPTER_LRS}
+    shared = min(ADAPTER_LRS, key=lambda lr: mean_log[lr])
+    full_lr = own[designs[calib][0].label]
+
+    def lr_for(e: Entry) -> float:
+        return full_lr if e.plan is None else shared
+
+    # Stage 2: the calibration cell's other seeds at both lrs; every other cell at the shared lr.
     jobs = []
     for (t, rank) in designs:
         for e in runs(t, rank):
             key = f"{rank}|{e.label}"
-            wanted = {own[(t, key)]} | ({shared[(t, rank)]} if e.plan is not None else set())
-            jobs += [(t, key, e.plan, lr, s, args.steps) for lr in sorted(wanted) for s in seeds[1:]]
-    for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, recipe, args.workers, "other seeds"):
+            if (t, rank) == calib:
+                wanted = {own[e.label], lr_for(e)}
+                jobs += [(t, key, e.plan, lr, s, args.steps) for lr in sorted(wanted) for s in seeds[1:]]
+            else:
+                jobs += [(t, key, e.plan, lr_for(e), s, args.steps) for s in seeds]
+    for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, recipe, args.workers, "seeds"):
         results[(task, label, lr, seed)] = loss
 
     out(f"# Real-training validity (benchmarks/validity_lm.py{' ' + ' '.join(argv_text) if argv_text else ''})")
@@ -563,44 +584,52 @@ def main(argv: list[str] | None = None) -> int:
         f"causal-LM loss (nats/byte), mean +- spread (max - min) over seeds. 'own lr' = the design's best grid lr on seed 0; "
         f"'shared lr' = the one grid lr best on average over the budget's designs.")
     rho_rows = []
-    for t in tasks:
-        for rank in budgets:
-            limit = designs[(t, rank)][1].plan.budget_limit
-            out()
-            out(f"## {t}, budget lora:{rank} ({limit:,} parameters), shared lr {shared[(t, rank)]:g}")
-            out()
-            out("| design | params | own lr | loss at own lr | loss at shared lr | groups |")
-            out("|---|---:|---:|---:|---:|---|")
-            xs = {n: [] for n in score_names + ["objective", "params"]}
-            ys = []
-            for e in designs[(t, rank)]:
-                base = e.label.split(" (= ")[1][:-1] if "(= " in e.label else e.label
-                key = f"{rank}|{base}"
-                lr = own[(t, key)]
-                m, sp = summary([results[(t, key, lr, s)] for s in seeds])
-                if e.plan is None:
-                    params, shared_text = sum(tt.weight_params for tt in spec.targets), "-"
-                else:
-                    params = sum(g.params for g in e.plan.groups)
-                    ms, ss = summary([results[(t, key, shared[(t, rank)], s)] for s in seeds])
-                    shared_text = f"{ms:.4f} +- {ss:.4f}"
-                out(f"| {e.label} | {params:,} | {lr:g} | {m:.4f} +- {sp:.4f} | {shared_text} | {describe(e.plan)} |")
-                if e.plan is not None and "(= " not in e.label:
-                    sc = plan_scores(e.plan, score_names)
-                    for n in score_names:
-                        xs[n].append(sc[n])
-                    xs["params"].append(params)
-                    ys.append(-m)
-            rho = {n: spearman(v, ys) for n, v in xs.items() if n != "objective"}
-            rho_rows.append((t, rank, len(ys), rho))
+    for (t, rank) in designs:
+        cell = designs[(t, rank)]
+        is_calib = (t, rank) == calib
+        out()
+        out(f"## {t}, budget lora:{rank} ({cell[1].plan.budget_limit:,} parameters)" + (" (lr calibration cell)" if is_calib else ""))
+        out()
+        out("| design | params | rank bound | loss at shared lr | own lr | loss at own lr | groups |")
+        out("|---|---:|---:|---:|---:|---:|---|")
+        xs: dict[str, list[float]] = {n: [] for n in score_names + ["rank", "params"]}
+        ys, ys_own = [], []
+        for e in cell:
+            base = e.label.split(" (= ")[1][:-1] if "(= " in e.label else e.label
+            key = f"{rank}|{base}"
+            m, sp = summary([results[(t, key, lr_for(e), s)] for s in seeds])
+            own_text = "- | -"
+            if is_calib:
+                mo, so = summary([results[(t, key, own[base], s)] for s in seeds])
+                own_text = f"{own[base]:g} | {mo:.4f} +- {so:.4f}"
+            if e.plan is None:
+                params, bound = sum(tt.weight_params for tt in spec.targets), "full"
+            else:
+                params = sum(g.params for g in e.plan.groups)
+                bound = f"{plan_scores(e.plan, ['rank'])['rank']:.2f}"
+            out(f"| {e.label} | {params:,} | {bound} | {m:.4f} +- {sp:.4f} | {own_text} | {describe(e.plan)} |")
+            if e.plan is not None and "(= " not in e.label:
+                sc = plan_scores(e.plan, score_names + ["rank"])
+                for n in score_names + ["rank"]:
+                    xs[n].append(sc[n])
+                xs["params"].append(params)
+                ys.append(-m)
+                if is_calib:
+                    ys_own.append(-mo)
+        rho_rows.append((f"{t} | lora:{rank} | shared lr", len(ys), {n: spearman(v, ys) for n, v in xs.items()}))
+        if is_calib:
+            rho_rows.append((f"{t} | lora:{rank} | own lr", len(ys), {n: spearman(v, ys_own) for n, v in xs.items()}))
     out()
-    out("## Spearman rho of each score (parameter-weighted over groups) vs -loss at own lr, distinct adapter designs")
+    out("## Spearman rho of each score vs -loss over the distinct adapter designs of a cell")
     out()
-    names = list(rho_rows[0][3]) if rho_rows else []
-    out("| task | budget | designs | " + " | ".join(names) + " |")
-    out("|---|---|---:|" + "---:|" * len(names))
-    for t, rank, n, rho in rho_rows:
-        out(f"| {t} | lora:{rank} | {n} | " + " | ".join(f"{rho[k]:+.2f}" for k in names) + " |")
+    out("Scores are parameter-weighted means over a plan's groups; rank = log2(1 + r min(m1,n1) min(m2,n2)) / "
+        "log2(1 + min(d_out, d_in)), the rank bound on a log scale without the cap at full rank.")
+    out()
+    names = list(rho_rows[0][2]) if rho_rows else []
+    out("| task | budget | lr | designs | " + " | ".join(names) + " |")
+    out("|---|---|---|---:|" + "---:|" * len(names))
+    for label, n, rho in rho_rows:
+        out(f"| {label} | {n} | " + " | ".join(f"{rho[k]:+.2f}" for k in names) + " |")
     out()
     out(f"({len(results)} runs, {time.monotonic() - started:.0f} s wall, stage 1 {stage1:.0f} s, {args.workers} workers)")
     if args.out:

@@ -91,9 +91,14 @@ def _speed(r: Any, r1: Any, r2: Any, d_in: int) -> Any:
     return np.minimum(1.0, np.log1p(r * r2 / r1) / math.log1p(d_in))
 
 
+def _rank_reach(design: Design) -> int:
+    """r * min(m1, n1) * min(m2, n2): the rank bound before the cap at min(d_out, d_in)."""
+    return design.r * min(design.m1, design.n1) * min(design.m2, design.n2)
+
+
 def capacity(design: Design) -> float:
-    """Rank bound on a log scale, 1.0 when dW can reach full rank."""
-    return float(_capacity(design.rank_bound, min(design.shape)))
+    """log2(1 + r min(m1,n1) min(m2,n2)) / log2(1 + min(d_out, d_in)): 1.0 at full rank, more beyond."""
+    return float(_capacity(_rank_reach(design), min(design.shape)))
 
 
 def speed(design: Design) -> float:
@@ -341,8 +346,9 @@ def score_shape(
     align = np.concatenate(curves)
     m1, n2 = d_out // r1, d_in // r2
     params = r * (m1 * r2 + r1 * n2)
-    rank_bound = np.minimum(min(d_out, d_in), r * np.minimum(m1, r2) * np.minimum(r1, n2))
-    cap = _capacity(rank_bound, min(d_out, d_in))
+    reach = r * np.minimum(m1, r2) * np.minimum(r1, n2)
+    rank_bound = np.minimum(min(d_out, d_in), reach)
+    cap = _capacity(reach, min(d_out, d_in))
     first = _first_step(r, r1, r2, d_in)
     fast = _speed(r, r1, r2, d_in)
     obj = OBJECTIVES[objective](cap, align, fast)
