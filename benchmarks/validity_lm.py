@@ -73,6 +73,7 @@ STEPS = 80
 WARMUP = 5
 ADAPTER_LRS = (1.5e-3, 4.5e-3, 1.35e-2)
 FULL_LRS = (3e-4, 1e-3, 3e-3)
+SPECTRA_LR = 1e-3  # full fine-tuning's best grid lr on prose (benchmarks/results/validity_lm.md)
 UNIFORM_PAIRS = ((1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (2, 8), (8, 2), (4, 8))
 PAPER = ((2, 8), (2, 2))
 TASKS = ("prose", "swapcase")
@@ -408,7 +409,7 @@ def measure_spectra(folder: Path, tasks: list[str], recipe: Recipe, steps: int, 
             model(input_ids=batch, labels=batch).loss.backward()
             for n in names:
                 grads[n] += model.get_submodule(n).weight.grad
-        tuned = fine_tune(task, None, FULL_LRS[2], 0, steps)[0]
+        tuned = fine_tune(task, None, SPECTRA_LR, 0, steps)[0]
         deltas = {n: tuned.get_submodule(n).weight.detach() - base.get_submodule(n).weight.detach() for n in names}
         for what, mats in (("early gradient (8 batches)", grads), (f"full FT delta ({steps} steps)", deltas)):
             betas = {role: [] for role in ROLES}
@@ -484,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-designs", type=int, default=None, help="adapter designs per budget (first ones kept)")
     parser.add_argument("--scaling", default="matched", help="adapter scaling rule (cdka_search.plan.SCALINGS)")
     parser.add_argument("--cells", nargs="*", default=None, help="task:rank cells (default: every task x budget)")
+    parser.add_argument("--lr", default=None, help="ADAPTER:FULL fixed lrs instead of a calibration grid")
+    parser.add_argument("--designs", nargs="*", default=None, help="keep only designs whose label contains one of these")
+    parser.add_argument("--objectives", nargs="*", default=None, help="objectives whose plans to train (default: all)")
     parser.add_argument("--calibrate", default=None, help="task:rank cell that runs the lr grid (default: the first)")
     parser.add_argument("--reference", action="store_true", help="also a plan from a gradient probe of each task (--reference)")
     parser.add_argument("--spectra", action="store_true", help="only measure the update spectra (power-law fits)")
@@ -515,9 +519,15 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = pretrained(recipe, log=lambda s: print(s, file=sys.stderr, flush=True))
     if args.spectra:
-        out(f"Fitted beta of sigma_k ~ k^-beta (k = 1..d/2), mean over layers; {args.steps} full FT steps at lr {FULL_LRS[2]:g}")
+        out(f"# Update spectra (benchmarks/validity_lm.py {' '.join(argv_text)})")
+        out()
+        out(f"Fitted beta of sigma_k ~ k^-beta (k = 1..d/2, least squares in log-log), mean over layers; full FT "
+            f"{args.steps} steps at lr {SPECTRA_LR:g}, seed 0.")
         out()
         measure_spectra(folder, tasks, recipe, args.steps, out)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return 0
     spec = model_spec(folder)
     adapter = AdapterSettings(scaling=args.scaling)
@@ -526,8 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         _init_worker(str(folder), tasks, recipe)
     designs: dict[tuple[str, int], list[Entry]] = {}
     for rank in sorted({b for _, b in cells}):
-        found = entries(spec, rank, adapter, list(OBJECTIVES))
-        adapters = [e for e in found if e.kind != "full"]
+        found = entries(spec, rank, adapter, args.objectives or list(OBJECTIVES))
+        adapters = [e for e in found if e.kind != "full" and (not args.designs or any(d in e.label for d in args.designs))]
         if most is not None:
             keep = [e for e in adapters if e.kind in ("lora", "paper") or e.label.startswith("plan ")][:most]
             keep += [e for e in adapters if e not in keep][: max(0, most - len(keep))]
@@ -541,21 +551,26 @@ def main(argv: list[str] | None = None) -> int:
     def runs(t: str, rank: int) -> list[Entry]:
         return [e for e in designs[(t, rank)] if "(= " not in e.label]
 
-    # Stage 1: every lr of the grid on seed 0, in the calibration cell.
-    calib = cells[0] if args.calibrate is None else (args.calibrate.split(":")[0], int(args.calibrate.split(":")[1]))
-    if calib not in designs:
-        raise SystemExit(f"error: --calibrate {calib[0]}:{calib[1]} is not one of the task:budget cells run")
-    jobs = [(calib[0], f"{calib[1]}|{e.label}", e.plan, lr, seeds[0], args.steps) for e in runs(*calib) for lr in lrs(e)]
     results: dict[tuple, float] = {}
-    for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, recipe, args.workers, "lr grid, seed 0"):
-        results[(task, label, lr, seed)] = loss
+    if args.lr:  # lrs given: no calibration cell
+        calib, own = None, {}
+        shared, full_lr = (float(v) for v in args.lr.split(":"))
+    else:
+        # Stage 1: every lr of the grid on seed 0, in the calibration cell.
+        calib = cells[0] if args.calibrate is None else (args.calibrate.split(":")[0], int(args.calibrate.split(":")[1]))
+        if calib not in designs:
+            raise SystemExit(f"error: --calibrate {calib[0]}:{calib[1]} is not one of the task:budget cells run")
+        jobs = [(calib[0], f"{calib[1]}|{e.label}", e.plan, lr, seeds[0], args.steps) for e in runs(*calib) for lr in lrs(e)]
+        for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, recipe, args.workers, "lr grid, seed 0"):
+            results[(task, label, lr, seed)] = loss
+        # Every design's own best lr and the one shared lr (best mean log-loss over adapter designs).
+        own = {e.label: min(lrs(e), key=lambda lr: results[(calib[0], f"{calib[1]}|{e.label}", lr, seeds[0])])
+               for e in runs(*calib)}
+        mean_log = {lr: statistics.fmean(math.log(results[(calib[0], f"{calib[1]}|{e.label}", lr, seeds[0])])
+                                         for e in runs(*calib) if e.plan is not None) for lr in ADAPTER_LRS}
+        shared = min(ADAPTER_LRS, key=lambda lr: mean_log[lr])
+        full_lr = own[designs[calib][0].label]
     stage1 = time.monotonic() - started
-    # Every design's own best lr and the one shared lr (best mean log-loss over adapter designs).
-    own = {e.label: min(lrs(e), key=lambda lr: results[(calib[0], f"{calib[1]}|{e.label}", lr, seeds[0])]) for e in runs(*calib)}
-    mean_log = {lr: statistics.fmean(math.log(results[(calib[0], f"{calib[1]}|{e.label}", lr, seeds[0])])
-                                     for e in runs(*calib) if e.plan is not None) for lr in ADAPTER_LRS}
-    shared = min(ADAPTER_LRS, key=lambda lr: mean_log[lr])
-    full_lr = own[designs[calib][0].label]
 
     def lr_for(e: Entry) -> float:
         return full_lr if e.plan is None else shared
@@ -580,15 +595,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg['intermediate_size']}, {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads, byte vocabulary, "
         f"{spec.total_params:,} parameters; pretrained {recipe.pretrain_steps} steps on Python stdlib code. Fine-tuning: "
         f"{args.steps} steps x {recipe.batch} x {recipe.seq_len} tokens, AdamW, warm-up {WARMUP} + cosine, adapter {adapter.scaling} "
-        f"alpha {adapter.alpha:g}; seeds {seeds}; lr grid {list(ADAPTER_LRS)} (full FT {list(FULL_LRS)}). Loss = held-out "
-        f"causal-LM loss (nats/byte), mean +- spread (max - min) over seeds. 'own lr' = the design's best grid lr on seed 0; "
-        f"'shared lr' = the one grid lr best on average over the budget's designs.")
+        f"alpha {adapter.alpha:g}; seeds {seeds}. Loss = held-out causal-LM loss (nats/byte), mean +- spread (max - min) "
+        f"over seeds. Shared lr: adapters {shared:g}, full fine-tuning {full_lr:g}"
+        + (f" (given)." if calib is None else
+           f", the grid lr ({list(ADAPTER_LRS)}; full FT {list(FULL_LRS)}) best on average over the calibration cell "
+           f"{calib[0]}:lora:{calib[1]} on seed 0, used in every cell. 'own lr' = the design's best grid lr there."))
     rho_rows = []
     for (t, rank) in designs:
         cell = designs[(t, rank)]
         is_calib = (t, rank) == calib
         out()
-        out(f"## {t}, budget lora:{rank} ({cell[1].plan.budget_limit:,} parameters)" + (" (lr calibration cell)" if is_calib else ""))
+        limit = next(e.plan.budget_limit for e in cell if e.plan is not None)
+        out(f"## {t}, budget lora:{rank} ({limit:,} parameters)" + (" (lr calibration cell)" if is_calib else ""))
         out()
         out("| design | params | rank bound | loss at shared lr | own lr | loss at own lr | groups |")
         out("|---|---:|---:|---:|---:|---:|---|")

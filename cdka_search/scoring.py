@@ -25,7 +25,7 @@ DEFAULT_SAMPLES = 32
 DEFAULT_SEED = 0
 #: Exponent of the power-law spectrum sigma_k ~ k^-beta that alignment assumes for an update (measured:
 #: docs/validity.md, benchmarks/validity_lm.py --spectra).
-SPECTRUM_BETA = 0.5
+SPECTRUM_BETA = 0.9
 #: Leading singular directions of the modelled update scored as spikes (_spectral_curve).
 HEAD_TERMS = 64
 
