@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = ["export_peft", "lora_alpha", "lokr_rank_alpha", "choose_factors"]
 
-RSLORA_SCALINGS = ("alpha/sqrt(r*r2)", "alpha/sqrt(r)")
+RSLORA_SCALINGS = ("alpha/sqrt(r*r2)", "matched", "alpha/sqrt(r)")
 EXPERTS_KRONECKER = (
     "Kronecker designs on expert tensors (PEFT adapts 3-D expert parameters with LoRA only, so --family lora "
     "for them)"
