@@ -162,6 +162,7 @@ def _data_from_events(loader: Any, where: str, error: type[CdkaError]) -> Any:
     constructors = yaml.constructor.SafeConstructor.yaml_constructors
     stack: list[list[Any]] = []  # [container, pending key or _NO_KEY]
     documents, root = 0, None
+    scalars: dict[tuple[Any, ...], Any] = {}
 
     def add(value: Any, line: int) -> None:
         nonlocal root
@@ -191,13 +192,20 @@ def _data_from_events(loader: Any, where: str, error: type[CdkaError]) -> Any:
             if documents > 1:
                 raise error(f"{where}: holds more than one YAML document (line {line + 1})")
         elif isinstance(event, events.ScalarEvent):
+            key = (event.tag, event.value, event.implicit, event.style)
+            if key in scalars:  # a per-layer plan repeats a few values thousands of times
+                add(scalars[key], line)
+                continue
             tag = event.tag
             if tag is None or tag == "!":
                 tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
             if tag not in constructors or tag.endswith(("merge", "value")):
                 raise error(f"{where}: YAML tag {brief(tag)} is not allowed (line {line + 1})")
             node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
-            add(constructors[tag](loader, node), line)
+            value = constructors[tag](loader, node)
+            if isinstance(value, (str, int, float, bool, type(None))):  # immutable: safe to share
+                scalars[key] = value
+            add(value, line)
         elif isinstance(event, (events.SequenceStartEvent, events.MappingStartEvent)):
             mapping = isinstance(event, events.MappingStartEvent)
             if event.tag not in (None, "!", "tag:yaml.org,2002:map" if mapping else "tag:yaml.org,2002:seq"):

@@ -105,6 +105,8 @@ def test_family_spec_equals_the_meta_module_spec(case, tmp_path):
     assert spec.source == "hf-config"
     assert list(spec.targets) == live_targets(model_type, model)
     assert spec.total_params == spec_from_module(model).total_params
+    if model_type not in ENCODERS:  # (an encoder's pooler is a target of the base model, not of the family)
+        assert spec.unadaptable == spec_from_module(model).unadaptable  # the routers of MoE families, else nothing
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "deepseek_v3"])
@@ -279,3 +281,21 @@ def test_incomplete_per_expert_block_is_left_as_it_is():
     assert fold_checkpoint_experts(complete[:-1]) == complete[:-1]  # expert 1 lacks down_proj
     skipped = [t for t in complete if not t.name.startswith(f"{p}.0.")]
     assert fold_checkpoint_experts(skipped) == skipped  # experts must be numbered 0..E-1
+
+
+def test_other_moe_architectures_list_experts_through_transformers(tmp_path):
+    """Qwen2-MoE has no built-in family: the meta path lists its expert tensors, and its nn.Linear
+    shared_expert_gate (a router) is listed but left out of all-linear."""
+    from cdka_search.targets import select_targets
+
+    transformers.Qwen2MoeConfig(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=24, shared_expert_intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=128,
+    ).save_pretrained(tmp_path)
+    spec = load_spec(str(tmp_path))
+    by_name = {t.name: t for t in spec.targets}
+    assert (by_name["model.layers.0.mlp.experts.gate_up_proj"].experts, by_name["model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, (48, 64))
+    assert by_name["model.layers.0.mlp.shared_expert_gate"].shape == (1, 64)
+    chosen = {t.name for t in select_targets(spec, "all-linear").targets}
+    assert "model.layers.0.mlp.shared_expert_gate" not in chosen and "model.layers.0.mlp.experts.down_proj" in chosen
+    assert "model.layers.0.mlp.shared_expert_gate" in {t.name for t in select_targets(spec, "shared_expert_gate").targets}

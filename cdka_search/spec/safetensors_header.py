@@ -12,7 +12,7 @@ from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json
 from cdka_search.errors import CdkaError, ModelSourceError
 from cdka_search.limits import MAX_DIM, MAX_TENSOR_DIM, MAX_TOTAL_PARAMS, check_int
 from cdka_search.spec.checkpoint_experts import fold_checkpoint_experts
-from cdka_search.spec.model_spec import ModelSpec, TargetModule
+from cdka_search.spec.model_spec import ModelSpec, TargetModule, is_embedding, tally_roles
 
 # The safetensors format allows 100 MB headers; real ones are far smaller (about 100 bytes a tensor,
 # so 8 MB is 80,000 tensors in one file), and parsing a hostile 100 MB header would need gigabytes.
@@ -23,7 +23,6 @@ MAX_TENSORS = 200_000  # tensors in one header (a whole 671B MoE holds about 91,
 HEADER_LIMITS = JsonLimits(MAX_HEADER_BYTES, MAX_TENSORS + 2, 2 * MAX_TENSORS + 2, 6 * MAX_TENSORS)
 # An index is one weight_map object of "tensor": "shard" entries (DeepSeek-V3's holds about 180,000).
 INDEX_LIMITS = JsonLimits(64 * 1024 * 1024, 1_000, 1_000, 1_000_000)
-_NOT_TARGETS = ("wte", "wpe", "lm_head", "shared")
 # GPT-2 style transformers Conv1D modules store their weight as (in, out).
 _CONV1D_LEAVES = ("c_attn", "c_proj", "c_fc", "q_attn")
 # Bits per element of every dtype the safetensors format defines.
@@ -125,11 +124,6 @@ def index_headers(index: Path) -> dict[str, Any]:
     return merged
 
 
-def is_target(module: str) -> bool:
-    """Every 2-D weight is a target except embeddings and the LM head."""
-    return not any(seg in _NOT_TARGETS or "embed" in seg for seg in module.split("."))
-
-
 def spec_from_header(header: dict[str, Any], name: str, source: str) -> ModelSpec:
     """Targets are the 2-D ``*.weight`` tensors except embeddings and the LM head."""
     total = 0
@@ -140,7 +134,7 @@ def spec_from_header(header: dict[str, Any], name: str, source: str) -> ModelSpe
         if len(shape) != 2 or not tensor.endswith(".weight"):
             continue
         module = tensor[: -len(".weight")]
-        if not is_target(module):
+        if is_embedding(module):
             continue
         if not 0 < min(shape) <= max(shape) <= MAX_DIM:
             raise ModelSourceError(f"{source}: weight {brief(tensor)} of shape {shape[0]}x{shape[1]} has a side outside [1, {MAX_DIM:,}]")
@@ -152,10 +146,18 @@ def spec_from_header(header: dict[str, Any], name: str, source: str) -> ModelSpe
         raise ModelSourceError(f"{source}: {total:,} parameters is more than a model can have ({MAX_TOTAL_PARAMS:,})")
     if not targets:
         raise ModelSourceError(f"{source}: no 2-D weight tensors that could be adapted")
+    unfolded = {t.name for t in targets}
     targets = fold_checkpoint_experts(targets)
+    folded_away = unfolded - {t.name for t in targets}
+    routers = {n for n in folded_away if n.endswith(".gate")}  # counted, no target: as in the built model
+    others = tally_roles(
+        (tensor, math.prod(info["shape"])) for tensor, info in header.items()
+        if len(info["shape"]) >= 2 and not is_embedding(tensor)
+        and (tensor.removesuffix(".weight") not in unfolded or tensor.removesuffix(".weight") in routers)
+    )
     # Headers list tensors alphabetically; order layers numerically (2 before 10).
     targets.sort(key=lambda t: [int(p) if p.isdigit() else p for p in t.name.split(".")])
-    return ModelSpec(name, source, total, tuple(targets))
+    return ModelSpec(name, source, total, tuple(targets), others)
 
 
 def safetensors_spec(path: Path) -> ModelSpec:
