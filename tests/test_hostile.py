@@ -692,3 +692,17 @@ def test_may_start_stops_at_the_total_and_lets_the_lowest_running_trial_finish()
     study.tell(a, 0.5)
     assert not may_start(study, b.number, 3)
     assert [t.state for t in study.get_trials()].count(TrialState.COMPLETE) == 3
+
+
+def test_a_json_plan_is_read_within_its_limits(cli, tmp_path, plan_text):
+    import yaml
+
+    from cdka_search.plan import PLAN_JSON_LIMITS
+
+    wide = tmp_path / "wide.json"
+    wide.write_text('{"cdka_plan": 1, "x": [' + ",".join(["[]"] * (PLAN_JSON_LIMITS.max_arrays + 1)) + "]}")
+    rejects(cli, tmp_path, ["validate", str(wide)], "plan", "more arrays than such a document can hold (600,000)")
+    good = tmp_path / "plan.json"
+    good.write_text(json.dumps(yaml.safe_load(plan_text)))
+    result = cli("validate", str(good))
+    assert result.exit_code == 0 and "valid plan" in result.stdout
