@@ -1,5 +1,6 @@
 """Hostile and broken inputs, class by class (issue 11): each is one `error:` line on stderr, the
-documented exit code, no traceback, and no file written or changed."""
+documented exit code, no traceback, and no file written or changed. How fast and in how little
+memory each class is rejected is measured by benchmarks/hostile_inputs.py (smoke-run at the end)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -48,18 +48,15 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def rejects(cli, folder: Path, args: list[str], kind: str, message: str, *, seconds: float = 2.0):
+def rejects(cli, folder: Path, args: list[str], kind: str, message: str):
     """Run ``cdka ARGS``: exit code of ``kind``, one error line holding ``message``, ``folder`` unchanged."""
     before = snapshot(folder)
-    start = time.monotonic()
     result = cli(*args)
-    took = time.monotonic() - start
     assert result.exit_code == CODES[kind], (result.exit_code, result.output)
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.output
     assert snapshot(folder) == before
-    assert took < seconds, f"took {took:.2f} s"
     return result.stderr
 
 
@@ -253,7 +250,7 @@ def test_probe_option_ranges(cli, tmp_path):
     (tmp_path / "t.txt").write_text("some text\n\nmore text\n")
     for flag, value in (("--batches", "-1"), ("--batch-size", "0"), ("--seq-len", "1")):
         rejects(cli, tmp_path, ["probe", "--grad", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"), flag, value,
-                                "-o", str(tmp_path / "r.safetensors")], "argument", f"{flag}: {value} is outside", seconds=10)
+                                "-o", str(tmp_path / "r.safetensors")], "argument", f"{flag}: {value} is outside")
 
 
 # 6, 9. YAML aliases and duplicate keys -------------------------------------------------------------
@@ -529,7 +526,7 @@ def finished_study(tmp_path_factory):
 def test_report_out_errors(cli, tmp_path, finished_study, make, message):
     (tmp_path / "taken").write_text("x")
     out = tmp_path / "taken" if make == "file" else tmp_path / "taken" / "plots"
-    rejects(cli, tmp_path, ["report", "--storage", finished_study, "--study", "s", "--out", str(out)], "output", message, seconds=20)
+    rejects(cli, tmp_path, ["report", "--storage", finished_study, "--study", "s", "--out", str(out)], "output", message)
 
 
 # 14. probe --grad: a corrupt tokenizer, a model asking for remote code -------------------------------
@@ -553,7 +550,7 @@ def test_probe_grad_bad_model_folder(cli, tmp_path, file, content, message):
         path.write_text(content)
     (tmp_path / "t.txt").write_text("some text\n\nmore text\n")
     rejects(cli, tmp_path, ["probe", "--grad", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"), "-o",
-                            str(tmp_path / "r.safetensors")], "model", message, seconds=20)
+                            str(tmp_path / "r.safetensors")], "model", message)
 
 
 # 20. Small things -------------------------------------------------------------------------------
@@ -577,7 +574,7 @@ def test_budget_messages(cli, tmp_path, monkeypatch, budget, message):
 
 def test_unknown_model_type_is_one_line(cli, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no-such-model", "hidden_size": 8}')
-    rejects(cli, tmp_path, ["inspect", str(tmp_path / "config.json")], "model", "transformers cannot build this config", seconds=20)
+    rejects(cli, tmp_path, ["inspect", str(tmp_path / "config.json")], "model", "transformers cannot build this config")
 
 
 def test_explain_params_lora_counts_the_shape(cli):
@@ -706,3 +703,14 @@ def test_a_json_plan_is_read_within_its_limits(cli, tmp_path, plan_text):
     good.write_text(json.dumps(yaml.safe_load(plan_text)))
     result = cli("validate", str(good))
     assert result.exit_code == 0 and "valid plan" in result.stdout
+
+
+def test_the_rejection_benchmark_runs():
+    """Smoke run of benchmarks/hostile_inputs.py on its quick classes (its time and memory targets are
+    the benchmark's to show, not this test's)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "hostile_inputs.py"
+    done = subprocess.run([sys.executable, str(script), "--only", "1", "3", "6", "9", "19", "--ignore-targets"],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "PYTHONPATH": str(script.parent.parent)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "billion laughs plan (1 KB)" in done.stdout and "every case rejected with one error line: yes" in done.stdout
