@@ -714,3 +714,13 @@ def test_the_rejection_benchmark_runs():
                           env={**os.environ, "PYTHONPATH": str(script.parent.parent)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "billion laughs plan (1 KB)" in done.stdout and "every case rejected with one error line: yes" in done.stdout
+
+
+def test_a_killed_export_leaves_a_temp_folder_that_the_next_export_removes(tmp_path):
+    from cdka_search.export import write_export
+
+    stale = tmp_path / f".adapter.{_dead_pid()}.abc.tmp"
+    (stale / "a").mkdir(parents=True)
+    (stale / "a" / "adapter_config.json").write_text("{}")
+    write_export(_export("a/adapter_config.json", "b/adapter_config.json"), out_dir=tmp_path / "adapter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
