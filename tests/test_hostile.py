@@ -227,7 +227,8 @@ def test_index_through_a_link_inside_the_folder_is_read(tmp_path):
 @pytest.mark.parametrize(
     ("args", "kind", "message"),
     [
-        (["explain", "--shape", "99999999999999999999x2"], "target", "expected two positive sizes"),
+        (["explain", "--shape", "99999999999999999999x2"], "target", "each size must be in [1, 1,048,576]"),
+        (["explain", "--shape", "9" * 40 + "x2"], "target", "expected two positive sizes"),
         (["explain", "--shape", "2097152x2"], "target", "each size must be in [1, 1,048,576]"),
         (["explain", "--shape", "64x64", "--top", "0"], "argument", "--top: 0 is outside [1, 100,000]"),
         (["explain", "--shape", "64x64", "--r", "1000000000000"], "target", "--r: 1000000000000 is outside"),
