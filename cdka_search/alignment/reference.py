@@ -21,6 +21,7 @@ from safetensors.torch import save
 from cdka_search.documents import brief
 from cdka_search.errors import ReferenceFileError, TargetError, one_line
 from cdka_search.fileio import atomic_write_bytes
+from cdka_search.spec.checkpoint_experts import per_expert_keys
 
 FORMAT_VERSION = "1"
 KINDS = ("delta", "gradient", "tensors")
@@ -199,34 +200,20 @@ def _target_weight(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
     return weight
 
 
-#: Where checkpoints keep a fused expert parameter's experts: transformers 5 fuses them into one
-#: (experts, d_out, d_in) tensor when it loads a model and splits them again on save_pretrained.
-#: Its leaf -> per layout, the container that replaces ``mlp.experts`` and the per-expert weights
-#: concatenated along d_out (gate before up, as transformers fuses them).
-_EXPERT_LAYOUTS = {
-    "gate_up_proj": (("mlp.experts", ("gate_proj", "up_proj")), ("block_sparse_moe.experts", ("w1", "w3"))),
-    "down_proj": (("mlp.experts", ("down_proj",)), ("block_sparse_moe.experts", ("w2",))),
-}
-
-
 def _expert_keys(name: str, files: Mapping[str, Path], source: Path) -> str | list[list[str]]:
     """The checkpoint key of the fused expert parameter ``name``, or for each expert the keys whose
-    concatenation is its slice (Mixtral's ``block_sparse_moe.experts.0.w1.weight``, Qwen3-MoE's and
-    DeepSeek-V3's ``mlp.experts.0.gate_proj.weight``, ...)."""
+    concatenation is its slice: checkpoints, and transformers 5's own save_pretrained, store experts one
+    2-D weight each (Mixtral's ``block_sparse_moe.experts.0.w1.weight``, Qwen3-MoE's and DeepSeek-V3's
+    ``mlp.experts.0.gate_proj.weight``; cdka_search.spec.checkpoint_experts)."""
     if name in files:
         return name
-    owner, _, leaf = name.rpartition(".")
-    layer = owner.removesuffix(".mlp.experts")
-    for container, leaves in _EXPERT_LAYOUTS.get(leaf, ()) if layer != owner else ():
-        experts: list[list[str]] = []
-        while all(f"{layer}.{container}.{len(experts)}.{part}.weight" in files for part in leaves):
-            experts.append([f"{layer}.{container}.{len(experts)}.{part}.weight" for part in leaves])
-        if experts:
-            return experts
-    raise ReferenceFileError(
-        f"expert parameter {name}: {source} holds neither {name!r} nor per-expert weights in a layout cdka knows "
-        f"({owner}.0.gate_proj.weight, block_sparse_moe.experts.0.w1.weight, ...)"
-    )
+    experts = per_expert_keys(name, files)
+    if experts is None:
+        raise ReferenceFileError(
+            f"expert parameter {name}: {source} holds neither {name!r} nor a complete set of per-expert weights "
+            "in the Mixtral or Qwen2-MoE naming"
+        )
+    return experts
 
 
 def _weight_files(source: Path) -> dict[str, Path]:
