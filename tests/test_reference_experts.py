@@ -173,3 +173,26 @@ def test_probe_then_plan_with_experts_from_the_cli(cli, checkpoints, tmp_path):
             design = g["r"] * (g["left"][0] * g["left"][1] + g["right"][0] * g["right"][1])
             assert g["experts"] == EXPERTS and g["count"] == 1 and g["params_each"] == EXPERTS * design
         assert sum(g["count"] * g["params_each"] for g in groups) == yaml.safe_load(plan_file.read_text())["budget"]["used"] <= 4000
+
+
+def test_probed_expert_gradients_start_a_gradient_aligned_plan():
+    """The README's route: a gradient reference (experts included) feeds apply_plan's gradient-aligned init;
+    every expert of every adapted expert tensor starts with a non-zero update against the gradient."""
+    from cdka_search.adapter import adapter_modules, apply_plan
+    from cdka_search.adapter.experts import ExpertAdapter
+
+    model = tiny_moe("mixtral")
+    spec = spec_from_module(model, "tiny-mixtral")
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(5))
+    grads = gradient_reference(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}],
+                               [t.name for t in spec.targets])
+    plan = make_plan(spec, "20%", reference=grads, objective="alignment").with_adapter(init="gradient-aligned")
+    apply_plan(model, plan, gradients=grads)
+    experts = {n: a for n, a in adapter_modules(model).items() if isinstance(a, ExpertAdapter)}
+    assert sorted(experts) == sorted(expert_names())
+    for name, adapter in experts.items():
+        with torch.no_grad():
+            dw = torch.stack([sum(torch.kron(adapter.cdka_B[e, i], adapter.cdka_A[e, i]) for i in range(adapter.r))
+                              for e in range(EXPERTS)])
+        assert (dw.flatten(1).abs().amax(1) > 0).all(), name
+        assert float((dw * grads[name]).sum()) < 0, name  # the start points down the probed gradient
