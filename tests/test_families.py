@@ -51,7 +51,11 @@ VARIANTS = {
     "deepseek_v3 q_lora_rank null": ("deepseek_v3", {**TINY["deepseek_v3"], "q_lora_rank": None, "attention_bias": True}),
     "gpt2 untied": ("gpt2", {**TINY["gpt2"], "tie_word_embeddings": False}),
     "mistral head_dim null": ("mistral", {**TINY["mistral"], "head_dim": None}),
+    "llama head_dim null": ("llama", {**TINY["llama"], "head_dim": None}),
+    "mixtral head_dim null": ("mixtral", {**TINY["mixtral"], "head_dim": None}),
 }
+# head_dim: null where transformers fails on it: refused too, not read as hidden / heads.
+NULL_HEAD_DIM_FAILS = ("qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3")
 CASES = {**{k: (k, v) for k, v in TINY.items()}, **VARIANTS}
 ENCODERS = ("bert", "roberta")
 
@@ -168,6 +172,16 @@ def test_bounded_int_refuses_non_integers(value):
 
     with pytest.raises(ConfigError, match="config field 'hidden_size': expected an integer, got"):
         bounded_int(value, "hidden_size", "cfg", 1, 2**20)
+
+
+@pytest.mark.parametrize("model_type", NULL_HEAD_DIM_FAILS)
+def test_null_head_dim_is_refused_where_transformers_refuses_it(model_type, tmp_path):
+    fields = {**TINY[model_type], "head_dim": None}
+    with pytest.raises(Exception):  # noqa: B017 - transformers raises TypeError or its own validation error
+        meta_model(model_type, fields)
+    (tmp_path / "config.json").write_text(json.dumps(config_dict(model_type, fields)))
+    with pytest.raises(ConfigError, match="config field 'head_dim' is null; set it or leave it out"):
+        load_spec(str(tmp_path))
 
 
 def test_unknown_field_goes_through_transformers_not_a_guess(tmp_path, monkeypatch):

@@ -78,10 +78,14 @@ class Fields:
             raise ConfigError(f"{self.where}: {kv_key} = {kv} must divide {heads_key} = {heads}")
         return heads, kv
 
-    def head_dim(self, hidden: int, heads: int) -> int:
-        """head_dim when set (Mistral-NeMo, Qwen3, Gemma), else hidden / heads as transformers computes it."""
+    def head_dim(self, hidden: int, heads: int, null_allowed: bool = False) -> int:
+        """head_dim when set (Mistral-NeMo, Qwen3, Gemma), else hidden / heads as transformers computes it.
+        An explicit null is that too where the family's transformers code says so (``null_allowed``),
+        and an error elsewhere (transformers fails on it)."""
         if self.has("head_dim"):
             return self.int("head_dim")
+        if "head_dim" in self.config and not null_allowed:
+            raise ConfigError(f"{self.where}: config field 'head_dim' is null; set it or leave it out")
         if hidden % heads:
             raise ConfigError(f"{self.where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}; set head_dim")
         return hidden // heads
