@@ -53,9 +53,17 @@ VARIANTS = {
     "mistral head_dim null": ("mistral", {**TINY["mistral"], "head_dim": None}),
     "llama head_dim null": ("llama", {**TINY["llama"], "head_dim": None}),
     "mixtral head_dim null": ("mixtral", {**TINY["mixtral"], "head_dim": None}),
+    "llama kv null": ("llama", {**TINY["llama"], "num_key_value_heads": None}),
+    "qwen2 kv null": ("qwen2", {**TINY["qwen2"], "num_key_value_heads": None}),
+    "phi3 kv null": ("phi3", {**TINY["phi3"], "num_key_value_heads": None}),
+    "deepseek_v3 kv null": ("deepseek_v3", {**TINY["deepseek_v3"], "num_key_value_heads": None}),
+    "qwen3_moe no experts": ("qwen3_moe", {**TINY["qwen3_moe"], "num_experts": 0}),
+    "deepseek_v3 all dense": ("deepseek_v3", {**TINY["deepseek_v3"], "first_k_dense_replace": 5}),
 }
-# head_dim: null where transformers fails on it: refused too, not read as hidden / heads.
-NULL_HEAD_DIM_FAILS = ("qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3")
+# A null where transformers fails on it is refused too, never read as "derive it".
+NULL_FAILS = [(t, "head_dim") for t in ("qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3")] + [
+    (t, "num_key_value_heads") for t in ("mistral", "mixtral", "qwen3_moe", "gemma2", "gemma3_text")
+]
 CASES = {**{k: (k, v) for k, v in TINY.items()}, **VARIANTS}
 ENCODERS = ("bert", "roberta")
 
@@ -174,13 +182,13 @@ def test_bounded_int_refuses_non_integers(value):
         bounded_int(value, "hidden_size", "cfg", 1, 2**20)
 
 
-@pytest.mark.parametrize("model_type", NULL_HEAD_DIM_FAILS)
-def test_null_head_dim_is_refused_where_transformers_refuses_it(model_type, tmp_path):
-    fields = {**TINY[model_type], "head_dim": None}
+@pytest.mark.parametrize(("model_type", "key"), NULL_FAILS)
+def test_null_is_refused_where_transformers_refuses_it(model_type, key, tmp_path):
+    fields = {**TINY[model_type], key: None}
     with pytest.raises(Exception):  # noqa: B017 - transformers raises TypeError or its own validation error
         meta_model(model_type, fields)
     (tmp_path / "config.json").write_text(json.dumps(config_dict(model_type, fields)))
-    with pytest.raises(ConfigError, match="config field 'head_dim' is null; set it or leave it out"):
+    with pytest.raises(ConfigError, match=f"config field '{key}' is null; set it or leave it out"):
         load_spec(str(tmp_path))
 
 

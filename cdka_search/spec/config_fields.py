@@ -32,6 +32,7 @@ class Fields:
     config: Mapping[str, Any]
     where: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    nullable: frozenset[str] = frozenset()  # fields transformers reads null as "derive it" (else it fails)
 
     def raw(self, key: str) -> Any:
         """The config's value of ``key`` (or of its transformers alias), else the default."""
@@ -43,7 +44,10 @@ class Fields:
         raise ConfigError(f"{self.where}: config field {key!r} is missing")
 
     def has(self, key: str) -> bool:
-        """Whether ``key`` is set to a value other than null (in the config or by default)."""
+        """Whether ``key`` is set to a value other than null (in the config or by default); an explicit
+        null where transformers does not accept one is an error."""
+        if key in self.config and self.config[key] is None and key not in self.nullable:
+            raise ConfigError(f"{self.where}: config field {key!r} is null; set it or leave it out")
         try:
             return self.raw(key) is not None
         except ConfigError:
@@ -78,14 +82,10 @@ class Fields:
             raise ConfigError(f"{self.where}: {kv_key} = {kv} must divide {heads_key} = {heads}")
         return heads, kv
 
-    def head_dim(self, hidden: int, heads: int, null_allowed: bool = False) -> int:
-        """head_dim when set (Mistral-NeMo, Qwen3, Gemma), else hidden / heads as transformers computes it.
-        An explicit null is that too where the family's transformers code says so (``null_allowed``),
-        and an error elsewhere (transformers fails on it)."""
+    def head_dim(self, hidden: int, heads: int) -> int:
+        """head_dim when set (Mistral-NeMo, Qwen3, Gemma), else hidden / heads as transformers computes it."""
         if self.has("head_dim"):
             return self.int("head_dim")
-        if "head_dim" in self.config and not null_allowed:
-            raise ConfigError(f"{self.where}: config field 'head_dim' is null; set it or leave it out")
         if hidden % heads:
             raise ConfigError(f"{self.where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}; set head_dim")
         return hidden // heads

@@ -33,12 +33,14 @@ class Tensor:
 @dataclass(frozen=True)
 class Family:
     """One architecture family: the model_types it reads, the transformers defaults of the fields it
-    reads, every other field known not to change shapes, and the tensor list of a config."""
+    reads, every other field known not to change shapes, the tensor list of a config, and the fields
+    its transformers code accepts as null (a null elsewhere is an error, as it is in transformers)."""
 
     model_types: tuple[str, ...]
     defaults: Mapping[str, object]
     harmless: frozenset[str]
     tensors: Callable[[Fields], list[Tensor]]
+    nullable: frozenset[str] = frozenset()
 
     @property
     def fields(self) -> frozenset[str]:

@@ -18,16 +18,15 @@ def decoder(
     qk_norm: bool = False,
     sandwich_norms: bool = False,
     mlp: Callable[[int, str], list[Tensor]] | None = None,
-    null_head_dim: bool = False,
 ) -> list[Tensor]:
     """A decoder-only causal LM: ``qk_norm`` adds Qwen3/Gemma3's per-head q_norm and k_norm,
     ``sandwich_norms`` Gemma's pre/post feed-forward norms, ``mlp(layer, prefix)`` replaces the
-    dense MLP of a layer (MoE blocks), ``null_head_dim`` accepts ``head_dim: null`` as hidden / heads."""
+    dense MLP of a layer (MoE blocks)."""
     hidden = f.int("hidden_size")
     intermediate = f.int("intermediate_size")
     vocab = f.int("vocab_size")
     heads, kv_heads = f.heads("num_attention_heads", "num_key_value_heads")
-    head_dim = f.head_dim(hidden, heads, null_head_dim)
+    head_dim = f.head_dim(hidden, heads)
     layers: list[Tensor] = []
     for i in range(f.int("num_hidden_layers", MAX_LAYERS)):
         p = f"model.layers.{i}"

@@ -13,7 +13,7 @@ DEFAULTS = {
 
 def tensors(f: Fields) -> list[Tensor]:
     bias = f.flag("attention_bias")
-    return decoder(f, qkv_bias=bias, o_bias=bias, mlp_bias=f.flag("mlp_bias"), null_head_dim=True)
+    return decoder(f, qkv_bias=bias, o_bias=bias, mlp_bias=f.flag("mlp_bias"))
 
 
-FAMILY = Family(("llama",), DEFAULTS, COMMON_HARMLESS, tensors)
+FAMILY = Family(("llama",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"head_dim", "num_key_value_heads"}))

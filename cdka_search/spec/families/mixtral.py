@@ -18,7 +18,7 @@ def tensors(f: Fields) -> list[Tensor]:
     def mlp(layer: int, prefix: str) -> list[Tensor]:
         return router(f"{prefix}.gate", experts, hidden) + routed_experts(f"{prefix}.experts", experts, hidden, intermediate)
 
-    return decoder(f, qkv_bias=False, o_bias=False, mlp=mlp, null_head_dim=True)
+    return decoder(f, qkv_bias=False, o_bias=False, mlp=mlp)
 
 
-FAMILY = Family(("mixtral",), DEFAULTS, COMMON_HARMLESS | {"num_local_experts"}, tensors)
+FAMILY = Family(("mixtral",), DEFAULTS, COMMON_HARMLESS | {"num_local_experts"}, tensors, frozenset({"head_dim"}))
