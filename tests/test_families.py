@@ -8,7 +8,7 @@ import pytest
 from cdka_search.errors import ConfigError
 from cdka_search.planner import make_plan, plan_problems
 from cdka_search.spec import load_spec, spec_from_module
-from cdka_search.spec.families import FAMILIES, family_spec, family_tensors
+from cdka_search.spec.families import FAMILIES, family_spec, family_tensors, unknown_fields
 from cdka_search.spec.presets import PRESETS
 
 torch = pytest.importorskip("torch")
@@ -50,6 +50,8 @@ TINY = {
 VARIANTS = {
     "deepseek_v3 q_lora_rank null": ("deepseek_v3", {**TINY["deepseek_v3"], "q_lora_rank": None, "attention_bias": True}),
     "gpt2 untied": ("gpt2", {**TINY["gpt2"], "tie_word_embeddings": False}),
+    "gpt2 attribute_map names": ("gpt2", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, n_inner=100,
+                                              max_position_embeddings=32, vocab_size=128)),
     "mistral head_dim null": ("mistral", {**TINY["mistral"], "head_dim": None}),
     "llama head_dim null": ("llama", {**TINY["llama"], "head_dim": None}),
     "mixtral head_dim null": ("mixtral", {**TINY["mixtral"], "head_dim": None}),
@@ -112,7 +114,9 @@ def test_family_spec_equals_the_meta_module_spec(case, tmp_path):
     also when read from a config.json folder."""
     model_type, fields = CASES[case]
     model = meta_model(model_type, fields)
-    (tmp_path / "config.json").write_text(json.dumps(config_dict(model_type, fields)))
+    config = config_dict(model_type, fields)
+    assert unknown_fields(config, FAMILIES[model_type]) == []  # read by the family, not through transformers
+    (tmp_path / "config.json").write_text(json.dumps(config))
     spec = load_spec(str(tmp_path))
     assert spec.source == "hf-config"
     assert list(spec.targets) == live_targets(model_type, model)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from cdka_search.spec.config_fields import Fields
+from cdka_search.spec.config_fields import ALIASES, Fields
 from cdka_search.spec.model_spec import Kind
 
 
@@ -44,7 +44,9 @@ class Family:
 
     @property
     def fields(self) -> frozenset[str]:
-        return frozenset(self.defaults) | self.harmless
+        """Every config key the family understands: those it reads (in either spelling) and the harmless."""
+        spellings = {alias for key in self.defaults for alias in ALIASES.get(key, ())}
+        return frozenset(self.defaults) | spellings | self.harmless
 
 
 # Fields of any config that never change a parameter shape (ids, dropout, RoPE, eps, caching, dtype,
