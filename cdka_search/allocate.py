@@ -51,20 +51,19 @@ class Allocation:
 def _hull(options: Sequence[Option]) -> list[int]:
     """Option indices along the upper convex hull, from the cheapest (best-valued) option."""
     hull: list[int] = []
-    points: list[Option] = []
-    for c, negative_v, i in sorted((c, -v, i) for i, (c, v) in enumerate(options)):
+    cs: list[int] = []
+    vs: list[float] = []
+    for c, negative_v, i in sorted([(c, -v, i) for i, (c, v) in enumerate(options)]):
         v = -negative_v
-        if points and v <= points[-1][1]:
+        if vs and v <= vs[-1]:
             continue  # dominated: costs at least as much, worth no more
-        while len(points) >= 2:
-            (c1, v1), (c2, v2) = points[-2], points[-1]
-            if (v2 - v1) * (c - c1) <= (v - v1) * (c2 - c1):
-                points.pop()
-                hull.pop()
-            else:
-                break
+        while len(vs) >= 2 and (vs[-1] - vs[-2]) * (c - cs[-2]) <= (v - vs[-2]) * (cs[-1] - cs[-2]):
+            hull.pop()
+            cs.pop()
+            vs.pop()
         hull.append(i)
-        points.append((c, v))
+        cs.append(c)
+        vs.append(v)
     return hull
 
 
@@ -158,15 +157,11 @@ def allocate(units: Sequence[Sequence[Option]], budget: int, *, node_limit: int 
     top = [max(r) for r in reduced]
     upper = min(lp.upper, lam * budget + sum(top))  # the same bound, by duality; min guards rounding
     eps = 1e-12 * max(1.0, abs(upper))
-
-    # Options that can still appear in a better solution, cheapest loss first.
-    def candidates(slack: float) -> list[list[tuple[float, int, int]]]:
-        return [
-            sorted((top[k] - r, units[k][i][0], i) for i, r in enumerate(rk) if top[k] - r < slack + eps)
-            for k, rk in enumerate(reduced)
-        ]
-
-    options = candidates(upper - best_value)
+    # Options that can still appear in a better solution (reduced loss below the gap), cheapest loss first.
+    options = []
+    for k, rk in enumerate(reduced):
+        floor_k = top[k] - (upper - best_value) - eps
+        options.append(sorted((top[k] - r, units[k][i][0], i) for i, r in enumerate(rk) if r > floor_k))
     fixed = [k for k, o in enumerate(options) if len(o) == 1]
     free = sorted((k for k, o in enumerate(options) if len(o) > 1), key=lambda k: (-options[k][1][0], k))
     fixed_value = sum(units[k][options[k][0][2]][1] for k in fixed)

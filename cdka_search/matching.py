@@ -24,20 +24,27 @@ class _Node:
 
 
 class ModuleIndex:
-    """Module names in model order, indexed for exact and pattern lookups (built in one pass)."""
+    """Module names in model order, indexed for exact lookups, and for patterns by a tree of parts
+    built once on the first pattern (one pass over the names)."""
 
     def __init__(self, names: Iterable[str]) -> None:
         self.names: tuple[str, ...] = tuple(dict.fromkeys(names))
         self._position = {n: i for i, n in enumerate(self.names)}
-        self._root = _Node()
-        for i, name in enumerate(self.names):
-            node = self._root
-            for part in name.split("."):
-                child = node.children.get(part)
-                if child is None:
-                    child = node.children[part] = _Node()
-                node = child
-            node.position.append(i)
+        self._root: _Node | None = None  # the tree of parts, built by the first glob (exact names never need it)
+
+    def _tree(self) -> _Node:
+        if self._root is None:
+            root = _Node()
+            for i, name in enumerate(self.names):
+                node = root
+                for part in name.split("."):
+                    child = node.children.get(part)
+                    if child is None:
+                        child = node.children[part] = _Node()
+                    node = child
+                node.position.append(i)
+            self._root = root
+        return self._root
 
     def __len__(self) -> int:
         return len(self.names)
@@ -56,7 +63,7 @@ class ModuleIndex:
         glob = compile_pattern(pattern)
         if glob.crosses_dots:
             return [i for i, n in enumerate(self.names) if glob.fullmatch(n)]
-        nodes = [self._root]
+        nodes = [self._tree()]
         for part in pattern.split("."):
             if is_pattern(part):
                 part_glob = compile_pattern(part)

@@ -187,14 +187,16 @@ def make_plan(
     if reference is None:
         fronts = score_fronts(chosen, space, objective, samples=samples, seed=seed)
         return plan_from_fronts(chosen, limit, fronts, objective=objective, adapter=adapter, per_layer=per_layer)
-    from cdka_search.alignment.planning import reference_tables
+    from cdka_search.alignment.planning import ReferenceScores
 
-    tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs, device=device)
-    counts = {t.name: t.experts for t in chosen.targets if t.name in tables}  # an expert tensor pays for every expert
-    return plan_from_fronts(
-        chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts=counts, weights=weights,
-        objective=objective, adapter=adapter, per_layer=True,
-    )
+    scores = ReferenceScores(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs, device=device)
+    counts = {t.name: t.experts for t in chosen.targets if t.name in scores.tables}  # an expert tensor pays for every expert
+    while True:  # allocate on bounded energies; measure what the choice rests on; until nothing does
+        fronts = {k: front_of(t) for k, t in scores.tables.items()}
+        picked, result = allocate_fronts(fronts, counts, scores.weights, limit)
+        if not scores.refine({k: s.design for k, s in picked.items()}):
+            break
+    return build_plan(chosen, limit, picked, objective=objective, adapter=adapter, allocation=result, per_layer=True)
 
 
 def plan_from_fronts(

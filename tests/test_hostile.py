@@ -525,7 +525,7 @@ def finished_study(tmp_path_factory):
     return storage
 
 
-@pytest.mark.parametrize(("make", "message"), [("file", "is a file; give a folder"), ("under-file", "cannot create the plot folder")])
+@pytest.mark.parametrize(("make", "message"), [("file", "is a file; give a folder"), ("under-file", "cannot be created: ")])
 def test_report_out_errors(cli, tmp_path, finished_study, make, message):
     (tmp_path / "taken").write_text("x")
     out = tmp_path / "taken" if make == "file" else tmp_path / "taken" / "plots"
@@ -604,3 +604,91 @@ def test_nan_reference_is_named(cli, tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     rejects(cli, tmp_path, ["plan", "-m", str(tmp_path / "config.json"), "-b", "lora:2", "--reference", str(tmp_path / "ref.safetensors")],
             "reference", "has NaN or infinite entries")
+
+
+# 15, 16, 17. Sweep bookkeeping (the SIGKILL stress test is in test_sweep_workers.py) ----------------
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def _study():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    return optuna.create_study(direction="minimize")
+
+
+def test_trial0_lost_any_number_of_times_is_queued_again():
+    import socket
+
+    from optuna.trial import TrialState
+
+    from cdka_search.sweep.bookkeeping import HEURISTIC, STAMPED, WORKER, ensure_heuristic, heuristic_done, reap_dead
+
+    study, params = _study(), {"g": "1,1,4", "alpha": 64.0, "lr": 0.005}
+    for _ in range(5):  # five kills while trial 0 trains: more than any retry budget
+        ensure_heuristic(study, params)
+        trial = study.ask()
+        assert trial.user_attrs.get(HEURISTIC)
+        trial.suggest_categorical("g", ["1,1,4", "2,2,4"])
+        trial.set_user_attr(WORKER, f"{socket.gethostname()}:{_dead_pid()}")
+        trial.set_user_attr(STAMPED, trial.number)
+        assert reap_dead(study) == 1  # the dead worker's trial is failed and queued again at once
+        assert study.get_trials(deepcopy=False)[-1].state == TrialState.WAITING
+        copy = study.ask()  # the queued copy starts: not stamped yet, so no other worker reaps it
+        assert reap_dead(study) == 0
+        study.tell(copy, state=TrialState.FAIL)  # then its worker dies before stamping it (heartbeat's case)
+    assert not heuristic_done(study)
+    assert ensure_heuristic(study, params)  # still missing: queued again
+    trial = study.ask()
+    trial.suggest_categorical("g", ["1,1,4", "2,2,4"])
+    study.tell(trial, 0.5)
+    assert heuristic_done(study) and not ensure_heuristic(study, params)
+
+
+def test_resumed_seed_draws_differently_and_duplicates_are_replaced():
+    from cdka_search.sweep.bookkeeping import trial_seed, untried_design
+
+    assert trial_seed(0, 5) == trial_seed(0, 5) and trial_seed(0, 5) != trial_seed(0, 6) != trial_seed(1, 6)
+    labels = [["a", "b"], ["x", "y", "z"]]
+    tried = {("a", "x"), ("a", "y"), ("b", "z")}
+    fresh = untried_design(labels, tried, seed=3)
+    assert fresh not in tried and fresh == untried_design(labels, tried, seed=3)
+    everything = {(a, b) for a in labels[0] for b in labels[1]}
+    assert untried_design(labels, everything, seed=3) is None  # exhausted: duplicates allowed
+
+
+def test_same_seed_resume_trains_no_design_twice(tmp_path):
+    from cdka_search.sweep.bookkeeping import counted
+    from cdka_search.sweep.study import SweepConfig, open_study, run_sweep
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    for trials in (3, 6, 9):  # the README's recipe: rerun the same command, same --seed, more trials
+        run_sweep(SweepConfig(model=str(tmp_path / "config.json"), budget="lora:4", trials=trials, steps=5,
+                              storage=storage, study="s", seed=0, output=None))
+    trials_ = [t for t in open_study(storage, "s", heartbeat=False).get_trials(deepcopy=False) if counted(t)]
+    groups = sorted(n for n in trials_[0].params if n not in ("alpha", "lr"))
+    designs = [tuple(t.params[n] for n in groups) for t in trials_]
+    assert len(trials_) == 9 and len(set(designs)) == 9
+
+
+def test_may_start_stops_at_the_total_and_lets_the_lowest_running_trial_finish():
+    from optuna.trial import TrialState
+
+    from cdka_search.sweep.bookkeeping import may_start, stamp
+
+    study = _study()
+    for value in (1.0, 2.0):
+        t = study.ask()
+        study.tell(t, value)
+    a, b = study.ask(), study.ask()  # two workers' trials in flight, the study wants 3
+    stamp(a)
+    stamp(b)
+    assert may_start(study, a.number, 3) and not may_start(study, b.number, 3)
+    study.tell(a, 0.5)
+    assert not may_start(study, b.number, 3)
+    assert [t.state for t in study.get_trials()].count(TrialState.COMPLETE) == 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -153,7 +154,7 @@ def _energies(
     if norm_sq == 0:
         return torch.zeros(r_max, dtype=torch.float64)
     if small <= 2 * (power_iters + 1) * k:
-        sigma_sq = torch.linalg.eigvalsh(_gram(R)).flip(0)
+        sigma_sq = _small_eig(torch.linalg.eigvalsh, _gram(R)).flip(0)
     else:
         sigma_sq = _krylov_sigma_sq(R, r_max, k, power_iters, seed, tol, norm_sq)
     energies = sigma_sq.clamp(min=0)[:r_max].cumsum(0) / norm_sq
@@ -190,14 +191,14 @@ def _krylov_sigma_sq(
     H = (images.T @ images).double()
     previous = None
     for step in range(power_iters + 1):
-        ritz = torch.linalg.eigvalsh(H).flip(0)[:r_max]
+        ritz = _small_eig(torch.linalg.eigvalsh, H).flip(0)[:r_max]
         energies = ritz.clamp(min=0).cumsum(0) / norm_sq
         if step == power_iters or (previous is not None and (energies - previous).abs().max() < tol):
             break
         previous = energies
         # Whiten the last image block from its diagonal block of H (cheaper than a QR of the
         # tall image) so that R @ image does not lose its small directions to rounding.
-        weights, vectors = torch.linalg.eigh(H[-block.shape[1]:, -block.shape[1]:])
+        weights, vectors = _small_eig(torch.linalg.eigh, H[-block.shape[1]:, -block.shape[1]:])
         keep = weights > weights[-1] * 1e-12
         whiten = (vectors[:, keep] / weights[keep].sqrt()).to(R.dtype)
         block = _orthonormal(R @ (images[:, -block.shape[1]:] @ whiten), basis)
@@ -207,6 +208,23 @@ def _krylov_sigma_sq(
         basis = torch.cat([basis, block], 1)
         images = torch.cat([images, image], 1)
     return ritz
+
+
+def _small_eig(solver: Callable, A: torch.Tensor) -> Any:
+    """``solver(A)`` for a small symmetric matrix, on one CPU thread.
+
+    Why: the threaded LAPACK eigensolver spins waiting for busy cores; on the shared 2-core machine a
+    336 x 336 eigvalsh took 0.47 s with 2 threads and 8 ms with 1, and the GEMMs around it keep their
+    threads. The thread count is restored at once.
+    """
+    threads = torch.get_num_threads()
+    if A.device.type != "cpu" or threads == 1:
+        return solver(A)
+    torch.set_num_threads(1)
+    try:
+        return solver(A)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _orthonormal(Y: torch.Tensor, against: torch.Tensor | None) -> torch.Tensor:

@@ -55,15 +55,19 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
 
 def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
     """Any architecture transformers knows, built on the meta device (no weight allocated)."""
-    import torch  # ImportError reaches config_spec, which says what to install
-    import transformers
-
+    from cdka_search.spec.hf_config import read_config
     from cdka_search.textdata import refuse_remote_code
 
-    if path.is_dir():
+    kind = read_config(path).get("model_type")
+    if not isinstance(kind, str) or not kind.strip():
+        raise ModelSourceError(f"{path}: config.json has no model_type, so its architecture is unknown")
+    if path.is_dir():  # both checks before importing torch: bad input fails fast
         refuse_remote_code(path, "config.json")
     else:
         refuse_remote_code(path.parent, path.name)
+    import torch  # ImportError reaches config_spec, which says what to install
+    import transformers
+
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         with torch.device("meta"):
