@@ -60,7 +60,7 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
 
     kind = read_config(path).get("model_type")
     if not isinstance(kind, str) or not kind.strip():
-        raise ModelSourceError(f"{path}: config.json has no model_type, so its architecture is unknown")
+        raise ModelSourceError(f"{path}: config.json has no model_type text, so its architecture is unknown")
     if path.is_dir():  # both checks before importing torch: bad input fails fast
         refuse_remote_code(path, "config.json")
     else:
