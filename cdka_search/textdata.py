@@ -28,7 +28,9 @@ def read_texts(path: str | Path) -> list[str]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except RecursionError:
+                raise DataError(f"{file}: line {number} is nested too deeply") from None
+            except ValueError:  # not JSON, or an integer too long to convert
                 raise DataError(f"{file}: line {number} is not JSON") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f"{file}: line {number} has no string 'text' field")

@@ -725,3 +725,17 @@ def test_a_killed_export_leaves_a_temp_folder_that_the_next_export_removes(tmp_p
     (stale / "a" / "adapter_config.json").write_text("{}")
     write_export(_export("a/adapter_config.json", "b/adapter_config.json"), out_dir=tmp_path / "adapter")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("[" * 100_000 + "]" * 100_000, "line 2 is nested too deeply"),
+    ('{"text": ' + "9" * 5000 + "}", "line 2 is not JSON"),
+    ('{"text": 1}', "line 2 has no string 'text' field"),
+])
+def test_bad_jsonl_data_lines(tmp_path, line, message):
+    from cdka_search.textdata import read_texts
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message):
+        read_texts(data)
