@@ -739,3 +739,23 @@ def test_bad_jsonl_data_lines(tmp_path, line, message):
     data.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
         read_texts(data)
+
+
+def test_a_worker_waits_for_room_then_stops_or_gives_up(monkeypatch):
+    from cdka_search.sweep import objective
+    from cdka_search.sweep.bookkeeping import STAMPED, WORKER, longest_wait_s
+
+    study = _study()
+    for value in (1.0, 2.0):
+        t = study.ask()
+        study.tell(t, value)
+    other = study.ask()  # another host's trial, in flight: this host cannot tell whether it lives
+    other.set_user_attr(WORKER, "another-host:1")
+    other.set_user_attr(STAMPED, other.number)
+    mine = study.ask()
+    assert longest_wait_s(study) == 600.0
+    waiting = objective.Objective(None, None, trials=3)  # type: ignore[arg-type]
+    monkeypatch.setattr(objective, "longest_wait_s", lambda st: 0.0)
+    assert waiting._wait_for_room(mine)  # gave up waiting: trains (journal storages, dead remote worker)
+    study.tell(other, 0.5)
+    assert not waiting._wait_for_room(mine)  # the study is full: stop
