@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = {}
     for method, model in models.items():
         frozen = [p for p in model.parameters() if not p.requires_grad]
-        saved[method] = saved_bytes(lambda: step(model), frozen + [hidden])  # also the first warm-up
+        saved[method] = saved_bytes(lambda model=model: step(model), frozen + [hidden])  # also the first warm-up
         step(model).sum().backward()
     times: dict[str, list[float]] = {method: [] for method in models}
     for _ in range(args.repeats):  # round robin, so that every method sees the same machine load

@@ -1,8 +1,11 @@
 """A sweep killed with SIGKILL at random moments, resumed each time: is the study still whole?
 
 Runs `cdka sweep` (proxy task, a tiny LLaMA config, SQLite storage) in a subprocess, kills it with
-SIGKILL after a random delay, starts it again with the same command and --seed, KILLS times; then
-lets the last run finish. After every kill it checks, and prints one row per kill:
+SIGKILL, starts it again with the same command and --seed, KILLS times; then lets the last run
+finish. The first TRIAL0_KILLS kills come while trial 0 (the heuristic plan) trains, a random
+0 to 0.5 s after it starts (three such kills used to lose it for good); the others come at a random
+moment MIN_DELAY to MAX_DELAY seconds after the process starts its first trial (start-up takes
+seconds and holds nothing to lose). After every kill it checks, and prints one row per kill:
 
 - lost: completed trials (number -> value) seen before the kill and missing or changed after it;
 - trial 0: whether the heuristic plan's trial has completed yet;
@@ -12,8 +15,8 @@ lets the last run finish. After every kill it checks, and prints one row per kil
 At the end: the study must hold exactly --trials counted trials, a completed trial 0 whose value is
 the best plan file's trial0_value, no lost trial and no duplicate. Exit status 1 if any check fails.
 
-Run:  python benchmarks/sweep_kills.py                       (20 kills; about 3-6 minutes on 2 cores)
-      python benchmarks/sweep_kills.py --kills 3 --trials 6   (a smoke test)
+Run:  python benchmarks/sweep_kills.py                                   (20 kills, 40 trials)
+      python benchmarks/sweep_kills.py --kills 3 --trial0-kills 2 --trials 5   (a smoke test)
 """
 
 from __future__ import annotations
@@ -81,6 +84,18 @@ def design_duplicates(trials: list) -> int:
     return duplicates
 
 
+def running_in(folder: Path, pid: int, *, trial0: bool) -> bool:
+    """A trial (trial 0 if ``trial0``) is training in process ``pid``."""
+    import optuna
+
+    try:
+        trials = load_trials(folder)
+    except Exception:  # the study is being created: not yet
+        return False
+    return any((t.user_attrs.get("heuristic") or not trial0) and t.state == optuna.trial.TrialState.RUNNING
+               and str(t.user_attrs.get("worker", "")).endswith(f":{pid}") for t in trials)
+
+
 def heuristic_value(trials: list) -> float | None:
     import optuna
 
@@ -91,11 +106,12 @@ def heuristic_value(trials: list) -> float | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the kill moments.")
-    parser.add_argument("--min-delay", type=float, default=0.5, help="Seconds after start, at the earliest, of a kill.")
-    parser.add_argument("--max-delay", type=float, default=8.0, help="Seconds after start, at the latest, of a kill.")
+    parser.add_argument("--trial0-kills", type=int, default=3, help="Kills while trial 0 trains (the first ones).")
+    parser.add_argument("--min-delay", type=float, default=0.0, help="Seconds after the first trial starts, at the earliest, of a kill.")
+    parser.add_argument("--max-delay", type=float, default=6.0, help="Seconds after the first trial starts, at the latest, of a kill.")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -104,22 +120,28 @@ def main() -> int:
         folder = Path(tmp)
         (folder / "config.json").write_text(json.dumps(TINY))
         command = sweep_command(folder, args.trials, args.steps)
-        print(f"{'kill':>4} {'after s':>8} {'completed':>9} {'lost':>4} {'trial 0':>8} {'duplicates':>10}")
+        print(f"{'kill':>4} {'after s':>8} {'killed':>6} {'completed':>9} {'lost':>4} {'trial 0':>8} {'duplicates':>10}")
+        real_kills = 0
         for kill in range(1, args.kills + 1):
             before = completed(load_trials(folder))
-            delay = rng.uniform(args.min_delay, args.max_delay)
             proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                proc.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
+            started = time.monotonic()
+            trial0 = kill <= args.trial0_kills
+            while proc.poll() is None and not running_in(folder, proc.pid, trial0=trial0) and time.monotonic() - started < 300:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.5) if trial0 else rng.uniform(args.min_delay, args.max_delay))
+            delay = time.monotonic() - started
+            killed = proc.poll() is None
+            if killed:
                 proc.send_signal(signal.SIGKILL)
-                proc.wait()
+                real_kills += 1
+            proc.wait()
             trials = load_trials(folder)
             after = completed(trials)
             lost = sum(after.get(n) != v for n, v in before.items())
             duplicates = design_duplicates(trials)
             trial0 = "done" if heuristic_value(trials) is not None else "-"
-            print(f"{kill:>4} {delay:>8.2f} {len(after):>9} {lost:>4} {trial0:>8} {duplicates:>10}", flush=True)
+            print(f"{kill:>4} {delay:>8.2f} {'yes' if killed else 'no':>6} {len(after):>9} {lost:>4} {trial0:>8} {duplicates:>10}", flush=True)
             if lost:
                 failures.append(f"kill {kill}: {lost} completed trial(s) lost or changed")
         before = completed(load_trials(folder))
@@ -133,6 +155,9 @@ def main() -> int:
         lost = sum(after.get(n) != v for n, v in before.items())
         duplicates = design_duplicates(trials)
         trial0 = heuristic_value(trials)
+        print(f"{real_kills} of {args.kills} runs were killed while working")
+        if real_kills < args.kills:
+            failures.append(f"only {real_kills} of {args.kills} runs were still working when killed (raise --trials)")
         print(f"final run: exit {done.returncode} after {time.monotonic() - started:.1f} s; {counted_trials} counted "
               f"trials (--trials {args.trials}), {len(after)} completed, lost {lost}, duplicates {duplicates}, "
               f"trial 0 value {trial0}")

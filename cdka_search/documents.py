@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import stat
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
@@ -23,9 +23,29 @@ from cdka_search.errors import CdkaError, PlanError
 T = TypeVar("T")
 
 MAX_DEPTH = 32  # plans nest 4 deep, configs and headers 3; 32 leaves room for any real document
-MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # JSON; the largest real config.json is well under 1 MB
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024  # JSON; the largest real config.json is well under 1 MB
 MAX_YAML_BYTES = 2 * 1024 * 1024  # a per-layer plan of a 70B model is about 250 KB; YAML parses slowly
 _BRIEF_CHARS = 60
+
+
+@dataclass(frozen=True)
+class JsonLimits:
+    """Bounds on a JSON document checked before it is parsed, by counting bytes in C: its size, its
+    objects ({), arrays ([) and separators (, : every element after a container's first). With
+    them, parsing a hostile document can neither take long nor build millions of Python objects."""
+
+    max_bytes: int = MAX_DOCUMENT_BYTES
+    max_objects: int = 100_000
+    max_arrays: int = 100_000
+    max_commas: int = 1_000_000
+
+    def check(self, data: bytes | str, where: str, error: type[CdkaError]) -> None:
+        if len(data) > self.max_bytes:
+            raise error(f"{where}: {len(data):,} bytes is larger than such a document can be ({self.max_bytes:,})")
+        brace, bracket, comma = ("{", "[", ",") if isinstance(data, str) else (b"{", b"[", b",")
+        for sign, limit, what in ((brace, self.max_objects, "objects"), (bracket, self.max_arrays, "arrays"), (comma, self.max_commas, "elements")):
+            if data.count(sign) > limit:  # type: ignore[arg-type]
+                raise error(f"{where}: more {what} than such a document can hold ({limit:,})")
 
 
 def brief(value: Any, limit: int = _BRIEF_CHARS) -> str:
@@ -78,10 +98,10 @@ def _finite_float(where: str, error: type[CdkaError]):
     return hook
 
 
-def read_json(data: bytes | str, where: str, error: type[CdkaError], max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
-    """Parse strict JSON: no NaN/Infinity, no overflowing numbers, no duplicate keys, bounded depth."""
-    if len(data) > max_bytes:
-        raise error(f"{where}: {len(data):,} bytes is larger than such a document can be ({max_bytes:,})")
+def read_json(data: bytes | str, where: str, error: type[CdkaError], limits: JsonLimits = JsonLimits()) -> Any:
+    """Parse strict JSON: no NaN/Infinity, no overflowing numbers, no duplicate keys, bounded depth
+    and size (``limits``)."""
+    limits.check(data, where, error)
     import json
 
     def refuse_constant(name: str) -> Any:

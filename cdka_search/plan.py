@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping
 
 from cdka_search.candidates import Design
 from cdka_search.documents import (
-    MAX_DOCUMENT_BYTES,
+    JsonLimits,
     brief,
     read_file_bytes,
     read_json,
@@ -55,11 +55,20 @@ from cdka_search.patterns import MAX_PATTERN_CHARS, match_module
 from cdka_search.scoring import OBJECTIVES
 
 SCHEMA_VERSION = 1
-SCALINGS = ("alpha/sqrt(r*r2)", "alpha/r", "alpha/sqrt(r)", "fixed")
+SCALINGS = ("alpha/sqrt(r*r2)", "matched", "alpha/r", "alpha/sqrt(r)", "fixed")
+#: Scalings whose A factors start with LoRA's entry size (bound 1/sqrt(d_in)) rather than 1/sqrt(d_in/r2).
+LORA_INIT_SCALINGS = ("matched",)
 INITS = ("kaiming-A-zero-B", "gradient-aligned")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 KINDS = ("linear", "conv1d", "experts")
+# A group is about one object, five arrays and twenty elements: room for 100,000 groups in 16 MB.
+PLAN_JSON_LIMITS = JsonLimits(16 * 1024 * 1024, 200_000, 600_000, 2_000_000)
 MAX_ALPHA = 1e6  # |alpha| and |scale|; real plans use 1 to 256
+
+
+def a_fan_in(scaling: str, d_in: int, n2: int) -> int:
+    """The fan-in that bounds the initial A entries: d_in under a LoRA-init scaling, else n2 = d_in / r2."""
+    return d_in if scaling in LORA_INIT_SCALINGS else n2
 
 
 class _Report:
@@ -138,12 +147,19 @@ def _pair(value: Any, where: str) -> tuple[int, int]:
 
 
 def scaling_value(scaling: str, alpha: float, r: int, r2: int, scale: float | None = None) -> float:
-    """lambda for one adapter. ``alpha/sqrt(r*r2)`` keeps E||grad_B||^2 independent of r, r1, r2."""
+    """lambda for one adapter (cdka-notes.md section 3, docs/validity.md "Scaling").
+
+    ``alpha/sqrt(r*r2)`` (the paper's) keeps E||grad_B||^2 and the first update's norm independent of
+    the design, but A then starts sqrt(r2) times larger than LoRA's, so under Adam (steps of about lr
+    per entry) A turns sqrt(r2) times slower relative to its size. ``matched`` starts A at LoRA's
+    size and uses lambda = alpha/sqrt(r): both the B-path and the A-path updates of every design then
+    have LoRA-with-rsLoRA's Frobenius norm at the same lr (derived), so one lr serves every design.
+    """
     if scaling == "fixed":
         if scale is None:
             raise PlanError("scaling 'fixed' needs a scale value (adapter.scale in the plan)")
         return float(scale)
-    denominators = {"alpha/sqrt(r*r2)": math.sqrt(r * r2), "alpha/r": float(r), "alpha/sqrt(r)": math.sqrt(r)}
+    denominators = {"alpha/sqrt(r*r2)": math.sqrt(r * r2), "matched": math.sqrt(r), "alpha/r": float(r), "alpha/sqrt(r)": math.sqrt(r)}
     if scaling not in denominators:
         raise PlanError(f"unknown scaling {scaling!r}: allowed are {', '.join(SCALINGS)}")
     return float(alpha) / denominators[scaling]
@@ -499,15 +515,15 @@ def save_plan(plan: Plan, path: str | Path, fmt: str | None = None) -> Path:
 def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan file: YAML, or JSON when it is named ``.json``.
 
-    A ``.json`` plan (what save_plan writes there) is read by the JSON reader, at C speed and up to
-    MAX_DOCUMENT_BYTES, so the per-layer plan of a model with tens of thousands of modules loads in
+    A ``.json`` plan (what save_plan writes there) is read by the JSON reader, at C speed and within
+    PLAN_JSON_LIMITS, so the per-layer plan of a model with tens of thousands of modules loads in
     well under a second; YAML stays bounded by MAX_YAML_BYTES.
     """
     file = Path(path)
     if not file.exists():
         raise PlanError(f"{file}: no such plan file")
     if file.suffix == ".json":
-        data = read_json(read_file_bytes(file, PlanError, MAX_DOCUMENT_BYTES), str(file), PlanError)
+        data = read_json(read_file_bytes(file, PlanError, PLAN_JSON_LIMITS.max_bytes), str(file), PlanError, PLAN_JSON_LIMITS)
         try:
             return Plan.from_dict(data)
         except PlanError as exc:

@@ -70,16 +70,19 @@ def select_targets(spec: ModelSpec, selection: str = "all-linear") -> ModelSpec:
 
 @dataclass(frozen=True)
 class Coverage:
-    """How much of a model's parameters a target selection covers, and which adaptable weights it leaves out.
+    """How much of a model's parameters a target selection covers, and what it leaves out.
 
-    ``left_out`` holds (role, weights) of every unselected target role, largest first; the rest of
-    the model (embeddings, norms, LM head, routers' plain parameters) is ``not_adaptable``.
+    ``left_out``: (role, weights) of every unselected target role, largest first (an option selects
+    them). ``unadaptable``: weight matrices no target covers (routers, expert stores in a layout cdka
+    does not adapt, convolutions), as ModelSpec lists them. The rest, ``other``, is embeddings,
+    norms, biases and the LM head.
     """
 
     model: str
     total: int
     covered: int
     left_out: tuple[tuple[str, int], ...]
+    unadaptable: tuple[tuple[str, int], ...]
     selection: str
 
     @property
@@ -87,8 +90,12 @@ class Coverage:
         return sum(w for _, w in self.left_out)
 
     @property
-    def not_adaptable(self) -> int:
-        return self.total - self.covered - self.left_out_params
+    def unadaptable_params(self) -> int:
+        return sum(w for _, w in self.unadaptable)
+
+    @property
+    def other_params(self) -> int:
+        return self.total - self.covered - self.left_out_params - self.unadaptable_params
 
     def share(self, params: int) -> str:
         return f"{100 * params / self.total:.1f}%"
@@ -96,21 +103,30 @@ class Coverage:
     def summary(self) -> str:
         return (
             f"coverage: the targets hold {self.share(self.covered)} of {self.model}'s {self.total:,} parameters; "
-            f"{self.share(self.left_out_params)} lie in weights not selected, {self.share(self.not_adaptable)} in tensors "
-            "no adapter targets (embeddings, norms, LM head, routers)"
+            f"{self.share(self.left_out_params)} lie in weights not selected, {self.share(self.unadaptable_params)} in "
+            f"weights no adapter targets (routers, other layouts), {self.share(self.other_params)} in embeddings, norms, "
+            "biases and the LM head"
         )
 
-    def warning(self) -> str | None:
-        """A warning naming the left-out weights when they exceed WARN_SHARE of the model, else None."""
-        if self.left_out_params <= WARN_SHARE * self.total:
-            return None
-        names = ", ".join(f"{role} ({self.share(w)})" for role, w in self.left_out[:4])
-        more = f" and {len(self.left_out) - 4} more" if len(self.left_out) > 4 else ""
-        option = "--targets all-linear" if self.selection.strip() != "all-linear" else "their names in --targets"
-        return (
-            f"warning: {self.share(self.left_out_params)} of {self.model}'s parameters are in weights "
-            f"--targets {self.selection} leaves out: {names}{more}; include them with {option}"
-        )
+    def _named(self, roles: tuple[tuple[str, int], ...]) -> str:
+        names = ", ".join(f"{role} ({self.share(w)})" for role, w in roles[:4])
+        return names + (f" and {len(roles) - 4} more" if len(roles) > 4 else "")
+
+    def warnings(self) -> list[str]:
+        """One line for each kind of left-out weight holding more than WARN_SHARE of the model."""
+        out = []
+        if self.left_out_params > WARN_SHARE * self.total:
+            option = "--targets all-linear" if self.selection.strip() != "all-linear" else "their names in --targets"
+            out.append(
+                f"warning: {self.share(self.left_out_params)} of {self.model}'s parameters are in weights "
+                f"--targets {self.selection} leaves out: {self._named(self.left_out)}; include them with {option}"
+            )
+        if self.unadaptable_params > WARN_SHARE * self.total:
+            out.append(
+                f"warning: {self.share(self.unadaptable_params)} of {self.model}'s parameters are in weights no cdka "
+                f"target covers: {self._named(self.unadaptable)}; no --targets option includes them (docs/models.md)"
+            )
+        return out
 
 
 def coverage(spec: ModelSpec, chosen: ModelSpec, selection: str) -> Coverage:
@@ -122,4 +138,4 @@ def coverage(spec: ModelSpec, chosen: ModelSpec, selection: str) -> Coverage:
             left[t.role] = left.get(t.role, 0) + t.weight_params
     ranked = tuple(sorted(left.items(), key=lambda kv: -kv[1]))
     covered = sum(t.weight_params for t in chosen.targets)
-    return Coverage(spec.name, spec.total_params, covered, ranked, selection)
+    return Coverage(spec.name, spec.total_params, covered, ranked, spec.unadaptable, selection)

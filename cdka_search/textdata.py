@@ -84,6 +84,22 @@ def refuse_remote_code(folder: Path, name: str) -> None:
         )
 
 
+def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, seq_len: int) -> None:
+    """What a gradient probe can check before importing torch: its sizes, and a model folder with a
+    config.json that asks for no remote code (so bad input is rejected at once)."""
+    from cdka_search.errors import ArgumentError
+    from cdka_search.limits import check_int
+
+    check_int(batches, "--batches", ArgumentError, 1, 1 << 20)
+    check_int(batch_size, "--batch-size", ArgumentError, 1, 1 << 16)
+    check_int(seq_len, "--seq-len", ArgumentError, 2, 1 << 20)
+    folder = Path(model_dir)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    refuse_remote_code(folder, "config.json")
+    refuse_remote_code(folder, "tokenizer_config.json")
+
+
 def load_causal_lm(model_dir: str | Path) -> Any:
     """A local Hugging Face causal LM in float32 from safetensors weights (never pickle, never the hub)."""
     folder = Path(model_dir)

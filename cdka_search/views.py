@@ -99,9 +99,11 @@ def coverage_extra(covered: Coverage | None) -> dict[str, object]:
             "total_params": covered.total,
             "covered_params": covered.covered,
             "left_out_params": covered.left_out_params,
-            "not_adaptable_params": covered.not_adaptable,
+            "unadaptable_params": covered.unadaptable_params,
+            "other_params": covered.other_params,
             "left_out": [{"module": role, "params": w} for role, w in covered.left_out],
-            "warning": covered.warning(),
+            "unadaptable": [{"tensor": role, "params": w} for role, w in covered.unadaptable],
+            "warnings": covered.warnings(),
         }
     }
 
@@ -127,8 +129,10 @@ def explain_table(shape: tuple[int, int], rows: Sequence[ExplainRow], objective:
         )
     limit = f" within {max_params:,} parameters" if max_params else ""
     notes = (
-        "capacity = log2(1+K)/log2(1+min(d_out,d_in)), K = rank bound; alignment = expected share of a random rank-1 "
-        "update kept; first_step = sqrt(r*r2/(r1*d_in)); speed = log(1+r*r2/r1)/log(1+d_in); Pareto = no design has fewer parameters and a higher score.",
+        "capacity = log2(1+r*min(m1,n1)*min(m2,n2))/log2(1+min(d_out,d_in)) (1 = full rank, above 1 past it); "
+        "alignment = expected share kept of an update with the measured spectrum sigma_k ~ k^-0.9; "
+        "first_step = sqrt(r*r2/(r1*d_in)); speed = log(1+r*r2/r1)/log(1+d_in); Pareto = no design has fewer "
+        "parameters and a higher score. What each predicts in real fine-tuning: docs/validity.md.",
     )
     return Table(
         f"Candidates for {shape[0]}x{shape[1]}{limit}, by {objective}",

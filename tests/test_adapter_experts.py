@@ -100,6 +100,22 @@ def test_gradients_match_autograd_through_materialised_kron_in_float64(family):
         assert adapter.cdka_A.grad.is_contiguous() and adapter.cdka_B.grad.is_contiguous()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grouped_mm_fallback_matches_materialised_kron_in_float64(family, monkeypatch):
+    """grouped_mm where torch's kernel does not apply (float64): transformers' own fallback op."""
+    import transformers.integrations.moe as moe
+
+    monkeypatch.setattr(moe, "_can_use_grouped_mm", lambda *args, **kwargs: False)
+    base, model = _adapted(family, implementation="grouped_mm")
+    ref = _reference(base, model)
+    ids = _ids()
+    with torch.no_grad():
+        got, want = model(ids).logits, ref(ids).logits
+    assert (got - want).abs().max() < 1e-10
+    model(ids).logits.square().mean().backward()
+    assert all(a.cdka_B.grad.abs().max() > 0 for a in adapter_modules(model).values())
+
+
 def test_implementations_agree_and_grouped_mm_in_float32():
     outs = {}
     for implementation in ("eager", "batched_mm", "grouped_mm"):
@@ -334,3 +350,39 @@ def test_bfloat16_base_with_float32_adapters(implementation):
     for adapter in adapter_modules(model).values():
         assert adapter.cdka_B.grad.dtype == torch.float32 and torch.isfinite(adapter.cdka_B.grad).all()
         assert adapter.cdka_B.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("family", ("mixtral", "qwen3_moe"))
+def test_planned_moe_applies_trains_merges_saves_and_loads(family, tmp_path):
+    """Issue 10's end-to-end check: the planner's own plan (spec_from_module lists the expert tensors)."""
+    from cdka_search.planner import make_plan
+    from cdka_search.spec import spec_from_module
+
+    model = tiny_moe(family, experts_implementation="grouped_mm")
+    plan = make_plan(spec_from_module(model), "20%")
+    experts = [g for g in plan.groups if g.kind == "experts"]
+    assert {g.modules[0].rsplit(".", 1)[-1] for g in experts} == {"gate_up_proj", "down_proj"}
+    assert all(g.experts == EXPERTS for g in experts)
+    summary = apply_plan(model, plan)
+    assert summary.trainable_params == plan.used_params
+    assert {n for n in summary.modules if ".experts." in n} == {
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(LAYERS) for p in ("gate_up_proj", "down_proj")}
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = _ids(4)
+    losses = []
+    for _ in range(10):
+        loss = model(ids, labels=ids).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    model.eval()
+    with torch.no_grad():
+        trained = model(ids).logits
+        path = save_adapter(model, tmp_path / "moe.safetensors")
+        merge_adapters(model)
+        assert (model(ids).logits - trained).abs().max() < 1e-4
+        fresh = tiny_moe(family, experts_implementation="grouped_mm")
+        load_adapter(fresh, path)
+        assert torch.equal(fresh.eval()(ids).logits, trained)

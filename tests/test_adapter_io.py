@@ -194,3 +194,20 @@ def test_save_needs_an_applied_plan_and_load_refuses_merged(tmp_path):
     merge_adapters(model)
     with pytest.raises(PlanError, match="unmerge_adapters"):
         load_adapter(model, path)
+
+
+def test_load_onto_adapted_model_in_eval_mode_keeps_dropout_off(tmp_path):
+    source = tiny_llama()
+    apply_plan(source, plan_for(source), dropout=0.3)
+    path = save_adapter(source, tmp_path / "a.safetensors")
+    target = tiny_llama()
+    apply_plan(target, plan_for(target))
+    target.eval()
+    load_adapter(target, path)
+    layers = adapter_modules(target).values()
+    assert all(isinstance(m.dropout, torch.nn.Dropout) and m.dropout.p == 0.3 and not m.dropout.training for m in layers)
+    ids = tokens(2)
+    with torch.no_grad():
+        assert torch.equal(target(ids).logits, target(ids).logits)
+    target.train()
+    assert all(m.dropout.training for m in layers)

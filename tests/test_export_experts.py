@@ -119,7 +119,8 @@ def test_kronecker_designs_and_dropout_on_experts_are_refused_by_name(tmp_path):
     plan = moe_plan(spec, gate_up=Design(6, 4, 4, 4, 2))
     with pytest.raises(ExportError) as info:
         write_export(export_plan(plan, "peft", spec), out_dir=tmp_path / "out")
-    assert "Kronecker designs on expert tensors (PEFT adapts 3-D expert parameters with LoRA only): " \
+    assert "Kronecker designs on expert tensors (PEFT adapts 3-D expert parameters with LoRA only, so --family lora " \
+           "for them): " \
            "model.layers.*.mlp.experts.gate_up_proj (r1 = 4, r2 = 4)" in str(info.value)
     assert "down_proj" not in str(info.value)
     plan = moe_plan(spec, adapter=AdapterSettings(dropout=0.1))
@@ -132,3 +133,27 @@ def test_kronecker_designs_and_dropout_on_experts_are_refused_by_name(tmp_path):
                                           r"model.layers.\*.mlp.experts.gate_up_proj, model.layers.\*.mlp.experts.down_proj"):
         export_plan(moe_plan(spec), "lycoris", spec)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_exports_a_lora_moe_plan_and_refuses_a_kronecker_one_in_one_line(cli, tmp_path):
+    import json
+
+    folder = tmp_path / "mix"
+    tiny_moe("mixtral").save_pretrained(folder)
+    lora_plan, cdka_plan = tmp_path / "lora.yaml", tmp_path / "cdka.yaml"
+    assert cli("plan", "-m", str(folder), "-b", "20%", "--family", "lora", "-o", str(lora_plan)).exit_code == 0
+    assert cli("plan", "-m", str(folder), "-b", "20%", "-o", str(cdka_plan)).exit_code == 0
+    out = tmp_path / "peft"
+    result = cli("export", str(lora_plan), "--to", "peft", "--model", str(folder), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(LAYERS) for p in ("gate_up_proj", "down_proj"))
+    refused = cli("export", str(cdka_plan), "--to", "peft", "--model", str(folder), "--out", str(tmp_path / "no"))
+    assert refused.exit_code == 8
+    assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("error: PEFT cannot express")
+    assert "Kronecker designs on expert tensors" in refused.stderr and "Traceback" not in refused.output
+    assert not (tmp_path / "no").exists()
+    refused = cli("export", str(lora_plan), "--to", "lycoris", "--model", str(folder), "-o", str(tmp_path / "l.toml"))
+    assert refused.exit_code == 8 and "3-D expert tensors (LyCORIS adapts modules" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and not (tmp_path / "l.toml").exists()

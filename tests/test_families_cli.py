@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+from cdka_search.plan import load_plan
 
 PUBLIC = Path(__file__).parent / "data" / "public"
 
@@ -33,8 +36,9 @@ def test_attention_only_on_mixtral_warns_naming_the_experts(cli, tmp_path):
     assert "experts.gate_up_proj (64.4%), model.layers.*.mlp.experts.down_proj (32.2%)" in lines[0]
     assert lines[0].endswith("include them with --targets all-linear")
     assert "coverage: the targets hold 2.9% of mixtral-8x7b's 46,702,792,704 parameters" in result.stdout
-    # 0.5% of Mixtral is 233.5M; attention alone (1.34B weights) cannot absorb it below each weight's own size
-    assert "the budget cannot be spent usefully on these targets" in result.stdout
+    # 0.5% of Mixtral is 233.5M on 1.34B attention weights: spent, but every design stays below its weight's size
+    plan = load_plan(tmp_path / "p.yaml")
+    assert all(g.design.params < g.shape[0] * g.shape[1] for g in plan.groups)
 
 
 def test_inspect_reports_coverage_in_json(cli):
@@ -42,7 +46,9 @@ def test_inspect_reports_coverage_in_json(cli):
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     cov = payload["coverage"]
-    assert cov["total_params"] == 30_532_122_624 and cov["left_out_params"] == 0 and cov["warning"] is None
+    assert cov["total_params"] == 30_532_122_624 and cov["left_out_params"] == 0 and cov["warnings"] == []
+    # the routers: 48 layers x 128 experts x 2048
+    assert cov["unadaptable"] == [{"tensor": "model.layers.*.mlp.gate.weight", "params": 48 * 128 * 2048}]
     # 48 layers x (128 experts x 3 x 768 x 2048 + attention 2048 x (4096 + 512 + 512) + 4096 x 2048)
     assert cov["covered_params"] == 48 * (128 * 3 * 768 * 2048 + 2048 * (4096 + 2 * 512) + 4096 * 2048)
     rows = {r["module"]: r for r in payload["rows"]}
@@ -70,3 +76,35 @@ def test_moe_preset_plan_imports_neither_numpy_nor_torch(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "plan.yaml").is_file()
+
+
+def test_weights_no_target_covers_are_named(cli, tmp_path):
+    """Llama 4 stores its experts transposed, (E, in, out), with no layout marker cdka trusts: they are
+    not targets, and the warning says so and that no option includes them."""
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoConfig.for_model(
+        "llama4_text", hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, vocab_size=128,
+    ).save_pretrained(tmp_path)
+    result = cli("inspect", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    # gate_up_proj: 2 layers x 4 experts x 64 x 64 = 32,768 of 103,232 parameters
+    assert result.stderr.strip().splitlines() == [
+        f"warning: 47.6% of {tmp_path.name}'s parameters are in weights no cdka target covers: "
+        "model.layers.*.feed_forward.experts.gate_up_proj (31.7%), model.layers.*.feed_forward.experts.down_proj (15.9%); "
+        "no --targets option includes them (docs/models.md)"
+    ]
+
+
+def test_budget_beyond_every_sane_design_is_reported_unspent(cli, tmp_path):
+    """GPT-2's attention holds 28.3M weights; 50% of GPT-2 is 62.2M: no design may reach its weight's size,
+    so most of the budget is reported as unspendable rather than poured into full-size designs."""
+    out = tmp_path / "p.yaml"
+    result = cli("plan", "-m", "gpt2", "-b", "50%", "--targets", "attn", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    doc = yaml.safe_load(out.read_text())
+    assert doc["budget"]["limit"] == 62_219_904
+    assert doc["budget"]["used"] < 12 * (2304 * 768 + 768 * 768)  # below the weights themselves
+    unspent = doc["budget"]["limit"] - doc["budget"]["used"]
+    assert "the budget cannot be spent usefully on these targets" in result.stdout
+    assert f"so {unspent:,} parameters are left unspent" in result.stdout

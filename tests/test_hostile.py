@@ -1,5 +1,6 @@
 """Hostile and broken inputs, class by class (issue 11): each is one `error:` line on stderr, the
-documented exit code, no traceback, and no file written or changed."""
+documented exit code, no traceback, and no file written or changed. How fast and in how little
+memory each class is rejected is measured by benchmarks/hostile_inputs.py (smoke-run at the end)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -48,18 +48,15 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def rejects(cli, folder: Path, args: list[str], kind: str, message: str, *, seconds: float = 2.0):
+def rejects(cli, folder: Path, args: list[str], kind: str, message: str):
     """Run ``cdka ARGS``: exit code of ``kind``, one error line holding ``message``, ``folder`` unchanged."""
     before = snapshot(folder)
-    start = time.monotonic()
     result = cli(*args)
-    took = time.monotonic() - start
     assert result.exit_code == CODES[kind], (result.exit_code, result.output)
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.output
     assert snapshot(folder) == before
-    assert took < seconds, f"took {took:.2f} s"
     return result.stderr
 
 
@@ -230,7 +227,8 @@ def test_index_through_a_link_inside_the_folder_is_read(tmp_path):
 @pytest.mark.parametrize(
     ("args", "kind", "message"),
     [
-        (["explain", "--shape", "99999999999999999999x2"], "target", "expected two positive sizes"),
+        (["explain", "--shape", "99999999999999999999x2"], "target", "each size must be in [1, 1,048,576]"),
+        (["explain", "--shape", "9" * 40 + "x2"], "target", "expected two positive sizes"),
         (["explain", "--shape", "2097152x2"], "target", "each size must be in [1, 1,048,576]"),
         (["explain", "--shape", "64x64", "--top", "0"], "argument", "--top: 0 is outside [1, 100,000]"),
         (["explain", "--shape", "64x64", "--r", "1000000000000"], "target", "--r: 1000000000000 is outside"),
@@ -253,7 +251,7 @@ def test_probe_option_ranges(cli, tmp_path):
     (tmp_path / "t.txt").write_text("some text\n\nmore text\n")
     for flag, value in (("--batches", "-1"), ("--batch-size", "0"), ("--seq-len", "1")):
         rejects(cli, tmp_path, ["probe", "--grad", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"), flag, value,
-                                "-o", str(tmp_path / "r.safetensors")], "argument", f"{flag}: {value} is outside", seconds=10)
+                                "-o", str(tmp_path / "r.safetensors")], "argument", f"{flag}: {value} is outside")
 
 
 # 6, 9. YAML aliases and duplicate keys -------------------------------------------------------------
@@ -525,11 +523,11 @@ def finished_study(tmp_path_factory):
     return storage
 
 
-@pytest.mark.parametrize(("make", "message"), [("file", "is a file; give a folder"), ("under-file", "cannot create the plot folder")])
+@pytest.mark.parametrize(("make", "message"), [("file", "is a file; give a folder"), ("under-file", "cannot be created: ")])
 def test_report_out_errors(cli, tmp_path, finished_study, make, message):
     (tmp_path / "taken").write_text("x")
     out = tmp_path / "taken" if make == "file" else tmp_path / "taken" / "plots"
-    rejects(cli, tmp_path, ["report", "--storage", finished_study, "--study", "s", "--out", str(out)], "output", message, seconds=20)
+    rejects(cli, tmp_path, ["report", "--storage", finished_study, "--study", "s", "--out", str(out)], "output", message)
 
 
 # 14. probe --grad: a corrupt tokenizer, a model asking for remote code -------------------------------
@@ -553,7 +551,7 @@ def test_probe_grad_bad_model_folder(cli, tmp_path, file, content, message):
         path.write_text(content)
     (tmp_path / "t.txt").write_text("some text\n\nmore text\n")
     rejects(cli, tmp_path, ["probe", "--grad", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"), "-o",
-                            str(tmp_path / "r.safetensors")], "model", message, seconds=20)
+                            str(tmp_path / "r.safetensors")], "model", message)
 
 
 # 20. Small things -------------------------------------------------------------------------------
@@ -577,7 +575,7 @@ def test_budget_messages(cli, tmp_path, monkeypatch, budget, message):
 
 def test_unknown_model_type_is_one_line(cli, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no-such-model", "hidden_size": 8}')
-    rejects(cli, tmp_path, ["inspect", str(tmp_path / "config.json")], "model", "transformers cannot build this config", seconds=20)
+    rejects(cli, tmp_path, ["inspect", str(tmp_path / "config.json")], "model", "transformers cannot build this config")
 
 
 def test_explain_params_lora_counts_the_shape(cli):
@@ -604,3 +602,126 @@ def test_nan_reference_is_named(cli, tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     rejects(cli, tmp_path, ["plan", "-m", str(tmp_path / "config.json"), "-b", "lora:2", "--reference", str(tmp_path / "ref.safetensors")],
             "reference", "has NaN or infinite entries")
+
+
+# 15, 16, 17. Sweep bookkeeping (the SIGKILL stress test is in test_sweep_workers.py) ----------------
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def _study():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    return optuna.create_study(direction="minimize")
+
+
+def test_trial0_lost_any_number_of_times_is_queued_again():
+    import socket
+
+    from optuna.trial import TrialState
+
+    from cdka_search.sweep.bookkeeping import HEURISTIC, STAMPED, WORKER, ensure_heuristic, heuristic_done, reap_dead
+
+    study, params = _study(), {"g": "1,1,4", "alpha": 64.0, "lr": 0.005}
+    for _ in range(5):  # five kills while trial 0 trains: more than any retry budget
+        ensure_heuristic(study, params)
+        trial = study.ask()
+        assert trial.user_attrs.get(HEURISTIC)
+        trial.suggest_categorical("g", ["1,1,4", "2,2,4"])
+        trial.set_user_attr(WORKER, f"{socket.gethostname()}:{_dead_pid()}")
+        trial.set_user_attr(STAMPED, trial.number)
+        assert reap_dead(study) == 1  # the dead worker's trial is failed and queued again at once
+        assert study.get_trials(deepcopy=False)[-1].state == TrialState.WAITING
+        copy = study.ask()  # the queued copy starts: not stamped yet, so no other worker reaps it
+        assert reap_dead(study) == 0
+        study.tell(copy, state=TrialState.FAIL)  # then its worker dies before stamping it (heartbeat's case)
+    assert not heuristic_done(study)
+    assert ensure_heuristic(study, params)  # still missing: queued again
+    trial = study.ask()
+    trial.suggest_categorical("g", ["1,1,4", "2,2,4"])
+    study.tell(trial, 0.5)
+    assert heuristic_done(study) and not ensure_heuristic(study, params)
+
+
+def test_resumed_seed_draws_differently_and_duplicates_are_replaced():
+    from cdka_search.sweep.bookkeeping import trial_seed, untried_design
+
+    assert trial_seed(0, 5) == trial_seed(0, 5) and trial_seed(0, 5) != trial_seed(0, 6) != trial_seed(1, 6)
+    labels = [["a", "b"], ["x", "y", "z"]]
+    tried = {("a", "x"), ("a", "y"), ("b", "z")}
+    fresh = untried_design(labels, tried, seed=3)
+    assert fresh not in tried and fresh == untried_design(labels, tried, seed=3)
+    everything = {(a, b) for a in labels[0] for b in labels[1]}
+    assert untried_design(labels, everything, seed=3) is None  # exhausted: duplicates allowed
+
+
+def test_same_seed_resume_trains_no_design_twice(tmp_path):
+    from cdka_search.sweep.bookkeeping import counted
+    from cdka_search.sweep.study import SweepConfig, open_study, run_sweep
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    for trials in (3, 6, 9):  # the README's recipe: rerun the same command, same --seed, more trials
+        run_sweep(SweepConfig(model=str(tmp_path / "config.json"), budget="lora:4", trials=trials, steps=5,
+                              storage=storage, study="s", seed=0, output=None))
+    trials_ = [t for t in open_study(storage, "s", heartbeat=False).get_trials(deepcopy=False) if counted(t)]
+    groups = sorted(n for n in trials_[0].params if n not in ("alpha", "lr"))
+    designs = [tuple(t.params[n] for n in groups) for t in trials_]
+    assert len(trials_) == 9 and len(set(designs)) == 9
+
+
+def test_may_start_stops_at_the_total_and_lets_the_lowest_running_trial_finish():
+    from optuna.trial import TrialState
+
+    from cdka_search.sweep.bookkeeping import may_start, stamp
+
+    study = _study()
+    for value in (1.0, 2.0):
+        t = study.ask()
+        study.tell(t, value)
+    a, b = study.ask(), study.ask()  # two workers' trials in flight, the study wants 3
+    stamp(a)
+    stamp(b)
+    assert may_start(study, a.number, 3) and not may_start(study, b.number, 3)
+    study.tell(a, 0.5)
+    assert not may_start(study, b.number, 3)
+    assert [t.state for t in study.get_trials()].count(TrialState.COMPLETE) == 3
+
+
+def test_a_json_plan_is_read_within_its_limits(cli, tmp_path, plan_text):
+    import yaml
+
+    from cdka_search.plan import PLAN_JSON_LIMITS
+
+    wide = tmp_path / "wide.json"
+    wide.write_text('{"cdka_plan": 1, "x": [' + ",".join(["[]"] * (PLAN_JSON_LIMITS.max_arrays + 1)) + "]}")
+    rejects(cli, tmp_path, ["validate", str(wide)], "plan", "more arrays than such a document can hold (600,000)")
+    good = tmp_path / "plan.json"
+    good.write_text(json.dumps(yaml.safe_load(plan_text)))
+    result = cli("validate", str(good))
+    assert result.exit_code == 0 and "valid plan" in result.stdout
+
+
+def test_the_rejection_benchmark_runs():
+    """Smoke run of benchmarks/hostile_inputs.py on its quick classes (its time and memory targets are
+    the benchmark's to show, not this test's)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "hostile_inputs.py"
+    done = subprocess.run([sys.executable, str(script), "--only", "1", "3", "6", "9", "19", "--ignore-targets"],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "PYTHONPATH": str(script.parent.parent)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "billion laughs plan (1 KB)" in done.stdout and "every case rejected with one error line: yes" in done.stdout
+
+
+def test_a_killed_export_leaves_a_temp_folder_that_the_next_export_removes(tmp_path):
+    from cdka_search.export import write_export
+
+    stale = tmp_path / f".adapter.{_dead_pid()}.abc.tmp"
+    (stale / "a").mkdir(parents=True)
+    (stale / "a" / "adapter_config.json").write_text("{}")
+    write_export(_export("a/adapter_config.json", "b/adapter_config.json"), out_dir=tmp_path / "adapter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

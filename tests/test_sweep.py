@@ -91,14 +91,15 @@ def test_proxy_scaling_keeps_every_design_structure():
 def test_synthetic_update_has_the_documented_spectrum():
     import torch
 
-    from cdka_search.sweep.tasks.proxy import HEAD_RANK, TAIL_ENERGY, synthetic_update
+    from cdka_search.scoring import SPECTRUM_BETA
+    from cdka_search.sweep.tasks.proxy import synthetic_update
 
     m = synthetic_update(96, 64, torch.Generator().manual_seed(0))
     s = torch.linalg.svdvals(m)
     assert float(m.norm()) == pytest.approx(1.0)
-    assert float((s[HEAD_RANK:] ** 2).sum()) == pytest.approx(TAIL_ENERGY, rel=1e-6)
-    assert torch.linalg.matrix_rank(m) == 64  # full-rank tail
-    assert torch.allclose(s[:HEAD_RANK], s[0].expand(HEAD_RANK))  # flat low-rank head
+    assert torch.linalg.matrix_rank(m) == 64  # full rank
+    expected = torch.arange(1, 65, dtype=torch.float64) ** -SPECTRUM_BETA
+    assert torch.allclose(s, expected / expected.norm(), atol=1e-9)  # the measured power law
 
 
 # storages -------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from cdka_search.adapter.layer import (
     uniform_init_,
 )
 from cdka_search.errors import PlanError
-from cdka_search.plan import scaling_value
+from cdka_search.plan import a_fan_in, scaling_value
 
 __all__ = ["CdkaExperts", "ExpertAdapter", "expert_parameters"]
 
@@ -52,7 +52,7 @@ _GROUPED_MM = ("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
 
 def expert_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     """The 3-D parameters held directly by ``module`` (experts, d_out, d_in), by name; none for convolutions."""
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or isinstance(module, CdkaExperts):
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, CdkaExperts)):
         return {}
     return {name: p for name, p in module.named_parameters(recurse=False) if p.dim() == 3}
 
@@ -97,6 +97,7 @@ class ExpertAdapter(nn.Module):
         self.m1, self.n1, self.m2, self.n2, self.r = m1, n1, m2, n2, r
         self.alpha = float(alpha)
         self.scaling = scaling_value(scaling, alpha, r, n1, scale)
+        self.a_fan_in = a_fan_in(scaling, d_in, n2)
         self.init = init
         self.contraction = contraction
         self.merged = False
@@ -128,8 +129,8 @@ class ExpertAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Every expert's A_i ~ U(-1/sqrt(n2), 1/sqrt(n2)) and B_i = 0, so dW = 0 at step 0."""
-        uniform_init_(self.cdka_A, self.n2, generator)
+        """Every expert's A_i ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (as CdkaLinear) and B_i = 0, so dW = 0 at step 0."""
+        uniform_init_(self.cdka_A, self.a_fan_in, generator)
         self.cdka_B.zero_()
 
     @torch.no_grad()

@@ -113,12 +113,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
         for layer in layers.values():
             adopt_settings(layer, plan.adapter)
         setattr(model, PLAN_ATTRIBUTE, plan)
+        summary = ApplySummary(tuple(layers), *_counts(model))
     else:
         assignment = _resolve(model, plan)
         expected = {f"{name}.{f}": shape for name, group in assignment.items() for f, shape in factor_shapes(group).items()}
-    if layers:
-        summary = ApplySummary(tuple(layers), *_counts(model))
-    else:
         _check_tensors(Path(path), tensors, expected)
         summary = _apply(model, plan, assignment, gradients=None, initialise=False)
         layers = adapter_modules(model)

@@ -17,7 +17,7 @@ from torch import nn
 
 from cdka_search.alignment.rearrange import rearrange
 from cdka_search.errors import PlanError
-from cdka_search.plan import SCALINGS, scaling_value
+from cdka_search.plan import SCALINGS, a_fan_in, scaling_value
 
 __all__ = [
     "SCALINGS", "CONTRACTIONS", "CdkaLinear", "base_kind", "base_shape", "check_design", "contraction_order",
@@ -285,14 +285,14 @@ def gradient_init_(A: torch.Tensor, B: torch.Tensor, grad: torch.Tensor, b_scale
 
 
 @torch.no_grad()
-def uniform_init_(A: torch.Tensor, n2: int, generator: torch.Generator | None = None) -> None:
-    """A ~ U(-1/sqrt(n2), 1/sqrt(n2)): ``kaiming_uniform_(a=sqrt(5))`` with fan_in = n2 = d_in / r2.
+def uniform_init_(A: torch.Tensor, fan_in: int, generator: torch.Generator | None = None) -> None:
+    """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)): ``kaiming_uniform_(a=sqrt(5))``, fan_in = n2 = d_in / r2 by default.
 
     torch would read the fan-in of a 3-D tensor as m2*n2, so the bound is computed here: gain
     sqrt(2/(1+5)) times sqrt(3/fan_in). A generator draws in float64 so a seed gives the same values
     in every adapter dtype.
     """
-    bound = 1.0 / math.sqrt(n2)
+    bound = 1.0 / math.sqrt(fan_in)
     if generator is None:
         A.uniform_(-bound, bound)
     else:
@@ -354,6 +354,7 @@ class CdkaLinear(nn.Module):
         self.m1, self.n1, self.m2, self.n2, self.r = m1, n1, m2, n2, r
         self.alpha = float(alpha)
         self.scaling = scaling_value(scaling, alpha, r, n1, scale)
+        self.a_fan_in = a_fan_in(scaling, d_in, n2)
         self.init = init
         self.contraction = contraction
         self.merged = False
@@ -389,8 +390,9 @@ class CdkaLinear(nn.Module):
     # initialisation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """A_i ~ U(-1/sqrt(n2), 1/sqrt(n2)) (see :func:`uniform_init_`), B_i = 0."""
-        uniform_init_(self.cdka_A, self.n2, generator)
+        """A_i ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (see :func:`uniform_init_`), B_i = 0; fan_in is n2,
+        or d_in under the ``matched`` scaling (LoRA's A entry size, whatever the design)."""
+        uniform_init_(self.cdka_A, self.a_fan_in, generator)
         self.cdka_B.zero_()
 
     @torch.no_grad()

@@ -85,11 +85,12 @@ def adopt_settings(adapter: Adapter, settings: "AdapterSettings") -> None:
         raise PlanError("unmerge the adapter before changing its settings")
     adapter.alpha = float(settings.alpha)
     adapter.scaling = scaling_value(settings.scaling, settings.alpha, adapter.r, adapter.n1, settings.scale)
-    adapter.dropout = nn.Dropout(float(settings.dropout)) if settings.dropout else nn.Identity()
+    adapter.dropout = (nn.Dropout(float(settings.dropout)) if settings.dropout else nn.Identity()).train(adapter.training)
     dtype = resolve_dtype(settings.dtype)
     for factor in (adapter.cdka_A, adapter.cdka_B):
         if factor.dtype != dtype:
             factor.data = factor.data.to(dtype)
+            factor.grad = None  # a gradient of the old dtype could not accumulate with the new one
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:

@@ -9,11 +9,9 @@ import torch
 
 from cdka_search.alignment.device import resolve_device
 from cdka_search.alignment.reference import delta_reference, gradient_reference
-from cdka_search.errors import ArgumentError
-from cdka_search.limits import check_int
 from cdka_search.spec import load_spec
 from cdka_search.targets import select_targets
-from cdka_search.textdata import encode, load_causal_lm, load_tokenizer, read_texts, token_batches
+from cdka_search.textdata import check_grad_inputs, encode, load_causal_lm, load_tokenizer, read_texts, token_batches
 
 Progress = Callable[[int, "int | None"], None]
 
@@ -38,9 +36,7 @@ def probe_gradients(
 ) -> dict[str, torch.Tensor]:
     """Gradients of the selected target weights, summed over ``batches`` batches of ``data``; the model
     runs on ``device`` (cdka_search.alignment.device) and the sums stay on the CPU."""
-    check_int(batches, "--batches", ArgumentError, 1, 1 << 20)
-    check_int(batch_size, "--batch-size", ArgumentError, 1, 1 << 16)
-    check_int(seq_len, "--seq-len", ArgumentError, 2, 1 << 20)
+    check_grad_inputs(model_dir, batches=batches, batch_size=batch_size, seq_len=seq_len)
     where = resolve_device(device)
     texts = read_texts(data)
     tokenizer = load_tokenizer(model_dir)

@@ -48,13 +48,13 @@ def _load(model: str):
 
 
 def _coverage(spec, targets: str):
-    """The selection's coverage of ``spec``; its warning, if any, goes to stderr."""
+    """The selection's coverage of ``spec``; its warnings go to stderr."""
     from cdka_search.render import info
     from cdka_search.targets import coverage, select_targets
 
     covered = coverage(spec, select_targets(spec, targets), targets)
-    if covered.warning():
-        info(covered.warning())
+    for line in covered.warnings():
+        info(line)
     return covered
 
 

@@ -40,11 +40,15 @@ def probe(
 
       cdka plan -m ./my-llama -b 0.5% --reference grad.safetensors
     """
+    if (delta is None) == (grad is None):
+        raise ReferenceFileError("give exactly one of --delta BASE FINETUNED or --grad MODEL_DIR --data FILE")
+    if grad is not None:
+        from cdka_search.textdata import check_grad_inputs
+
+        check_grad_inputs(grad, batches=batches, batch_size=batch_size, seq_len=seq_len)  # before torch is imported
     from cdka_search.alignment.probe import probe_delta, probe_gradients
     from cdka_search.alignment.reference import save_reference
 
-    if (delta is None) == (grad is None):
-        raise ReferenceFileError("give exactly one of --delta BASE FINETUNED or --grad MODEL_DIR --data FILE")
     if delta is not None:
         tensors, kind = probe_delta(*delta, targets=targets), "delta"
     else:

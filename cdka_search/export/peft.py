@@ -53,8 +53,11 @@ if TYPE_CHECKING:
 
 __all__ = ["export_peft", "lora_alpha", "lokr_rank_alpha", "choose_factors"]
 
-RSLORA_SCALINGS = ("alpha/sqrt(r*r2)", "alpha/sqrt(r)")
-EXPERTS_KRONECKER = "Kronecker designs on expert tensors (PEFT adapts 3-D expert parameters with LoRA only)"
+RSLORA_SCALINGS = ("alpha/sqrt(r*r2)", "matched", "alpha/sqrt(r)")
+EXPERTS_KRONECKER = (
+    "Kronecker designs on expert tensors (PEFT adapts 3-D expert parameters with LoRA only, so --family lora "
+    "for them)"
+)
 EXPERTS_DROPOUT = "adapter.dropout on expert tensors (PEFT's target_parameters LoRA takes no dropout)"
 
 

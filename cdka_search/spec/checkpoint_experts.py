@@ -39,7 +39,8 @@ def _fold(block: str, experts: dict[int, dict[str, TargetModule]]) -> list[Targe
 
 
 def fold_checkpoint_experts(targets: list[TargetModule]) -> list[TargetModule]:
-    """``targets`` with every complete per-expert block replaced by its fused expert targets."""
+    """``targets`` with every complete per-expert block replaced by its fused expert targets (each
+    per-expert weight is then part of a fused target; the block's router is no target)."""
     blocks: dict[tuple[str, str], dict[int, dict[str, TargetModule]]] = {}
     for t in targets:
         match = _PER_EXPERT.match(t.name)

@@ -8,17 +8,21 @@ import struct
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from cdka_search.documents import brief, read_file_bytes, read_json
+from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json
 from cdka_search.errors import CdkaError, ModelSourceError
 from cdka_search.limits import MAX_DIM, MAX_TENSOR_DIM, MAX_TOTAL_PARAMS, check_int
 from cdka_search.spec.checkpoint_experts import fold_checkpoint_experts
-from cdka_search.spec.model_spec import ModelSpec, TargetModule
+from cdka_search.spec.model_spec import ModelSpec, TargetModule, is_embedding, tally_roles
 
 # The safetensors format allows 100 MB headers; real ones are far smaller (about 100 bytes a tensor,
 # so 8 MB is 80,000 tensors in one file), and parsing a hostile 100 MB header would need gigabytes.
 MAX_HEADER_BYTES = 8 * 1024 * 1024
 MAX_SHARDS = 100_000
-_NOT_TARGETS = ("wte", "wpe", "lm_head", "shared")
+MAX_TENSORS = 200_000  # tensors in one header (a whole 671B MoE holds about 91,000)
+# Each tensor entry is one object with two lists and five commas.
+HEADER_LIMITS = JsonLimits(MAX_HEADER_BYTES, MAX_TENSORS + 2, 2 * MAX_TENSORS + 2, 6 * MAX_TENSORS)
+# An index is one weight_map object of "tensor": "shard" entries (DeepSeek-V3's holds about 180,000).
+INDEX_LIMITS = JsonLimits(64 * 1024 * 1024, 1_000, 1_000, 1_000_000)
 # GPT-2 style transformers Conv1D modules store their weight as (in, out).
 _CONV1D_LEAVES = ("c_attn", "c_proj", "c_fc", "q_attn")
 # Bits per element of every dtype the safetensors format defines.
@@ -77,7 +81,7 @@ def read_header(file: Path) -> dict[str, Any]:
         raise ModelSourceError(f"{file}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
     if len(body) != size:
         raise ModelSourceError(f"{file}: truncated header")
-    header = read_json(body, f"{file}: corrupt safetensors header", ModelSourceError, MAX_HEADER_BYTES)
+    header = read_json(body, f"{file}: corrupt safetensors header", ModelSourceError, HEADER_LIMITS)
     if not isinstance(header, dict):
         raise ModelSourceError(f"{file}: corrupt safetensors header (not an object)")
     metadata = header.pop("__metadata__", {})
@@ -93,7 +97,7 @@ def shard_files(index: Path, error: type[CdkaError] = ModelSourceError) -> dict[
     """Tensor name -> shard file of a model.safetensors.index.json. Shards must be files inside the
     index's folder: an absolute name or one with '..' is refused, so an index cannot make cdka open
     (or quote) a file elsewhere. Links inside the folder are followed, as the Hugging Face cache uses them."""
-    data = read_json(read_file_bytes(index, error), str(index), error)
+    data = read_json(read_file_bytes(index, error, INDEX_LIMITS.max_bytes), str(index), error, INDEX_LIMITS)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise error(f"{index}: not a safetensors index (needs a non-empty 'weight_map' object)")
@@ -120,11 +124,6 @@ def index_headers(index: Path) -> dict[str, Any]:
     return merged
 
 
-def is_target(module: str) -> bool:
-    """Every 2-D weight is a target except embeddings and the LM head."""
-    return not any(seg in _NOT_TARGETS or "embed" in seg for seg in module.split("."))
-
-
 def spec_from_header(header: dict[str, Any], name: str, source: str) -> ModelSpec:
     """Targets are the 2-D ``*.weight`` tensors except embeddings and the LM head."""
     total = 0
@@ -135,7 +134,7 @@ def spec_from_header(header: dict[str, Any], name: str, source: str) -> ModelSpe
         if len(shape) != 2 or not tensor.endswith(".weight"):
             continue
         module = tensor[: -len(".weight")]
-        if not is_target(module):
+        if is_embedding(module):
             continue
         if not 0 < min(shape) <= max(shape) <= MAX_DIM:
             raise ModelSourceError(f"{source}: weight {brief(tensor)} of shape {shape[0]}x{shape[1]} has a side outside [1, {MAX_DIM:,}]")
@@ -147,10 +146,18 @@ def spec_from_header(header: dict[str, Any], name: str, source: str) -> ModelSpe
         raise ModelSourceError(f"{source}: {total:,} parameters is more than a model can have ({MAX_TOTAL_PARAMS:,})")
     if not targets:
         raise ModelSourceError(f"{source}: no 2-D weight tensors that could be adapted")
+    unfolded = {t.name for t in targets}
     targets = fold_checkpoint_experts(targets)
+    folded_away = unfolded - {t.name for t in targets}
+    routers = {n for n in folded_away if n.endswith(".gate")}  # counted, no target: as in the built model
+    others = tally_roles(
+        (tensor, math.prod(info["shape"])) for tensor, info in header.items()
+        if len(info["shape"]) >= 2 and not is_embedding(tensor)
+        and (tensor.removesuffix(".weight") not in unfolded or tensor.removesuffix(".weight") in routers)
+    )
     # Headers list tensors alphabetically; order layers numerically (2 before 10).
     targets.sort(key=lambda t: [int(p) if p.isdigit() else p for p in t.name.split(".")])
-    return ModelSpec(name, source, total, tuple(targets))
+    return ModelSpec(name, source, total, tuple(targets), others)
 
 
 def safetensors_spec(path: Path) -> ModelSpec:

@@ -13,6 +13,8 @@
   trained; an untried combination is queued instead (unless every combination has been tried).
 - **No overshoot**: a worker starts training only while the counted trials plus the live running
   trials numbered below its own are fewer than ``--trials``; the lowest-numbered trial wins a tie.
+  Otherwise it waits: it stops once the study holds ``--trials``, and trains if a trial it waited
+  for dies instead.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import os
 import socket
 from typing import Any, Iterable, Sequence
 
+#: user attribute: the trial number the WORKER stamp was made for (copies of a trial carry stale stamps)
+STAMPED = "worker_trial"
 #: user attribute set on the heuristic plan's trial (trial 0)
 HEURISTIC = "heuristic"
 #: user attribute naming the process (host:pid) that ran a trial
@@ -31,14 +35,29 @@ SKIPPED = "skipped"
 #: how many times a trial whose worker died has been queued again
 REQUEUED = "requeued"
 MAX_REQUEUE = 3  # a trial that kills its worker this often is dropped (trial 0 never is)
+STAMP_GRACE_S = 30.0
+WAIT_S = 1.0  # how often a worker that must wait for others' trials looks again
 
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def stamp(trial: Any) -> None:
+    """Record which process runs ``trial`` (an optuna.Trial), first thing when it starts."""
+    trial.set_user_attr(WORKER, worker_id())
+    trial.set_user_attr(STAMPED, trial.number)
+
+
 def _alive(trial: Any) -> bool:
-    """False only for a trial started by a process of this host that no longer runs."""
+    """False for a trial started by a process of this host that no longer runs, and for a trial not
+    stamped for itself within STAMP_GRACE_S of its start (its process died before its first step;
+    stamping is the first thing a trial does, so until then it counts as alive)."""
+    if trial.user_attrs.get(STAMPED) != trial.number:
+        import datetime
+
+        started = trial.datetime_start
+        return started is None or (datetime.datetime.now() - started).total_seconds() < STAMP_GRACE_S
     host, _, pid = str(trial.user_attrs.get(WORKER, "")).rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return True
@@ -87,7 +106,9 @@ def reap_dead(study: Any) -> int:
         reaped += 1
         times = int(t.user_attrs.get(REQUEUED, 0)) + 1
         if t.user_attrs.get(HEURISTIC) or times <= MAX_REQUEUE:
-            study.enqueue_trial(dict(t.params), user_attrs={**t.user_attrs, REQUEUED: times}, skip_if_exists=False)
+            attrs = {k: v for k, v in t.user_attrs.items() if k not in (WORKER, STAMPED)}
+            params = {**t.system_attrs.get("fixed_params", {}), **t.params}  # killed before it drew them all
+            study.enqueue_trial(params, user_attrs={**attrs, REQUEUED: times}, skip_if_exists=False)
     return reaped
 
 

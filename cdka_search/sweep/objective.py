@@ -14,13 +14,16 @@ from typing import TYPE_CHECKING, Any
 from cdka_search.sweep.bookkeeping import (
     HEURISTIC,
     SKIPPED,
+    WAIT_S,
     WORKER,
+    counted_trials,
     design_key,
     may_start,
+    reap_dead,
+    stamp,
     trial_seed,
     tried_designs,
     untried_design,
-    worker_id,
 )
 from cdka_search.sweep.tasks import NonFiniteLoss
 
@@ -56,12 +59,25 @@ class Objective:
         trial.set_user_attr(SKIPPED, why)
         return math.nan  # Optuna records FAIL: not counted, ignored by the sampler
 
+    def _wait_for_room(self, trial: Any) -> bool:
+        """True once this trial may train; False when the study holds --trials counted trials.
+        While other workers' trials would fill the study, wait for them to end or die."""
+        import time
+
+        study = trial.study
+        while not may_start(study, trial.number, self.trials):  # type: ignore[arg-type]
+            if counted_trials(study) >= self.trials:  # type: ignore[operator]
+                return False
+            reap_dead(study)
+            time.sleep(WAIT_S)
+        return True
+
     def __call__(self, trial: Any) -> float:
         import optuna
 
-        trial.set_user_attr(WORKER, worker_id())
+        stamp(trial)
         heuristic = bool(trial.user_attrs.get(HEURISTIC))
-        if self.trials is not None and not heuristic and not may_start(trial.study, trial.number, self.trials):
+        if self.trials is not None and not heuristic and not self._wait_for_room(trial):
             trial.study.stop()
             return self._skip(trial, f"the study already holds --trials {self.trials}")
         params, lr = suggest(trial, self.space)

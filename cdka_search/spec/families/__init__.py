@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from cdka_search.spec.config_fields import Fields
 from cdka_search.spec.families import bert, deepseek_v3, gemma2, gemma3_text, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe
 from cdka_search.spec.families.base import COMMON_HARMLESS, Family, Tensor
-from cdka_search.spec.model_spec import ModelSpec, TargetModule
+from cdka_search.spec.model_spec import ModelSpec, TargetModule, is_embedding, tally_roles
 
 _MODULES = (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, gemma2, gemma3_text, phi3, deepseek_v3, gpt2, bert)
 FAMILIES: dict[str, Family] = {t: m.FAMILY for m in _MODULES for t in m.FAMILY.model_types}
@@ -33,7 +33,7 @@ def unknown_fields(config: Mapping[str, Any], family: Family) -> list[str]:
 
 def family_tensors(config: Mapping[str, Any], family: Family, where: str) -> list[Tensor]:
     """Every parameter tensor transformers builds for ``config``, in its order."""
-    return family.tensors(Fields(config, where, family.defaults))
+    return family.tensors(Fields(config, where, family.defaults, family.nullable))
 
 
 def _target(t: Tensor) -> TargetModule:
@@ -49,4 +49,5 @@ def _target(t: Tensor) -> TargetModule:
 def family_spec(config: Mapping[str, Any], family: Family, name: str, source: str, where: str) -> ModelSpec:
     """The ModelSpec of a config of a built-in family: every tensor counted, targets listed."""
     tensors = family_tensors(config, family, where)
-    return ModelSpec(name, source, sum(t.numel for t in tensors), tuple(_target(t) for t in tensors if t.kind))
+    others = tally_roles((t.name, t.numel) for t in tensors if not t.kind and len(t.shape) >= 2 and not is_embedding(t.name))
+    return ModelSpec(name, source, sum(t.numel for t in tensors), tuple(_target(t) for t in tensors if t.kind), others)

@@ -4,9 +4,11 @@ Per problem (one per distinct target shape; one per group with ``--reference``):
 
 - W0: frozen, entries N(0, 1/d_in), held by an ``nn.Linear`` that :class:`CdkaLinear` wraps.
 - dW*: the target update. Synthetic unless a reference is given: U diag(s) V^T with Haar-random U, V and
-  a spectrum mixing a low-rank head and a full-rank tail: s_j = 1 for j <= HEAD_RANK (8), then
-  s_j = c / sqrt(j), c chosen so the tail holds TAIL_ENERGY (30 %) of ||dW*||_F^2; finally
-  ||dW*||_F = UPDATE_NORM (0.1) * ||W0||_F.
+  the power-law spectrum s_j = j^-beta, beta = SPECTRUM_BETA (0.9: the fit to full fine-tuning deltas
+  measured by benchmarks/validity_lm.py --spectra, docs/validity.md); finally
+  ||dW*||_F = UPDATE_NORM (0.1) * ||W0||_F. Caveat (measured there): how much of a fixed target a design
+  can fit does not rank real fine-tuning, so this task ranks designs by a quantity real training
+  contradicts; use ``--task lm`` to settle a plan.
 - Inputs x = z diag(sqrt(l_k)) Q^T with z standard normal, Q Haar-random and l_k proportional to 1/k
   (mean 1): an anisotropic covariance whose eigenvalues decay like a power law.
 - Loss: ||y - x (W0 + dW*)^T||^2 / ||x dW*^T||^2 per batch, y the CdkaLinear output. The adapter (default
@@ -38,14 +40,13 @@ from typing import TYPE_CHECKING, Any, Callable
 from cdka_search.candidates import Design, divisors
 from cdka_search.errors import ReferenceFileError, SweepError
 from cdka_search.matching import ModuleIndex
+from cdka_search.scoring import SPECTRUM_BETA
 from cdka_search.sweep.tasks import NonFiniteLoss, Report, TaskOptions
 
 if TYPE_CHECKING:
     from cdka_search.plan import Plan
     from cdka_search.sweep.space import SearchSpace
 
-HEAD_RANK = 8
-TAIL_ENERGY = 0.3
 UPDATE_NORM = 0.1
 MAX_SIDE = 512
 BATCH = 64
@@ -76,19 +77,14 @@ def scale_design(design: Design, shape: tuple[int, int]) -> Design:
     return Design.from_paper(shape[0], shape[1], design.r1, design.r2, design.r)
 
 
-def synthetic_update(d_out: int, d_in: int, generator: Any, *, head: int = HEAD_RANK, tail: float = TAIL_ENERGY):
-    """U diag(s) V^T with the head/tail spectrum of the module docstring, ||.||_F = 1 (float64)."""
+def synthetic_update(d_out: int, d_in: int, generator: Any, *, beta: float = SPECTRUM_BETA):
+    """U diag(j^-beta) V^T with Haar-random U, V (module docstring), ||.||_F = 1 (float64)."""
     import torch
 
     k = min(d_out, d_in)
     u, _ = torch.linalg.qr(torch.randn(d_out, k, generator=generator, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(d_in, k, generator=generator, dtype=torch.float64))
-    j = torch.arange(1, k + 1, dtype=torch.float64)
-    h = min(head, k)
-    s = torch.where(j <= h, torch.ones_like(j), 1.0 / j.sqrt())
-    if k > h:
-        head_energy, tail_energy = float(h), float((s[h:] ** 2).sum())
-        s[h:] *= math.sqrt(tail / (1 - tail) * head_energy / tail_energy)
+    s = torch.arange(1, k + 1, dtype=torch.float64) ** -beta
     m = (u * s) @ v.T
     return m / m.norm()
 

@@ -1,0 +1,113 @@
+"""The validity work: the spectral alignment model, the matched scaling, and the real-training benchmark."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cdka_search.scoring import spectral_energy, spectrum_weights
+
+
+def exact_spectral_energy(d_out, d_in, r1, r2, r, beta, draws=16, seed=1):
+    """Mean top-r share of R(M) by full SVD, M with singular values k^-beta and Haar directions."""
+    import torch
+
+    from cdka_search.alignment.rearrange import rearrange
+
+    rng = np.random.default_rng(seed)
+    d = min(d_out, d_in)
+    s = np.arange(1, d + 1) ** -beta
+    shares = []
+    for _ in range(draws):
+        u, _ = np.linalg.qr(rng.standard_normal((d_out, d)))
+        v, _ = np.linalg.qr(rng.standard_normal((d_in, d)))
+        R = rearrange(torch.tensor((u * s) @ v.T), d_out // r1, r2, r1, d_in // r2)
+        sv = torch.linalg.svdvals(R) ** 2
+        shares.append(float(sv[:r].sum() / sv.sum()))
+    return float(np.mean(shares))
+
+
+def test_lora_keeps_exactly_the_top_of_the_spectrum():
+    weights = spectrum_weights(128, 0.6)
+    assert weights.sum() == pytest.approx(1.0)
+    assert spectral_energy(128, 128, 1, 1, 5, beta=0.6) == pytest.approx(np.cumsum(weights[:5]).tolist())
+
+
+@pytest.mark.parametrize("r1,r2,r", [(2, 2, 4), (2, 8, 4), (8, 8, 4), (2, 4, 16), (48, 2, 4)])
+def test_spectral_energy_matches_exact_svd(r1, r2, r):
+    exact = exact_spectral_energy(96, 128, r1, r2, r, 0.5)
+    assert spectral_energy(96, 128, r1, r2, r, beta=0.5)[-1] == pytest.approx(exact, abs=0.08)
+
+
+def test_a_flat_spectrum_favours_a_rectangular_rearrangement_and_a_steep_one_lora():
+    # (2, 8, 1) on 256x256: R(M) is 1024 x 64, whose Gaussian bulk edge holds more than LoRA's top direction
+    assert spectral_energy(256, 256, 2, 8, 1, beta=0.2)[-1] > spectral_energy(256, 256, 1, 1, 1, beta=0.2)[-1]
+    assert spectral_energy(256, 256, 2, 8, 1, beta=1.0)[-1] < spectral_energy(256, 256, 1, 1, 1, beta=1.0)[-1]
+
+
+def _one_adam_step_norm(r1, r2, r, scaling, steps=1):
+    import torch
+    from torch import nn
+
+    from cdka_search.adapter.layer import CdkaLinear
+    from cdka_search.candidates import Design
+
+    torch.manual_seed(0)
+    d = 128
+    base = nn.Linear(d, d, bias=False)
+    design = Design.from_paper(d, d, r1, r2, r)
+    layer = CdkaLinear(base, m1=design.m1, n1=design.n1, m2=design.m2, n2=design.n2, r=r, scaling=scaling)
+    x, target = torch.randn(256, d), torch.randn(256, d)
+    opt = torch.optim.Adam([layer.cdka_A, layer.cdka_B], lr=1e-3)
+    for _ in range(steps):
+        loss = ((layer(x) - base(x) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(layer.delta_weight().detach().norm()), layer
+
+
+@pytest.mark.parametrize("scaling", ["alpha/sqrt(r*r2)", "matched"])
+def test_first_adam_step_has_the_same_norm_for_every_design(scaling):
+    # derived: ||dW_1|| = alpha * lr * sqrt(d_out / 3) under both rules (docs/validity.md, "Scaling")
+    norms = [_one_adam_step_norm(r1, r2, r, scaling)[0] for r1, r2, r in [(1, 1, 8), (2, 2, 8), (2, 8, 4), (8, 8, 2)]]
+    expected = 64.0 * 1e-3 * math.sqrt(128 / 3)
+    assert all(n == pytest.approx(expected, rel=0.1) for n in norms)
+
+
+def test_matched_scaling_starts_a_at_loras_size():
+    _, layer = _one_adam_step_norm(2, 8, 4, "matched", steps=0)
+    assert layer.scaling == pytest.approx(64.0 / math.sqrt(4))
+    assert float(layer.cdka_A.abs().max()) <= 1 / math.sqrt(128)
+    assert float(layer.cdka_A.abs().max()) > 0.9 / math.sqrt(128)
+    _, paper = _one_adam_step_norm(2, 8, 4, "alpha/sqrt(r*r2)", steps=0)
+    assert paper.scaling == pytest.approx(64.0 / math.sqrt(4 * 8))
+    assert float(paper.cdka_A.abs().max()) > 0.9 / math.sqrt(128 / 8)
+
+
+def test_real_training_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks/validity_lm.py end to end on a tiny model: pretrain, cache, fine-tune, table, rho."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("CDKA_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "validity_lm.py"
+    spec = importlib.util.spec_from_file_location("validity_lm", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "validity_lm", bench)  # dataclasses resolve the module by name
+    spec.loader.exec_module(bench)
+    report = tmp_path / "report.md"
+    assert bench.main(["--smoke", "--out", str(report)]) == 0
+    cached = list((tmp_path / "cache" / "validity").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
+    text = report.read_text()
+    assert "## prose, budget lora:1" in text
+    rows = [line for line in text.splitlines() if line.startswith("| uniform (1,1,1)") or line.startswith("| full")]
+    assert len(rows) == 2
+    loss = float(rows[1].split("|")[4].split("+-")[0])
+    assert 0.5 < loss < 6.0  # nats per byte after 3 steps from a 5-step pretraining (log 256 = 5.55)
+    assert "| prose | lora:1 |" in text  # the Spearman row
+    assert bench.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
