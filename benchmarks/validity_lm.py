@@ -34,7 +34,6 @@ import os
 import statistics
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,14 +87,13 @@ def stdlib() -> Path:
 
 
 def _files(root: Path, *, test: bool) -> list[Path]:
+    """The stdlib's .py files under test/ (test=True) or outside it; installed packages never."""
+    skip = ("site-packages", "pydoc_data", "lib2to3", "idlelib", "turtledemo")
+    tops = [root / "test"] if test else [p for p in root.iterdir() if p.name not in skip + ("test",)]
     out = []
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root).parts
-        if rel[0] in ("site-packages", "pydoc_data", "lib2to3", "idlelib", "turtledemo"):
-            continue
-        if (rel[0] == "test") == test:
-            out.append(p)
-    return out
+    for top in tops:
+        out += [top] if top.suffix == ".py" else list(top.rglob("*.py")) if top.is_dir() else []
+    return sorted(out)
 
 
 def _read(files: list[Path], limit: int) -> bytes:
@@ -168,6 +166,19 @@ def pretrained(recipe: Recipe, log=print) -> Path:
     tmp.rename(folder)
     log(f"  pretrained in {time.monotonic() - started:.0f} s -> {folder}")
     return folder
+
+
+def write_task_data(target: Path, folder: Path, tasks: list[str], recipe: Recipe) -> None:
+    """The benchmark's model and task texts as files cdka sweep --task lm reads (bytes = the model's tokens)."""
+    import shutil
+
+    (target / "model").mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, target / "model" / name)
+    for task in tasks:
+        (target / f"{task}.txt").write_text(corpus(task, recipe).decode("utf-8", "replace"), encoding="utf-8")
+    print(f"wrote {target}/model and {', '.join(f'{target}/{t}.txt' for t in tasks)}")
 
 
 # ---- designs --------------------------------------------------------------------------------------
@@ -490,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objectives", nargs="*", default=None, help="objectives whose plans to train (default: all)")
     parser.add_argument("--calibrate", default=None, help="task:rank cell that runs the lr grid (default: the first)")
     parser.add_argument("--reference", action="store_true", help="also a plan from a gradient probe of each task (--reference)")
+    parser.add_argument("--write-task-data", type=Path, default=None, metavar="DIR",
+                        help="write DIR/model (the pretrained model) and DIR/<task>.txt for cdka sweep --task lm, then stop")
     parser.add_argument("--spectra", action="store_true", help="only measure the update spectra (power-law fits)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report (markdown) here")
     args = parser.parse_args(argv)
@@ -518,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(text)
 
     folder = pretrained(recipe, log=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.write_task_data:
+        write_task_data(args.write_task_data, folder, tasks, recipe)
+        return 0
     if args.spectra:
         out(f"# Update spectra (benchmarks/validity_lm.py {' '.join(argv_text)})")
         out()
@@ -536,14 +552,15 @@ def main(argv: list[str] | None = None) -> int:
         _init_worker(str(folder), tasks, recipe)
     designs: dict[tuple[str, int], list[Entry]] = {}
     for rank in sorted({b for _, b in cells}):
-        found = entries(spec, rank, adapter, args.objectives or list(OBJECTIVES))
+        found = entries(spec, rank, adapter, list(OBJECTIVES) if args.objectives is None else args.objectives)
         adapters = [e for e in found if e.kind != "full" and (not args.designs or any(d in e.label for d in args.designs))]
         if most is not None:
             keep = [e for e in adapters if e.kind in ("lora", "paper") or e.label.startswith("plan ")][:most]
             keep += [e for e in adapters if e not in keep][: max(0, most - len(keep))]
             adapters = keep
         for t in [t for t, b in cells if b == rank]:
-            designs[(t, rank)] = [found[0]] + adapters + ([reference_entry(spec, t, rank, adapter)] if args.reference else [])
+            full = [found[0]] if not args.designs or "full" in args.designs else []
+            designs[(t, rank)] = full + adapters + ([reference_entry(spec, t, rank, adapter)] if args.reference else [])
 
     def lrs(entry: Entry):
         return FULL_LRS if entry.plan is None else ADAPTER_LRS
@@ -569,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         mean_log = {lr: statistics.fmean(math.log(results[(calib[0], f"{calib[1]}|{e.label}", lr, seeds[0])])
                                          for e in runs(*calib) if e.plan is not None) for lr in ADAPTER_LRS}
         shared = min(ADAPTER_LRS, key=lambda lr: mean_log[lr])
-        full_lr = own[designs[calib][0].label]
+        full_lr = own.get("full fine-tuning", FULL_LRS[1])
     stage1 = time.monotonic() - started
 
     def lr_for(e: Entry) -> float:
@@ -597,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} steps x {recipe.batch} x {recipe.seq_len} tokens, AdamW, warm-up {WARMUP} + cosine, adapter {adapter.scaling} "
         f"alpha {adapter.alpha:g}; seeds {seeds}. Loss = held-out causal-LM loss (nats/byte), mean +- spread (max - min) "
         f"over seeds. Shared lr: adapters {shared:g}, full fine-tuning {full_lr:g}"
-        + (f" (given)." if calib is None else
+        + (" (given)." if calib is None else
            f", the grid lr ({list(ADAPTER_LRS)}; full FT {list(FULL_LRS)}) best on average over the calibration cell "
            f"{calib[0]}:lora:{calib[1]} on seed 0, used in every cell. 'own lr' = the design's best grid lr there."))
     rho_rows = []

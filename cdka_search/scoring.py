@@ -1,15 +1,19 @@
-"""Data-free scores of a component design (formulas in README "Scores"; cdka-notes.md sections 1, 4).
+"""Data-free scores of a component design (formulas in README "Scores"; docs/validity.md says what each
+predicts in real fine-tuning).
 
-- capacity    log2(1 + K) / log2(1 + min(d_out, d_in)), K = the rank bound
-- alignment   expected share of ||M||_F^2 a design keeps for a random rank-1 update M (derived):
-              R(u v^T) = U (x) V with U = u as m1 x m2, V = v as n1 x n2, so the singular values of
-              R(M) are the products sigma_i(U) sigma_j(V) and the top-r share needs only the small
-              factors' spectra; estimated by seeded Monte Carlo (Bartlett-sampled Wishart spectra).
+- capacity    log2(1 + r min(m1,n1) min(m2,n2)) / log2(1 + min(d_out, d_in)): the rank bound on a log
+              scale, 1 at full rank and above 1 past it (components that overlap), so it keeps rising
+              with r instead of stopping the budget at the cheapest full-rank design.
+- alignment   expected share of ||M||_F^2 a design keeps of an update M whose singular values follow
+              the power law sigma_k ~ k^-SPECTRUM_BETA with random directions (derived model of R(M):
+              _spectral_curve; SPECTRUM_BETA measured on full fine-tuning deltas). The rank-1 share
+              of R(u v^T) = U (x) V needs only the small factors' spectra, drawn by seeded Monte Carlo
+              (Bartlett-sampled Wishart).
 - first_step  cos(dW_1, -G) ~ sqrt(r * r2 / (r1 * d_in)) after one step from the standard init (derived).
 - speed       first_step on a log scale: log(1 + r * r2 / r1) / log(1 + d_in) = log(1 + d_in cos^2) /
               log(1 + d_in), 1 when the first update can align fully.
-- objective   "balanced" = sqrt(capacity * alignment) (default), "speed" = sqrt(alignment * speed),
-              "capacity", or "alignment". benchmarks/validity.py measures how each ranks trained errors.
+- objective   one of OBJECTIVES, DEFAULT_OBJECTIVE unless told; benchmarks/validity_lm.py measures how
+              each ranks real fine-tuning.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class ScoredDesign:
 
 Objective = Callable[[Any, Any, Any], Any]  # (capacity, alignment, speed) -> objective; floats or arrays
 AlignmentCurve = Callable[[int, int, int], Sequence[float]]
+
+#: What the planner maximises unless told otherwise (docs/validity.md says why).
+DEFAULT_OBJECTIVE = "balanced"
 
 OBJECTIVES: dict[str, Objective] = {
     "balanced": lambda capacity, alignment, speed: (capacity * alignment) ** 0.5,

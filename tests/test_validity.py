@@ -111,3 +111,23 @@ def test_real_training_benchmark_smoke(tmp_path, monkeypatch):
     assert 0.5 < loss < 6.0  # nats per byte after 3 steps from a 5-step pretraining (log 256 = 5.55)
     assert "| prose | lora:1 |" in text  # the Spearman row
     assert bench.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
+
+
+def test_benchmark_writes_what_cdka_sweep_lm_reads(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from cdka_search.textdata import encode, load_causal_lm, read_texts
+
+    monkeypatch.setenv("CDKA_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "validity_lm.py"
+    spec = importlib.util.spec_from_file_location("validity_lm", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "validity_lm", bench)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--write-task-data", str(tmp_path / "vlm")]) == 0
+    model = load_causal_lm(tmp_path / "vlm" / "model")
+    assert model.config.hidden_size == 32
+    ids = encode(read_texts(tmp_path / "vlm" / "prose.txt"), tmp_path / "vlm" / "model", model.config.vocab_size)
+    assert len(ids) > 10_000 and max(ids) < 256
