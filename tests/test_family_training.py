@@ -18,7 +18,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 BUDGET = "5%"  # enough for a design on every target of every tiny config (asserted below)
-HEADS = ("classifier",)  # a sequence-classification head: not part of the family's spec, never planned
 
 
 def build(model_type: str):

@@ -1,4 +1,4 @@
-"""Data-aware planning over 3-D MoE expert parameters on tiny Mixtral and Qwen3-MoE models: delta and
+"""Data-aware planning over 3-D MoE expert parameters on tiny Mixtral, Qwen3-MoE and DeepSeek-V3 models: delta and
 gradient references of (experts, d_out, d_in), their stacked energies, and `cdka probe` then
 `cdka plan --reference` with the experts planned."""
 
@@ -28,7 +28,7 @@ def expert_names() -> list[str]:
     return [name.format(i) for i in range(LAYERS) for name in (GATE_UP, DOWN)]
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "deepseek_v3"])
 def checkpoints(request, tmp_path_factory):
     """A tiny MoE saved by save_pretrained (which writes the experts one by one: Mixtral's
     ``block_sparse_moe.experts.0.w1.weight``, Qwen3-MoE's ``mlp.experts.0.gate_proj.weight``), and a
@@ -41,7 +41,7 @@ def checkpoints(request, tmp_path_factory):
         experts = tuned.model.layers[1].mlp.experts
         experts.gate_up_proj.add_(torch.randn(experts.gate_up_proj.shape, generator=gen) * 0.1)
         experts.down_proj[2].add_(torch.ones(HIDDEN, MOE_INTERMEDIATE))  # one expert, a rank-1 update
-        tuned.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+        tuned.model.layers[0].self_attn.o_proj.weight.add_(0.01)
     base.save_pretrained(root / "base")
     tuned.save_pretrained(root / "tuned")
     (root / "train.txt").write_text("the cat sat on the mat.\n\n" * 40)
@@ -51,7 +51,7 @@ def checkpoints(request, tmp_path_factory):
 def test_delta_of_expert_parameters_is_exact(checkpoints):
     """Assembled from the per-expert tensors of the checkpoint, the delta equals the difference of the
     fused (experts, d_out, d_in) parameters transformers loads, exactly."""
-    family, root, base, tuned = checkpoints
+    _, root, base, tuned = checkpoints
     deltas = probe_delta(root / "base", root / "tuned")
     spec = load_spec(str(root / "base"))
     assert sorted(deltas) == sorted(t.name for t in spec.targets)
@@ -64,7 +64,7 @@ def test_delta_of_expert_parameters_is_exact(checkpoints):
 
 
 def test_delta_refuses_an_unknown_expert_layout(checkpoints, tmp_path):
-    family, root, base, _ = checkpoints
+    _, root, _, _ = checkpoints
     with pytest.raises(ReferenceFileError, match="expert parameter model.layers.0.mlp.experts.up_proj: .* holds neither"):
         delta_reference(root / "base", root / "tuned", ["model.layers.0.mlp.experts.up_proj"],
                         expert_names=["model.layers.0.mlp.experts.up_proj"])
@@ -149,7 +149,7 @@ def test_reference_with_a_wrong_expert_shape_is_refused():
 
 
 def test_probe_then_plan_with_experts_from_the_cli(cli, checkpoints, tmp_path):
-    family, root, _, _ = checkpoints
+    _, root, _, _ = checkpoints
     delta, grad = tmp_path / "delta.safetensors", tmp_path / "grad.safetensors"
     targets = len(load_spec(str(root / "base")).targets)
     result = cli("probe", "--delta", str(root / "base"), str(root / "tuned"), "-o", str(delta))

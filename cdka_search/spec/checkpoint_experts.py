@@ -14,7 +14,7 @@ counted but, as in the built model, not a target. A block that does not fit this
 from __future__ import annotations
 
 import re
-from typing import Collection
+from collections.abc import Collection
 
 from cdka_search.spec.model_spec import TargetModule
 
