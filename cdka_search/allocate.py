@@ -1,9 +1,19 @@
-"""Budget allocation: a multiple-choice knapsack solved by branch and bound with LP bounds.
+"""Budget allocation: a multiple-choice knapsack solved exactly, or with a certified gap.
 
-Each unit (a group of same-shape targets) takes exactly one option (cost, value); the total
-cost must stay within the budget and the total value be maximal. The LP relaxation (upper convex
-hull of each unit, increments taken by decreasing slope) bounds every node, so the search is
-exact when it finishes and otherwise reports a certified gap to that bound.
+Each unit (a group of same-shape targets, or one module of a per-layer plan) takes exactly one
+option (cost, value); the total cost must stay within the budget and the total value be maximal.
+
+1. The LP relaxation is solved by walking every unit's upper convex hull by decreasing slope;
+   the slope where the budget runs out is the multiplier ``lam`` and the LP value the upper bound
+   (at most one unit is fractional).
+2. A feasible start rounds that walk down and then spends what is left on the best upgrades.
+3. With ``lam``, every option's reduced loss ``delta = max_j (v_j - lam c_j) - (v - lam c)`` bounds
+   how much it costs against the LP bound: a solution better than the start has total loss below
+   ``upper - start``, so options losing more are dropped, and a depth-first search over the few
+   units left with a choice proves the optimum (or stops at ``node_limit`` with a certified gap).
+
+Cost: sorting the hull increments (n log n) plus the search, which visits only near-ties; 10,000
+units take well under a second (benchmarks/scale.py).
 """
 
 from __future__ import annotations
@@ -40,112 +50,189 @@ class Allocation:
 
 def _hull(options: Sequence[Option]) -> list[int]:
     """Option indices along the upper convex hull, from the cheapest (best-valued) option."""
-    order = sorted(range(len(options)), key=lambda i: (options[i][0], -options[i][1]))
     hull: list[int] = []
-    for i in order:
-        c, v = options[i]
-        if hull and v <= options[hull[-1]][1]:
+    cs: list[int] = []
+    vs: list[float] = []
+    for c, negative_v, i in sorted([(c, -v, i) for i, (c, v) in enumerate(options)]):
+        v = -negative_v
+        if vs and v <= vs[-1]:
             continue  # dominated: costs at least as much, worth no more
-        while len(hull) >= 2:
-            (c1, v1), (c2, v2) = options[hull[-2]], options[hull[-1]]
-            if (v2 - v1) * (c - c1) <= (v - v1) * (c2 - c1):
-                hull.pop()
-            else:
-                break
+        while len(vs) >= 2 and (vs[-1] - vs[-2]) * (c - cs[-2]) <= (v - vs[-2]) * (cs[-1] - cs[-2]):
+            hull.pop()
+            cs.pop()
+            vs.pop()
         hull.append(i)
+        cs.append(c)
+        vs.append(v)
     return hull
 
 
-def _increments(options: Sequence[Option], hull: Sequence[int]) -> list[tuple[int, float]]:
-    return [(options[b][0] - options[a][0], options[b][1] - options[a][1]) for a, b in zip(hull, hull[1:])]
+@dataclass(frozen=True)
+class _Relaxation:
+    """The LP optimum: its value, the multiplier, and the integral walk rounded down."""
+
+    upper: float
+    lam: float
+    start: list[int]
 
 
-def _greedy(units: Sequence[Sequence[Option]], hulls: Sequence[list[int]], budget: int) -> tuple[int, ...]:
-    """A feasible start: walk every hull by decreasing slope, stopping a unit at its first misfit."""
-    position = [0] * len(units)
-    steps = sorted(
-        ((k, j) for k, hull in enumerate(hulls) for j in range(1, len(hull))),
-        key=lambda kj: -(units[kj[0]][hulls[kj[0]][kj[1]]][1] - units[kj[0]][hulls[kj[0]][kj[1] - 1]][1])
-        / (units[kj[0]][hulls[kj[0]][kj[1]]][0] - units[kj[0]][hulls[kj[0]][kj[1] - 1]][0]),
-    )
-    cost = sum(units[k][hull[0]][0] for k, hull in enumerate(hulls))
-    stopped: set[int] = set()
-    for k, j in steps:
-        if k in stopped or position[k] != j - 1:
+def _relax(units: Sequence[Sequence[Option]], budget: int) -> _Relaxation:
+    hulls = [_hull(u) for u in units]
+    position = [h[0] for h in hulls]
+    cost = sum(units[k][i][0] for k, i in enumerate(position))
+    value = sum(units[k][i][1] for k, i in enumerate(position))
+    steps = []
+    for k, hull in enumerate(hulls):
+        for a, b in zip(hull, hull[1:]):
+            dc, dv = units[k][b][0] - units[k][a][0], units[k][b][1] - units[k][a][1]
+            steps.append((-dv / dc, k, dc, dv, b))
+    steps.sort()  # by decreasing slope; within a unit the hull's own order (slopes strictly fall)
+    upper, lam, stopped = None, 0.0, set()
+    room = budget - cost
+    for slope, k, dc, dv, b in steps:
+        if k in stopped:
             continue
-        extra = units[k][hulls[k][j]][0] - units[k][hulls[k][j - 1]][0]
-        if cost + extra <= budget:
-            cost += extra
-            position[k] = j
-        else:
-            stopped.add(k)
-    return tuple(hulls[k][position[k]] for k in range(len(units)))
+        if dc <= room:
+            room -= dc
+            value += dv
+            position[k] = b
+            continue
+        if upper is None:  # the LP's fractional step: the bound and the multiplier
+            upper, lam = value + dv * room / dc, -slope
+        stopped.add(k)  # the integral walk keeps filling with later, smaller steps of other units
+    return _Relaxation(value if upper is None else upper, lam, position)
 
 
-def _lp_bound(increments: Sequence[tuple[int, float]], capacity: int) -> float:
-    """Value the LP relaxation adds with ``capacity``; increments sorted by slope, decreasing."""
-    gained = 0.0
-    for dc, dv in increments:
-        if dc <= capacity:
-            capacity -= dc
-            gained += dv
-        else:
-            return gained + dv * capacity / dc
-    return gained
+def _fill(units: Sequence[Sequence[Option]], choice: list[int], budget: int) -> None:
+    """Spend the budget left on the single upgrades worth most, until none fits (in place)."""
+    room = budget - sum(units[k][i][0] for k, i in enumerate(choice))
+    for _ in range(len(units)):
+        best = None
+        for k, u in enumerate(units):
+            c0, v0 = u[choice[k]]
+            for i, (c, v) in enumerate(u):
+                if v > v0 and c - c0 <= room and (best is None or v - v0 > best[0]):
+                    best = (v - v0, k, i, c - c0)
+        if best is None:
+            return
+        _, k, i, dc = best
+        choice[k] = i
+        room -= dc
 
 
-def allocate(units: Sequence[Sequence[Option]], budget: int, *, node_limit: int = 200_000) -> Allocation:
+def _spread(options: Sequence[Option], kept: Sequence[tuple[float, int, int]]) -> int:
+    """How far a unit's remaining options differ in cost: big decisions are searched first."""
+    costs = [options[i][0] for _, _, i in kept]
+    return max(costs) - min(costs)
+
+
+def _multipliers(
+    units: Sequence[Sequence[Option]], free: Sequence[int], options: Sequence[Sequence[tuple[float, int, int]]],
+    lam: float, most: int = 6,
+) -> list[float]:
+    """lam and up to ``most`` hull slopes of the searched units nearest to it, the LP's breakpoints."""
+    slopes = set()
+    for k in free:
+        kept = [units[k][i] for _, _, i in options[k]]
+        hull = _hull(kept)
+        slopes.update((kept[b][1] - kept[a][1]) / (kept[b][0] - kept[a][0]) for a, b in zip(hull, hull[1:]))
+    near = sorted(slopes, key=lambda mu: abs(mu - lam))[:most]
+    return [lam, *(mu for mu in near if mu >= 0 and mu != lam)]
+
+
+def allocate(units: Sequence[Sequence[Option]], budget: int, *, node_limit: int = 100_000) -> Allocation:
     """Choose one option per unit maximising total value with total cost <= budget."""
     if not units or any(not u for u in units):
         raise BudgetError("nothing to allocate: every target needs at least one candidate")
     floor = sum(min(c for c, _ in u) for u in units)
     if floor > budget:
         raise BudgetError(f"budget {budget:,} is below the smallest possible adapter on these targets ({floor:,} parameters)")
-    n = len(units)
-    base_cost = [min(c for c, _ in u) for u in units]
-    base_value = [max(v for c, v in u if c == base_cost[k]) for k, u in enumerate(units)]
-    hulls = [_hull(u) for u in units]
-    increments = [_increments(u, h) for u, h in zip(units, hulls)]
-    # suffix[k]: hull increments of units k..n-1 by decreasing slope, for the bound at depth k.
-    suffix: list[list[tuple[int, float]]] = [[] for _ in range(n + 1)]
-    for k in range(n - 1, -1, -1):
-        suffix[k] = sorted(suffix[k + 1] + increments[k], key=lambda inc: -inc[1] / inc[0])
-    suffix_base_cost = [sum(base_cost[k:]) for k in range(n + 1)]
-    suffix_base_value = [sum(base_value[k:]) for k in range(n + 1)]
-    ordered = [sorted(range(len(u)), key=lambda i: (-u[i][1], u[i][0])) for u in units]
-
-    root_bound = suffix_base_value[0] + _lp_bound(suffix[0], budget - suffix_base_cost[0])
-    best_choice: tuple[int, ...] = _greedy(units, hulls, budget)
-    best_value = sum(units[k][i][1] for k, i in enumerate(best_choice))
-    choice = [0] * n
-    nodes = 0
-    exhausted = True
-
-    def search(k: int, cost: int, value: float) -> None:
-        nonlocal best_value, best_choice, nodes, exhausted
-        nodes += 1
-        if nodes > node_limit:
+    lp = _relax(units, budget)
+    best = list(lp.start)
+    if len(units) <= 64:  # the quadratic fill only where it is cheap; big problems rarely need it
+        _fill(units, best, budget)
+    best_value = sum(units[k][i][1] for k, i in enumerate(best))
+    lam = lp.lam
+    reduced = [[v - lam * c for c, v in u] for u in units]
+    top = [max(r) for r in reduced]
+    upper = min(lp.upper, lam * budget + sum(top))  # the same bound, by duality; min guards rounding
+    eps = 1e-12 * max(1.0, abs(upper))
+    # Options that can still appear in a better solution (reduced loss below the gap), cheapest loss first.
+    options = []
+    for k, rk in enumerate(reduced):
+        floor_k = top[k] - (upper - best_value) - eps
+        options.append(sorted((top[k] - r, units[k][i][0], i) for i, r in enumerate(rk) if r > floor_k))
+    fixed = [k for k, o in enumerate(options) if len(o) == 1]
+    free = sorted((k for k, o in enumerate(options) if len(o) > 1), key=lambda k: (-options[k][1][0], k))
+    fixed_value = sum(units[k][options[k][0][2]][1] for k in fixed)
+    fixed_cost = sum(options[k][0][1] for k in fixed)
+    # Node bounds: the Lagrangian mu * room + sum over the units left of max (v - mu c) is an upper
+    # bound for every mu >= 0; a few mu around lam make it close to the node's own LP bound.
+    grid = _multipliers(units, free, options, lam)
+    after = [[0.0] * (len(free) + 1) for _ in grid]
+    cheapest_after = [0] * (len(free) + 1)
+    for depth in range(len(free) - 1, -1, -1):
+        k = free[depth]
+        cheapest_after[depth] = cheapest_after[depth + 1] + min(c for _, c, _ in options[k])
+        for g, mu in enumerate(grid):
+            after[g][depth] = after[g][depth + 1] + max(units[k][i][1] - mu * c for _, c, i in options[k])
+    # Completing a state with every later unit's lam-best option, where it fits, gives solutions.
+    top_cost_after, top_value_after = [0] * (len(free) + 1), [0.0] * (len(free) + 1)
+    for depth in range(len(free) - 1, -1, -1):
+        _, c, i = options[free[depth]][0]
+        top_cost_after[depth] = top_cost_after[depth + 1] + c
+        top_value_after[depth] = top_value_after[depth + 1] + units[free[depth]][i][1]
+    completed: tuple[int, int] | None = None  # (depth, state) of the best completed solution
+    # Dynamic programming over the searched units, one at a time: keep the (cost, value) states
+    # that no other state dominates and whose bound can still beat the best known solution.
+    states: list[tuple[int, float]] = [(fixed_cost, fixed_value)] if all(options) else []
+    parents: list[list[tuple[int, int]]] = []  # per depth: (previous state, option) of each state
+    nodes, exhausted = len(states), True
+    for depth, k in enumerate(free):
+        rest = cheapest_after[depth + 1]
+        grown: list[tuple[int, float, int, int]] = []
+        for s, (cost, value) in enumerate(states):
+            for _, c, i in options[k]:
+                total = cost + c
+                room = budget - total
+                if room < rest:
+                    continue
+                v = value + units[k][i][1]
+                if v + lam * room + after[0][depth + 1] <= best_value + eps:
+                    continue  # the root multiplier alone already rules it out
+                if v + min(mu * room + after[g][depth + 1] for g, mu in enumerate(grid)) <= best_value + eps:
+                    continue
+                grown.append((total, v, s, i))
+        grown.sort(key=lambda state: (state[0], -state[1]))
+        states, links, top_value = [], [], None
+        for total, v, s, i in grown:
+            if top_value is None or v > top_value:
+                if budget - total >= top_cost_after[depth + 1] and v + top_value_after[depth + 1] > best_value + eps:
+                    best_value, completed = v + top_value_after[depth + 1], (depth, len(states))
+                states.append((total, v))
+                links.append((s, i))
+                top_value = v
+        parents.append(links)
+        nodes += len(grown)
+        if nodes > node_limit and depth + 1 < len(free):
             exhausted = False
-            return
-        if k == n:
-            if value > best_value + 1e-12:
-                best_value, best_choice = value, tuple(choice)
-            return
-        room = budget - cost - suffix_base_cost[k + 1]
-        for i in ordered[k]:
-            c, v = units[k][i]
-            if c > room:
-                continue
-            rest = room - c
-            bound = value + v + suffix_base_value[k + 1] + _lp_bound(suffix[k + 1], rest)
-            if bound <= best_value + 1e-12:
-                continue
-            choice[k] = i
-            search(k + 1, cost + c, value + v)
-            if not exhausted:
-                return
-
-    search(0, 0, 0.0)
-    upper = best_value if exhausted else root_bound
-    total_cost = sum(units[k][i][0] for k, i in enumerate(best_choice))
-    return Allocation(best_choice, total_cost, best_value, max(upper, best_value), nodes)
+            # Every better solution extends a surviving state: their best bound certifies the gap.
+            upper = max(
+                [best_value] + [v + min(mu * (budget - c) + after[g][depth + 1] for g, mu in enumerate(grid)) for c, v in states]
+            )
+            break
+    if completed is not None:
+        depth, s = completed
+        candidate = list(best)
+        for k in fixed:
+            candidate[k] = options[k][0][2]
+        for later in free[depth + 1:]:
+            candidate[later] = options[later][0][2]
+        for earlier in range(depth, -1, -1):
+            s, candidate[free[earlier]] = parents[earlier][s]
+        best = candidate
+    best_value = sum(units[k][i][1] for k, i in enumerate(best))
+    if exhausted:
+        upper = best_value  # every state was extended or bounded out: optimal
+    total_cost = sum(units[k][i][0] for k, i in enumerate(best))
+    return Allocation(tuple(best), total_cost, best_value, max(upper, best_value), nodes)

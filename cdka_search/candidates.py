@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from cdka_search.errors import TargetError
+from cdka_search.limits import MAX_DIM, check_int
 
 FAMILIES = ("cdka", "lora", "lokr")
 
@@ -81,15 +82,16 @@ class CandidateSpace:
             raise TargetError(f"unknown family {self.family!r}; choose one of {', '.join(FAMILIES)}")
         for name in ("r1", "r2", "r"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise TargetError(f"--{name} must be a positive integer, got {value}")
-        if self.max_r < 1:
-            raise TargetError(f"--max-r must be a positive integer, got {self.max_r}")
+            if value is not None:
+                check_int(value, f"--{name.replace('_', '-')}", TargetError, 1, MAX_DIM)
+        check_int(self.max_r, "--max-r", TargetError, 1, MAX_DIM)
 
 
 @lru_cache(maxsize=256)
 def divisors(n: int) -> tuple[int, ...]:
-    """All positive divisors of n, ascending."""
+    """All positive divisors of n, ascending. n is bounded by MAX_DIM, so trial division up to
+    sqrt(n) takes at most about a thousand steps."""
+    check_int(n, "a weight dimension", TargetError, 1, MAX_DIM)
     small, large = [], []
     d = 1
     while d * d <= n:
@@ -122,20 +124,33 @@ def factor_pairs(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()
     return pairs
 
 
+def sane_r(d_out: int, d_in: int, r1: int, r2: int) -> int:
+    """The most components a design may have while costing fewer parameters than the frozen
+    d_out x d_in weight (0: none may): at or above that size, fine-tuning the weight itself is
+    cheaper and exact, so no such design is ever a candidate."""
+    m1, n1, m2, n2 = d_out // r1, r2, r1, d_in // r2
+    return (d_out * d_in - 1) // (m1 * n1 + m2 * n2)
+
+
 def r_range(d_out: int, d_in: int, r1: int, r2: int, space: CandidateSpace = CandidateSpace()) -> range:
-    """Component counts worth trying: up to the cap, and no further than the rank saturates."""
+    """Component counts worth trying: up to the cap, no further than the rank saturates, and
+    never as many parameters as the weight (the range may be empty)."""
+    sane = sane_r(d_out, d_in, r1, r2)
     if space.r is not None:
-        return range(space.r, space.r + 1)
+        if space.r > min(d_out, d_in):
+            raise TargetError(f"--r {space.r} is more components than a {d_out}x{d_in} update can use (at most {min(d_out, d_in)})")
+        return range(space.r, min(space.r, sane) + 1)
     if space.family == "lokr":
-        return range(1, 2)
+        return range(1, min(1, sane) + 1)
     m1, n1, m2, n2 = d_out // r1, r2, r1, d_in // r2
     per_component = min(m1, n1) * min(m2, n2)  # rank(B (x) A) = rank(B) * rank(A)
     saturating = -(-min(d_out, d_in) // per_component)
-    return range(1, min(space.max_r, saturating) + 1)
+    return range(1, min(space.max_r, saturating, sane) + 1)
 
 
 def enumerate_candidates(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()) -> list[Design]:
-    """Every design of a d_out x d_in weight in the space, LoRA (r1 = r2 = 1) included."""
+    """Every design of a d_out x d_in weight in the space, LoRA (r1 = r2 = 1) included, each with
+    fewer parameters than the weight."""
     return [
         Design.from_paper(d_out, d_in, r1, r2, r)
         for r1, r2 in factor_pairs(d_out, d_in, space)

@@ -1,13 +1,250 @@
-"""Strict reading of YAML/JSON documents into frozen dataclasses (plans, recipes)."""
+"""Strict reading of JSON and YAML documents, and of their mappings into frozen dataclasses.
+
+Every document cdka reads (plans, recipes, config.json, safetensors headers and indexes, adapter
+metadata) goes through ``read_json`` or ``read_yaml``. Both refuse what a hand-written or generated
+file never needs and a hostile one uses: nesting deeper than ``MAX_DEPTH``, duplicate keys (which
+would otherwise silently keep the last value), documents over ``MAX_DOCUMENT_BYTES``, and, in JSON,
+the non-JSON constants NaN/Infinity and numbers that overflow. YAML anchors and aliases are refused:
+no plan or recipe needs them, and they let a few bytes expand into gigabytes ("billion laughs").
+Messages show values through ``brief``, which bounds what they print whatever the value's size.
+"""
 
 from __future__ import annotations
 
-from dataclasses import fields
+import math
+import os
+import stat
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
 from cdka_search.errors import CdkaError, PlanError
 
 T = TypeVar("T")
+
+MAX_DEPTH = 32  # plans nest 4 deep, configs and headers 3; 32 leaves room for any real document
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024  # JSON; the largest real config.json is well under 1 MB
+MAX_YAML_BYTES = 2 * 1024 * 1024  # a per-layer plan of a 70B model is about 250 KB; YAML parses slowly
+_BRIEF_CHARS = 60
+
+
+@dataclass(frozen=True)
+class JsonLimits:
+    """Bounds on a JSON document checked before it is parsed, by counting bytes in C: its size, its
+    objects ({), arrays ([) and separators (, : every element after a container's first). With
+    them, parsing a hostile document can neither take long nor build millions of Python objects."""
+
+    max_bytes: int = MAX_DOCUMENT_BYTES
+    max_objects: int = 100_000
+    max_arrays: int = 100_000
+    max_commas: int = 1_000_000
+
+    def check(self, data: bytes | str, where: str, error: type[CdkaError]) -> None:
+        if len(data) > self.max_bytes:
+            raise error(f"{where}: {len(data):,} bytes is larger than such a document can be ({self.max_bytes:,})")
+        brace, bracket, comma = ("{", "[", ",") if isinstance(data, str) else (b"{", b"[", b",")
+        for sign, limit, what in ((brace, self.max_objects, "objects"), (bracket, self.max_arrays, "arrays"), (comma, self.max_commas, "elements")):
+            if data.count(sign) > limit:  # type: ignore[arg-type]
+                raise error(f"{where}: more {what} than such a document can hold ({limit:,})")
+
+
+def brief(value: Any, limit: int = _BRIEF_CHARS) -> str:
+    """A repr of ``value`` at most about ``limit`` characters long, however large ``value`` is."""
+    import reprlib  # only on error paths
+
+    shorten = reprlib.Repr()
+    shorten.maxlevel, shorten.maxlist, shorten.maxdict, shorten.maxtuple = 2, 4, 4, 4
+    shorten.maxstring = shorten.maxother = shorten.maxlong = limit
+    text = shorten.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _too_deep(data: Any) -> bool:
+    """True when containers nest deeper than MAX_DEPTH (iterative: no recursion on hostile input)."""
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Mapping):
+            children: Iterable[Any] = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _no_duplicates(where: str, error: type[CdkaError]):
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise error(f"{where}: duplicate key {brief(key)}")
+            out[key] = value
+        return out
+
+    return hook
+
+
+def _finite_float(where: str, error: type[CdkaError]):
+    def hook(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise error(f"{where}: number {brief(text)} is out of range")
+        return value
+
+    return hook
+
+
+def read_json(data: bytes | str, where: str, error: type[CdkaError], limits: JsonLimits = JsonLimits()) -> Any:
+    """Parse strict JSON: no NaN/Infinity, no overflowing numbers, no duplicate keys, bounded depth
+    and size (``limits``)."""
+    limits.check(data, where, error)
+    import json
+
+    def refuse_constant(name: str) -> Any:
+        raise error(f"{where}: {name} is not a JSON value")
+
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        parsed = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates(where, error),
+            parse_constant=refuse_constant,
+            parse_float=_finite_float(where, error),
+        )
+    except CdkaError:
+        raise
+    except RecursionError:
+        raise error(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+    except UnicodeDecodeError:
+        raise error(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{where}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except ValueError:  # an integer with more digits than Python converts
+        raise error(f"{where}: a number is too long") from None
+    if _too_deep(parsed):
+        raise error(f"{where}: nested deeper than {MAX_DEPTH} levels")
+    return parsed
+
+
+def read_yaml(text: str, where: str, error: type[CdkaError]) -> Any:
+    """Parse safe YAML (JSON included): no anchors or aliases, no duplicate keys, bounded depth.
+
+    Built from the parser's events with an explicit stack (libyaml's parser where installed), so
+    neither deep nesting nor a large document recurses or composes a node tree; scalars get the
+    types of YAML's safe schema (int, float, bool, null, str, timestamp)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise error(f"{where}: {len(text):,} characters is larger than a plan or recipe can be ({MAX_YAML_BYTES:,})")
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    try:
+        return _data_from_events(loader, where, error)
+    except CdkaError:
+        raise
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise error(f"{where}: not valid YAML{at}") from None
+    except ValueError:  # an integer with more digits than Python converts
+        raise error(f"{where}: a number is too long") from None
+    finally:
+        loader.dispose()
+
+
+def _data_from_events(loader: Any, where: str, error: type[CdkaError]) -> Any:
+    import yaml
+    from yaml import events
+
+    constructors = yaml.constructor.SafeConstructor.yaml_constructors
+    stack: list[list[Any]] = []  # [container, pending key or _NO_KEY]
+    documents, root = 0, None
+    scalars: dict[tuple[Any, ...], Any] = {}
+
+    def add(value: Any, line: int) -> None:
+        nonlocal root
+        if not stack:
+            root = value
+            return
+        top = stack[-1]
+        if isinstance(top[0], list):
+            top[0].append(value)
+        elif top[1] is _NO_KEY:
+            if isinstance(value, (list, dict)):
+                raise error(f"{where}: a mapping key must be a plain value (line {line + 1})")
+            if value in top[0]:
+                raise error(f"{where}: duplicate key {brief(value)} (line {line + 1})")
+            top[1] = value
+        else:
+            top[0][top[1]] = value
+            top[1] = _NO_KEY
+
+    while loader.check_event():
+        event = loader.get_event()
+        line = event.start_mark.line if event.start_mark else 0
+        if isinstance(event, events.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise error(f"{where}: YAML anchors and aliases (& and *) are not allowed (line {line + 1})")
+        if isinstance(event, events.DocumentStartEvent):
+            documents += 1
+            if documents > 1:
+                raise error(f"{where}: holds more than one YAML document (line {line + 1})")
+        elif isinstance(event, events.ScalarEvent):
+            key = (event.tag, event.value, event.implicit, event.style)
+            if key in scalars:  # a per-layer plan repeats a few values thousands of times
+                add(scalars[key], line)
+                continue
+            tag = event.tag
+            if tag is None or tag == "!":
+                tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+            if tag not in constructors or tag.endswith(("merge", "value")):
+                raise error(f"{where}: YAML tag {brief(tag)} is not allowed (line {line + 1})")
+            node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+            value = constructors[tag](loader, node)
+            if isinstance(value, (str, int, float, bool, type(None))):  # immutable: safe to share
+                scalars[key] = value
+            add(value, line)
+        elif isinstance(event, (events.SequenceStartEvent, events.MappingStartEvent)):
+            mapping = isinstance(event, events.MappingStartEvent)
+            if event.tag not in (None, "!", "tag:yaml.org,2002:map" if mapping else "tag:yaml.org,2002:seq"):
+                raise error(f"{where}: YAML tag {brief(event.tag)} is not allowed (line {line + 1})")
+            if len(stack) >= MAX_DEPTH:
+                raise error(f"{where}: nested deeper than {MAX_DEPTH} levels")
+            stack.append([{} if mapping else [], _NO_KEY])
+        elif isinstance(event, (events.SequenceEndEvent, events.MappingEndEvent)):
+            add(stack.pop()[0], line)
+    return root
+
+
+_NO_KEY = object()
+
+
+def read_file_bytes(path: str | os.PathLike[str], error: type[CdkaError], max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; a missing, special (a FIFO would block),
+    unreadable or oversized file is ``error``."""
+    file = Path(path)
+    try:
+        if not stat.S_ISREG(file.stat().st_mode):
+            raise error(f"{file}: not a regular file")
+        with file.open("rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise error(f"{file}: no such file") from None
+    except OSError as exc:
+        raise error(f"{file}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    if len(data) > max_bytes:
+        raise error(f"{file}: larger than such a document can be ({max_bytes:,} bytes)")
+    return data
+
+
+def read_text_file(path: str | os.PathLike[str], error: type[CdkaError], max_bytes: int = MAX_YAML_BYTES) -> str:
+    """``read_file_bytes`` decoded as UTF-8."""
+    try:
+        return read_file_bytes(path, error, max_bytes).decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None
 
 
 def reject_unknown(data: Mapping[str, Any], allowed: Iterable[str], where: str, error: type[CdkaError] = PlanError) -> None:
@@ -17,9 +254,9 @@ def reject_unknown(data: Mapping[str, Any], allowed: Iterable[str], where: str, 
         if key not in allowed:
             import difflib  # only on the error path
 
-            near = difflib.get_close_matches(str(key), allowed, n=1)
+            near = difflib.get_close_matches(str(key)[:100], allowed, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise error(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+            raise error(f"{where}: unknown key {brief(key)}{hint}; allowed: {', '.join(allowed)}")
 
 
 def strict_dataclass(cls: type[T], data: Any, where: str, error: type[CdkaError] = PlanError) -> T:

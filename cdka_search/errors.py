@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of a third-party exception's message, at most ``limit`` characters, for the
+    one ``error:`` line cdka prints (many libraries put a whole explanation in their messages)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    first = f"{exc.__class__.__name__}: {first}" if first else exc.__class__.__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 class CdkaError(Exception):
     """Base of every error cdka reports to a user. ``exit_code`` is what the CLI exits with."""
 
@@ -61,3 +70,13 @@ class OutputError(CdkaError, OSError):
     """An output file that cannot be written (a folder, a missing or read-only location)."""
 
     exit_code = 10
+
+
+class ArgumentError(CdkaError, ValueError):
+    """A command-line option or API argument outside its documented range (a seed, --top, --batches)."""
+
+    exit_code = 11
+
+
+class ConfigError(ModelSourceError):
+    """A config.json field that is missing, of the wrong type, out of range, or not understood."""

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from cdka_search.allocate import Allocation, allocate
 from cdka_search.budget import Budget, parse_budget
 from cdka_search.candidates import CandidateSpace, Design
-from cdka_search.errors import BudgetError, PlanError
+from cdka_search.documents import brief
+from cdka_search.errors import ArgumentError, BudgetError, TargetError
 from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_fronts
-from cdka_search.patterns import match_module
+from cdka_search.limits import MAX_DIM, MAX_SEED, check_int
+from cdka_search.matching import ModuleIndex, match_groups, raise_problems
 from cdka_search.plan import AdapterSettings, Plan, PlanGroup
 from cdka_search.scoring import (
     DEFAULT_SAMPLES,
@@ -46,12 +48,16 @@ def score_tables(
     return {shape: score_shape(*shape, space, objective, spectra=cache) for shape in sorted(spec.shapes)}
 
 
-def _group_patterns(role: str, members: list[TargetModule], spec: ModelSpec) -> tuple[str, ...]:
-    """The role glob when it matches exactly these members among all targets, else their names."""
+def _group_patterns(role: str, members: list[TargetModule], index: ModuleIndex, role_hits: dict[str, list[str]]) -> tuple[str, ...]:
+    """The role glob when it matches exactly these members among all targets, else their names.
+
+    ``role_hits`` memoises each role glob's matches, so a per-layer plan looks each role up once.
+    """
     if "*" in role:
-        names = {m.name for m in members}
-        hits = {t.name for t in spec.targets if match_module(t.name, role)}
-        if hits == names:
+        if role not in role_hits:
+            role_hits[role] = index.find(role)
+        hits = role_hits[role]
+        if len(hits) == len(members) and set(hits) == {m.name for m in members}:
             return (role,)
     return tuple(m.name for m in members)
 
@@ -79,23 +85,25 @@ def build_plan(
     model; ``per_layer`` lists every module as its own group.
     """
     groups = []
+    index, role_hits = ModuleIndex(t.name for t in spec.targets), {}
     for role, members in spec.roles().items():
         by_design: dict[tuple, list[TargetModule]] = {}
         for m in members:
             best = picked[m.name] if m.name in picked else picked[m.shape]
-            key = (m.name,) if per_layer else (m.shape, best.design)
+            key = (m.name,) if per_layer else (m.shape, m.experts, best.design)
             by_design.setdefault(key, []).append(m)
         for same in by_design.values():
             first = same[0]
             best = picked[first.name] if first.name in picked else picked[first.shape]
             groups.append(
                 PlanGroup(
-                    modules=_group_patterns(role, same, spec),
+                    modules=_group_patterns(role, same, index, role_hits),
                     shape=first.shape,
                     count=len(same),
                     design=best.design,
                     kind=first.kind,
                     scores=best.scores.as_dict(),
+                    experts=first.experts,
                 )
             )
     return Plan(
@@ -136,8 +144,9 @@ def allocate_fronts(
     floor = sum(counts[k] * front[0].design.params for k, front in fronts.items())  # front[0] is the cheapest
     if floor > budget.limit:
         raise BudgetError(
-            f"budget {budget.spec!r} ({budget.limit:,} parameters) is below the smallest possible adapter on "
-            f"these targets: {floor:,} parameters (r = 1 everywhere); raise the budget or narrow --targets"
+            f"budget {brief(budget.spec)} ({budget.limit:,} parameters) is below the cheapest adapter the candidate "
+            f"space allows on these targets: {floor:,} parameters (the cheapest design of every target, under any "
+            f"pins such as --r); raise the budget, narrow --targets or relax the pins"
         )
     keys = list(fronts)
     units = [
@@ -161,26 +170,33 @@ def make_plan(
     reference: Mapping[str, Any] | None = None,
     per_layer: bool = False,
     all_pairs: bool = False,
+    device: str | None = "auto",
 ) -> Plan:
     """Plan adapters for ``spec`` within ``budget``.
 
     Data-free (default): same-shape targets share one design, scored once per shape. With a
     ``reference`` (module name -> reference update tensor, see cdka_search.alignment) every module
     is scored on its own update and weighted by that update's energy: a per-layer plan
-    (``all_pairs`` measures every divisor pair instead of the data-free front's).
+    (``all_pairs`` measures every divisor pair instead of the data-free front's; the energies run on
+    ``device``: cpu, cuda or auto).
     """
+    check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
+    check_int(samples, "samples", ArgumentError, 1, 1 << 16)
     chosen = select_targets(spec, targets)
     limit = resolve_budget(chosen, budget)
     if reference is None:
         fronts = score_fronts(chosen, space, objective, samples=samples, seed=seed)
         return plan_from_fronts(chosen, limit, fronts, objective=objective, adapter=adapter, per_layer=per_layer)
-    from cdka_search.alignment.planning import reference_tables
+    from cdka_search.alignment.planning import ReferenceScores
 
-    tables, weights = reference_tables(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs)
-    return plan_from_fronts(
-        chosen, limit, {k: front_of(t) for k, t in tables.items()}, counts={k: 1 for k in tables}, weights=weights,
-        objective=objective, adapter=adapter, per_layer=True,
-    )
+    scores = ReferenceScores(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs, device=device)
+    counts = {t.name: t.experts for t in chosen.targets if t.name in scores.tables}  # an expert tensor pays for every expert
+    while True:  # allocate on bounded energies; measure what the choice rests on; until nothing does
+        fronts = {k: front_of(t) for k, t in scores.tables.items()}
+        picked, result = allocate_fronts(fronts, counts, scores.weights, limit)
+        if not scores.refine({k: s.design for k, s in picked.items()}):
+            break
+    return build_plan(chosen, limit, picked, objective=objective, adapter=adapter, allocation=result, per_layer=True)
 
 
 def plan_from_fronts(
@@ -194,11 +210,60 @@ def plan_from_fronts(
     adapter: AdapterSettings = AdapterSettings(),
     per_layer: bool = False,
 ) -> Plan:
-    """Allocate ``budget`` over ``fronts`` (by shape unless ``counts`` keys them otherwise) into a Plan."""
-    counts = spec.shapes if counts is None else counts
+    """Allocate ``budget`` over ``fronts`` (by shape unless ``counts`` keys them otherwise) into a Plan.
+
+    By shape, a unit's count is its number of matrices: an expert tensor of E experts pays for E
+    copies of the shape's one design (each expert trains its own factors).
+    """
+    counts = spec.matrices if counts is None else counts
     weights = {k: 1.0 for k in fronts} if weights is None else weights
     picked, result = allocate_fronts(fronts, counts, weights, budget)
     return build_plan(spec, budget, picked, objective=objective, adapter=adapter, allocation=result, per_layer=per_layer)
+
+
+def record_model_path(plan: Plan, model: str) -> Plan:
+    """``plan`` noting the local folder or file it was made from (absolute), so that export and
+    validate find the model again without --model; unchanged for a preset or alias."""
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    return replace(plan, model_path=str(path.resolve())) if path.exists() else plan
+
+
+def plan_model(plan: Plan, model: str | None) -> ModelSpec | None:
+    """The model to check ``plan`` against: ``model`` if given, else the local path the plan
+    recorded (ModelSourceError if it is gone), else None (a preset plan names its model)."""
+    from pathlib import Path
+
+    from cdka_search.errors import ModelSourceError
+    from cdka_search.spec import load_spec
+
+    if model:
+        return load_spec(model)
+    if plan.model_path is None:
+        return None
+    if not Path(plan.model_path).exists():
+        raise ModelSourceError(f"the plan was made from {plan.model_path}, which no longer exists; give the model with --model")
+    return load_spec(plan.model_path)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"4096x11008"`` -> (4096, 11008); each side an integer in [1, MAX_DIM]."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d{1,12})\s*[xX*,]\s*(\d{1,12})\s*", text)
+    if not match:
+        raise TargetError(f"--shape {brief(text)}: expected two positive sizes like 4096x11008")
+    d_out, d_in = int(match.group(1)), int(match.group(2))
+    for size in (d_out, d_in):
+        if not 1 <= size <= MAX_DIM:
+            raise TargetError(f"--shape {brief(text)}: each size must be in [1, {MAX_DIM:,}]")
+    return d_out, d_in
+
+
+def shape_budget(text: str, d_out: int, d_in: int) -> int:
+    """The parameter limit ``text`` means for one d_out x d_in weight ("lora:8" is LoRA rank 8 on it)."""
+    return parse_budget(text, total_params=d_out * d_in, targets=(TargetModule("weight", d_out, d_in),)).limit
 
 
 def explain_shape(
@@ -213,6 +278,11 @@ def explain_shape(
     seed: int = DEFAULT_SEED,
 ) -> list[ExplainRow]:
     """The best ``top`` candidates of a shape by objective, within ``max_params`` if given."""
+    check_int(top, "--top", ArgumentError, 1, 100_000)
+    check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
+    check_int(samples, "samples", ArgumentError, 1, 1 << 16)
+    for size in (d_out, d_in):
+        check_int(size, "--shape", TargetError, 1, MAX_DIM)
     table = score_shape(d_out, d_in, space, objective, spectra=SpectrumCache(samples, seed))
     front = set(table.pareto())
     ranked = table.ranked(max_params)
@@ -236,30 +306,32 @@ def explain_shape(
 
 
 def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
-    """Every way ``plan`` does not fit ``spec``: missing modules, counts, shapes, kinds, budget."""
-    problems: list[str] = []
+    """Every way ``plan`` does not fit ``spec``: missing modules, counts, shapes, kinds, budget (one pass)."""
     by_name = {t.name: t for t in spec.targets}
-    owners: dict[str, list[PlanGroup]] = {}
-    for g in plan.groups:
-        hits = [n for n in by_name if g.matches(n)]
-        for n in hits:
-            owners.setdefault(n, []).append(g)
-        if not hits:
-            problems.append(f"group {g.modules[0]!r}: matches no module of {spec.name}")
-            continue
-        if len(hits) != g.count:
-            problems.append(f"group {g.modules[0]!r}: matches {len(hits)} modules of {spec.name}, the plan says {g.count}")
+    found = match_groups(
+        [g.modules for g in plan.groups], ModuleIndex(by_name), counts=[g.count for g in plan.groups], model=spec.name
+    )
+    problems = list(found.problems)
+    for g, hits in zip(plan.groups, found.hits):
+        if g.design.params >= g.shape[0] * g.shape[1]:
+            problems.append(
+                f"group {g.modules[0]!r}: its design has {g.design.params:,} parameters per matrix, not fewer than the "
+                f"{g.shape[0]}x{g.shape[1]} weight's {g.shape[0] * g.shape[1]:,} (fine-tune the weight instead)"
+            )
+        # One problem per group and mismatch, naming its first module: a plan for another model
+        # stays a readable line however many layers it has.
+        wrong: dict[str, list[str]] = {}
         for n in hits:
             t = by_name[n]
             if t.shape != g.shape:
-                problems.append(
-                    f"module {n}: the model's weight is {t.d_out}x{t.d_in}, the plan says {g.shape[0]}x{g.shape[1]}"
-                )
+                wrong.setdefault(f"the model's weight is {t.d_out}x{t.d_in}, the plan says {g.shape[0]}x{g.shape[1]}", []).append(n)
             elif t.kind != g.kind:
-                problems.append(f"module {n}: the model has a {t.kind} module, the plan says {g.kind}")
-    for n, gs in owners.items():
-        if len(gs) > 1:
-            problems.append(f"module {n}: matched by {len(gs)} groups")
+                wrong.setdefault(f"the model has a {t.kind} module, the plan says {g.kind}", []).append(n)
+            elif t.experts != g.experts:
+                wrong.setdefault(f"the model has {t.experts} experts, the plan says {g.experts}", []).append(n)
+        for what, names in wrong.items():
+            more = f" (and {len(names) - 1} more of group {g.modules[0]!r})" if len(names) > 1 else ""
+            problems.append(f"module {names[0]}: {what}{more}")
     if plan.total_params != spec.total_params:
         problems.append(
             f"model.total_params is {plan.total_params:,} but {spec.name} has {spec.total_params:,} (a plan for another model?)"
@@ -269,6 +341,4 @@ def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
 
 def check_plan(plan: Plan, spec: ModelSpec) -> None:
     """Raise PlanError listing every problem of ``plan`` against ``spec``."""
-    problems = plan_problems(plan, spec)
-    if problems:
-        raise PlanError("; ".join(problems))
+    raise_problems(plan_problems(plan, spec))

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cdka_search.candidates import FAMILIES, CandidateSpace
-from cdka_search.documents import reject_unknown
+from cdka_search.documents import brief, read_text_file, read_yaml, reject_unknown
 from cdka_search.errors import PlanError
+from cdka_search.limits import MAX_DIM, MAX_SEED, MAX_TRIALS
 from cdka_search.plan import AdapterSettings
 
 __all__ = [
@@ -69,12 +70,14 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     return value
 
 
-def _number(value: Any, where: str, *, low: float = 0.0, strict: bool = True, integer: bool = False) -> Any:
+def _number(value: Any, where: str, *, low: float = 0.0, strict: bool = True, integer: bool = False, high: float = 1e6) -> Any:
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-        raise RecipeError(f"{where}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, float) and not math.isfinite(value)):
+        raise RecipeError(f"{where}: expected {'an integer' if integer else 'a finite number'}, got {brief(value)}")
     if value < low or (strict and value == low):
-        raise RecipeError(f"{where}: must be {'above' if strict else 'at least'} {low:g}, got {value!r}")
+        raise RecipeError(f"{where}: must be {'above' if strict else 'at least'} {low:g}, got {brief(value)}")
+    if value > high:
+        raise RecipeError(f"{where}: must be at most {high:g}, got {brief(value)}")
     return value
 
 
@@ -93,9 +96,10 @@ class SweepSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("trials", "steps", "top_k"):
-            _number(getattr(self, name), f"sweep.{name}", integer=True)
-        _number(self.seed, "sweep.seed", strict=False, integer=True)
+        _number(self.trials, "sweep.trials", integer=True, high=MAX_TRIALS)
+        _number(self.steps, "sweep.steps", integer=True, high=10**7)
+        _number(self.top_k, "sweep.top_k", integer=True, high=1000)
+        _number(self.seed, "sweep.seed", strict=False, integer=True, high=MAX_SEED)
         try:
             from cdka_search.sweep.tasks import task_names
 
@@ -103,11 +107,11 @@ class SweepSettings:
         except ImportError:  # the sweep ring is optional; keep recipes loadable without it
             tasks = ("proxy", "lm")
         if self.task not in tasks:
-            raise RecipeError(f"sweep.task {self.task!r} is not one of {', '.join(tasks)}")
-        if len(self.lr) != 2 or not 0 < _number(self.lr[0], "sweep.lr[0]") < _number(self.lr[1], "sweep.lr[1]"):
-            raise RecipeError(f"sweep.lr must be [low, high] with 0 < low < high, got {list(self.lr)}")
-        if not self.alpha:
-            raise RecipeError("sweep.alpha must list at least one value")
+            raise RecipeError(f"sweep.task {brief(self.task)} is not one of {', '.join(tasks)}")
+        if len(self.lr) != 2 or not 0 < _number(self.lr[0], "sweep.lr[0]", high=10) < _number(self.lr[1], "sweep.lr[1]", high=10):
+            raise RecipeError(f"sweep.lr must be [low, high] with 0 < low < high, got {brief(list(self.lr))}")
+        if not self.alpha or len(self.alpha) > 64:
+            raise RecipeError("sweep.alpha must list 1 to 64 values")
         for i, a in enumerate(self.alpha):
             _number(a, f"sweep.alpha[{i}]")
 
@@ -118,7 +122,7 @@ class SweepSettings:
         for key in ("lr", "alpha"):
             if key in data:
                 if not isinstance(data[key], list):
-                    raise RecipeError(f"sweep.{key}: expected a list, got {data[key]!r}")
+                    raise RecipeError(f"sweep.{key}: expected a list, got {brief(data[key])}")
                 data[key] = tuple(data[key])
         return cls(**data)
 
@@ -144,17 +148,17 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise RecipeError(f"train.optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+            raise RecipeError(f"train.optimizer {brief(self.optimizer)} is not one of {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
-            raise RecipeError(f"train.scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-        _number(self.lr, "train.lr")
+            raise RecipeError(f"train.scheduler {brief(self.scheduler)} is not one of {', '.join(SCHEDULERS)}")
+        _number(self.lr, "train.lr", high=10)
         _number(self.weight_decay, "train.weight_decay", strict=False)
         _number(self.warmup_ratio, "train.warmup_ratio", strict=False)
         if self.warmup_ratio >= 1:
             raise RecipeError(f"train.warmup_ratio is a fraction of training, below 1; got {self.warmup_ratio}")
-        _number(self.epochs, "train.epochs")
-        _number(self.batch_size, "train.batch_size", integer=True)
-        _number(self.max_length, "train.max_length", integer=True)
+        _number(self.epochs, "train.epochs", high=1000)
+        _number(self.batch_size, "train.batch_size", integer=True, high=1 << 16)
+        _number(self.max_length, "train.max_length", integer=True, high=1 << 20)
         if not isinstance(self.source, str) or not self.source:
             raise RecipeError("train.source: say where the values come from")
 
@@ -190,12 +194,14 @@ class Recipe:
 
         for key in ("model", "targets", "budget"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key).strip():
-                raise RecipeError(f"{key}: expected a non-empty string, got {getattr(self, key)!r}")
-        if self.objective not in OBJECTIVES:
-            raise RecipeError(f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        if self.family not in FAMILIES:
-            raise RecipeError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
-        _number(self.max_r, "max_r", integer=True)
+                raise RecipeError(f"{key}: expected a non-empty string, got {brief(getattr(self, key))}")
+        if not isinstance(self.description, str):
+            raise RecipeError(f"description: expected a text, got {brief(self.description)}")
+        if not isinstance(self.objective, str) or self.objective not in OBJECTIVES:
+            raise RecipeError(f"objective {brief(self.objective)} is not one of {', '.join(OBJECTIVES)}")
+        if not isinstance(self.family, str) or self.family not in FAMILIES:
+            raise RecipeError(f"family {brief(self.family)} is not one of {', '.join(FAMILIES)}")
+        _number(self.max_r, "max_r", integer=True, high=MAX_DIM)
 
     @classmethod
     def from_dict(cls, data: Any, name: str = "", path: Path | None = None) -> "Recipe":
@@ -204,9 +210,9 @@ class Recipe:
             raise RecipeError(f"{where}: expected a mapping with a 'cdka_recipe' version key")
         try:
             _reject_unknown(data, cls, "recipe", extra=("cdka_recipe",))
-            if data.get("cdka_recipe") != RECIPE_SCHEMA_VERSION:
+            if isinstance(data.get("cdka_recipe"), bool) or data.get("cdka_recipe") != RECIPE_SCHEMA_VERSION:
                 raise RecipeError(
-                    f"'cdka_recipe' is {data.get('cdka_recipe')!r}; this cdka reads recipe schema {RECIPE_SCHEMA_VERSION}"
+                    f"'cdka_recipe' is {brief(data.get('cdka_recipe'))}; this cdka reads recipe schema {RECIPE_SCHEMA_VERSION}"
                 )
             if "model" not in data:
                 raise RecipeError("missing key 'model'")
@@ -290,9 +296,7 @@ def recipe_path(name: str, root: Path | None = None) -> Path:
 
 
 def load_recipe(name: str | Path, root: Path | None = None) -> Recipe:
-    """Read and validate a recipe by name or path (safe YAML only)."""
-    import yaml
-
+    """Read and validate a recipe by name or path (strict, safe YAML only)."""
     file = recipe_path(str(name), root)
     try:
         base = (root or recipes_root()).resolve()
@@ -300,11 +304,5 @@ def load_recipe(name: str | Path, root: Path | None = None) -> Recipe:
         base = None
     full = file.resolve()
     label = full.relative_to(base).with_suffix("").as_posix() if base and full.is_relative_to(base) else file.stem
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise RecipeError(f"{file}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{file}: cannot read ({exc.__class__.__name__})") from None
+    data = read_yaml(read_text_file(file, RecipeError), str(file), RecipeError)
     return Recipe.from_dict(data, label, file)

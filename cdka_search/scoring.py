@@ -340,11 +340,18 @@ def score_shape(
         if pairs is not None and (p1, p2) not in pairs:
             continue
         span = r_range(d_out, d_in, p1, p2, space)
+        if not span:
+            continue
         r1s.append(p1)
         r2s.append(p2)
         starts.append(span.start)
         stops.append(span.stop)
         curves.append(np.asarray(curve_of(p1, p2, span.stop - 1), dtype=float)[span.start - 1 :])
+    if not r1s:
+        raise TargetError(
+            f"no design of the space fits {d_out}x{d_in} with fewer parameters than the weight itself "
+            f"({d_out * d_in:,}); fine-tune it directly or leave it out of --targets"
+        )
     counts = np.subtract(stops, starts)
     r1, r2 = np.repeat(r1s, counts).astype(np.int64), np.repeat(r2s, counts).astype(np.int64)
     # r runs from each pair's start: position in the whole column minus the pair's offset.

@@ -1,15 +1,20 @@
-"""Which weights of a ModelSpec get an adapter: "all-linear", "attn", "mlp", or names and globs."""
+"""Which weights of a ModelSpec get an adapter: "all-linear", "attn", "mlp", "experts", or names and globs,
+and how much of the model a selection covers."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from cdka_search.errors import TargetError
-from cdka_search.patterns import is_pattern, match_module
+from cdka_search.matching import ModuleIndex
+from cdka_search.patterns import check_pattern, is_pattern
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
 
-PRESET_SELECTIONS = ("all-linear", "attn", "mlp")
+PRESET_SELECTIONS = ("all-linear", "attn", "mlp", "experts")
 _ATTENTION = re.compile(r"att", re.IGNORECASE)
+_ROUTER_LEAVES = ("gate", "router")
+WARN_SHARE = 0.20  # untargeted adaptable weights above this share of the model get a warning
 
 
 def is_attention(module: TargetModule) -> bool:
@@ -17,30 +22,120 @@ def is_attention(module: TargetModule) -> bool:
     return any(_ATTENTION.search(seg) for seg in module.name.split("."))
 
 
-def _matches(module: TargetModule, item: str) -> bool:
+def is_router(module: TargetModule) -> bool:
+    """A MoE router or gate (``mlp.gate``, ``shared_expert_gate``): tiny, and adapting it changes
+    which experts see a token, so it is a target only when named."""
+    leaf = module.name.rsplit(".", 1)[-1]
+    return module.kind == "linear" and (leaf in _ROUTER_LEAVES or leaf.endswith("_gate"))
+
+
+def _selected(index: ModuleIndex, item: str) -> set[str]:
+    """A pattern's matches, or the names equal to ``item`` or ending in ``.item``."""
     if is_pattern(item):
-        return match_module(module.name, item)
-    return module.name == item or module.name.endswith("." + item)
+        return set(index.find(check_pattern(item)))
+    return {n for n in index.names if n == item or n.endswith("." + item)}
 
 
 def select_targets(spec: ModelSpec, selection: str = "all-linear") -> ModelSpec:
-    """The spec restricted to the selected targets; an item matching nothing is an error."""
+    """The spec restricted to the selected targets; an item matching nothing is an error.
+
+    "all-linear" is every weight but routers (expert tensors included), "mlp" every non-attention
+    weight but routers (experts included), "experts" only the 3-D expert tensors.
+    """
     choice = selection.strip()
     if choice == "all-linear":
-        chosen = list(spec.targets)
+        chosen = [t for t in spec.targets if not is_router(t)]
     elif choice == "attn":
         chosen = [t for t in spec.targets if is_attention(t)]
     elif choice == "mlp":
-        chosen = [t for t in spec.targets if not is_attention(t)]
+        chosen = [t for t in spec.targets if not is_attention(t) and not is_router(t)]
+    elif choice == "experts":
+        chosen = [t for t in spec.targets if t.kind == "experts"]
     else:
         items = [i.strip() for i in choice.split(",") if i.strip()]
         if not items:
             raise TargetError(f"empty target list; use one of {', '.join(PRESET_SELECTIONS)} or module names")
-        missing = [i for i in items if not any(_matches(t, i) for t in spec.targets)]
+        index = ModuleIndex(t.name for t in spec.targets)
+        hits = {i: _selected(index, i) for i in items}
+        missing = [i for i in items if not hits[i]]
         if missing:
             known = ", ".join(sorted({t.name.rsplit(".", 1)[-1] for t in spec.targets}))
             raise TargetError(f"target {', '.join(map(repr, missing))} matches no module of {spec.name}; modules end in: {known}")
-        chosen = [t for t in spec.targets if any(_matches(t, i) for i in items)]
+        picked = set().union(*hits.values())
+        chosen = [t for t in spec.targets if t.name in picked]
     if not chosen:
         raise TargetError(f"selection {selection!r} matches no module of {spec.name}")
     return spec.with_targets(tuple(chosen))
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a model's parameters a target selection covers, and what it leaves out.
+
+    ``left_out``: (role, weights) of every unselected target role, largest first (an option selects
+    them). ``unadaptable``: weight matrices no target covers (routers, expert stores in a layout cdka
+    does not adapt, convolutions), as ModelSpec lists them. The rest, ``other``, is embeddings,
+    norms, biases and the LM head.
+    """
+
+    model: str
+    total: int
+    covered: int
+    left_out: tuple[tuple[str, int], ...]
+    unadaptable: tuple[tuple[str, int], ...]
+    selection: str
+
+    @property
+    def left_out_params(self) -> int:
+        return sum(w for _, w in self.left_out)
+
+    @property
+    def unadaptable_params(self) -> int:
+        return sum(w for _, w in self.unadaptable)
+
+    @property
+    def other_params(self) -> int:
+        return self.total - self.covered - self.left_out_params - self.unadaptable_params
+
+    def share(self, params: int) -> str:
+        return f"{100 * params / self.total:.1f}%"
+
+    def summary(self) -> str:
+        return (
+            f"coverage: the targets hold {self.share(self.covered)} of {self.model}'s {self.total:,} parameters; "
+            f"{self.share(self.left_out_params)} lie in weights not selected, {self.share(self.unadaptable_params)} in "
+            f"weights no adapter targets (routers, other layouts), {self.share(self.other_params)} in embeddings, norms, "
+            "biases and the LM head"
+        )
+
+    def _named(self, roles: tuple[tuple[str, int], ...]) -> str:
+        names = ", ".join(f"{role} ({self.share(w)})" for role, w in roles[:4])
+        return names + (f" and {len(roles) - 4} more" if len(roles) > 4 else "")
+
+    def warnings(self) -> list[str]:
+        """One line for each kind of left-out weight holding more than WARN_SHARE of the model."""
+        out = []
+        if self.left_out_params > WARN_SHARE * self.total:
+            option = "--targets all-linear" if self.selection.strip() != "all-linear" else "their names in --targets"
+            out.append(
+                f"warning: {self.share(self.left_out_params)} of {self.model}'s parameters are in weights "
+                f"--targets {self.selection} leaves out: {self._named(self.left_out)}; include them with {option}"
+            )
+        if self.unadaptable_params > WARN_SHARE * self.total:
+            out.append(
+                f"warning: {self.share(self.unadaptable_params)} of {self.model}'s parameters are in weights no cdka "
+                f"target covers: {self._named(self.unadaptable)}; no --targets option includes them (docs/models.md)"
+            )
+        return out
+
+
+def coverage(spec: ModelSpec, chosen: ModelSpec, selection: str) -> Coverage:
+    """The Coverage of ``chosen`` (a selection of ``spec``'s targets)."""
+    picked = {t.name for t in chosen.targets}
+    left: dict[str, int] = {}
+    for t in spec.targets:
+        if t.name not in picked:
+            left[t.role] = left.get(t.role, 0) + t.weight_params
+    ranked = tuple(sorted(left.items(), key=lambda kv: -kv[1]))
+    covered = sum(t.weight_params for t in chosen.targets)
+    return Coverage(spec.name, spec.total_params, covered, ranked, spec.unadaptable, selection)

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cdka_search.errors import DataError, ModelSourceError
+from cdka_search.documents import read_file_bytes, read_json
+from cdka_search.errors import DataError, ModelSourceError, one_line
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -39,22 +40,64 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def encode(texts: list[str], model_dir: str | Path, vocab_size: int) -> list[int]:
-    """Token ids of all texts joined by EOS: the folder's tokenizer if it has one, else UTF-8 bytes.
-
-    The byte fallback (id = byte % vocab_size) lets tiny test models without a tokenizer train.
-    """
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The folder's tokenizer, or None when it has none (ModelSourceError for a broken one, or one
+    that asks for remote code). Load it before the model, so a bad tokenizer fails fast."""
     folder = Path(model_dir)
-    if any((folder / f).is_file() for f in _TOKENIZER_FILES):
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    refuse_remote_code(folder, "tokenizer_config.json")
+    try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # tokenizers raises bare Exceptions from Rust; any failure is the folder's
+        raise ModelSourceError(f"{folder}: cannot load its tokenizer ({one_line(exc)})") from None
+
+
+def encode(texts: list[str], tokenizer: Any, vocab_size: int) -> list[int]:
+    """Token ids of all texts joined by EOS: with ``tokenizer`` (load_tokenizer) if there is one, else
+    UTF-8 bytes. The byte fallback (id = byte % vocab_size) lets tiny test models without a tokenizer train.
+    """
+    if tokenizer is not None:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         ids: list[int] = []
         for text in texts:
             ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
         return ids
     return [b % vocab_size for text in texts for b in (text + "\n").encode("utf-8")]
+
+
+def refuse_remote_code(folder: Path, name: str) -> None:
+    """A ModelSourceError when ``folder/name`` asks for code shipped with the model (auto_map):
+    cdka never runs code from a model folder."""
+    file = folder / name
+    if not file.is_file():
+        return
+    try:
+        data = read_json(read_file_bytes(file, ModelSourceError), str(file), ModelSourceError)
+    except ModelSourceError:
+        return  # not ours to judge here: the loader reports a corrupt file in its own words
+    if isinstance(data, dict) and ("auto_map" in data or data.get("trust_remote_code")):
+        raise ModelSourceError(
+            f"{folder}: {name} asks to run custom code shipped with the model (auto_map); cdka refuses remote code"
+        )
+
+
+def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, seq_len: int) -> None:
+    """What a gradient probe can check before importing torch: its sizes, and a model folder with a
+    config.json that asks for no remote code (so bad input is rejected at once)."""
+    from cdka_search.errors import ArgumentError
+    from cdka_search.limits import check_int
+
+    check_int(batches, "--batches", ArgumentError, 1, 1 << 20)
+    check_int(batch_size, "--batch-size", ArgumentError, 1, 1 << 16)
+    check_int(seq_len, "--seq-len", ArgumentError, 2, 1 << 20)
+    folder = Path(model_dir)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    refuse_remote_code(folder, "config.json")
+    refuse_remote_code(folder, "tokenizer_config.json")
 
 
 def load_causal_lm(model_dir: str | Path) -> Any:
@@ -69,13 +112,13 @@ def load_causal_lm(model_dir: str | Path) -> Any:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise ModelSourceError("loading a local model needs transformers: pip install 'cdka[hf]'") from None
+    refuse_remote_code(folder, "config.json")
     try:
         return AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True
+            str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True, trust_remote_code=False
         )
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise ModelSourceError(f"{folder}: cannot load a causal LM ({first[:200]})") from None
+    except Exception as exc:  # transformers raises many types for a broken folder; each is the folder's fault
+        raise ModelSourceError(f"{folder}: cannot load a causal LM ({one_line(exc)})") from None
 
 
 def token_batches(ids: list[int], *, seq_len: int, batch_size: int, limit: int | None = None) -> list[dict[str, Any]]:

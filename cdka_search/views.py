@@ -11,9 +11,12 @@ from cdka_search.planner import ExplainRow
 from cdka_search.render import Table, rows_of
 from cdka_search.spec.model_spec import ModelSpec
 from cdka_search.spec.presets import ALIASES, PRESETS, preset_spec
+from cdka_search.targets import Coverage
+
+UNSPENT_SHARE = 0.9  # a plan using less of its budget than this says why
 
 
-def plan_table(plan: Plan, written: Path | None = None) -> Table:
+def plan_table(plan: Plan, written: Path | None = None, covered: Coverage | None = None) -> Table:
     rows = []
     for g in plan.groups:
         d = g.design
@@ -36,6 +39,14 @@ def plan_table(plan: Plan, written: Path | None = None) -> Table:
         f"budget {plan.budget_spec}: {used:,} of {limit:,} parameters used ({100 * used / limit:.2f}%), "
         f"{100 * used / plan.total_params:.4f}% of {plan.model_name}'s {plan.total_params:,}; allocation: {optimality}",
     ]
+    if used < UNSPENT_SHARE * limit:
+        notes.append(
+            f"the budget cannot be spent usefully on these targets: no candidate goes past full rank, --max-r, or the "
+            f"size of the frozen weight it adapts (where fine-tuning the weight is cheaper and exact), so {limit - used:,} "
+            "parameters are left unspent; widen --targets or lower the budget"
+        )
+    if covered is not None:
+        notes.append(covered.summary())
     if written is not None:
         notes.append(f"plan written to {written}")
     return Table(
@@ -43,7 +54,7 @@ def plan_table(plan: Plan, written: Path | None = None) -> Table:
         columns=("Modules", "Count", "Shape", "(r1,r2,r)", "B (x) A", "Each", "Params", "Rank", "Score"),
         rows=rows_of(rows),
         notes=tuple(notes),
-        extra={"plan": plan.to_dict(), "written": str(written) if written else None},
+        extra={"plan": plan.to_dict(), "written": str(written) if written else None, **coverage_extra(covered)},
     )
 
 
@@ -52,25 +63,49 @@ def models_table() -> Table:
     for alias, target in ALIASES.items():
         aliases.setdefault(target, []).append(alias)
     rows = []
-    for name, arch in PRESETS.items():
+    for name, config in PRESETS.items():
         spec = preset_spec(name)
-        rows.append(
-            (name, ", ".join(aliases.get(name, [])), arch.family, arch.layers, arch.hidden, arch.intermediate, len(spec.targets), spec.total_params)
-        )
-    return Table("Embedded presets (offline)", ("Preset", "Aliases", "Family", "Layers", "Hidden", "Intermediate", "Targets", "Total params"), rows_of(rows))
+        layers = config.get("num_hidden_layers", config.get("n_layer"))
+        hidden = config.get("hidden_size", config.get("n_embd"))
+        rows.append((name, ", ".join(aliases.get(name, [])), config["model_type"], layers, hidden, len(spec.targets), spec.total_params))
+    return Table("Embedded presets (offline)", ("Preset", "Aliases", "Family", "Layers", "Hidden", "Targets", "Total params"), rows_of(rows))
 
 
-def inspect_table(spec: ModelSpec) -> Table:
+def inspect_table(spec: ModelSpec, covered: Coverage | None = None) -> Table:
     rows = []
     for role, members in spec.roles().items():
         shapes = sorted({m.shape for m in members})
         shape_text = ", ".join(f"{a}x{b}" for a, b in shapes)
-        rows.append((role, len(members), shape_text, members[0].kind, sum(m.d_out * m.d_in for m in members)))
-    notes = (
+        kind = f"experts x{members[0].experts}" if members[0].kind == "experts" else members[0].kind
+        rows.append((role, len(members), shape_text, kind, sum(m.weight_params for m in members)))
+    notes = [
         f"{len(spec.targets)} targets, {len(spec.shapes)} distinct shapes; base model {spec.total_params:,} parameters "
         f"(source: {spec.source}); LoRA r=8 on all targets = {lora_params(spec.targets, 8):,} parameters",
+    ]
+    if covered is not None:
+        notes.append(covered.summary())
+    return Table(
+        f"Targets of {spec.name}", ("Module", "Count", "Shape (out x in)", "Kind", "Weights"), rows_of(rows), tuple(notes),
+        extra=coverage_extra(covered) or None,
     )
-    return Table(f"Targets of {spec.name}", ("Module", "Count", "Shape (out x in)", "Kind", "Weights"), rows_of(rows), notes)
+
+
+def coverage_extra(covered: Coverage | None) -> dict[str, object]:
+    """The coverage figures for JSON output."""
+    if covered is None:
+        return {}
+    return {
+        "coverage": {
+            "total_params": covered.total,
+            "covered_params": covered.covered,
+            "left_out_params": covered.left_out_params,
+            "unadaptable_params": covered.unadaptable_params,
+            "other_params": covered.other_params,
+            "left_out": [{"module": role, "params": w} for role, w in covered.left_out],
+            "unadaptable": [{"tensor": role, "params": w} for role, w in covered.unadaptable],
+            "warnings": covered.warnings(),
+        }
+    }
 
 
 def explain_table(shape: tuple[int, int], rows: Sequence[ExplainRow], objective: str, max_params: int | None) -> Table:

@@ -85,6 +85,51 @@ def test_load_onto_model_with_matching_adapters_copies_values(tmp_path):
     assert torch.equal(target(ids).logits, source(ids).logits)
 
 
+@pytest.mark.parametrize("overrides", [
+    {"alpha": 8.0},
+    {"alpha": 8.0, "scaling": "alpha/r", "dropout": 0.3},
+    {"scaling": "fixed", "scale": 0.5, "dtype": "float64"},
+    {"dtype": "bfloat16", "alpha": 2.0},
+])
+def test_load_onto_adapted_model_takes_the_stored_settings(overrides, tmp_path):
+    """Issue 11 class 13: the loaded model computes what the saved one did, whatever it was applied with."""
+    source = trained(tiny_llama())
+    path = save_adapter(source, tmp_path / "a.safetensors")
+    stored = read_adapter(path)[0]
+    target = tiny_llama()
+    apply_plan(target, plan_for(target), **overrides)
+    ids = tokens(2)
+    with torch.no_grad():
+        assert not torch.equal(target(ids).logits, source(ids).logits)
+    load_adapter(target, path)
+    target.eval()
+    with torch.no_grad():
+        assert torch.equal(target(ids).logits, source(ids).logits)
+    assert target.cdka_plan == stored
+    for name, layer in adapter_modules(target).items():
+        reference = adapter_modules(source)[name]
+        assert layer.scaling == reference.scaling and layer.alpha == reference.alpha
+        assert layer.cdka_A.dtype == layer.cdka_B.dtype == torch.float32
+        assert isinstance(layer.dropout, torch.nn.Identity)
+    plan_again, tensors_again = read_adapter(save_adapter(target, tmp_path / "b.safetensors"))
+    assert plan_again == stored
+    tensors = read_adapter(path)[1]
+    assert tensors.keys() == tensors_again.keys() and all(torch.equal(tensors[k], tensors_again[k]) for k in tensors)
+
+
+def test_load_onto_adapted_model_with_other_designs_is_refused_and_changes_nothing(tmp_path):
+    path = save_adapter(trained(tiny_llama()), tmp_path / "a.safetensors")
+    target = tiny_llama()
+    plan = plan_for(target, "lora:2")
+    apply_plan(target, plan, alpha=8.0)
+    before = {n: (m.scaling, m.cdka_A.detach().clone()) for n, m in adapter_modules(target).items()}
+    with pytest.raises(PlanError, match=r"a.safetensors: .*cdka_[AB] has shape \(.*\), the model's adapter has"):
+        load_adapter(target, path)
+    assert target.cdka_plan.adapter.alpha == 8.0
+    for name, layer in adapter_modules(target).items():
+        assert layer.scaling == before[name][0] and torch.equal(layer.cdka_A, before[name][1])
+
+
 def test_load_refuses_mismatched_model_and_leaves_it_untouched(tmp_path):
     path = save_adapter(trained(tiny_llama()), tmp_path / "a.safetensors")
     other = tiny_llama(intermediate=64)
@@ -136,7 +181,7 @@ def test_load_refuses_non_adapter_files(tmp_path):
         load_adapter(tiny_llama(), tmp_path / "plain.safetensors")
     save_file({"w": torch.zeros(2)}, tmp_path / "badplan.safetensors",
               metadata={"format": "cdka-adapter", "cdka_adapter": "1", "cdka_plan": "{"})
-    with pytest.raises(PlanError, match="stored plan is not valid JSON"):
+    with pytest.raises(PlanError, match="stored plan: not valid JSON"):
         load_adapter(tiny_llama(), tmp_path / "badplan.safetensors")
 
 
@@ -149,3 +194,20 @@ def test_save_needs_an_applied_plan_and_load_refuses_merged(tmp_path):
     merge_adapters(model)
     with pytest.raises(PlanError, match="unmerge_adapters"):
         load_adapter(model, path)
+
+
+def test_load_onto_adapted_model_in_eval_mode_keeps_dropout_off(tmp_path):
+    source = tiny_llama()
+    apply_plan(source, plan_for(source), dropout=0.3)
+    path = save_adapter(source, tmp_path / "a.safetensors")
+    target = tiny_llama()
+    apply_plan(target, plan_for(target))
+    target.eval()
+    load_adapter(target, path)
+    layers = adapter_modules(target).values()
+    assert all(isinstance(m.dropout, torch.nn.Dropout) and m.dropout.p == 0.3 and not m.dropout.training for m in layers)
+    ids = tokens(2)
+    with torch.no_grad():
+        assert torch.equal(target(ids).logits, target(ids).logits)
+    target.train()
+    assert all(m.dropout.training for m in layers)

@@ -45,7 +45,14 @@ DESIGNS = [
     (16, 16, 16, 16, 2),
     (12, 18, 4, 1, 5),
     (24, 64, 2, 32, 5),  # r * r1 * r2 = 320 > EXPAND_MAX_ROWS: strided path with a small r1
+    (2, 6, 2, 3, 3),  # m1 = 1 with r1 = 2: the expanded second product on a 1-row B (once a torch.kron error)
+    (4, 8, 4, 1, 1),  # m1 = 1, r = 1
 ]
+
+#: Designs with size-1 factor dimensions (r = 1, m1 = 1, n1 = 1, m2 = 1, n2 = 1), where .contiguous()
+#: leaves odd strides: (d_out, d_in, r1, r2, r).
+SIZE_ONE_DESIGNS = [(8, 16, 1, 1, 1), (8, 16, 1, 1, 3), (8, 16, 8, 2, 1), (8, 16, 2, 16, 1), (8, 16, 2, 4, 1),
+                    (4, 8, 4, 1, 2), (8, 4, 1, 4, 2)]
 
 
 @pytest.mark.parametrize("design", DESIGNS)
@@ -278,3 +285,14 @@ def test_unsupported_module_raises_plan_error():
 
 def test_scaling_value_helper():
     assert scaling_value("alpha/sqrt(r*r2)", 64, 4, 8) == pytest.approx(64 / math.sqrt(32))
+
+
+@pytest.mark.parametrize("design", SIZE_ONE_DESIGNS)
+@pytest.mark.parametrize("contraction", ["A-first", "B-first"])
+def test_gradients_have_the_parameters_own_strides(design, contraction):
+    """DDP copies every gradient whose strides differ from its parameter's (and warns); none may."""
+    layer = make_layer(*design, contraction=contraction)
+    layer(torch.randn(5, design[1], dtype=F64)).square().sum().backward()
+    for factor in (layer.cdka_A, layer.cdka_B):
+        assert factor.grad.shape == factor.shape
+        assert factor.grad.stride() == factor.stride()

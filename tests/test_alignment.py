@@ -216,3 +216,13 @@ def test_norm_is_accumulated_in_double_precision() -> None:
     # is off by far more than 1e-5 (at 4096 x 11008 it was 0.8 % off).
     M = 0.1 + 0.01 * torch.randn(4096, 2048, generator=gen())
     assert topr_energies(M, 4096, 2048, 1, 1, 1).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_energy_curve_matches_topr_energies_on_any_device_name():
+    from cdka_search.alignment.energy import energy_curve
+
+    M = torch.randn(48, 64, generator=torch.Generator().manual_seed(5))
+    curve = energy_curve(M, device="auto")
+    for pair in [(1, 1), (2, 8), (4, 4), (48, 64)]:
+        sizes = factor_sizes(48, 64, *pair)
+        assert curve(*pair, 6) == topr_energies(M, *sizes, 6).tolist() == topr_energies(M, *sizes, 6, device="cpu").tolist()

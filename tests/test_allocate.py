@@ -46,3 +46,47 @@ def test_node_limit_reports_a_certified_gap():
     # The reported bound is a true upper bound on the optimum.
     assert capped.upper_bound >= full.value - 1e-9
     assert capped.gap == pytest.approx((capped.upper_bound - capped.value) / capped.upper_bound)
+
+
+def dynamic_programming(units, budget):
+    """The exact optimum by DP over every integer budget (small integer costs only)."""
+    best = [0.0] + [float("-inf")] * budget  # best[b]: max value of the units so far at cost exactly b
+    for unit in units:
+        nxt = [float("-inf")] * (budget + 1)
+        for b, v in enumerate(best):
+            if v == float("-inf"):
+                continue
+            for c, w in unit:
+                if b + c <= budget and v + w > nxt[b + c]:
+                    nxt[b + c] = v + w
+        best = nxt
+    return max(best)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_many_units_match_dynamic_programming(seed):
+    # Near-ties everywhere (values from a few levels): the hard case for bounding.
+    rng = random.Random(seed)
+    units = [[(rng.randint(1, 30), rng.choice([1.0, 1.5, 2.0, 2.5]) * rng.randint(1, 6)) for _ in range(rng.randint(2, 8))] for _ in range(60)]
+    floor = sum(min(c for c, _ in u) for u in units)
+    budget = floor + rng.randint(0, 600)
+    result = allocate(units, budget)
+    assert result.cost <= budget
+    assert result.exact
+    assert result.value == pytest.approx(dynamic_programming(units, budget), abs=1e-9)
+
+
+def test_ten_thousand_front_units_are_certified():
+    # Shaped like a per-layer plan's units: Pareto fronts (cost up, value up, concave-ish) times weights.
+    rng = random.Random(3)
+    units = []
+    for _ in range(10_000):
+        weight = rng.lognormvariate(0, 0.7)
+        costs = sorted(rng.sample(range(100, 40_000), 24))
+        units.append([(c, weight * (1 - 1 / (1 + c / 3000)) + rng.random() * 1e-3) for c in costs])
+    budget = sum(u[0][0] for u in units) + 50_000_000
+    result = allocate(units, budget)
+    assert result.cost <= budget
+    assert result.gap <= 1e-4
+    assert result.upper_bound >= result.value
+    assert len(result.choice) == 10_000

@@ -7,6 +7,7 @@ from cdka_search.candidates import (
     enumerate_candidates,
     factor_pairs,
     r_range,
+    sane_r,
 )
 from cdka_search.errors import TargetError
 
@@ -49,7 +50,8 @@ def test_rank_bound_checked_value():
 def test_enumeration_is_complete_and_contains_lora():
     designs = enumerate_candidates(12, 18)
     pairs = {(d.r1, d.r2) for d in designs}
-    assert pairs == {(a, b) for a in divisors(12) for b in divisors(18)}
+    # (1, 18) and (12, 1) put the whole 12x18 weight in one factor: 216 + 1 parameters, never a candidate
+    assert pairs == {(a, b) for a in divisors(12) for b in divisors(18)} - {(1, 18), (12, 1)}
     assert Design.from_paper(12, 18, 1, 1, 1) in designs
     for d in designs:
         assert d.m1 * d.m2 == 12 and d.n1 * d.n2 == 18
@@ -60,6 +62,30 @@ def test_r_stops_where_rank_saturates():
     # r1 = r2 = 2 on 8x8: r*2*2 >= 8 at r = 2, so r in 1..2
     assert list(r_range(8, 8, 2, 2)) == [1, 2]
     assert list(r_range(4096, 4096, 1, 1, CandidateSpace(max_r=16))) == list(range(1, 17))
+
+
+@pytest.mark.parametrize(("d_out", "d_in"), [(12, 18), (64, 64), (576, 7168), (1, 64), (48, 64)])
+def test_no_design_as_large_as_its_weight(d_out, d_in):
+    """Issue 10: a design with params >= d_out*d_in is never a candidate, in any family."""
+    for family in ("cdka", "lora", "lokr"):
+        for d in enumerate_candidates(d_out, d_in, CandidateSpace(family=family, max_r=4096)):
+            assert d.params < d_out * d_in
+
+
+def test_sane_r_bound():
+    # 576x7168 (DeepSeek-V3 kv_a_proj): (r1, r2) = (1, 7168) is B = 576x7168 plus a 1x1 A: 4,128,769 > 4,128,768
+    assert sane_r(576, 7168, 1, 7168) == 0
+    assert list(r_range(576, 7168, 1, 7168)) == []
+    # LoRA on 64x64 costs 128 per rank: r = 31 is the last below 4096
+    assert sane_r(64, 64, 1, 1) == 31
+    assert list(r_range(64, 64, 1, 1, CandidateSpace(r=40))) == []
+
+
+def test_shape_with_no_sane_design_is_one_error():
+    from cdka_search.scoring import score_shape
+
+    with pytest.raises(TargetError, match="no design of the space fits 1x64 with fewer parameters than the weight"):
+        score_shape(1, 64, CandidateSpace(family="lora"))  # LoRA on 1x64 costs 65 per rank
 
 
 def test_pins_and_families():
@@ -86,7 +112,10 @@ def test_bad_spaces(bad):
 
 def test_r_stops_at_the_rank_bound_of_each_design():
     # r1 = 1, r2 = 101 on 97x101: B is the whole 97x101 matrix, so r = 1 already reaches rank 97
-    assert list(r_range(97, 101, 1, 101)) == [1]
+    # (and costs more than the weight: no candidate at all); r1 = 97, r2 = 1 has A = 97x101 likewise
+    assert list(r_range(97, 101, 1, 101, CandidateSpace(max_r=1000))) == []
+    # r1 = 1, r2 = 1 (LoRA): rank r per component, saturating at 97; below the weight's 9,797 up to r = 49
+    assert list(r_range(97, 101, 1, 1, CandidateSpace(max_r=1000))) == list(range(1, 50))
     for d in enumerate_candidates(48, 64):
         previous = Design(d.m1, d.n1, d.m2, d.n2, d.r - 1) if d.r > 1 else None
         assert previous is None or previous.rank_bound < min(48, 64)  # every r but the last adds rank

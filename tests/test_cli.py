@@ -46,7 +46,7 @@ def test_plan_json_output_and_format(cli, tmp_path):
         (["-b", "half"], 2, "budget 'half' is not understood"),
         (["-b", "0%"], 2, "above 0"),
         (["-b", "101%"], 2, "at most 100"),
-        (["-b", "100"], 2, "below the smallest possible adapter"),
+        (["-b", "100"], 2, "below the cheapest adapter the candidate space allows"),
         (["-t", "q_porj"], 4, "'q_porj' matches no module"),
         (["--r1", "3"], 4, "must divide"),
         (["--objective", "fastest"], 4, "unknown objective"),

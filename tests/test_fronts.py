@@ -1,5 +1,7 @@
 """The shipped preset fronts are exactly what scoring computes, and plans do not depend on the path."""
 
+import math
+
 import pytest
 
 import cdka_search.planner as planner
@@ -16,7 +18,9 @@ def test_shipped_fronts_equal_a_fresh_computation():
         shape = tuple(int(v) for v in key.split("x"))
         got = [[s.design.r1, s.design.r2, s.design.r, s.scores.capacity, s.scores.alignment, s.scores.first_step,
                 s.scores.speed, s.scores.objective] for s in shipped[shape]]
-        assert got == rows, key  # exact: floats round-trip through JSON unchanged
+        # Designs exact; scores to 1e-12, since numpy builds sum in different orders (last-bit changes).
+        assert [g[:3] for g in got] == [w[:3] for w in rows], key
+        assert all(math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15) for g, w in zip(got, rows) for a, b in zip(g[3:], w[3:])), key
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -70,7 +70,7 @@ def test_targets_selection():
 
 
 def test_budget_below_minimum_says_the_minimum():
-    with pytest.raises(BudgetError, match="smallest possible adapter.*parameters"):
+    with pytest.raises(BudgetError, match="cheapest adapter the candidate space allows.*parameters"):
         make_plan(LLAMA, "1000")
 
 

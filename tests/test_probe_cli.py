@@ -83,3 +83,38 @@ def test_weightless_folder_and_corrupt_reference(cli, tiny, tmp_path):
     planned = cli("plan", "-m", str(tiny / "base"), "-b", "2000", "--reference", str(bad), "-o", str(tmp_path / "p.yaml"))
     assert planned.exit_code == 6 and "not a readable safetensors" in planned.stderr
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_device_option_runs_the_same_code_on_the_cpu(cli, tiny, tmp_path):
+    ref = tmp_path / "delta.safetensors"
+    assert cli("probe", "--delta", str(tiny / "base"), str(tiny / "tuned"), "-o", str(ref)).exit_code == 0
+    written = {}
+    for device in ("cpu", "auto"):
+        out = tmp_path / f"{device}.yaml"
+        planned = cli("plan", "-m", str(tiny / "base"), "-b", "2000", "--reference", str(ref), "--device", device, "-o", str(out))
+        assert planned.exit_code == 0, planned.output
+        written[device] = yaml.safe_load(out.read_text())["groups"]
+    if not torch.cuda.is_available():
+        assert written["cpu"] == written["auto"]  # auto is the CPU here
+    grads = tmp_path / "grad.safetensors"
+    probed = cli("probe", "--grad", str(tiny / "base"), "--data", str(tiny / "train.txt"), "--batches", "1", "--seq-len", "8", "--device", "cpu", "-o", str(grads))
+    assert probed.exit_code == 0, probed.output
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("tpu", "--device 'tpu': expected auto, cpu, cuda or cuda:N"), ("cuda:x", "expected auto, cpu, cuda or cuda:N")]
+    + ([] if torch.cuda.is_available() else [("cuda", "no CUDA device is available here")]),
+)
+def test_bad_devices_are_one_line(cli, tiny, tmp_path, device, message):
+    ref = tmp_path / "delta.safetensors"
+    assert cli("probe", "--delta", str(tiny / "base"), str(tiny / "tuned"), "-o", str(ref)).exit_code == 0
+    out = tmp_path / "plan.yaml"
+    planned = cli("plan", "-m", str(tiny / "base"), "-b", "2000", "--reference", str(ref), "--device", device, "-o", str(out))
+    assert planned.exit_code == 6
+    assert message in planned.stderr and planned.stderr.count("\n") == 1
+    assert not out.exists()
+    grads = tmp_path / "grad.safetensors"
+    probed = cli("probe", "--grad", str(tiny / "base"), "--data", str(tiny / "train.txt"), "--device", device, "-o", str(grads))
+    assert probed.exit_code == 6 and message in probed.stderr
+    assert not grads.exists()

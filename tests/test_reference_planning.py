@@ -55,3 +55,26 @@ def test_missing_and_mismatched_reference_modules_are_named():
         make_plan(spec_of("a"), 5000, reference={"a": torch.zeros(64, 48)})
     with pytest.raises(ReferenceFileError, match="every reference update is zero"):
         make_plan(spec_of("a"), 5000, reference=ref)
+
+
+def test_lazy_measurement_plans_what_measuring_everything_plans(monkeypatch):
+    from cdka_search.alignment import planning
+
+    gen = torch.Generator().manual_seed(4)
+    ref = {n: torch.randn(48, 64, generator=gen) * (1 + i) for i, n in enumerate(("a", "b", "c"))}
+    plans = {}
+    for depth in (2, 1000):  # 2: nearly every choice rests on a bound first; 1000: all measured at once
+        monkeypatch.setattr(planning, "FIRST_DEPTH", depth)
+        plans[depth] = make_plan(spec_of("a", "b", "c"), 9000, objective="alignment", reference=ref)
+    lazy, eager = plans[2], plans[1000]
+    assert [g.design for g in lazy.groups] == [g.design for g in eager.groups]
+    assert [g.scores for g in lazy.groups] == [g.scores for g in eager.groups]  # chosen scores are measured, not bounds
+    assert max(g.design.r for g in lazy.groups) > 2  # the refinement path ran
+
+
+def test_bounded_energies_extend_by_the_last_share():
+    from cdka_search.alignment.planning import bounded
+
+    assert bounded([0.5, 0.7], 5) == pytest.approx([0.5, 0.7, 0.9, 1.0, 1.0])
+    assert bounded([0.4], 3) == pytest.approx([0.4, 0.8, 1.0])
+    assert bounded([0.1, 0.2, 0.3], 2) == [0.1, 0.2]

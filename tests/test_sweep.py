@@ -238,7 +238,9 @@ def test_every_trial_nan_is_one_error_line(cli, tmp_path, tiny_config, monkeypat
         (("--storage", "nowhere"), "not understood"),
         (("--task", "lm"), "needs --data"),
         (("--pruner", "asha"), "unknown pruner"),
-        (("--trials", "0"), "at least 1"),
+        (("--trials", "0"), "--trials: 0 is outside [1, 100,000]"),
+        (("--seed", "-1"), "--seed: -1 is outside [0, 4,294,967,295]"),
+        (("--steps", "0"), "--steps: 0 is outside"),
     ],
 )
 def test_sweep_errors_are_one_line(cli, tmp_path, args, message):

@@ -101,9 +101,14 @@ def _two_workers(tmp_path: Path, config: Path, storage: str, study: str, trials:
     import optuna
 
     trials_ = _trials(storage, study)
-    finished = [t for t in trials_ if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    assert trials <= len(finished) <= trials + 1  # both stop at the study's total (one may overshoot by its last trial)
-    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both processes did work
+    from cdka_search.sweep.bookkeeping import counted
+
+    counted_ = [t for t in trials_ if counted(t)]
+    assert len(counted_) == trials  # both stop at the study's total: neither starts a trial past it
+    groups = sorted(n for n in counted_[0].params if n not in ("alpha", "lr"))
+    designs = [tuple(t.params[n] for n in groups) for t in counted_]
+    assert len(set(designs)) == len(designs)  # no design trained twice
+    assert len({t.user_attrs["worker"] for t in counted_}) == 2  # both processes did work
     assert any(t.user_attrs.get("heuristic") and t.state == optuna.trial.TrialState.COMPLETE for t in trials_)
     best = min(t.value for t in trials_ if t.state == optuna.trial.TrialState.COMPLETE)
     for out, _ in outputs:
@@ -126,3 +131,14 @@ def test_two_processes_share_one_postgresql_study(tmp_path, tiny_config):
             pytest.fail("CI=true but CDKA_TEST_POSTGRES_URL is not set: .ci/start_postgres.sh must run first")
         pytest.skip("set CDKA_TEST_POSTGRES_URL (bash .ci/start_postgres.sh prints one)")
     _two_workers(tmp_path, tiny_config, url, f"pg-{uuid.uuid4().hex[:8]}")
+
+
+def test_random_sigkills_lose_nothing_keep_trial0_and_train_no_design_twice():
+    """The smoke size of benchmarks/sweep_kills.py (20 kills there): two kills while trial 0 trains, one
+    at a random moment, then a run to the end; the script checks every invariant, exits 1 on a failure."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "sweep_kills.py"
+    done = subprocess.run([sys.executable, str(script), "--kills", "3", "--trial0-kills", "2", "--trials", "5",
+                           "--max-delay", "3"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "all checks passed" in done.stdout
+    assert "5 counted trials (--trials 5)" in done.stdout

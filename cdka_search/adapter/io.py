@@ -15,13 +15,17 @@ import torch
 from torch import nn
 
 from cdka_search.adapter.model import (
+    PLAN_ATTRIBUTE,
     ApplySummary,
     _apply,
     _resolve,
     _unique_params,
     adapter_modules,
+    adopt_settings,
     applied_plan,
+    factor_shapes,
 )
+from cdka_search.documents import read_json
 from cdka_search.errors import PlanError
 from cdka_search.fileio import atomic_write_bytes
 
@@ -76,10 +80,9 @@ def read_adapter(path: str | Path) -> tuple["Plan", dict[str, torch.Tensor]]:
             f"{file}: adapter format {metadata.get('cdka_adapter')!r} is not supported "
             f"(this cdka reads {FORMAT_VERSION})"
         )
+    stored = read_json(metadata["cdka_plan"], f"{file}: stored plan", PlanError)
     try:
-        plan = Plan.from_dict(json.loads(metadata["cdka_plan"]))
-    except json.JSONDecodeError:
-        raise PlanError(f"{file}: the stored plan is not valid JSON") from None
+        plan = Plan.from_dict(stored)
     except PlanError as exc:
         raise PlanError(f"{file}: stored plan: {exc}") from None
     return plan, tensors
@@ -90,8 +93,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
 
     A base model without adapters gets the stored plan applied first (PlanError, model untouched, when
     the plan does not match it). A model that already carries adapters must carry exactly the stored
-    ones (same modules and factor shapes) and none merged. Every tensor name and shape is checked before
-    anything changes; values are copied into the adapter parameters (cast to their dtype).
+    ones (same weights and factor shapes, hence the same designs) and none merged; they then take the
+    stored plan's adapter settings (alpha, scaling, scale, dropout, dtype) and the stored plan becomes
+    the model's applied plan, so the model computes what the saved one did. Every tensor name and shape
+    is checked before anything changes; values are copied into the adapter parameters.
     """
     plan, tensors = read_adapter(path)
     layers = adapter_modules(model)
@@ -100,17 +105,19 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
         merged = [name for name, layer in layers.items() if layer.merged]
         if merged:
             raise PlanError(f"{merged[0]} is merged; unmerge_adapters(model) before load_adapter")
-    else:
-        assignment = _resolve(model, plan)
-        expected = {}
-        for name, group in assignment.items():
-            d = group.design
-            expected[f"{name}.cdka_A"] = (d.r, d.m2, d.n2)
-            expected[f"{name}.cdka_B"] = (d.r, d.m1, d.n1)
-    _check_tensors(Path(path), tensors, expected)
-    if layers:
+        _check_tensors(Path(path), tensors, expected)
+        try:
+            plan.assign(layers)
+        except PlanError as exc:
+            raise PlanError(f"{path}: the stored plan does not fit the model's adapters ({exc})") from None
+        for layer in layers.values():
+            adopt_settings(layer, plan.adapter)
+        setattr(model, PLAN_ATTRIBUTE, plan)
         summary = ApplySummary(tuple(layers), *_counts(model))
     else:
+        assignment = _resolve(model, plan)
+        expected = {f"{name}.{f}": shape for name, group in assignment.items() for f, shape in factor_shapes(group).items()}
+        _check_tensors(Path(path), tensors, expected)
         summary = _apply(model, plan, assignment, gradients=None, initialise=False)
         layers = adapter_modules(model)
     with torch.no_grad():

@@ -17,9 +17,12 @@ from torch import nn
 
 from cdka_search.alignment.rearrange import rearrange
 from cdka_search.errors import PlanError
-from cdka_search.plan import LORA_INIT_SCALINGS, SCALINGS, scaling_value
+from cdka_search.plan import SCALINGS, a_fan_in, scaling_value
 
-__all__ = ["SCALINGS", "CONTRACTIONS", "CdkaLinear", "base_kind", "base_shape", "resolve_dtype"]
+__all__ = [
+    "SCALINGS", "CONTRACTIONS", "CdkaLinear", "base_kind", "base_shape", "check_design", "contraction_order",
+    "fold_into", "gradient_init_", "kron_add", "kron_weight", "resolve_dtype", "uniform_init_",
+]
 
 #: Orders of the two contractions. ``auto`` picks the one with fewer multiply-adds.
 CONTRACTIONS = ("auto", "A-first", "B-first")
@@ -76,6 +79,22 @@ EXPAND_MAX_M2 = 4
 EXPAND_MAX_ROWS = 256
 
 
+def packed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides ``torch.empty`` gives its shape (those of a parameter, and of DDP's bucket views).
+
+    ``.contiguous()`` is not enough: it keeps any stride on a size-1 dimension (a LoRA-shaped B (r, m1, 1),
+    any factor with r = 1), which DDP reports as a gradient layout unlike its bucket's, copying it every
+    step, and which torch.kron cannot view.
+    """
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    if t.stride() == tuple(reversed(expected)):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class _CdkaDelta(torch.autograd.Function):
     """out = base_out + lam * sum_i (B_i (x) A_i) x in the A-first order, with a hand-written backward.
 
@@ -102,7 +121,7 @@ class _CdkaDelta(torch.autograd.Function):
         ctx.lam, ctx.expand = lam, m2 <= EXPAND_MAX_M2 and k * m2 <= EXPAND_MAX_ROWS
         if ctx.expand:
             t = t.view(n, k * m2)
-            expanded = bq.T.contiguous()                                    # (K*m2, d_out)
+            expanded = packed(bq.T)                                         # (K*m2, d_out)
             if m2 > 1:
                 expanded = torch.kron(expanded, torch.eye(m2, dtype=bq.dtype, device=bq.device))
             if base_out.dtype == t.dtype:
@@ -133,7 +152,7 @@ class _CdkaDelta(torch.autograd.Function):
             if need_b:
                 full = (t.T @ g).view(k, m2, m1, m2)                        # only its (a, a) blocks count
                 grad_b = torch.diagonal(full, dim1=1, dim2=3).sum(-1).mul_(ctx.lam)       # (K, m1)
-                grad_b = grad_b.T.reshape(m1, n1, r).permute(2, 0, 1).contiguous()
+                grad_b = packed(grad_b.T.reshape(m1, n1, r).permute(2, 0, 1))
             if need_a or need_x:
                 gt = (g @ mat.T).mul_(ctx.lam).view(n * n1, r * m2)
         else:
@@ -141,14 +160,27 @@ class _CdkaDelta(torch.autograd.Function):
             torch.mul(grad.reshape(n, m1, m2).transpose(1, 2), ctx.lam, out=gy)
             gy = gy.view(n * m2, m1)
             if need_b:
-                grad_b = (gy.T @ t).view(m1, n1, r).permute(2, 0, 1).contiguous()
+                grad_b = packed((gy.T @ t).view(m1, n1, r).permute(2, 0, 1))
             if need_a or need_x:
                 gt = (gy @ mat).view(n, m2, k).transpose(1, 2).reshape(n * n1, r * m2)
         if need_a:
-            grad_a = (gt.T @ x.reshape(n * n1, n2)).view(r, m2, n2)
+            grad_a = packed((gt.T @ x.reshape(n * n1, n2)).view(r, m2, n2))
         if need_x:
             grad_x = (gt @ A.reshape(r * m2, n2)).view(n, n1 * n2)
         return (grad if need_base else None), grad_x, grad_a, grad_b, None
+
+
+class _PackedGrad(torch.autograd.Function):
+    """Identity whose backward hands on the gradient :func:`packed`, for factors used in autograd's own ops."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return packed(grad)
 
 
 def _delta_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -159,6 +191,113 @@ def _delta_b_first(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.T
     u = torch.matmul(B.reshape(r * m1, n1), x.reshape(n, n1, n2))           # u[n, (i, p), b]
     y = torch.einsum("nipb,iab->npa", u.view(n, r, m1, n2), A)
     return y.reshape(n, m1 * m2)
+
+
+def check_design(d_out: int, d_in: int, m1: int, n1: int, m2: int, n2: int, r: int, *, what: str, dropout: float,
+                 init: str, contraction: str) -> None:
+    """PlanError unless (m1, n1, m2, n2, r) is a positive design whose kron has ``what``'s shape d_out x d_in."""
+    dims = (m1, n1, m2, n2, r)
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in dims):
+        raise PlanError(f"design (m1, n1, m2, n2, r) = {dims} must be positive integers")
+    if m1 * m2 != d_out or n1 * n2 != d_in:
+        raise PlanError(
+            f"design B {m1}x{n1} (x) A {m2}x{n2} gives a {m1 * m2}x{n1 * n2} update, "
+            f"but {what} is {d_out}x{d_in} (d_out x d_in)"
+        )
+    if not 0.0 <= float(dropout) < 1.0:
+        raise PlanError(f"adapter dropout {dropout!r} must lie in [0, 1)")
+    if init not in INITS:
+        raise PlanError(f"unknown init {init!r}: allowed are {', '.join(INITS)}")
+    if contraction not in CONTRACTIONS:
+        raise PlanError(f"unknown contraction {contraction!r}: allowed are {', '.join(CONTRACTIONS)}")
+
+
+def contraction_order(contraction: str, m1: int, n1: int, m2: int, n2: int) -> str:
+    """``A-first`` or ``B-first``: the one asked for, or under ``auto`` the one with fewer multiply-adds."""
+    if contraction != "auto":
+        return contraction
+    d_out, d_in = m1 * m2, n1 * n2
+    return "A-first" if m2 * d_in + n1 * d_out <= m1 * d_in + n2 * d_out else "B-first"
+
+
+def kron_add(base2: torch.Tensor, xa: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+             order: str) -> torch.Tensor:
+    """``base2 + scaling * sum_i (B_i (x) A_i) xa`` for 2-D ``base2`` (N, d_out) and ``xa`` (N, d_in).
+
+    ``xa`` is already in the factors' dtype; the result has ``base2``'s dtype. The adapter keeps its own
+    dtype under autocast too (the products would otherwise run in the autocast dtype in forward and in
+    the adapter dtype in backward).
+    """
+    with torch.autocast(device_type=xa.device.type, enabled=False):
+        if order == "A-first":
+            return _CdkaDelta.apply(base2, xa, A, B, scaling)
+        delta = _delta_b_first(xa, _PackedGrad.apply(A), _PackedGrad.apply(B)) * scaling
+        return base2 + delta.to(base2.dtype)
+
+
+def kron_weight(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """sum_i kron(B_i, A_i) for A (..., r, m2, n2) and B (..., r, m1, n1): shape (..., m1*m2, n1*n2)."""
+    r, m2, n2 = A.shape[-3:]
+    m1, n1 = B.shape[-2:]
+    dw = torch.einsum("...ipq,...iab->...paqb", B, A)
+    return dw.reshape(*A.shape[:-3], m1 * m2, n1 * n2)
+
+
+@torch.no_grad()
+def fold_into(weight: torch.Tensor, dw: torch.Tensor, sign: float) -> None:
+    """weight += sign * dw in place, accumulating in the wider of the two dtypes and rounding once."""
+    dw = dw.to(device=weight.device)
+    if weight.dtype == dw.dtype:
+        weight.add_(dw, alpha=sign)
+    else:
+        wide = torch.promote_types(weight.dtype, dw.dtype)
+        weight.copy_(weight.to(wide).add_(dw.to(wide), alpha=sign))
+
+
+@torch.no_grad()
+def gradient_init_(A: torch.Tensor, B: torch.Tensor, grad: torch.Tensor, b_scale: float) -> None:
+    """Set A (r, m2, n2) and B (r, m1, n1) in place to the gradient-aligned init from G = dL/dW (d_out, d_in).
+
+    See :meth:`CdkaLinear.init_from_gradient`; A and B may be views (one expert's slice of batched factors).
+    """
+    r, m2, n2 = A.shape
+    _, m1, n1 = B.shape
+    work = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    rg = rearrange(-grad.to(device=A.device, dtype=work), m1, n1, m2, n2)
+    k = min(r, *rg.shape)
+    if min(rg.shape) <= 512:
+        u, s, vh = torch.linalg.svd(rg, full_matrices=False)
+        u, s, v = u[:, :k], s[:k], vh[:k].T
+    else:
+        u, s, v = torch.svd_lowrank(rg, q=min(k + 8, *rg.shape), niter=4)
+        u, s, v = u[:, :k], s[:k], v[:, :k]
+    uniform_init_(A, n2)
+    B.zero_()
+    if s.numel() == 0 or s[0] <= 0:
+        return
+    keep = s > s[0] * torch.finfo(work).eps * max(rg.shape)
+    weight = torch.sqrt(s / s[0]) * keep
+    a_rms = math.sqrt(m2 * n2 / (3.0 * n2))
+    a_new = (v * weight).T.reshape(k, m2, n2) * a_rms
+    b_new = (u * weight).T.reshape(k, m1, n1) * b_scale
+    A[:k][keep] = a_new[keep].to(A.dtype)
+    B[:k] = b_new.to(B.dtype)
+
+
+@torch.no_grad()
+def uniform_init_(A: torch.Tensor, fan_in: int, generator: torch.Generator | None = None) -> None:
+    """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)): ``kaiming_uniform_(a=sqrt(5))``, fan_in = n2 = d_in / r2 by default.
+
+    torch would read the fan-in of a 3-D tensor as m2*n2, so the bound is computed here: gain
+    sqrt(2/(1+5)) times sqrt(3/fan_in). A generator draws in float64 so a seed gives the same values
+    in every adapter dtype.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    if generator is None:
+        A.uniform_(-bound, bound)
+    else:
+        sample = torch.rand(A.shape, generator=generator, dtype=torch.float64, device=generator.device)
+        A.copy_((sample * 2.0 - 1.0) * bound)
 
 
 class CdkaLinear(nn.Module):
@@ -205,20 +344,8 @@ class CdkaLinear(nn.Module):
                 f"cannot adapt a {type(base_layer).__name__}: only nn.Linear and transformers Conv1D are supported"
             )
         d_out, d_in = base_shape(base_layer)
-        dims = (m1, n1, m2, n2, r)
-        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in dims):
-            raise PlanError(f"design (m1, n1, m2, n2, r) = {dims} must be positive integers")
-        if m1 * m2 != d_out or n1 * n2 != d_in:
-            raise PlanError(
-                f"design B {m1}x{n1} (x) A {m2}x{n2} gives a {m1 * m2}x{n1 * n2} update, "
-                f"but the layer is {d_out}x{d_in} (d_out x d_in)"
-            )
-        if not 0.0 <= float(dropout) < 1.0:
-            raise PlanError(f"adapter dropout {dropout!r} must lie in [0, 1)")
-        if init not in INITS:
-            raise PlanError(f"unknown init {init!r}: allowed are {', '.join(INITS)}")
-        if contraction not in CONTRACTIONS:
-            raise PlanError(f"unknown contraction {contraction!r}: allowed are {', '.join(CONTRACTIONS)}")
+        check_design(d_out, d_in, m1, n1, m2, n2, r, what="the layer", dropout=dropout, init=init,
+                     contraction=contraction)
         self.base_layer = base_layer
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
@@ -227,7 +354,7 @@ class CdkaLinear(nn.Module):
         self.m1, self.n1, self.m2, self.n2, self.r = m1, n1, m2, n2, r
         self.alpha = float(alpha)
         self.scaling = scaling_value(scaling, alpha, r, n1, scale)
-        self.a_fan_in = d_in if scaling in LORA_INIT_SCALINGS else n2
+        self.a_fan_in = a_fan_in(scaling, d_in, n2)
         self.init = init
         self.contraction = contraction
         self.merged = False
@@ -263,19 +390,9 @@ class CdkaLinear(nn.Module):
     # initialisation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """A_i ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), B_i = 0.
-
-        This is ``kaiming_uniform_(a=sqrt(5))`` with fan_in = n2 = d_in / r2 (torch would read the fan-in of
-        a 3-D tensor as m2*n2, so the bound is computed here): gain sqrt(2/(1+5)) times sqrt(3/fan_in).
-        Under the ``matched`` scaling fan_in = d_in, LoRA's A entry size, whatever the design.
-        """
-        bound = 1.0 / math.sqrt(self.a_fan_in)
-        if generator is None:
-            self.cdka_A.uniform_(-bound, bound)
-        else:
-            sample = torch.rand(self.cdka_A.shape, generator=generator, dtype=torch.float64,
-                                device=generator.device)
-            self.cdka_A.copy_((sample * 2.0 - 1.0) * bound)
+        """A_i ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (see :func:`uniform_init_`), B_i = 0; fan_in is n2,
+        or d_in under the ``matched`` scaling (LoRA's A entry size, whatever the design)."""
+        uniform_init_(self.cdka_A, self.a_fan_in, generator)
         self.cdka_B.zero_()
 
     @torch.no_grad()
@@ -295,38 +412,15 @@ class CdkaLinear(nn.Module):
         g = torch.as_tensor(grad)
         if tuple(g.shape) != (self.d_out, self.d_in):
             raise PlanError(f"gradient has shape {tuple(g.shape)}, expected {(self.d_out, self.d_in)} (d_out, d_in)")
-        work = torch.float64 if g.dtype == torch.float64 else torch.float32
-        rg = rearrange(-g.to(device=self.cdka_A.device, dtype=work), self.m1, self.n1, self.m2, self.n2)
-        k = min(self.r, *rg.shape)
-        if min(rg.shape) <= 512:
-            u, s, vh = torch.linalg.svd(rg, full_matrices=False)
-            u, s, v = u[:, :k], s[:k], vh[:k].T
-        else:
-            u, s, v = torch.svd_lowrank(rg, q=min(k + 8, *rg.shape), niter=4)
-            u, s, v = u[:, :k], s[:k], v[:, :k]
-        self.reset_parameters()
-        if s.numel() == 0 or s[0] <= 0:
-            return
-        keep = s > s[0] * torch.finfo(work).eps * max(rg.shape)
-        weight = torch.sqrt(s / s[0]) * keep
-        a_rms = math.sqrt(self.m2 * self.n2 / (3.0 * self.n2))
-        a_new = (v * weight).T.reshape(k, self.m2, self.n2) * a_rms
-        b_new = (u * weight).T.reshape(k, self.m1, self.n1) * b_scale
-        self.cdka_A[:k][keep] = a_new[keep].to(self.cdka_A.dtype)
-        self.cdka_B[:k] = b_new.to(self.cdka_B.dtype)
+        gradient_init_(self.cdka_A, self.cdka_B, g, b_scale)
 
     # maths ------------------------------------------------------------------------------------------
     def _order(self) -> str:
-        if self.contraction != "auto":
-            return self.contraction
-        a_first = self.m2 * self.d_in + self.n1 * self.d_out
-        b_first = self.m1 * self.d_in + self.n2 * self.d_out
-        return "A-first" if a_first <= b_first else "B-first"
+        return contraction_order(self.contraction, self.m1, self.n1, self.m2, self.n2)
 
     def delta_weight(self) -> torch.Tensor:
         """lambda * sum_i kron(B_i, A_i) in (d_out, d_in) orientation and adapter dtype (merging, tests)."""
-        dw = torch.einsum("ipq,iab->paqb", self.cdka_B, self.cdka_A)
-        return dw.reshape(self.d_out, self.d_in) * self.scaling
+        return kron_weight(self.cdka_A, self.cdka_B) * self.scaling
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -342,15 +436,7 @@ class CdkaLinear(nn.Module):
         """
         lead = x.shape[:-1]
         xa = self.dropout(x.to(self.cdka_A.dtype)).reshape(-1, self.d_in)
-        base2 = base_out.reshape(-1, self.d_out)
-        # The adapter keeps its own dtype under autocast too (the products would otherwise run in the
-        # autocast dtype in forward and in the adapter dtype in backward).
-        with torch.autocast(device_type=xa.device.type, enabled=False):
-            if self._order() == "A-first":
-                y = _CdkaDelta.apply(base2, xa, self.cdka_A, self.cdka_B, self.scaling)
-            else:
-                delta = _delta_b_first(xa, self.cdka_A, self.cdka_B) * self.scaling
-                y = base2 + delta.to(base_out.dtype)
+        y = kron_add(base_out.reshape(-1, self.d_out), xa, self.cdka_A, self.cdka_B, self.scaling, self._order())
         return y.reshape(*lead, self.d_out)
 
     # merging ------------------------------------------------------------------------------------------
@@ -371,13 +457,5 @@ class CdkaLinear(nn.Module):
         self.merged = False
 
     def _fold(self, sign: float) -> None:
-        weight = self.base_layer.weight
-        dw = self.delta_weight().to(device=weight.device)
-        if self.kind == "conv1d":
-            dw = dw.T
-        if weight.dtype == dw.dtype:
-            weight.add_(dw, alpha=sign)
-        else:
-            # accumulate in the wider of the two dtypes, then round once
-            wide = torch.promote_types(weight.dtype, dw.dtype)
-            weight.copy_(weight.to(wide).add_(dw.to(wide), alpha=sign))
+        dw = self.delta_weight()
+        fold_into(self.base_layer.weight, dw.T if self.kind == "conv1d" else dw, sign)

@@ -8,18 +8,22 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import nn
 
+from cdka_search.adapter.experts import CdkaExperts, ExpertAdapter, expert_parameters
 from cdka_search.adapter.layer import CdkaLinear, base_kind, base_shape, resolve_dtype
 from cdka_search.errors import PlanError
+from cdka_search.plan import scaling_value
 
 if TYPE_CHECKING:
-    from cdka_search.plan import Plan, PlanGroup
+    from cdka_search.plan import AdapterSettings, Plan, PlanGroup
 
 __all__ = [
     "PLAN_ATTRIBUTE",
     "ApplySummary",
     "adapter_modules",
+    "adopt_settings",
     "applied_plan",
     "apply_plan",
+    "factor_shapes",
     "merge_adapters",
     "unmerge_adapters",
 ]
@@ -45,9 +49,48 @@ class ApplySummary:
         return self.trainable_params / self.total_params if self.total_params else 0.0
 
 
-def adapter_modules(model: nn.Module) -> dict[str, CdkaLinear]:
-    """Every CdkaLinear of ``model`` by qualified name, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, CdkaLinear)}
+#: One adapted weight: a wrapped linear layer, or the factors of one 3-D expert parameter.
+Adapter = CdkaLinear | ExpertAdapter
+
+
+def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
+    """Every adapter of ``model`` by the name of the weight it adapts, in module order.
+
+    A CdkaLinear is named as the module it replaced (``model.layers.0.mlp.up_proj``), an expert adapter
+    as its 3-D parameter (``model.layers.0.mlp.experts.gate_up_proj``), as the plan names them.
+    """
+    found: dict[str, Adapter] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CdkaLinear):
+            found[name] = module
+        elif isinstance(module, CdkaExperts):
+            for parameter, adapter in module.adapters.items():
+                found[f"{name}.{parameter}" if name else parameter] = adapter
+    return found
+
+
+def factor_shapes(group: "PlanGroup") -> dict[str, tuple[int, ...]]:
+    """The shapes of ``cdka_A`` and ``cdka_B`` for one weight of ``group`` (a leading experts axis for experts)."""
+    d = group.design
+    lead = (group.experts,) if group.kind == "experts" else ()
+    return {"cdka_A": (*lead, d.r, d.m2, d.n2), "cdka_B": (*lead, d.r, d.m1, d.n1)}
+
+
+def adopt_settings(adapter: Adapter, settings: "AdapterSettings") -> None:
+    """Give an unmerged adapter the plan's alpha, scaling, dropout and dtype (its design is unchanged).
+
+    The factors keep their Parameter objects; only their dtype changes when it differs.
+    """
+    if adapter.merged:
+        raise PlanError("unmerge the adapter before changing its settings")
+    adapter.alpha = float(settings.alpha)
+    adapter.scaling = scaling_value(settings.scaling, settings.alpha, adapter.r, adapter.n1, settings.scale)
+    adapter.dropout = (nn.Dropout(float(settings.dropout)) if settings.dropout else nn.Identity()).train(adapter.training)
+    dtype = resolve_dtype(settings.dtype)
+    for factor in (adapter.cdka_A, adapter.cdka_B):
+        if factor.dtype != dtype:
+            factor.data = factor.data.to(dtype)
+            factor.grad = None  # a gradient of the old dtype could not accumulate with the new one
 
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:
@@ -66,22 +109,45 @@ def _describe(kind: str | None, shape: tuple[int, int] | None, module: nn.Module
     return f"{kind} {shape[0]}x{shape[1]}"
 
 
+def _expert_weights(modules: dict[str, nn.Module]) -> dict[str, tuple[str, str, torch.Tensor]]:
+    """Every 3-D expert parameter by full name -> (owning module name, parameter name, parameter)."""
+    out = {}
+    for owner, module in modules.items():
+        for parameter, weight in expert_parameters(module).items():
+            out[f"{owner}.{parameter}" if owner else parameter] = (owner, parameter, weight)
+    return out
+
+
 def _resolve(model: nn.Module, plan: "Plan") -> dict[str, "PlanGroup"]:
-    """Map module names to groups and check every kind and shape; raises PlanError listing all problems."""
+    """Map weight names (modules, and 3-D expert parameters) to groups and check every kind and shape;
+    raises PlanError listing all problems."""
     if adapter_modules(model):
         raise PlanError("the model already carries CDKA adapters; apply a plan to a fresh base model "
                         "(or load_adapter, which reuses adapters that match)")
     modules = dict(model.named_modules())
-    assignment = plan.assign(name for name in modules if name)
+    experts = _expert_weights(modules)
+    assignment = plan.assign([name for name in modules if name] + list(experts))
     problems = []
     for name, group in assignment.items():
+        planned = f"{group.kind} {group.shape[0]}x{group.shape[1]} (d_out x d_in)"
+        if group.kind == "experts":
+            planned = f"experts {group.experts}x{group.shape[0]}x{group.shape[1]} (experts x d_out x d_in)"
+        if name in experts:
+            owner, _, weight = experts[name]
+            e, d_out, d_in = weight.shape
+            if (group.kind, group.experts, tuple(group.shape)) != ("experts", e, (d_out, d_in)):
+                problems.append(f"{name}: the plan has {planned} but the model has experts "
+                                f"{e}x{d_out}x{d_in}")
+            elif getattr(modules[owner], "is_transposed", False):
+                problems.append(f"{name}: {type(modules[owner]).__name__} stores its experts (experts, d_in, "
+                                "d_out), which cdka does not adapt")
+            continue
         module = modules[name]
         kind = base_kind(module)
         shape = base_shape(module) if kind else None
         if kind != group.kind or shape != tuple(group.shape):
             problems.append(
-                f"{name}: the plan has {group.kind} {group.shape[0]}x{group.shape[1]} (d_out x d_in) "
-                f"but the model has {_describe(kind, shape, module)}"
+                f"{name}: the plan has {planned} but the model has {_describe(kind, shape, module)}"
             )
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -100,13 +166,15 @@ def apply_plan(
     dtype: str | None = None,
     gradients: Mapping[str, torch.Tensor] | None = None,
 ) -> ApplySummary:
-    """Replace every planned module with a CdkaLinear and freeze everything else.
+    """Replace every planned module with a CdkaLinear, wrap every experts module with planned 3-D
+    parameters in a CdkaExperts, and freeze everything else.
 
-    The plan is checked against the model first (each module exists and has the planned kind and
-    (d_out, d_in)); on any mismatch a PlanError names the module and both shapes and the model is left
+    The plan is checked against the model first (each weight exists and has the planned kind, (d_out,
+    d_in) and expert count); on any mismatch a PlanError names the module and both shapes and the model is left
     untouched. Keyword arguments override the plan's ``adapter`` settings; the plan actually applied is
     left on the model as ``model.cdka_plan`` for :func:`save_adapter`. ``gradients`` maps module names to
-    dL/dW in (d_out, d_in) orientation and is required when the plan's init is ``gradient-aligned``.
+    dL/dW in (d_out, d_in) orientation (expert parameter names to (experts, d_out, d_in)) and is required
+    when the plan's init is ``gradient-aligned``.
     """
     overrides = {"alpha": alpha, "scaling": scaling, "scale": scale, "dropout": dropout, "dtype": dtype}
     changes: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
@@ -126,7 +194,10 @@ def apply_plan(
             )
         for name, group in assignment.items():
             got = tuple(gradients[name].shape)  # type: ignore[index]
-            if got != tuple(group.shape):
+            if group.kind == "experts" and got != (group.experts, *group.shape):
+                raise PlanError(f"gradient for {name} has shape {got}, expected {(group.experts, *group.shape)} "
+                                "(experts, d_out, d_in)")
+            if group.kind != "experts" and got != tuple(group.shape):
                 raise PlanError(f"gradient for {name} has shape {got}, expected {tuple(group.shape)} (d_out, d_in)")
     return _apply(model, plan, assignment, gradients=gradients, initialise=True)
 
@@ -144,18 +215,28 @@ def _apply(
     adapter_dtype = resolve_dtype(settings.dtype)
     params = {id(p): p for p in _unique_params(model)}
     flags = {key: p.requires_grad for key, p in params.items()}
+    modules = dict(model.named_modules())
+    experts = _expert_weights(modules)
     try:
-        built: dict[str, CdkaLinear] = {}
-        modules = dict(model.named_modules())
+        built: list[str] = []
+        replacements: dict[str, nn.Module] = {}
         for name, group in assignment.items():
             d = group.design
-            layer = CdkaLinear(
-                modules[name], m1=d.m1, n1=d.n1, m2=d.m2, n2=d.n2, r=d.r, alpha=settings.alpha,
-                scaling=settings.scaling, scale=settings.scale, dropout=settings.dropout, dtype=adapter_dtype,
-            )
-            if initialise and settings.init == "gradient-aligned":
-                layer.init_from_gradient(gradients[name])  # type: ignore[index]
-            built[name] = layer
+            options = dict(m1=d.m1, n1=d.n1, m2=d.m2, n2=d.n2, r=d.r, alpha=settings.alpha, scaling=settings.scaling,
+                           scale=settings.scale, dropout=settings.dropout, dtype=adapter_dtype)
+            if name in experts:
+                owner, parameter, _ = experts[name]
+                wrapper = replacements.get(owner)
+                if wrapper is None:
+                    wrapper = replacements[owner] = CdkaExperts(modules[owner])
+                adapter = wrapper.add_adapter(parameter, **options)  # type: ignore[operator]
+                if initialise and settings.init == "gradient-aligned":
+                    adapter.init_from_gradient(gradients[name])  # type: ignore[index]
+            else:
+                layer = replacements[name] = CdkaLinear(modules[name], **options)
+                if initialise and settings.init == "gradient-aligned":
+                    layer.init_from_gradient(gradients[name])  # type: ignore[index]
+            built.append(name)
     except BaseException:
         for key, p in params.items():
             p.requires_grad_(flags[key])
@@ -163,9 +244,9 @@ def _apply(
 
     for p in params.values():
         p.requires_grad_(False)
-    for name, layer in built.items():
+    for name, replacement in replacements.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+        setattr(model.get_submodule(parent_name), child, replacement)
     setattr(model, PLAN_ATTRIBUTE, plan)
     everything = _unique_params(model)
     trainable = sum(p.numel() for p in everything if p.requires_grad)
@@ -174,7 +255,7 @@ def _apply(
     return ApplySummary(tuple(built), trainable, sum(p.numel() for p in everything))
 
 
-def _adapters_or_raise(model: nn.Module) -> dict[str, CdkaLinear]:
+def _adapters_or_raise(model: nn.Module) -> dict[str, Adapter]:
     found = adapter_modules(model)
     if not found:
         raise PlanError("the model carries no CDKA adapters; apply_plan or load_adapter first")

@@ -7,15 +7,22 @@ R(M) (Eckart-Young), so the kept share is sum_{j<=r} sigma_j(R(M))^2 / ||M||_F^2
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
+from cdka_search.alignment.device import resolve_device
 from cdka_search.alignment.rearrange import rearrange
 from cdka_search.candidates import factor_pairs
 from cdka_search.errors import ReferenceFileError, TargetError
 
 Pair = tuple[int, int]
+
+#: Early stop of the Krylov iteration: the energies moved by less than this between two steps.
+#: Measured (docs/alignment.md): at 1e-4 every pair's error stays below 1e-5 on realistic updates,
+#: well inside the 1e-3 planning needs, while 1e-5 costs up to twice the steps.
+DEFAULT_TOL = 1e-4
 
 
 def factor_sizes(d_out: int, d_in: int, r1: int, r2: int) -> tuple[int, int, int, int]:
@@ -44,8 +51,9 @@ def topr_energies(
     oversample: int = 8,
     power_iters: int = 6,
     seed: int = 0,
-    tol: float = 1e-5,
+    tol: float = DEFAULT_TOL,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = "cpu",
 ) -> torch.Tensor:
     """Energies e[r-1] = sum_{j<=r} sigma_j(R(M))^2 / ||M||_F^2 for r = 1..r_max, in float64.
 
@@ -53,8 +61,9 @@ def topr_energies(
     randomized path would cost in matrix passes, 2 * (power_iters + 1) * (r_max + oversample);
     otherwise one randomized block Krylov run (see _krylov_sigma_sq). The result is clamped to
     [0, 1] and non-decreasing; a zero M gives zeros. bf16/fp16 inputs are upcast to `dtype`.
+    The work runs on ``device`` (cdka_search.alignment.device); the result is on the CPU.
     """
-    work, norm_sq = _checked_input(M, r_max, dtype)
+    work, norm_sq = _checked_input(M, r_max, dtype, device)
     R = rearrange(work, m1, n1, m2, n2)
     return _energies(
         R, norm_sq, r_max, oversample=oversample, power_iters=power_iters, seed=seed, tol=tol
@@ -69,8 +78,9 @@ def alignment_table(
     oversample: int = 8,
     power_iters: int = 6,
     seed: int = 0,
-    tol: float = 1e-5,
+    tol: float = DEFAULT_TOL,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = "cpu",
 ) -> dict[Pair, list[float]]:
     """Energies for r = 1..r_max of every pair (r1, r2) (all divisor pairs when pairs is None).
 
@@ -82,7 +92,7 @@ def alignment_table(
     d_out, d_in = M.shape
     wanted = divisor_pairs(d_out, d_in) if pairs is None else [tuple(p) for p in pairs]
     sizes = {p: factor_sizes(d_out, d_in, *p) for p in wanted}  # validate all before any work
-    work, norm_sq = _checked_input(M, r_max, dtype)
+    work, norm_sq = _checked_input(M, r_max, dtype, device)
     return {
         pair: _energies(
             rearrange(work, *shape), norm_sq, r_max,
@@ -92,8 +102,29 @@ def alignment_table(
     }
 
 
-def _checked_input(M: torch.Tensor, r_max: int, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    """M upcast to dtype and ||M||_F^2, after checking r_max, dtype and that the norm is finite.
+def energy_curve(
+    M: torch.Tensor, *, seed: int = 0, tol: float = DEFAULT_TOL, device: str | torch.device | None = "cpu"
+) -> Callable[[int, int, int], list[float]]:
+    """``curve(r1, r2, r_max)``: the energies of pair (r1, r2) for r = 1..r_max, as topr_energies gives
+    them. M is checked, upcast and moved to ``device`` once, however many pairs are asked for."""
+    if M.dim() != 2:
+        raise TargetError(f"expected a 2-D (d_out, d_in) matrix, got shape {tuple(M.shape)}")
+    work, norm_sq = _checked_input(M, 1, torch.float32, device)
+    d_out, d_in = M.shape
+
+    def curve(r1: int, r2: int, r_max: int) -> list[float]:
+        if r_max < 1:
+            raise TargetError(f"r_max must be at least 1, got {r_max}")
+        R = rearrange(work, *factor_sizes(d_out, d_in, r1, r2))
+        return _energies(R, norm_sq, r_max, oversample=8, power_iters=6, seed=seed, tol=tol).tolist()
+
+    return curve
+
+
+def _checked_input(
+    M: torch.Tensor, r_max: int, dtype: torch.dtype, device: str | torch.device | None = "cpu"
+) -> tuple[torch.Tensor, float]:
+    """M upcast to dtype on ``device`` and ||M||_F^2, after checking r_max, dtype and that the norm is finite.
 
     R(M) only permutes entries, so this one norm serves every pair.
     """
@@ -101,7 +132,7 @@ def _checked_input(M: torch.Tensor, r_max: int, dtype: torch.dtype) -> tuple[tor
         raise TargetError(f"r_max must be at least 1, got {r_max}")
     if dtype not in (torch.float32, torch.float64):
         raise TargetError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    work = M.to(dtype)
+    work = M.to(resolve_device(device), dtype)
     # Accumulate in float64: a float32 norm of a 4096 x 11008 matrix was 0.8 % off.
     norm_sq = torch.linalg.vector_norm(work, dtype=torch.float64).item() ** 2  # nan if inf/nan
     if not math.isfinite(norm_sq):
@@ -123,13 +154,13 @@ def _energies(
     if norm_sq == 0:
         return torch.zeros(r_max, dtype=torch.float64)
     if small <= 2 * (power_iters + 1) * k:
-        sigma_sq = torch.linalg.eigvalsh(_gram(R)).flip(0)
+        sigma_sq = _small_eig(torch.linalg.eigvalsh, _gram(R)).flip(0)
     else:
         sigma_sq = _krylov_sigma_sq(R, r_max, k, power_iters, seed, tol, norm_sq)
     energies = sigma_sq.clamp(min=0)[:r_max].cumsum(0) / norm_sq
     if energies.numel() < r_max:  # fewer singular values than r_max: the fit is already exact
         energies = torch.cat([energies, energies[-1:].expand(r_max - energies.numel())])
-    return energies.clamp(0.0, 1.0)
+    return energies.clamp(0.0, 1.0).cpu()
 
 
 def _gram(R: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
@@ -160,14 +191,14 @@ def _krylov_sigma_sq(
     H = (images.T @ images).double()
     previous = None
     for step in range(power_iters + 1):
-        ritz = torch.linalg.eigvalsh(H).flip(0)[:r_max]
+        ritz = _small_eig(torch.linalg.eigvalsh, H).flip(0)[:r_max]
         energies = ritz.clamp(min=0).cumsum(0) / norm_sq
         if step == power_iters or (previous is not None and (energies - previous).abs().max() < tol):
             break
         previous = energies
         # Whiten the last image block from its diagonal block of H (cheaper than a QR of the
         # tall image) so that R @ image does not lose its small directions to rounding.
-        weights, vectors = torch.linalg.eigh(H[-block.shape[1]:, -block.shape[1]:])
+        weights, vectors = _small_eig(torch.linalg.eigh, H[-block.shape[1]:, -block.shape[1]:])
         keep = weights > weights[-1] * 1e-12
         whiten = (vectors[:, keep] / weights[keep].sqrt()).to(R.dtype)
         block = _orthonormal(R @ (images[:, -block.shape[1]:] @ whiten), basis)
@@ -177,6 +208,23 @@ def _krylov_sigma_sq(
         basis = torch.cat([basis, block], 1)
         images = torch.cat([images, image], 1)
     return ritz
+
+
+def _small_eig(solver: Callable, A: torch.Tensor) -> Any:
+    """``solver(A)`` for a small symmetric matrix, on one CPU thread.
+
+    Why: the threaded LAPACK eigensolver spins waiting for busy cores; on the shared 2-core machine a
+    336 x 336 eigvalsh took 0.47 s with 2 threads and 8 ms with 1, and the GEMMs around it keep their
+    threads. The thread count is restored at once.
+    """
+    threads = torch.get_num_threads()
+    if A.device.type != "cpu" or threads == 1:
+        return solver(A)
+    torch.set_num_threads(1)
+    try:
+        return solver(A)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _orthonormal(Y: torch.Tensor, against: torch.Tensor | None) -> torch.Tensor:

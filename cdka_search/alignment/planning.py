@@ -4,25 +4,38 @@ Rule for spreading the budget: a module's value is w_m * objective_m with
 w_m = ||M_m||_F^2 / mean_k ||M_k||_F^2, so with ``--objective alignment`` the allocation maximises
 the total reference energy kept, and modules whose update carries more energy earn more budget.
 
-Which (r1, r2) are measured: every divisor pair for updates of at most 2^20 entries or with
-``all_pairs``; for larger ones the shape's data-free Pareto front plus LoRA (a few dozen pairs on
-LLaMA sizes), since each pair costs several passes over the update: a 4096x11008 module takes about
-6 s on two cores this way (all 234 pairs would take minutes; docs/alignment.md).
+Which (r1, r2) are measured: every divisor pair of updates of at most 2^12 entries (cheap at that
+size) or with ``all_pairs``; otherwise the shape's data-free Pareto front plus LoRA
+(``shortlist_pairs``: 7 pairs on LLaMA sizes), so that a 1376 x 512 module no longer measures its
+120 pairs and costs more than a 4096 x 11008 one. How deep: see ReferenceScores (16 components
+first, more only where the allocation's choice needs them). One shape's shortlist is computed once
+for all its modules, and each update is upcast and moved to the device once per module and round.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Collection, Mapping, Sequence
 
 import torch
 
-from cdka_search.alignment.energy import factor_sizes, topr_energies
-from cdka_search.candidates import CandidateSpace
+from cdka_search.alignment.device import resolve_device
+from cdka_search.alignment.energy import energy_curve
+from cdka_search.candidates import CandidateSpace, Design
 from cdka_search.errors import ReferenceFileError
 from cdka_search.scoring import ScoreTable, SpectrumCache, score_shape
 from cdka_search.spec.model_spec import ModelSpec
 
-SMALL_UPDATE = 1 << 20
+SMALL_UPDATE = 1 << 12
+#: Components measured on a first pass (a Krylov block of 24 columns, not 72 for r up to 64).
+FIRST_DEPTH = 16
+
+
+def shortlist_pairs(
+    shape: tuple[int, int], space: CandidateSpace, objective: str, cache: SpectrumCache | None = None
+) -> set[tuple[int, int]]:
+    """The (r1, r2) worth measuring on a reference update: the data-free front's pairs, and LoRA."""
+    free = score_shape(*shape, space, objective, spectra=cache or SpectrumCache())
+    return {(int(free.r1[i]), int(free.r2[i])) for i in free.pareto()} | {(1, 1)}
 
 
 def check_reference(spec: ModelSpec, reference: Mapping[str, torch.Tensor]) -> None:
@@ -39,35 +52,85 @@ def check_reference(spec: ModelSpec, reference: Mapping[str, torch.Tensor]) -> N
             raise ReferenceFileError(f"reference {t.name} is {shape}, but the model's weight is {t.d_out}x{t.d_in}")
 
 
-def reference_tables(
-    spec: ModelSpec,
-    reference: Mapping[str, torch.Tensor],
-    space: CandidateSpace,
-    objective: str,
-    *,
-    seed: int = 0,
-    all_pairs: bool = False,
-) -> tuple[dict[str, ScoreTable], dict[str, float]]:
-    """Score table and budget weight of every target, from its own reference update."""
-    check_reference(spec, reference)
-    cache = SpectrumCache(seed=seed)
-    shortlist: dict[tuple[int, int], set[tuple[int, int]] | None] = {}
-    for shape in spec.shapes:
-        if all_pairs or shape[0] * shape[1] <= SMALL_UPDATE:
-            shortlist[shape] = None
-        else:
-            free = score_shape(*shape, space, objective, spectra=cache)
-            shortlist[shape] = {(int(free.r1[i]), int(free.r2[i])) for i in free.pareto()} | {(1, 1)}
-    energy = {t.name: float(reference[t.name].double().pow(2).sum()) for t in spec.targets}
-    mean = sum(energy.values()) / len(energy)
-    if not mean > 0:
-        raise ReferenceFileError("every reference update is zero: nothing to align with")
-    tables: dict[str, ScoreTable] = {}
-    for t in spec.targets:
-        M = reference[t.name]
+class ReferenceScores:
+    """Score table and budget weight of every target, from its own reference update, measured lazily.
 
-        def curve(r1: int, r2: int, r_max: int, M=M, t=t) -> list[float]:
-            return topr_energies(M, *factor_sizes(t.d_out, t.d_in, r1, r2), r_max, seed=seed).tolist()
+    A (module, pair) is first measured up to ``first_depth`` (FIRST_DEPTH) components only (a Krylov block a third
+    as wide as the full r range needs); beyond that its table holds an upper bound, e(r0) + (r - r0)
+    times the last measured singular value's share, capped at 1 (singular values never grow). The
+    planner allocates on these tables and calls ``refine`` with its choice: every chosen design that
+    rests on a bound is measured in full and its module re-scored, until none does. The objective
+    grows with the alignment, so the final choice, all measured, is optimal for the true energies as
+    well (its value equals its bound, which no other choice's bound exceeds).
+    """
 
-        tables[t.name] = score_shape(t.d_out, t.d_in, space, objective, alignment=curve, pairs=shortlist[t.shape])
-    return tables, {name: e / mean for name, e in energy.items()}
+    def __init__(
+        self,
+        spec: ModelSpec,
+        reference: Mapping[str, torch.Tensor],
+        space: CandidateSpace,
+        objective: str,
+        *,
+        seed: int = 0,
+        all_pairs: bool = False,
+        device: str | torch.device | None = "auto",
+        first_depth: int | None = None,
+    ) -> None:
+        check_reference(spec, reference)
+        resolve_device(device)  # a bad device fails before any work
+        self._spec, self._reference, self._space, self._objective = spec, reference, space, objective
+        self._seed, self._device = seed, device
+        self._first_depth = FIRST_DEPTH if first_depth is None else first_depth
+        self._by_name = {t.name: t for t in spec.targets}
+        cache = SpectrumCache(seed=seed)
+        self._pairs = {
+            shape: None if all_pairs or shape[0] * shape[1] <= SMALL_UPDATE else shortlist_pairs(shape, space, objective, cache)
+            for shape in spec.shapes
+        }
+        energy = {t.name: float(reference[t.name].double().pow(2).sum()) for t in spec.targets}
+        mean = sum(energy.values()) / len(energy)
+        if not mean > 0:
+            raise ReferenceFileError("every reference update is zero: nothing to align with")
+        self.weights = {name: e / mean for name, e in energy.items()}
+        self._measured: dict[tuple[str, tuple[int, int]], list[float]] = {}
+        self.measurements = 0  # (module, pair) curves measured, first passes and refinements together
+        self.tables: dict[str, ScoreTable] = {t.name: self._score(t.name, ()) for t in spec.targets}
+
+    def _score(self, name: str, deepen: Collection[tuple[int, int]]) -> ScoreTable:
+        """Module ``name``'s table, measuring the pairs in ``deepen`` in full and new pairs to first_depth."""
+        target = self._by_name[name]
+        measure = None
+
+        def curve(r1: int, r2: int, r_max: int) -> list[float]:
+            nonlocal measure
+            key = (name, (r1, r2))
+            known = self._measured.get(key)
+            wanted = r_max if (r1, r2) in deepen else min(self._first_depth, r_max)
+            if known is None or len(known) < wanted:
+                if measure is None:  # the update is upcast and moved once per module and round
+                    measure = energy_curve(self._reference[name], seed=self._seed, device=self._device)
+                known = self._measured[key] = measure(r1, r2, wanted)
+                self.measurements += 1
+            return bounded(known, r_max)
+
+        return score_shape(target.d_out, target.d_in, self._space, self._objective, alignment=curve, pairs=self._pairs[target.shape])
+
+    def refine(self, chosen: Mapping[str, Design]) -> bool:
+        """Measure in full every chosen design's pair that its table only bounds; whether any was."""
+        pending: dict[str, set[tuple[int, int]]] = {}
+        for name, design in chosen.items():
+            if len(self._measured.get((name, (design.r1, design.r2)), ())) < design.r:
+                pending.setdefault(name, set()).add((design.r1, design.r2))
+        for name, pairs in pending.items():
+            self.tables[name] = self._score(name, pairs)
+        return bool(pending)
+
+
+def bounded(energies: Sequence[float], r_max: int) -> list[float]:
+    """``energies`` (r = 1..len) extended to r_max by their upper bound: each further component adds
+    at most the last one's share (sigma_j is non-increasing), and no energy exceeds 1."""
+    if len(energies) >= r_max:
+        return list(energies[:r_max])
+    last = energies[-1]
+    step = last - (energies[-2] if len(energies) > 1 else 0.0)
+    return [*energies, *(min(1.0, last + step * j) for j in range(1, r_max - len(energies) + 1))]

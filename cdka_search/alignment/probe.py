@@ -7,10 +7,11 @@ from typing import Callable
 
 import torch
 
+from cdka_search.alignment.device import resolve_device
 from cdka_search.alignment.reference import delta_reference, gradient_reference
 from cdka_search.spec import load_spec
 from cdka_search.targets import select_targets
-from cdka_search.textdata import encode, load_causal_lm, read_texts, token_batches
+from cdka_search.textdata import check_grad_inputs, encode, load_causal_lm, load_tokenizer, read_texts, token_batches
 
 Progress = Callable[[int, "int | None"], None]
 
@@ -31,14 +32,19 @@ def probe_gradients(
     batch_size: int = 4,
     seq_len: int = 128,
     progress: Progress | None = None,
+    device: str | torch.device | None = "auto",
 ) -> dict[str, torch.Tensor]:
-    """Gradients of the selected target weights, summed over ``batches`` batches of ``data``."""
+    """Gradients of the selected target weights, summed over ``batches`` batches of ``data``; the model
+    runs on ``device`` (cdka_search.alignment.device) and the sums stay on the CPU."""
+    check_grad_inputs(model_dir, batches=batches, batch_size=batch_size, seq_len=seq_len)
+    where = resolve_device(device)
     texts = read_texts(data)
-    model = load_causal_lm(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir).to(where)
     from cdka_search.spec import spec_from_module
 
     spec = select_targets(spec_from_module(model, Path(model_dir).name), targets)
-    ids = encode(texts, model_dir, model.config.vocab_size)
+    ids = encode(texts, tokenizer, model.config.vocab_size)
     loader = token_batches(ids, seq_len=seq_len, batch_size=batch_size, limit=batches)
     conv1d = [t.name for t in spec.targets if t.kind == "conv1d"]
     return gradient_reference(model, loader, [t.name for t in spec.targets], conv1d_names=conv1d, progress=progress)

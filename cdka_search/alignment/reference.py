@@ -7,7 +7,6 @@ nn.Linear (d_out, d_in) orientation; its ``__metadata__`` holds ``cdka_reference
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
@@ -18,7 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from cdka_search.errors import ReferenceFileError, TargetError
+from cdka_search.documents import brief
+from cdka_search.errors import ReferenceFileError, TargetError, one_line
 from cdka_search.fileio import atomic_write_bytes
 
 FORMAT_VERSION = "1"
@@ -53,7 +53,7 @@ def load_reference(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             _check_metadata(source, reader.metadata() or {})
             tensors = {name: reader.get_tensor(name) for name in reader.keys()}
     except (SafetensorError, OSError) as exc:
-        raise ReferenceFileError(f"{source} is not a readable safetensors file: {exc}") from exc
+        raise ReferenceFileError(f"{source} is not a readable safetensors file ({one_line(exc)})") from None
     for name, tensor in tensors.items():
         _check_matrix(name, tensor, str(source))
     return tensors
@@ -187,11 +187,9 @@ def _weight_files(source: Path) -> dict[str, Path]:
     if single.is_file():
         return {name: single for name in _tensor_names(single)}
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ReferenceFileError(f"{index} is not a safetensors index with a weight_map: {exc}") from exc
-        return {name: source / file for name, file in weight_map.items()}
+        from cdka_search.spec.safetensors_header import shard_files
+
+        return shard_files(index, ReferenceFileError)
     raise ReferenceFileError(
         f"{source} is neither a .safetensors file nor a folder holding model.safetensors or "
         "model.safetensors.index.json"
@@ -215,7 +213,7 @@ def _open_checkpoint(file: Path) -> Any:
 def _check_metadata(source: Path, metadata: Mapping[str, str]) -> None:
     if metadata.get("cdka_reference") != FORMAT_VERSION or metadata.get("kind") not in KINDS:
         raise ReferenceFileError(
-            f"{source} is a safetensors file but not a cdka reference (metadata {dict(metadata)}); "
+            f"{source} is a safetensors file but not a cdka reference (metadata {brief(dict(metadata))}); "
             f"expected cdka_reference={FORMAT_VERSION!r} and kind in {KINDS}"
         )
 
@@ -223,5 +221,7 @@ def _check_metadata(source: Path, metadata: Mapping[str, str]) -> None:
 def _check_matrix(name: str, tensor: torch.Tensor, where: str) -> None:
     if tensor.dim() != 2 or not tensor.is_floating_point():
         raise ReferenceFileError(
-            f"{where}: {name!r} must be a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}"
+            f"{where}: {brief(name)} must be a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}"
         )
+    if not bool(torch.isfinite(tensor).all()):
+        raise ReferenceFileError(f"{where}: {brief(name)} has NaN or infinite entries; a reference update must be finite")

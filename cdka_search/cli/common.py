@@ -24,10 +24,13 @@ BudgetOpt = Annotated[
 ]
 TargetsOpt = Annotated[
     str,
-    typer.Option("--targets", "-t", help="all-linear (default, no LM head/embeddings), attn, mlp, or comma-separated names/globs."),
+    typer.Option("--targets", "-t", help="all-linear (default: every weight incl. MoE experts; no LM head, embeddings or routers), attn, mlp (incl. experts), experts, or comma-separated names/globs."),
 ]
 ObjectiveOpt = Annotated[
     str, typer.Option("--objective", help="balanced = sqrt(capacity * alignment) (default), speed = sqrt(alignment * speed), capacity, or alignment.")
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="Where torch runs: auto (CUDA where present), cpu, cuda or cuda:N.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the plan.")]

@@ -18,7 +18,7 @@ recipes_app = typer.Typer(no_args_is_help=True, help="Ready recipes (model, targ
 def export(
     plan_file: Annotated[Path, typer.Argument(help="A plan written by cdka plan (YAML or JSON).")],
     to: Annotated[str, typer.Option("--to", help="peft (LoraConfig / LoKrConfig JSON) or lycoris (TOML preset).")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The model, to list module names when the plan is not a preset's.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The model, to list module names when the plan is not a preset's (default: the local model the plan was made from).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write into (peft: peft_adapter/, lycoris: .).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Single file to write (when the export is one file).")] = None,
     as_json: JsonOpt = False,
@@ -41,12 +41,10 @@ def export(
     from cdka_search.plan import load_plan
     from cdka_search.render import render
 
-    spec = None
-    if model:
-        from cdka_search.spec import load_spec
+    from cdka_search.planner import plan_model
 
-        spec = load_spec(model)
-    result = export_plan(load_plan(plan_file), to, spec)
+    loaded = load_plan(plan_file)
+    result = export_plan(loaded, to, plan_model(loaded, model))
     written = write_export(result, out_dir=out, out_file=output)
     render(export_table(result, written), as_json=as_json)
 

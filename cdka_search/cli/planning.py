@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +9,7 @@ import typer
 
 from cdka_search.cli.common import (
     BudgetOpt,
+    DeviceOpt,
     JsonOpt,
     ModelOpt,
     ObjectiveOpt,
@@ -20,7 +20,7 @@ from cdka_search.cli.common import (
     guarded,
     load_recipe_option,
 )
-from cdka_search.errors import PlanError, TargetError
+from cdka_search.errors import PlanError
 
 app = typer.Typer()
 
@@ -47,6 +47,17 @@ def _load(model: str):
     return spec
 
 
+def _coverage(spec, targets: str):
+    """The selection's coverage of ``spec``; its warnings go to stderr."""
+    from cdka_search.render import info
+    from cdka_search.targets import coverage, select_targets
+
+    covered = coverage(spec, select_targets(spec, targets), targets)
+    for line in covered.warnings():
+        info(line)
+    return covered
+
+
 @app.command()
 @guarded
 def plan(
@@ -70,6 +81,7 @@ def plan(
     all_pairs: Annotated[
         bool, typer.Option("--all-pairs", help="With --reference: measure every (r1, r2) of large updates, not only the data-free front's.")
     ] = False,
+    device: DeviceOpt = "auto",
     recipe: RecipeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -88,7 +100,7 @@ def plan(
       cdka plan --recipe llama2/7B_cdka_lora8
     """
     from cdka_search.plan import AdapterSettings, save_plan
-    from cdka_search.planner import make_plan
+    from cdka_search.planner import make_plan, record_model_path
     from cdka_search.render import render
     from cdka_search.views import plan_table
 
@@ -100,12 +112,16 @@ def plan(
         from cdka_search.alignment.reference import load_reference
 
         updates = load_reference(reference)
+    spec = _load(opts["model"])
     result = make_plan(
-        _load(opts["model"]), opts["budget"], targets=opts["targets"], objective=opts["objective"],
+        spec, opts["budget"], targets=opts["targets"], objective=opts["objective"],
         space=_space(opts["family"], r1, r2, r, opts["max_r"]), adapter=adapter, seed=seed, reference=updates, per_layer=per_layer, all_pairs=all_pairs,
+        device=device,
     )
+    result = record_model_path(result, opts["model"])
     written = save_plan(result, output or Path("plan.yaml"), fmt)
-    render(plan_table(result, written), as_json=as_json)
+    covered = _coverage(spec, opts["targets"])
+    render(plan_table(result, written, covered), as_json=as_json)
 
 
 @app.command()
@@ -136,7 +152,9 @@ def inspect(
     from cdka_search.targets import select_targets
     from cdka_search.views import inspect_table
 
-    render(inspect_table(select_targets(_load(model), targets)), as_json=as_json)
+    spec = _load(model)
+    covered = _coverage(spec, targets)
+    render(inspect_table(select_targets(spec, targets), covered), as_json=as_json)
 
 
 @app.command()
@@ -157,16 +175,12 @@ def explain(
 
     Examples: cdka explain --shape 4096x11008 --params 70000;  cdka explain --shape 768x2304 --family lora
     """
-    from cdka_search.budget import parse_budget
-    from cdka_search.planner import explain_shape
+    from cdka_search.planner import explain_shape, parse_shape, shape_budget
     from cdka_search.render import render
     from cdka_search.views import explain_table
 
-    match = re.fullmatch(r"\s*(\d+)\s*[xX*,]\s*(\d+)\s*", shape)
-    if not match or 0 in (int(match.group(1)), int(match.group(2))):
-        raise TargetError(f"--shape {shape!r}: expected two positive sizes like 4096x11008")
-    d_out, d_in = int(match.group(1)), int(match.group(2))
-    limit = parse_budget(params, total_params=d_out * d_in, targets=()).limit if params else None
+    d_out, d_in = parse_shape(shape)
+    limit = shape_budget(params, d_out, d_in) if params else None
     rows = explain_shape(d_out, d_in, max_params=limit, objective=objective, space=_space(family, r1, r2, r, max_r), top=top)
     render(explain_table((d_out, d_in), rows, objective, limit), as_json=as_json)
 
@@ -175,18 +189,20 @@ def explain(
 @guarded
 def validate(
     plan_file: Annotated[Path, typer.Argument(help="A plan written by cdka plan (or edited by hand).")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also check the plan against this model.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Also check the plan against this model (default: the local model the plan was made from, if any).")] = None,
 ) -> None:
     """Check a plan against its schema and, with --model, against a model; list every problem.
 
     Examples: cdka validate plan.yaml;  cdka validate plan.yaml --model llama-2-7b
     """
+    from cdka_search.matching import summarise
     from cdka_search.plan import load_plan
-    from cdka_search.planner import plan_problems
+    from cdka_search.planner import plan_model, plan_problems
 
     loaded = load_plan(plan_file)
-    problems = plan_problems(loaded, _load(model)) if model else []
+    spec = plan_model(loaded, model)
+    problems = plan_problems(loaded, spec) if spec is not None else []
     if problems:
-        raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + " | ".join(problems))
-    against = f" and matches {model}" if model else ""
+        raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + summarise(problems, sep=" | "))
+    against = f" and matches {model or loaded.model_path}" if spec is not None else ""
     typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of {loaded.budget_limit:,} parameters)")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cdka_search.cli.common import TargetsOpt, guarded
+from cdka_search.cli.common import DeviceOpt, TargetsOpt, guarded
 from cdka_search.errors import ReferenceFileError
 
 app = typer.Typer()
@@ -26,6 +26,7 @@ def probe(
     batches: Annotated[int, typer.Option(help="Batches of gradient to accumulate.")] = 8,
     batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 4,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Measure reference updates (checkpoint deltas or gradients) for `cdka plan --reference`.
 
@@ -35,13 +36,19 @@ def probe(
 
       cdka probe --grad ./my-llama --data train.jsonl --batches 16 -o grad.safetensors
 
+      cdka probe --grad ./my-llama --data train.jsonl --device cuda -o grad.safetensors
+
       cdka plan -m ./my-llama -b 0.5% --reference grad.safetensors
     """
+    if (delta is None) == (grad is None):
+        raise ReferenceFileError("give exactly one of --delta BASE FINETUNED or --grad MODEL_DIR --data FILE")
+    if grad is not None:
+        from cdka_search.textdata import check_grad_inputs
+
+        check_grad_inputs(grad, batches=batches, batch_size=batch_size, seq_len=seq_len)  # before torch is imported
     from cdka_search.alignment.probe import probe_delta, probe_gradients
     from cdka_search.alignment.reference import save_reference
 
-    if (delta is None) == (grad is None):
-        raise ReferenceFileError("give exactly one of --delta BASE FINETUNED or --grad MODEL_DIR --data FILE")
     if delta is not None:
         tensors, kind = probe_delta(*delta, targets=targets), "delta"
     else:
@@ -52,7 +59,7 @@ def probe(
         with Progress(transient=True) as bar:
             task = bar.add_task("gradients", total=batches)
             tensors = probe_gradients(
-                grad, data, targets=targets, batches=batches, batch_size=batch_size, seq_len=seq_len,
+                grad, data, targets=targets, batches=batches, batch_size=batch_size, seq_len=seq_len, device=device,
                 progress=lambda i, n: bar.update(task, completed=i, total=n or batches),
             )
         kind = "gradient"

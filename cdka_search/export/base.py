@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from cdka_search.errors import ExportError
-from cdka_search.fileio import atomic_write_text
+from cdka_search.fileio import atomic_write_text, write_folder
+from cdka_search.matching import ModuleIndex
 
 if TYPE_CHECKING:
     from cdka_search.plan import Plan, PlanGroup
@@ -86,7 +87,8 @@ def resolve_modules(
         return out, tuple(n for _, names in out for n in names)
     check_plan(plan, spec)
     names = tuple(t.name for t in spec.targets)
-    return [(g, tuple(n for n in names if g.matches(n))) for g in plan.groups], names
+    index = ModuleIndex(names)
+    return [(g, tuple(index.find_any(g.modules))) for g in plan.groups], names
 
 
 def anchored(name: str) -> str:
@@ -150,7 +152,33 @@ def write_export(export: Export, *, out_dir: str | Path | None = None, out_file:
     root = Path(out_dir if out_dir is not None else export.default_dir)
     if root.exists() and not root.is_dir():
         raise ExportError(f"{root} exists and is not a folder; use -o FILE for a single file")
-    return [atomic_write_text(root / f.path, f.text) for f in export.files]
+    if len(export.files) == 1 and "/" not in export.files[0].path and not _earlier_export(root):
+        return [atomic_write_text(root / export.files[0].path, export.files[0].text)]
+    if root.exists() and not _earlier_export(root):
+        raise ExportError(
+            f"{root} holds files that are not an earlier cdka export; a {len(export.files)}-file export replaces "
+            "its folder whole, so give a new or empty folder with --out"
+        )
+    return write_folder(root, {f.path: f.text.encode("utf-8") for f in export.files})
+
+
+_EXPORT_FILE_NAMES = ("adapter_config.json", "lycoris_preset.toml")
+
+
+def _earlier_export(root: Path) -> bool:
+    """True when ``root`` is a folder holding only what an export writes (config files, at most one
+    folder deep), so replacing it whole loses nothing else; an empty folder counts."""
+    if not root.is_dir() or root.resolve() == Path.cwd().resolve():
+        return False
+    entries = 0
+    for path in root.rglob("*"):
+        entries += 1
+        depth = len(path.relative_to(root).parts)
+        if entries > 1000 or depth > 2 or path.is_symlink():
+            return False
+        if path.is_file() and path.name not in _EXPORT_FILE_NAMES or path.is_dir() and depth > 1:
+            return False
+    return True
 
 
 def export_table(export: Export, written: Sequence[Path] = ()) -> "Table":

@@ -5,7 +5,8 @@
   both factors are full, ``dim = max(m2, n2)`` and ``alpha = dim``.
 - LoRA groups (r1 = r2 = 1): ``algo = "lora"``, ``dim = r``, ``alpha = lambda * r / multiplier``.
 - Refused with an ExportError naming the groups: r > 1 components (LyCORIS LoKr is one term), shapes
-  no factor builds, and GPT-2's transformers Conv1D (LyCORIS skips it silently).
+  no factor builds, GPT-2's transformers Conv1D (LyCORIS skips it silently) and 3-D MoE expert
+  parameters (LyCORIS wraps modules only).
 
 Scaling: LyCORIS runs a LoKr module whose two factors are full at scale 1 whatever alpha says
 (lycoris/modules/lokr.py sets alpha = dim), times the network ``multiplier``. So the plan's lambda is
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["export_lycoris", "PRESET_FILE"]
 
 PRESET_FILE = "lycoris_preset.toml"
+EXPERTS = "3-D expert tensors (LyCORIS adapts modules, not parameters; a LoRA plan of them exports to PEFT)"
 
 
 def _fmt(x: float) -> str:
@@ -61,7 +63,9 @@ def export_lycoris(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
     factor_of: dict[int, int] = {}
     for i, (g, _) in enumerate(groups):
         d = g.design
-        if g.kind != "linear":
+        if g.kind == "experts":
+            refused.setdefault(EXPERTS, []).append(g.modules[0])
+        elif g.kind != "linear":
             refused.setdefault("transformers Conv1D (LyCORIS does not adapt it)", []).append(g.modules[0])
         elif d.is_lora:
             continue

@@ -11,6 +11,11 @@ What PEFT can express (checked against peft 0.21, peft/tuners/{lora,lokr}):
   r is 1 and some factor gives its shapes (cdka_search.export.lokr_shapes); one LoKrConfig is written per
   distinct factor. PEFT's ``r`` is the rank of w2, and w2 is a full matrix only when r >= max(m2, n2)/2,
   so each module gets r = max(m2, n2) and alpha = lambda * r (LoKr's scale is alpha / r).
+- Expert tensors (3-D MoE parameters, kind ``experts``): LoRA designs go into the LoRA config's
+  ``target_parameters`` (PEFT's ParamWrapper gives every expert its own rank-r factors, E * r * (d_out +
+  d_in) parameters, as the plan counts them), with the same lambda mapping. PEFT has no Kronecker form
+  for them and its ParamWrapper refuses dropout, so a non-LoRA design or a non-zero adapter.dropout on an
+  expert group is refused by name.
 - Everything else (r > 1 components with r1 or r2 > 1, factor shapes LoKr never builds, LoKr on GPT-2's
   Conv1D, which PEFT LoKr rejects) is refused with an ExportError naming the groups.
 
@@ -49,6 +54,11 @@ if TYPE_CHECKING:
 __all__ = ["export_peft", "lora_alpha", "lokr_rank_alpha", "choose_factors"]
 
 RSLORA_SCALINGS = ("alpha/sqrt(r*r2)", "matched", "alpha/sqrt(r)")
+EXPERTS_KRONECKER = (
+    "Kronecker designs on expert tensors (PEFT adapts 3-D expert parameters with LoRA only, so --family lora "
+    "for them)"
+)
+EXPERTS_DROPOUT = "adapter.dropout on expert tensors (PEFT's target_parameters LoRA takes no dropout)"
 
 
 def lora_alpha(settings: "AdapterSettings", design: "Design") -> tuple[bool, float]:
@@ -108,7 +118,14 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
     lokr_options: dict[int, tuple[int, ...]] = {}
     for i, (g, _) in enumerate(groups):
         d = g.design
-        if d.is_lora:
+        if g.kind == "experts":
+            if not d.is_lora:
+                refused.setdefault(EXPERTS_KRONECKER, []).append(f"{g.modules[0]} (r1 = {d.r1}, r2 = {d.r2})")
+            elif settings.dropout:
+                refused.setdefault(EXPERTS_DROPOUT, []).append(g.modules[0])
+            else:
+                lora.setdefault("linear", []).append(i)
+        elif d.is_lora:
             lora.setdefault(g.kind, []).append(i)
         elif d.r > 1:
             refused.setdefault("r > 1 Kronecker components (PEFT LoKr builds one term)", []).append(f"{g.modules[0]} (r = {d.r})")
@@ -133,21 +150,25 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
     for kind, members in lora.items():
         name = "cdka_lora" if kind == "linear" else "cdka_lora_conv1d"
         rslora = lora_alpha(settings, groups[members[0]][0].design)[0]
-        r, alpha, names = {}, {}, []
+        r, alpha, names, parameters = {}, {}, [], []
         for i in members:
             g, modules = groups[i]
             _, a = lora_alpha(settings, g.design)
             for n in modules:
-                names.append(n)
+                (parameters if g.kind == "experts" else names).append(n)
                 r[n], alpha[n] = g.design.r, a
-            trainable += g.count * g.design.r * (g.shape[0] + g.shape[1])
+            trainable += g.count * g.experts * g.design.r * (g.shape[0] + g.shape[1])
+            target = "target_parameters" if g.kind == "experts" else ""
             rows.append(ExportRow(group_label(g), g.count, g.design.label(), name,
-                                  f"r={g.design.r} lora_alpha={a:g}{' rslora' if rslora else ''}"))
+                                  f"r={g.design.r} lora_alpha={a:g}{' rslora' if rslora else ''}"
+                                  f"{f' {target} ({g.experts} experts)' if target else ''}"))
         base = {
             "peft_type": "LORA", "task_type": None, "lora_dropout": settings.dropout, "bias": "none",
             "use_rslora": rslora, "fan_in_fan_out": kind == "conv1d", "init_lora_weights": True,
         }
         configs[name] = _config(base, names, r, alpha, "lora_alpha")
+        if parameters:
+            configs[name]["target_parameters"] = parameters
 
     factor_of = choose_factors(lokr_options)
     for f in sorted(set(factor_of.values()), key=lambda f: (f != -1, f)):
@@ -170,10 +191,10 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
         configs[name] = _config(base, names, r, alpha, "alpha")
 
     for name, cfg in configs.items():
-        wanted = {n: n for n in cfg["target_modules"]}
-        check_keys(name, cfg["target_modules"], wanted, all_names, peft_target_matches)
+        targets = [*cfg["target_modules"], *cfg.get("target_parameters", [])]
+        check_keys(name, targets, {n: n for n in targets}, all_names, peft_target_matches)
         for pattern in ("rank_pattern", "alpha_pattern"):
-            keyed = {k: next(n for n in cfg["target_modules"] if anchored(n) == k) for k in cfg[pattern]}
+            keyed = {k: next(n for n in targets if anchored(n) == k) for k in cfg[pattern]}
             check_keys(name, keyed, keyed, all_names, peft_key_matches)
     if trainable != plan.used_params:  # by construction; a failure is a bug in this module
         raise ExportError(f"PEFT would train {trainable:,} parameters, the plan {plan.used_params:,}; please report this")
@@ -182,6 +203,12 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
         note_init_and_dropout(plan, notes, dropout_ok=False, what="PEFT")
     elif plan.adapter.init != "kaiming-A-zero-B":
         note_init_and_dropout(plan, notes, dropout_ok=True, what="PEFT")
+    if any(k for cfg in configs.values() for pattern in ("rank_pattern", "alpha_pattern") for k in cfg[pattern]
+           if any(anchored(n) == k for n in cfg.get("target_parameters", []))):
+        notes.append(
+            "PEFT warns that the rank_pattern keys of target_parameters (and alpha_pattern keys) \"did not match "
+            "any targeted module\"; it applies them to the parameters all the same"
+        )
     if len(configs) > 1:
         notes.append(
             f"{len(configs)} configs ({', '.join(configs)}): load each as a named adapter of one PeftMixedModel "

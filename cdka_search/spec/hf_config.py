@@ -1,16 +1,16 @@
-"""A local Hugging Face folder or config.json -> ModelSpec, parsed offline."""
+"""A local Hugging Face folder or config.json -> ModelSpec, parsed offline by a built-in family,
+or through transformers on the meta device for anything else."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from cdka_search.errors import ModelSourceError
+from cdka_search.documents import read_file_bytes, read_json
+from cdka_search.errors import ConfigError, ModelSourceError
+from cdka_search.spec.config_fields import check_sizes
+from cdka_search.spec.families import family_of, family_spec, unknown_fields
 from cdka_search.spec.model_spec import ModelSpec
-from cdka_search.spec.presets import Architecture, target_modules, total_params
-
-_LLAMA_LIKE = {"llama", "mistral", "qwen2"}
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -18,70 +18,35 @@ def read_config(path: Path) -> dict[str, Any]:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ModelSourceError(f"{path}: no config.json found")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelSourceError(f"{file}: not a readable JSON config ({exc.__class__.__name__}: {exc})") from None
+    data = read_json(read_file_bytes(file, ModelSourceError), f"{file}: not a readable JSON config", ModelSourceError)
     if not isinstance(data, dict):
         raise ModelSourceError(f"{file}: a config must be a JSON object")
     return data
 
 
-def architecture_from_config(config: dict[str, Any], where: str) -> Architecture | None:
-    """The Architecture of a known model_type, or None when the type is not built in."""
-    kind = str(config.get("model_type", "")).lower()
-    try:
-        if kind in _LLAMA_LIKE:
-            heads = int(config["num_attention_heads"])
-            return Architecture(
-                "llama",
-                int(config["hidden_size"]),
-                int(config["intermediate_size"]),
-                int(config["num_hidden_layers"]),
-                heads,
-                int(config.get("num_key_value_heads") or heads),
-                int(config["vocab_size"]),
-                tied=bool(config.get("tie_word_embeddings", False)),
-                qkv_bias=kind == "qwen2" or bool(config.get("attention_bias", False)),
-            )
-        if kind == "gpt2":
-            hidden = int(config["n_embd"])
-            return Architecture(
-                "gpt2",
-                hidden,
-                int(config.get("n_inner") or 4 * hidden),
-                int(config["n_layer"]),
-                int(config["n_head"]),
-                int(config["n_head"]),
-                int(config["vocab_size"]),
-                tied=True,
-                max_positions=int(config["n_positions"]),
-            )
-        if kind in ("bert", "roberta"):
-            heads = int(config["num_attention_heads"])
-            return Architecture(
-                kind,
-                int(config["hidden_size"]),
-                int(config["intermediate_size"]),
-                int(config["num_hidden_layers"]),
-                heads,
-                heads,
-                int(config["vocab_size"]),
-                max_positions=int(config["max_position_embeddings"]),
-                type_vocab=int(config.get("type_vocab_size", 2)),
-            )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelSourceError(f"{where}: config of model_type {kind!r} lacks or garbles {exc}") from None
-    return None
-
-
 def config_spec(path: Path) -> ModelSpec:
-    """Spec of a local model folder or config.json; unknown types go through transformers (meta)."""
+    """Spec of a local model folder or config.json. A built-in family reads it exactly; a config of
+    another model_type, or with a field its family does not know, goes through transformers (meta)."""
     config = read_config(path)
-    name = (path if path.is_dir() else path.parent).name or str(path)
-    arch = architecture_from_config(config, str(path))
-    if arch is not None:
-        return ModelSpec(name, "hf-config", total_params(arch), tuple(target_modules(arch)))
+    folder = path if path.is_dir() else path.parent
+    name = folder.name or str(path)
+    family = family_of(config)
+    unknown = unknown_fields(config, family) if family else []
+    if family is not None and not unknown:
+        return family_spec(config, family, name, "hf-config", str(path))
     from cdka_search.spec.torch_module import meta_spec_from_config
 
-    return meta_spec_from_config(path if path.is_dir() else path.parent, name)
+    check_sizes(config, str(path))
+    try:
+        return meta_spec_from_config(path, name)
+    except ImportError:
+        if unknown:
+            raise ConfigError(
+                f"{path}: config field(s) {', '.join(map(repr, unknown))} are unknown to the built-in "
+                f"{config['model_type']} family and might change shapes; install the 'hf' extra "
+                "(pip install 'cdka[hf]') to read this config through transformers"
+            ) from None
+        raise ModelSourceError(
+            f"{path}: model_type {config.get('model_type')!r} is not built in; install the 'hf' extra "
+            "(pip install 'cdka[hf]') to read any architecture"
+        ) from None

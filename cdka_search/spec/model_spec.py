@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterable, Literal
 
 Kind = Literal["linear", "conv1d", "experts"]
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
@@ -38,20 +38,44 @@ class TargetModule:
     @property
     def role(self) -> str:
         """The name with layer indices replaced by ``*``: the glob its group is written as."""
-        return _LAYER_INDEX.sub("*", self.name)
+        return role_of(self.name)
+
+
+def role_of(name: str) -> str:
+    """A tensor or module name with layer indices replaced by ``*``."""
+    return _LAYER_INDEX.sub("*", name)
+
+
+def tally_roles(named_sizes: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """(role, summed size) of named tensors, largest first."""
+    sums: dict[str, int] = {}
+    for name, size in named_sizes:
+        sums[role_of(name)] = sums.get(role_of(name), 0) + size
+    return tuple(sorted(sums.items(), key=lambda kv: -kv[1]))
+
+
+def is_embedding(name: str) -> bool:
+    """Token and position embeddings and the LM head: never adapted, by convention, not by limitation."""
+    return any(seg in ("wte", "wpe", "lm_head", "shared") or "embed" in seg for seg in name.split("."))
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The adaptable weights of a model and its total parameter count (the base of a % budget)."""
+    """The adaptable weights of a model and its total parameter count (the base of a % budget).
+
+    ``unadaptable`` lists, by role, the weight matrices (2-D or more) that are not targets and are not
+    embeddings or the LM head: routers, expert stores in a layout cdka does not adapt, convolutions.
+    Coverage reports name them when they hold a large share of the model.
+    """
 
     name: str
     source: str
     total_params: int
     targets: tuple[TargetModule, ...]
+    unadaptable: tuple[tuple[str, int], ...] = ()
 
     def with_targets(self, targets: tuple[TargetModule, ...]) -> "ModelSpec":
-        return ModelSpec(self.name, self.source, self.total_params, targets)
+        return ModelSpec(self.name, self.source, self.total_params, targets, self.unadaptable)
 
     @property
     def shapes(self) -> dict[tuple[int, int], int]:
@@ -59,6 +83,15 @@ class ModelSpec:
         counts: dict[tuple[int, int], int] = {}
         for t in self.targets:
             counts[t.shape] = counts.get(t.shape, 0) + 1
+        return counts
+
+    @property
+    def matrices(self) -> dict[tuple[int, int], int]:
+        """Distinct (d_out, d_in) shapes and how many 2-D matrices have each (every expert counted):
+        what one shared design per shape is paid for."""
+        counts: dict[tuple[int, int], int] = {}
+        for t in self.targets:
+            counts[t.shape] = counts.get(t.shape, 0) + t.experts
         return counts
 
     def roles(self) -> dict[str, list[TargetModule]]:

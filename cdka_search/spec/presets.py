@@ -1,51 +1,59 @@
-"""The embedded, offline preset table (facts from shared/model-shapes.md) and family aliases."""
+"""The embedded, offline preset table: the shape fields of each model's public config.json, read
+by the same family code as a local config (so a preset and its config.json cannot disagree)."""
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from typing import Any, Mapping
 
 from cdka_search.errors import ModelSourceError
-from cdka_search.spec.model_spec import ModelSpec, TargetModule
+from cdka_search.spec.families import FAMILIES, family_spec
+from cdka_search.spec.model_spec import ModelSpec
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """The few numbers that fix every linear shape and the parameter count of a known family."""
-
-    family: str  # "llama" (LLaMA / Mistral / Qwen2 / TinyLlama), "gpt2", "roberta", "bert"
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied: bool = False
-    qkv_bias: bool = False
-    max_positions: int = 0  # learned position embeddings (GPT-2, RoBERTa)
-    type_vocab: int = 0  # RoBERTa token-type embeddings
+def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv: int, vocab: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab, **extra,
+    }
 
 
-PRESETS: dict[str, Architecture] = {
-    "llama-2-7b": Architecture("llama", 4096, 11008, 32, 32, 32, 32000),
-    "llama-2-13b": Architecture("llama", 5120, 13824, 40, 40, 40, 32000),
-    "llama-2-70b": Architecture("llama", 8192, 28672, 80, 64, 8, 32000),
-    "llama-3-8b": Architecture("llama", 4096, 14336, 32, 32, 8, 128256),
-    "llama-3-70b": Architecture("llama", 8192, 28672, 80, 64, 8, 128256),
-    "mistral-7b": Architecture("llama", 4096, 14336, 32, 32, 8, 32000),
-    "qwen2-7b": Architecture("llama", 3584, 18944, 28, 28, 4, 152064, qkv_bias=True),
-    "tinyllama-1.1b": Architecture("llama", 2048, 5632, 22, 32, 4, 32000),
-    "roberta-base": Architecture("roberta", 768, 3072, 12, 12, 12, 50265, max_positions=514, type_vocab=1),
-    "gpt2": Architecture("gpt2", 768, 3072, 12, 12, 12, 50257, tied=True, max_positions=1024),
+PRESETS: dict[str, Mapping[str, Any]] = {
+    "llama-2-7b": _llama(4096, 11008, 32, 32, 32, 32000),
+    "llama-2-13b": _llama(5120, 13824, 40, 40, 40, 32000),
+    "llama-2-70b": _llama(8192, 28672, 80, 64, 8, 32000),
+    "llama-3-8b": _llama(4096, 14336, 32, 32, 8, 128256),
+    "llama-3-70b": _llama(8192, 28672, 80, 64, 8, 128256),
+    "llama-3.1-405b": _llama(16384, 53248, 126, 128, 8, 128256),
+    "mistral-7b": _llama(4096, 14336, 32, 32, 8, 32000, model_type="mistral"),
+    "mistral-nemo-12b": _llama(5120, 14336, 40, 32, 8, 131072, model_type="mistral", head_dim=128),
+    "mixtral-8x7b": _llama(4096, 14336, 32, 32, 8, 32000, model_type="mixtral", num_local_experts=8),
+    "qwen2-7b": _llama(3584, 18944, 28, 28, 4, 152064, model_type="qwen2"),
+    "qwen3-8b": _llama(4096, 12288, 36, 32, 8, 151936, model_type="qwen3", head_dim=128),
+    "qwen3-30b-a3b": _llama(
+        2048, 6144, 48, 32, 4, 151936, model_type="qwen3_moe", head_dim=128, num_experts=128, moe_intermediate_size=768
+    ),
+    "tinyllama-1.1b": _llama(2048, 5632, 22, 32, 4, 32000),
+    "roberta-base": {
+        "model_type": "roberta", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1,
+    },
+    "gpt2": {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024},
 }
 
 ALIASES: dict[str, str] = {
     "llama": "llama-2-7b",  # the paper's main model
     "llama2": "llama-2-7b",
     "llama3": "llama-3-8b",
-    "llama-3.1-8b": "llama-3-8b",
+    "llama-3.1-8b": "llama-3-8b",  # same shapes; 3.1 changed RoPE scaling and the context length only
+    "llama-3.1-70b": "llama-3-70b",
+    "llama-405b": "llama-3.1-405b",
     "mistral": "mistral-7b",
+    "mistral-nemo": "mistral-nemo-12b",
+    "mixtral": "mixtral-8x7b",
     "qwen2": "qwen2-7b",
+    "qwen3": "qwen3-8b",
+    "qwen3-moe": "qwen3-30b-a3b",
     "tinyllama": "tinyllama-1.1b",
     "roberta": "roberta-base",
     "gpt2-small": "gpt2",
@@ -68,69 +76,7 @@ def resolve_preset_name(name: str) -> str:
 
 
 def preset_spec(name: str) -> ModelSpec:
-    """The ModelSpec of a preset or alias, built from its architecture numbers."""
+    """The ModelSpec of a preset or alias, built from its config fields by its family."""
     preset = resolve_preset_name(name)
-    arch = PRESETS[preset]
-    return ModelSpec(preset, "preset", total_params(arch), tuple(target_modules(arch)))
-
-
-def target_modules(arch: Architecture) -> list[TargetModule]:
-    """Every per-block linear weight with its Hugging Face module name."""
-    h, i = arch.hidden, arch.intermediate
-    out: list[TargetModule] = []
-    if arch.family == "llama":
-        kv = arch.kv_heads * (h // arch.heads)
-        for n in range(arch.layers):
-            p = f"model.layers.{n}"
-            out += [
-                TargetModule(f"{p}.self_attn.q_proj", h, h),
-                TargetModule(f"{p}.self_attn.k_proj", kv, h),
-                TargetModule(f"{p}.self_attn.v_proj", kv, h),
-                TargetModule(f"{p}.self_attn.o_proj", h, h),
-                TargetModule(f"{p}.mlp.gate_proj", i, h),
-                TargetModule(f"{p}.mlp.up_proj", i, h),
-                TargetModule(f"{p}.mlp.down_proj", h, i),
-            ]
-    elif arch.family == "gpt2":
-        for n in range(arch.layers):
-            p = f"transformer.h.{n}"
-            out += [
-                TargetModule(f"{p}.attn.c_attn", 3 * h, h, "conv1d"),
-                TargetModule(f"{p}.attn.c_proj", h, h, "conv1d"),
-                TargetModule(f"{p}.mlp.c_fc", i, h, "conv1d"),
-                TargetModule(f"{p}.mlp.c_proj", h, i, "conv1d"),
-            ]
-    elif arch.family in ("roberta", "bert"):
-        for n in range(arch.layers):
-            p = f"{arch.family}.encoder.layer.{n}"
-            out += [
-                TargetModule(f"{p}.attention.self.query", h, h),
-                TargetModule(f"{p}.attention.self.key", h, h),
-                TargetModule(f"{p}.attention.self.value", h, h),
-                TargetModule(f"{p}.attention.output.dense", h, h),
-                TargetModule(f"{p}.intermediate.dense", i, h),
-                TargetModule(f"{p}.output.dense", h, i),
-            ]
-    else:
-        raise ModelSourceError(f"unknown architecture family {arch.family!r}")
-    return out
-
-
-def total_params(arch: Architecture) -> int:
-    """Every parameter of the base model (embeddings, norms, biases, untied head, pooler)."""
-    h, i, v = arch.hidden, arch.intermediate, arch.vocab
-    if arch.family == "llama":
-        kv = arch.kv_heads * (h // arch.heads)
-        attn = 2 * h * h + 2 * kv * h + ((h + 2 * kv) if arch.qkv_bias else 0)
-        block = attn + 3 * h * i + 2 * h  # two RMSNorm weights
-        head = 0 if arch.tied else v * h
-        return v * h + arch.layers * block + h + head
-    if arch.family == "gpt2":
-        block = (h * 3 * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
-        return v * h + arch.max_positions * h + arch.layers * block + 2 * h
-    if arch.family in ("roberta", "bert"):
-        embeddings = (v + arch.max_positions + arch.type_vocab) * h + 2 * h
-        block = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
-        pooler = h * h + h
-        return embeddings + arch.layers * block + pooler
-    raise ModelSourceError(f"unknown architecture family {arch.family!r}")
+    config = PRESETS[preset]
+    return family_spec(config, FAMILIES[config["model_type"]], preset, "preset", preset)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cdka_search.errors import ModelSourceError
-from cdka_search.spec.model_spec import ModelSpec, TargetModule
+from cdka_search.errors import ModelSourceError, one_line
+from cdka_search.spec.model_spec import ModelSpec, TargetModule, is_embedding, tally_roles
 
 
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
-    """Targets are every nn.Linear and transformers Conv1D except the output embedding."""
+    """Targets are every nn.Linear and transformers Conv1D except the output embedding, and every
+    3-D parameter (transformers 5's fused MoE experts, stored (experts, d_out, d_in)) by its full
+    parameter name, as PEFT's ``target_parameters`` names it."""
     import torch.nn as nn
 
     excluded: set[int] = set()
@@ -25,34 +27,55 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
         elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
             d_in, d_out = module.weight.shape
             targets.append(TargetModule(module_name, int(d_out), int(d_in), "conv1d"))
+        elif getattr(module, "is_transposed", None) is False:
+            # transformers' expert implementations mark their layout; a transposed (E, d_in, d_out)
+            # store (gpt-oss) or any other 3-D tensor (a convolution) is left out, not guessed.
+            for param_name, param in module.named_parameters(recurse=False):
+                if param.dim() == 3:
+                    experts, d_out, d_in = (int(d) for d in param.shape)
+                    targets.append(TargetModule(f"{module_name}.{param_name}", d_out, d_in, "experts", experts))
     if not targets:
-        raise ModelSourceError(f"{name or type(model).__name__}: no nn.Linear or Conv1D modules to adapt")
+        raise ModelSourceError(f"{name or type(model).__name__}: no nn.Linear, Conv1D or expert weights to adapt")
+    targeted = {t.name for t in targets}
     seen: set[int] = set()
     total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
+    others: list[tuple[str, int]] = []  # weight matrices no target covers, embeddings and LM head aside
+    for module_name, module in model.named_modules():
+        for param_name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
             seen.add(id(p))
             total += p.numel()
-    return ModelSpec(name or type(model).__name__, "module", total, tuple(targets))
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            covered = module_name in targeted or full in targeted or id(module) in excluded
+            if p.dim() >= 2 and not covered and not isinstance(module, nn.Embedding) and not is_embedding(full):
+                others.append((full, p.numel()))
+    return ModelSpec(name or type(model).__name__, "module", total, tuple(targets), tally_roles(others))
 
 
-def meta_spec_from_config(folder: Path, name: str) -> ModelSpec:
+def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
     """Any architecture transformers knows, built on the meta device (no weight allocated)."""
+    from cdka_search.spec.hf_config import read_config
+    from cdka_search.textdata import refuse_remote_code
+
+    kind = read_config(path).get("model_type")
+    if not isinstance(kind, str) or not kind.strip():
+        raise ModelSourceError(f"{path}: config.json has no model_type, so its architecture is unknown")
+    if path.is_dir():  # both checks before importing torch: bad input fails fast
+        refuse_remote_code(path, "config.json")
+    else:
+        refuse_remote_code(path.parent, path.name)
+    import torch  # ImportError reaches config_spec, which says what to install
+    import transformers
+
     try:
-        import torch
-        import transformers
-    except ImportError:
-        raise ModelSourceError(
-            f"{folder}: model_type not built in; install the 'hf' extra (pip install 'cdka[hf]') to read any architecture"
-        ) from None
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         with torch.device("meta"):
             try:
                 model = transformers.AutoModelForCausalLM.from_config(config)
             except ValueError:
                 model = transformers.AutoModel.from_config(config)
     except Exception as exc:  # transformers raises many unrelated types for a bad config
-        raise ModelSourceError(f"{folder}: transformers cannot build this config ({exc.__class__.__name__}: {exc})") from None
+        raise ModelSourceError(f"{path}: transformers cannot build this config ({one_line(exc)})") from None
     spec = spec_from_module(model, name)
-    return ModelSpec(name, "hf-config", spec.total_params, spec.targets)
+    return ModelSpec(name, "hf-config", spec.total_params, spec.targets, spec.unadaptable)

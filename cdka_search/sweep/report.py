@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdka_search.errors import SweepError
+from cdka_search.errors import OutputError, SweepError
+from cdka_search.sweep.bookkeeping import SKIPPED
 from cdka_search.sweep.objective import HEURISTIC, PRUNED_REASON
 
 
@@ -48,7 +49,7 @@ def trial_rows(study: Any) -> list[TrialRow]:
                 seconds=seconds,
                 heuristic=bool(t.user_attrs.get(HEURISTIC)),
                 choices=choices,
-                note=str(t.user_attrs.get(PRUNED_REASON, "")),
+                note=str(t.user_attrs.get(PRUNED_REASON, "") or (f"skipped: {t.user_attrs[SKIPPED]}" if SKIPPED in t.user_attrs else "")),
             )
         )
     return rows
@@ -66,10 +67,14 @@ def write_plots(rows: list[TrialRow], folder: Path, title: str) -> list[Path]:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
     done = [r for r in rows if r.state == "complete" and r.value is not None]
     if not done:
         raise SweepError("the study has no completed trial to plot yet")
+    _check_plot_folder(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the plot folder {folder}: {exc.strerror or exc}") from None
     out = []
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -127,6 +132,16 @@ def write_plots(rows: list[TrialRow], folder: Path, title: str) -> list[Path]:
     return out
 
 
+def _check_plot_folder(folder: Path) -> None:
+    """OutputError when ``folder`` or a folder above it is a file (nothing is created here)."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file; give a folder for the plots" if path == folder else f"cannot be created: {path} is a file"
+                raise OutputError(f"--out {folder} {what}")
+            return
+
+
 def _save(fig: Any, path: Path) -> Path:
     """Save atomically (temporary file beside it, then replace) and close the figure."""
     import io
@@ -161,6 +176,8 @@ def study_report(storage: str | None, study: str | None, folder: Path | None, *,
     from cdka_search.sweep.storage import normalise, redact
     from cdka_search.sweep.study import open_study
 
+    if plots and folder is not None:
+        _check_plot_folder(folder)  # before loading anything: a bad --out is one quick error
     url = normalise(storage)
     for prefix in ("sqlite:///", "journal:"):
         # Opening a missing file would create an empty storage; a report only reads.

@@ -1,9 +1,10 @@
 """Running a sweep: open or resume the study, enqueue the heuristic plan, optimise, write the best plan.
 
-``--trials N`` is the study's total of finished (complete or pruned) trials: a resumed or second
-process stops when the study holds N, so rerunning a killed sweep's command finishes the same sweep.
-The heuristic plan (make_plan) is enqueued as the first trial of a new study, so the best value is never
-worse than its value; the result reports both and the improvement.
+``--trials N`` is the study's total of counted (complete or pruned, not skipped) trials: a resumed
+or second process stops when the study holds N, so rerunning a killed sweep's command finishes the
+same sweep. The heuristic plan (make_plan) is enqueued as the first trial of a new study and again
+after any kill that loses it, so the best value is never worse than its value; the result reports
+both and the improvement. The rules are in cdka_search.sweep.bookkeeping.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cdka_search.errors import SweepError
-from cdka_search.sweep.objective import HEURISTIC, Objective
+from cdka_search.sweep.bookkeeping import (
+    HEURISTIC,
+    SKIPPED,
+    TrialSeededSampler,
+    counted_trials,
+    ensure_heuristic,
+    heuristic_done,
+    reap_dead,
+)
+from cdka_search.sweep.objective import Objective
 from cdka_search.sweep.space import DEFAULT_TOP_K
 from cdka_search.sweep.storage import normalise, open_storage, redact
 from cdka_search.sweep.tasks import TaskOptions
@@ -50,9 +60,13 @@ class SweepConfig:
     alpha_range: tuple[float, float] = (4.0, 256.0)
 
     def __post_init__(self) -> None:
-        if self.trials < 1:
-            raise SweepError(f"--trials must be at least 1, got {self.trials}")
-        if self.timeout is not None and self.timeout <= 0:
+        from cdka_search.limits import MAX_SEED, MAX_TRIALS, check_int
+
+        check_int(self.trials, "--trials", SweepError, 1, MAX_TRIALS)
+        check_int(self.steps, "--steps", SweepError, 1, 10**7)
+        if self.seed is not None:
+            check_int(self.seed, "--seed", SweepError, 0, MAX_SEED)
+        if self.timeout is not None and not 0 < self.timeout < 10**9:
             raise SweepError(f"--timeout must be positive seconds, got {self.timeout}")
 
 
@@ -152,23 +166,9 @@ def _check_compatible(study: Any, wanted: dict[str, Any], storage: str) -> None:
         )
 
 
-def _ensure_heuristic(study: Any, params: dict[str, Any], journal: bool) -> None:
-    """Enqueue the heuristic plan unless a finished, waiting or (RDB only) running copy exists."""
-    from optuna.trial import TrialState
-
-    live = {TrialState.COMPLETE, TrialState.WAITING, TrialState.PRUNED}
-    if not journal:
-        live.add(TrialState.RUNNING)  # stale ones are failed by the heartbeat and retried
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get(HEURISTIC) and t.state in live:
-            return
-    study.enqueue_trial(params, user_attrs={HEURISTIC: True}, skip_if_exists=False)
-
-
 def finished_count(study: Any) -> int:
-    from optuna.trial import TrialState
-
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    """The trials --trials counts (see cdka_search.sweep.bookkeeping)."""
+    return counted_trials(study)
 
 
 def open_study(storage: str | None, name: str | None, *, create: bool = False, sampler: Any = None,
@@ -226,27 +226,35 @@ def run_sweep(config: SweepConfig, *, on_trial: Callable[[int, int, float | None
     where = redact(storage_url)
     name = config.study or default_study_name(config, spec.name)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a skipped trial ends as FAIL by design, and Optuna warns about each one.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    sampler = optuna.samplers.TPESampler(seed=config.seed)
-    study = open_study(config.storage, name, create=True, sampler=sampler,
+    study = open_study(config.storage, name, create=True, sampler=TrialSeededSampler(config.seed),
                        pruner=make_pruner(config.pruner, config.steps, options.every))
     _check_compatible(study, _fingerprint(config, space, task.name, spec.name), where)
-    _ensure_heuristic(study, space.heuristic_params(task.default_lr), storage_url.startswith("journal:"))
+    heuristic = space.heuristic_params(task.default_lr)
+
+    def keep_whole(st: Any) -> bool:
+        """Requeue what dead workers lost and trial 0 if missing; True while there is work left."""
+        reap_dead(st)
+        ensure_heuristic(st, heuristic)
+        return counted_trials(st) < config.trials or not heuristic_done(st)
 
     ran = 0
-    if finished_count(study) < config.trials:
+    if keep_whole(study):
         task.prepare(space)
-        stop = optuna.study.MaxTrialsCallback(config.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
 
         def callback(st: Any, trial: Any) -> None:
             nonlocal ran
-            ran += 1
-            if on_trial is not None:
-                on_trial(finished_count(st), config.trials, _best_value(st))
+            if SKIPPED not in trial.user_attrs:
+                ran += 1
+                if on_trial is not None:
+                    on_trial(counted_trials(st), config.trials, _best_value(st))
+            if not keep_whole(st):
+                st.stop()
 
-        study.optimize(Objective(space, task), n_trials=config.trials, timeout=config.timeout,
-                       callbacks=[stop, callback], catch=(), gc_after_trial=False)
+        study.optimize(Objective(space, task, config.trials, config.seed), n_trials=None, timeout=config.timeout,
+                       callbacks=[callback], catch=(), gc_after_trial=False)
     return _result(study, space, config, where, ran, time.monotonic() - started)
 
 
@@ -281,7 +289,7 @@ def _result(study: Any, space: Any, config: SweepConfig, where: str, ran: int, s
         storage=where,
         complete=len(complete),
         pruned=sum(t.state == TrialState.PRUNED for t in trials),
-        failed=sum(t.state == TrialState.FAIL for t in trials),
+        failed=sum(t.state == TrialState.FAIL and SKIPPED not in t.user_attrs for t in trials),
         ran_here=ran,
         best_number=best.number,
         best_value=float(best.value),
@@ -322,5 +330,7 @@ def write_best_plan(result: SweepResult, config: SweepConfig) -> Path:
 
     from cdka_search.plan import save_plan
 
-    result.plan = replace(result.plan, sweep=sweep_record(result, config))
+    from cdka_search.planner import record_model_path
+
+    result.plan = record_model_path(replace(result.plan, sweep=sweep_record(result, config)), config.model)
     return save_plan(result.plan, Path(config.output))  # type: ignore[arg-type]

@@ -52,13 +52,15 @@ class LMTask:
     def prepare(self, space: "SearchSpace") -> None:
         import torch
 
-        from cdka_search.textdata import encode, load_causal_lm, read_texts
+        from cdka_search.textdata import encode, load_causal_lm, load_tokenizer, read_texts
 
+        texts = read_texts(self.options.data)  # type: ignore[arg-type]
+        tokenizer = load_tokenizer(self.options.model)  # type: ignore[arg-type]
         self.base = load_causal_lm(self.options.model)  # type: ignore[arg-type]
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base.eval()
         vocab = int(self.base.config.vocab_size)
-        ids = encode(read_texts(self.options.data), self.options.model, vocab)  # type: ignore[arg-type]
+        ids = encode(texts, tokenizer, vocab)
         blocks = len(ids) // self.seq_len
         if blocks < 2:
             raise SweepError(

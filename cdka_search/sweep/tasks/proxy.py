@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from cdka_search.candidates import Design, divisors
 from cdka_search.errors import ReferenceFileError, SweepError
+from cdka_search.matching import ModuleIndex
 from cdka_search.scoring import SPECTRUM_BETA
 from cdka_search.sweep.tasks import NonFiniteLoss, Report, TaskOptions
 
@@ -159,9 +160,10 @@ class ProxyTask:
         from cdka_search.alignment.reference import load_reference
 
         tensors = load_reference(self.options.reference)
+        index = ModuleIndex(tensors)
         out = {}
         for g, pg in zip(space.groups, space.heuristic.groups):
-            names = [n for n in tensors if pg.matches(n)]
+            names = index.find_any(pg.modules)
             if not names:
                 same = [n for n, t in tensors.items() if tuple(t.shape) == g.shape]
                 names = same

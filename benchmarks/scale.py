@@ -1,0 +1,217 @@
+"""Planning at the scale of real models: cost per module as module counts grow, in one run.
+
+Rows, side by side:
+- make_plan(per_layer), Plan.assign, apply_plan and `cdka validate --model` at 224 / 3,584 / 14,336
+  modules (LLaMA-shaped models, 32 / 512 / 2,048 layers, narrow so that they fit in memory);
+- allocation of 32 / 224 / 3,584 / 10,000 units (Pareto fronts of LLaMA-2-7B shapes, energy-like
+  weights, a LoRA-rank-8 budget);
+- reference planning (`make_plan(..., reference=...)`) of a 32-layer model on synthetic updates
+  with a realistic spectrum (decaying low rank plus noise), with the largest energy error against
+  an exact float64 SVD on one module per shape.
+
+Each row shows seconds, the cost per module (or unit) and the growth against the first size: a
+growth ratio of 1.0 is linear, above 1 worse than linear.
+
+    python benchmarks/scale.py [--layers 32 512 2048] [--units 32 224 3584 10000]
+                               [--reference-layers 32] [--reference-width 256x688] [--device cpu]
+
+``--reference-width 4096x11008 --reference-layers 1 --check-pairs 2`` plans one LLaMA-2-7B-shaped layer (7
+modules; the cost per module does not depend on the layer count, and 32 layers of float32 updates
+need 27 GB of memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def llama_config(layers: int, hidden: int, intermediate: int) -> dict:
+    return {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "vocab_size": 64, "max_position_embeddings": 64, "tie_word_embeddings": False,
+    }
+
+
+def seconds(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def best_of(repeats: int, fn) -> tuple[float, object]:
+    runs = [seconds(fn) for _ in range(repeats)]
+    return min(t for t, _ in runs), runs[-1][1]
+
+
+def table(unit: str, results: dict[str, dict[int, float]], notes: dict[str, dict[int, str]] | None = None) -> None:
+    """One line per stage, the sizes side by side: seconds and cost per unit, then the growth of the
+    cost per unit from the first size to the last (1.0: linear; above 1: worse than linear)."""
+    sizes = sorted({n for by_size in results.values() for n in by_size})
+    cells = "".join(f" {f'{n:,} ' + unit:>24}" for n in sizes)
+    print(f"\n{'stage':<26}{cells} {'growth':>8}")
+    print(f"{'':<26}" + "".join(f" {'s':>10} {'us/' + unit[:-1]:>13}" for _ in sizes))
+    for stage, by_size in results.items():
+        line = "".join(
+            f" {by_size[n]:>10.3f} {1e6 * by_size[n] / n:>13.1f}" if n in by_size else f" {'-':>10} {'-':>13}" for n in sizes
+        )
+        first, last = min(by_size), max(by_size)
+        growth = (by_size[last] / last) / (by_size[first] / first) if last != first and by_size[first] > 0 else float("nan")
+        print(f"{stage:<26}{line} {'' if growth != growth else f'{growth:.2f}':>8}")
+        for n, note in (notes or {}).get(stage, {}).items():
+            print(f"{'':<26}   {n:,} {unit}: {note}")
+
+
+def module_rows(layer_counts: list[int], workdir: Path) -> None:
+    """make_plan(per_layer), assign, apply_plan and validate, per module count."""
+    import torch
+    import transformers
+
+    from cdka_search.adapter import apply_plan
+    from cdka_search.plan import save_plan
+    from cdka_search.planner import make_plan
+    from cdka_search.spec import load_spec
+
+    results: dict[str, dict[int, float]] = {}
+    notes: dict[str, dict[int, str]] = {}
+    for layers in layer_counts:
+        folder = workdir / f"llama-{layers}"
+        folder.mkdir()
+        config = llama_config(layers, 64, 128)
+        (folder / "config.json").write_text(json.dumps(config))
+        spec = load_spec(str(folder))
+        n = len(spec.targets)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+        names = [name for name, _ in model.named_modules() if name]
+        # Best of three where a run leaves nothing behind: the machine is shared and the small sizes are noisy.
+        took, plan = best_of(3, lambda: make_plan(spec, "lora:8", per_layer=True))
+        measured = {"make_plan(per_layer)": took}
+        measured["Plan.assign"], _ = best_of(3, lambda: plan.assign(names))
+        measured["apply_plan"], _ = seconds(lambda: apply_plan(model, plan))
+        for fmt in ("yaml", "json"):
+            path = save_plan(plan, folder / f"plan.{fmt}")
+            cmd = [sys.executable, "-m", "cdka_search", "validate", str(path), "--model", str(folder)]
+            took, done = seconds(lambda: subprocess.run(cmd, capture_output=True, text=True))
+            stage = f"cdka validate ({fmt} plan)"
+            if done.returncode:
+                notes.setdefault(stage, {})[n] = done.stderr.strip().splitlines()[-1][-110:]
+            else:
+                measured[stage] = took
+        for stage, took in measured.items():
+            results.setdefault(stage, {})[n] = took
+        del model
+    table("modules", results, notes)
+
+
+def front_units(count: int, seed: int = 0) -> tuple[list[list[tuple[int, float]]], int]:
+    """Units shaped like a reference plan's: one LLaMA-2-7B front per module, energy-like weights."""
+    from cdka_search.fronts import shipped_fronts
+
+    fronts = shipped_fronts()
+    shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+    rng = random.Random(seed)
+    units, budget = [], 0
+    for k in range(count):
+        shape = shapes[k % len(shapes)]
+        weight = rng.lognormvariate(0, 0.7)
+        units.append([(s.design.params, weight * s.scores.objective) for s in fronts[shape]])
+        budget += 8 * (shape[0] + shape[1])  # LoRA rank 8 on every module
+    return units, budget
+
+
+def allocation_rows(unit_counts: list[int]) -> None:
+    from cdka_search.allocate import allocate
+
+    results: dict[int, float] = {}
+    notes: dict[int, str] = {}
+    for count in unit_counts:
+        units, budget = front_units(count, seed=count)
+        results[count], result = seconds(lambda: allocate(units, budget))
+        state = "exact" if result.exact else f"certified gap {result.gap:.1e}"
+        notes[count] = f"{state}, {result.nodes:,} nodes, {results[count]:.3f} s"
+    table("units", {"allocate": results}, {"allocate": notes})
+
+
+def synthetic_update(d_out: int, d_in: int, seed: int):
+    """Decaying low rank (sigma_j ~ j^-0.8, 64 directions) plus 2 % Gaussian noise: a fine-tuning delta's spectrum."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    U = torch.randn(d_out, 64, generator=g) / torch.arange(1, 65, dtype=torch.float32) ** 0.8
+    return U @ torch.randn(64, d_in, generator=g) + 0.02 * torch.randn(d_out, d_in, generator=g)
+
+
+def reference_row(layers: int, width: str, device: str, check_pairs: int | None) -> None:
+    import torch
+
+    from cdka_search.alignment import alignment_table
+    from cdka_search.alignment.energy import factor_sizes
+    from cdka_search.alignment.planning import shortlist_pairs
+    from cdka_search.alignment.rearrange import rearrange
+    from cdka_search.candidates import CandidateSpace
+    from cdka_search.planner import make_plan
+    from cdka_search.spec.model_spec import ModelSpec, TargetModule
+
+    hidden, intermediate = (int(v) for v in width.split("x"))
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden), "self_attn.v_proj": (hidden, hidden),
+              "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (intermediate, hidden),
+              "mlp.up_proj": (intermediate, hidden), "mlp.down_proj": (hidden, intermediate)}
+    targets = tuple(TargetModule(f"model.layers.{i}.{p}", *shapes[p]) for i in range(layers) for p in PROJECTIONS)
+    spec = ModelSpec(f"llama-{layers}x{width}", "synthetic", sum(t.weight_params for t in targets) * 2, targets)
+    reference = {t.name: synthetic_update(*t.shape, seed=i) for i, t in enumerate(targets)}
+    took, plan = seconds(lambda: make_plan(spec, "lora:8", reference=reference, device=device))
+    # Accuracy: the planner's energies of one module per shape against an exact float64 SVD.
+    worst = 0.0
+    for shape in sorted(spec.shapes):
+        name = next(t.name for t in targets if t.shape == shape)
+        def small_side(pair: tuple[int, int]) -> int:
+            m1, n1, m2, n2 = factor_sizes(*shape, *pair)
+            return min(m1 * n1, m2 * n2)
+
+        pairs = sorted(shortlist_pairs(shape, CandidateSpace(), "balanced"), key=small_side)[:check_pairs]
+        measured = alignment_table(reference[name], 16, pairs=pairs, device=device)
+        for pair, energies in measured.items():
+            s2 = torch.linalg.svdvals(rearrange(reference[name].double(), *factor_sizes(*shape, *pair))).square()
+            exact = (s2.cumsum(0) / s2.sum())[:16]
+            got = torch.tensor(energies[: len(exact)], dtype=torch.float64)
+            worst = max(worst, float((got - exact).abs().max()))
+    stage = f"plan --reference {width}"
+    checked = "every shortlisted pair" if check_pairs is None else f"the {check_pairs} shortlisted pairs with the smallest side"
+    note = f"{len(plan.groups)} groups, device {device}, max energy error {worst:.1e} (r <= 16; one module per shape, {checked})"
+    table("modules", {stage: {len(targets): took}}, {stage: {len(targets): note}})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="*", default=[32, 512, 2048], help="7 modules per layer")
+    parser.add_argument("--units", type=int, nargs="*", default=[32, 224, 3584, 10000])
+    parser.add_argument("--reference-layers", type=int, default=32, help="0 skips the reference row")
+    parser.add_argument("--reference-width", default="256x688", help="hidden x intermediate of the reference model")
+    parser.add_argument("--device", default="cpu", help="torch device for the energies (cuda where present)")
+    parser.add_argument("--check-pairs", type=int, default=None,
+                        help="exact-SVD check of this many pairs per shape (all by default; exact SVDs of 7B shapes take minutes)")
+    args = parser.parse_args()
+    import torch
+
+    print(f"torch threads: {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.layers:
+            module_rows(args.layers, Path(tmp))
+    if args.units:
+        allocation_rows(args.units)
+    if args.reference_layers:
+        reference_row(args.reference_layers, args.reference_width, args.device, args.check_pairs)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""`cdka plan` / `cdka inspect` on MoE models: --targets experts, coverage figures, the left-out warning,
+bad config values as one error line, and the preset path free of numpy and torch."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdka_search.plan import load_plan
+
+PUBLIC = Path(__file__).parent / "data" / "public"
+
+
+def test_targets_experts_plans_only_expert_tensors(cli, tmp_path):
+    out = tmp_path / "plan.yaml"
+    result = cli("plan", "-m", "mixtral-8x7b", "--targets", "experts", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    doc = yaml.safe_load(out.read_text())
+    assert [g["modules"] for g in doc["groups"]] == ["model.layers.*.mlp.experts.gate_up_proj", "model.layers.*.mlp.experts.down_proj"]
+    for g in doc["groups"]:
+        assert g["kind"] == "experts" and g["experts"] == 8 and g["count"] == 32
+        assert g["params_each"] == 8 * g["r"] * (g["left"][0] * g["left"][1] + g["right"][0] * g["right"][1])
+    assert doc["budget"]["used"] == sum(g["count"] * g["params_each"] for g in doc["groups"])
+    assert result.stderr == ""  # experts hold 96.6% of Mixtral: nothing large is left out
+
+
+def test_attention_only_on_mixtral_warns_naming_the_experts(cli, tmp_path):
+    result = cli("plan", "-m", "mixtral-8x7b", "--targets", "attn", "-o", str(tmp_path / "p.yaml"))
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: 96.6% of mixtral-8x7b's parameters are in weights --targets attn leaves out")
+    # gate_up_proj holds 2 x 14336 x 4096 per expert, down_proj half that
+    assert "experts.gate_up_proj (64.4%), model.layers.*.mlp.experts.down_proj (32.2%)" in lines[0]
+    assert lines[0].endswith("include them with --targets all-linear")
+    assert "coverage: the targets hold 2.9% of mixtral-8x7b's 46,702,792,704 parameters" in result.stdout
+    # 0.5% of Mixtral is 233.5M on 1.34B attention weights: spent, but every design stays below its weight's size
+    plan = load_plan(tmp_path / "p.yaml")
+    assert all(g.design.params < g.shape[0] * g.shape[1] for g in plan.groups)
+
+
+def test_inspect_reports_coverage_in_json(cli):
+    result = cli("inspect", str(PUBLIC / "qwen3-30b-a3b"), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    cov = payload["coverage"]
+    assert cov["total_params"] == 30_532_122_624 and cov["left_out_params"] == 0 and cov["warnings"] == []
+    # the routers: 48 layers x 128 experts x 2048
+    assert cov["unadaptable"] == [{"tensor": "model.layers.*.mlp.gate.weight", "params": 48 * 128 * 2048}]
+    # 48 layers x (128 experts x 3 x 768 x 2048 + attention 2048 x (4096 + 512 + 512) + 4096 x 2048)
+    assert cov["covered_params"] == 48 * (128 * 3 * 768 * 2048 + 2048 * (4096 + 2 * 512) + 4096 * 2048)
+    rows = {r["module"]: r for r in payload["rows"]}
+    assert rows["model.layers.*.mlp.experts.gate_up_proj"]["kind"] == "experts x128"
+    assert rows["model.layers.*.mlp.experts.gate_up_proj"]["weights"] == 48 * 128 * 1536 * 2048
+
+
+def test_bad_config_value_is_one_error_line(cli, tmp_path):
+    config = json.loads((PUBLIC / "mixtral-8x7b" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_local_experts": -1}))
+    result = cli("plan", "-m", str(tmp_path), "-o", str(tmp_path / "plan.yaml"))
+    assert result.exit_code == 3
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}: config field 'num_experts': -1 is outside [1, 16,384]"
+    ]
+    assert not (tmp_path / "plan.yaml").exists()
+
+
+def test_moe_preset_plan_imports_neither_numpy_nor_torch(tmp_path):
+    code = (
+        "import sys; from cdka_search.cli.app import main; sys.argv = ['cdka', 'plan', '-m', 'qwen3-30b-a3b', '-o', %r]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "assert 'numpy' not in sys.modules and 'torch' not in sys.modules, [m for m in ('numpy', 'torch') if m in sys.modules]"
+    ) % str(tmp_path / "plan.yaml")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "plan.yaml").is_file()
+
+
+def test_weights_no_target_covers_are_named(cli, tmp_path):
+    """Llama 4 stores its experts transposed, (E, in, out), with no layout marker cdka trusts: they are
+    not targets, and the warning says so and that no option includes them."""
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoConfig.for_model(
+        "llama4_text", hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, vocab_size=128,
+    ).save_pretrained(tmp_path)
+    result = cli("inspect", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    # gate_up_proj: 2 layers x 4 experts x 64 x 64 = 32,768 of 103,232 parameters
+    assert result.stderr.strip().splitlines() == [
+        f"warning: 47.6% of {tmp_path.name}'s parameters are in weights no cdka target covers: "
+        "model.layers.*.feed_forward.experts.gate_up_proj (31.7%), model.layers.*.feed_forward.experts.down_proj (15.9%); "
+        "no --targets option includes them (docs/models.md)"
+    ]

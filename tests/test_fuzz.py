@@ -1,0 +1,238 @@
+"""Seeded fuzzing of the document loaders: random mutations of valid plans, config.json files and
+safetensors headers (values swapped for hostile ones, keys dropped or added or duplicated, deep
+nesting, anchors, truncation, stray bytes). Whatever the input, a loader returns a valid object or
+raises a CdkaError; nothing else may come out. Hypothesis runs derandomized (a fixed seed), so CI
+sees the same 2,100 inputs every time (700 per loader)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from cdka_search.errors import CdkaError  # noqa: E402
+
+EXAMPLES = 700
+SETTINGS = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+                    suppress_health_check=list(HealthCheck))
+
+HOSTILE = [None, True, False, -1, 0, 1, 2**31, 2**62, 10**30, 10**400, 1.5, -0.0, 1e-300, 1e308, math.nan, math.inf, -math.inf,
+           "", "x" * 5000, "abc", "../../etc/passwd", "F32", [], {}, [1, 2], [8, "8"], {"a": 1}, [[[[[[[[1]]]]]]]]]
+
+
+DEEP = "__deep_%d__"  # a placeholder, replaced in the text by that many nested brackets
+
+
+def undeep(text: str) -> str:
+    """Expand the placeholders (serializers themselves recurse, so the nesting is written as text)."""
+    for levels in (5, 31, 33, 100, 5000):
+        for quoted in (f'"{DEEP % levels}"', DEEP % levels):
+            text = text.replace(quoted, "[" * levels + "1" + "]" * levels)
+    return text
+
+
+def paths(doc, prefix=()):
+    """Every (container, key) location in a JSON-like document."""
+    out = []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out.append((doc, k))
+            out.extend(paths(v))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out.append((doc, i))
+            out.extend(paths(v))
+    return out
+
+
+def mutate_tree(data, doc):
+    """One structural mutation of ``doc`` (a fresh copy) chosen by hypothesis."""
+    places = paths(doc)
+    if not places:
+        return doc
+    container, key = places[data.draw(st.integers(0, len(places) - 1))]
+    op = data.draw(st.sampled_from(["value", "value", "value", "delete", "add", "wrap", "deep"]))
+    if op == "value":
+        container[key] = data.draw(st.sampled_from(HOSTILE))
+    elif op == "delete":
+        del container[key]
+    elif op == "add" and isinstance(container, dict):
+        container[data.draw(st.sampled_from(["extra", "aplha", "", "__metadata__", "x" * 300]))] = 1
+    elif op == "wrap":
+        container[key] = [container[key]]
+    elif op == "deep":
+        container[key] = DEEP % data.draw(st.sampled_from([5, 31, 33, 100, 5000]))
+    return doc
+
+
+def mutate_text(data, text: str) -> str:
+    """One textual mutation: a duplicated line, an anchor/alias, truncation, stray characters."""
+    op = data.draw(st.sampled_from(["none", "none", "dup", "alias", "truncate", "insert", "replace"]))
+    lines = text.splitlines(keepends=True)
+    i = data.draw(st.integers(0, max(0, len(lines) - 1)))
+    if op == "dup" and lines:
+        lines.insert(i, lines[i])
+        return "".join(lines)
+    if op == "alias" and lines:
+        return "".join(lines[:i]) + "x: &a [1, 2]\ny: *a\n" + "".join(lines[i:])
+    at = data.draw(st.integers(0, len(text)))
+    if op == "truncate":
+        return text[:at]
+    if op == "insert":
+        return text[:at] + data.draw(st.sampled_from(["{", "[", "]", ":", "\x00", "- ", "\t", "&x ", "*x", "!!python/object ", "\ufffd"])) + text[at:]
+    if op == "replace":
+        return text[:at] + data.draw(st.text(max_size=8)) + text[at + 1:]
+    return text
+
+
+def dump(doc, as_json: bool) -> str:
+    import yaml
+
+    if as_json:
+        return undeep(json.dumps(doc, allow_nan=True))
+    return undeep(yaml.safe_dump(doc, sort_keys=False, width=10**6))
+
+
+# Plans -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plan_doc():
+    from cdka_search.planner import make_plan
+    from cdka_search.spec import load_spec
+
+    plan = make_plan(load_spec("gpt2"), "lora:4", per_layer=False)
+    return plan.to_dict()
+
+
+def test_plan_loader_fuzz(plan_doc):
+    from cdka_search.plan import Plan, dumps_plan, loads_plan
+
+    seen = {"ok": 0, "refused": 0}
+
+    @SETTINGS
+    @given(st.data())
+    def run(data):
+        doc = mutate_tree(data, json.loads(json.dumps(plan_doc)))
+        as_json = data.draw(st.booleans())
+        try:
+            text = mutate_text(data, dump(doc, as_json))
+        except (ValueError, OverflowError):
+            return  # a value no serializer writes (a 400-digit int in JSON is fine; YAML may refuse)
+        try:
+            plan = loads_plan(text)
+        except CdkaError:
+            seen["refused"] += 1
+            return
+        seen["ok"] += 1
+        assert isinstance(plan, Plan)
+        assert loads_plan(dumps_plan(plan)) == plan  # what loads also saves and loads back
+        json.loads(dumps_plan(plan, "json"), parse_constant=lambda c: pytest.fail(f"{c} written"))
+
+    run()
+    assert seen["ok"] + seen["refused"] >= EXAMPLES * 0.9 and seen["ok"] > 0 and seen["refused"] > EXAMPLES / 2
+
+
+# config.json -------------------------------------------------------------------------------------
+
+CONFIG = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 128,
+    "rope_scaling": {"type": "linear", "factor": 2.0}, "architectures": ["LlamaForCausalLM"],
+}
+
+
+def test_config_reader_fuzz(tmp_path):
+    """The strict reader of config.json (what the model families then validate is their own test)."""
+    from cdka_search.spec.hf_config import read_config
+
+    file = tmp_path / "config.json"
+    refused = 0
+
+    @SETTINGS
+    @given(st.data())
+    def run(data):
+        nonlocal refused
+        doc = mutate_tree(data, json.loads(json.dumps(CONFIG)))
+        text = mutate_text(data, undeep(json.dumps(doc, allow_nan=True)))
+        file.write_bytes(text.encode("utf-8", "surrogatepass"))
+        try:
+            config = read_config(file)
+        except CdkaError:
+            refused += 1
+            return
+        assert isinstance(config, dict)
+
+    run()
+    assert refused > 0
+
+
+# safetensors headers -----------------------------------------------------------------------------
+
+
+def header_doc():
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",
+             "model.layers.0.input_layernorm.weight", "lm_head.weight"]
+    shapes = [[300, 64], [64, 64], [128, 64], [64], [300, 64]]
+    doc, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in zip(names, shapes):
+        size = math.prod(shape) * 2
+        doc[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    return doc, offset
+
+
+def test_safetensors_header_fuzz(tmp_path):
+    from cdka_search.limits import MAX_DIM
+    from cdka_search.spec import load_spec
+
+    valid, data_bytes = header_doc()
+    file = tmp_path / "model.safetensors"
+    seen = {"ok": 0, "refused": 0}
+
+    @SETTINGS
+    @given(st.data())
+    def run(data):
+        doc = mutate_tree(data, json.loads(json.dumps(valid)))
+        body = mutate_text(data, undeep(json.dumps(doc, allow_nan=True))).encode("utf-8", "surrogatepass")
+        length = len(body)
+        if data.draw(st.integers(0, 9)) == 0:  # a lying length field
+            length = data.draw(st.sampled_from([0, 1, max(0, length - 1), length + 1, 2**40, 2**64 - 1]))
+        with file.open("wb") as fh:
+            fh.write(struct.pack("<Q", length) + body)
+            fh.truncate(8 + len(body) + data.draw(st.sampled_from([0, data_bytes - 1, data_bytes, 10**9])))
+        try:
+            spec = load_spec(str(file))
+        except CdkaError:
+            seen["refused"] += 1
+            return
+        seen["ok"] += 1
+        assert all(1 <= t.d_out <= MAX_DIM and 1 <= t.d_in <= MAX_DIM for t in spec.targets)
+
+    run()
+    assert seen["ok"] > 0 and seen["refused"] > EXAMPLES / 3
+
+
+def test_the_fuzz_corpus_starts_from_valid_documents(tmp_path, plan_doc):
+    """Unmutated, each seed document loads: the fuzz tests measure refusals of mutations only."""
+    from cdka_search.plan import Plan
+    from cdka_search.spec import load_spec
+
+    assert isinstance(Plan.from_dict(plan_doc), Plan)
+    doc, data_bytes = header_doc()
+    body = json.dumps(doc).encode()
+    file = tmp_path / "model.safetensors"
+    with file.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(body)) + body)
+        fh.truncate(8 + len(body) + data_bytes)
+    assert sorted(t.name for t in load_spec(str(file)).targets) == ["model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj"]
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    assert load_spec(str(tmp_path / "config.json")).total_params > 0
+    assert Path(tmp_path / "config.json").is_file()
