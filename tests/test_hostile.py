@@ -575,7 +575,25 @@ def test_budget_messages(cli, tmp_path, monkeypatch, budget, message):
 
 def test_unknown_model_type_is_one_line(cli, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no-such-model", "hidden_size": 8}')
-    rejects(cli, tmp_path, ["inspect", str(tmp_path / "config.json")], "model", "transformers cannot build this config")
+    rejects(cli, tmp_path, ["inspect", str(tmp_path / "config.json")], "model",
+            "model_type 'no-such-model' is neither built into cdka (see docs/models.md) nor known to the installed transformers")
+
+
+def test_unknown_model_type_is_refused_without_importing_torch(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-model", "hidden_size": 8}')
+    child = (
+        "import sys\nfrom cdka_search.errors import ModelSourceError\nfrom cdka_search.spec import load_spec\n"
+        f"try:\n    load_spec({str(tmp_path)!r})\nexcept ModelSourceError:\n    print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_transformers_knows_its_own_model_types():
+    from cdka_search.spec.torch_module import transformers_knows
+
+    assert transformers_knows("qwen2_moe") and transformers_knows("llama")
+    assert not transformers_knows("no-such-model")
 
 
 def test_explain_params_lora_counts_the_shape(cli):
