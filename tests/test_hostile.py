@@ -5,6 +5,7 @@ memory each class is rejected is measured by benchmarks/hostile_inputs.py (smoke
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import stat
@@ -757,6 +758,22 @@ def test_bad_jsonl_data_lines(tmp_path, line, message):
     data.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
         read_texts(data)
+
+
+def test_a_second_copy_of_the_heuristic_plan_is_skipped_untrained():
+    """Two workers opening a new study at once may both queue trial 0: only the first copy trains."""
+    from cdka_search.sweep import objective
+    from cdka_search.sweep.bookkeeping import HEURISTIC, SKIPPED, counted
+
+    study = _study()
+    for _ in range(2):
+        study.enqueue_trial({}, user_attrs={HEURISTIC: True}, skip_if_exists=False)
+    first, second = study.ask(), study.ask()
+    objective.stamp(first)  # trial 0 is training in this process
+    value = objective.Objective(None, None, trials=3)(second)  # type: ignore[arg-type]  # never reaches the task
+    assert math.isnan(value) and second.user_attrs[SKIPPED] == f"a copy of the heuristic plan, trial {first.number}"
+    study.tell(second, value)
+    assert not counted(study.trials[second.number])
 
 
 def test_a_worker_waits_for_room_then_stops_or_gives_up(monkeypatch):

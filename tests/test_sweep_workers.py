@@ -104,7 +104,8 @@ def _two_workers(tmp_path: Path, config: Path, storage: str, study: str, trials:
     from cdka_search.sweep.bookkeeping import counted
 
     counted_ = [t for t in trials_ if counted(t)]
-    assert len(counted_) == trials  # both stop at the study's total: neither starts a trial past it
+    # both stop at the study's total: neither starts a trial past it
+    assert len(counted_) == trials, [(t.number, t.state.name, dict(t.user_attrs)) for t in trials_]
     groups = sorted(n for n in counted_[0].params if n not in ("alpha", "lr"))
     designs = [tuple(t.params[n] for n in groups) for t in counted_]
     assert len(set(designs)) == len(designs)  # no design trained twice

@@ -193,6 +193,17 @@ def untried_design(labels: Sequence[Sequence[str]], tried: Iterable[tuple[str, .
     return None
 
 
+def earlier_heuristic(study: Any, number: int) -> int | None:
+    """The number of a copy of trial 0 below ``number`` that ran, runs or waits, if any: two workers
+    opening a new study at once may both queue the heuristic plan, and only the first copy trains."""
+    held = (_state("COMPLETE"), _state("PRUNED"), _state("RUNNING"), _state("WAITING"))
+    for t in study.get_trials(deepcopy=False):
+        if t.number < number and t.user_attrs.get(HEURISTIC) and t.state in held and SKIPPED not in t.user_attrs:
+            if t.state != _state("RUNNING") or _alive(t):
+                return t.number
+    return None
+
+
 def heuristic_done(study: Any) -> bool:
     """Trial 0 has run to its end: completed, or pruned for a non-finite loss (it is never pruned
     otherwise, and running it again would give the same loss)."""

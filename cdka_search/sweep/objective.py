@@ -18,6 +18,7 @@ from cdka_search.sweep.bookkeeping import (
     WORKER,
     counted_trials,
     design_key,
+    earlier_heuristic,
     longest_wait_s,
     may_start,
     reap_dead,
@@ -87,6 +88,8 @@ class Objective:
 
         stamp(trial)
         heuristic = bool(trial.user_attrs.get(HEURISTIC))
+        if heuristic and (first := earlier_heuristic(trial.study, trial.number)) is not None:
+            return self._skip(trial, f"a copy of the heuristic plan, trial {first}")
         if self.trials is not None and not heuristic and not self._wait_for_room(trial):
             trial.study.stop()
             return self._skip(trial, f"the study already holds --trials {self.trials}")
