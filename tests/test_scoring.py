@@ -85,13 +85,16 @@ def test_speed_score_and_the_rank_objective():
     d = Design.from_paper(4096, 4096, 2, 8, 4)
     assert speed(d) == pytest.approx(math.log1p(4 * 8 / 2) / math.log1p(4096))
     assert speed(Design.from_paper(64, 64, 1, 64, 1)) == 1.0  # A is 1x1: B is the whole update
+    from cdka_search.scoring import RANK_KNEE
+
     scored = score_designs([d], "rank")[0].scores
     assert size(d) == pytest.approx(math.log2(1 + d.params / 8192) / math.log2(4097))
+    assert scored.capacity < RANK_KNEE
     assert scored.objective == pytest.approx(math.sqrt(scored.capacity * size(d)))
-    # past full rank, capacity keeps rising but the objective only follows the parameters
+    # past the knee, capacity keeps rising but the objective only follows the parameters
     full = Design.from_paper(256, 256, 16, 16, 2)
     assert capacity(full) > 1.0
-    assert score_designs([full], "rank")[0].scores.objective == pytest.approx(math.sqrt(size(full)))
+    assert score_designs([full], "rank")[0].scores.objective == pytest.approx(math.sqrt(RANK_KNEE * size(full)))
 
 
 def test_the_rank_objective_spends_a_lora8_budget_on_higher_rank_than_lora():

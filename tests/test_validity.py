@@ -129,5 +129,5 @@ def test_benchmark_writes_what_cdka_sweep_lm_reads(tmp_path, monkeypatch):
     assert bench.main(["--smoke", "--write-task-data", str(tmp_path / "vlm")]) == 0
     model = load_causal_lm(tmp_path / "vlm" / "model")
     assert model.config.hidden_size == 32
-    ids = encode(read_texts(tmp_path / "vlm" / "prose.txt"), tmp_path / "vlm" / "model", model.config.vocab_size)
+    ids = encode(read_texts(tmp_path / "vlm" / "prose.txt"), None, model.config.vocab_size)  # no tokenizer: bytes
     assert len(ids) > 10_000 and max(ids) < 256
