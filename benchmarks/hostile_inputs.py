@@ -7,6 +7,7 @@ includes the Python interpreter and cdka's imports), and whether it stayed withi
 
 Run:  python benchmarks/hostile_inputs.py
       python benchmarks/hostile_inputs.py --only 1 6     (some classes)
+      python benchmarks/hostile_inputs.py --only 1 3 6 9 19 --ignore-targets    (the suite's smoke run)
 """
 
 from __future__ import annotations
@@ -59,8 +60,24 @@ open(sys.argv[2], "wb").write(wide(4 * 1024 * 1024))
 """
 
 
-def cases(root: Path) -> list[tuple[str, str, list[str]]]:
-    """(class, case, cdka arguments), the files they name made under ``root``."""
+def make_slow_inputs(root: Path, storage: str, remote: Path, broken_tok: Path) -> None:
+    """A finished one-trial study; a saved tiny model asking for remote code; one with a broken tokenizer."""
+    subprocess.run([*CDKA, "sweep", "-m", str(root / "config.json"), "-b", "lora:4", "--trials", "1", "--steps", "5",
+                    "--storage", storage, "--study", "s", "-o", str(root / "best.yaml"), "--json"], capture_output=True, check=True)
+    subprocess.run([sys.executable, "-c", (
+        "import json, sys, transformers; c = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, "
+        "num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64); "
+        "transformers.LlamaForCausalLM(c).save_pretrained(sys.argv[1])"), str(remote)], capture_output=True, check=True)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "evil.Model"}}))
+    subprocess.run(["cp", "-r", str(remote), str(broken_tok)], check=True)
+    (broken_tok / "config.json").write_text(json.dumps(config))
+    (broken_tok / "tokenizer.json").write_text("{not json")
+
+
+def cases(root: Path, slow: bool = True) -> list[tuple[str, str, list[str]]]:
+    """(class, case, cdka arguments), the files they name made under ``root``; ``slow`` also makes the
+    inputs that take seconds to prepare (a finished study, saved models) for classes 12, 14 and 20."""
     (root / "config.json").write_text(json.dumps(TINY))
     valid = subprocess.run([*CDKA, "plan", "-m", str(root / "config.json"), "-b", "lora:4", "-o", str(root / "plan.yaml")],
                            capture_output=True, text=True, check=True)
@@ -86,20 +103,10 @@ def cases(root: Path) -> list[tuple[str, str, list[str]]]:
     report_file = root / "taken"
     report_file.write_text("x")
     storage = f"sqlite:///{root / 'study.db'}"
-    subprocess.run([*CDKA, "sweep", "-m", str(root / "config.json"), "-b", "lora:4", "--trials", "1", "--steps", "5",
-                    "--storage", storage, "--study", "s", "-o", str(root / "best.yaml"), "--json"], capture_output=True, check=True)
-    remote = root / "remote-model"
-    subprocess.run([sys.executable, "-c", (
-        "import json, sys, transformers; c = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, "
-        "num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64); "
-        "transformers.LlamaForCausalLM(c).save_pretrained(sys.argv[1])"), str(remote)], capture_output=True, check=True)
-    config = json.loads((remote / "config.json").read_text())
-    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "evil.Model"}}))
+    remote, broken_tok = root / "remote-model", root / "broken-tokenizer"
     (root / "text.txt").write_text("some text\n\nmore text\n")
-    broken_tok = root / "broken-tokenizer"
-    subprocess.run(["cp", "-r", str(remote), str(broken_tok)], check=True)
-    (broken_tok / "config.json").write_text(json.dumps(config))
-    (broken_tok / "tokenizer.json").write_text("{not json")
+    if slow:
+        make_slow_inputs(root, storage, remote, broken_tok)
     for name, body in (("no-type", {"hidden_size": 8}), ("unknown-type", {"model_type": "no-such-model", "hidden_size": 8})):
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps(body))
@@ -168,20 +175,26 @@ def run_case(args: list[str]) -> tuple[int, float, float, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="Class numbers to run (default: all).")
+    parser.add_argument("--ignore-targets", action="store_true",
+                        help="Fail only on an exit code 0 or an error that is not one line, not on time or memory (the test suite's smoke run).")
     args = parser.parse_args()
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows = [c for c in cases(root) if not args.only or c[0].split()[0] in args.only]
+        slow = not args.only or bool({"12", "14", "20"} & set(args.only))
+        rows = [c for c in cases(root, slow) if not args.only or c[0].split()[0] in args.only]
         print(f"{'class':<24} {'case':<34} {'exit':>4} {'seconds':>8} {'peak MB':>8}  ok")
         for klass, case, cmd in rows:
             code, seconds, mb, err = run_case(cmd)
             one_line = err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-            ok = code not in (0,) and one_line and seconds <= SECONDS and mb <= MEGABYTES
+            ok = code != 0 and one_line and (args.ignore_targets or (seconds <= SECONDS and mb <= MEGABYTES))
             failures += not ok
             print(f"{klass:<24} {case:<34} {code:>4} {seconds:>8.2f} {mb:>8.0f}  {'yes' if ok else 'NO: ' + err.strip()[-120:]}")
-    print(f"targets: every case rejected with one error line within {SECONDS:g} s and {MEGABYTES:g} MB; "
-          f"{'all met' if not failures else f'{failures} missed'}")
+    if args.ignore_targets:
+        print(f"time and memory not checked; every case rejected with one error line: {'yes' if not failures else f'no ({failures})'}")
+    else:
+        print(f"targets: every case rejected with one error line within {SECONDS:g} s and {MEGABYTES:g} MB; "
+              f"{'all met' if not failures else f'{failures} missed'}")
     return 1 if failures else 0
 
 

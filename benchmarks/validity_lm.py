@@ -34,7 +34,6 @@ import os
 import statistics
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -679,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} steps x {recipe.batch} x {recipe.seq_len} tokens, AdamW, warm-up {WARMUP} + cosine, adapter {adapter.scaling} "
         f"alpha {adapter.alpha:g}; seeds {seeds}. Loss = held-out causal-LM loss (nats/byte), mean +- spread (max - min) "
         f"over seeds. Shared lr: adapters {shared:g}, full fine-tuning {full_lr:g}"
-        + (f" (given)." if calib is None else
+        + (" (given)." if calib is None else
            f", the grid lr ({list(ADAPTER_LRS)}; full FT {list(FULL_LRS)}) best on average over the calibration cell "
            f"{calib[0]}:lora:{calib[1]} on seed 0, used in every cell. 'own lr' = the design's best grid lr there."))
     rho_rows = []

@@ -19,6 +19,7 @@ units take well under a second (benchmarks/scale.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Sequence
 
 from cdka_search.errors import BudgetError
@@ -83,10 +84,15 @@ def _relax(units: Sequence[Sequence[Option]], budget: int) -> _Relaxation:
     value = sum(units[k][i][1] for k, i in enumerate(position))
     steps = []
     for k, hull in enumerate(hulls):
-        for a, b in zip(hull, hull[1:]):
-            dc, dv = units[k][b][0] - units[k][a][0], units[k][b][1] - units[k][a][1]
-            steps.append((-dv / dc, k, dc, dv, b))
-    steps.sort()  # by decreasing slope; within a unit the hull's own order (slopes strictly fall)
+        u = units[k]
+        c0, v0 = u[hull[0]]
+        for b in hull[1:]:
+            c1, v1 = u[b]
+            steps.append((-(v1 - v0) / (c1 - c0), k, c1 - c0, v1 - v0, b))
+            c0, v0 = c1, v1
+    # By decreasing slope; the sort is stable and a unit's hull slopes strictly fall, so each unit's
+    # steps keep their order.
+    steps.sort(key=itemgetter(0))
     upper, lam, stopped = None, 0.0, set()
     room = budget - cost
     for slope, k, dc, dv, b in steps:

@@ -76,10 +76,14 @@ class ModuleIndex:
 
     def find(self, pattern: str) -> list[str]:
         """The names ``pattern`` matches, in model order."""
+        if not is_pattern(pattern):  # the common case of per-layer plans: one dict lookup
+            return [pattern] if pattern in self._position else []
         return [self.names[i] for i in self.positions(pattern)]
 
     def find_any(self, patterns: Sequence[str]) -> list[str]:
         """The names any of ``patterns`` matches, each once, in model order."""
+        if len(patterns) == 1:
+            return self.find(patterns[0])
         return [self.names[i] for i in sorted({i for p in patterns for i in self.positions(p)})]
 
 
@@ -111,30 +115,31 @@ def match_groups(
     index = names if isinstance(names, ModuleIndex) else ModuleIndex(names)
     problems: list[str] = []
     hits: list[tuple[str, ...]] = []
-    claims: dict[int, list[int]] = {}
+    first_claim: dict[str, int] = {}  # name -> the first group matching it
+    more_claims: dict[str, list[int]] = {}  # name -> every group matching it, where more than one does
+
+    def label(g: int) -> str:
+        return repr(groups[g][0]) if groups[g] else f"#{g}"
+
     for g, patterns in enumerate(groups):
-        label = repr(patterns[0]) if patterns else f"#{g}"
         try:
             found = index.find_any(patterns)
         except PatternError as exc:
-            problems.append(f"group {label}: {exc}")
+            problems.append(f"group {label(g)}: {exc}")
             found = []
         else:
             if counts is not None and len(found) != counts[g]:
-                problems.append(f"group {label} matches {len(found)} modules of {model}, but the plan says {counts[g]}")
+                problems.append(f"group {label(g)} matches {len(found)} modules of {model}, but the plan says {counts[g]}")
             elif not found:
-                problems.append(f"group {label} matches no module of {model}")
+                problems.append(f"group {label(g)} matches no module of {model}")
         hits.append(tuple(found))
         for name in found:
-            claims.setdefault(index.position(name), []).append(g)
-    owner: dict[str, int] = {}
-    for position in sorted(claims):
-        name, owners = index.names[position], claims[position]
-        if len(owners) > 1:
-            labels = ", ".join(repr(groups[g][0]) for g in owners)
-            problems.append(f"module {name}: matched by {len(owners)} groups ({labels})")
-        else:
-            owner[name] = owners[0]
+            if first_claim.setdefault(name, g) != g:
+                more_claims.setdefault(name, [first_claim[name]]).append(g)
+    for name in sorted(more_claims, key=index.position):
+        owners = more_claims[name]
+        problems.append(f"module {name}: matched by {len(owners)} groups ({', '.join(label(g) for g in owners)})")
+    owner = {name: first_claim[name] for name in index.names if name in first_claim and name not in more_claims}
     return GroupMatch(tuple(hits), owner, tuple(problems))
 
 

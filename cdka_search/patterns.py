@@ -15,8 +15,6 @@ from functools import lru_cache
 
 from cdka_search.errors import TargetError
 
-_WILDCARDS = ("*", "?")
-
 #: Longest pattern accepted. Real module names are under 150 characters (model-shapes.md); the
 #: limit keeps every automaton a few machine words wide.
 MAX_PATTERN_CHARS = 512
@@ -27,7 +25,7 @@ class PatternError(TargetError):
 
 
 def is_pattern(text: str) -> bool:
-    return any(w in text for w in _WILDCARDS)
+    return "*" in text or "?" in text
 
 
 def check_pattern(pattern: str) -> str:

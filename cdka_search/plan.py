@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping
 
 from cdka_search.candidates import Design
 from cdka_search.documents import (
-    MAX_DOCUMENT_BYTES,
+    JsonLimits,
     brief,
     read_file_bytes,
     read_json,
@@ -61,6 +61,8 @@ LORA_INIT_SCALINGS = ("matched",)
 INITS = ("kaiming-A-zero-B", "gradient-aligned")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 KINDS = ("linear", "conv1d", "experts")
+# A group is about one object, five arrays and twenty elements: room for 100,000 groups in 16 MB.
+PLAN_JSON_LIMITS = JsonLimits(16 * 1024 * 1024, 200_000, 600_000, 2_000_000)
 MAX_ALPHA = 1e6  # |alpha| and |scale|; real plans use 1 to 256
 
 
@@ -514,15 +516,15 @@ def save_plan(plan: Plan, path: str | Path, fmt: str | None = None) -> Path:
 def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan file: YAML, or JSON when it is named ``.json``.
 
-    A ``.json`` plan (what save_plan writes there) is read by the JSON reader, at C speed and up to
-    MAX_DOCUMENT_BYTES, so the per-layer plan of a model with tens of thousands of modules loads in
+    A ``.json`` plan (what save_plan writes there) is read by the JSON reader, at C speed and within
+    PLAN_JSON_LIMITS, so the per-layer plan of a model with tens of thousands of modules loads in
     well under a second; YAML stays bounded by MAX_YAML_BYTES.
     """
     file = Path(path)
     if not file.exists():
         raise PlanError(f"{file}: no such plan file")
     if file.suffix == ".json":
-        data = read_json(read_file_bytes(file, PlanError, MAX_DOCUMENT_BYTES), str(file), PlanError)
+        data = read_json(read_file_bytes(file, PlanError, PLAN_JSON_LIMITS.max_bytes), str(file), PlanError, PLAN_JSON_LIMITS)
         try:
             return Plan.from_dict(data)
         except PlanError as exc:

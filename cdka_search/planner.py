@@ -251,7 +251,7 @@ def parse_shape(text: str) -> tuple[int, int]:
     """``"4096x11008"`` -> (4096, 11008); each side an integer in [1, MAX_DIM]."""
     import re
 
-    match = re.fullmatch(r"\s*(\d{1,12})\s*[xX*,]\s*(\d{1,12})\s*", text)
+    match = re.fullmatch(r"\s*(\d{1,30})\s*[xX*,]\s*(\d{1,30})\s*", text)
     if not match:
         raise TargetError(f"--shape {brief(text)}: expected two positive sizes like 4096x11008")
     d_out, d_in = int(match.group(1)), int(match.group(2))

@@ -28,7 +28,9 @@ def read_texts(path: str | Path) -> list[str]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except RecursionError:
+                raise DataError(f"{file}: line {number} is nested too deeply") from None
+            except ValueError:  # not JSON, or an integer too long to convert
                 raise DataError(f"{file}: line {number} is not JSON") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f"{file}: line {number} has no string 'text' field")
@@ -40,6 +42,21 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
+def check_fast_tokenizer(file: Path) -> None:
+    """A ModelSourceError for a tokenizer.json that the ``tokenizers`` library cannot load: checked
+    with that library alone (milliseconds) before transformers, whose import costs seconds (torch)."""
+    if not file.is_file():
+        return
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return  # transformers reports it in its own words
+    try:
+        Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises bare Exceptions from Rust
+        raise ModelSourceError(f"{file.parent}: cannot load its tokenizer ({one_line(exc)})") from None
+
+
 def load_tokenizer(model_dir: str | Path) -> Any:
     """The folder's tokenizer, or None when it has none (ModelSourceError for a broken one, or one
     that asks for remote code). Load it before the model, so a bad tokenizer fails fast."""
@@ -47,6 +64,7 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         return None
     refuse_remote_code(folder, "tokenizer_config.json")
+    check_fast_tokenizer(folder / "tokenizer.json")
     try:
         from transformers import AutoTokenizer
 
@@ -85,8 +103,8 @@ def refuse_remote_code(folder: Path, name: str) -> None:
 
 
 def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, seq_len: int) -> None:
-    """What a gradient probe can check before importing torch: its sizes, and a model folder with a
-    config.json that asks for no remote code (so bad input is rejected at once)."""
+    """What a gradient probe can check before importing torch: its sizes, a model folder with a
+    config.json that asks for no remote code, and a loadable tokenizer.json (so bad input is rejected at once)."""
     from cdka_search.errors import ArgumentError
     from cdka_search.limits import check_int
 
@@ -98,6 +116,7 @@ def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, s
         raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
     refuse_remote_code(folder, "config.json")
     refuse_remote_code(folder, "tokenizer_config.json")
+    check_fast_tokenizer(folder / "tokenizer.json")
 
 
 def load_causal_lm(model_dir: str | Path) -> Any:

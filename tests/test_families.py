@@ -8,7 +8,7 @@ import pytest
 from cdka_search.errors import ConfigError
 from cdka_search.planner import make_plan, plan_problems
 from cdka_search.spec import load_spec, spec_from_module
-from cdka_search.spec.families import FAMILIES, family_spec, family_tensors
+from cdka_search.spec.families import FAMILIES, family_spec, family_tensors, unknown_fields
 from cdka_search.spec.presets import PRESETS
 
 torch = pytest.importorskip("torch")
@@ -50,8 +50,22 @@ TINY = {
 VARIANTS = {
     "deepseek_v3 q_lora_rank null": ("deepseek_v3", {**TINY["deepseek_v3"], "q_lora_rank": None, "attention_bias": True}),
     "gpt2 untied": ("gpt2", {**TINY["gpt2"], "tie_word_embeddings": False}),
+    "gpt2 attribute_map names": ("gpt2", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, n_inner=100,
+                                              max_position_embeddings=32, vocab_size=128)),
     "mistral head_dim null": ("mistral", {**TINY["mistral"], "head_dim": None}),
+    "llama head_dim null": ("llama", {**TINY["llama"], "head_dim": None}),
+    "mixtral head_dim null": ("mixtral", {**TINY["mixtral"], "head_dim": None}),
+    "llama kv null": ("llama", {**TINY["llama"], "num_key_value_heads": None}),
+    "qwen2 kv null": ("qwen2", {**TINY["qwen2"], "num_key_value_heads": None}),
+    "phi3 kv null": ("phi3", {**TINY["phi3"], "num_key_value_heads": None}),
+    "deepseek_v3 kv null": ("deepseek_v3", {**TINY["deepseek_v3"], "num_key_value_heads": None}),
+    "qwen3_moe no experts": ("qwen3_moe", {**TINY["qwen3_moe"], "num_experts": 0}),
+    "deepseek_v3 all dense": ("deepseek_v3", {**TINY["deepseek_v3"], "first_k_dense_replace": 5}),
 }
+# A null where transformers fails on it is refused too, never read as "derive it".
+NULL_FAILS = [(t, "head_dim") for t in ("qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3")] + [
+    (t, "num_key_value_heads") for t in ("mistral", "mixtral", "qwen3_moe", "gemma2", "gemma3_text")
+]
 CASES = {**{k: (k, v) for k, v in TINY.items()}, **VARIANTS}
 ENCODERS = ("bert", "roberta")
 
@@ -100,7 +114,9 @@ def test_family_spec_equals_the_meta_module_spec(case, tmp_path):
     also when read from a config.json folder."""
     model_type, fields = CASES[case]
     model = meta_model(model_type, fields)
-    (tmp_path / "config.json").write_text(json.dumps(config_dict(model_type, fields)))
+    config = config_dict(model_type, fields)
+    assert unknown_fields(config, FAMILIES[model_type]) == []  # read by the family, not through transformers
+    (tmp_path / "config.json").write_text(json.dumps(config))
     spec = load_spec(str(tmp_path))
     assert spec.source == "hf-config"
     assert list(spec.targets) == live_targets(model_type, model)
@@ -168,6 +184,16 @@ def test_bounded_int_refuses_non_integers(value):
 
     with pytest.raises(ConfigError, match="config field 'hidden_size': expected an integer, got"):
         bounded_int(value, "hidden_size", "cfg", 1, 2**20)
+
+
+@pytest.mark.parametrize(("model_type", "key"), NULL_FAILS)
+def test_null_is_refused_where_transformers_refuses_it(model_type, key, tmp_path):
+    fields = {**TINY[model_type], key: None}
+    with pytest.raises(Exception):  # noqa: B017 - transformers raises TypeError or its own validation error
+        meta_model(model_type, fields)
+    (tmp_path / "config.json").write_text(json.dumps(config_dict(model_type, fields)))
+    with pytest.raises(ConfigError, match=f"config field '{key}' is null; set it or leave it out"):
+        load_spec(str(tmp_path))
 
 
 def test_unknown_field_goes_through_transformers_not_a_guess(tmp_path, monkeypatch):

@@ -94,3 +94,17 @@ def test_weights_no_target_covers_are_named(cli, tmp_path):
         "model.layers.*.feed_forward.experts.gate_up_proj (31.7%), model.layers.*.feed_forward.experts.down_proj (15.9%); "
         "no --targets option includes them (docs/models.md)"
     ]
+
+
+def test_budget_beyond_every_sane_design_is_reported_unspent(cli, tmp_path):
+    """GPT-2's attention holds 28.3M weights; 50% of GPT-2 is 62.2M: no design may reach its weight's size,
+    so most of the budget is reported as unspendable rather than poured into full-size designs."""
+    out = tmp_path / "p.yaml"
+    result = cli("plan", "-m", "gpt2", "-b", "50%", "--targets", "attn", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    doc = yaml.safe_load(out.read_text())
+    assert doc["budget"]["limit"] == 62_219_904
+    assert doc["budget"]["used"] < 12 * (2304 * 768 + 768 * 768)  # below the weights themselves
+    unspent = doc["budget"]["limit"] - doc["budget"]["used"]
+    assert "the budget cannot be spent usefully on these targets" in result.stdout
+    assert f"so {unspent:,} parameters are left unspent" in result.stdout

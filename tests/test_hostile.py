@@ -1,5 +1,6 @@
 """Hostile and broken inputs, class by class (issue 11): each is one `error:` line on stderr, the
-documented exit code, no traceback, and no file written or changed."""
+documented exit code, no traceback, and no file written or changed. How fast and in how little
+memory each class is rejected is measured by benchmarks/hostile_inputs.py (smoke-run at the end)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -48,18 +48,15 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def rejects(cli, folder: Path, args: list[str], kind: str, message: str, *, seconds: float = 2.0):
+def rejects(cli, folder: Path, args: list[str], kind: str, message: str):
     """Run ``cdka ARGS``: exit code of ``kind``, one error line holding ``message``, ``folder`` unchanged."""
     before = snapshot(folder)
-    start = time.monotonic()
     result = cli(*args)
-    took = time.monotonic() - start
     assert result.exit_code == CODES[kind], (result.exit_code, result.output)
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.output
     assert snapshot(folder) == before
-    assert took < seconds, f"took {took:.2f} s"
     return result.stderr
 
 
@@ -230,7 +227,8 @@ def test_index_through_a_link_inside_the_folder_is_read(tmp_path):
 @pytest.mark.parametrize(
     ("args", "kind", "message"),
     [
-        (["explain", "--shape", "99999999999999999999x2"], "target", "expected two positive sizes"),
+        (["explain", "--shape", "99999999999999999999x2"], "target", "each size must be in [1, 1,048,576]"),
+        (["explain", "--shape", "9" * 40 + "x2"], "target", "expected two positive sizes"),
         (["explain", "--shape", "2097152x2"], "target", "each size must be in [1, 1,048,576]"),
         (["explain", "--shape", "64x64", "--top", "0"], "argument", "--top: 0 is outside [1, 100,000]"),
         (["explain", "--shape", "64x64", "--r", "1000000000000"], "target", "--r: 1000000000000 is outside"),
@@ -253,7 +251,7 @@ def test_probe_option_ranges(cli, tmp_path):
     (tmp_path / "t.txt").write_text("some text\n\nmore text\n")
     for flag, value in (("--batches", "-1"), ("--batch-size", "0"), ("--seq-len", "1")):
         rejects(cli, tmp_path, ["probe", "--grad", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"), flag, value,
-                                "-o", str(tmp_path / "r.safetensors")], "argument", f"{flag}: {value} is outside", seconds=10)
+                                "-o", str(tmp_path / "r.safetensors")], "argument", f"{flag}: {value} is outside")
 
 
 # 6, 9. YAML aliases and duplicate keys -------------------------------------------------------------
@@ -529,7 +527,7 @@ def finished_study(tmp_path_factory):
 def test_report_out_errors(cli, tmp_path, finished_study, make, message):
     (tmp_path / "taken").write_text("x")
     out = tmp_path / "taken" if make == "file" else tmp_path / "taken" / "plots"
-    rejects(cli, tmp_path, ["report", "--storage", finished_study, "--study", "s", "--out", str(out)], "output", message, seconds=20)
+    rejects(cli, tmp_path, ["report", "--storage", finished_study, "--study", "s", "--out", str(out)], "output", message)
 
 
 # 14. probe --grad: a corrupt tokenizer, a model asking for remote code -------------------------------
@@ -553,7 +551,7 @@ def test_probe_grad_bad_model_folder(cli, tmp_path, file, content, message):
         path.write_text(content)
     (tmp_path / "t.txt").write_text("some text\n\nmore text\n")
     rejects(cli, tmp_path, ["probe", "--grad", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"), "-o",
-                            str(tmp_path / "r.safetensors")], "model", message, seconds=20)
+                            str(tmp_path / "r.safetensors")], "model", message)
 
 
 # 20. Small things -------------------------------------------------------------------------------
@@ -577,7 +575,25 @@ def test_budget_messages(cli, tmp_path, monkeypatch, budget, message):
 
 def test_unknown_model_type_is_one_line(cli, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no-such-model", "hidden_size": 8}')
-    rejects(cli, tmp_path, ["inspect", str(tmp_path / "config.json")], "model", "transformers cannot build this config", seconds=20)
+    rejects(cli, tmp_path, ["inspect", str(tmp_path / "config.json")], "model",
+            "model_type 'no-such-model' is neither built into cdka (see docs/models.md) nor known to the installed transformers")
+
+
+def test_unknown_model_type_is_refused_without_importing_torch(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-model", "hidden_size": 8}')
+    child = (
+        "import sys\nfrom cdka_search.errors import ModelSourceError\nfrom cdka_search.spec import load_spec\n"
+        f"try:\n    load_spec({str(tmp_path)!r})\nexcept ModelSourceError:\n    print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_transformers_knows_its_own_model_types():
+    from cdka_search.spec.torch_module import transformers_knows
+
+    assert transformers_knows("qwen2_moe") and transformers_knows("llama")
+    assert not transformers_knows("no-such-model")
 
 
 def test_explain_params_lora_counts_the_shape(cli):
@@ -692,3 +708,72 @@ def test_may_start_stops_at_the_total_and_lets_the_lowest_running_trial_finish()
     study.tell(a, 0.5)
     assert not may_start(study, b.number, 3)
     assert [t.state for t in study.get_trials()].count(TrialState.COMPLETE) == 3
+
+
+def test_a_json_plan_is_read_within_its_limits(cli, tmp_path, plan_text):
+    import yaml
+
+    from cdka_search.plan import PLAN_JSON_LIMITS
+
+    wide = tmp_path / "wide.json"
+    wide.write_text('{"cdka_plan": 1, "x": [' + ",".join(["[]"] * (PLAN_JSON_LIMITS.max_arrays + 1)) + "]}")
+    rejects(cli, tmp_path, ["validate", str(wide)], "plan", "more arrays than such a document can hold (600,000)")
+    good = tmp_path / "plan.json"
+    good.write_text(json.dumps(yaml.safe_load(plan_text)))
+    result = cli("validate", str(good))
+    assert result.exit_code == 0 and "valid plan" in result.stdout
+
+
+def test_the_rejection_benchmark_runs():
+    """Smoke run of benchmarks/hostile_inputs.py on its quick classes (its time and memory targets are
+    the benchmark's to show, not this test's)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "hostile_inputs.py"
+    done = subprocess.run([sys.executable, str(script), "--only", "1", "3", "6", "9", "19", "--ignore-targets"],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "PYTHONPATH": str(script.parent.parent)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "billion laughs plan (1 KB)" in done.stdout and "every case rejected with one error line: yes" in done.stdout
+
+
+def test_a_killed_export_leaves_a_temp_folder_that_the_next_export_removes(tmp_path):
+    from cdka_search.export import write_export
+
+    stale = tmp_path / f".adapter.{_dead_pid()}.abc.tmp"
+    (stale / "a").mkdir(parents=True)
+    (stale / "a" / "adapter_config.json").write_text("{}")
+    write_export(_export("a/adapter_config.json", "b/adapter_config.json"), out_dir=tmp_path / "adapter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("[" * 100_000 + "]" * 100_000, "line 2 is nested too deeply"),
+    ('{"text": ' + "9" * 5000 + "}", "line 2 is not JSON"),
+    ('{"text": 1}', "line 2 has no string 'text' field"),
+])
+def test_bad_jsonl_data_lines(tmp_path, line, message):
+    from cdka_search.textdata import read_texts
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message):
+        read_texts(data)
+
+
+def test_a_worker_waits_for_room_then_stops_or_gives_up(monkeypatch):
+    from cdka_search.sweep import objective
+    from cdka_search.sweep.bookkeeping import STAMPED, WORKER, longest_wait_s
+
+    study = _study()
+    for value in (1.0, 2.0):
+        t = study.ask()
+        study.tell(t, value)
+    other = study.ask()  # another host's trial, in flight: this host cannot tell whether it lives
+    other.set_user_attr(WORKER, "another-host:1")
+    other.set_user_attr(STAMPED, other.number)
+    mine = study.ask()
+    assert longest_wait_s(study) == 600.0
+    waiting = objective.Objective(None, None, trials=3)  # type: ignore[arg-type]
+    monkeypatch.setattr(objective, "longest_wait_s", lambda st: 0.0)
+    assert waiting._wait_for_room(mine)  # gave up waiting: trains (journal storages, dead remote worker)
+    study.tell(other, 0.5)
+    assert not waiting._wait_for_room(mine)  # the study is full: stop

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from cdka_search.patterns import match_module
@@ -31,8 +33,6 @@ def test_roberta_groups_are_globs_again():
 
 def _reference_regex(pattern: str) -> "re.Pattern[str]":
     """The documented meaning written as a (backtracking) regex, for conformance on small inputs."""
-    import re
-
     out, i = [], 0
     while i < len(pattern):
         if pattern.startswith("**", i):

@@ -134,11 +134,12 @@ def test_two_processes_share_one_postgresql_study(tmp_path, tiny_config):
 
 
 def test_random_sigkills_lose_nothing_keep_trial0_and_train_no_design_twice():
-    """The smoke size of benchmarks/sweep_kills.py (20 kills there): two kills while trial 0 trains, one
-    at a random moment, then a run to the end; the script checks every invariant, exits 1 on a failure."""
+    """The smoke size of benchmarks/sweep_kills.py (20 kills there): one kill while trial 0 trains, one
+    at a random moment, then a run to the end; the script checks every invariant, exits 1 on a failure.
+    (Trial 0 lost to any number of kills: tests/test_hostile.py.)"""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "sweep_kills.py"
-    done = subprocess.run([sys.executable, str(script), "--kills", "3", "--trial0-kills", "2", "--trials", "5",
+    done = subprocess.run([sys.executable, str(script), "--kills", "2", "--trial0-kills", "1", "--trials", "4",
                            "--max-delay", "3"], env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all checks passed" in done.stdout
-    assert "5 counted trials (--trials 5)" in done.stdout
+    assert "4 counted trials (--trials 4)" in done.stdout

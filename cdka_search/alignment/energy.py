@@ -213,9 +213,9 @@ def _krylov_sigma_sq(
 def _small_eig(solver: Callable, A: torch.Tensor) -> Any:
     """``solver(A)`` for a small symmetric matrix, on one CPU thread.
 
-    Why: the threaded LAPACK eigensolver spins waiting for busy cores; on the shared 2-core machine a
-    336 x 336 eigvalsh took 0.47 s with 2 threads and 8 ms with 1, and the GEMMs around it keep their
-    threads. The thread count is restored at once.
+    Why: the threaded LAPACK eigensolver spins waiting for busy cores; on a shared 2-core machine a
+    336 x 336 eigvalsh took 0.47 s with 2 threads and 8 ms with 1. The matrix products around it keep
+    their threads; the thread count is restored at once.
     """
     threads = torch.get_num_threads()
     if A.device.type != "cpu" or threads == 1:

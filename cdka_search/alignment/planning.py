@@ -4,6 +4,14 @@ Rule for spreading the budget: a module's value is w_m * objective_m with
 w_m = ||M_m||_F^2 / mean_k ||M_k||_F^2, so with ``--objective alignment`` the allocation maximises
 the total reference energy kept, and modules whose update carries more energy earn more budget.
 
+Expert tensors (E, d_out, d_in) are scored on the stacked update: every expert trains its own
+factors of the tensor's one design, so the best fit keeps, expert by expert, the best rank-r fit of
+that expert's slice, and the share kept of the whole stack is the energy-weighted mean of the
+experts' shares, sum_e ||M_e||^2 e_e(r) / sum_e ||M_e||^2 (an unweighted mean would let an expert
+that barely moved count as much as the one carrying the update). Its weight w_m is the stack's
+||M||_F^2, while the allocation charges it E times the design's parameters: the planner then
+maximises the energy kept over all experts per parameter spent, like for any other module.
+
 Which (r1, r2) are measured: every divisor pair of updates of at most 2^12 entries (cheap at that
 size) or with ``all_pairs``; otherwise the shape's data-free Pareto front plus LoRA
 (``shortlist_pairs``: 7 pairs on LLaMA sizes), so that a 1376 x 512 module no longer measures its
@@ -14,7 +22,7 @@ for all its modules, and each update is upcast and moved to the device once per 
 
 from __future__ import annotations
 
-from typing import Collection, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 
@@ -39,7 +47,8 @@ def shortlist_pairs(
 
 
 def check_reference(spec: ModelSpec, reference: Mapping[str, torch.Tensor]) -> None:
-    """Every selected target needs a finite (d_out, d_in) tensor; errors name the modules."""
+    """Every selected target needs a finite (d_out, d_in) tensor, an expert tensor (experts, d_out, d_in);
+    errors name the modules."""
     missing = [t.name for t in spec.targets if t.name not in reference]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -48,7 +57,10 @@ def check_reference(spec: ModelSpec, reference: Mapping[str, torch.Tensor]) -> N
         )
     for t in spec.targets:
         shape = tuple(reference[t.name].shape)
-        if shape != t.shape:
+        if t.kind == "experts" and shape != (t.experts, *t.shape):
+            raise ReferenceFileError(f"reference {t.name} is {shape}, but the model's expert parameter is "
+                                     f"{t.experts}x{t.d_out}x{t.d_in} (experts, d_out, d_in)")
+        if t.kind != "experts" and shape != t.shape:
             raise ReferenceFileError(f"reference {t.name} is {shape}, but the model's weight is {t.d_out}x{t.d_in}")
 
 
@@ -108,7 +120,7 @@ class ReferenceScores:
             wanted = r_max if (r1, r2) in deepen else min(self._first_depth, r_max)
             if known is None or len(known) < wanted:
                 if measure is None:  # the update is upcast and moved once per module and round
-                    measure = energy_curve(self._reference[name], seed=self._seed, device=self._device)
+                    measure = stacked_curve(self._reference[name], seed=self._seed, device=self._device)
                 known = self._measured[key] = measure(r1, r2, wanted)
                 self.measurements += 1
             return bounded(known, r_max)
@@ -124,6 +136,25 @@ class ReferenceScores:
         for name, pairs in pending.items():
             self.tables[name] = self._score(name, pairs)
         return bool(pending)
+
+
+def stacked_curve(M: torch.Tensor, *, seed: int, device: str | torch.device | None) -> Callable[[int, int, int], list[float]]:
+    """energy_curve of a (d_out, d_in) update; of an (experts, d_out, d_in) one, the energy-weighted mean
+    of its experts' curves (module docstring). The mean of non-increasing increments is non-increasing,
+    so ``bounded`` holds for it as for one matrix."""
+    if M.dim() == 2:
+        return energy_curve(M, seed=seed, device=device)
+    norms = [float(e.double().pow(2).sum()) for e in M]
+    total = sum(norms)
+    moved = [(n / total, energy_curve(e, seed=seed, device=device)) for n, e in zip(norms, M) if n > 0]
+
+    def curve(r1: int, r2: int, r_max: int) -> list[float]:
+        if not moved:
+            return [0.0] * r_max
+        curves = [(share, measure(r1, r2, r_max)) for share, measure in moved]
+        return [min(1.0, sum(share * c[j] for share, c in curves)) for j in range(r_max)]
+
+    return curve
 
 
 def bounded(energies: Sequence[float], r_max: int) -> list[float]:

@@ -20,7 +20,8 @@ def probe_delta(base: str | Path, finetuned: str | Path, *, targets: str = "all-
     """W_finetuned - W_base for every selected target of ``base``, read tensor by tensor."""
     spec = select_targets(load_spec(str(base)), targets)
     conv1d = [t.name for t in spec.targets if t.kind == "conv1d"]
-    return delta_reference(base, finetuned, [t.name for t in spec.targets], conv1d_names=conv1d)
+    experts = [t.name for t in spec.targets if t.kind == "experts"]
+    return delta_reference(base, finetuned, [t.name for t in spec.targets], conv1d_names=conv1d, expert_names=experts)
 
 
 def probe_gradients(

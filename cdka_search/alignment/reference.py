@@ -1,8 +1,9 @@
 """Reference updates (checkpoint deltas, gradients) stored as safetensors files.
 
 A reference maps full module names (``model.layers.0.self_attn.q_proj``) to 2-D float tensors in
-nn.Linear (d_out, d_in) orientation; its ``__metadata__`` holds ``cdka_reference = "1"`` and a
-``kind`` of "delta", "gradient" or "tensors".
+nn.Linear (d_out, d_in) orientation, and the full names of 3-D MoE expert parameters
+(``model.layers.0.mlp.experts.gate_up_proj``) to their (experts, d_out, d_in) update; its
+``__metadata__`` holds ``cdka_reference = "1"`` and a ``kind`` of "delta", "gradient" or "tensors".
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import save
 from cdka_search.documents import brief
 from cdka_search.errors import ReferenceFileError, TargetError, one_line
 from cdka_search.fileio import atomic_write_bytes
+from cdka_search.spec.checkpoint_experts import per_expert_keys
 
 FORMAT_VERSION = "1"
 KINDS = ("delta", "gradient", "tensors")
@@ -65,27 +67,38 @@ def delta_reference(
     module_names: Sequence[str],
     *,
     conv1d_names: Iterable[str] = (),
+    expert_names: Iterable[str] = (),
 ) -> dict[str, torch.Tensor]:
     """finetuned - base of ``<module>.weight`` for each module, float32, (d_out, d_in).
 
     base and finetuned are .safetensors files or folders holding model.safetensors or a sharded
     model.safetensors.index.json. Tensors are read one at a time, so neither model is ever whole
     in memory. Modules in conv1d_names are GPT-2 Conv1D, stored (d_in, d_out), and get transposed.
+    Names in expert_names are 3-D expert parameters: their delta is (experts, d_out, d_in), read from
+    the fused tensor or assembled from the per-expert tensors checkpoints store (see _expert_keys).
     """
-    conv1d = set(conv1d_names)
+    conv1d, experts = set(conv1d_names), set(expert_names)
     base_files, tuned_files = _weight_files(Path(base)), _weight_files(Path(finetuned))
     deltas: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         readers: dict[Path, Any] = {}
 
-        def read(files: Mapping[str, Path], source: Path, module: str) -> torch.Tensor:
-            key = f"{module}.weight"
-            if key not in files:
-                raise ReferenceFileError(f"module {module}: tensor {key!r} is missing from {source}")
+        def tensor(files: Mapping[str, Path], key: str) -> torch.Tensor:
             file = files[key]
             if file not in readers:
                 readers[file] = stack.enter_context(_open_checkpoint(file))
             return readers[file].get_tensor(key)
+
+        def read(files: Mapping[str, Path], source: Path, module: str) -> torch.Tensor:
+            if module in experts:
+                layout = _expert_keys(module, files, source)
+                if isinstance(layout, str):
+                    return tensor(files, layout)
+                return torch.stack([torch.cat([tensor(files, key) for key in keys]) for keys in layout])
+            key = f"{module}.weight"
+            if key not in files:
+                raise ReferenceFileError(f"module {module}: tensor {key!r} is missing from {source}")
+            return tensor(files, key)
 
         for module in module_names:
             before = read(base_files, Path(base), module)
@@ -95,10 +108,9 @@ def delta_reference(
                     f"module {module}: base weight has shape {tuple(before.shape)} but finetuned "
                     f"has {tuple(after.shape)}; are both checkpoints of the same architecture?"
                 )
-            if before.dim() != 2:
-                raise ReferenceFileError(
-                    f"module {module}: weight has shape {tuple(before.shape)}, expected a 2-D matrix"
-                )
+            if before.dim() != (3 if module in experts else 2):
+                expected = "a 3-D (experts, d_out, d_in) stack" if module in experts else "a 2-D matrix"
+                raise ReferenceFileError(f"module {module}: weight has shape {tuple(before.shape)}, expected {expected}")
             delta = after.float() - before.float()
             deltas[module] = delta.T.contiguous() if module in conv1d else delta
     return deltas
@@ -112,7 +124,8 @@ def gradient_reference(
     conv1d_names: Iterable[str] = (),
     progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Sum over batches of d(loss)/d(weight) for each module, (d_out, d_in), float32, on the CPU.
+    """Sum over batches of d(loss)/d(weight) for each module, (d_out, d_in), float32, on the CPU
+    (an expert parameter's name: (experts, d_out, d_in)).
 
     model is a causal LM whose forward returns ``.loss`` for batches holding input_ids,
     attention_mask and labels. Only the target weights require grad during the call (the rest is
@@ -122,7 +135,7 @@ def gradient_reference(
     progress(i, n) is called after batch i (1-based); n is None when batches has no len().
     """
     conv1d = set(conv1d_names)
-    weights = {name: _module_weight(model, name) for name in module_names}
+    weights = {name: _target_weight(model, name) for name in module_names}
     flags = {param: param.requires_grad for param in model.parameters()}
     was_training = model.training
     device = next(iter(weights.values())).device if weights else torch.device("cpu")
@@ -168,15 +181,39 @@ def gradient_reference(
         model.train(was_training)
 
 
-def _module_weight(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
+def _target_weight(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
+    """A module's 2-D weight, or the 3-D expert parameter of that full name."""
     try:
         module = model.get_submodule(name)
-    except AttributeError as exc:
-        raise TargetError(f"model has no module named {name!r}") from exc
+    except AttributeError:
+        owner, _, leaf = name.rpartition(".")
+        try:
+            stack = getattr(model.get_submodule(owner), leaf, None) if owner else None
+        except AttributeError:
+            stack = None
+        if isinstance(stack, torch.nn.Parameter) and stack.dim() == 3:
+            return stack
+        raise TargetError(f"model has no module named {name!r} (nor a 3-D expert parameter)") from None
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 2:
         raise TargetError(f"module {name!r} has no 2-D weight parameter to take a gradient of")
     return weight
+
+
+def _expert_keys(name: str, files: Mapping[str, Path], source: Path) -> str | list[list[str]]:
+    """The checkpoint key of the fused expert parameter ``name``, or for each expert the keys whose
+    concatenation is its slice: checkpoints, and transformers 5's own save_pretrained, store experts one
+    2-D weight each (Mixtral's ``block_sparse_moe.experts.0.w1.weight``, Qwen3-MoE's and DeepSeek-V3's
+    ``mlp.experts.0.gate_proj.weight``; cdka_search.spec.checkpoint_experts)."""
+    if name in files:
+        return name
+    experts = per_expert_keys(name, files)
+    if experts is None:
+        raise ReferenceFileError(
+            f"expert parameter {name}: {source} holds neither {name!r} nor a complete set of per-expert weights "
+            "in the Mixtral or Qwen2-MoE naming"
+        )
+    return experts
 
 
 def _weight_files(source: Path) -> dict[str, Path]:
@@ -219,9 +256,10 @@ def _check_metadata(source: Path, metadata: Mapping[str, str]) -> None:
 
 
 def _check_matrix(name: str, tensor: torch.Tensor, where: str) -> None:
-    if tensor.dim() != 2 or not tensor.is_floating_point():
+    if tensor.dim() not in (2, 3) or not tensor.is_floating_point():
         raise ReferenceFileError(
-            f"{where}: {brief(name)} must be a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}"
+            f"{where}: {brief(name)} must be a 2-D float tensor, or 3-D (experts, d_out, d_in) for an expert "
+            f"parameter, got {tuple(tensor.shape)} {tensor.dtype}"
         )
     if not bool(torch.isfinite(tensor).all()):
         raise ReferenceFileError(f"{where}: {brief(name)} has NaN or infinite entries; a reference update must be finite")

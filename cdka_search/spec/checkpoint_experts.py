@@ -14,11 +14,16 @@ counted but, as in the built model, not a target. A block that does not fit this
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
 from cdka_search.spec.model_spec import TargetModule
 
 _PER_EXPERT = re.compile(r"^(?P<block>.+)\.(?P<moe>block_sparse_moe|mlp)\.experts\.(?P<e>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)$")
-_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+#: Per naming (the block's MoE container), each role's per-expert projection.
+_LAYOUTS = {"block_sparse_moe": {"gate": "w1", "up": "w3", "down": "w2"}, "mlp": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}}
+_ROLE = {proj: role for names in _LAYOUTS.values() for role, proj in names.items()}
+#: Each fused parameter's roles, in the order transformers concatenates them along d_out.
+_FUSED = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}
 
 
 def _fold(block: str, experts: dict[int, dict[str, TargetModule]]) -> list[TargetModule] | None:
@@ -63,3 +68,23 @@ def fold_checkpoint_experts(targets: list[TargetModule]) -> list[TargetModule]:
             continue  # the router: counted in the total, not a target of the built model
         out.append(t)
     return out + [t for fused in folded.values() for t in fused]
+
+
+def per_expert_keys(name: str, keys: Collection[str]) -> list[list[str]] | None:
+    """For the fused expert parameter ``name`` (``<block>.mlp.experts.gate_up_proj``), the checkpoint
+    weights of each expert among ``keys``, to be concatenated along d_out in this order (gate before
+    up); None when ``keys`` hold no complete set of experts 0, 1, ... in either naming."""
+    match = re.fullmatch(r"(?P<block>.+)\.mlp\.experts\.(?P<fused>gate_up_proj|down_proj)", name)
+    if match is None:
+        return None
+    block, roles = match["block"], _FUSED[match["fused"]]
+    for moe, names in _LAYOUTS.items():
+        experts: list[list[str]] = []
+        while True:
+            wanted = [f"{block}.{moe}.experts.{len(experts)}.{names[role]}.weight" for role in roles]
+            if not all(key in keys for key in wanted):
+                break
+            experts.append(wanted)
+        if experts:
+            return experts
+    return None

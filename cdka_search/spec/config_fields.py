@@ -13,7 +13,14 @@ from cdka_search.errors import ConfigError
 from cdka_search.limits import MAX_DIM, MAX_EXPERTS, MAX_LAYERS, check_int
 
 # transformers' attribute_map: a config.json may spell a field either way.
-_ALIASES = {"num_experts": ("num_local_experts",), "n_routed_experts": ("num_local_experts",)}
+ALIASES = {
+    "num_experts": ("num_local_experts",),
+    "n_routed_experts": ("num_local_experts",),
+    "n_embd": ("hidden_size",),  # GPT-2
+    "n_layer": ("num_hidden_layers",),
+    "n_head": ("num_attention_heads",),
+    "n_positions": ("max_position_embeddings",),
+}
 
 
 def bounded_int(value: Any, key: str, where: str, low: int, high: int) -> int:
@@ -32,10 +39,11 @@ class Fields:
     config: Mapping[str, Any]
     where: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    nullable: frozenset[str] = frozenset()  # fields transformers reads null as "derive it" (else it fails)
 
     def raw(self, key: str) -> Any:
         """The config's value of ``key`` (or of its transformers alias), else the default."""
-        for name in (key, *_ALIASES.get(key, ())):
+        for name in (key, *ALIASES.get(key, ())):
             if name in self.config:
                 return self.config[name]
         if key in self.defaults:
@@ -43,7 +51,10 @@ class Fields:
         raise ConfigError(f"{self.where}: config field {key!r} is missing")
 
     def has(self, key: str) -> bool:
-        """Whether ``key`` is set to a value other than null (in the config or by default)."""
+        """Whether ``key`` is set to a value other than null (in the config or by default); an explicit
+        null where transformers does not accept one is an error."""
+        if key in self.config and self.config[key] is None and key not in self.nullable:
+            raise ConfigError(f"{self.where}: config field {key!r} is null; set it or leave it out")
         try:
             return self.raw(key) is not None
         except ConfigError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cdka_search.documents import brief
 from cdka_search.errors import ModelSourceError, one_line
 from cdka_search.spec.model_spec import ModelSpec, TargetModule, is_embedding, tally_roles
 
@@ -53,6 +54,28 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
     return ModelSpec(name or type(model).__name__, "module", total, tuple(targets), tally_roles(others))
 
 
+def transformers_knows(model_type: str) -> bool:
+    """Whether the installed transformers maps ``model_type`` to a config class, read from the text of
+    its auto tables: importing transformers would import torch (seconds) just to refuse a name.
+    True when the tables cannot be read or do not look as expected, so the real loader decides."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("transformers")
+    except (ImportError, ValueError):
+        return True
+    if found is None or not found.submodule_search_locations:
+        return True
+    auto = Path(next(iter(found.submodule_search_locations))) / "models" / "auto"
+    try:
+        text = "".join(f.read_text(encoding="utf-8") for f in sorted(auto.glob("*.py")))
+    except OSError:
+        return True
+    if '("llama", "LlamaConfig")' not in text:  # an unknown table layout: no verdict from it
+        return True
+    return f'("{model_type}", "' in text
+
+
 def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
     """Any architecture transformers knows, built on the meta device (no weight allocated)."""
     from cdka_search.spec.hf_config import read_config
@@ -60,11 +83,15 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
 
     kind = read_config(path).get("model_type")
     if not isinstance(kind, str) or not kind.strip():
-        raise ModelSourceError(f"{path}: config.json has no model_type, so its architecture is unknown")
-    if path.is_dir():  # both checks before importing torch: bad input fails fast
+        raise ModelSourceError(f"{path}: config.json has no model_type text, so its architecture is unknown")
+    if path.is_dir():  # these checks run before importing torch: bad input fails fast
         refuse_remote_code(path, "config.json")
     else:
         refuse_remote_code(path.parent, path.name)
+    if not transformers_knows(kind):
+        raise ModelSourceError(
+            f"{path}: model_type {brief(kind)} is neither built into cdka (see docs/models.md) nor known to the installed transformers"
+        )
     import torch  # ImportError reaches config_spec, which says what to install
     import transformers
 

@@ -14,7 +14,8 @@
 - **No overshoot**: a worker starts training only while the counted trials plus the live running
   trials numbered below its own are fewer than ``--trials``; the lowest-numbered trial wins a tie.
   Otherwise it waits: it stops once the study holds ``--trials``, and trains if a trial it waited
-  for dies instead.
+  for dies instead (or, on a journal storage, which cannot tell a dead worker of another host from a
+  slow one, after three times the longest trial so far, at least 10 minutes).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ REQUEUED = "requeued"
 MAX_REQUEUE = 3  # a trial that kills its worker this often is dropped (trial 0 never is)
 STAMP_GRACE_S = 30.0
 WAIT_S = 1.0  # how often a worker that must wait for others' trials looks again
+MIN_WAIT_S = 600.0
 
 
 def worker_id() -> str:
@@ -130,6 +132,16 @@ def may_start(study: Any, number: int, trials: int) -> bool:
         if counted(t) or (t.state == _state("RUNNING") and t.number < number and _alive(t)):
             held += 1
     return held < trials
+
+
+def longest_wait_s(study: Any) -> float:
+    """How long a worker waits for other workers' running trials: three times the longest trial the
+    study has completed, and at least MIN_WAIT_S."""
+    longest = 0.0
+    for t in study.get_trials(deepcopy=False, states=(_state("COMPLETE"),)):
+        if t.datetime_start and t.datetime_complete:
+            longest = max(longest, (t.datetime_complete - t.datetime_start).total_seconds())
+    return max(MIN_WAIT_S, 3 * longest)
 
 
 def design_key(params: dict[str, Any], names: Sequence[str]) -> tuple[str, ...]:

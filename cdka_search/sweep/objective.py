@@ -18,6 +18,7 @@ from cdka_search.sweep.bookkeeping import (
     WORKER,
     counted_trials,
     design_key,
+    longest_wait_s,
     may_start,
     reap_dead,
     stamp,
@@ -61,14 +62,23 @@ class Objective:
 
     def _wait_for_room(self, trial: Any) -> bool:
         """True once this trial may train; False when the study holds --trials counted trials.
-        While other workers' trials would fill the study, wait for them to end or die."""
+        While other workers' trials would fill the study, wait for them to end or die: dead ones on
+        this host are reaped, RDB heartbeats fail those of other hosts. A journal storage cannot tell
+        a dead worker of another host from a slow one, so after longest_wait_s this trial trains
+        anyway (the study may then hold one trial more than --trials)."""
         import time
 
+        import optuna
+
         study = trial.study
+        give_up = time.monotonic() + longest_wait_s(study)
         while not may_start(study, trial.number, self.trials):  # type: ignore[arg-type]
             if counted_trials(study) >= self.trials:  # type: ignore[operator]
                 return False
+            if time.monotonic() > give_up:
+                return True
             reap_dead(study)
+            optuna.storages.fail_stale_trials(study)
             time.sleep(WAIT_S)
         return True
 

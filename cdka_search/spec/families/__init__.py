@@ -33,7 +33,7 @@ def unknown_fields(config: Mapping[str, Any], family: Family) -> list[str]:
 
 def family_tensors(config: Mapping[str, Any], family: Family, where: str) -> list[Tensor]:
     """Every parameter tensor transformers builds for ``config``, in its order."""
-    return family.tensors(Fields(config, where, family.defaults))
+    return family.tensors(Fields(config, where, family.defaults, family.nullable))
 
 
 def _target(t: Tensor) -> TargetModule:

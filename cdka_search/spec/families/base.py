@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from cdka_search.spec.config_fields import Fields
+from cdka_search.spec.config_fields import ALIASES, Fields
 from cdka_search.spec.model_spec import Kind
 
 
@@ -33,16 +33,20 @@ class Tensor:
 @dataclass(frozen=True)
 class Family:
     """One architecture family: the model_types it reads, the transformers defaults of the fields it
-    reads, every other field known not to change shapes, and the tensor list of a config."""
+    reads, every other field known not to change shapes, the tensor list of a config, and the fields
+    its transformers code accepts as null (a null elsewhere is an error, as it is in transformers)."""
 
     model_types: tuple[str, ...]
     defaults: Mapping[str, object]
     harmless: frozenset[str]
     tensors: Callable[[Fields], list[Tensor]]
+    nullable: frozenset[str] = frozenset()
 
     @property
     def fields(self) -> frozenset[str]:
-        return frozenset(self.defaults) | self.harmless
+        """Every config key the family understands: those it reads (in either spelling) and the harmless."""
+        spellings = {alias for key in self.defaults for alias in ALIASES.get(key, ())}
+        return frozenset(self.defaults) | spellings | self.harmless
 
 
 # Fields of any config that never change a parameter shape (ids, dropout, RoPE, eps, caching, dtype,

@@ -44,4 +44,7 @@ def tensors(f: Fields) -> list[Tensor]:
 
 
 # qk_head_dim and head_dim are derived (nope + rope, rope); transformers overwrites them.
-FAMILY = Family(("deepseek_v3",), DEFAULTS, COMMON_HARMLESS | {"num_local_experts", "qk_head_dim", "head_dim"}, tensors)
+FAMILY = Family(
+    ("deepseek_v3",), DEFAULTS, COMMON_HARMLESS | {"qk_head_dim", "head_dim"}, tensors,
+    frozenset({"num_key_value_heads", "q_lora_rank"}),
+)

@@ -14,4 +14,4 @@ def tensors(f: Fields) -> list[Tensor]:
     return decoder(f, qkv_bias=False, o_bias=False)
 
 
-FAMILY = Family(("mistral",), DEFAULTS, COMMON_HARMLESS, tensors)
+FAMILY = Family(("mistral",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"head_dim"}))

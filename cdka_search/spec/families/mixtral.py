@@ -9,7 +9,7 @@ DEFAULTS = {
     "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "tie_word_embeddings": False,
     "num_experts": 8,
-}  # transformers MixtralConfig (num_local_experts is its config.json spelling of num_experts)
+}  # transformers MixtralConfig (config.json files spell num_experts num_local_experts)
 
 
 def tensors(f: Fields) -> list[Tensor]:
@@ -21,4 +21,4 @@ def tensors(f: Fields) -> list[Tensor]:
     return decoder(f, qkv_bias=False, o_bias=False, mlp=mlp)
 
 
-FAMILY = Family(("mixtral",), DEFAULTS, COMMON_HARMLESS | {"num_local_experts"}, tensors)
+FAMILY = Family(("mixtral",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"head_dim"}))

@@ -24,4 +24,4 @@ def tensors(f: Fields) -> list[Tensor]:
     return causal_lm(f, hidden, vocab, layers, norm("model.norm", hidden))
 
 
-FAMILY = Family(("phi3",), DEFAULTS, COMMON_HARMLESS, tensors)
+FAMILY = Family(("phi3",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"num_key_value_heads"}))

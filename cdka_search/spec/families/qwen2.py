@@ -6,7 +6,7 @@ from cdka_search.spec.families.dense import decoder
 
 DEFAULTS = {
     "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "tie_word_embeddings": False,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": None, "tie_word_embeddings": False,
 }  # transformers Qwen2Config
 
 
@@ -15,4 +15,4 @@ def tensors(f: Fields) -> list[Tensor]:
 
 
 # Qwen2's modeling code hardcodes its biases and ignores a stray attention_bias.
-FAMILY = Family(("qwen2",), DEFAULTS, COMMON_HARMLESS | {"attention_bias"}, tensors)
+FAMILY = Family(("qwen2",), DEFAULTS, COMMON_HARMLESS | {"attention_bias"}, tensors, frozenset({"num_key_value_heads"}))

@@ -6,7 +6,7 @@ from cdka_search.spec.families.dense import decoder
 
 DEFAULTS = {
     "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": 128,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
     "tie_word_embeddings": False, "attention_bias": False,
 }  # transformers Qwen3Config
 
@@ -16,4 +16,4 @@ def tensors(f: Fields) -> list[Tensor]:
     return decoder(f, qkv_bias=bias, o_bias=bias, qk_norm=True)
 
 
-FAMILY = Family(("qwen3",), DEFAULTS, COMMON_HARMLESS, tensors)
+FAMILY = Family(("qwen3",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"num_key_value_heads"}))
