@@ -130,7 +130,10 @@ def blocks(data: bytes, seq_len: int):
 
 
 def cache_dir(recipe: Recipe) -> Path:
-    root = Path(os.environ.get("CDKA_CACHE", Path.home() / ".cache" / "cdka")) / "validity"
+    """CDKA_CACHE or ~/.cache/cdka, then validity/<hash>; the smoke recipe's model, without CDKA_CACHE,
+    stays in the working directory (.cdka-smoke-cache) rather than in the user's cache."""
+    default = Path.cwd() / ".cdka-smoke-cache" if recipe == SMOKE else Path.home() / ".cache" / "cdka"
+    root = Path(os.environ.get("CDKA_CACHE", default)) / "validity"
     code = corpus("code", recipe)
     key = json.dumps({"recipe": repr(recipe), "corpus": hashlib.sha256(code).hexdigest()}, sort_keys=True)
     return root / hashlib.sha256(key.encode()).hexdigest()[:16]
