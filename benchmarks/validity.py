@@ -30,7 +30,7 @@ TOLERANCE = 0.15
 STEPS = 200
 MAX_DESIGNS = 25
 SEEDS = (0, 1, 2)
-OBJECTIVES = ("capacity", "alignment", "first_step", "balanced", "speed")
+OBJECTIVES = ("capacity", "alignment", "first_step", "speed", "balanced", "rank")
 
 
 def designs_for(shape: tuple[int, int], budget: int, *, all_orientations: bool = False, most: int = MAX_DESIGNS):
@@ -112,15 +112,14 @@ def main() -> None:
             errors[s] = [result[(shape, d)] for d in designs]
         mean_err = errors.mean(axis=0)
         line = [f"{shape[0]}x{shape[1]} ({len(designs)} designs, {budget:,} +-{TOLERANCE:.0%} params)"]
-        scored = {}
-        for objective in ("capacity", "alignment", "balanced", "speed"):
-            scored[objective] = [s.scores for s in score_designs(designs, objective)]
+        scored = {objective: [s.scores for s in score_designs(designs, objective)] for objective in ("rank", "balanced")}
         values = {
-            "capacity": [sc.capacity for sc in scored["capacity"]],
-            "alignment": [sc.alignment for sc in scored["capacity"]],
-            "first_step": [sc.first_step for sc in scored["capacity"]],
+            "capacity": [sc.capacity for sc in scored["rank"]],
+            "alignment": [sc.alignment for sc in scored["rank"]],
+            "first_step": [sc.first_step for sc in scored["rank"]],
+            "speed": [sc.speed for sc in scored["rank"]],
             "balanced": [sc.objective for sc in scored["balanced"]],
-            "speed": [sc.objective for sc in scored["speed"]],
+            "rank": [sc.objective for sc in scored["rank"]],
         }
         for objective in OBJECTIVES:
             rho = spearman(values[objective], -mean_err)

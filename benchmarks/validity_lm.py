@@ -130,7 +130,10 @@ def blocks(data: bytes, seq_len: int):
 
 
 def cache_dir(recipe: Recipe) -> Path:
-    root = Path(os.environ.get("CDKA_CACHE", Path.home() / ".cache" / "cdka")) / "validity"
+    """CDKA_CACHE or ~/.cache/cdka, then validity/<hash>; the smoke recipe's model, without CDKA_CACHE,
+    stays in the working directory (.cdka-smoke-cache) rather than in the user's cache."""
+    default = Path.cwd() / ".cdka-smoke-cache" if recipe == SMOKE else Path.home() / ".cache" / "cdka"
+    root = Path(os.environ.get("CDKA_CACHE", default)) / "validity"
     code = corpus("code", recipe)
     key = json.dumps({"recipe": repr(recipe), "corpus": hashlib.sha256(code).hexdigest()}, sort_keys=True)
     return root / hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -452,6 +455,57 @@ def measure_spectra(folder: Path, tasks: list[str], recipe: Recipe, steps: int, 
     return betas_out
 
 
+def rescore(reports: list[Path], folder: Path, out) -> None:
+    """Spearman's rho of today's scores and objectives vs -loss, read back from a written report.
+
+    Each table row's groups column (role(r1,r2,r) ...) gives the designs; every group is rescored with
+    the current scoring, so a report stays comparable after the scores change. Cells of several reports
+    (run at the same lr and seeds) are pooled; a design listed twice counts once.
+    """
+    import re
+
+    from cdka_search.candidates import Design
+    from cdka_search.scoring import OBJECTIVES, score_designs
+
+    spec = model_spec(folder)
+    shapes = {t.name.split(".")[-1]: t.shape for t in spec.targets}
+    counts = {role: sum(1 for t in spec.targets if t.name.endswith(role)) for role in shapes}
+    cells: dict[str, list[tuple[float, dict[str, float]]]] = {}
+    seen: set[tuple[str, str]] = set()
+    cell = None
+    lines = [line for report in reports for line in report.read_text(encoding="utf-8").splitlines()]
+    for line in lines:
+        if line.startswith("## ") and "budget" in line:
+            cell = line[3:].split(" (")[0]
+            cells.setdefault(cell, [])
+        elif cell and line.startswith("| ") and "(" in line and "|" in line[2:] and not line.startswith("| design"):
+            cols = [c.strip() for c in line.strip("|").split("|")]
+            if cols[0] == "full fine-tuning" or "(= " in cols[0] or (cell, cols[-1]) in seen:
+                continue
+            seen.add((cell, cols[-1]))
+            groups = re.findall(r"(\w+)\((\d+),(\d+),(\d+)\)", cols[-1])
+            values: dict[str, float] = {}
+            total = 0
+            for role, r1, r2, r in groups:
+                d = Design.from_paper(*shapes[role], int(r1), int(r2), int(r))
+                weight = d.params * counts[role] / len([g for g in groups if g[0] == role])
+                total += weight
+                for name in OBJECTIVES:
+                    sc = score_designs([d], name)[0].scores
+                    values[f"objective {name}"] = values.get(f"objective {name}", 0.0) + weight * sc.objective
+                    for field in ("capacity", "alignment", "first_step", "speed"):
+                        values[field] = values.get(field, 0.0) + weight * getattr(sc, field) / len(OBJECTIVES)
+            values = {k: v / total for k, v in values.items()}
+            values["params"] = float(cols[1].replace(",", ""))
+            cells[cell].append((float(cols[3].split("+-")[0]), values))
+    names = list(next(iter(cells.values()))[0][1]) if cells else []
+    out("| cell | designs | " + " | ".join(names) + " |")
+    out("|---|---:|" + "---:|" * len(names))
+    for name, rows in cells.items():
+        ys = [-loss for loss, _ in rows]
+        out(f"| {name} | {len(rows)} | " + " | ".join(f"{spearman([v[n] for _, v in rows], ys):+.2f}" for n in names) + " |")
+
+
 # ---- statistics -----------------------------------------------------------------------------------
 
 
@@ -503,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", action="store_true", help="also a plan from a gradient probe of each task (--reference)")
     parser.add_argument("--write-task-data", type=Path, default=None, metavar="DIR",
                         help="write DIR/model (the pretrained model) and DIR/<task>.txt for cdka sweep --task lm, then stop")
+    parser.add_argument("--rescore", type=Path, nargs="*", default=None, metavar="REPORT",
+                        help="print Spearman's rho of today's scores against the losses of a written report")
     parser.add_argument("--spectra", action="store_true", help="only measure the update spectra (power-law fits)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report (markdown) here")
     args = parser.parse_args(argv)
@@ -531,6 +587,13 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(text)
 
     folder = pretrained(recipe, log=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.rescore:
+        out(f"# Today's scores vs the losses of {', '.join(map(str, args.rescore))} (loss at the shared lr)")
+        out()
+        rescore(args.rescore, folder, out)
+        if args.out:
+            args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return 0
     if args.write_task_data:
         write_task_data(args.write_task_data, folder, tasks, recipe)
         return 0
@@ -554,6 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     for rank in sorted({b for _, b in cells}):
         found = entries(spec, rank, adapter, list(OBJECTIVES) if args.objectives is None else args.objectives)
         adapters = [e for e in found if e.kind != "full" and (not args.designs or any(d in e.label for d in args.designs))]
+        kept = {e.label for e in adapters}
+        # A duplicate whose original was filtered out runs under its own name.
+        adapters = [Entry(e.label.split(" (= ")[0], e.kind, e.plan) if "(= " in e.label and e.label.split(" (= ")[1][:-1] not in kept
+                    else e for e in adapters]
         if most is not None:
             keep = [e for e in adapters if e.kind in ("lora", "paper") or e.label.startswith("plan ")][:most]
             keep += [e for e in adapters if e not in keep][: max(0, most - len(keep))]

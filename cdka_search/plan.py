@@ -169,14 +169,15 @@ def scaling_value(scaling: str, alpha: float, r: int, r2: int, scale: float | No
 class AdapterSettings:
     """How every adapter of the plan is built (cdka-notes.md section 3).
 
-    alpha: numerator of the scaling lambda. scaling: "alpha/sqrt(r*r2)" (default, the paper's
-    gradient-stabilising choice), "alpha/r", "alpha/sqrt(r)", or "fixed" (lambda = ``scale``).
+    alpha: numerator of the scaling lambda. scaling: "matched" (default: LoRA-sized A and
+    lambda = alpha/sqrt(r), so one lr serves every design; docs/validity.md), "alpha/sqrt(r*r2)" (the
+    paper's), "alpha/r", "alpha/sqrt(r)", or "fixed" (lambda = ``scale``).
     init: "kaiming-A-zero-B" (dW = 0 at step 0) or "gradient-aligned". dtype: adapter weights'
     dtype (float32 whatever the base model's). dropout: on the adapter input.
     """
 
     alpha: float = 64.0
-    scaling: str = "alpha/sqrt(r*r2)"
+    scaling: str = "matched"
     scale: float | None = None
     init: str = "kaiming-A-zero-B"
     dtype: str = "float32"
@@ -371,7 +372,7 @@ class Plan:
     budget_limit: int
     groups: tuple[PlanGroup, ...]
     adapter: AdapterSettings = AdapterSettings()
-    objective: str = "balanced"
+    objective: str = "rank"
     exact: bool | None = None
     gap: float | None = None
     sweep: SweepRecord | None = None
@@ -437,7 +438,7 @@ class Plan:
         total = report.check(_int, model["total_params"], "model.total_params", 1, MAX_TOTAL_PARAMS)
         limit = report.check(_int, budget["limit"], "budget.limit", 1, MAX_TOTAL_PARAMS)
         spec = report.check(_text, budget.get("spec", str(budget["limit"])), "budget.spec", 256)
-        objective = report.check(_choice, data.get("objective", "balanced"), OBJECTIVES, "objective")
+        objective = report.check(_choice, data.get("objective", "rank"), OBJECTIVES, "objective")
         adapter = report.check(AdapterSettings.from_dict, {} if data.get("adapter") is None else data["adapter"])
         allocation = {} if data.get("allocation") is None else data["allocation"]
         exact = gap = None

@@ -180,7 +180,7 @@ class Recipe:
     description: str = ""
     targets: str = "all-linear"
     budget: str = "0.5%"
-    objective: str = "balanced"
+    objective: str = "rank"
     family: str = "cdka"
     max_r: int = 64
     adapter: AdapterSettings = AdapterSettings()

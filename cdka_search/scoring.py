@@ -60,17 +60,35 @@ class ScoredDesign:
     scores: Scores
 
 
-Objective = Callable[[Any, Any, Any], Any]  # (capacity, alignment, speed) -> objective; floats or arrays
+Objective = Callable[[Any, Any, Any, Any], Any]  # (capacity, alignment, speed, size) -> objective; floats or arrays
 AlignmentCurve = Callable[[int, int, int], Sequence[float]]
 
-#: What the planner maximises unless told otherwise (docs/validity.md says why).
-DEFAULT_OBJECTIVE = "balanced"
+#: What the planner maximises unless told otherwise: the one real fine-tuning supports (docs/validity.md).
+DEFAULT_OBJECTIVE = "rank"
 
+
+#: Capacity past which a higher rank bound stopped improving real fine-tuning (measured: every cell of
+#: benchmarks/validity_lm.py plateaus from capacity 0.5-0.65 on; docs/validity.md).
+RANK_KNEE = 0.6
+
+
+def _rank_objective(capacity: Any, alignment: Any, speed: Any, size: Any) -> Any:
+    """sqrt(min(capacity, RANK_KNEE) * size): the rank bound up to the measured knee, then parameters.
+
+    Past the knee designs tie on capacity, so the allocator spends parameters, and among designs of
+    equal cost and value the smallest r1, r2 win (the paper's guideline; ScoreTable ordering).
+    """
+    import numpy as np
+
+    return np.sqrt(np.minimum(capacity, RANK_KNEE) * size)
+
+
+# "capacity" (stopped the budget at the cheapest full-rank design) and "speed" (its plans trained worst
+# of all in benchmarks/validity_lm.py) were removed; docs/validity.md has the measurements.
 OBJECTIVES: dict[str, Objective] = {
-    "balanced": lambda capacity, alignment, speed: (capacity * alignment) ** 0.5,
-    "speed": lambda capacity, alignment, speed: (alignment * speed) ** 0.5,
-    "capacity": lambda capacity, alignment, speed: capacity,
-    "alignment": lambda capacity, alignment, speed: alignment,
+    "rank": _rank_objective,
+    "balanced": lambda capacity, alignment, speed, size: (capacity * alignment) ** 0.5,
+    "alignment": lambda capacity, alignment, speed, size: alignment,
 }
 
 
@@ -101,6 +119,18 @@ def _speed(r: Any, r1: Any, r2: Any, d_in: int) -> Any:
 def _rank_reach(design: Design) -> int:
     """r * min(m1, n1) * min(m2, n2): the rank bound before the cap at min(d_out, d_in)."""
     return design.r * min(design.m1, design.n1) * min(design.m2, design.n2)
+
+
+def _size(params: Any, d_out: int, d_in: int) -> Any:
+    """log2(1 + P / (d_out + d_in)) / log2(1 + min(d_out, d_in)): the LoRA rank P buys, on capacity's scale."""
+    import numpy as np
+
+    return np.log2(1 + params / (d_out + d_in)) / math.log2(1 + min(d_out, d_in))
+
+
+def size(design: Design) -> float:
+    """The parameter count as the LoRA rank it would buy, on a log scale (1 = LoRA of full rank)."""
+    return float(_size(design.params, *design.shape))
 
 
 def capacity(design: Design) -> float:
@@ -319,7 +349,7 @@ def score_shape(
     d_out: int,
     d_in: int,
     space: CandidateSpace = CandidateSpace(),
-    objective: str = "balanced",
+    objective: str = DEFAULT_OBJECTIVE,
     *,
     spectra: SpectrumCache | None = None,
     alignment: AlignmentCurve | None = None,
@@ -365,13 +395,13 @@ def score_shape(
     cap = _capacity(reach, min(d_out, d_in))
     first = _first_step(r, r1, r2, d_in)
     fast = _speed(r, r1, r2, d_in)
-    obj = OBJECTIVES[objective](cap, align, fast)
+    obj = OBJECTIVES[objective](cap, align, fast, _size(params, d_out, d_in))
     return ScoreTable(d_out, d_in, r1, r2, r, params, rank_bound, cap, align, first, fast, obj)
 
 
 def score_designs(
     designs: Iterable[Design],
-    objective: str = "balanced",
+    objective: str = DEFAULT_OBJECTIVE,
     *,
     samples: int = DEFAULT_SAMPLES,
     seed: int = DEFAULT_SEED,
@@ -390,5 +420,6 @@ def score_designs(
         cap = capacity(d)
         align = curves[(*d.shape, d.r1, d.r2)][d.r - 1]
         fast = speed(d)
-        out.append(ScoredDesign(d, Scores(cap, align, first_step_alignment(d), fast, float(combine(cap, align, fast)))))
+        value = float(combine(cap, align, fast, size(d)))
+        out.append(ScoredDesign(d, Scores(cap, align, first_step_alignment(d), fast, value)))
     return out

@@ -312,7 +312,7 @@ def test_duplicate_keys_in_config_json(cli, tmp_path):
         ("alpha: 64.0", "alpha: 1.0e+300", "adapter.alpha: 1e+300 is outside"),
         ("dropout: 0.0", "dropout: .nan", "adapter.dropout: must be a finite number"),
         ("dtype: float32", "dtype: [1]", "adapter.dtype: [1] is not one of"),
-        ("objective: balanced", "objective: foo", "objective: 'foo' is not one of balanced, speed, capacity, alignment"),
+        ("objective: rank", "objective: foo", "objective: 'foo' is not one of rank, balanced, alignment"),
         ("cdka_plan: 1", "cdka_plan: true", "plan schema version True is not supported"),
         ("exact: true", "exact: maybe", "allocation.exact: expected true or false, got 'maybe'"),
         ("gap: 0.0", "gap: abc", "allocation.gap: expected a number, got 'abc'"),
@@ -329,7 +329,7 @@ def test_plan_field_values(cli, tmp_path, plan_text, old, new, message):
 
 
 def test_every_plan_problem_is_in_one_report(cli, tmp_path, plan_text):
-    text = edited(edited(edited(plan_text, "alpha: 64.0", "alpha: .nan"), "objective: balanced", "objective: foo"), "gap: 0.0", "gap: abc")
+    text = edited(edited(edited(plan_text, "alpha: 64.0", "alpha: .nan"), "objective: rank", "objective: foo"), "gap: 0.0", "gap: abc")
     path = tmp_path / "plan.yaml"
     path.write_text(text)
     err = rejects(cli, tmp_path, ["validate", str(path)], "plan", "3 problems: ")

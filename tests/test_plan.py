@@ -98,7 +98,8 @@ def test_scaling_values():
     from cdka_search.candidates import Design
 
     d = Design.from_paper(64, 64, 2, 8, 4)
-    assert AdapterSettings().scaling_value(d) == pytest.approx(64 / (4 * 8) ** 0.5)
+    assert AdapterSettings().scaling_value(d) == pytest.approx(64 / 4**0.5)  # matched: alpha / sqrt(r)
+    assert AdapterSettings(scaling="alpha/sqrt(r*r2)").scaling_value(d) == pytest.approx(64 / (4 * 8) ** 0.5)
     assert AdapterSettings(scaling="alpha/r").scaling_value(d) == 16
     assert AdapterSettings(scaling="fixed", scale=0.5).scaling_value(d) == 0.5
     with pytest.raises(PlanError, match="needs adapter.scale"):

@@ -20,9 +20,9 @@ def test_product_owner_example_uses_the_budget():
 def test_lora8_budget_beats_lora_rank_everywhere():
     plan = make_plan(LLAMA, "lora:8")
     assert plan.used_params <= 19_988_480  # cdka-notes.md: LoRA r=8 on all linears
+    assert plan.used_params >= 0.95 * 19_988_480  # the default objective spends the budget
     for g in plan.groups:
         assert g.design.rank_bound > 8, g.modules
-        assert g.design.r1 <= 4  # the paper's guideline: small r1
 
 
 def test_same_shape_modules_share_a_design():

@@ -24,6 +24,7 @@ SCRIPT_SMOKE = {
     "benchmarks/alignment_speed.py": ["--shape", "64x96", "--accuracy-shapes", "48x64"],
     "benchmarks/scale.py": ["--layers", "2", "4", "--units", "32", "224", "--reference-layers", "1", "--reference-width", "64x96"],
     "benchmarks/validity.py": ["--steps", "5", "--seeds", "1", "--shapes", "128x128"],
+    "benchmarks/validity_lm.py": ["--smoke"],
     "examples/train_with_trainer.py": [],
 }
 

@@ -79,11 +79,29 @@ def test_pareto_front_is_nondominated():
         assert any(table.params[j] <= table.params[i] and table.objective[j] >= table.objective[i] - 1e-12 for j in front)
 
 
-def test_speed_score_and_objective():
-    from cdka_search.scoring import speed
+def test_speed_score_and_the_rank_objective():
+    from cdka_search.scoring import size, speed
 
     d = Design.from_paper(4096, 4096, 2, 8, 4)
     assert speed(d) == pytest.approx(math.log1p(4 * 8 / 2) / math.log1p(4096))
     assert speed(Design.from_paper(64, 64, 1, 64, 1)) == 1.0  # A is 1x1: B is the whole update
-    scored = score_designs([d], "speed")[0].scores
-    assert scored.objective == pytest.approx(math.sqrt(scored.alignment * scored.speed))
+    from cdka_search.scoring import RANK_KNEE
+
+    scored = score_designs([d], "rank")[0].scores
+    assert size(d) == pytest.approx(math.log2(1 + d.params / 8192) / math.log2(4097))
+    assert scored.capacity < RANK_KNEE
+    assert scored.objective == pytest.approx(math.sqrt(scored.capacity * size(d)))
+    # past the knee, capacity keeps rising but the objective only follows the parameters
+    full = Design.from_paper(256, 256, 16, 16, 2)
+    assert capacity(full) > 1.0
+    assert score_designs([full], "rank")[0].scores.objective == pytest.approx(math.sqrt(RANK_KNEE * size(full)))
+
+
+def test_the_rank_objective_spends_a_lora8_budget_on_higher_rank_than_lora():
+    from cdka_search.planner import make_plan
+    from cdka_search.spec import load_spec
+
+    for name in ("llama-2-7b",):
+        plan = make_plan(load_spec(name), "lora:8", objective="rank")
+        assert sum(g.params for g in plan.groups) >= 0.95 * plan.budget_limit
+        assert all(g.design.rank_bound > 8 for g in plan.groups)

@@ -131,3 +131,21 @@ def test_benchmark_writes_what_cdka_sweep_lm_reads(tmp_path, monkeypatch):
     assert model.config.hidden_size == 32
     ids = encode(read_texts(tmp_path / "vlm" / "prose.txt"), load_tokenizer(tmp_path / "vlm" / "model"), model.config.vocab_size)
     assert len(ids) > 10_000 and max(ids) < 256
+
+
+@pytest.mark.parametrize("objective", ["rank", "balanced", "alignment"])
+def test_every_objective_spends_a_lora8_budget(objective):
+    """Done-when of issue 9: no objective stops below 95 % of lora:8 (LLaMA-2-7B and the benchmark model)."""
+    import torch
+    import transformers
+
+    from cdka_search.planner import make_plan
+    from cdka_search.spec import load_spec, spec_from_module
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        bench = spec_from_module(transformers.LlamaForCausalLM(config), "validity-llama")
+    for spec in (load_spec("llama-2-7b"), bench):
+        plan = make_plan(spec, "lora:8", objective=objective)
+        assert 0.95 * plan.budget_limit <= plan.used_params <= plan.budget_limit, (spec.name, objective)

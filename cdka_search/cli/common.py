@@ -27,7 +27,7 @@ TargetsOpt = Annotated[
     typer.Option("--targets", "-t", help="all-linear (default: every weight incl. MoE experts; no LM head, embeddings or routers), attn, mlp (incl. experts), experts, or comma-separated names/globs."),
 ]
 ObjectiveOpt = Annotated[
-    str, typer.Option("--objective", help="balanced = sqrt(capacity * alignment) (default), speed = sqrt(alignment * speed), capacity, or alignment.")
+    str, typer.Option("--objective", help="rank = sqrt(min(capacity, 1) * size) (default: what real fine-tuning supports, docs/validity.md), balanced = sqrt(capacity * alignment), or alignment (for --reference).")
 ]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="Where torch runs: auto (CUDA where present), cpu, cuda or cuda:N.")

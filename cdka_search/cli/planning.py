@@ -65,7 +65,7 @@ def plan(
     model: ModelOpt = "llama-2-7b",
     budget: BudgetOpt = "0.5%",
     targets: TargetsOpt = "all-linear",
-    objective: ObjectiveOpt = "balanced",
+    objective: ObjectiveOpt = "rank",
     family: FamilyOpt = "cdka",
     r1: R1Opt = None,
     r2: R2Opt = None,
@@ -162,7 +162,7 @@ def inspect(
 def explain(
     shape: Annotated[str, typer.Option("--shape", help="d_out x d_in, e.g. 4096x11008.")],
     params: Annotated[Optional[str], typer.Option("--params", help="Only candidates with at most this many parameters (20k, 1e5, ...).")] = None,
-    objective: ObjectiveOpt = "balanced",
+    objective: ObjectiveOpt = "rank",
     family: FamilyOpt = "cdka",
     r1: R1Opt = None,
     r2: R2Opt = None,

@@ -45,7 +45,7 @@ def sweep(
     pruner: Annotated[str, typer.Option("--pruner", help="median (default), hyperband or none.")] = "median",
     top_k: Annotated[int, typer.Option("--top-k", help="Design families per group taken from the planner's ranking.")] = 6,
     targets: TargetsOpt = "all-linear",
-    objective: ObjectiveOpt = "balanced",
+    objective: ObjectiveOpt = "rank",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the best plan.")] = Path("best.yaml"),
     recipe: RecipeOpt = None,
     as_json: JsonOpt = False,

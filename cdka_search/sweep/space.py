@@ -124,7 +124,7 @@ def build_space(
     spec: ModelSpec,
     budget: str | int | Budget,
     *,
-    objective: str = "balanced",
+    objective: str = "rank",
     space: CandidateSpace = CandidateSpace(),
     top_k: int = DEFAULT_TOP_K,
     include_lora: bool = True,

@@ -52,7 +52,7 @@ class SweepConfig:
     reference: Path | None = None
     output: Path | None = Path("best.yaml")
     targets: str = "all-linear"
-    objective: str = "balanced"
+    objective: str = "rank"
     pruner: str = "median"
     top_k: int = DEFAULT_TOP_K
     report_every: int = 0
