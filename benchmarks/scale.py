@@ -110,7 +110,7 @@ def module_rows(layer_counts: list[int], workdir: Path) -> None:
             else:
                 measured[stage] = took
         # Exports need single Kronecker terms (PEFT / LyCORIS LoKr), so a per-layer plan of the lokr family.
-        lokr = save_plan(make_plan(spec, "lora:8", per_layer=True, space=CandidateSpace(family="lokr")), folder / "lokr.yaml")
+        lokr = save_plan(make_plan(spec, "lora:8", per_layer=True, space=CandidateSpace(family="lokr")), folder / "lokr.json")  # JSON: 14,336 groups are over the YAML size bound
         for target in ("peft", "lycoris"):
             stage = f"cdka export --to {target}"
             cmd = [sys.executable, "-m", "cdka_search", "export", str(lokr), "--to", target, "--model", str(folder),
