@@ -15,6 +15,7 @@ from cdka_search.export.base import (
     fnmatch_matches,
     peft_key_matches,
     peft_target_matches,
+    refusal,
 )
 from cdka_search.plan import load_plan
 from cdka_search.spec import load_spec
@@ -80,3 +81,10 @@ def test_exported_files_of_stored_plans_are_unchanged(family, target):
     assert sorted(f.path for f in export.files) == expected
     for f in export.files:
         assert f.text.encode("utf-8") == (folder / f.path).read_bytes(), f.path
+
+
+def test_refusal_of_a_per_layer_plan_stays_one_short_line():
+    error = str(refusal("PEFT", {"r > 1 Kronecker components": [f"model.layers.{i}.mlp.up_proj (r = 6)" for i in range(3584)]}))
+    assert error.startswith("PEFT cannot express 3584 group(s) of this plan; r > 1 Kronecker components: model.layers.0.")
+    assert "model.layers.9.mlp.up_proj (r = 6) (and 3574 more)." in error and "model.layers.10." not in error
+    assert "\n" not in error and len(error) < 1000

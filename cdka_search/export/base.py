@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from cdka_search.errors import ExportError
 from cdka_search.fileio import atomic_write_text, write_folder
-from cdka_search.matching import ModuleIndex
+from cdka_search.matching import ModuleIndex, summarise
 
 if TYPE_CHECKING:
     from cdka_search.plan import Plan, PlanGroup
@@ -172,9 +172,10 @@ def check_keys(config_name: str, keys: Iterable[str], wanted: dict[str, str], hi
 
 
 def refusal(tool: str, refused: dict[str, list[str]]) -> ExportError:
-    """One error naming every group the tool cannot express, grouped by reason."""
+    """One error naming the groups the tool cannot express, grouped by reason (the first ten of each:
+    a per-layer plan would otherwise put thousands of names on the one error line)."""
     count = sum(len(v) for v in refused.values())
-    parts = [f"{reason}: {', '.join(groups)}" for reason, groups in refused.items()]
+    parts = [f"{reason}: {summarise(groups, sep=', ')}" for reason, groups in refused.items()]
     return ExportError(
         f"{tool} cannot express {count} group(s) of this plan; {'; '.join(parts)}. Re-plan with "
         "`cdka plan --family lokr` (single Kronecker terms) or `--family lora`; nothing was written"
