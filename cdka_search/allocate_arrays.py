@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-Option = tuple[int, float]
+from cdka_search.allocate import Option
+
 Kept = tuple[float, int, int]  # (reduced loss, cost, option index), as allocate.py keeps them
 
 
@@ -97,7 +98,7 @@ def relax(a: Arrays, budget: int) -> tuple[float, float, list[int]]:
     np.minimum.at(first_stop, step_unit[too_big], too_big)
     fits = later[(dc[later] <= room) & (later < first_stop[step_unit[later]])]
     stopped: set[int] = set()
-    for s, k, c, b in zip(fits.tolist(), step_unit[fits].tolist(), dc[fits].tolist(), step_at[fits].tolist()):
+    for k, c, b in zip(step_unit[fits].tolist(), dc[fits].tolist(), step_at[fits].tolist()):
         if k in stopped:
             continue
         if c <= room:
