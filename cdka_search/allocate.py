@@ -228,16 +228,20 @@ def allocate(units: Sequence[Sequence[Option]], budget: int, *, node_limit: int 
     for depth, k in enumerate(free):
         rest = cheapest_after[depth + 1]
         grown: list[tuple[int, float, int, int]] = []
+        # Loop invariants hoisted: this loop visits every node (up to node_limit of them).
+        choices = [(c, units[k][i][1], i) for _, c, i in options[k]]
+        root_after, bounds = after[0][depth + 1], [(mu, after[g][depth + 1]) for g, mu in enumerate(grid)]
+        beat = best_value + eps
         for s, (cost, value) in enumerate(states):
-            for _, c, i in options[k]:
+            for c, w, i in choices:
                 total = cost + c
                 room = budget - total
                 if room < rest:
                     continue
-                v = value + units[k][i][1]
-                if v + lam * room + after[0][depth + 1] <= best_value + eps:
+                v = value + w
+                if v + lam * room + root_after <= beat:
                     continue  # the root multiplier alone already rules it out
-                if v + min(mu * room + after[g][depth + 1] for g, mu in enumerate(grid)) <= best_value + eps:
+                if v + min([mu * room + a for mu, a in bounds]) <= beat:
                     continue
                 grown.append((total, v, s, i))
         grown.sort(key=lambda state: (state[0], -state[1]))
