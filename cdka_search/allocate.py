@@ -227,7 +227,7 @@ def allocate(units: Sequence[Sequence[Option]], budget: int, *, node_limit: int 
     nodes, exhausted = len(states), True
     for depth, k in enumerate(free):
         rest = cheapest_after[depth + 1]
-        grown: list[tuple[int, float, int, int]] = []
+        grown: list[tuple[int, float, int, int]] = []  # (total cost, -value, state, option)
         # Loop invariants hoisted: this loop visits every node (up to node_limit of them).
         choices = [(c, units[k][i][1], i) for _, c, i in options[k]]
         root_after, bounds = after[0][depth + 1], [(mu, after[g][depth + 1]) for g, mu in enumerate(grid)]
@@ -243,10 +243,13 @@ def allocate(units: Sequence[Sequence[Option]], budget: int, *, node_limit: int 
                     continue  # the root multiplier alone already rules it out
                 if v + min([mu * room + a for mu, a in bounds]) <= beat:
                     continue
-                grown.append((total, v, s, i))
-        grown.sort(key=lambda state: (state[0], -state[1]))
+                grown.append((total, -v, s, i))
+        # Cheapest first, then most valuable; ties stay in visiting order (s, then i: a unit's options
+        # with equal cost and value sort by index), so the plain tuple order needs no key function.
+        grown.sort()
         states, links, top_value = [], [], None
-        for total, v, s, i in grown:
+        for total, negative_v, s, i in grown:
+            v = -negative_v
             if top_value is None or v > top_value:
                 if budget - total >= top_cost_after[depth + 1] and v + top_value_after[depth + 1] > best_value + eps:
                     best_value, completed = v + top_value_after[depth + 1], (depth, len(states))
