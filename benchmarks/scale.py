@@ -1,7 +1,8 @@
 """Planning at the scale of real models: cost per module as module counts grow, in one run.
 
 Rows, side by side:
-- make_plan(per_layer), Plan.assign, apply_plan and `cdka validate --model` at 224 / 3,584 / 14,336
+- make_plan(per_layer), Plan.assign, apply_plan, `cdka validate --model` and `cdka export` (PEFT and
+  LyCORIS, of a per-layer lokr-family plan) at 224 / 3,584 / 14,336
   modules (LLaMA-shaped models, 32 / 512 / 2,048 layers, narrow so that they fit in memory);
 - allocation of 32 / 224 / 3,584 / 10,000 units (Pareto fronts of LLaMA-2-7B shapes, energy-like
   weights, a LoRA-rank-8 budget);
@@ -72,11 +73,12 @@ def table(unit: str, results: dict[str, dict[int, float]], notes: dict[str, dict
 
 
 def module_rows(layer_counts: list[int], workdir: Path) -> None:
-    """make_plan(per_layer), assign, apply_plan and validate, per module count."""
+    """make_plan(per_layer), assign, apply_plan, validate and export, per module count."""
     import torch
     import transformers
 
     from cdka_search.adapter import apply_plan
+    from cdka_search.candidates import CandidateSpace
     from cdka_search.plan import save_plan
     from cdka_search.planner import make_plan
     from cdka_search.spec import load_spec
@@ -103,6 +105,17 @@ def module_rows(layer_counts: list[int], workdir: Path) -> None:
             cmd = [sys.executable, "-m", "cdka_search", "validate", str(path), "--model", str(folder)]
             took, done = seconds(lambda: subprocess.run(cmd, capture_output=True, text=True))
             stage = f"cdka validate ({fmt} plan)"
+            if done.returncode:
+                notes.setdefault(stage, {})[n] = done.stderr.strip().splitlines()[-1][-110:]
+            else:
+                measured[stage] = took
+        # Exports need single Kronecker terms (PEFT / LyCORIS LoKr), so a per-layer plan of the lokr family.
+        lokr = save_plan(make_plan(spec, "lora:8", per_layer=True, space=CandidateSpace(family="lokr")), folder / "lokr.json")  # JSON: 14,336 groups are over the YAML size bound
+        for target in ("peft", "lycoris"):
+            stage = f"cdka export --to {target}"
+            cmd = [sys.executable, "-m", "cdka_search", "export", str(lokr), "--to", target, "--model", str(folder),
+                   "--out", str(folder / f"export-{target}")]
+            took, done = seconds(lambda: subprocess.run(cmd, capture_output=True, text=True))
             if done.returncode:
                 notes.setdefault(stage, {})[n] = done.stderr.strip().splitlines()[-1][-110:]
             else:

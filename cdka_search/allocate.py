@@ -12,8 +12,9 @@ option (cost, value); the total cost must stay within the budget and the total v
    ``upper - start``, so options losing more are dropped, and a depth-first search over the few
    units left with a choice proves the optimum (or stops at ``node_limit`` with a certified gap).
 
-Cost: sorting the hull increments (n log n) plus the search, which visits only near-ties; 10,000
-units take well under a second (benchmarks/scale.py).
+Cost: sorting the hull increments (n log n) plus the search, which visits only near-ties. From
+VECTORISE_FROM options on, steps 1-3 run on numpy arrays (cdka_search.allocate_arrays, the same
+results to the bit); 10,000 units of ~100 options take about 0.7 s here (benchmarks/scale.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Sequence
 from cdka_search.errors import BudgetError
 
 Option = tuple[int, float]  # (cost, value)
+VECTORISE_FROM = 50_000  # options in all: from here the per-option steps run on numpy arrays (measured crossover)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,33 @@ def _multipliers(
     return [lam, *(mu for mu in near if mu >= 0 and mu != lam)]
 
 
+def _screen(
+    units: Sequence[Sequence[Option]], lam: float, budget: int, upper: float, best_value: float
+) -> tuple[list[list[tuple[float, int, int]]], float]:
+    """The bound ``upper`` tightened by duality, and per unit the options that can still appear in a
+    better solution (reduced loss below the gap), cheapest loss first."""
+    reduced = [[v - lam * c for c, v in u] for u in units]
+    top = [max(r) for r in reduced]
+    upper = min(upper, lam * budget + sum(top))  # the same bound, by duality; min guards rounding
+    eps = 1e-12 * max(1.0, abs(upper))
+    options = []
+    for k, rk in enumerate(reduced):
+        floor_k = top[k] - (upper - best_value) - eps
+        options.append(sorted((top[k] - r, units[k][i][0], i) for i, r in enumerate(rk) if r > floor_k))
+    return options, upper
+
+
+def _arrays(units: Sequence[Sequence[Option]]):
+    """Many options: numpy arrays to run the same steps on (numpy imported only here, so preset
+    plans never load it); None where plain Python does (few options, or costs beyond float64)."""
+    if sum(map(len, units)) < VECTORISE_FROM:
+        return None
+    from cdka_search.allocate_arrays import Arrays
+
+    arrays = Arrays(units)
+    return arrays if arrays.exact else None
+
+
 def allocate(units: Sequence[Sequence[Option]], budget: int, *, node_limit: int = 100_000) -> Allocation:
     """Choose one option per unit maximising total value with total cost <= budget."""
     if not units or any(not u for u in units):
@@ -153,21 +182,23 @@ def allocate(units: Sequence[Sequence[Option]], budget: int, *, node_limit: int 
     floor = sum(min(c for c, _ in u) for u in units)
     if floor > budget:
         raise BudgetError(f"budget {budget:,} is below the smallest possible adapter on these targets ({floor:,} parameters)")
-    lp = _relax(units, budget)
-    best = list(lp.start)
-    if len(units) <= 64:  # the quadratic fill only where it is cheap; big problems rarely need it
-        _fill(units, best, budget)
-    best_value = sum(units[k][i][1] for k, i in enumerate(best))
+    arrays = _arrays(units)
+    if arrays is not None:
+        from cdka_search import allocate_arrays
+
+        lp = _Relaxation(*allocate_arrays.relax(arrays, budget))
+        best = list(lp.start)
+        best_value = sum(units[k][i][1] for k, i in enumerate(best))
+        options, upper = allocate_arrays.screen(arrays, units, lp.lam, budget, lp.upper, best_value)
+    else:
+        lp = _relax(units, budget)
+        best = list(lp.start)
+        if len(units) <= 64:  # the quadratic fill only where it is cheap; big problems rarely need it
+            _fill(units, best, budget)
+        best_value = sum(units[k][i][1] for k, i in enumerate(best))
+        options, upper = _screen(units, lp.lam, budget, lp.upper, best_value)
     lam = lp.lam
-    reduced = [[v - lam * c for c, v in u] for u in units]
-    top = [max(r) for r in reduced]
-    upper = min(lp.upper, lam * budget + sum(top))  # the same bound, by duality; min guards rounding
     eps = 1e-12 * max(1.0, abs(upper))
-    # Options that can still appear in a better solution (reduced loss below the gap), cheapest loss first.
-    options = []
-    for k, rk in enumerate(reduced):
-        floor_k = top[k] - (upper - best_value) - eps
-        options.append(sorted((top[k] - r, units[k][i][0], i) for i, r in enumerate(rk) if r > floor_k))
     fixed = [k for k, o in enumerate(options) if len(o) == 1]
     free = sorted((k for k, o in enumerate(options) if len(o) > 1), key=lambda k: (-options[k][1][0], k))
     fixed_value = sum(units[k][options[k][0][2]][1] for k in fixed)
@@ -196,22 +227,29 @@ def allocate(units: Sequence[Sequence[Option]], budget: int, *, node_limit: int 
     nodes, exhausted = len(states), True
     for depth, k in enumerate(free):
         rest = cheapest_after[depth + 1]
-        grown: list[tuple[int, float, int, int]] = []
+        grown: list[tuple[int, float, int, int]] = []  # (total cost, -value, state, option)
+        # Loop invariants hoisted: this loop visits every node (up to node_limit of them).
+        choices = [(c, units[k][i][1], i) for _, c, i in options[k]]
+        root_after, bounds = after[0][depth + 1], [(mu, after[g][depth + 1]) for g, mu in enumerate(grid)]
+        beat = best_value + eps
         for s, (cost, value) in enumerate(states):
-            for _, c, i in options[k]:
+            for c, w, i in choices:
                 total = cost + c
                 room = budget - total
                 if room < rest:
                     continue
-                v = value + units[k][i][1]
-                if v + lam * room + after[0][depth + 1] <= best_value + eps:
+                v = value + w
+                if v + lam * room + root_after <= beat:
                     continue  # the root multiplier alone already rules it out
-                if v + min(mu * room + after[g][depth + 1] for g, mu in enumerate(grid)) <= best_value + eps:
+                if v + min([mu * room + a for mu, a in bounds]) <= beat:
                     continue
-                grown.append((total, v, s, i))
-        grown.sort(key=lambda state: (state[0], -state[1]))
+                grown.append((total, -v, s, i))
+        # Cheapest first, then most valuable; ties stay in visiting order (s, then i: a unit's options
+        # with equal cost and value sort by index), so the plain tuple order needs no key function.
+        grown.sort()
         states, links, top_value = [], [], None
-        for total, v, s, i in grown:
+        for total, negative_v, s, i in grown:
+            v = -negative_v
             if top_value is None or v > top_value:
                 if budget - total >= top_cost_after[depth + 1] and v + top_value_after[depth + 1] > best_value + eps:
                     best_value, completed = v + top_value_after[depth + 1], (depth, len(states))

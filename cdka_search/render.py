@@ -33,6 +33,34 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+PLAIN_FROM = 100  # rows: rich spends ~0.4 ms a row (1.5 s on a 3,584-module per-layer plan)
+_PLAIN_TEXT = frozenset(chr(c) for c in range(0x20, 0x7F)) - {"["}  # one cell each, and no rich markup
+
+
+def _plain_table(table: Table, width: int) -> str | None:
+    """The text rich prints for ``table`` without colours, built directly; None where rich would do
+    more than pad (markup, wide or control characters, edge spaces, a table or title that does not fit)."""
+    cells = [[_cell(v) for v in row] for row in table.rows]
+    texts = [table.title, *table.columns, *(c for row in cells for c in row)]
+    if not table.title or any(not _PLAIN_TEXT.issuperset(t) or t != t.strip() for t in texts):
+        return None
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(table.columns)]
+    total = sum(widths) + 3 * len(widths) + 1
+    if total > width or len(table.title) > total:
+        return None
+
+    def line(edge: str, inner: str, values: Sequence[str]) -> str:
+        padded = (v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+        return edge + inner.join(f" {v} " for v in padded) + edge + "\n"
+
+    rule = ["━" * (w + 2) for w in widths]
+    return "".join([
+        table.title.ljust(total) + "\n", "┏" + "┳".join(rule) + "┓\n", line("┃", "┃", table.columns),
+        "┡" + "╇".join(rule) + "┩\n", *(line("│", "│", row) for row in cells),
+        "└" + "┴".join("─" * (w + 2) for w in widths) + "┘\n",
+    ])
+
+
 def render(table: Table, *, as_json: bool = False, stream=None) -> None:
     """Print ``table`` to ``stream`` (stdout) as a rich table, or as one JSON object."""
     out = stream or sys.stdout
@@ -47,6 +75,12 @@ def render(table: Table, *, as_json: bool = False, stream=None) -> None:
 
     # Off a terminal (pipes, files, CI logs) use a fixed width so output is the same everywhere.
     console = Console(file=out, width=Console().width if out.isatty() else 160, highlight=False)
+    plain = _plain_table(table, console.width) if len(table.rows) >= PLAIN_FROM and console.color_system is None else None
+    if plain is not None:
+        out.write(plain)
+        for note in table.notes:
+            console.print(note, soft_wrap=True)
+        return
     rich_table = RichTable(title=table.title, title_justify="left")
     for i, column in enumerate(table.columns):
         rich_table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)

@@ -3,8 +3,16 @@ import random
 
 import pytest
 
+from cdka_search import allocate as allocate_module
 from cdka_search.allocate import allocate
 from cdka_search.errors import BudgetError
+
+
+@pytest.fixture(params=["python", "numpy"])
+def path(request, monkeypatch):
+    """Run a test on the pure-Python steps and on the numpy ones (used from VECTORISE_FROM options)."""
+    monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 10**12 if request.param == "python" else 0)
+    return request.param
 
 
 def brute_force(units, budget):
@@ -18,7 +26,7 @@ def brute_force(units, budget):
 
 
 @pytest.mark.parametrize("seed", range(200))
-def test_matches_brute_force(seed):
+def test_matches_brute_force(seed, path):
     rng = random.Random(seed)
     units = [[(rng.randint(1, 40), rng.random() * 10) for _ in range(rng.randint(1, 6))] for _ in range(rng.randint(1, 5))]
     floor = sum(min(c for c, _ in u) for u in units)
@@ -34,7 +42,7 @@ def test_budget_below_the_cheapest_choice_names_the_minimum():
         allocate([[(10, 1.0)], [(5, 1.0), (9, 2.0)]], 14)
 
 
-def test_node_limit_reports_a_certified_gap():
+def test_node_limit_reports_a_certified_gap(path):
     rng = random.Random(7)
     units = [[(rng.randint(5, 50), rng.random()) for _ in range(12)] for _ in range(14)]
     budget = sum(min(c for c, _ in u) for u in units) + 150
@@ -64,7 +72,7 @@ def dynamic_programming(units, budget):
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_many_units_match_dynamic_programming(seed):
+def test_many_units_match_dynamic_programming(seed, path):
     # Near-ties everywhere (values from a few levels): the hard case for bounding.
     rng = random.Random(seed)
     units = [[(rng.randint(1, 30), rng.choice([1.0, 1.5, 2.0, 2.5]) * rng.randint(1, 6)) for _ in range(rng.randint(2, 8))] for _ in range(60)]
@@ -74,6 +82,34 @@ def test_many_units_match_dynamic_programming(seed):
     assert result.cost <= budget
     assert result.exact
     assert result.value == pytest.approx(dynamic_programming(units, budget), abs=1e-9)
+
+
+def front_shaped_units(count, seed, options=24):
+    """Shaped like a per-layer plan's units: Pareto fronts (cost up, value up, concave-ish) times weights."""
+    rng = random.Random(seed)
+    units = []
+    for _ in range(count):
+        weight = rng.lognormvariate(0, 0.7)
+        costs = sorted(rng.sample(range(100, 40_000), options))
+        units.append([(c, weight * (1 - 1 / (1 + c / 3000)) + rng.random() * 1e-3) for c in costs])
+    return units
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_numpy_steps_give_the_python_allocation(seed, monkeypatch):
+    units = front_shaped_units(300, seed)
+    rng = random.Random(seed)
+    for u in units:
+        rng.shuffle(u)  # options in any order, with a duplicate and a dominated one
+        u.append(u[0])
+        u.append((u[1][0] + 5, u[1][1] - 1.0))
+    budget = sum(min(c for c, _ in u) for u in units) + 2_000_000
+    monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 10**12)
+    python = allocate(units, budget, node_limit=5_000)
+    monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 0)
+    vectorised = allocate(units, budget, node_limit=5_000)
+    assert vectorised == python
+    assert python.nodes > 0 and python.cost <= budget
 
 
 def test_ten_thousand_front_units_are_certified():

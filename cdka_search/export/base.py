@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from cdka_search.errors import ExportError
 from cdka_search.fileio import atomic_write_text, write_folder
-from cdka_search.matching import ModuleIndex
+from cdka_search.matching import ModuleIndex, summarise
 
 if TYPE_CHECKING:
     from cdka_search.plan import Plan, PlanGroup
@@ -106,21 +107,75 @@ def peft_target_matches(key: str, name: str) -> bool:
     return name == key or name.endswith("." + key)
 
 
-def check_keys(config_name: str, keys: Iterable[str], wanted: dict[str, str], all_names: Sequence[str], rule) -> None:
-    """Each key must match exactly the one module it was written for among ``all_names``."""
+def fnmatch_matches(key: str, name: str) -> bool:
+    """LyCORIS's rule with use_fnmatch: the key is a shell glob over the whole name."""
+    return fnmatch.fnmatchcase(name, key)
+
+
+def _literal(body: str) -> str | None:
+    """The text a regex matches when it is an escaped literal (re.escape of something), else None."""
+    text = re.sub(r"\\(.)", r"\1", body, flags=re.S)
+    return text if re.escape(text) == body else None
+
+
+class KeyIndex:
+    """A model's module names indexed by every dotted suffix, so that the key checks cost one lookup
+    per key: the keys an exporter writes are full names (exact, anchored or suffix rules), and
+    comparing each against every name is quadratic on per-layer plans (3,584 modules: 13 M
+    comparisons). Keys of any other form fall back to the tool's rule over every name."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self._suffixes: dict[str, list[str]] = {}  # "x.y" -> names equal to it or ending in ".x.y", in order
+        self._exact: dict[str, list[str]] = {}
+        for name in self.names:
+            self._exact.setdefault(name, []).append(name)
+            parts = name.split(".")
+            for i in range(len(parts)):
+                self._suffixes.setdefault(".".join(parts[i:]), []).append(name)
+        # "$" also matches before a final newline: a name holding one takes the rule's own path
+        self._newlines = any("\n" in n for n in self.names)
+
+    def _scan(self, key: str, rule: Callable[[str, str], bool]) -> list[str]:
+        return [n for n in self.names if rule(key, n)]
+
+    def peft_target_hits(self, key: str) -> list[str]:
+        """The names PEFT's target_modules entry ``key`` adapts (peft_target_matches)."""
+        return list(self._suffixes.get(key, ()))
+
+    def peft_pattern_hits(self, key: str) -> list[str]:
+        """The names a rank_pattern / alpha_pattern key ``key`` applies to (peft_key_matches)."""
+        anchored_key = key.startswith("^")
+        body = key[1:] if anchored_key else key
+        body = body.removesuffix("$")  # an escaped "\\$" left as a lone "\\" is no literal: scanned
+        text = None if self._newlines else _literal(body)
+        if text is None:
+            return self._scan(key, peft_key_matches)
+        return list((self._exact if anchored_key else self._suffixes).get(text, ()))
+
+    def fnmatch_hits(self, key: str) -> list[str]:
+        """The names a LyCORIS name_algo_map key ``key`` applies to (fnmatch_matches)."""
+        if any(c in key for c in _GLOB):
+            return self._scan(key, fnmatch_matches)
+        return list(self._exact.get(key, ()))
+
+
+def check_keys(config_name: str, keys: Iterable[str], wanted: dict[str, str], hits: Callable[[str], list[str]]) -> None:
+    """Each key must match exactly the one module it was written for (``hits``: a KeyIndex method)."""
     for key in keys:
-        hits = [n for n in all_names if rule(key, n)]
-        if hits != [wanted[key]]:
+        found = hits(key)
+        if found != [wanted[key]]:
             raise ExportError(
-                f"{config_name}: key {key!r} matches {hits[:3] or 'no module'}, not only {wanted[key]!r}; "
+                f"{config_name}: key {key!r} matches {found[:3] or 'no module'}, not only {wanted[key]!r}; "
                 "this is a bug in the exporter, please report it"
             )
 
 
 def refusal(tool: str, refused: dict[str, list[str]]) -> ExportError:
-    """One error naming every group the tool cannot express, grouped by reason."""
+    """One error naming the groups the tool cannot express, grouped by reason (the first ten of each:
+    a per-layer plan would otherwise put thousands of names on the one error line)."""
     count = sum(len(v) for v in refused.values())
-    parts = [f"{reason}: {', '.join(groups)}" for reason, groups in refused.items()]
+    parts = [f"{reason}: {summarise(groups, sep=', ')}" for reason, groups in refused.items()]
     return ExportError(
         f"{tool} cannot express {count} group(s) of this plan; {'; '.join(parts)}. Re-plan with "
         "`cdka plan --family lokr` (single Kronecker terms) or `--family lora`; nothing was written"

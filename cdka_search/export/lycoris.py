@@ -21,7 +21,6 @@ maps LyCORIS keeps between calls.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import TYPE_CHECKING, Any
 
 from cdka_search.errors import ExportError
@@ -29,6 +28,7 @@ from cdka_search.export.base import (
     Export,
     ExportFile,
     ExportRow,
+    KeyIndex,
     check_keys,
     group_label,
     note_init_and_dropout,
@@ -107,7 +107,7 @@ def export_lycoris(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
             entries[n] = dict(entry)
         rows.append(ExportRow(group_label(g), g.count, d.label(), entry["algo"], settings_text))
         header.append(f"#   {group_label(g)}: {entry['algo']} {d.label()}, lambda = {_fmt(lam)}")
-    check_keys("name_algo_map", list(entries), {n: n for n in entries}, all_names, lambda k, n: fnmatch.fnmatchcase(n, k))
+    check_keys("name_algo_map", list(entries), {n: n for n in entries}, KeyIndex(all_names).fnmatch_hits)
     if trainable != plan.used_params:  # by construction; a failure is a bug in this module
         raise ExportError(f"LyCORIS would train {trainable:,} parameters, the plan {plan.used_params:,}; please report this")
 

@@ -36,11 +36,10 @@ from cdka_search.export.base import (
     ExportFile,
     ExportRow,
     anchored,
+    KeyIndex,
     check_keys,
     group_label,
     note_init_and_dropout,
-    peft_key_matches,
-    peft_target_matches,
     refusal,
     resolve_modules,
 )
@@ -107,6 +106,12 @@ def _config(base: dict[str, Any], names: list[str], r: dict[str, int], alpha: di
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
     }
+
+
+def _patterns_name_parameters(cfg: dict[str, Any]) -> bool:
+    """True when a rank_pattern or alpha_pattern key of ``cfg`` is written for one of its target_parameters."""
+    keys = {anchored(n) for n in cfg.get("target_parameters", [])}
+    return any(k in keys for pattern in ("rank_pattern", "alpha_pattern") for k in cfg[pattern])
 
 
 def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
@@ -190,12 +195,13 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
         }
         configs[name] = _config(base, names, r, alpha, "alpha")
 
+    index = KeyIndex(all_names)
     for name, cfg in configs.items():
         targets = [*cfg["target_modules"], *cfg.get("target_parameters", [])]
-        check_keys(name, targets, {n: n for n in targets}, all_names, peft_target_matches)
+        check_keys(name, targets, {n: n for n in targets}, index.peft_target_hits)
+        written_for = {anchored(n): n for n in targets}
         for pattern in ("rank_pattern", "alpha_pattern"):
-            keyed = {k: next(n for n in targets if anchored(n) == k) for k in cfg[pattern]}
-            check_keys(name, keyed, keyed, all_names, peft_key_matches)
+            check_keys(name, cfg[pattern], written_for, index.peft_pattern_hits)
     if trainable != plan.used_params:  # by construction; a failure is a bug in this module
         raise ExportError(f"PEFT would train {trainable:,} parameters, the plan {plan.used_params:,}; please report this")
 
@@ -203,8 +209,7 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
         note_init_and_dropout(plan, notes, dropout_ok=False, what="PEFT")
     elif plan.adapter.init != "kaiming-A-zero-B":
         note_init_and_dropout(plan, notes, dropout_ok=True, what="PEFT")
-    if any(k for cfg in configs.values() for pattern in ("rank_pattern", "alpha_pattern") for k in cfg[pattern]
-           if any(anchored(n) == k for n in cfg.get("target_parameters", []))):
+    if any(_patterns_name_parameters(cfg) for cfg in configs.values()):
         notes.append(
             "PEFT warns that the rank_pattern keys of target_parameters (and alpha_pattern keys) \"did not match "
             "any targeted module\"; it applies them to the parameters all the same"
