@@ -115,8 +115,8 @@ def reap_dead(study: Any) -> int:
 
 
 def ensure_heuristic(study: Any, params: dict[str, Any]) -> bool:
-    """Queue the heuristic plan unless a completed, waiting or live running copy exists. True if queued."""
-    live = (_state("COMPLETE"), _state("WAITING"), _state("RUNNING"))
+    """Queue the heuristic plan unless a copy ran to its end (heuristic_done), waits, or runs live. True if queued."""
+    live = (_state("COMPLETE"), _state("PRUNED"), _state("WAITING"), _state("RUNNING"))
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get(HEURISTIC) and t.state in live and (t.state != _state("RUNNING") or _alive(t)):
             return False
