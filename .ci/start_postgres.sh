@@ -7,7 +7,7 @@
 # Installs Debian's postgresql with apt-get when no server binaries are found (needs root or sudo).
 # The cluster lives in a temporary folder ($CDKA_PG_DIR, default /tmp/cdka-pg-$PORT) owned by the
 # postgres user, listens on 127.0.0.1 only, port $CDKA_PG_PORT (default 54329). Running the script again
-# reuses a running server. Stop it with:
+# reuses a running server but always gives a new, empty database. Stop it with:
 #   runuser -u postgres -- "$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)/pg_ctl" -D /tmp/cdka-pg-54329 stop
 # Only the URL goes to stdout; everything else goes to stderr. Nothing secret is printed or exported.
 set -euo pipefail
@@ -62,8 +62,9 @@ else
     -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DIR -c fsync=off -c max_connections=100" start >&2
 fi
 
-if ! "$BIN/psql" -h 127.0.0.1 -p "$PORT" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$DB'" postgres | grep -q 1; then
-  "$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U postgres "$DB" >&2
-  log "created database $DB"
-fi
+# A fresh database every run: a server (or its folder in /tmp) kept from an earlier run must not hand
+# this run studies made by other code.
+"$BIN/dropdb" -h 127.0.0.1 -p "$PORT" -U postgres --if-exists --force "$DB" >&2
+"$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U postgres "$DB" >&2
+log "created a fresh database $DB"
 echo "$URL"
