@@ -190,9 +190,21 @@ def header_doc():
     return doc, offset
 
 
-def test_safetensors_header_fuzz(tmp_path):
+def _load_and_tally(file, seen: dict[str, int]) -> None:
+    """Load a spec from ``file``: a CdkaError counts as refused, a spec must hold bounded dimensions."""
     from cdka_search.limits import MAX_DIM
     from cdka_search.spec import load_spec
+
+    try:
+        spec = load_spec(str(file))
+    except CdkaError:
+        seen["refused"] += 1
+        return
+    seen["ok"] += 1
+    assert all(1 <= t.d_out <= MAX_DIM and 1 <= t.d_in <= MAX_DIM for t in spec.targets)
+
+
+def test_safetensors_header_fuzz(tmp_path):
 
     valid, data_bytes = header_doc()
     file = tmp_path / "model.safetensors"
@@ -209,13 +221,7 @@ def test_safetensors_header_fuzz(tmp_path):
         with file.open("wb") as fh:
             fh.write(struct.pack("<Q", length) + body)
             fh.truncate(8 + len(body) + data.draw(st.sampled_from([0, data_bytes - 1, data_bytes, 10**9])))
-        try:
-            spec = load_spec(str(file))
-        except CdkaError:
-            seen["refused"] += 1
-            return
-        seen["ok"] += 1
-        assert all(1 <= t.d_out <= MAX_DIM and 1 <= t.d_in <= MAX_DIM for t in spec.targets)
+        _load_and_tally(file, seen)
 
     run()
     assert seen["ok"] > 0 and seen["refused"] > EXAMPLES / 3
@@ -242,8 +248,6 @@ def test_the_fuzz_corpus_starts_from_valid_documents(tmp_path, plan_doc):
 def test_config_values_fuzz(tmp_path):
     """Hostile values in every field a built-in family reads (model_type kept, so nothing reaches
     transformers): the family's checks refuse them with a CdkaError, or the spec is within limits."""
-    from cdka_search.limits import MAX_DIM
-    from cdka_search.spec import load_spec
 
     base = {k: v for k, v in CONFIG.items() if k not in ("rope_scaling", "architectures")}
     file = tmp_path / "config.json"
@@ -257,13 +261,7 @@ def test_config_values_fuzz(tmp_path):
             key = data.draw(st.sampled_from(sorted(k for k in base if k != "model_type")))
             doc[key] = data.draw(st.one_of(st.sampled_from(HOSTILE), st.integers(-2**70, 2**70), st.integers(0, 300)))
         file.write_text(json.dumps(doc, allow_nan=True))
-        try:
-            spec = load_spec(str(file))
-        except CdkaError:
-            seen["refused"] += 1
-            return
-        seen["ok"] += 1
-        assert all(1 <= t.d_out <= MAX_DIM and 1 <= t.d_in <= MAX_DIM for t in spec.targets)
+        _load_and_tally(file, seen)
 
     run()
     assert seen["ok"] > 0 and seen["refused"] > EXAMPLES / 2

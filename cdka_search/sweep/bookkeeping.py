@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import socket
 from typing import Any, Iterable, Sequence
@@ -116,10 +117,8 @@ def reap_dead(study: Any) -> int:
 
 def ensure_heuristic(study: Any, params: dict[str, Any]) -> bool:
     """Queue the heuristic plan unless a copy ran to its end (heuristic_done), waits, or runs live. True if queued."""
-    live = (_state("COMPLETE"), _state("PRUNED"), _state("WAITING"), _state("RUNNING"))
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get(HEURISTIC) and t.state in live and (t.state != _state("RUNNING") or _alive(t)):
-            return False
+    if earlier_heuristic(study, math.inf) is not None:
+        return False
     study.enqueue_trial(params, user_attrs={HEURISTIC: True}, skip_if_exists=False)
     return True
 
@@ -193,7 +192,7 @@ def untried_design(labels: Sequence[Sequence[str]], tried: Iterable[tuple[str, .
     return None
 
 
-def earlier_heuristic(study: Any, number: int) -> int | None:
+def earlier_heuristic(study: Any, number: float) -> int | None:
     """The number of a copy of trial 0 below ``number`` that ran, runs or waits, if any: two workers
     opening a new study at once may both queue the heuristic plan, and only the first copy trains."""
     held = (_state("COMPLETE"), _state("PRUNED"), _state("RUNNING"), _state("WAITING"))
