@@ -71,15 +71,21 @@ def test_plan_for_refuses_a_plan_over_budget():
 
 
 # proxy task -----------------------------------------------------------------------------------------------
-def test_proxy_scaling_keeps_every_design_structure():
+@pytest.mark.parametrize(
+    ("objective", "expected"),
+    [
+        # docs/sweep.md's example sizes.
+        ("balanced", {(4096, 4096): (512, 512), (11008, 4096): (688, 512), (4096, 11008): (512, 688)}),
+        # The default's designs include r1 = 32 on 11008 x 4096, so d_out' must be a multiple of 32.
+        ("rank", {(4096, 4096): (512, 512), (11008, 4096): (1376, 512), (4096, 11008): (512, 688)}),
+    ],
+)
+def test_proxy_scaling_keeps_every_design_structure(objective, expected):
     from cdka_search.spec import load_spec
     from cdka_search.sweep.space import build_space
     from cdka_search.sweep.tasks.proxy import scale_design, scaled_shape
 
-    # docs/sweep.md's example sizes come from the balanced objective's designs; the default (rank)
-    # objective's higher-rank designs keep larger sides, which the structure checks below cover too.
-    space = build_space(load_spec("llama-2-7b"), "0.5%", objective="balanced")
-    expected = {(4096, 4096): (512, 512), (11008, 4096): (688, 512), (4096, 11008): (512, 688)}  # docs/sweep.md
+    space = build_space(load_spec("llama-2-7b"), "0.5%", objective=objective)
     for shape, designs in space.designs_by_shape().items():
         small = scaled_shape(shape, designs)
         assert small == expected[shape]

@@ -65,12 +65,16 @@ def scaled_side(size: int, factors: list[int], keep: list[int], max_side: int = 
     return size
 
 
+def scaled_out(d_out: int, designs: list[Design], max_side: int = MAX_SIDE) -> int:
+    """d_out': every r1 divides it and m1' = d_out' / r1 keeps min(m1, n1) = min(m1, r2)."""
+    return scaled_side(d_out, [d.r1 for d in designs], [min(d.m1, d.r2) for d in designs], max_side)
+
+
 def scaled_shape(shape: tuple[int, int], designs: list[Design], max_side: int = MAX_SIDE) -> tuple[int, int]:
     """(d_out', d_in') keeping every design's (r1, r2, r) and its rank-bound factors (module docstring)."""
     d_out, d_in = shape
-    out = scaled_side(d_out, [d.r1 for d in designs], [d.r1 * min(d.m1, d.r2) for d in designs], max_side)
-    inn = scaled_side(d_in, [d.r2 for d in designs], [d.r2 * min(d.r1, d.n2) for d in designs], max_side)
-    return out, inn
+    inn = scaled_side(d_in, [d.r2 for d in designs], [min(d.r1, d.n2) for d in designs], max_side)
+    return scaled_out(d_out, designs, max_side), inn
 
 
 def scale_design(design: Design, shape: tuple[int, int]) -> Design:
@@ -144,9 +148,7 @@ class ProxyTask:
                 scaled = scaled_shape(g.shape, by_shape[g.shape], self.max_side)
             else:
                 key = g.index
-                d_out = scaled_side(g.shape[0], [d.r1 for d in by_shape[g.shape]],
-                                    [d.r1 * min(d.m1, d.r2) for d in by_shape[g.shape]], self.max_side)
-                scaled = (d_out, g.shape[1])
+                scaled = (scaled_out(g.shape[0], by_shape[g.shape], self.max_side), g.shape[1])
             self.key_of[g.index] = key
             self.shapes[g.shape] = scaled
             if key in self.problems:
