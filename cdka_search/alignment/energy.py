@@ -247,13 +247,18 @@ def _krylov_sigma_sq(
             last_change = change
         if step == settings.max_steps:
             break
+        room = R.shape[0] - basis.shape[1]
+        if room <= 0:  # the basis spans R's column space: the Ritz values are exact
+            break
         previous = energies
         # Whiten the last image block from its diagonal block of H (cheaper than a QR of the
         # tall image) so that R @ image does not lose its small directions to rounding.
         weights, vectors = _small_eig(torch.linalg.eigh, H[-block.shape[1]:, -block.shape[1]:])
         keep = weights > weights[-1] * 1e-12
         whiten = (vectors[:, keep] / weights[keep].sqrt()).to(work)
-        block = _orthonormal(right(images[:, -block.shape[1]:] @ whiten), basis)
+        # Never more columns than dimensions: an over-full basis is not orthonormal, and its "Ritz
+        # values" then overshoot the true singular values.
+        block = _orthonormal(right(images[:, -block.shape[1]:] @ whiten[:, -room:]), basis)
         image = left(block)
         cross = (images.T @ image).double()
         H = torch.cat([torch.cat([H, cross], 1), torch.cat([cross.T, (image.T @ image).double()], 1)])
