@@ -140,9 +140,10 @@ def test_a_krylov_basis_never_outgrows_the_small_side(bf16_passes: bool) -> None
 
 
 def test_error_estimate_of_a_geometric_sequence() -> None:
-    # moves 0.01 then 0.004: rho = 0.4, so 0.4 / 0.6 of the last move is left; one move alone: rho = 0.5.
-    assert _error_left(0.004, 0.01) == pytest.approx(0.004 * 0.4 / 0.6)
-    assert _error_left(0.01, None) == pytest.approx(0.01)
+    # moves 0.01 then 0.006: rho = 0.6, so 0.6 / 0.4 of the last move is left.
+    assert _error_left(0.006, 0.01) == pytest.approx(0.006 * 0.6 / 0.4)
+    assert _error_left(0.0048, 0.06) == pytest.approx(0.0048)  # a sudden drop is not trusted: rho >= 0.5
+    assert _error_left(0.01, None) == pytest.approx(0.09)  # one move alone: rho = 0.9
     assert _error_left(0.02, 0.01) == pytest.approx(0.02 * 9)  # a growing move: rho capped at 0.9
     assert _error_left(0.0, 0.01) == 0.0
 
