@@ -14,13 +14,14 @@ Designs, all at equal budget (``lora:R``, every linear layer): LoRA, the paper's
 other uniform (r1,r2,r) designs (one design on every target, r as large as fits), every objective's plan,
 and full fine-tuning as the headroom reference. Every design trains STEPS steps of AdamW (warm-up, cosine)
 at every lr of a small grid on seed 0; its own best lr and the one shared lr (best mean over designs) are
-then rerun on the other seeds. The table reports held-out loss mean +- spread (max - min over seeds) at
-both lrs, and Spearman's rho of every score (parameter-weighted mean over the plan's groups) against
--loss over the adapter designs of each task and budget.
+then rerun on the other seeds (``--lr ADAPTER:FULL`` skips the grid and trains every design at those).
+The table reports held-out loss mean +- spread (max - min over seeds), and Spearman's rho of every score
+and objective (mean over the plan's matrices, weighted as allocation weighs them) against -loss over the
+adapter designs of each task and budget.
 
-Run:  python benchmarks/validity_lm.py --quick           (one task, lora:2, 2 seeds; <= 5 min on 2 cores)
-      python benchmarks/validity_lm.py                   (both tasks, lora:1/2/8, 3 seeds; <= 30 min)
-      python benchmarks/validity_lm.py --out benchmarks/results/validity_lm.md
+Run:  python benchmarks/validity_lm.py --quick     (prose, lora:2, 6 designs, 2 seeds, calibrated lrs: 96 s on 2 cores)
+      python benchmarks/validity_lm.py --cells prose:2 prose:1 prose:8 swapcase:2 --lr 0.0045:0.001 \
+          --out benchmarks/results/validity_lm.md  (3 seeds, 132 runs: 18.6 min on 2 cores)
 Options: --workers N (processes, one torch thread each), --tasks, --budgets, --seeds, --steps.
 """
 
