@@ -1,6 +1,6 @@
 """Speed and accuracy of alignment_table on a 4096 x 11008 matrix (a Llama-7B MLP shape).
 
-Run: python benchmarks/alignment_speed.py [--power-iters Q] [--tol T] [--threads N] [--shape 4096x11008]
+Run: python benchmarks/alignment_speed.py [--max-steps Q] [--target E] [--threads N] [--shape 4096x11008]
      python benchmarks/alignment_speed.py --accuracy [--accuracy-shapes 96x128 256x688 512x1376]
 
 ``--accuracy`` prints instead the accuracy table of docs/alignment.md: with the library's defaults,
@@ -8,7 +8,8 @@ the largest error against float64 SVD over every divisor pair (r <= 16) of flat,
 plus noise and heavy-tailed matrices of each shape.
 
 Builds M = low rank (32 components, sigma_j ~ 1/j) + Gaussian noise, times alignment_table over
-every divisor pair with r_max = 16 in one call, then times an exact float64 SVD (torch.linalg.
+every divisor pair with r_max = 16 in one call, with the Krylov passes in bfloat16 and in float32
+side by side (the library picks bfloat16 where the CPU multiplies it natively), then times an exact float64 SVD (torch.linalg.
 svdvals of R(M)) on a fixed subset of pairs small enough to finish in about a minute, reports the
 largest energy error there, and extrapolates the exact time to all pairs with the O(L * D^2) cost
 of an SVD of an L x D matrix (D = min(R.shape)), fitted to the measured subset.
@@ -23,6 +24,8 @@ import time
 import torch
 
 from cdka_search.alignment import alignment_table, divisor_pairs, factor_sizes, rearrange
+from cdka_search.alignment.device import fast_bf16
+from cdka_search.alignment.energy import DEFAULT_ACCURACY, DEFAULT_MAX_STEPS
 
 D_OUT, D_IN, R_MAX = 4096, 11008, 16
 # Exact side: D = 64 and 172 (Gram path) and D = 344, 512, 688 (Krylov path; see energy.py).
@@ -87,9 +90,8 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true", help="print the accuracy table instead")
     parser.add_argument("--accuracy-shapes", nargs="*", default=["96x128", "256x688", "512x1376"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    # Defaults trade accuracy for speed: the library defaults (6, 1e-5) take minutes here.
-    parser.add_argument("--power-iters", type=int, default=2, help="Krylov steps after the first")
-    parser.add_argument("--tol", type=float, default=1e-4, help="early-stop energy change")
+    parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="most Krylov blocks after the first")
+    parser.add_argument("--target", type=float, default=DEFAULT_ACCURACY, help="target energy error (early stop)")
     parser.add_argument("--shape", default=f"{D_OUT}x{D_IN}", help="d_outxd_in of the test matrix")
     args = parser.parse_args()
     if args.threads:
@@ -101,40 +103,44 @@ def main() -> None:
     M = build_matrix(*shape)
     pairs = divisor_pairs(*shape)
     exact_pairs = [p for p in EXACT_PAIRS if p in pairs] or pairs[:: max(1, len(pairs) // 6)]
+    modes = {"bf16 passes": True, "float32": False}
+    print(f"torch threads {torch.get_num_threads()}; max_steps {args.max_steps}, accuracy {args.target}; "
+          f"the library's default here: {'bf16 passes' if fast_bf16(torch.device('cpu')) else 'float32'}")
 
-    start = time.perf_counter()
-    options = {"power_iters": args.power_iters, "tol": args.tol}
-    print(f"alignment_table options: {options}")
-    table = alignment_table(M, R_MAX, **options)
-    fast_all = time.perf_counter() - start
-    print(f"alignment_table, all {len(pairs)} pairs: {fast_all:.1f} s", file=sys.stderr)
+    totals = {}
+    for mode, low in modes.items():
+        start = time.perf_counter()
+        alignment_table(M, R_MAX, max_steps=args.max_steps, accuracy=args.target, bf16_passes=low)
+        totals[mode] = time.perf_counter() - start
+        print(f"alignment_table, all {len(pairs)} pairs, {mode}: {totals[mode]:.1f} s", file=sys.stderr)
 
     rows = []
     for pair in exact_pairs:
-        start = time.perf_counter()
-        fast = torch.tensor(alignment_table(M, R_MAX, pairs=[pair], **options)[pair], dtype=torch.float64)
-        fast_t = time.perf_counter() - start
+        times, errors = {}, {}
         start = time.perf_counter()
         exact = exact_energies(M, pair)
         exact_t = time.perf_counter() - start
-        assert torch.equal(fast, torch.tensor(table[pair], dtype=torch.float64))
-        rows.append((pair, *small_side(shape, pair), fast_t, exact_t, (fast - exact).abs().max().item()))
+        for mode, low in modes.items():
+            start = time.perf_counter()
+            got = alignment_table(M, R_MAX, pairs=[pair], max_steps=args.max_steps, accuracy=args.target, bf16_passes=low)[pair]
+            times[mode] = time.perf_counter() - start
+            errors[mode] = (torch.tensor(got, dtype=torch.float64) - exact).abs().max().item()
+        rows.append((pair, *small_side(shape, pair), times, errors, exact_t))
         print(f"  exact {pair}: {exact_t:.1f} s", file=sys.stderr)
 
     # SVD of an L x D matrix costs ~ c * L * D^2: fit c on the measured pairs, apply to all.
-    rate = sum(r[4] for r in rows) / sum(r[2] * r[1] ** 2 for r in rows)
+    rate = sum(r[5] for r in rows) / sum(r[2] * r[1] ** 2 for r in rows)
     exact_all = sum(rate * L * D**2 for D, L in (small_side(shape, p) for p in pairs))
 
-    print(f"{'pair (r1,r2)':>14} {'R: D x L':>16} {'randomized s':>13} {'exact SVD s':>12} "
-          f"{'max |err|':>10} {'speedup':>8}")
-    for pair, D, L, fast_t, exact_t, err in rows:
-        print(f"{str(pair):>14} {f'{D} x {L}':>16} {fast_t:13.3f} {exact_t:12.2f} {err:10.1e} "
-              f"{exact_t / fast_t:8.1f}")
-    subset_fast, subset_exact = sum(r[3] for r in rows), sum(r[4] for r in rows)
-    print(f"{'subset total':>31} {subset_fast:13.2f} {subset_exact:12.1f} "
-          f"{max(r[5] for r in rows):10.1e} {subset_exact / subset_fast:8.1f}")
-    print(f"{f'all {len(pairs)} pairs':>31} {fast_all:13.2f} {exact_all:11.0f}* {'':>10} "
-          f"{exact_all / fast_all:8.1f}")
+    head = "".join(f" {m + ' s':>15} {'|err|':>8}" for m in modes)
+    print(f"{'pair (r1,r2)':>14} {'R: D x L':>16}{head} {'exact SVD s':>12}")
+    for pair, D, L, times, errors, exact_t in rows:
+        cells = "".join(f" {times[m]:15.3f} {errors[m]:8.1e}" for m in modes)
+        print(f"{str(pair):>14} {f'{D} x {L}':>16}{cells} {exact_t:12.2f}")
+    cells = "".join(f" {sum(r[3][m] for r in rows):15.2f} {max(r[4][m] for r in rows):8.1e}" for m in modes)
+    print(f"{'subset total':>31}{cells} {sum(r[5] for r in rows):12.1f}")
+    cells = "".join(f" {totals[m]:15.2f} {'':>8}" for m in modes)
+    print(f"{f'all {len(pairs)} pairs':>31}{cells} {exact_all:11.0f}*")
     print("* extrapolated: c * L * D^2 with c fitted on the subset (not run)")
 
 

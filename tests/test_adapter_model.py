@@ -209,3 +209,28 @@ def test_cdka_linear_is_the_replacement_and_keeps_base_names():
         n.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         for n in names_before - names_after
     }
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_apply_pauses_the_cyclic_gc_while_building_and_restores_it_even_on_failure(monkeypatch, enabled):
+    import gc
+
+    model = tiny_llama()
+    plan = plan_for(model)
+    seen = []
+
+    def failing_init(self, *args, **kwargs):
+        seen.append(gc.isenabled())
+        raise RuntimeError("out of memory")
+
+    (gc.enable if enabled else gc.disable)()
+    try:
+        monkeypatch.setattr(CdkaLinear, "__init__", failing_init)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            apply_plan(model, plan)
+        assert seen == [False] and gc.isenabled() is enabled
+        monkeypatch.undo()
+        apply_plan(model, plan)
+        assert gc.isenabled() is enabled and len(adapter_modules(model)) == 14
+    finally:
+        gc.enable()

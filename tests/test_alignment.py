@@ -12,6 +12,7 @@ from cdka_search.alignment import (
     rearrange,
     topr_energies,
 )
+from cdka_search.alignment.energy import _error_left
 from cdka_search.errors import ReferenceFileError, TargetError
 
 
@@ -91,21 +92,48 @@ def test_small_matrices_match_exact_svd_for_every_pair(shape: tuple[int, int], k
         assert err.max() < 1e-3, (pair, err.max())
 
 
+@pytest.mark.parametrize("bf16_passes", [True, False])
 @pytest.mark.parametrize("kind", ["flat", "decaying", "heavy"])
-def test_randomized_path_matches_exact_svd_on_medium_matrices(kind: str) -> None:
-    # min(R.shape) = 512 and 456 > 2 * (6 + 1) * 24 = 336, so these pairs take the Krylov path.
+def test_randomized_path_matches_exact_svd_on_medium_matrices(kind: str, bf16_passes: bool) -> None:
+    # min(R.shape) = 512 and 456 > GRAM_BLOCKS * 24 = 96, so these pairs take the Krylov path; bfloat16
+    # passes run on any CPU (emulated where not native), so both are checked here.
     M = spectra(512, 912, seed=3)[kind]
     for pair in [(1, 1), (2, 2)]:
-        got = topr_energies(M, *factor_sizes(512, 912, *pair), 16)
+        got = topr_energies(M, *factor_sizes(512, 912, *pair), 16, bf16_passes=bf16_passes)
         err = (got - exact_energies(M, pair, 16)).abs().max()
         assert err < 1e-3, (pair, err)
 
 
 def test_few_power_iterations_still_give_lower_bounds() -> None:
-    # Ritz values on an orthonormal basis never exceed the true singular values.
+    # Ritz values on an orthonormal basis never exceed the true singular values (of R as multiplied,
+    # hence float32 passes here).
     M = spectra(256, 320)["flat"]
-    got = topr_energies(M, 256, 1, 1, 320, 8, oversample=2, power_iters=0)
+    got = topr_energies(M, 256, 1, 1, 320, 8, oversample=2, max_steps=0, bf16_passes=False)
     assert (got <= exact_energies(M, (1, 1), 8) + 1e-6).all()
+
+
+def test_the_accuracy_target_bounds_the_error_and_a_looser_one_costs_fewer_steps(monkeypatch) -> None:
+    from cdka_search.alignment import energy
+
+    checks: list[float] = []
+    monkeypatch.setattr(energy, "_error_left", lambda c, last: checks.append(c) or _error_left(c, last))
+    M = spectra(256, 688, seed=5)["flat"]  # the slowest spectrum to converge
+    steps = []
+    for target in (3e-2, 1e-2, 1e-3):
+        checks.clear()
+        table = alignment_table(M, 16, pairs=[(1, 1), (4, 4), (2, 8)], accuracy=target)
+        for pair, energies in table.items():
+            assert (torch.tensor(energies, dtype=torch.float64) - exact_energies(M, pair, 16)).abs().max() < target / 2
+        steps.append(len(checks))  # Krylov steps past the first, over the 3 pairs
+    assert steps[0] < steps[1] < steps[2] <= 3 * energy.DEFAULT_MAX_STEPS, steps
+
+
+def test_error_estimate_of_a_geometric_sequence() -> None:
+    # moves 0.01 then 0.004: rho = 0.4, so 0.4 / 0.6 of the last move is left; one move alone: rho = 0.5.
+    assert _error_left(0.004, 0.01) == pytest.approx(0.004 * 0.4 / 0.6)
+    assert _error_left(0.01, None) == pytest.approx(0.01)
+    assert _error_left(0.02, 0.01) == pytest.approx(0.02 * 9)  # a growing move: rho capped at 0.9
+    assert _error_left(0.0, 0.01) == 0.0
 
 
 def test_energies_are_deterministic_monotone_and_in_unit_interval() -> None:

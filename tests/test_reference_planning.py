@@ -78,3 +78,47 @@ def test_bounded_energies_extend_by_the_last_share():
     assert bounded([0.5, 0.7], 5) == pytest.approx([0.5, 0.7, 0.9, 1.0, 1.0])
     assert bounded([0.4], 3) == pytest.approx([0.4, 0.8, 1.0])
     assert bounded([0.1, 0.2, 0.3], 2) == [0.1, 0.2]
+
+
+def test_uses_alignment_tells_objectives_apart(monkeypatch):
+    import numpy as np
+
+    from cdka_search import scoring
+    from cdka_search.alignment.planning import uses_alignment
+
+    monkeypatch.setitem(scoring.OBJECTIVES, "no_alignment", lambda c, a, s, z: np.sqrt(np.minimum(c, 0.6) * z))
+    monkeypatch.setitem(scoring.OBJECTIVES, "some_alignment", lambda c, a, s, z: np.sqrt(np.minimum(c, 0.6) * z) + 1e-3 * a)
+    assert uses_alignment("alignment") and uses_alignment("some_alignment")
+    assert not uses_alignment("no_alignment")
+
+
+def test_an_objective_without_alignment_measures_only_the_chosen_pairs(monkeypatch):
+    import numpy as np
+
+    from cdka_search import scoring
+    from cdka_search.alignment import planning
+
+    monkeypatch.setitem(scoring.OBJECTIVES, "no_alignment", lambda c, a, s, z: np.sqrt(np.minimum(c, 0.6) * z))
+    gen = torch.Generator().manual_seed(6)
+    names = ("a", "b", "c", "d")
+    ref = {n: torch.randn(96, 128, generator=gen) * (1 + i) for i, n in enumerate(names)}
+    spec = spec_of(*names, shape=(96, 128))
+    measured = []
+    real_curve = planning.stacked_curve
+
+    def counting(M, **kwargs):
+        curve = real_curve(M, **kwargs)
+        return lambda r1, r2, r_max: measured.append((r1, r2, r_max)) or curve(r1, r2, r_max)
+
+    monkeypatch.setattr(planning, "stacked_curve", counting)
+    lazy = make_plan(spec, 12000, objective="no_alignment", reference=ref)
+    assert sorted(measured) == sorted((g.design.r1, g.design.r2, g.design.r) for g in lazy.groups)  # one each, to its r
+    monkeypatch.setattr(planning, "uses_alignment", lambda objective: True)  # measure every shortlisted pair first
+    measured.clear()
+    eager = make_plan(spec, 12000, objective="no_alignment", reference=ref)
+    assert len(measured) > 2 * len(names)
+    assert [g.design for g in lazy.groups] == [g.design for g in eager.groups]
+    for a, b in zip(lazy.groups, eager.groups):  # reported alignments are measured (to another depth: within 1e-3)
+        assert a.scores["alignment"] == pytest.approx(b.scores["alignment"], abs=1e-3)
+        assert {k: v for k, v in a.scores.items() if k != "alignment"} == {k: v for k, v in b.scores.items() if k != "alignment"}
+    assert len({g.design.params for g in lazy.groups}) > 1  # the energies weighted the modules differently

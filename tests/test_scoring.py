@@ -105,3 +105,22 @@ def test_the_rank_objective_spends_a_lora8_budget_on_higher_rank_than_lora():
         plan = make_plan(load_spec(name), "lora:8", objective="rank")
         assert sum(g.params for g in plan.groups) >= 0.95 * plan.budget_limit
         assert all(g.design.rank_bound > 8 for g in plan.groups)
+
+
+def test_factor_spectra_run_on_one_blas_thread(monkeypatch):
+    # Threaded OpenBLAS on these small SVDs was 20x slower on a busy 2-core machine.
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    from cdka_search.scoring import _squared_singular_values
+
+    threads = []
+    real_svd = np.linalg.svd
+
+    def spying_svd(*args, **kwargs):
+        threads.extend(pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas")
+        return real_svd(*args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "svd", spying_svd)
+    got = _squared_singular_values(12, 96, samples=4, seed=0)
+    assert got.shape == (4, 12) and threads and set(threads) == {1}

@@ -30,3 +30,17 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
             raise ReferenceFileError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
         return torch.device("cuda", index)
     raise ReferenceFileError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively, so they cost about half of float32.
+
+    CPUs without AVX512-BF16 (or AMX) emulate it and are slower than float32; torch only exposes the
+    CPU check privately, so its absence reads as "no".
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check is not None and check())

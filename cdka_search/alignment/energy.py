@@ -7,22 +7,28 @@ R(M) (Eckart-Young), so the kept share is sum_{j<=r} sigma_j(R(M))^2 / ||M||_F^2
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from cdka_search.alignment.device import resolve_device
-from cdka_search.alignment.rearrange import rearrange
+from cdka_search.alignment.device import fast_bf16, resolve_device
+from cdka_search.alignment.rearrange import check_shape, rearrange
 from cdka_search.candidates import factor_pairs
 from cdka_search.errors import ReferenceFileError, TargetError
 
 Pair = tuple[int, int]
 
-#: Early stop of the Krylov iteration: the energies moved by less than this between two steps.
-#: Measured (docs/alignment.md): at 1e-4 every pair's error stays below 1e-5 on realistic updates,
-#: well inside the 1e-3 planning needs, while 1e-5 costs up to twice the steps.
-DEFAULT_TOL = 1e-4
+#: Target absolute error of every energy (planning needs 1e-3, issue 12). The Krylov iteration stops
+#: once its own error estimate is below half of it (see _krylov_sigma_sq); docs/alignment.md has the
+#: measured errors, all below this target.
+DEFAULT_ACCURACY = 1e-3
+#: Most Krylov blocks after the first: a cap, reached only on spectra flatter than any update measured.
+DEFAULT_MAX_STEPS = 10
+#: The exact Gram path is taken up to min(R.shape) <= GRAM_BLOCKS * k: a D x D Gram matrix in float32
+#: costs about as much as that many low-precision Krylov passes of k columns (measured, docs/alignment.md).
+GRAM_BLOCKS = 4
 
 
 def factor_sizes(d_out: int, d_in: int, r1: int, r2: int) -> tuple[int, int, int, int]:
@@ -40,6 +46,28 @@ def divisor_pairs(d_out: int, d_in: int) -> list[Pair]:
     return factor_pairs(d_out, d_in)
 
 
+@dataclass(frozen=True)
+class KrylovSettings:
+    """How the randomized path runs (module docstring; docs/alignment.md has the measurements).
+
+    ``bf16_passes``: multiply R in bfloat16 (float32 results) where the device does so natively,
+    ``None`` meaning exactly there (``fast_bf16``); its rounding errors are independent per entry and
+    average out in the Ritz values (measured: far below ``accuracy``). Never with float64 input.
+    """
+
+    oversample: int = 8
+    max_steps: int = DEFAULT_MAX_STEPS
+    accuracy: float = DEFAULT_ACCURACY
+    seed: int = 0
+    bf16_passes: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.oversample < 0 or self.max_steps < 0:
+            raise TargetError(f"oversample and max_steps must be >= 0, got {self.oversample} and {self.max_steps}")
+        if not self.accuracy > 0:
+            raise TargetError(f"accuracy must be positive, got {self.accuracy}")
+
+
 def topr_energies(
     M: torch.Tensor,
     m1: int,
@@ -49,25 +77,24 @@ def topr_energies(
     r_max: int,
     *,
     oversample: int = 8,
-    power_iters: int = 6,
+    max_steps: int = DEFAULT_MAX_STEPS,
     seed: int = 0,
-    tol: float = DEFAULT_TOL,
+    accuracy: float = DEFAULT_ACCURACY,
+    bf16_passes: bool | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = "cpu",
 ) -> torch.Tensor:
     """Energies e[r-1] = sum_{j<=r} sigma_j(R(M))^2 / ||M||_F^2 for r = 1..r_max, in float64.
 
-    Exact (eigenvalues of the small Gram matrix of R(M)) when min(R.shape) is at most what the
-    randomized path would cost in matrix passes, 2 * (power_iters + 1) * (r_max + oversample);
-    otherwise one randomized block Krylov run (see _krylov_sigma_sq). The result is clamped to
-    [0, 1] and non-decreasing; a zero M gives zeros. bf16/fp16 inputs are upcast to `dtype`.
-    The work runs on ``device`` (cdka_search.alignment.device); the result is on the CPU.
+    Exact (eigenvalues of the small Gram matrix of R(M)) when min(R.shape) <= GRAM_BLOCKS *
+    (r_max + oversample); otherwise one randomized block Krylov run (see _krylov_sigma_sq) that stops
+    when its error estimate is below ``accuracy`` / 2, after at most ``max_steps`` blocks past the first.
+    The result is clamped to [0, 1] and non-decreasing; a zero M gives zeros. bf16/fp16 inputs are
+    upcast to `dtype`. The work runs on ``device`` (cdka_search.alignment.device); the result is on the CPU.
     """
-    work, norm_sq = _checked_input(M, r_max, dtype, device)
-    R = rearrange(work, m1, n1, m2, n2)
-    return _energies(
-        R, norm_sq, r_max, oversample=oversample, power_iters=power_iters, seed=seed, tol=tol
-    )
+    matrix = _Matrix.of(M, r_max, dtype, device, bf16_passes)
+    settings = KrylovSettings(oversample, max_steps, accuracy, seed, bf16_passes)
+    return matrix.energies((m1, n1, m2, n2), r_max, settings)
 
 
 def alignment_table(
@@ -76,9 +103,10 @@ def alignment_table(
     pairs: Iterable[Pair] | None = None,
     *,
     oversample: int = 8,
-    power_iters: int = 6,
+    max_steps: int = DEFAULT_MAX_STEPS,
     seed: int = 0,
-    tol: float = DEFAULT_TOL,
+    accuracy: float = DEFAULT_ACCURACY,
+    bf16_passes: bool | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = "cpu",
 ) -> dict[Pair, list[float]]:
@@ -87,80 +115,89 @@ def alignment_table(
     Paper mapping: m2 = r1, n1 = r2, m1 = d_out / r1, n2 = d_in / r2. M is upcast once and every
     pair draws its sketch from the same seed, so a pair's row does not depend on the others.
     """
-    if M.dim() != 2:
-        raise TargetError(f"expected a 2-D (d_out, d_in) matrix, got shape {tuple(M.shape)}")
+    _check_2d(M)
     d_out, d_in = M.shape
     wanted = divisor_pairs(d_out, d_in) if pairs is None else [tuple(p) for p in pairs]
     sizes = {p: factor_sizes(d_out, d_in, *p) for p in wanted}  # validate all before any work
-    work, norm_sq = _checked_input(M, r_max, dtype, device)
-    return {
-        pair: _energies(
-            rearrange(work, *shape), norm_sq, r_max,
-            oversample=oversample, power_iters=power_iters, seed=seed, tol=tol,
-        ).tolist()
-        for pair, shape in sizes.items()
-    }
+    settings = KrylovSettings(oversample, max_steps, accuracy, seed, bf16_passes)
+    matrix = _Matrix.of(M, r_max, dtype, device, bf16_passes)
+    return {pair: matrix.energies(shape, r_max, settings).tolist() for pair, shape in sizes.items()}
 
 
 def energy_curve(
-    M: torch.Tensor, *, seed: int = 0, tol: float = DEFAULT_TOL, device: str | torch.device | None = "cpu"
+    M: torch.Tensor, *, seed: int = 0, accuracy: float = DEFAULT_ACCURACY, device: str | torch.device | None = "cpu"
 ) -> Callable[[int, int, int], list[float]]:
     """``curve(r1, r2, r_max)``: the energies of pair (r1, r2) for r = 1..r_max, as topr_energies gives
     them. M is checked, upcast and moved to ``device`` once, however many pairs are asked for."""
-    if M.dim() != 2:
-        raise TargetError(f"expected a 2-D (d_out, d_in) matrix, got shape {tuple(M.shape)}")
-    work, norm_sq = _checked_input(M, 1, torch.float32, device)
+    _check_2d(M)
+    matrix = _Matrix.of(M, 1, torch.float32, device, None)
+    settings = KrylovSettings(seed=seed, accuracy=accuracy)
     d_out, d_in = M.shape
 
     def curve(r1: int, r2: int, r_max: int) -> list[float]:
         if r_max < 1:
             raise TargetError(f"r_max must be at least 1, got {r_max}")
-        R = rearrange(work, *factor_sizes(d_out, d_in, r1, r2))
-        return _energies(R, norm_sq, r_max, oversample=8, power_iters=6, seed=seed, tol=tol).tolist()
+        return matrix.energies(factor_sizes(d_out, d_in, r1, r2), r_max, settings).tolist()
 
     return curve
 
 
-def _checked_input(
-    M: torch.Tensor, r_max: int, dtype: torch.dtype, device: str | torch.device | None = "cpu"
-) -> tuple[torch.Tensor, float]:
-    """M upcast to dtype on ``device`` and ||M||_F^2, after checking r_max, dtype and that the norm is finite.
-
-    R(M) only permutes entries, so this one norm serves every pair.
-    """
-    if r_max < 1:
-        raise TargetError(f"r_max must be at least 1, got {r_max}")
-    if dtype not in (torch.float32, torch.float64):
-        raise TargetError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    work = M.to(resolve_device(device), dtype)
-    # Accumulate in float64: a float32 norm of a 4096 x 11008 matrix was 0.8 % off.
-    norm_sq = torch.linalg.vector_norm(work, dtype=torch.float64).item() ** 2  # nan if inf/nan
-    if not math.isfinite(norm_sq):
-        raise ReferenceFileError(
-            f"matrix of shape {tuple(M.shape)} has inf or nan entries (or overflows {dtype}); "
-            "check the reference it came from"
-        )
-    return work, norm_sq
+def squared_norm(M: torch.Tensor) -> float:
+    """||M||_F^2 accumulated in float64 without a float64 copy of M (a float32 sum of 45M entries was
+    0.8 % off); nan or inf if M has such entries."""
+    return torch.linalg.vector_norm(M, dtype=torch.float64).item() ** 2
 
 
-def _energies(
-    R: torch.Tensor, norm_sq: float, r_max: int, *,
-    oversample: int, power_iters: int, seed: int, tol: float,
-) -> torch.Tensor:
-    if R.shape[0] > R.shape[1]:
-        R = R.T  # keep the Krylov basis on the small side; singular values are unchanged
-    small = R.shape[0]
-    k = min(r_max + oversample, small)
-    if norm_sq == 0:
-        return torch.zeros(r_max, dtype=torch.float64)
-    if small <= 2 * (power_iters + 1) * k:
-        sigma_sq = _small_eig(torch.linalg.eigvalsh, _gram(R)).flip(0)
-    else:
-        sigma_sq = _krylov_sigma_sq(R, r_max, k, power_iters, seed, tol, norm_sq)
-    energies = sigma_sq.clamp(min=0)[:r_max].cumsum(0) / norm_sq
-    if energies.numel() < r_max:  # fewer singular values than r_max: the fit is already exact
-        energies = torch.cat([energies, energies[-1:].expand(r_max - energies.numel())])
-    return energies.clamp(0.0, 1.0).cpu()
+def _check_2d(M: torch.Tensor) -> None:
+    if M.dim() != 2:
+        raise TargetError(f"expected a 2-D (d_out, d_in) matrix, got shape {tuple(M.shape)}")
+
+
+@dataclass(frozen=True)
+class _Matrix:
+    """M upcast on its device, ||M||_F^2 (R(M) only permutes entries, so one norm serves every pair)
+    and, where the Krylov passes run in bfloat16, one bfloat16 copy that every pair rearranges."""
+
+    work: torch.Tensor
+    low: torch.Tensor | None
+    norm_sq: float
+
+    @classmethod
+    def of(
+        cls, M: torch.Tensor, r_max: int, dtype: torch.dtype, device: str | torch.device | None, bf16_passes: bool | None
+    ) -> "_Matrix":
+        if r_max < 1:
+            raise TargetError(f"r_max must be at least 1, got {r_max}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TargetError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        work = M.to(resolve_device(device), dtype)
+        norm_sq = squared_norm(work)
+        if not math.isfinite(norm_sq):
+            raise ReferenceFileError(
+                f"matrix of shape {tuple(M.shape)} has inf or nan entries (or overflows {dtype}); "
+                "check the reference it came from"
+            )
+        low = bf16_passes if bf16_passes is not None else fast_bf16(work.device)
+        return cls(work, work.to(torch.bfloat16) if low and dtype == torch.float32 else None, norm_sq)
+
+    def energies(self, sizes: tuple[int, int, int, int], r_max: int, settings: KrylovSettings) -> torch.Tensor:
+        rows, cols = sizes[0] * sizes[1], sizes[2] * sizes[3]
+        small = min(rows, cols)
+        k = min(r_max + settings.oversample, small)
+        if self.norm_sq == 0:
+            check_shape(self.work, *sizes)
+            return torch.zeros(r_max, dtype=torch.float64)
+        if small <= GRAM_BLOCKS * k:
+            R = rearrange(self.work, *sizes)
+            sigma_sq = _small_eig(torch.linalg.eigvalsh, _gram(R if rows <= cols else R.T)).flip(0)
+        else:
+            R = rearrange(self.work if self.low is None else self.low, *sizes)
+            # Keep the Krylov basis on the small side; singular values are unchanged.
+            sigma_sq = _krylov_sigma_sq(R if rows <= cols else R.T, r_max, k, settings, self.norm_sq, self.work.dtype)
+        energies = sigma_sq.clamp(min=0)[:r_max].cumsum(0) / self.norm_sq
+        if energies.numel() < r_max:  # fewer singular values than r_max: the fit is already exact
+            energies = torch.cat([energies, energies[-1:].expand(r_max - energies.numel())])
+        return energies.clamp(0.0, 1.0).cpu()
 
 
 def _gram(R: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
@@ -173,41 +210,65 @@ def _gram(R: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
 
 
 def _krylov_sigma_sq(
-    R: torch.Tensor, r_max: int, k: int, power_iters: int, seed: int, tol: float, norm_sq: float
+    R: torch.Tensor, r_max: int, k: int, settings: KrylovSettings, norm_sq: float, work: torch.dtype
 ) -> torch.Tensor:
     """Top squared singular values of R (rows <= cols) by randomized block Krylov iteration.
 
-    Halko-Martinsson-Tropp range finder with power iterations, except that every block is kept
-    (Musco and Musco 2015): the Ritz values of span{R W, (R R^T) R W, ...} converge much faster
-    than those of the last block alone on flat spectra. The basis K is kept orthonormal, so the
-    Ritz values, eigenvalues of H = (R^T K)^T (R^T K), are lower bounds of the true sigma_j^2.
-    Stops early when the top-r_max energies move by less than tol between two steps.
+    Halko-Martinsson-Tropp range finder, except that every block is kept (Musco and Musco 2015): the
+    Ritz values of span{R W, (R R^T) R W, ...} converge much faster than those of the last block
+    alone on flat spectra. The basis K is kept orthonormal, so the Ritz values, eigenvalues of
+    H = (R^T K)^T (R^T K), are lower bounds of the true sigma_j^2 (of R as multiplied). Products with
+    R run in R's dtype; everything else in ``work``. Depth: the top-r_max energies converge about
+    geometrically, so after a step that moved them by c, with rho the ratio of the last two moves, about
+    rho / (1 - rho) * c is left; the iteration stops once that estimate is below accuracy / 2.
     """
-    gen = torch.Generator(device=R.device).manual_seed(seed)
-    sketch = torch.randn(R.shape[1], k, generator=gen, dtype=R.dtype, device=R.device)
-    block = _orthonormal(R @ sketch, None)
+
+    def right(X: torch.Tensor) -> torch.Tensor:
+        return (R @ X.to(R.dtype)).to(work)
+
+    def left(Y: torch.Tensor) -> torch.Tensor:
+        return (R.T @ Y.to(R.dtype)).to(work)
+
+    gen = torch.Generator(device=R.device).manual_seed(settings.seed)
+    sketch = torch.randn(R.shape[1], k, generator=gen, dtype=work, device=R.device)
+    block = _orthonormal(right(sketch), None)
     basis = block
-    images = R.T @ block  # R^T K, grown one block of columns per step
+    images = left(block)  # R^T K, grown one block of columns per step
     H = (images.T @ images).double()
-    previous = None
-    for step in range(power_iters + 1):
+    previous: torch.Tensor | None = None
+    last_change: float | None = None
+    for step in range(settings.max_steps + 1):
         ritz = _small_eig(torch.linalg.eigvalsh, H).flip(0)[:r_max]
         energies = ritz.clamp(min=0).cumsum(0) / norm_sq
-        if step == power_iters or (previous is not None and (energies - previous).abs().max() < tol):
+        if previous is not None:
+            change = float((energies - previous).abs().max())
+            if _error_left(change, last_change) <= settings.accuracy / 2:
+                break
+            last_change = change
+        if step == settings.max_steps:
             break
         previous = energies
         # Whiten the last image block from its diagonal block of H (cheaper than a QR of the
         # tall image) so that R @ image does not lose its small directions to rounding.
         weights, vectors = _small_eig(torch.linalg.eigh, H[-block.shape[1]:, -block.shape[1]:])
         keep = weights > weights[-1] * 1e-12
-        whiten = (vectors[:, keep] / weights[keep].sqrt()).to(R.dtype)
-        block = _orthonormal(R @ (images[:, -block.shape[1]:] @ whiten), basis)
-        image = R.T @ block
+        whiten = (vectors[:, keep] / weights[keep].sqrt()).to(work)
+        block = _orthonormal(right(images[:, -block.shape[1]:] @ whiten), basis)
+        image = left(block)
         cross = (images.T @ image).double()
         H = torch.cat([torch.cat([H, cross], 1), torch.cat([cross.T, (image.T @ image).double()], 1)])
         basis = torch.cat([basis, block], 1)
         images = torch.cat([images, image], 1)
     return ritz
+
+
+def _error_left(change: float, last_change: float | None) -> float:
+    """The error left after a step that moved the energies by ``change``, if they converge
+    geometrically at the ratio of the last two moves (capped at 0.9; 0.5 assumed after one move)."""
+    if change == 0:
+        return 0.0
+    rho = 0.5 if not last_change else min(change / last_change, 0.9)
+    return change * rho / (1 - rho)
 
 
 def _small_eig(solver: Callable, A: torch.Tensor) -> Any:

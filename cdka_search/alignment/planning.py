@@ -22,20 +22,31 @@ for all its modules, and each update is upcast and moved to the device once per 
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from cdka_search.alignment.device import resolve_device
-from cdka_search.alignment.energy import energy_curve
+from cdka_search.alignment.energy import energy_curve, squared_norm
 from cdka_search.candidates import CandidateSpace, Design
 from cdka_search.errors import ReferenceFileError
-from cdka_search.scoring import ScoreTable, SpectrumCache, score_shape
+from cdka_search.scoring import ScoreTable, SpectrumCache, check_objective, score_shape
 from cdka_search.spec.model_spec import ModelSpec
 
 SMALL_UPDATE = 1 << 12
 #: Components measured on a first pass (a Krylov block of 24 columns, not 72 for r up to 64).
 FIRST_DEPTH = 16
+
+
+def uses_alignment(objective: str) -> bool:
+    """Whether ``objective`` changes with the alignment score, probed on a grid of the other scores.
+
+    An objective that does not (the default ``rank``) cannot let a reference change which design a
+    module gets, only the module's weight, so nothing needs measuring before the allocation.
+    """
+    combine = check_objective(objective)
+    grid = [(c, s, z) for c in (0.05, 0.3, 0.6, 1.2) for s in (0.1, 0.9) for z in (1e-4, 0.01, 0.3)]
+    return any(float(combine(c, 0.1, s, z)) != float(combine(c, 0.9, s, z)) for c, s, z in grid)
 
 
 def shortlist_pairs(
@@ -69,7 +80,9 @@ class ReferenceScores:
 
     A (module, pair) is first measured up to ``first_depth`` (FIRST_DEPTH) components only (a Krylov block a third
     as wide as the full r range needs); beyond that its table holds an upper bound, e(r0) + (r - r0)
-    times the last measured singular value's share, capped at 1 (singular values never grow). The
+    times the last measured singular value's share, capped at 1 (singular values never grow). For an
+    objective that ignores the alignment (``uses_alignment``) the first depth is 0: every table holds
+    the bound 1 and only the designs the allocation picks are measured (their alignment is reported). The
     planner allocates on these tables and calls ``refine`` with its choice: every chosen design that
     rests on a bound is measured in full and its module re-scored, until none does. The objective
     grows with the alignment, so the final choice, all measured, is optimal for the true energies as
@@ -92,24 +105,26 @@ class ReferenceScores:
         resolve_device(device)  # a bad device fails before any work
         self._spec, self._reference, self._space, self._objective = spec, reference, space, objective
         self._seed, self._device = seed, device
-        self._first_depth = FIRST_DEPTH if first_depth is None else first_depth
+        self._deepen_fully = uses_alignment(objective)
+        self._first_depth = (FIRST_DEPTH if self._deepen_fully else 0) if first_depth is None else first_depth
         self._by_name = {t.name: t for t in spec.targets}
         cache = SpectrumCache(seed=seed)
         self._pairs = {
             shape: None if all_pairs or shape[0] * shape[1] <= SMALL_UPDATE else shortlist_pairs(shape, space, objective, cache)
             for shape in spec.shapes
         }
-        energy = {t.name: float(reference[t.name].double().pow(2).sum()) for t in spec.targets}
+        energy = {t.name: squared_norm(reference[t.name]) for t in spec.targets}
         mean = sum(energy.values()) / len(energy)
         if not mean > 0:
             raise ReferenceFileError("every reference update is zero: nothing to align with")
         self.weights = {name: e / mean for name, e in energy.items()}
         self._measured: dict[tuple[str, tuple[int, int]], list[float]] = {}
         self.measurements = 0  # (module, pair) curves measured, first passes and refinements together
-        self.tables: dict[str, ScoreTable] = {t.name: self._score(t.name, ()) for t in spec.targets}
+        self.tables: dict[str, ScoreTable] = {t.name: self._score(t.name, {}) for t in spec.targets}
 
-    def _score(self, name: str, deepen: Collection[tuple[int, int]]) -> ScoreTable:
-        """Module ``name``'s table, measuring the pairs in ``deepen`` in full and new pairs to first_depth."""
+    def _score(self, name: str, deepen: Mapping[tuple[int, int], int]) -> ScoreTable:
+        """Module ``name``'s table, measuring each pair in ``deepen`` to its r (in full where the objective
+        uses the alignment: a deeper choice would need another round) and new pairs to first_depth."""
         target = self._by_name[name]
         measure = None
 
@@ -117,7 +132,12 @@ class ReferenceScores:
             nonlocal measure
             key = (name, (r1, r2))
             known = self._measured.get(key)
-            wanted = r_max if (r1, r2) in deepen else min(self._first_depth, r_max)
+            if (r1, r2) in deepen:
+                wanted = r_max if self._deepen_fully else min(deepen[(r1, r2)], r_max)
+            else:
+                wanted = min(self._first_depth, r_max)
+            if wanted == 0 and known is None:
+                return [1.0] * r_max  # nothing measured: the trivial upper bound
             if known is None or len(known) < wanted:
                 if measure is None:  # the update is upcast and moved once per module and round
                     measure = stacked_curve(self._reference[name], seed=self._seed, device=self._device)
@@ -128,11 +148,11 @@ class ReferenceScores:
         return score_shape(target.d_out, target.d_in, self._space, self._objective, alignment=curve, pairs=self._pairs[target.shape])
 
     def refine(self, chosen: Mapping[str, Design]) -> bool:
-        """Measure in full every chosen design's pair that its table only bounds; whether any was."""
-        pending: dict[str, set[tuple[int, int]]] = {}
+        """Measure every chosen design's pair that its table only bounds (see _score); whether any was."""
+        pending: dict[str, dict[tuple[int, int], int]] = {}
         for name, design in chosen.items():
             if len(self._measured.get((name, (design.r1, design.r2)), ())) < design.r:
-                pending.setdefault(name, set()).add((design.r1, design.r2))
+                pending.setdefault(name, {})[(design.r1, design.r2)] = design.r
         for name, pairs in pending.items():
             self.tables[name] = self._score(name, pairs)
         return bool(pending)
@@ -144,7 +164,7 @@ def stacked_curve(M: torch.Tensor, *, seed: int, device: str | torch.device | No
     so ``bounded`` holds for it as for one matrix."""
     if M.dim() == 2:
         return energy_curve(M, seed=seed, device=device)
-    norms = [float(e.double().pow(2).sum()) for e in M]
+    norms = [squared_norm(e) for e in M]
     total = sum(norms)
     moved = [(n / total, energy_curve(e, seed=seed, device=device)) for n, e in zip(norms, M) if n > 0]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
@@ -38,7 +37,4 @@ def _root(
 
 
 def main() -> None:
-    # Scoring does thousands of tiny numpy SVDs: OpenBLAS threads only add contention there
-    # (torch keeps its own thread pool, so training is unaffected).
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     app()

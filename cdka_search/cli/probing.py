@@ -46,6 +46,7 @@ def probe(
         from cdka_search.textdata import check_grad_inputs
 
         check_grad_inputs(grad, batches=batches, batch_size=batch_size, seq_len=seq_len)  # before torch is imported
+    from cdka_search.alignment.energy import squared_norm
     from cdka_search.alignment.probe import probe_delta, probe_gradients
     from cdka_search.alignment.reference import save_reference
 
@@ -64,5 +65,5 @@ def probe(
             )
         kind = "gradient"
     written = save_reference(tensors, output, kind)
-    energy = sum(float(t.double().pow(2).sum()) for t in tensors.values())
+    energy = sum(squared_norm(t) for t in tensors.values())
     typer.echo(f"{written}: {kind} reference for {len(tensors)} modules (total energy {energy:.4g})")
