@@ -61,20 +61,7 @@ class ScoredDesign:
     scores: Scores
 
 
-@dataclass(frozen=True)
-class Features:
-    """What an objective may combine, for one design or column-wise for a score table (floats or arrays)."""
-
-    capacity: Any
-    alignment: Any
-    speed: Any
-    size: Any
-    r: Any
-    r1: Any
-    r2: Any
-
-
-Objective = Callable[[Features], Any]
+Objective = Callable[[Any, Any, Any, Any], Any]  # (capacity, alignment, speed, size) -> objective; floats or arrays
 AlignmentCurve = Callable[[int, int, int], Sequence[float]]
 
 #: What the planner maximises unless told otherwise: the one real fine-tuning supports (docs/validity.md).
@@ -86,7 +73,7 @@ DEFAULT_OBJECTIVE = "rank"
 RANK_KNEE = 0.6
 
 
-def _rank_objective(f: Features) -> Any:
+def _rank_objective(capacity: Any, alignment: Any, speed: Any, size: Any) -> Any:
     """sqrt(min(capacity, RANK_KNEE) * size): the rank bound up to the measured knee, then parameters.
 
     Past the knee designs tie on capacity, so the allocator spends parameters, and among designs of
@@ -94,15 +81,15 @@ def _rank_objective(f: Features) -> Any:
     """
     import numpy as np
 
-    return np.sqrt(np.minimum(f.capacity, RANK_KNEE) * f.size)
+    return np.sqrt(np.minimum(capacity, RANK_KNEE) * size)
 
 
 # "capacity" (stopped the budget at the cheapest full-rank design) and "speed" (its plans trained worst
 # of all in benchmarks/validity_lm.py) were removed; docs/validity.md has the measurements.
 OBJECTIVES: dict[str, Objective] = {
     "rank": _rank_objective,
-    "balanced": lambda f: (f.capacity * f.alignment) ** 0.5,
-    "alignment": lambda f: f.alignment,
+    "balanced": lambda capacity, alignment, speed, size: (capacity * alignment) ** 0.5,
+    "alignment": lambda capacity, alignment, speed, size: alignment,
 }
 
 
@@ -426,7 +413,7 @@ def score_shape(
     cap = _capacity(reach, min(d_out, d_in))
     first = _first_step(r, r1, r2, d_in)
     fast = _speed(r, r1, r2, d_in)
-    obj = OBJECTIVES[objective](Features(cap, align, fast, _size(params, d_out, d_in), r, r1, r2))
+    obj = OBJECTIVES[objective](cap, align, fast, _size(params, d_out, d_in))
     return ScoreTable(d_out, d_in, r1, r2, r, params, rank_bound, cap, align, first, fast, obj)
 
 
@@ -451,6 +438,6 @@ def score_designs(
         cap = capacity(d)
         align = curves[(*d.shape, d.r1, d.r2)][d.r - 1]
         fast = speed(d)
-        value = float(combine(Features(cap, align, fast, size(d), d.r, d.r1, d.r2)))
+        value = float(combine(cap, align, fast, size(d)))
         out.append(ScoredDesign(d, Scores(cap, align, first_step_alignment(d), fast, value)))
     return out
