@@ -73,13 +73,13 @@ STEPS = 80
 WARMUP = 5
 ADAPTER_LRS = (1.5e-3, 4.5e-3, 1.35e-2)
 FULL_LRS = (3e-4, 1e-3, 3e-3)
-SPECTRA_LR = 1e-3  # full fine-tuning's best grid lr on prose (benchmarks/results/validity_lm.md)
+SPECTRA_LR = 1e-3  # full fine-tuning's best grid lr on prose (benchmarks/results/validity_lm_calibration.md)
 UNIFORM_PAIRS = ((1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (2, 8), (8, 2), (4, 8), (8, 4), (2, 4), (4, 2))
 PAPER = ((2, 8), (2, 2))
 TASKS = ("prose", "swapcase")
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BUDGETS = (1, 2, 8)
-# --quick: the lrs the full run's calibration grid picked (benchmarks/results/validity_lm.md), and the
+# --quick: the lrs the calibration grid picked (benchmarks/results/validity_lm_calibration.md), and the
 # designs it compares: LoRA, the paper's (2,2,r), the best uniform designs there, the default plan.
 QUICK_LR = "0.0045:0.001"
 QUICK_DESIGNS = ("full", "(1,1,", "(2,2,", "(4,4,", "(16,16,", "plan rank")
@@ -490,8 +490,8 @@ def rescore(reports: list[Path], folder: Path, out) -> None:
 
     Each table row's groups column (role(r1,r2,r) ...) gives the designs; every group is rescored with
     the current scoring (weighted over the matrices as plan_scores does), so a report stays comparable
-    after the scores change. Cells of several reports
-    (run at the same lr and seeds) are pooled; a design listed twice counts once.
+    after the scores change. Cells of several reports (run at the same lr and seeds) are pooled; a
+    design listed twice counts once.
     """
     import re
 
