@@ -251,7 +251,7 @@ def test_gradient_aligned_init_sets_every_expert_as_a_linear_layer_of_that_gradi
         assert torch.count_nonzero(adapter.cdka_B) > 0
         for e in range(EXPERTS):
             linear = CdkaLinear(nn.Linear(adapter.d_in, adapter.d_out), m1=adapter.m1, n1=adapter.n1, m2=adapter.m2,
-                                n2=adapter.n2, r=adapter.r, dtype=F64)
+                                n2=adapter.n2, r=adapter.r, dtype=F64, scaling=plan.adapter.scaling)
             linear.init_from_gradient(gradients[name][e])
             assert torch.equal(adapter.cdka_B[e], linear.cdka_B)
             assert torch.equal(adapter.cdka_A[e], linear.cdka_A)  # every component has s > 0: A set, not drawn

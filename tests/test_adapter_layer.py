@@ -296,3 +296,20 @@ def test_gradients_have_the_parameters_own_strides(design, contraction):
     for factor in (layer.cdka_A, layer.cdka_B):
         assert factor.grad.shape == factor.shape
         assert factor.grad.stride() == factor.stride()
+
+
+@pytest.mark.parametrize("scaling", ["matched", "alpha/sqrt(r*r2)"])
+def test_gradient_aligned_a_keeps_the_adapters_own_fan_in(scaling):
+    # r = 4 on a rank-2 R(G): components 0-1 follow G, 2-3 keep a random A; all at the entry size of
+    # the scaling's A fan-in (d_in under "matched", n2 = d_in / r2 under the paper's rule).
+    d_out, d_in, r1, r2 = 24, 48, 2, 8
+    m1, n1, m2, n2 = d_out // r1, r2, r1, d_in // r2
+    layer = CdkaLinear(nn.Linear(d_in, d_out).to(F64), m1=m1, n1=n1, m2=m2, n2=n2, r=4, dtype=F64, scaling=scaling)
+    gen = torch.Generator().manual_seed(4)
+    low = torch.randn(m1 * n1, 2, generator=gen, dtype=F64) @ torch.randn(2, m2 * n2, generator=gen, dtype=F64)
+    layer.init_from_gradient(low.reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(d_out, d_in))
+    fan_in = d_in if scaling == "matched" else n2
+    assert layer.a_fan_in == fan_in
+    assert layer.cdka_A[0].pow(2).mean().sqrt().item() == pytest.approx(1 / math.sqrt(3 * fan_in), rel=1e-12)
+    assert layer.cdka_A[2:].abs().max().item() <= 1 / math.sqrt(fan_in)
+    assert layer.cdka_A[2:].abs().max().item() > 0.5 / math.sqrt(fan_in)

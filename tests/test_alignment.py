@@ -128,10 +128,22 @@ def test_the_accuracy_target_bounds_the_error_and_a_looser_one_costs_fewer_steps
     assert steps[0] < steps[1] < steps[2] <= 3 * energy.DEFAULT_MAX_STEPS, steps
 
 
+@pytest.mark.parametrize("bf16_passes", [True, False])
+def test_a_krylov_basis_never_outgrows_the_small_side(bf16_passes: bool) -> None:
+    # R is 200 x 600 (Krylov: 200 > GRAM_BLOCKS * 43) with 43 columns per block: the 5th block would
+    # overfill it. An over-full basis is not orthonormal and once returned 2.6x the true energies.
+    M = spectra(400, 300, seed=2)["flat"]
+    sizes = factor_sizes(400, 300, 2, 1)
+    got = topr_energies(M, *sizes, 3, oversample=40, max_steps=40, accuracy=1e-300, bf16_passes=bf16_passes)
+    exact = exact_energies(M, (2, 1), 3)
+    assert (got <= exact + 1e-4).all() and (got - exact).abs().max() < 1e-4
+
+
 def test_error_estimate_of_a_geometric_sequence() -> None:
-    # moves 0.01 then 0.004: rho = 0.4, so 0.4 / 0.6 of the last move is left; one move alone: rho = 0.5.
-    assert _error_left(0.004, 0.01) == pytest.approx(0.004 * 0.4 / 0.6)
-    assert _error_left(0.01, None) == pytest.approx(0.01)
+    # moves 0.01 then 0.006: rho = 0.6, so 0.6 / 0.4 of the last move is left.
+    assert _error_left(0.006, 0.01) == pytest.approx(0.006 * 0.6 / 0.4)
+    assert _error_left(0.0048, 0.06) == pytest.approx(0.0048)  # a sudden drop is not trusted: rho >= 0.5
+    assert _error_left(0.01, None) == pytest.approx(0.09)  # one move alone: rho = 0.9
     assert _error_left(0.02, 0.01) == pytest.approx(0.02 * 9)  # a growing move: rho capped at 0.9
     assert _error_left(0.0, 0.01) == 0.0
 

@@ -144,7 +144,7 @@ class ExpertAdapter(nn.Module):
         if tuple(g.shape) != expected:
             raise PlanError(f"gradient has shape {tuple(g.shape)}, expected {expected} (experts, d_out, d_in)")
         for expert in range(self.experts):
-            gradient_init_(self.cdka_A[expert], self.cdka_B[expert], g[expert], b_scale)
+            gradient_init_(self.cdka_A[expert], self.cdka_B[expert], g[expert], b_scale, self.a_fan_in)
 
     def delta_weight(self) -> torch.Tensor:
         """lambda * sum_i kron(B[e, i], A[e, i]) for every expert: (E, d_out, d_in) (merging and tests only)."""

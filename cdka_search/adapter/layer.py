@@ -255,10 +255,11 @@ def fold_into(weight: torch.Tensor, dw: torch.Tensor, sign: float) -> None:
 
 
 @torch.no_grad()
-def gradient_init_(A: torch.Tensor, B: torch.Tensor, grad: torch.Tensor, b_scale: float) -> None:
+def gradient_init_(A: torch.Tensor, B: torch.Tensor, grad: torch.Tensor, b_scale: float, fan_in: int) -> None:
     """Set A (r, m2, n2) and B (r, m1, n1) in place to the gradient-aligned init from G = dL/dW (d_out, d_in).
 
     See :meth:`CdkaLinear.init_from_gradient`; A and B may be views (one expert's slice of batched factors).
+    ``fan_in`` is the adapter's A fan-in (``a_fan_in``): A keeps that Kaiming-uniform entry size.
     """
     r, m2, n2 = A.shape
     _, m1, n1 = B.shape
@@ -271,13 +272,13 @@ def gradient_init_(A: torch.Tensor, B: torch.Tensor, grad: torch.Tensor, b_scale
     else:
         u, s, v = torch.svd_lowrank(rg, q=min(k + 8, *rg.shape), niter=4)
         u, s, v = u[:, :k], s[:k], v[:, :k]
-    uniform_init_(A, n2)
+    uniform_init_(A, fan_in)
     B.zero_()
     if s.numel() == 0 or s[0] <= 0:
         return
     keep = s > s[0] * torch.finfo(work).eps * max(rg.shape)
     weight = torch.sqrt(s / s[0]) * keep
-    a_rms = math.sqrt(m2 * n2 / (3.0 * n2))
+    a_rms = math.sqrt(m2 * n2 / (3.0 * fan_in))
     a_new = (v * weight).T.reshape(k, m2, n2) * a_rms
     b_new = (u * weight).T.reshape(k, m1, n1) * b_scale
     A[:k][keep] = a_new[keep].to(A.dtype)
@@ -400,8 +401,8 @@ class CdkaLinear(nn.Module):
         """Gradient-aligned init from G = dL/dW0 in (d_out, d_in) orientation (for Conv1D pass weight.grad.T).
 
         With U S V^T the top-r SVD of R(-G) (R: cdka-notes.md section 4) and s_i = S_i / S_0:
-        ``A_i = sqrt(s_i) * v_i.reshape(m2, n2) * sqrt(m2*n2/(3*n2))`` so A has the element RMS of the
-        Kaiming-uniform default, and ``B_i = b_scale * sqrt(s_i) * u_i.reshape(m1, n1)``, so B_i (x) A_i is
+        ``A_i = sqrt(s_i) * v_i.reshape(m2, n2) * sqrt(m2*n2/(3*fan_in))`` so A has the element RMS of
+        the Kaiming-uniform default (fan_in = n2, or d_in under the ``matched`` scaling), and ``B_i = b_scale * sqrt(s_i) * u_i.reshape(m1, n1)``, so B_i (x) A_i is
         the i-th rank-one term of R(-G) rescaled by s_i and dW starts small (b_scale = 1e-3 by default)
         while the first update of B already points along the top-r part of -G. Components past the rank
         of R(G) keep a zero B and a random A. The model output moves by lambda * dW; nothing is
@@ -412,7 +413,7 @@ class CdkaLinear(nn.Module):
         g = torch.as_tensor(grad)
         if tuple(g.shape) != (self.d_out, self.d_in):
             raise PlanError(f"gradient has shape {tuple(g.shape)}, expected {(self.d_out, self.d_in)} (d_out, d_in)")
-        gradient_init_(self.cdka_A, self.cdka_B, g, b_scale)
+        gradient_init_(self.cdka_A, self.cdka_B, g, b_scale, self.a_fan_in)
 
     # maths ------------------------------------------------------------------------------------------
     def _order(self) -> str:
