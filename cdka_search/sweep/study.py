@@ -27,11 +27,11 @@ from cdka_search.sweep.bookkeeping import (
     reap_dead,
 )
 from cdka_search.sweep.objective import Objective
+from cdka_search.sweep.pruners import make_pruner
 from cdka_search.sweep.space import DEFAULT_TOP_K
 from cdka_search.sweep.storage import normalise, open_storage, redact
 from cdka_search.sweep.tasks import TaskOptions
 
-PRUNERS = ("median", "hyperband", "none")
 STUDY_ATTR = "cdka_sweep"
 
 
@@ -122,18 +122,6 @@ class SweepResult:
 def default_study_name(config: SweepConfig, model_name: str) -> str:
     raw = f"cdka-{model_name}-{config.budget}-{config.task}"
     return re.sub(r"[^A-Za-z0-9_.%-]+", "-", raw)
-
-
-def make_pruner(name: str, steps: int, every: int) -> Any:
-    import optuna
-
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(0, steps // 5), interval_steps=1)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=steps, reduction_factor=3)
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise SweepError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
 
 
 def _fingerprint(config: SweepConfig, space: Any, task_name: str, model_name: str) -> dict[str, Any]:
