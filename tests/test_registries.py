@@ -198,3 +198,11 @@ def test_every_objective_is_finite_non_negative_and_grows_with_capacity_alignmen
         args[axis] = grid
         out = np.asarray(objective(*args))
         assert (np.diff(out, axis=0) >= -1e-12).all(), f"{name} falls as input {axis} grows"
+
+
+def test_extending_md_has_a_section_per_registry():
+    text = (Path(__file__).parent.parent / "docs" / "extending.md").read_text()
+    for registry, section in (("FAMILIES", "## A model family"), ("SOURCES", "## A model source"),
+                              ("EXPORTERS", "## An exporter"), ("TASKS", "## A sweep task"),
+                              ("PRUNERS", "## A pruner"), ("OBJECTIVES", "## An objective")):
+        assert f"| `{registry}` |" in text and section in text, registry
