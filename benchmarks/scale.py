@@ -208,7 +208,6 @@ def reference_row(layers: int, width: str, device: str, objective: str, dtype: s
         group = owners[name]
         exact = reference_energies(reference[name].float(), (group.design.r1, group.design.r2), group.design.r)
         worst = max(worst, abs(group.scores["alignment"] - float(exact[-1])))
-        print(name, group.design, group.scores["alignment"], float(exact[-1]), file=sys.stderr)
         checked += 1
     stage = f"plan --reference {width}"
     note = (f"{len(plan.groups)} groups, objective {plan.objective}, {dtype} updates, device {device}; "

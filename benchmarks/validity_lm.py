@@ -14,13 +14,14 @@ Designs, all at equal budget (``lora:R``, every linear layer): LoRA, the paper's
 other uniform (r1,r2,r) designs (one design on every target, r as large as fits), every objective's plan,
 and full fine-tuning as the headroom reference. Every design trains STEPS steps of AdamW (warm-up, cosine)
 at every lr of a small grid on seed 0; its own best lr and the one shared lr (best mean over designs) are
-then rerun on the other seeds. The table reports held-out loss mean +- spread (max - min over seeds) at
-both lrs, and Spearman's rho of every score (parameter-weighted mean over the plan's groups) against
--loss over the adapter designs of each task and budget.
+then rerun on the other seeds (``--lr ADAPTER:FULL`` skips the grid and trains every design at those).
+The table reports held-out loss mean +- spread (max - min over seeds), and Spearman's rho of every score
+and objective (mean over the plan's matrices, weighted as allocation weighs them) against -loss over the
+adapter designs of each task and budget.
 
-Run:  python benchmarks/validity_lm.py --quick           (one task, lora:2, 2 seeds; <= 5 min on 2 cores)
-      python benchmarks/validity_lm.py                   (both tasks, lora:1/2/8, 3 seeds; <= 30 min)
-      python benchmarks/validity_lm.py --out benchmarks/results/validity_lm.md
+Run:  python benchmarks/validity_lm.py --quick     (prose, lora:2, 6 designs, 2 seeds, calibrated lrs: 96 s on 2 cores)
+      python benchmarks/validity_lm.py --cells prose:2 prose:1 prose:8 swapcase:2 --lr 0.0045:0.001 \
+          --out benchmarks/results/validity_lm.md  (3 seeds, 132 runs: 18.6 min on 2 cores)
 Options: --workers N (processes, one torch thread each), --tasks, --budgets, --seeds, --steps.
 """
 
@@ -72,12 +73,16 @@ STEPS = 80
 WARMUP = 5
 ADAPTER_LRS = (1.5e-3, 4.5e-3, 1.35e-2)
 FULL_LRS = (3e-4, 1e-3, 3e-3)
-SPECTRA_LR = 1e-3  # full fine-tuning's best grid lr on prose (benchmarks/results/validity_lm.md)
-UNIFORM_PAIRS = ((1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (2, 8), (8, 2), (4, 8))
+SPECTRA_LR = 1e-3  # full fine-tuning's best grid lr on prose (benchmarks/results/validity_lm_calibration.md)
+UNIFORM_PAIRS = ((1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (2, 8), (8, 2), (4, 8), (8, 4), (2, 4), (4, 2))
 PAPER = ((2, 8), (2, 2))
 TASKS = ("prose", "swapcase")
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BUDGETS = (1, 2, 8)
+# --quick: the lrs the calibration grid picked (benchmarks/results/validity_lm_calibration.md), and the
+# designs it compares: LoRA, the paper's (2,2,r), the best uniform designs there, the default plan.
+QUICK_LR = "0.0045:0.001"
+QUICK_DESIGNS = ("full", "(1,1,", "(2,2,", "(4,4,", "(16,16,", "plan rank")
 
 
 def stdlib() -> Path:
@@ -223,6 +228,7 @@ def uniform_plan(spec, budget, r1: int, r2: int, adapter):
 
 def entries(spec, rank: int, adapter, objectives) -> list[Entry]:
     from cdka_search.planner import make_plan, resolve_budget
+    from cdka_search.scoring import DEFAULT_OBJECTIVE
 
     budget = resolve_budget(spec, f"lora:{rank}")
     out = [Entry("full fine-tuning", "full", None)]
@@ -235,13 +241,25 @@ def entries(spec, rank: int, adapter, objectives) -> list[Entry]:
         kind = "lora" if (r1, r2) == (1, 1) else "paper" if (r1, r2) in PAPER else "uniform"
         out.append(Entry(f"uniform ({r1},{r2},{r})", kind, plan))
         seen[_key(plan)] = out[-1].label
-    for objective in objectives:
-        plan = make_plan(spec, budget, objective=objective, adapter=adapter)
+    plans = [(f"plan {o}", make_plan(spec, budget, objective=o, adapter=adapter)) for o in objectives]
+    if DEFAULT_OBJECTIVE in objectives:
+        plans.append((f"plan {DEFAULT_OBJECTIVE}, equal shape weights (before)", unweighted_plan(spec, budget, adapter)))
+    for name, plan in plans:
         key = _key(plan)
-        label = f"plan {objective}" + (f" (= {seen[key]})" if key in seen else "")
+        label = name + (f" (= {seen[key]})" if key in seen else "")
         out.append(Entry(label, "objective", plan))
         seen.setdefault(key, label)
     return out
+
+
+def unweighted_plan(spec, budget, adapter):
+    """The default objective allocated with every shape weighing 1 (the planner before shape weights)."""
+    from cdka_search.candidates import CandidateSpace
+    from cdka_search.planner import plan_from_fronts, score_fronts
+    from cdka_search.scoring import DEFAULT_OBJECTIVE
+
+    fronts = score_fronts(spec, CandidateSpace(), DEFAULT_OBJECTIVE)
+    return plan_from_fronts(spec, budget, fronts, weights={k: 1.0 for k in fronts}, objective=DEFAULT_OBJECTIVE, adapter=adapter)
 
 
 def reference_entry(spec, task: str, rank: int, adapter) -> Entry:
@@ -271,13 +289,25 @@ def rank_score(design) -> float:
 
 
 def plan_scores(plan, names) -> dict[str, float]:
-    """Every score of the plan, the parameter-weighted mean over its groups."""
-    total = sum(g.params for g in plan.groups)
+    """Every score of the plan: its mean over the plan's matrices weighted as allocation weighs them
+    (scoring.shape_weight), so a plan's objective score is what the planner maximised."""
+    from cdka_search.scoring import shape_weight
+
+    weights = [g.count * shape_weight(*g.shape) for g in plan.groups]
 
     def value(g, n: str) -> float:
         return rank_score(g.design) if n == "rank" and n not in g.scores else float(g.scores.get(n, 0.0))
 
-    return {n: sum(g.params * value(g, n) for g in plan.groups) / total for n in names}
+    return {n: sum(w * value(g, n) for w, g in zip(weights, plan.groups)) / sum(weights) for n in names}
+
+
+def objective_scores(plan) -> dict[str, float]:
+    """Every objective's score of the plan ("objective NAME"), weighted over its matrices as plan_scores."""
+    from cdka_search.scoring import OBJECTIVES, score_designs, shape_weight
+
+    weights = [g.count * shape_weight(*g.shape) for g in plan.groups]
+    return {f"objective {name}": sum(w * score_designs([g.design], name)[0].scores.objective
+                                     for w, g in zip(weights, plan.groups)) / sum(weights) for name in OBJECTIVES}
 
 
 def describe(plan) -> str:
@@ -459,13 +489,14 @@ def rescore(reports: list[Path], folder: Path, out) -> None:
     """Spearman's rho of today's scores and objectives vs -loss, read back from a written report.
 
     Each table row's groups column (role(r1,r2,r) ...) gives the designs; every group is rescored with
-    the current scoring, so a report stays comparable after the scores change. Cells of several reports
-    (run at the same lr and seeds) are pooled; a design listed twice counts once.
+    the current scoring (weighted over the matrices as plan_scores does), so a report stays comparable
+    after the scores change. Cells of several reports (run at the same lr and seeds) are pooled; a
+    design listed twice counts once.
     """
     import re
 
     from cdka_search.candidates import Design
-    from cdka_search.scoring import OBJECTIVES, score_designs
+    from cdka_search.scoring import OBJECTIVES, score_designs, shape_weight
 
     spec = model_spec(folder)
     shapes = {t.name.split(".")[-1]: t.shape for t in spec.targets}
@@ -488,7 +519,7 @@ def rescore(reports: list[Path], folder: Path, out) -> None:
             total = 0
             for role, r1, r2, r in groups:
                 d = Design.from_paper(*shapes[role], int(r1), int(r2), int(r))
-                weight = d.params * counts[role] / len([g for g in groups if g[0] == role])
+                weight = shape_weight(*d.shape) * counts[role] / len([g for g in groups if g[0] == role])
                 total += weight
                 for name in OBJECTIVES:
                     sc = score_designs([d], name)[0].scores
@@ -567,10 +598,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.steps, args.seeds, args.workers, args.max_designs = min(args.steps, 3), args.seeds or 2, 1, args.max_designs or 3
         args.budgets = args.budgets or [1]
+    if args.quick:
+        args.lr = args.lr or QUICK_LR
+        args.designs = args.designs or list(QUICK_DESIGNS)
+        args.objectives = ["rank"] if args.objectives is None else args.objectives
     tasks = args.tasks or (["prose"] if args.quick or args.smoke else list(TASKS))
     budgets = args.budgets or ([2] if args.quick else list(BUDGETS))
     seeds = list(range(args.seeds or (2 if args.quick else 3)))
-    most = args.max_designs or (7 if args.quick else None)
+    most = args.max_designs
     cells = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cells] if args.cells else [(t, b) for t in tasks for b in budgets]
     tasks = list(dict.fromkeys(t for t, _ in cells))
     for t in tasks:
@@ -635,6 +670,10 @@ def main(argv: list[str] | None = None) -> int:
     def runs(t: str, rank: int) -> list[Entry]:
         return [e for e in designs[(t, rank)] if "(= " not in e.label]
 
+    def run_key(rank: int, e: Entry) -> str:
+        """Full fine-tuning is the same run in every cell of a task: one key, trained once."""
+        return e.label if e.plan is None else f"{rank}|{e.label}"
+
     results: dict[tuple, float] = {}
     if args.lr:  # lrs given: no calibration cell
         calib, own = None, {}
@@ -644,13 +683,13 @@ def main(argv: list[str] | None = None) -> int:
         calib = cells[0] if args.calibrate is None else (args.calibrate.split(":")[0], int(args.calibrate.split(":")[1]))
         if calib not in designs:
             raise SystemExit(f"error: --calibrate {calib[0]}:{calib[1]} is not one of the task:budget cells run")
-        jobs = [(calib[0], f"{calib[1]}|{e.label}", e.plan, lr, seeds[0], args.steps) for e in runs(*calib) for lr in lrs(e)]
+        jobs = [(calib[0], run_key(calib[1], e), e.plan, lr, seeds[0], args.steps) for e in runs(*calib) for lr in lrs(e)]
         for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, recipe, args.workers, "lr grid, seed 0"):
             results[(task, label, lr, seed)] = loss
         # Every design's own best lr and the one shared lr (best mean log-loss over adapter designs).
-        own = {e.label: min(lrs(e), key=lambda lr: results[(calib[0], f"{calib[1]}|{e.label}", lr, seeds[0])])
+        own = {e.label: min(lrs(e), key=lambda lr: results[(calib[0], run_key(calib[1], e), lr, seeds[0])])
                for e in runs(*calib)}
-        mean_log = {lr: statistics.fmean(math.log(results[(calib[0], f"{calib[1]}|{e.label}", lr, seeds[0])])
+        mean_log = {lr: statistics.fmean(math.log(results[(calib[0], run_key(calib[1], e), lr, seeds[0])])
                                          for e in runs(*calib) if e.plan is not None) for lr in ADAPTER_LRS}
         shared = min(ADAPTER_LRS, key=lambda lr: mean_log[lr])
         full_lr = own.get("full fine-tuning", FULL_LRS[1])
@@ -660,15 +699,18 @@ def main(argv: list[str] | None = None) -> int:
         return full_lr if e.plan is None else shared
 
     # Stage 2: the calibration cell's other seeds at both lrs; every other cell at the shared lr.
-    jobs = []
+    jobs, queued = [], set(results)
     for (t, rank) in designs:
         for e in runs(t, rank):
-            key = f"{rank}|{e.label}"
+            key = run_key(rank, e)
             if (t, rank) == calib:
-                wanted = {own[e.label], lr_for(e)}
-                jobs += [(t, key, e.plan, lr, s, args.steps) for lr in sorted(wanted) for s in seeds[1:]]
+                wanted = [(lr, s) for lr in sorted({own[e.label], lr_for(e)}) for s in seeds[1:]]
             else:
-                jobs += [(t, key, e.plan, lr_for(e), s, args.steps) for s in seeds]
+                wanted = [(lr_for(e), s) for s in seeds]
+            for lr, s in wanted:
+                if (t, key, lr, s) not in queued:
+                    queued.add((t, key, lr, s))
+                    jobs.append((t, key, e.plan, lr, s, args.steps))
     for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, recipe, args.workers, "seeds"):
         results[(task, label, lr, seed)] = loss
 
@@ -694,11 +736,11 @@ def main(argv: list[str] | None = None) -> int:
         out()
         out("| design | params | rank bound | loss at shared lr | own lr | loss at own lr | groups |")
         out("|---|---:|---:|---:|---:|---:|---|")
-        xs: dict[str, list[float]] = {n: [] for n in score_names + ["rank", "params"]}
+        xs: dict[str, list[float]] = {n: [] for n in [f"objective {o}" for o in OBJECTIVES] + score_names + ["rank", "params"]}
         ys, ys_own = [], []
         for e in cell:
             base = e.label.split(" (= ")[1][:-1] if "(= " in e.label else e.label
-            key = f"{rank}|{base}"
+            key = run_key(rank, Entry(base, e.kind, e.plan))
             m, sp = summary([results[(t, key, lr_for(e), s)] for s in seeds])
             own_text = "- | -"
             if is_calib:
@@ -711,8 +753,8 @@ def main(argv: list[str] | None = None) -> int:
                 bound = f"{plan_scores(e.plan, ['rank'])['rank']:.2f}"
             out(f"| {e.label} | {params:,} | {bound} | {m:.4f} +- {sp:.4f} | {own_text} | {describe(e.plan)} |")
             if e.plan is not None and "(= " not in e.label:
-                sc = plan_scores(e.plan, score_names + ["rank"])
-                for n in score_names + ["rank"]:
+                sc = plan_scores(e.plan, score_names + ["rank"]) | objective_scores(e.plan)
+                for n in sc:
                     xs[n].append(sc[n])
                 xs["params"].append(params)
                 ys.append(-m)
@@ -724,7 +766,8 @@ def main(argv: list[str] | None = None) -> int:
     out()
     out("## Spearman rho of each score vs -loss over the distinct adapter designs of a cell")
     out()
-    out("Scores are parameter-weighted means over a plan's groups; rank = log2(1 + r min(m1,n1) min(m2,n2)) / "
+    out("Scores are means over a plan's matrices weighted by d_out + d_in (as allocation weighs them); "
+        "rank = log2(1 + r min(m1,n1) min(m2,n2)) / "
         "log2(1 + min(d_out, d_in)), the rank bound on a log scale without the cap at full rank.")
     out()
     names = list(rho_rows[0][2]) if rho_rows else []

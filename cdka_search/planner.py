@@ -21,6 +21,7 @@ from cdka_search.scoring import (
     ScoreTable,
     SpectrumCache,
     score_shape,
+    shape_weight,
 )
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
 from cdka_search.targets import select_targets
@@ -212,11 +213,13 @@ def plan_from_fronts(
 ) -> Plan:
     """Allocate ``budget`` over ``fronts`` (by shape unless ``counts`` keys them otherwise) into a Plan.
 
+    A unit's value is weight * count * objective; ``weights`` default to scoring.shape_weight.
+
     By shape, a unit's count is its number of matrices: an expert tensor of E experts pays for E
     copies of the shape's one design (each expert trains its own factors).
     """
     counts = spec.matrices if counts is None else counts
-    weights = {k: 1.0 for k in fronts} if weights is None else weights
+    weights = {k: shape_weight(*front[0].design.shape) for k, front in fronts.items()} if weights is None else weights
     picked, result = allocate_fronts(fronts, counts, weights, budget)
     return build_plan(spec, budget, picked, objective=objective, adapter=adapter, allocation=result, per_layer=per_layer)
 

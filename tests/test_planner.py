@@ -102,3 +102,21 @@ def test_cost_follows_distinct_shapes_not_layers(monkeypatch):
     monkeypatch.setattr(planner, "score_shape", lambda *a, **k: calls.append(a[:2]) or real(*a, **k))
     make_plan(load_spec("llama-2-70b"), "0.5%", seed=1)  # seed 1: not the shipped fronts, so scored here
     assert sorted(calls) == sorted({(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)})
+
+
+def test_data_free_allocation_spreads_a_budget_as_lora_does():
+    """Shapes weigh d_out + d_in (scoring.shape_weight). With equal weights the 128x256 weight took LoRA
+    rank 16 of a lora:8 budget and the 688x256 ones 6.4, and such plans trained worse (docs/validity.md)."""
+    from cdka_search.planner import plan_from_fronts, resolve_budget, score_fronts
+    from cdka_search.spec.model_spec import ModelSpec, TargetModule
+
+    targets = (TargetModule("k", 128, 256), TargetModule("up", 688, 256), TargetModule("down", 256, 688))
+    spec = ModelSpec("three-shapes", "test", 10**7, targets)
+
+    def lora_ranks(plan):  # the LoRA rank each group's parameters would buy
+        return {g.shape: g.params / (g.count * sum(g.shape)) for g in plan.groups}
+
+    assert lora_ranks(make_plan(spec, "lora:8")) == {(128, 256): 8.0, (688, 256): 8.0, (256, 688): 8.0}
+    fronts = score_fronts(spec, CandidateSpace(), "rank")
+    equal = plan_from_fronts(spec, resolve_budget(spec, "lora:8"), fronts, weights={k: 1.0 for k in fronts})
+    assert lora_ranks(equal)[(128, 256)] == 16.0 and lora_ranks(equal)[(688, 256)] < 7

@@ -122,3 +122,13 @@ def test_an_objective_without_alignment_measures_only_the_chosen_pairs(monkeypat
         assert a.scores["alignment"] == pytest.approx(b.scores["alignment"], abs=1e-3)
         assert {k: v for k, v in a.scores.items() if k != "alignment"} == {k: v for k, v in b.scores.items() if k != "alignment"}
     assert len({g.design.params for g in lazy.groups}) > 1  # the energies weighted the modules differently
+
+
+def test_module_weights_spread_across_shapes_as_data_free_and_by_energy_within_one():
+    from cdka_search.alignment.planning import module_weights
+
+    spec = ModelSpec("toy", "test", 10**6, (TargetModule("q", 48, 64), TargetModule("k", 48, 64),
+                                            TargetModule("up", 96, 64), TargetModule("zero", 32, 32)))
+    weights = module_weights(spec, {"q": 3.0, "k": 1.0, "up": 1000.0, "zero": 0.0})
+    # q and k share a shape: mean energy 2, shape weight 48 + 64; up is alone in its shape; zero has no update.
+    assert weights == pytest.approx({"q": 112 * 1.5, "k": 112 * 0.5, "up": 160.0, "zero": 0.0})

@@ -149,3 +149,23 @@ def test_every_objective_spends_a_lora8_budget(objective):
     for spec in (load_spec("llama-2-7b"), bench):
         plan = make_plan(spec, "lora:8", objective=objective)
         assert 0.95 * plan.budget_limit <= plan.used_params <= plan.budget_limit, (spec.name, objective)
+
+
+def test_the_default_plans_the_benchmarks_best_uniform_designs():
+    """What benchmarks/results/validity_lm.md measured: at lora:2 and lora:8 the default plan is the uniform
+    (4,4,2) / (2,2,8), the best or tied-best designs there, and spends the MLP's share as LoRA does."""
+    import torch
+    import transformers
+
+    from cdka_search.planner import make_plan
+    from cdka_search.spec import spec_from_module
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        bench = spec_from_module(transformers.LlamaForCausalLM(config), "validity-llama")
+    for budget, label in (("lora:2", "(4,4,2)"), ("lora:8", "(2,2,8)")):
+        plan = make_plan(bench, budget)
+        assert {g.design.label() for g in plan.groups} == {label}
+        mlp = sum(g.params for g in plan.groups if "mlp" in g.modules[0])
+        assert mlp / plan.used_params == pytest.approx(3 * 944 / (3 * 944 + 2 * 512 + 2 * 384))

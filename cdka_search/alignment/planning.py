@@ -1,16 +1,16 @@
 """Per-module score tables from reference updates: the data-aware half of planning.
 
-Rule for spreading the budget: a module's value is w_m * objective_m with
-w_m = ||M_m||_F^2 / mean_k ||M_k||_F^2, so with ``--objective alignment`` the allocation maximises
-the total reference energy kept, and modules whose update carries more energy earn more budget.
+Rule for spreading the budget: a module's value is w_m * objective_m with w_m = shape_weight(shape) *
+||M_m||_F^2 / mean ||M_k||_F^2 over the modules k of the same shape (module_weights): across shapes
+the budget is spread as data-free planning spreads it, and within a shape modules whose update
+carries more energy earn more budget (with ``--objective alignment``, more of the energy kept).
 
 Expert tensors (E, d_out, d_in) are scored on the stacked update: every expert trains its own
 factors of the tensor's one design, so the best fit keeps, expert by expert, the best rank-r fit of
 that expert's slice, and the share kept of the whole stack is the energy-weighted mean of the
 experts' shares, sum_e ||M_e||^2 e_e(r) / sum_e ||M_e||^2 (an unweighted mean would let an expert
-that barely moved count as much as the one carrying the update). Its weight w_m is the stack's
-||M||_F^2, while the allocation charges it E times the design's parameters: the planner then
-maximises the energy kept over all experts per parameter spent, like for any other module.
+that barely moved count as much as the one carrying the update). Its energy in w_m is the stack's
+||M||_F^2, while the allocation charges it E times the design's parameters.
 
 Which (r1, r2) are measured: every divisor pair of updates of at most 2^12 entries (cheap at that
 size) or with ``all_pairs``; otherwise the shape's data-free Pareto front plus LoRA
@@ -30,7 +30,7 @@ from cdka_search.alignment.device import resolve_device
 from cdka_search.alignment.energy import energy_curve, squared_norm
 from cdka_search.candidates import CandidateSpace, Design
 from cdka_search.errors import ReferenceFileError
-from cdka_search.scoring import ScoreTable, SpectrumCache, check_objective, score_shape
+from cdka_search.scoring import ScoreTable, SpectrumCache, check_objective, score_shape, shape_weight
 from cdka_search.spec.model_spec import ModelSpec
 
 SMALL_UPDATE = 1 << 12
@@ -47,6 +47,22 @@ def uses_alignment(objective: str) -> bool:
     combine = check_objective(objective)
     grid = [(c, s, z) for c in (0.05, 0.3, 0.6, 1.2) for s in (0.1, 0.9) for z in (1e-4, 0.01, 0.3)]
     return any(float(combine(c, 0.1, s, z)) != float(combine(c, 0.9, s, z)) for c, s, z in grid)
+
+
+def module_weights(spec: ModelSpec, energy: Mapping[str, float]) -> dict[str, float]:
+    """w_m = shape_weight(shape) * ||M_m||^2 / mean ||M_k||^2 over the modules k of m's shape.
+
+    Across shapes the budget is spread as in data-free planning (scoring.shape_weight: raw update
+    energies of different shapes are not comparable, and weighting by them alone put k/v and o on the
+    same footing as the MLP); within a shape, modules whose update carries more energy earn more.
+    A shape whose updates are all zero keeps weight 0.
+    """
+    by_shape: dict[tuple[int, int], list[float]] = {}
+    for t in spec.targets:
+        by_shape.setdefault(t.shape, []).append(energy[t.name])
+    means = {shape: sum(values) / len(values) for shape, values in by_shape.items()}
+    return {t.name: shape_weight(*t.shape) * energy[t.name] / means[t.shape] if means[t.shape] > 0 else 0.0
+            for t in spec.targets}
 
 
 def shortlist_pairs(
@@ -114,10 +130,9 @@ class ReferenceScores:
             for shape in spec.shapes
         }
         energy = {t.name: squared_norm(reference[t.name]) for t in spec.targets}
-        mean = sum(energy.values()) / len(energy)
-        if not mean > 0:
+        if not any(e > 0 for e in energy.values()):
             raise ReferenceFileError("every reference update is zero: nothing to align with")
-        self.weights = {name: e / mean for name, e in energy.items()}
+        self.weights = module_weights(spec, energy)
         self._measured: dict[tuple[str, tuple[int, int]], list[float]] = {}
         self.measurements = 0  # (module, pair) curves measured, first passes and refinements together
         self.tables: dict[str, ScoreTable] = {t.name: self._score(t.name, {}) for t in spec.targets}
