@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,7 @@ import pytest
 
 from test_spec import TOTALS, write_header_only
 
+from cdka_search.errors import SweepError
 from cdka_search.export import EXPORTERS, get_exporter, write_export
 from cdka_search.plan import dumps_plan, load_plan
 from cdka_search.scoring import OBJECTIVES
@@ -85,8 +87,13 @@ def test_every_task_builds_prepares_and_runs_a_tiny_space(name, tiny_lm):
     from cdka_search.sweep.space import build_space
     from cdka_search.targets import select_targets
 
-    task = make_task(name, TASK_CASES[name](tiny_lm))
+    options = TASK_CASES[name](tiny_lm)
+    task = make_task(name, options)
     assert task.name == name
+    assert task.needs <= {"data", "model"}
+    for need in task.needs:  # what run_sweep checks up front, the task refuses to be built without
+        with pytest.raises(SweepError):
+            make_task(name, replace(options, **{need: None}))
     low, high = task.lr_range
     assert 0 < low <= task.default_lr <= high
     space = build_space(select_targets(load_spec(str(tiny_lm)), "all-linear"), "lora:2")

@@ -191,20 +191,21 @@ def run_sweep(config: SweepConfig, *, on_trial: Callable[[int, int, float | None
 
     from cdka_search.spec import load_spec
     from cdka_search.sweep.space import build_space
-    from cdka_search.sweep.tasks import make_task
+    from cdka_search.sweep.tasks import make_task, task_class
     from cdka_search.targets import select_targets
 
     if config.output is not None and config.output.exists() and config.output.is_dir():
         raise SweepError(f"-o {config.output} is a folder; give a file name such as best.yaml")
     started = time.monotonic()
-    if config.task == "lm" and config.data is None:
-        raise SweepError("--task lm needs --data FILE (a local .txt or .jsonl file)")
+    needs = task_class(config.task).needs
+    if "data" in needs and config.data is None:
+        raise SweepError(f"--task {config.task} needs --data FILE (a local .txt or .jsonl file)")
     model_path = Path(config.model).expanduser()
-    if config.task == "lm" and not model_path.is_dir():
-        raise SweepError(f"--task lm needs --model to be a local Hugging Face folder, got {config.model!r}")
+    if "model" in needs and not model_path.is_dir():
+        raise SweepError(f"--task {config.task} needs --model to be a local Hugging Face folder, got {config.model!r}")
     options = TaskOptions(steps=config.steps, seed=config.seed or 0, report_every=config.report_every,
                           data=config.data, reference=config.reference,
-                          model=model_path if config.task == "lm" else None)
+                          model=model_path if "model" in needs else None)
     task = make_task(config.task, options)
     make_pruner(config.pruner, config.steps, options.every)  # validate before touching storage
     spec = select_targets(load_spec(config.model), config.targets)

@@ -52,6 +52,9 @@ class Task(Protocol):
     name: str
     default_lr: float
     lr_range: tuple[float, float]
+    #: what the user must give, checked before any storage is opened: "data" (--data FILE),
+    #: "model" (--model as a local Hugging Face folder, passed as TaskOptions.model)
+    needs: frozenset[str]
 
     def prepare(self, space: "SearchSpace") -> None: ...
 
@@ -69,10 +72,15 @@ def task_names() -> tuple[str, ...]:
     return tuple(TASKS)
 
 
-def make_task(name: str, options: TaskOptions) -> Task:
-    """The task registered as ``name`` (proxy or lm), built from ``options``."""
+def task_class(name: str) -> type[Task]:
+    """The class registered as ``name`` (proxy or lm); importing its module does not import torch."""
     if name not in TASKS:
         near = difflib.get_close_matches(name, task_names(), n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise SweepError(f"unknown task {name!r}{hint}; choose one of {', '.join(task_names())}")
-    return resolve(TASKS[name])(options)
+    return resolve(TASKS[name])
+
+
+def make_task(name: str, options: TaskOptions) -> Task:
+    """The task registered as ``name``, built from ``options``."""
+    return task_class(name)(options)
