@@ -148,25 +148,37 @@ def _safetensors_folder(tmp_path: Path) -> str:
     return str(tmp_path)
 
 
-#: source kind -> the GPT-2 (124,439,808 parameters) given in that form.
-SOURCE_CASES: dict[str, Callable[[Path], str]] = {
-    "hf-folder": lambda tmp_path: str(DATA / "gpt2"),
-    "safetensors-folder": _safetensors_folder,
-    "safetensors-file": lambda tmp_path: _safetensors_folder(tmp_path) + "/model.safetensors",
-    "config-file": lambda tmp_path: str(DATA / "gpt2" / "config.json"),
-    "preset": lambda tmp_path: "gpt2",
-}
+def _sharded_index(tmp_path: Path) -> str:
+    """GPT-2's header split over two shards and an index: a .json file the config-file kind must not take."""
+    header = json.loads((DATA / "gpt2" / "header.json").read_text())
+    names = [k for k in header if k != "__metadata__"]
+    shard_of = {k: "a.safetensors" if i < len(names) // 2 else "b.safetensors" for i, k in enumerate(names)}
+    for shard in ("a.safetensors", "b.safetensors"):
+        write_header_only(tmp_path / shard, {k: header[k] for k in names if shard_of[k] == shard})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shard_of}))
+    return str(tmp_path / "model.safetensors.index.json")
+
+
+#: (source kind, GPT-2 (124,439,808 parameters) given in a form that kind reads).
+SOURCE_CASES: list[tuple[str, Callable[[Path], str]]] = [
+    ("hf-folder", lambda tmp_path: str(DATA / "gpt2")),
+    ("safetensors-folder", _safetensors_folder),
+    ("safetensors-file", lambda tmp_path: _safetensors_folder(tmp_path) + "/model.safetensors"),
+    ("safetensors-file", _sharded_index),
+    ("config-file", lambda tmp_path: str(DATA / "gpt2" / "config.json")),
+    ("preset", lambda tmp_path: "gpt2"),
+]
 
 
 def test_every_source_has_a_conformance_case():
-    assert sorted(SOURCE_CASES) == sorted(SOURCES)
+    assert {kind for kind, _ in SOURCE_CASES} == set(SOURCES)
 
 
-@pytest.mark.parametrize("kind", list(SOURCES))
-def test_every_source_reads_its_example_into_a_model_spec(kind, tmp_path):
-    model = SOURCE_CASES[kind](tmp_path)
+@pytest.mark.parametrize("kind, example", SOURCE_CASES)
+def test_every_source_reads_its_example_into_a_model_spec(kind, example, tmp_path):
+    model = example(tmp_path)
     first = next(k for k, s in SOURCES.items() if s.matches(model, existing_path(model)))
-    assert first == kind  # the example is read by this kind, not an earlier one
+    assert first == kind  # the example is read by this kind, not by one tried earlier
     spec = load_spec(model)
     assert spec.total_params == TOTALS["gpt2"]
     assert len(spec.targets) == 48  # c_attn, c_proj, c_fc, mlp.c_proj of 12 blocks
