@@ -190,6 +190,7 @@ def run_sweep(config: SweepConfig, *, on_trial: Callable[[int, int, float | None
     import optuna
 
     from cdka_search.spec import load_spec
+    from cdka_search.spec.sources import existing_path
     from cdka_search.sweep.space import build_space
     from cdka_search.sweep.tasks import make_task, task_class
     from cdka_search.targets import select_targets
@@ -200,12 +201,11 @@ def run_sweep(config: SweepConfig, *, on_trial: Callable[[int, int, float | None
     needs = task_class(config.task).needs
     if "data" in needs and config.data is None:
         raise SweepError(f"--task {config.task} needs --data FILE (a local .txt or .jsonl file)")
-    model_path = Path(config.model).expanduser()
-    if "model" in needs and not model_path.is_dir():
+    folder = existing_path(config.model) if "model" in needs else None
+    if "model" in needs and (folder is None or not folder.is_dir()):
         raise SweepError(f"--task {config.task} needs --model to be a local Hugging Face folder, got {config.model!r}")
     options = TaskOptions(steps=config.steps, seed=config.seed or 0, report_every=config.report_every,
-                          data=config.data, reference=config.reference,
-                          model=model_path if "model" in needs else None)
+                          data=config.data, reference=config.reference, model=folder)
     task = make_task(config.task, options)
     make_pruner(config.pruner, config.steps, options.every)  # validate before touching storage
     spec = select_targets(load_spec(config.model), config.targets)
