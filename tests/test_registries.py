@@ -225,3 +225,15 @@ def test_extending_md_has_a_section_per_registry():
                               ("EXPORTERS", "## An exporter"), ("TASKS", "## A sweep task"),
                               ("PRUNERS", "## A pruner"), ("OBJECTIVES", "## An objective")):
         assert f"| `{registry}` |" in text and section in text, registry
+
+
+@pytest.mark.parametrize(
+    "command, option, names",
+    [("sweep", "--task", TASKS), ("sweep", "--pruner", PRUNERS), ("export", "--to", EXPORTERS),
+     ("plan", "--objective", OBJECTIVES)],
+)
+def test_every_registry_name_is_in_its_options_help(cli, command, option, names):
+    res = cli(command, "--help")
+    assert res.exit_code == 0 and option in res.output
+    words = set(res.output.replace(",", " ").replace(".", " ").replace("(", " ").replace(")", " ").split())
+    assert set(names) <= words, sorted(set(names) - words)
