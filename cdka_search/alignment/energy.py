@@ -233,7 +233,12 @@ def _krylov_sigma_sq(
     sketch = torch.randn(R.shape[1], k, generator=gen, dtype=work, device=R.device)
     block = _orthonormal(right(sketch), None)
     basis = block
-    images = left(block)  # R^T K, grown one block of columns per step
+    # R^T K, one block of columns per step, in one buffer: growing it by concatenation copied it
+    # every step (15 % of the time on 7B shapes).
+    store = torch.empty(R.shape[1], min(R.shape[0], k * (settings.max_steps + 1)), dtype=work, device=R.device)
+    used = block.shape[1]
+    store[:, :used] = left(block)
+    images = store[:, :used]
     H = (images.T @ images).double()
     previous: torch.Tensor | None = None
     last_change: float | None = None
@@ -259,11 +264,13 @@ def _krylov_sigma_sq(
         # Never more columns than dimensions: an over-full basis is not orthonormal, and its "Ritz
         # values" then overshoot the true singular values.
         block = _orthonormal(right(images[:, -block.shape[1]:] @ whiten[:, -room:]), basis)
-        image = left(block)
+        image = store[:, used:used + block.shape[1]]
+        image.copy_(left(block))
         cross = (images.T @ image).double()
         H = torch.cat([torch.cat([H, cross], 1), torch.cat([cross.T, (image.T @ image).double()], 1)])
         basis = torch.cat([basis, block], 1)
-        images = torch.cat([images, image], 1)
+        used += block.shape[1]
+        images = store[:, :used]
     return ritz
 
 
