@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
 from test_spec import TOTALS, write_header_only
 
 from cdka_search.errors import SweepError

@@ -18,7 +18,7 @@ from cdka_search.registry import Entry
 class Source:
     """One kind of model source: when it applies and which function reads it."""
 
-    matches: Callable[[str, "Path | None"], bool]
+    matches: Callable[[str, Path | None], bool]
     loader: Entry
     reads_name: bool = False  # the loader takes the text (a preset name), not the path
 
