@@ -100,12 +100,9 @@ class SweepSettings:
         _number(self.steps, "sweep.steps", integer=True, high=10**7)
         _number(self.top_k, "sweep.top_k", integer=True, high=1000)
         _number(self.seed, "sweep.seed", strict=False, integer=True, high=MAX_SEED)
-        try:
-            from cdka_search.sweep.tasks import task_names
+        from cdka_search.sweep.tasks import task_names
 
-            tasks = task_names()
-        except ImportError:  # the sweep ring is optional; keep recipes loadable without it
-            tasks = ("proxy", "lm")
+        tasks = task_names()
         if self.task not in tasks:
             raise RecipeError(f"sweep.task {brief(self.task)} is not one of {', '.join(tasks)}")
         if len(self.lr) != 2 or not 0 < _number(self.lr[0], "sweep.lr[0]", high=10) < _number(self.lr[1], "sweep.lr[1]", high=10):

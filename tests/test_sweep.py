@@ -246,6 +246,7 @@ def test_every_trial_nan_is_one_error_line(cli, tmp_path, tiny_config, monkeypat
         (("--task", "prxy"), "did you mean 'proxy'"),
         (("--storage", "nowhere"), "not understood"),
         (("--task", "lm"), "needs --data"),
+        (("--task", "lm", "--data", "d.txt", "-m", "~no-such-user-cdka"), "needs --model to be a local Hugging Face folder"),
         (("--pruner", "asha"), "unknown pruner"),
         (("--trials", "0"), "--trials: 0 is outside [1, 100,000]"),
         (("--seed", "-1"), "--seed: -1 is outside [0, 4,294,967,295]"),

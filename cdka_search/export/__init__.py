@@ -10,10 +10,10 @@ LyCORIS is imported.
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING, Callable
 
 from cdka_search.errors import ExportError
+from cdka_search.registry import Entry, resolve
 
 if TYPE_CHECKING:
     from cdka_search.export.base import Export
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["EXPORTERS", "export_plan", "get_exporter", "write_export"]
 
 #: Export target -> (module, function). Closed: a name outside it is an error, never an import path.
-EXPORTERS: dict[str, tuple[str, str]] = {
+EXPORTERS: dict[str, Entry] = {
     "peft": ("cdka_search.export.peft", "export_peft"),
     "lycoris": ("cdka_search.export.lycoris", "export_lycoris"),
 }
@@ -34,8 +34,7 @@ def get_exporter(target: str) -> Callable[..., "Export"]:
     key = target.strip().lower()
     if key not in EXPORTERS:
         raise ExportError(f"unknown export target {target!r}; choose one of {', '.join(EXPORTERS)}")
-    module, function = EXPORTERS[key]
-    return getattr(import_module(module), function)
+    return resolve(EXPORTERS[key])
 
 
 def export_plan(plan: "Plan", target: str, spec: "ModelSpec | None" = None) -> "Export":

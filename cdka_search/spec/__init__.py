@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cdka_search.errors import ModelSourceError
+from cdka_search.registry import resolve
 from cdka_search.spec.model_spec import Kind, ModelSpec, TargetModule
-from cdka_search.spec.presets import ALIASES, PRESETS, preset_spec, resolve_preset_name
+from cdka_search.spec.presets import ALIASES, PRESETS, resolve_preset_name
+from cdka_search.spec.sources import SOURCES, existing_path
 
 __all__ = [
     "ALIASES",
     "PRESETS",
+    "SOURCES",
     "Kind",
     "ModelSpec",
     "TargetModule",
@@ -21,24 +22,15 @@ __all__ = [
 
 
 def load_spec(model: str) -> ModelSpec:
-    """Read a model given as a preset name, a family alias, or a local path."""
-    path = Path(model).expanduser()
-    if path.exists():
-        from cdka_search.spec.hf_config import config_spec
-        from cdka_search.spec.safetensors_header import safetensors_spec
-
-        if path.is_dir():
-            if (path / "config.json").is_file():
-                return config_spec(path)
-            return safetensors_spec(path)
-        if path.name.endswith((".safetensors", ".index.json")):
-            return safetensors_spec(path)
-        if path.suffix == ".json":
-            return config_spec(path)
+    """Read a model given as a preset name, a family alias, or a local path: the first of SOURCES that
+    matches reads it (cdka_search/spec/sources.py)."""
+    path = existing_path(model)
+    for source in SOURCES.values():
+        if source.matches(model, path):
+            return resolve(source.loader)(model if source.reads_name else path)
+    if path is not None:
         raise ModelSourceError(f"{path}: expected a folder, config.json, .safetensors or .index.json")
-    if "/" in model or model.endswith((".json", ".safetensors")):
-        raise ModelSourceError(f"{model}: no such file or folder")
-    return preset_spec(model)
+    raise ModelSourceError(f"{model}: no such file or folder")
 
 
 def spec_from_module(model, name: str | None = None) -> ModelSpec:

@@ -27,11 +27,11 @@ from cdka_search.sweep.bookkeeping import (
     reap_dead,
 )
 from cdka_search.sweep.objective import Objective
+from cdka_search.sweep.pruners import make_pruner
 from cdka_search.sweep.space import DEFAULT_TOP_K
 from cdka_search.sweep.storage import normalise, open_storage, redact
 from cdka_search.sweep.tasks import TaskOptions
 
-PRUNERS = ("median", "hyperband", "none")
 STUDY_ATTR = "cdka_sweep"
 
 
@@ -124,18 +124,6 @@ def default_study_name(config: SweepConfig, model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.%-]+", "-", raw)
 
 
-def make_pruner(name: str, steps: int, every: int) -> Any:
-    import optuna
-
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(0, steps // 5), interval_steps=1)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=steps, reduction_factor=3)
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise SweepError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
-
-
 def _fingerprint(config: SweepConfig, space: Any, task_name: str, model_name: str) -> dict[str, Any]:
     return {
         "version": 1,
@@ -202,21 +190,22 @@ def run_sweep(config: SweepConfig, *, on_trial: Callable[[int, int, float | None
     import optuna
 
     from cdka_search.spec import load_spec
+    from cdka_search.spec.sources import existing_path
     from cdka_search.sweep.space import build_space
-    from cdka_search.sweep.tasks import make_task
+    from cdka_search.sweep.tasks import make_task, task_class
     from cdka_search.targets import select_targets
 
     if config.output is not None and config.output.exists() and config.output.is_dir():
         raise SweepError(f"-o {config.output} is a folder; give a file name such as best.yaml")
     started = time.monotonic()
-    if config.task == "lm" and config.data is None:
-        raise SweepError("--task lm needs --data FILE (a local .txt or .jsonl file)")
-    model_path = Path(config.model).expanduser()
-    if config.task == "lm" and not model_path.is_dir():
-        raise SweepError(f"--task lm needs --model to be a local Hugging Face folder, got {config.model!r}")
+    needs = task_class(config.task).needs
+    if "data" in needs and config.data is None:
+        raise SweepError(f"--task {config.task} needs --data FILE (a local .txt or .jsonl file)")
+    folder = existing_path(config.model) if "model" in needs else None
+    if "model" in needs and (folder is None or not folder.is_dir()):
+        raise SweepError(f"--task {config.task} needs --model to be a local Hugging Face folder, got {config.model!r}")
     options = TaskOptions(steps=config.steps, seed=config.seed or 0, report_every=config.report_every,
-                          data=config.data, reference=config.reference,
-                          model=model_path if config.task == "lm" else None)
+                          data=config.data, reference=config.reference, model=folder)
     task = make_task(config.task, options)
     make_pruner(config.pruner, config.steps, options.every)  # validate before touching storage
     spec = select_targets(load_spec(config.model), config.targets)

@@ -1,4 +1,4 @@
-"""Sweep tasks: what a trial trains. A closed name -> class registry (no dotted import paths).
+"""Sweep tasks: what a trial trains. A closed name -> (module, class) registry, ``TASKS``.
 
 A task is built from :class:`TaskOptions`, prepared once per process against the search space
 (:meth:`Task.prepare`), then :meth:`Task.run` trains one trial's plan and returns the value to minimise.
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from cdka_search.errors import SweepError
+from cdka_search.registry import Entry, resolve
 
 if TYPE_CHECKING:
     from cdka_search.plan import Plan
@@ -51,26 +52,35 @@ class Task(Protocol):
     name: str
     default_lr: float
     lr_range: tuple[float, float]
+    #: what the user must give, checked before any storage is opened: "data" (--data FILE),
+    #: "model" (--model as a local Hugging Face folder, passed as TaskOptions.model)
+    needs: frozenset[str]
 
     def prepare(self, space: "SearchSpace") -> None: ...
 
     def run(self, plan: "Plan", lr: float, report: Report) -> float: ...
 
 
+#: --task value -> (module, class). Closed: a name outside it is an error, never an import path.
+TASKS: dict[str, Entry] = {
+    "proxy": ("cdka_search.sweep.tasks.proxy", "ProxyTask"),
+    "lm": ("cdka_search.sweep.tasks.lm", "LMTask"),
+}
+
+
 def task_names() -> tuple[str, ...]:
-    return ("proxy", "lm")
+    return tuple(TASKS)
+
+
+def task_class(name: str) -> type[Task]:
+    """The class registered as ``name`` (proxy or lm); importing its module does not import torch."""
+    if name not in TASKS:
+        near = difflib.get_close_matches(name, task_names(), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise SweepError(f"unknown task {name!r}{hint}; choose one of {', '.join(task_names())}")
+    return resolve(TASKS[name])
 
 
 def make_task(name: str, options: TaskOptions) -> Task:
-    """The task called ``name`` (proxy or lm), built from ``options``."""
-    if name == "proxy":
-        from cdka_search.sweep.tasks.proxy import ProxyTask
-
-        return ProxyTask(options)
-    if name == "lm":
-        from cdka_search.sweep.tasks.lm import LMTask
-
-        return LMTask(options)
-    near = difflib.get_close_matches(name, task_names(), n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    raise SweepError(f"unknown task {name!r}{hint}; choose one of {', '.join(task_names())}")
+    """The task registered as ``name``, built from ``options``."""
+    return task_class(name)(options)

@@ -123,6 +123,7 @@ class ProxyTask:
     name = "proxy"
     default_lr = 5e-3
     lr_range = (1e-4, 1e-1)
+    needs = frozenset()
 
     def __init__(self, options: TaskOptions, *, max_side: int = MAX_SIDE) -> None:
         if options.steps < 1:
