@@ -16,7 +16,16 @@ import os
 import stat
 from pathlib import Path
 
-from cdka_search.errors import OutputError
+from cdka_search.errors import CdkaError, OutputError
+
+
+def user_path(text: str, error: type[CdkaError], what: str = "path") -> Path:
+    """``text`` as a Path with ``~`` expanded; ``error`` (one line) where it cannot be: ``~user`` of no
+    such user, or no home directory (pathlib raises RuntimeError there)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise error(f"{what} {text!r}: cannot expand '~' (no such user or no home directory)") from None
 
 
 def _temp_prefix(target: Path) -> str:

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 from cdka_search.candidates import FAMILIES, CandidateSpace
 from cdka_search.documents import brief, read_text_file, read_yaml, reject_unknown
 from cdka_search.errors import PlanError
+from cdka_search.fileio import user_path
 from cdka_search.limits import MAX_DIM, MAX_SEED, MAX_TRIALS
 from cdka_search.plan import AdapterSettings
 
@@ -278,7 +279,7 @@ def list_recipes(root: Path | None = None) -> list[str]:
 
 def recipe_path(name: str, root: Path | None = None) -> Path:
     """The file of a recipe given by name (``llama2/7B_cdka_lora8``) or as a path to a YAML file."""
-    given = Path(name).expanduser()
+    given = user_path(name, RecipeError, "--recipe")
     if given.suffix in (_SUFFIX, ".yml") and given.is_file():
         return given
     base = root or recipes_root()

@@ -794,3 +794,18 @@ def test_a_worker_waits_for_room_then_stops_or_gives_up(monkeypatch):
     assert waiting._wait_for_room(mine)  # gave up waiting: trains (journal storages, dead remote worker)
     study.tell(other, 0.5)
     assert not waiting._wait_for_room(mine)  # the study is full: stop
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "option"),
+    [
+        (["plan", "-m", "gpt2", "-b", "0.5%", "--recipe", "~nosuchuserx/r.yaml"], 5, "--recipe"),
+        (["sweep", "-m", "gpt2", "-b", "0.5%", "--trials", "1", "--storage", "~nosuchuserx/s.db"], 7, "--storage"),
+        (["sweep", "-m", "gpt2", "-b", "0.5%", "--trials", "1", "--storage", "journal:~nosuchuserx/s.journal"], 7, "--storage"),
+    ],
+)
+def test_a_home_of_no_such_user_is_one_error_line(cli, args, code, option):
+    result = cli(*args)
+    assert result.exit_code == code, result.output
+    assert f"error: {option} '~nosuchuserx/" in result.stderr and "cannot expand '~'" in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1

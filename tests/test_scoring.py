@@ -110,7 +110,7 @@ def test_the_rank_objective_spends_a_lora8_budget_on_higher_rank_than_lora():
 def test_factor_spectra_run_on_one_blas_thread(monkeypatch):
     # Threaded OpenBLAS on these small SVDs was 20x slower on a busy 2-core machine.
     import numpy as np
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     from cdka_search.scoring import _squared_singular_values
 
@@ -122,5 +122,8 @@ def test_factor_spectra_run_on_one_blas_thread(monkeypatch):
         return real_svd(*args, **kwargs)
 
     monkeypatch.setattr(np.linalg, "svd", spying_svd)
-    got = _squared_singular_values(12, 96, samples=4, seed=0)
+    with threadpool_limits(limits=2, user_api="blas"):  # as a caller without conftest's one-thread env has it
+        got = _squared_singular_values(12, 96, samples=4, seed=0)
+        outside = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
     assert got.shape == (4, 12) and threads and set(threads) == {1}
+    assert set(outside) == {2}  # the caller's setting is restored

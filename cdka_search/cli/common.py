@@ -11,6 +11,7 @@ from typing import Annotated, Any, Callable, Optional, TypeVar
 import typer
 
 from cdka_search.errors import CdkaError
+from cdka_search.scoring import RANK_KNEE
 
 F = TypeVar("F", bound=Callable)
 
@@ -27,7 +28,7 @@ TargetsOpt = Annotated[
     typer.Option("--targets", "-t", help="all-linear (default: every weight incl. MoE experts; no LM head, embeddings or routers), attn, mlp (incl. experts), experts, or comma-separated names/globs."),
 ]
 ObjectiveOpt = Annotated[
-    str, typer.Option("--objective", help="rank = sqrt(min(capacity, 1) * size) (default: what real fine-tuning supports, docs/validity.md), balanced = sqrt(capacity * alignment), or alignment (for --reference).")
+    str, typer.Option("--objective", help=f"rank = sqrt(min(capacity, {RANK_KNEE}) * size) (default: what real fine-tuning supports, docs/validity.md), balanced = sqrt(capacity * alignment), or alignment (for --reference).")
 ]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="Where torch runs: auto (CUDA where present), cpu, cuda or cuda:N.")

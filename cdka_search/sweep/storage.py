@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cdka_search.errors import SweepError
+from cdka_search.fileio import user_path
 
 DEFAULT_STORAGE = "sqlite:///cdka-sweep.db"
 HEARTBEAT_S = 10
@@ -40,13 +41,13 @@ def normalise(storage: str | None) -> str:
     if not text:
         raise SweepError("--storage is empty; use sqlite:///FILE.db, postgresql://..., or journal:FILE")
     if text.startswith("journal:"):
-        return "journal:" + str(Path(text[len("journal:"):]).expanduser())
+        return "journal:" + str(user_path(text[len("journal:"):], SweepError, "--storage"))
     if "://" in text:
         return text
     if text.endswith(_JOURNAL_SUFFIXES):
-        return "journal:" + str(Path(text).expanduser())
+        return "journal:" + str(user_path(text, SweepError, "--storage"))
     if text.endswith(_SQLITE_SUFFIXES):
-        return "sqlite:///" + str(Path(text).expanduser())
+        return "sqlite:///" + str(user_path(text, SweepError, "--storage"))
     raise SweepError(
         f"--storage {text!r} is not understood; use an Optuna RDB URL (sqlite:///sweep.db, "
         "postgresql://user@127.0.0.1/cdka), journal:FILE, or a file ending in .db or .journal"
@@ -71,7 +72,7 @@ def open_storage(storage: str | None, *, heartbeat: bool = True) -> Any:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         file = url.split(":///", 1)[-1]
-        if file and file != ":memory:" and not Path(file).expanduser().parent.is_dir():
+        if file and file != ":memory:" and not user_path(file, SweepError, "--storage").parent.is_dir():
             raise SweepError(f"storage {url}: folder {Path(file).parent} does not exist")
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     else:

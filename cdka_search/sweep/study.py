@@ -68,6 +68,7 @@ class SweepConfig:
             check_int(self.seed, "--seed", SweepError, 0, MAX_SEED)
         if self.timeout is not None and not 0 < self.timeout < 10**9:
             raise SweepError(f"--timeout must be positive seconds, got {self.timeout}")
+        normalise(self.storage)  # a storage that cannot be understood fails before any work or output
 
 
 @dataclass
