@@ -10,7 +10,7 @@ from cdka_search.budget import Budget, parse_budget
 from cdka_search.candidates import CandidateSpace, Design
 from cdka_search.documents import brief
 from cdka_search.errors import ArgumentError, BudgetError, TargetError
-from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_fronts
+from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_front
 from cdka_search.limits import MAX_DIM, MAX_SEED, check_int
 from cdka_search.matching import ModuleIndex, match_groups, raise_problems
 from cdka_search.plan import AdapterSettings, Plan, PlanGroup
@@ -132,9 +132,9 @@ def score_fronts(
     """The Pareto front of every distinct target shape: shipped for preset shapes under default
     settings (no numpy needed), computed otherwise."""
     if is_shipped_setting(space, objective, samples, seed):
-        shipped = shipped_fronts()
-        if all(shape in shipped for shape in spec.shapes):
-            return {shape: shipped[shape] for shape in sorted(spec.shapes)}
+        shipped = {shape: shipped_front(shape) for shape in sorted(spec.shapes)}
+        if all(front is not None for front in shipped.values()):
+            return shipped  # type: ignore[return-value]
     return {shape: front_of(t) for shape, t in score_tables(spec, space, objective, samples=samples, seed=seed).items()}
 
 
