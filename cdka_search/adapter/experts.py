@@ -33,17 +33,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from cdka_search.adapter.layer import (
     GRADIENT_INIT_B_SCALE,
+    KroneckerFactors,
     check_design,
-    contraction_order,
     fold_into,
     gradient_init_,
     kron_add,
     kron_weight,
-    resolve_dtype,
-    uniform_init_,
 )
 from cdka_search.errors import PlanError
-from cdka_search.plan import a_fan_in, scaling_value
 
 __all__ = ["CdkaExperts", "ExpertAdapter", "expert_parameters"]
 
@@ -57,7 +54,7 @@ def expert_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters(recurse=False) if p.dim() == 3}
 
 
-class ExpertAdapter(nn.Module):
+class ExpertAdapter(KroneckerFactors):
     """The CDKA factors of one 3-D expert parameter: every expert gets its own factors of one design.
 
     ``cdka_A`` has shape (E, r, m2, n2) and ``cdka_B`` (E, r, m1, n1); expert e's update is
@@ -93,32 +90,14 @@ class ExpertAdapter(nn.Module):
                      init=init, contraction=contraction)
         self._owner = (owner,)  # a tuple, so that nn.Module does not register the owner as a child
         self.parameter_name = parameter_name
-        self.experts, self.d_out, self.d_in = experts, d_out, d_in
-        self.m1, self.n1, self.m2, self.n2, self.r = m1, n1, m2, n2, r
-        self.alpha = float(alpha)
-        self.scaling = scaling_value(scaling, alpha, r, n1, scale)
-        self.a_fan_in = a_fan_in(scaling, d_in, n2)
-        self.init = init
-        self.contraction = contraction
-        self.merged = False
-        self.dropout = nn.Dropout(float(dropout)) if dropout else nn.Identity()
-        adapter_dtype = resolve_dtype(dtype)
-        self.cdka_A = nn.Parameter(torch.empty((experts, r, m2, n2), dtype=adapter_dtype, device=weight.device))
-        self.cdka_B = nn.Parameter(torch.empty((experts, r, m1, n1), dtype=adapter_dtype, device=weight.device))
-        self.reset_parameters()
+        self.experts = experts
+        self.init_factors(d_out, d_in, (experts,), weight.device, m1=m1, n1=n1, m2=m2, n2=n2, r=r, alpha=alpha,
+                          scaling=scaling, scale=scale, dropout=dropout, dtype=dtype, init=init, contraction=contraction)
 
     @property
     def weight(self) -> torch.Tensor:
         """The adapted (experts, d_out, d_in) parameter of the experts module."""
         return getattr(self._owner[0].base_layer, self.parameter_name)
-
-    @property
-    def r1(self) -> int:
-        return self.m2
-
-    @property
-    def r2(self) -> int:
-        return self.n1
 
     def extra_repr(self) -> str:
         return (
@@ -126,12 +105,6 @@ class ExpertAdapter(nn.Module):
             f"B={self.m1}x{self.n1}, A={self.m2}x{self.n2}, r={self.r}, scaling={self.scaling:.6g}, "
             f"merged={self.merged}"
         )
-
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Every expert's A_i ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (as CdkaLinear) and B_i = 0, so dW = 0 at step 0."""
-        uniform_init_(self.cdka_A, self.a_fan_in, generator)
-        self.cdka_B.zero_()
 
     @torch.no_grad()
     def init_from_gradient(self, grad: torch.Tensor, *, b_scale: float = GRADIENT_INIT_B_SCALE) -> None:
@@ -158,9 +131,6 @@ class ExpertAdapter(nn.Module):
         gradient per expert.
         """
         return self.cdka_A.unbind(0), self.cdka_B.unbind(0)
-
-    def _order(self) -> str:
-        return contraction_order(self.contraction, self.m1, self.n1, self.m2, self.n2)
 
     def add_segments(self, base2: torch.Tensor, x2: torch.Tensor, counts: list[int],
                      each: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:

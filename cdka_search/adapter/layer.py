@@ -21,7 +21,7 @@ from cdka_search.plan import SCALINGS, a_fan_in, scaling_value
 
 __all__ = [
     "SCALINGS", "CONTRACTIONS", "CdkaLinear", "base_kind", "base_shape", "check_design", "contraction_order",
-    "fold_into", "gradient_init_", "kron_add", "kron_weight", "resolve_dtype", "uniform_init_",
+    "KroneckerFactors", "fold_into", "gradient_init_", "kron_add", "kron_weight", "resolve_dtype", "uniform_init_",
 ]
 
 #: Orders of the two contractions. ``auto`` picks the one with fewer multiply-adds.
@@ -301,7 +301,54 @@ def uniform_init_(A: torch.Tensor, fan_in: int, generator: torch.Generator | Non
         A.copy_((sample * 2.0 - 1.0) * bound)
 
 
-class CdkaLinear(nn.Module):
+class KroneckerFactors(nn.Module):
+    """What every CDKA adapter module holds: its design, scaling and init, and the factors ``cdka_A``
+    (*lead, r, m2, n2) and ``cdka_B`` (*lead, r, m1, n1); ``lead`` is () for one weight, (E,) for E experts."""
+
+    def init_factors(
+        self, d_out: int, d_in: int, lead: tuple[int, ...], device: torch.device, *, m1: int, n1: int, m2: int,
+        n2: int, r: int, alpha: float, scaling: str, scale: float | None, dropout: float,
+        dtype: torch.dtype | str | None, init: str, contraction: str,
+    ) -> None:
+        """Set the design and its settings (checked by the caller with :func:`check_design`), then make
+        and initialise the factors."""
+        self.d_out, self.d_in = d_out, d_in
+        self.m1, self.n1, self.m2, self.n2, self.r = m1, n1, m2, n2, r
+        self.alpha = float(alpha)
+        self.scaling = scaling_value(scaling, alpha, r, n1, scale)
+        self.a_fan_in = a_fan_in(scaling, d_in, n2)
+        self.init = init
+        self.contraction = contraction
+        self.merged = False
+        self.dropout = nn.Dropout(float(dropout)) if dropout else nn.Identity()
+        adapter_dtype = resolve_dtype(dtype)
+        self.cdka_A = nn.Parameter(torch.empty((*lead, r, m2, n2), dtype=adapter_dtype, device=device))
+        self.cdka_B = nn.Parameter(torch.empty((*lead, r, m1, n1), dtype=adapter_dtype, device=device))
+        self.reset_parameters()
+
+    # paper symbols ------------------------------------------------------------------------------------
+    @property
+    def r1(self) -> int:
+        """Paper's r1 = m2 (rows of A_i)."""
+        return self.m2
+
+    @property
+    def r2(self) -> int:
+        """Paper's r2 = n1 (columns of B_i)."""
+        return self.n1
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """A_i ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (see :func:`uniform_init_`), B_i = 0, so dW = 0 at step 0;
+        fan_in is n2, or d_in under the ``matched`` scaling (LoRA's A entry size, whatever the design)."""
+        uniform_init_(self.cdka_A, self.a_fan_in, generator)
+        self.cdka_B.zero_()
+
+    def _order(self) -> str:
+        return contraction_order(self.contraction, self.m1, self.n1, self.m2, self.n2)
+
+
+class CdkaLinear(KroneckerFactors):
     """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` plus a CDKA adapter (cdka-notes.md section 1).
 
     ``y = base_layer(x) + lambda * sum_{i=1..r} (B_i (x) A_i) x`` with ``cdka_A`` of shape (r, m2, n2) and
@@ -351,31 +398,8 @@ class CdkaLinear(nn.Module):
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
         self.kind = kind
-        self.d_out, self.d_in = d_out, d_in
-        self.m1, self.n1, self.m2, self.n2, self.r = m1, n1, m2, n2, r
-        self.alpha = float(alpha)
-        self.scaling = scaling_value(scaling, alpha, r, n1, scale)
-        self.a_fan_in = a_fan_in(scaling, d_in, n2)
-        self.init = init
-        self.contraction = contraction
-        self.merged = False
-        self.dropout = nn.Dropout(float(dropout)) if dropout else nn.Identity()
-        adapter_dtype = resolve_dtype(dtype)
-        device = base_layer.weight.device
-        self.cdka_A = nn.Parameter(torch.empty((r, m2, n2), dtype=adapter_dtype, device=device))
-        self.cdka_B = nn.Parameter(torch.empty((r, m1, n1), dtype=adapter_dtype, device=device))
-        self.reset_parameters()
-
-    # paper symbols ------------------------------------------------------------------------------------
-    @property
-    def r1(self) -> int:
-        """Paper's r1 = m2 (rows of A_i)."""
-        return self.m2
-
-    @property
-    def r2(self) -> int:
-        """Paper's r2 = n1 (columns of B_i)."""
-        return self.n1
+        self.init_factors(d_out, d_in, (), base_layer.weight.device, m1=m1, n1=n1, m2=m2, n2=n2, r=r, alpha=alpha,
+                          scaling=scaling, scale=scale, dropout=dropout, dtype=dtype, init=init, contraction=contraction)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -389,13 +413,6 @@ class CdkaLinear(nn.Module):
         )
 
     # initialisation -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """A_i ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (see :func:`uniform_init_`), B_i = 0; fan_in is n2,
-        or d_in under the ``matched`` scaling (LoRA's A entry size, whatever the design)."""
-        uniform_init_(self.cdka_A, self.a_fan_in, generator)
-        self.cdka_B.zero_()
-
     @torch.no_grad()
     def init_from_gradient(self, grad: torch.Tensor, *, b_scale: float = GRADIENT_INIT_B_SCALE) -> None:
         """Gradient-aligned init from G = dL/dW0 in (d_out, d_in) orientation (for Conv1D pass weight.grad.T).
@@ -416,9 +433,6 @@ class CdkaLinear(nn.Module):
         gradient_init_(self.cdka_A, self.cdka_B, g, b_scale, self.a_fan_in)
 
     # maths ------------------------------------------------------------------------------------------
-    def _order(self) -> str:
-        return contraction_order(self.contraction, self.m1, self.n1, self.m2, self.n2)
-
     def delta_weight(self) -> torch.Tensor:
         """lambda * sum_i kron(B_i, A_i) in (d_out, d_in) orientation and adapter dtype (merging, tests)."""
         return kron_weight(self.cdka_A, self.cdka_B) * self.scaling
