@@ -26,13 +26,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adapter_speed import saved_bytes  # noqa: E402  (this folder is on sys.path when run as a script)
 from cdka_search.adapter.experts import CdkaExperts  # noqa: E402
 from cdka_search.adapter.layer import kron_weight  # noqa: E402
 
@@ -117,22 +117,6 @@ def build(method: str, args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def saved_bytes(step: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = step()
-    out.backward(torch.ones_like(out))
-    return sum(seen.values())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=8)
@@ -160,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     saved = {}
     for method, model in models.items():
         frozen = [p for p in model.parameters() if not p.requires_grad]
-        saved[method] = saved_bytes(lambda model=model: step(model), frozen + [hidden])  # also the first warm-up
+        saved[method] = saved_bytes(lambda model=model: step(model), frozen + [hidden])
         step(model).sum().backward()
     times: dict[str, list[float]] = {method: [] for method in models}
     for _ in range(args.repeats):  # round robin, so that every method sees the same machine load
