@@ -221,19 +221,8 @@ def _paused_gc() -> Iterator[None]:
             gc.enable()
 
 
+@_paused_gc()
 def _apply(
-    model: nn.Module,
-    plan: "Plan",
-    assignment: dict[str, "PlanGroup"],
-    *,
-    gradients: Mapping[str, torch.Tensor] | None,
-    initialise: bool,
-) -> ApplySummary:
-    with _paused_gc():
-        return _build_and_swap(model, plan, assignment, gradients=gradients, initialise=initialise)
-
-
-def _build_and_swap(
     model: nn.Module,
     plan: "Plan",
     assignment: dict[str, "PlanGroup"],
