@@ -56,6 +56,19 @@ def _ids(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(seed))
 
 
+def _train(model, ids: torch.Tensor, *, steps: int) -> list[float]:
+    """The language-model loss before each of ``steps`` Adam steps (lr 1e-2) on the trainable parameters."""
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        optimiser.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        optimiser.step()
+    return losses
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_matches_materialised_per_expert_kron_in_float64(family, implementation):
@@ -203,15 +216,7 @@ def test_training_lowers_the_loss_and_only_adapters_get_gradients(family):
     assert sum(p.numel() for p in trainable) == summary.trainable_params == LAYERS * 2 * (4 * 2 + 4 * 8) + (
         LAYERS * EXPERTS * (2 * (24 + 16) + 3 * (12 + 16))
     )
-    optimiser = torch.optim.Adam(trainable, lr=1e-2)
-    ids = _ids(3)
-    losses = []
-    for _ in range(15):
-        loss = model(ids, labels=ids).loss
-        optimiser.zero_grad()
-        loss.backward()
-        losses.append(loss.item())
-        optimiser.step()
+    losses = _train(model, _ids(3), steps=15)
     assert losses[-1] < losses[0] - 0.1
     for name, p in model.named_parameters():
         is_adapter = name.endswith(("cdka_A", "cdka_B"))
@@ -367,15 +372,8 @@ def test_planned_moe_applies_trains_merges_saves_and_loads(family, tmp_path):
     assert summary.trainable_params == plan.used_params
     assert {n for n in summary.modules if ".experts." in n} == {
         f"model.layers.{i}.mlp.experts.{p}" for i in range(LAYERS) for p in ("gate_up_proj", "down_proj")}
-    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = _ids(4)
-    losses = []
-    for _ in range(10):
-        loss = model(ids, labels=ids).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses = _train(model, ids, steps=10)
     assert losses[-1] < losses[0] - 0.1
     model.eval()
     with torch.no_grad():
