@@ -14,8 +14,23 @@ from cdka_search.limits import MAX_DIM, check_int
 FAMILIES = ("cdka", "lora", "lokr")
 
 
+class PaperSymbols:
+    """The paper's (r1, r2) of anything holding m1, n1, m2, n2: r1 = m2 (rows of A_i), r2 = n1 (columns of B_i)."""
+
+    m2: int
+    n1: int
+
+    @property
+    def r1(self) -> int:
+        return self.m2
+
+    @property
+    def r2(self) -> int:
+        return self.n1
+
+
 @dataclass(frozen=True, order=True)
-class Design:
+class Design(PaperSymbols):
     """One component design: B_i is m1 x n1, A_i is m2 x n2, r components."""
 
     m1: int
@@ -30,14 +45,6 @@ class Design:
         if r1 < 1 or r2 < 1 or r < 1 or d_out % r1 or d_in % r2:
             raise TargetError(f"(r1, r2, r) = ({r1}, {r2}, {r}) does not fit {d_out}x{d_in}: r1 must divide d_out and r2 d_in")
         return cls(d_out // r1, r2, r1, d_in // r2, r)
-
-    @property
-    def r1(self) -> int:
-        return self.m2
-
-    @property
-    def r2(self) -> int:
-        return self.n1
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cdka_search.alignment.rearrange import rearrange
+from cdka_search.candidates import PaperSymbols
 from cdka_search.errors import PlanError
 from cdka_search.plan import SCALINGS, a_fan_in, scaling_value
 
@@ -301,7 +302,7 @@ def uniform_init_(A: torch.Tensor, fan_in: int, generator: torch.Generator | Non
         A.copy_((sample * 2.0 - 1.0) * bound)
 
 
-class KroneckerFactors(nn.Module):
+class KroneckerFactors(nn.Module, PaperSymbols):
     """What every CDKA adapter module holds: its design, scaling and init, and the factors ``cdka_A``
     (*lead, r, m2, n2) and ``cdka_B`` (*lead, r, m1, n1); ``lead`` is () for one weight, (E,) for E experts."""
 
@@ -325,17 +326,6 @@ class KroneckerFactors(nn.Module):
         self.cdka_A = nn.Parameter(torch.empty((*lead, r, m2, n2), dtype=adapter_dtype, device=device))
         self.cdka_B = nn.Parameter(torch.empty((*lead, r, m1, n1), dtype=adapter_dtype, device=device))
         self.reset_parameters()
-
-    # paper symbols ------------------------------------------------------------------------------------
-    @property
-    def r1(self) -> int:
-        """Paper's r1 = m2 (rows of A_i)."""
-        return self.m2
-
-    @property
-    def r2(self) -> int:
-        """Paper's r2 = n1 (columns of B_i)."""
-        return self.n1
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
