@@ -192,11 +192,13 @@ def make_plan(
 
     scores = ReferenceScores(chosen, reference, space, objective, seed=seed, all_pairs=all_pairs, device=device)
     counts = {t.name: t.experts for t in chosen.targets if t.name in scores.tables}  # an expert tensor pays for every expert
+    fronts = {k: front_of(t) for k, t in scores.tables.items()}
     while True:  # allocate on bounded energies; measure what the choice rests on; until nothing does
-        fronts = {k: front_of(t) for k, t in scores.tables.items()}
         picked, result = allocate_fronts(fronts, counts, scores.weights, limit)
-        if not scores.refine({k: s.design for k, s in picked.items()}):
+        rescored = scores.refine({k: s.design for k, s in picked.items()})
+        if not rescored:
             break
+        fronts.update({k: front_of(scores.tables[k]) for k in rescored})
     return build_plan(chosen, limit, picked, objective=objective, adapter=adapter, allocation=result, per_layer=True)
 
 

@@ -162,15 +162,15 @@ class ReferenceScores:
 
         return score_shape(target.d_out, target.d_in, self._space, self._objective, alignment=curve, pairs=self._pairs[target.shape])
 
-    def refine(self, chosen: Mapping[str, Design]) -> bool:
-        """Measure every chosen design's pair that its table only bounds (see _score); whether any was."""
+    def refine(self, chosen: Mapping[str, Design]) -> set[str]:
+        """Measure every chosen design's pair that its table only bounds (see _score); the modules re-scored."""
         pending: dict[str, dict[tuple[int, int], int]] = {}
         for name, design in chosen.items():
             if len(self._measured.get((name, (design.r1, design.r2)), ())) < design.r:
                 pending.setdefault(name, {})[(design.r1, design.r2)] = design.r
         for name, pairs in pending.items():
             self.tables[name] = self._score(name, pairs)
-        return bool(pending)
+        return set(pending)
 
 
 def stacked_curve(M: torch.Tensor, *, seed: int, device: str | torch.device | None) -> Callable[[int, int, int], list[float]]:
