@@ -162,13 +162,13 @@ def _check_2d(M: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class _Matrix:
-    """M upcast on its device, ||M||_F^2 (R(M) only permutes entries, so one norm serves every pair),
-    the copy the passes read (bfloat16 where they run in it, else ``work``) and the last block layout
-    made from it (``row_blocks_transposed``): one copy serves every pair with the same m1, so pairs
-    asked for in m1 order cost one copy per m1 instead of one per pair."""
+    """M upcast on its device, ||M||_F^2 (R(M) only permutes entries, so one norm serves every pair)
+    and the last block layout made from it (``row_blocks_transposed``), in bfloat16 where the passes
+    run in it (``low``): one copy serves every pair with the same m1, so pairs asked for in m1 order
+    cost one copy per m1 instead of one per pair, and the layout is the only copy kept besides M."""
 
     work: torch.Tensor
-    passes: torch.Tensor
+    low: bool
     norm_sq: float
     passes_norm_sq: float
     layouts: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
@@ -189,11 +189,10 @@ class _Matrix:
                 f"matrix of shape {tuple(M.shape)} has inf or nan entries (or overflows {dtype}); "
                 "check the reference it came from"
             )
-        low = bf16_passes if bf16_passes is not None else fast_bf16(work.device)
-        passes = work.to(torch.bfloat16) if low and dtype == torch.float32 else work
-        # Energies measured on the bfloat16 copy are shares of its own norm: rounding that is not
-        # zero-mean (entries clustered near one value) scales both alike.
-        return cls(work, passes, norm_sq, squared_norm(passes) if passes is not work else norm_sq)
+        low = bool(bf16_passes if bf16_passes is not None else fast_bf16(work.device)) and dtype == torch.float32
+        # Energies measured in bfloat16 are shares of its own norm: rounding that is not zero-mean
+        # (entries clustered near one value) scales both alike.
+        return cls(work, low, norm_sq, squared_norm(work.to(torch.bfloat16)) if low else norm_sq)
 
     def rearranged(self, sizes: tuple[int, int, int, int]) -> torch.Tensor:
         """R(M) up to a column permutation, from the cached layout of m1 (made on a miss; one kept)."""
@@ -202,7 +201,11 @@ class _Matrix:
         if layout is None:
             self.layouts.clear()  # free the last copy before making the next
             self.grams.clear()
-            layout = self.layouts[m1] = row_blocks_transposed(self.passes, m1)
+            if m2 == 1 and not self.low:  # the layout is M itself
+                layout = self.work.view(m1, n1 * n2, 1)
+            else:
+                layout = row_blocks_transposed(self.work, m1, torch.bfloat16 if self.low else None)
+            self.layouts[m1] = layout
         return layout.view(m1 * n1, n2 * m2)
 
     def energies(self, sizes: tuple[int, int, int, int], r_max: int, settings: KrylovSettings) -> torch.Tensor:
@@ -240,7 +243,7 @@ class _Matrix:
         """
         m1, n1, m2, n2 = sizes
         d_in, total = n1 * n2, m1 * m2 * n1 * n2
-        low = self.passes.dtype == torch.bfloat16
+        low = self.low
         cap = min(limit, total // _LOW_GRAM_LENGTH) if low else limit
         rows = m1 * n1 <= m2 * n2
         if min(m1 * n1, m2 * n2) > cap:
