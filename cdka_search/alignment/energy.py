@@ -15,7 +15,7 @@ import torch
 
 from cdka_search.alignment.device import fast_bf16, resolve_device
 from cdka_search.alignment.rearrange import check_shape, rearrange, row_blocks_transposed
-from cdka_search.candidates import divisors, factor_pairs
+from cdka_search.candidates import factor_pairs
 from cdka_search.errors import ReferenceFileError, TargetError
 
 Pair = tuple[int, int]
@@ -127,7 +127,13 @@ def alignment_table(
     settings = KrylovSettings(oversample, max_steps, accuracy, seed, bf16_passes)
     matrix = _Matrix.of(M, r_max, dtype, device, bf16_passes)
     # in m1 order, so that each m1's block layout is copied once (_Matrix.rearranged)
-    done = {p: matrix.energies(sizes[p], r_max, settings).tolist() for p in sorted(sizes, key=lambda p: sizes[p][0])}
+    family: dict[int, set[int]] = {}
+    for m1, n1, _, _ in sizes.values():
+        family.setdefault(m1, set()).add(n1)
+    done = {
+        p: matrix.energies(sizes[p], r_max, settings, family[sizes[p][0]]).tolist()
+        for p in sorted(sizes, key=lambda p: sizes[p][0])
+    }
     return {pair: done[pair] for pair in wanted}
 
 
@@ -208,7 +214,11 @@ class _Matrix:
             self.layouts[m1] = layout
         return layout.view(m1 * n1, n2 * m2)
 
-    def energies(self, sizes: tuple[int, int, int, int], r_max: int, settings: KrylovSettings) -> torch.Tensor:
+    def energies(
+        self, sizes: tuple[int, int, int, int], r_max: int, settings: KrylovSettings, family: Iterable[int] = ()
+    ) -> torch.Tensor:
+        """The pair's energies; ``family``: the n1 of other pairs with the same m1 that will be asked
+        for, whose Gram matrices this pair's may be derived from or serve (``gram``)."""
         check_shape(self.work, *sizes)
         rows, cols = sizes[0] * sizes[1], sizes[2] * sizes[3]
         small = min(rows, cols)
@@ -216,7 +226,7 @@ class _Matrix:
         if self.norm_sq == 0:
             return torch.zeros(r_max, dtype=torch.float64)
         if small <= GRAM_BLOCKS * k:
-            gram, total = self.gram(sizes, GRAM_BLOCKS * k)
+            gram, total = self.gram(sizes, GRAM_BLOCKS * (r_max + settings.oversample), family)
             sigma_sq = _lapack(torch.linalg.eigvalsh, gram).flip(0)[:r_max]
             energies = sigma_sq.clamp(min=0).cumsum(0) / total
         else:
@@ -227,14 +237,17 @@ class _Matrix:
             energies = torch.cat([energies, energies[-1:].expand(r_max - energies.numel())])
         return energies.clamp(0.0, 1.0).cpu()
 
-    def gram(self, sizes: tuple[int, int, int, int], limit: int) -> tuple[torch.Tensor, float]:
+    def gram(
+        self, sizes: tuple[int, int, int, int], limit: int, family: Iterable[int] = ()
+    ) -> tuple[torch.Tensor, float]:
         """The Gram matrix of R(M)'s small side (up to a permutation) and the total it is a share of.
 
-        Derived, where it can be, from a cached larger Gram matrix of the same m1 (its "root", at most
-        ``limit`` wide): for n1 dividing n1', the row Gram matrix of the n1 split sums the n1' one over
-        the s = n1'/n1 sub-blocks each row block splits into; for n1' dividing n1, the column Gram
-        matrix of the n1 split sums the diagonal blocks of the n1' one. So each chain of divisors
-        costs one Gram matrix, not one per pair.
+        Derived, where it can be, from a larger Gram matrix of the same m1 (its "root", at most
+        ``limit`` wide, computed once and cached), the n1' of a pair in ``family``: for n1 dividing
+        n1', the row Gram matrix of the n1 split sums the n1' one over the s = n1'/n1 sub-blocks each
+        row block splits into; for n1' dividing n1, the column Gram matrix of the n1 split sums the
+        diagonal blocks of the n1' one. So a whole table costs one Gram matrix per chain of divisors,
+        not one per pair, and a pair asked for alone costs its own.
 
         bfloat16 Gram matrices are shares of their own trace (a rounding common to the entries
         cancels) and only used where each dot product spans at least 32 chunks of 2048 (_gram); below
@@ -250,9 +263,9 @@ class _Matrix:
             R = rearrange(self.work, *sizes)
             return _gram(R if rows else R.T), self.norm_sq
         if rows:
-            root = max(r for r in divisors(d_in) if r % n1 == 0 and m1 * r <= cap)
+            root = max(r for r in {n1, *family} if r % n1 == 0 and m1 * r <= cap)
         else:
-            root = min(r for r in divisors(d_in) if n1 % r == 0 and m2 * (d_in // r) <= cap)
+            root = min(r for r in {n1, *family} if n1 % r == 0 and m2 * (d_in // r) <= cap)
         self.rearranged(sizes)  # selects m1's layout (and its Gram matrices)
         gram = self.grams.get((rows, root))
         if gram is None:
