@@ -28,7 +28,7 @@ from cdka_search.alignment.device import fast_bf16
 from cdka_search.alignment.energy import DEFAULT_ACCURACY, DEFAULT_MAX_STEPS
 
 D_OUT, D_IN, R_MAX = 4096, 11008, 16
-# Exact side: D = 64 and 172 (Gram path) and D = 344, 512, 688 (Krylov path; see energy.py).
+# Exact side: D = 64, 172 and 344 (Gram path) and D = 512 and 688 (Krylov path; see energy.py).
 EXACT_PAIRS = [(1, 172), (4, 256), (2, 64), (16, 344), (8, 1), (16, 256)]
 
 
