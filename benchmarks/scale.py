@@ -127,33 +127,45 @@ def module_rows(layer_counts: list[int], workdir: Path) -> None:
     table("modules", results, notes)
 
 
-def front_units(count: int, seed: int = 0) -> tuple[list[list[tuple[int, float]]], int]:
-    """Units shaped like a reference plan's: one LLaMA-2-7B front per module, energy-like weights."""
-    from cdka_search.fronts import shipped_fronts
+def front_units(count: int, seed: int = 0):
+    """Units shaped like a reference plan's, as the planner hands them to the allocator: one module per
+    unit, every module of a shape sharing that LLaMA-2-7B shape's front, energy-like weights, and a
+    LoRA-rank-8 budget. Returns (fronts, counts, weights, budget) for planner.allocate_fronts."""
+    from cdka_search.budget import Budget
+    from cdka_search.fronts import shipped_front
 
-    fronts = shipped_fronts()
     shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
     rng = random.Random(seed)
-    units, budget = [], 0
+    fronts, weights, limit = {}, {}, 0
     for k in range(count):
         shape = shapes[k % len(shapes)]
-        weight = rng.lognormvariate(0, 0.7)
-        units.append([(s.design.params, weight * s.scores.objective) for s in fronts[shape]])
-        budget += 8 * (shape[0] + shape[1])  # LoRA rank 8 on every module
-    return units, budget
+        fronts[f"module{k}"] = shipped_front(shape)
+        weights[f"module{k}"] = rng.lognormvariate(0, 0.7)
+        limit += 8 * (shape[0] + shape[1])  # LoRA rank 8 on every module
+    return fronts, {name: 1 for name in fronts}, weights, Budget("lora:8", limit)
 
 
 def allocation_rows(unit_counts: list[int]) -> None:
+    """The planner's path (allocate_fronts: shared fronts, each hull computed once), and the same
+    problems as plain option lists with the weights folded in, so that no two units share a front
+    (an objective that uses the alignment gives every module its own front)."""
     from cdka_search.allocate import allocate
+    from cdka_search.planner import allocate_fronts
 
-    results: dict[int, float] = {}
-    notes: dict[int, str] = {}
+    stages = {"allocate_fronts (shared)": {}, "allocate (every front own)": {}}
+    notes: dict[str, dict[int, str]] = {stage: {} for stage in stages}
     for count in unit_counts:
-        units, budget = front_units(count, seed=count)
-        results[count], result = seconds(lambda: allocate(units, budget))
-        state = "exact" if result.exact else f"certified gap {result.gap:.1e}"
-        notes[count] = f"{state}, {result.nodes:,} nodes, {results[count]:.3f} s"
-    table("units", {"allocate": results}, {"allocate": notes})
+        fronts, counts, weights, budget = front_units(count, seed=count)
+        lists = [[(s.design.params, weights[k] * s.scores.objective) for s in front] for k, front in fronts.items()]
+        runs = {
+            "allocate_fronts (shared)": lambda: allocate_fronts(fronts, counts, weights, budget)[1],
+            "allocate (every front own)": lambda: allocate(lists, budget.limit),
+        }
+        for stage, run in runs.items():
+            stages[stage][count], result = seconds(run)
+            state = "exact" if result.exact else f"certified gap {result.gap:.1e}"
+            notes[stage][count] = f"{state}, {result.nodes:,} nodes, {stages[stage][count]:.3f} s"
+    table("units", stages, notes)
 
 
 def synthetic_update(d_out: int, d_in: int, seed: int):

@@ -200,29 +200,27 @@ def allocate_units(units: Sequence[Unit], budget: int, *, node_limit: int = 100_
         raise BudgetError("nothing to allocate: every target needs at least one candidate")
     if any(not (isinstance(u.count, int) and u.count >= 1 and math.isfinite(u.weight) and u.weight >= 0) for u in units):
         raise BudgetError("every allocation unit needs a count >= 1 and a finite weight >= 0")
-    cheapest: dict[int, int] = {}  # per distinct front: a front shared by thousands of units is scanned once
-    largest: dict[int, int] = {}
-    for u in units:
-        if id(u.front) not in cheapest:
-            costs = [c for c, _ in u.front]
-            cheapest[id(u.front)], largest[id(u.front)] = min(costs), max(costs)
-    floor = sum(u.count * cheapest[id(u.front)] for u in units)
-    if floor > budget:
-        raise BudgetError(f"budget {budget:,} is below the smallest possible adapter on these targets ({floor:,} parameters)")
-    many = sum(len(u.front) for u in units) >= VECTORISE_FROM
-    if many and max(largest.values()) < 2**53 and sum(u.count * largest[id(u.front)] for u in units) < 2**62:
-        # Costs exact in float64 as read, and every sum of them in int64.
+    if sum(len(u.front) for u in units) >= VECTORISE_FROM:
         from cdka_search import allocate_arrays
 
-        lam, best, options, upper = allocate_arrays.relax_and_screen(units, budget)
-        return _search(units, budget, lam, best, options, upper, node_limit)
+        fronts = allocate_arrays.Fronts(units)
+        if fronts.fits_int64():
+            _check_floor(fronts.floor(), budget)
+            lam, best, options, upper = allocate_arrays.relax_and_screen(fronts, budget)
+            return _search(units, budget, lam, best, options, upper, node_limit)
     expanded = [u.options() for u in units]
+    _check_floor(sum(min(c for c, _ in u) for u in expanded), budget)
     lp = _relax(expanded, budget)
     best = list(lp.start)
     if len(expanded) <= 64:  # the quadratic fill only where it is cheap; big problems rarely need it
         _fill(expanded, best, budget)
     options, upper = _screen(expanded, lp.lam, budget, lp.upper, sum(expanded[k][i][1] for k, i in enumerate(best)))
     return _search(expanded, budget, lp.lam, best, options, upper, node_limit)
+
+
+def _check_floor(floor: int, budget: int) -> None:
+    if floor > budget:
+        raise BudgetError(f"budget {budget:,} is below the smallest possible adapter on these targets ({floor:,} parameters)")
 
 
 def _search(

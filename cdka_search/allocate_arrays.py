@@ -29,6 +29,7 @@ import numpy as np
 from cdka_search.allocate import Kept, Option, Unit
 
 Positions = np.ndarray  # per unit, a position on its hull (0 = the cheapest hull point)
+WALKED_PER_UNIT = 4  # the bisection stops once at most this many hull steps per unit (+ 1,024) are left to walk
 
 
 class Fronts:
@@ -45,25 +46,26 @@ class Fronts:
                 fronts.append(u.front)
             of_unit.append(f)
         lengths = np.fromiter(map(len, fronts), np.int64, count=len(fronts))
-        total = int(lengths.sum())
-        flat = np.fromiter(chain.from_iterable(chain.from_iterable(fronts)), np.float64, count=2 * total)
-        cost, value = flat[0::2], flat[1::2]  # costs exact: allocate sends only costs below 2**53
-        front, offset = np.repeat(np.arange(len(fronts)), lengths), np.cumsum(lengths) - lengths
-        order = np.lexsort((cost, front))  # by front, then cost; equal costs keep the front's order
-        self.option_cost, self.option_value = cost[order].astype(np.int64), value[order]
-        self.option_index = order - offset[front[order]]
-        same = np.zeros(total, bool)  # same (front, cost) as the option before, in that order
-        same[1:] = (front[order][1:] == front[order][:-1]) & (cost[order][1:] == cost[order][:-1])
-        run_start, run = np.flatnonzero(~same), np.cumsum(~same) - 1
-        run_end = np.append(run_start[1:], total)
-        hull_cost, hull_value, hull_index, hull_size = hulls(lengths, cost, value)
+        flat = np.fromiter(chain.from_iterable(chain.from_iterable(fronts)), np.float64, count=2 * int(lengths.sum()))
+        hull, by_cost = hulls(lengths, flat[0::2], flat[1::2])
+        cost, value, order = by_cost
+        listed = np.arange(cost.shape[1]) < lengths[:, None]
+        self.largest_cost = float(cost[listed].max())
+        self.option_cost, self.option_value = cost[listed].astype(np.int64), value[listed]
+        self.option_index = order[listed]
+        # Per option (front by front, by cost): where the options of its front and cost end.
+        new_cost = np.ones(cost.shape, bool)
+        new_cost[:, 1:] = cost[:, 1:] != cost[:, :-1]
+        run_start = np.flatnonzero(new_cost[listed])
+        ends = np.append(run_start[1:], len(self.option_cost))[np.cumsum(new_cost[listed]) - 1]
+        hull_cost, hull_value, hull_index, hull_column, hull_size = hull
         on_hull = np.arange(hull_cost.shape[1]) < hull_size[:, None]
+        offset = np.cumsum(lengths) - lengths
         self.hull_cost, self.hull_value = hull_cost[on_hull].astype(np.int64), hull_value[on_hull]
         self.hull_option = hull_index[on_hull]
-        sorted_at = np.empty(total, np.int64)
-        sorted_at[order] = np.arange(total)
-        hull_run = run[sorted_at[(offset[:, None] + hull_index)[on_hull]]]
-        self.first_at, self.last_after = run_start[hull_run], run_end[hull_run]  # options costing as each hull point
+        # A hull point is the first option of its cost (the best-valued one): where its cost begins and ends.
+        self.first_at = (offset[:, None] + hull_column)[on_hull]
+        self.last_after = ends[self.first_at]
         front_of = np.asarray(of_unit, np.int64)
         self.count = np.fromiter((u.count for u in units), np.int64, count=len(units))
         weight = np.fromiter((u.weight for u in units), np.float64, count=len(units))
@@ -72,6 +74,14 @@ class Fronts:
         # A unit of weight 0 values every option 0: its hull is its cheapest option alone.
         self.size = np.where(weight > 0, hull_size[front_of], 1)
         self.options_end = (offset + lengths)[front_of]
+
+    def fits_int64(self) -> bool:
+        """Whether every cost was read exactly and every sum of costs fits int64."""
+        return self.largest_cost < 2.0**53 and int(self.count.sum()) * self.largest_cost < 2.0**62
+
+    def floor(self) -> int:
+        """The cost of every unit's cheapest option."""
+        return int(self.cost(np.arange(len(self.size)), np.zeros_like(self.size)).sum())
 
     def cost(self, k: np.ndarray, j: np.ndarray) -> np.ndarray:
         """Cost of hull point j of units k."""
@@ -90,25 +100,27 @@ class Fronts:
         return self.value(k, j) - lam * self.cost(k, j)
 
 
-def hulls(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The upper convex hull of every front (``lengths`` options each, flat ``cost`` and ``value``) as
-    padded (cost, value, option index) rows and the hull lengths: the monotone chain of
-    allocate._hull, one column (the j-th cheapest option) of every front per step."""
+def hulls(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """The upper convex hull of every front (``lengths`` options each, flat ``cost`` and ``value``): the
+    monotone chain of allocate._hull, one column (the j-th cheapest option) of every front per step.
+
+    Returns padded rows, one per front: the hulls' (cost, value, option index, column in the by-cost
+    order) and their lengths; and the options by cost (then best value first) as (cost, value, option
+    index), padded with cost inf.
+    """
     rows = np.repeat(np.arange(len(lengths)), lengths)
     cols = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    valid = np.zeros((len(lengths), int(lengths.max())), bool)
-    valid[rows, cols] = True
-    padded_cost, padded_value = np.zeros(valid.shape), np.full(valid.shape, -np.inf)
+    padded_cost, padded_value = np.full((len(lengths), int(lengths.max())), np.inf), np.full((len(lengths), int(lengths.max())), -np.inf)
     padded_cost[rows, cols], padded_value[rows, cols] = cost, value
-    fronts, width = valid.shape
-    order = np.lexsort((np.broadcast_to(np.arange(width), valid.shape), -padded_value, np.where(valid, padded_cost, np.inf)), axis=-1)
+    fronts, width = padded_cost.shape
+    order = np.lexsort((np.broadcast_to(np.arange(width), padded_cost.shape), -padded_value, padded_cost), axis=-1)
     cost = np.take_along_axis(padded_cost, order, axis=1)
     value = np.take_along_axis(padded_value, order, axis=1)
     best_before = np.full(value.shape, -np.inf)
     best_before[:, 1:] = np.maximum.accumulate(value, axis=1)[:, :-1]
-    keep = np.take_along_axis(valid, order, axis=1) & (value > best_before)  # drop dominated options
+    keep = (cost < np.inf) & (value > best_before)  # drop dominated options
     hull_cost, hull_value = np.zeros((fronts, width)), np.zeros((fronts, width))
-    hull_index = np.zeros((fronts, width), np.int64)
+    hull_index, hull_column = np.zeros((fronts, width), np.int64), np.zeros((fronts, width), np.int64)
     size = np.zeros(fronts, np.int64)
     for j in range(width):
         rows = np.flatnonzero(keep[:, j])
@@ -125,9 +137,9 @@ def hulls(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[np.
             size[rows[test]] -= 1
             test = test[size[rows[test]] >= 2]
         at = size[rows]
-        hull_cost[rows, at], hull_value[rows, at], hull_index[rows, at] = c, v, order[rows, j]
+        hull_cost[rows, at], hull_value[rows, at], hull_index[rows, at], hull_column[rows, at] = c, v, order[rows, j], j
         size[rows] += 1
-    return hull_cost, hull_value, hull_index, size
+    return (hull_cost, hull_value, hull_index, hull_column, size), (cost, value, order)
 
 
 def first_true(lo: np.ndarray, hi: np.ndarray, test: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
@@ -181,7 +193,7 @@ def relax(fronts: Fronts, budget: int) -> tuple[float, float, Positions]:
     top = positions(fronts, 0.0)
     if total_cost(fronts, top) <= budget:
         return float(fronts.value(units, top).sum()), 0.0, top
-    start = bracket(fronts, budget, window=4 * len(units) + 1024)
+    start = bracket(fronts, budget, window=WALKED_PER_UNIT * len(units) + 1024)
     room = budget - total_cost(fronts, start)
     value = float(fronts.value(units, start).sum())
     ahead = np.flatnonzero(start < fronts.size - 1)
@@ -190,13 +202,13 @@ def relax(fronts: Fronts, budget: int) -> tuple[float, float, Positions]:
     heapq.heapify(heap)  # by decreasing slope, then unit: the order of allocate._relax's stable sort
     at, size, first = start.tolist(), fronts.size.tolist(), fronts.start.tolist()
     count, scale = fronts.count.tolist(), fronts.scale.tolist()
-    hull_cost, hull_value = fronts.hull_cost.tolist(), fronts.hull_value.tolist()
+    hull_cost, hull_value = fronts.hull_cost.item, fronts.hull_value.item  # a few points per step walked
     upper, lam = None, 0.0
     while heap:
         negative_slope, k = heapq.heappop(heap)
         h = first[k] + at[k]
-        dc = count[k] * hull_cost[h + 1] - count[k] * hull_cost[h]
-        dv = scale[k] * hull_value[h + 1] - scale[k] * hull_value[h]
+        dc = count[k] * hull_cost(h + 1) - count[k] * hull_cost(h)
+        dv = scale[k] * hull_value(h + 1) - scale[k] * hull_value(h)
         if dc > room:
             if upper is None:  # the LP's fractional step: the bound and the multiplier
                 upper, lam = value + dv * room / dc, -negative_slope
@@ -205,8 +217,8 @@ def relax(fronts: Fronts, budget: int) -> tuple[float, float, Positions]:
         value += dv
         at[k] += 1
         if at[k] + 1 < size[k]:
-            slope = (scale[k] * hull_value[h + 2] - scale[k] * hull_value[h + 1]) / (
-                count[k] * hull_cost[h + 2] - count[k] * hull_cost[h + 1])
+            slope = (scale[k] * hull_value(h + 2) - scale[k] * hull_value(h + 1)) / (
+                count[k] * hull_cost(h + 2) - count[k] * hull_cost(h + 1))
             if slope > 0:
                 heapq.heappush(heap, (-slope, k))
     return value if upper is None else upper, lam, np.asarray(at, np.int64)
@@ -253,11 +265,10 @@ def screen(
     return options, upper
 
 
-def relax_and_screen(units: Sequence[Unit], budget: int) -> tuple[float, list[int], list[list[Kept]], float]:
+def relax_and_screen(fronts: Fronts, budget: int) -> tuple[float, list[int], list[list[Kept]], float]:
     """(multiplier lam, the rounded walk as option indices, the options screening keeps, upper bound)."""
-    fronts = Fronts(units)
     upper, lam, at = relax(fronts, budget)
-    every = np.arange(len(units))
+    every = np.arange(len(fronts.size))
     start = fronts.hull_option[fronts.start + at].tolist()
     options, upper = screen(fronts, lam, budget, upper, sum(fronts.value(every, at).tolist()))
     return lam, start, options, upper
