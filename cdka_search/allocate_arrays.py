@@ -172,17 +172,17 @@ def bracket(fronts: Fronts, budget: int, window: int) -> Positions:
     last = fronts.slope(with_steps, fronts.size[with_steps] - 2)
     lo, at_lo = 0.0, positions(fronts, 0.0)
     hi, at_hi = float(fronts.slope(with_steps, np.zeros_like(with_steps)).max()), np.zeros_like(fronts.size)
-    guess = float(last[last > 0].min()) / 2 if (last > 0).any() else 0.0  # below every positive slope
-    for _ in range(200):  # log-scale bisection: the slopes of real fronts span many decades
+    # Bisection on a log scale (the slopes of real fronts span decades), from below every positive slope.
+    mid = float(last[last > 0].min()) / 2 if (last > 0).any() else hi / 2
+    for _ in range(200):
         if int((at_lo - at_hi).sum()) <= window or hi <= lo * (1 + 1e-12):
             break
-        mid = guess if guess > lo else (lo * hi) ** 0.5 if lo > 0 else hi / 2
-        guess = 0.0
         at = positions(fronts, mid)
         if total_cost(fronts, at) <= budget:
             hi, at_hi = mid, at
         else:
             lo, at_lo = mid, at
+        mid = (lo * hi) ** 0.5 if lo > 0 else hi / 2
     return at_hi
 
 
@@ -236,9 +236,9 @@ def screen(
     def reduced(k: np.ndarray, j: np.ndarray) -> np.ndarray:
         return fronts.reduced(k, j, lam)
 
-    top = np.maximum(reduced(units, np.maximum(tangent - 1, 0)), reduced(units, np.minimum(tangent + 1, size - 1)))
-    top = np.maximum(top, reduced(units, tangent))  # the neighbours too: slopes tie to rounding
-    floor = top - (upper - best_value) - 1e-12 * max(1.0, abs(upper))
+    near = np.maximum(reduced(units, np.maximum(tangent - 1, 0)), reduced(units, np.minimum(tangent + 1, size - 1)))
+    near = np.maximum(near, reduced(units, tangent))  # the neighbours too: slopes tie to rounding
+    floor = near - (upper - best_value) - 1e-12 * max(1.0, abs(upper))
     # Reduced values rise along the hull up to the tangent and fall after it; every option lies on or
     # below its hull, so none outside [the point before the first at the floor, the first after the
     # tangent below it] can reach the floor.
@@ -246,16 +246,16 @@ def screen(
     right = first_true(np.minimum(tangent + 1, size), size, lambda k, j: reduced(k, j) < floor[k])
     begin = fronts.first_at[fronts.start + np.maximum(left - 1, 0)]
     end = np.where(right < size, fronts.last_after[fronts.start + np.minimum(right, size - 1)], fronts.options_end)
-    lengths = end - begin
+    lengths = end - begin  # at least 1: the window holds the tangent
     offsets = np.cumsum(lengths) - lengths
     unit = np.repeat(units, lengths)
     at = np.arange(int(lengths.sum())) - np.repeat(offsets - begin, lengths)
     cost = fronts.count[unit] * fronts.option_cost[at]
-    value = fronts.scale[unit] * fronts.option_value[at] - lam * cost
-    best = np.maximum.reduceat(value, offsets)
-    upper = min(upper, lam * budget + sum(best.tolist()))  # the same bound, by duality; min guards rounding
-    kept = np.flatnonzero(value > (best - (upper - best_value) - 1e-12 * max(1.0, abs(upper)))[unit])
-    loss, index = best[unit[kept]] - value[kept], fronts.option_index[at[kept]]
+    gain = fronts.scale[unit] * fronts.option_value[at] - lam * cost  # v - lam c, as allocate._screen computes it
+    top = np.maximum.reduceat(gain, offsets)
+    upper = min(upper, lam * budget + sum(top.tolist()))  # the same bound, by duality; min guards rounding
+    kept = np.flatnonzero(gain > (top - (upper - best_value) - 1e-12 * max(1.0, abs(upper)))[unit])
+    loss, index = top[unit[kept]] - gain[kept], fronts.option_index[at[kept]]
     order = np.lexsort((index, cost[kept], loss, unit[kept]))
     entries = list(zip(loss[order].tolist(), cost[kept][order].tolist(), index[order].tolist()))
     options, taken = [], 0
