@@ -119,11 +119,21 @@ def hulls(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[tup
     best_before = np.full(value.shape, -np.inf)
     best_before[:, 1:] = np.maximum.accumulate(value, axis=1)[:, :-1]
     keep = (cost < np.inf) & (value > best_before)  # drop dominated options
-    hull_cost, hull_value = np.zeros((fronts, width)), np.zeros((fronts, width))
-    hull_index, hull_column = np.zeros((fronts, width), np.int64), np.zeros((fronts, width), np.int64)
-    size = np.zeros(fronts, np.int64)
-    for j in range(width):
-        rows = np.flatnonzero(keep[:, j])
+    # Every row's kept options, left-aligned: the hull itself where no point lies on or below the
+    # chord of its neighbours (the chain's test for popping), as on the fronts the planner builds.
+    hull_column = np.argsort(~keep, axis=1, kind="stable")  # kept columns first, in order
+    size = keep.sum(axis=1)
+    kept = np.arange(width) < size[:, None]
+    hull_cost = np.where(kept, np.take_along_axis(cost, hull_column, axis=1), 0.0)
+    hull_value = np.where(kept, np.take_along_axis(value, hull_column, axis=1), 0.0)
+    hull_index = np.take_along_axis(order, hull_column, axis=1)
+    c2, c1, c = hull_cost[:, :-2], hull_cost[:, 1:-1], hull_cost[:, 2:]
+    v2, v1, v = hull_value[:, :-2], hull_value[:, 1:-1], hull_value[:, 2:]
+    bent = ((v1 - v2) * (c - c2) <= (v - v2) * (c1 - c2)) & (np.arange(width - 2) < (size - 2)[:, None])
+    chained = np.flatnonzero(bent.any(axis=1))
+    size[chained] = 0
+    for j in range(width if chained.size else 0):  # the monotone chain, on the other rows only
+        rows = chained[keep[chained, j]]
         if not rows.size:
             continue
         c, v = cost[rows, j], value[rows, j]
