@@ -31,7 +31,7 @@ from cdka_search.errors import BudgetError
 
 Option = tuple[int, float]  # (cost, value)
 Kept = tuple[float, int, int]  # (reduced loss, cost, option index) of an option the screening keeps
-VECTORISE_FROM = 50_000  # options in all: from here steps 1-3 run on numpy arrays (measured crossover)
+VECTORISE_FROM = 50_000  # options in all: from here steps 1-3 run on numpy arrays (below, importing numpy costs more than it saves)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing or hashing fronts of a thousand options is not free
