@@ -247,3 +247,13 @@ def test_ten_thousand_units_over_shared_fronts_are_certified():
     assert result.cost <= budget
     assert result.gap <= 1e-4
     assert result.upper_bound >= result.value
+
+
+def test_costs_beyond_float64_stay_exact(path):
+    # Costs above 2**53 cannot be read into float64 exactly: such problems stay on the Python steps.
+    big = 2**60
+    front = ((big, 1.0), (big + 1, 2.0), (big + 3, 2.5))
+    units = [Unit(front), Unit(front, 1, 2.0)]
+    result = allocate_units(units, 2 * big + 2)
+    assert result.cost == 2 * big + 2 and result.exact
+    assert result.choice == (1, 1) and result.value == pytest.approx(6.0)
