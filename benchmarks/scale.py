@@ -5,7 +5,8 @@ Rows, side by side:
   LyCORIS, of a per-layer lokr-family plan) at 224 / 3,584 / 14,336
   modules (LLaMA-shaped models, 32 / 512 / 2,048 layers, narrow so that they fit in memory);
 - allocation of 32 / 224 / 3,584 / 10,000 units (Pareto fronts of LLaMA-2-7B shapes, energy-like
-  weights, a LoRA-rank-8 budget);
+  weights, a LoRA-rank-8 budget), as the planner allocates them (every module of a shape sharing its
+  front) and with a front of its own per unit;
 - reference planning (`make_plan(..., reference=...)`) of a 32-layer model on synthetic updates
   with a realistic spectrum (decaying low rank plus noise), with the largest energy error against
   an exact float64 SVD on one module per shape.
