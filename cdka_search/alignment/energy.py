@@ -7,14 +7,14 @@ R(M) (Eckart-Young), so the kept share is sum_{j<=r} sigma_j(R(M))^2 / ||M||_F^2
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from cdka_search.alignment.device import fast_bf16, resolve_device
-from cdka_search.alignment.rearrange import check_shape, rearrange
+from cdka_search.alignment.rearrange import check_shape, rearrange, row_blocks_transposed
 from cdka_search.candidates import factor_pairs
 from cdka_search.errors import ReferenceFileError, TargetError
 
@@ -28,7 +28,10 @@ DEFAULT_ACCURACY = 1e-3
 DEFAULT_MAX_STEPS = 10
 #: The exact Gram path is taken up to min(R.shape) <= GRAM_BLOCKS * k: a D x D Gram matrix in float32
 #: costs about as much as that many low-precision Krylov passes of k columns (measured, docs/alignment.md).
-GRAM_BLOCKS = 4
+GRAM_BLOCKS = 12
+#: Columns per block beyond r_max: k = 16 + 16 = 32 costs about what 24 does per pass (a pass is
+#: memory bound at this width) and converges in fewer steps.
+DEFAULT_OVERSAMPLE = 16
 
 
 def factor_sizes(d_out: int, d_in: int, r1: int, r2: int) -> tuple[int, int, int, int]:
@@ -55,7 +58,7 @@ class KrylovSettings:
     average out in the Ritz values (measured: far below ``accuracy``). Never with float64 input.
     """
 
-    oversample: int = 8
+    oversample: int = DEFAULT_OVERSAMPLE
     max_steps: int = DEFAULT_MAX_STEPS
     accuracy: float = DEFAULT_ACCURACY
     seed: int = 0
@@ -76,7 +79,7 @@ def topr_energies(
     n2: int,
     r_max: int,
     *,
-    oversample: int = 8,
+    oversample: int = DEFAULT_OVERSAMPLE,
     max_steps: int = DEFAULT_MAX_STEPS,
     seed: int = 0,
     accuracy: float = DEFAULT_ACCURACY,
@@ -102,7 +105,7 @@ def alignment_table(
     r_max: int,
     pairs: Iterable[Pair] | None = None,
     *,
-    oversample: int = 8,
+    oversample: int = DEFAULT_OVERSAMPLE,
     max_steps: int = DEFAULT_MAX_STEPS,
     seed: int = 0,
     accuracy: float = DEFAULT_ACCURACY,
@@ -121,7 +124,9 @@ def alignment_table(
     sizes = {p: factor_sizes(d_out, d_in, *p) for p in wanted}  # validate all before any work
     settings = KrylovSettings(oversample, max_steps, accuracy, seed, bf16_passes)
     matrix = _Matrix.of(M, r_max, dtype, device, bf16_passes)
-    return {pair: matrix.energies(shape, r_max, settings).tolist() for pair, shape in sizes.items()}
+    # in m1 order, so that each m1's block layout is copied once (_Matrix.rearranged)
+    done = {p: matrix.energies(sizes[p], r_max, settings).tolist() for p in sorted(sizes, key=lambda p: sizes[p][0])}
+    return {pair: done[pair] for pair in wanted}
 
 
 def energy_curve(
@@ -155,12 +160,16 @@ def _check_2d(M: torch.Tensor) -> None:
 
 @dataclass(frozen=True)
 class _Matrix:
-    """M upcast on its device, ||M||_F^2 (R(M) only permutes entries, so one norm serves every pair)
-    and, where the Krylov passes run in bfloat16, one bfloat16 copy that every pair rearranges."""
+    """M upcast on its device, ||M||_F^2 (R(M) only permutes entries, so one norm serves every pair),
+    the copy the passes read (bfloat16 where they run in it, else ``work``) and the last block layout
+    made from it (``row_blocks_transposed``): one copy serves every pair with the same m1, so pairs
+    asked for in m1 order cost one copy per m1 instead of one per pair."""
 
     work: torch.Tensor
-    low: torch.Tensor | None
+    passes: torch.Tensor
     norm_sq: float
+    passes_norm_sq: float
+    layouts: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(
@@ -178,100 +187,134 @@ class _Matrix:
                 "check the reference it came from"
             )
         low = bf16_passes if bf16_passes is not None else fast_bf16(work.device)
-        return cls(work, work.to(torch.bfloat16) if low and dtype == torch.float32 else None, norm_sq)
+        passes = work.to(torch.bfloat16) if low and dtype == torch.float32 else work
+        # Energies measured on the bfloat16 copy are shares of its own norm: rounding that is not
+        # zero-mean (entries clustered near one value) scales both alike.
+        return cls(work, passes, norm_sq, squared_norm(passes) if passes is not work else norm_sq)
+
+    def rearranged(self, sizes: tuple[int, int, int, int]) -> torch.Tensor:
+        """R(M) up to a column permutation, from the cached layout of m1 (made on a miss; one kept)."""
+        m1, n1, m2, n2 = sizes
+        layout = self.layouts.get(m1)
+        if layout is None:
+            self.layouts.clear()  # free the last copy before making the next
+            layout = self.layouts[m1] = row_blocks_transposed(self.passes, m1)
+        return layout.view(m1 * n1, n2 * m2)
 
     def energies(self, sizes: tuple[int, int, int, int], r_max: int, settings: KrylovSettings) -> torch.Tensor:
+        check_shape(self.work, *sizes)
         rows, cols = sizes[0] * sizes[1], sizes[2] * sizes[3]
         small = min(rows, cols)
         k = min(r_max + settings.oversample, small)
         if self.norm_sq == 0:
-            check_shape(self.work, *sizes)
             return torch.zeros(r_max, dtype=torch.float64)
         if small <= GRAM_BLOCKS * k:
-            R = rearrange(self.work, *sizes)
-            sigma_sq = _small_eig(torch.linalg.eigvalsh, _gram(R if rows <= cols else R.T)).flip(0)
+            # bfloat16 only where its roundings average out (_gram): on a 4 x 6 matrix the rounding
+            # of M alone moved the energies by 2e-3; small matrices are cheap in ``work`` anyway.
+            low = self.passes.dtype == torch.bfloat16 and max(rows, cols) >= 32 * 2048
+            R = self.rearranged(sizes) if low else rearrange(self.work, *sizes)
+            gram = _gram(R if rows <= cols else R.T)
+            sigma_sq = _small_eig(torch.linalg.eigvalsh, gram).flip(0)[:r_max]
+            # in bfloat16, shares of the Gram matrix's own trace: a rounding common to its entries cancels
+            energies = sigma_sq.clamp(min=0).cumsum(0) / (float(gram.trace()) if low else self.norm_sq)
         else:
-            R = rearrange(self.work if self.low is None else self.low, *sizes)
-            # Keep the Krylov basis on the small side; singular values are unchanged.
-            sigma_sq = _krylov_sigma_sq(R if rows <= cols else R.T, r_max, k, settings, self.norm_sq, self.work.dtype)
-        energies = sigma_sq.clamp(min=0)[:r_max].cumsum(0) / self.norm_sq
+            R = self.rearranged(sizes)
+            # the basis lives on the small side
+            energies = _krylov_energies(R if rows <= cols else R.T, r_max, k, settings, self.passes_norm_sq, self.work.dtype)
         if energies.numel() < r_max:  # fewer singular values than r_max: the fit is already exact
             energies = torch.cat([energies, energies[-1:].expand(r_max - energies.numel())])
         return energies.clamp(0.0, 1.0).cpu()
 
 
-def _gram(R: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
-    """R @ R.T in float64, summed over column chunks: one float32 dot product over millions of
-    columns (R is 1 x 8M for some pairs) loses percents."""
+def _gram(R: torch.Tensor) -> torch.Tensor:
+    """R @ R.T in float64, summed over column chunks: at most 64, of at least 2048 columns.
+
+    One float32 dot product over millions of columns (R is 1 x 8M for some pairs) loses percents.
+    bfloat16 products round each chunk's sums to 8 bits; with at least 32 chunks (``_Matrix.energies``
+    sees to it) these independent roundings average out in the float64 sum.
+    """
+    size = max(2048, -(-R.shape[1] // 64))
     gram = torch.zeros(R.shape[0], R.shape[0], dtype=torch.float64, device=R.device)
-    for part in R.split(chunk, dim=1):
+    for part in R.split(size, dim=1):
         gram += (part @ part.T).double()
     return gram
 
 
-def _krylov_sigma_sq(
+def _krylov_energies(
     R: torch.Tensor, r_max: int, k: int, settings: KrylovSettings, norm_sq: float, work: torch.dtype
 ) -> torch.Tensor:
-    """Top squared singular values of R (rows <= cols) by randomized block Krylov iteration.
+    """Top-r_max energies of R (rows <= cols) by block Lanczos on A = R R^T.
 
-    Halko-Martinsson-Tropp range finder, except that every block is kept (Musco and Musco 2015): the
-    Ritz values of span{R W, (R R^T) R W, ...} converge much faster than those of the last block
-    alone on flat spectra. The basis K is kept orthonormal, so the Ritz values, eigenvalues of
-    H = (R^T K)^T (R^T K), are lower bounds of the true sigma_j^2 (of R as multiplied). Products with
-    R run in R's dtype; everything else in ``work``. Depth: the top-r_max energies converge about
-    geometrically, so after a step that moved them by c, with rho the ratio of the last two moves, about
-    rho / (1 - rho) * c is left (_error_left); the iteration stops once that is below accuracy / 2.
+    A Gaussian block G starts the basis K; every step multiplies the newest block by A (one R^T and
+    one R product) and orthonormalises the result against the whole basis, so K spans
+    {G, A G, A^2 G, ...}: every block is kept (Musco and Musco 2015), which converges far faster on
+    flat spectra than keeping the last block alone. Only the products Z = A K are stored, on the small
+    side; nothing of the long side is kept. Energies come from Ritz values (_ritz_energies), lower
+    bounds of the true ones (of R as multiplied). Products with R run in R's dtype; the rest in
+    ``work``. Depth: the energies converge about geometrically, so after a step that moved them by c,
+    with rho the ratio of the last two moves, about rho / (1 - rho) * c is left (_error_left); the
+    iteration stops once that is below ``accuracy`` / 2.
     """
-
-    def right(X: torch.Tensor) -> torch.Tensor:
-        return (R @ X.to(R.dtype)).to(work)
-
-    def left(Y: torch.Tensor) -> torch.Tensor:
-        return (R.T @ Y.to(R.dtype)).to(work)
-
     gen = torch.Generator(device=R.device).manual_seed(settings.seed)
-    sketch = torch.randn(R.shape[1], k, generator=gen, dtype=work, device=R.device)
-    block = _orthonormal(right(sketch), None)
-    basis = block
-    # R^T K, one block of columns per step, in one buffer: growing it by concatenation copied it
-    # every step (15 % of the time on 7B shapes).
-    store = torch.empty(R.shape[1], min(R.shape[0], k * (settings.max_steps + 1)), dtype=work, device=R.device)
-    used = block.shape[1]
-    store[:, :used] = left(block)
-    images = store[:, :used]
-    H = (images.T @ images).double()
+    block = _orthonormal(torch.randn(R.shape[0], k, generator=gen, dtype=work, device=R.device), None)
+    basis, images = block, _apply(R, block, work)
+    H, S = (basis.T @ images).double(), (images.T @ images).double()  # K^T A K and Z^T Z = K^T A^2 K
+    cutoff = torch.finfo(R.dtype).eps / 8
     previous: torch.Tensor | None = None
     last_change: float | None = None
     for step in range(settings.max_steps + 1):
-        ritz = _small_eig(torch.linalg.eigvalsh, H).flip(0)[:r_max]
-        energies = ritz.clamp(min=0).cumsum(0) / norm_sq
+        energies = _ritz_energies(H, S, r_max, cutoff) / norm_sq
         if previous is not None:
             change = float((energies - previous).abs().max())
             if _error_left(change, last_change) <= settings.accuracy / 2:
                 break
             last_change = change
-        if step == settings.max_steps:
-            break
         room = R.shape[0] - basis.shape[1]
-        if room <= 0:  # the basis spans R's column space: the Ritz values are exact
+        if step == settings.max_steps or room <= 0:  # a full basis spans R's column space: exact
             break
         previous = energies
-        # Whiten the last image block from its diagonal block of H (cheaper than a QR of the
-        # tall image) so that R @ image does not lose its small directions to rounding.
-        weights, vectors = _small_eig(torch.linalg.eigh, H[-block.shape[1]:, -block.shape[1]:])
-        keep = weights > weights[-1] * 1e-12
-        whiten = (vectors[:, keep] / weights[keep].sqrt()).to(work)
         # Never more columns than dimensions: an over-full basis is not orthonormal, and its "Ritz
         # values" then overshoot the true singular values.
-        block = _orthonormal(right(images[:, -block.shape[1]:] @ whiten[:, -room:]), basis)
-        image = store[:, used:used + block.shape[1]]
-        image.copy_(left(block))
-        cross = (images.T @ image).double()
-        H = torch.cat([torch.cat([H, cross], 1), torch.cat([cross.T, (image.T @ image).double()], 1)])
+        block = _orthonormal(images[:, -block.shape[1]:], basis)[:, :room]
+        image = _apply(R, block, work)
+        H = _grow(H, basis.T @ image, block.T @ image)
+        S = _grow(S, images.T @ image, image.T @ image)
         basis = torch.cat([basis, block], 1)
-        used += block.shape[1]
-        images = store[:, :used]
-    return ritz
+        images = torch.cat([images, image], 1)
+    return energies
+
+
+def _grow(G: torch.Tensor, cross: torch.Tensor, corner: torch.Tensor) -> torch.Tensor:
+    """The symmetric [[G, cross], [cross^T, corner]] in float64."""
+    cross = cross.double()
+    return torch.cat([torch.cat([G, cross], 1), torch.cat([cross.T, corner.double()], 1)])
+
+
+def _ritz_energies(H: torch.Tensor, S: torch.Tensor, r_max: int, cutoff: float) -> torch.Tensor:
+    """Cumulative top-r_max Ritz values of A = R R^T from H = K^T A K and S = K^T A^2 K alone.
+
+    Two lower bounds, the larger kept: the Ritz values on span(K), eigenvalues of H, and those of
+    R^T R on span(R^T K), half a power of A ahead at no extra pass. With X = R^T K, X^T X = H and
+    X^T (R^T R) X = S, so the latter are the eigenvalues of the pencil (S, H). Solving it whitens by
+    H^(-1/2), which amplifies each product's rounding (2^-8 in bfloat16) by the inverse of a
+    direction's weight; directions below ``cutoff`` of the largest weight are left out (on a steep
+    spectrum keeping them in bfloat16 overshot the true energies by 2e-3), which only shrinks the space.
+    """
+    weights, vectors = _small_eig(torch.linalg.eigh, (H + H.T) / 2)
+    keep = weights > weights[-1] * cutoff
+    whiten = vectors[:, keep] / weights[keep].sqrt()
+    pencil = whiten.T @ ((S + S.T) / 2) @ whiten
+    right = _small_eig(torch.linalg.eigvalsh, pencil).flip(0)[:r_max].clamp(min=0).cumsum(0)
+    left = weights.flip(0)[:r_max].clamp(min=0).cumsum(0)
+    if right.numel() < left.numel():
+        right = torch.cat([right, right[-1:].expand(left.numel() - right.numel())])
+    return torch.maximum(left, right[: left.numel()]).cummax(0).values
+
+
+def _apply(R: torch.Tensor, block: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """(R R^T) @ block, the products in R's dtype, the result in ``work``."""
+    low = block.to(R.dtype)
+    return (R @ (R.T @ low)).to(work)
 
 
 def _error_left(change: float, last_change: float | None) -> float:
