@@ -257,3 +257,21 @@ def test_costs_beyond_float64_stay_exact(path):
     result = allocate_units(units, 2 * big + 2)
     assert result.cost == 2 * big + 2 and result.exact
     assert result.choice == (1, 1) and result.value == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_allocation_pauses_the_cyclic_gc_and_restores_it_even_on_failure(enabled, monkeypatch):
+    import gc
+
+    seen = []
+    search = allocate_module._search
+    monkeypatch.setattr(allocate_module, "_search", lambda *a: seen.append(gc.isenabled()) or search(*a))
+    (gc.enable if enabled else gc.disable)()
+    try:
+        assert allocate([[(1, 1.0), (2, 3.0)], [(1, 0.5)]], 3).value == 3.5
+        assert seen == [False] and gc.isenabled() is enabled
+        with pytest.raises(BudgetError, match="smallest possible adapter"):
+            allocate([[(5, 1.0)]], 4)
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
