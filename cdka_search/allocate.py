@@ -204,7 +204,7 @@ def allocate_units(units: Sequence[Unit], budget: int, *, node_limit: int = 100_
         raise BudgetError("nothing to allocate: every target needs at least one candidate")
     if any(not (isinstance(u.count, int) and u.count >= 1 and math.isfinite(u.weight) and u.weight >= 0) for u in units):
         raise BudgetError("every allocation unit needs a count >= 1 and a finite weight >= 0")
-    if sum(len(u.front) for u in units) >= VECTORISE_FROM:
+    if sum(len(u.front) for u in units) >= VECTORISE_FROM and sum(u.count for u in units) < 2**62:
         from cdka_search import allocate_arrays
 
         fronts = allocate_arrays.Fronts(units)

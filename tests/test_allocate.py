@@ -275,3 +275,9 @@ def test_allocation_pauses_the_cyclic_gc_and_restores_it_even_on_failure(enabled
         assert gc.isenabled() is enabled
     finally:
         gc.enable()
+
+
+def test_counts_beyond_int64_stay_exact(path):
+    front = ((1, 1.0), (2, 3.0))
+    result = allocate_units([Unit(front, 2**70), Unit(front, 1)], 2**70 + 2)
+    assert result.exact and result.choice == (0, 1) and result.cost == 2**70 + 2
