@@ -12,7 +12,8 @@ from cdka_search.alignment import (
     rearrange,
     topr_energies,
 )
-from cdka_search.alignment.energy import _error_left
+from cdka_search.alignment.energy import _error_left, _gram
+from cdka_search.alignment.rearrange import row_blocks_transposed
 from cdka_search.errors import ReferenceFileError, TargetError
 
 
@@ -73,6 +74,20 @@ def test_rearranged_sum_of_r_krons_has_rank_r(r: int) -> None:
     assert torch.linalg.matrix_rank(rearrange(M, m1, n1, m2, n2)).item() == r
 
 
+def test_one_block_layout_has_the_singular_values_of_every_rearrangement_sharing_m1() -> None:
+    M = torch.randn(12, 30, generator=gen(), dtype=torch.float64)
+    for m1 in (1, 2, 3, 4, 6, 12):
+        layout = row_blocks_transposed(M, m1)
+        assert layout.shape == (m1, 30, 12 // m1)
+        for n1 in (1, 2, 3, 5, 6, 10, 15, 30):
+            sizes = (m1, n1, 12 // m1, 30 // n1)
+            view = layout.view(m1 * n1, -1)
+            assert torch.allclose(torch.linalg.svdvals(view), torch.linalg.svdvals(rearrange(M, *sizes)))
+    assert row_blocks_transposed(M, 4, torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(TargetError, match="m1=5 does not divide"):
+        row_blocks_transposed(M, 5)
+
+
 def test_rearrange_rejects_a_shape_that_does_not_split() -> None:
     with pytest.raises(TargetError, match="does not split"):
         rearrange(torch.zeros(12, 10), 3, 2, 5, 5)
@@ -95,12 +110,39 @@ def test_small_matrices_match_exact_svd_for_every_pair(shape: tuple[int, int], k
 @pytest.mark.parametrize("bf16_passes", [True, False])
 @pytest.mark.parametrize("kind", ["flat", "decaying", "heavy"])
 def test_randomized_path_matches_exact_svd_on_medium_matrices(kind: str, bf16_passes: bool) -> None:
-    # min(R.shape) = 512 and 456 > GRAM_BLOCKS * 24 = 96, so these pairs take the Krylov path; bfloat16
+    # min(R.shape) = 512 > GRAM_BLOCKS * 32 = 384, so these pairs take the Krylov path; bfloat16
     # passes run on any CPU (emulated where not native), so both are checked here.
     M = spectra(512, 912, seed=3)[kind]
     for pair in [(1, 1), (2, 2)]:
         got = topr_energies(M, *factor_sizes(512, 912, *pair), 16, bf16_passes=bf16_passes)
         err = (got - exact_energies(M, pair, 16)).abs().max()
+        assert err < 1e-3, (pair, err)
+
+
+def test_a_table_derives_gram_matrices_along_divisor_chains(monkeypatch) -> None:
+    # In float64 every pair of a 96 x 128 matrix is exact (Gram path, D <= 384): derived from one root
+    # Gram matrix per chain of divisors, it must match the pair measured alone, with fewer products.
+    from cdka_search.alignment import energy
+
+    calls: list[int] = []
+    monkeypatch.setattr(energy, "_gram", lambda R: calls.append(R.shape[0]) or _gram(R))
+    M = spectra(96, 128, seed=4)["decaying"]
+    table = alignment_table(M, 16, dtype=torch.float64)
+    table_grams = len(calls)
+    for pair, energies in table.items():
+        alone = topr_energies(M, *factor_sizes(96, 128, *pair), 16, dtype=torch.float64)
+        assert torch.allclose(torch.tensor(energies, dtype=torch.float64), alone, atol=1e-10), pair
+    assert len(calls) - table_grams == len(table)  # measured alone: one Gram matrix each
+    assert table_grams < len(table) / 2, (table_grams, len(table))
+
+
+def test_bfloat16_gram_matrices_of_long_rows_match_exact_svd() -> None:
+    # 256 x 1024 has 2^18 entries: pairs with D <= 4 have dot products of 65536 and more, long enough
+    # for bfloat16 Gram matrices (derived along chains); the rest run in float32 or Krylov.
+    M = spectra(256, 1024, seed=6)["heavy"]
+    table = alignment_table(M, 16, bf16_passes=True)
+    for pair, energies in table.items():
+        err = (torch.tensor(energies, dtype=torch.float64) - exact_energies(M, pair, 16)).abs().max()
         assert err < 1e-3, (pair, err)
 
 
@@ -120,7 +162,7 @@ def test_the_accuracy_target_bounds_the_error_and_a_looser_one_costs_fewer_steps
     # the slowest spectrum to converge; every pair has R of 512 x 1376, past the Gram path's 12 * 32
     M = spectra(512, 1376, seed=5)["flat"]
     steps = []
-    for target in (3e-2, 1e-2, 1e-3):
+    for target in (1e-2, 3e-3, 1e-3):
         checks.clear()
         table = alignment_table(M, 16, pairs=[(1, 1), (2, 2), (4, 4)], accuracy=target)
         for pair, energies in table.items():
@@ -131,11 +173,11 @@ def test_the_accuracy_target_bounds_the_error_and_a_looser_one_costs_fewer_steps
 
 @pytest.mark.parametrize("bf16_passes", [True, False])
 def test_a_krylov_basis_never_outgrows_the_small_side(bf16_passes: bool) -> None:
-    # R is 200 x 600 (Krylov: 200 > GRAM_BLOCKS * 43) with 43 columns per block: the 5th block would
+    # R is 40 x 120 (Krylov: 40 > GRAM_BLOCKS * 3) with 3 columns per block: the 14th block would
     # overfill it. An over-full basis is not orthonormal and once returned 2.6x the true energies.
-    M = spectra(400, 300, seed=2)["flat"]
-    sizes = factor_sizes(400, 300, 2, 1)
-    got = topr_energies(M, *sizes, 3, oversample=40, max_steps=40, accuracy=1e-300, bf16_passes=bf16_passes)
+    M = spectra(80, 60, seed=2)["flat"]
+    sizes = factor_sizes(80, 60, 2, 1)
+    got = topr_energies(M, *sizes, 3, oversample=0, max_steps=40, accuracy=1e-300, bf16_passes=bf16_passes)
     exact = exact_energies(M, (2, 1), 3)
     assert (got <= exact + 1e-4).all() and (got - exact).abs().max() < 1e-4
 

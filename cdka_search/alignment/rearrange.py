@@ -27,8 +27,9 @@ def rearrange(M: torch.Tensor, m1: int, n1: int, m2: int, n2: int) -> torch.Tens
     return M.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
 
 
-def row_blocks_transposed(M: torch.Tensor, m1: int) -> torch.Tensor:
-    """M as (m1, d_in, m2): each of its m1 row blocks transposed (one copy of M).
+def row_blocks_transposed(M: torch.Tensor, m1: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """M as (m1, d_in, m2), each of its m1 row blocks transposed, in ``dtype`` (M's by default): one
+    copy of M, converted on the way.
 
     For every n1 dividing d_in, ``.view(m1 * n1, n2 * m2)`` of the result is R(M) with its columns
     taken in (j2, i2) order instead of (i2, j2): a column permutation, so it has R(M)'s singular
@@ -36,4 +37,6 @@ def row_blocks_transposed(M: torch.Tensor, m1: int) -> torch.Tensor:
     """
     if M.dim() != 2 or m1 < 1 or M.shape[0] % m1:
         raise TargetError(f"m1={m1} does not divide the rows of a matrix of shape {tuple(M.shape)}")
-    return M.reshape(m1, M.shape[0] // m1, M.shape[1]).transpose(1, 2).contiguous()
+    view = M.reshape(m1, M.shape[0] // m1, M.shape[1]).transpose(1, 2)
+    out = torch.empty(view.shape, dtype=dtype or M.dtype, device=M.device)
+    return out.copy_(view)
