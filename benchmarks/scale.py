@@ -5,7 +5,8 @@ Rows, side by side:
   LyCORIS, of a per-layer lokr-family plan) at 224 / 3,584 / 14,336
   modules (LLaMA-shaped models, 32 / 512 / 2,048 layers, narrow so that they fit in memory);
 - allocation of 32 / 224 / 3,584 / 10,000 units (Pareto fronts of LLaMA-2-7B shapes, energy-like
-  weights, a LoRA-rank-8 budget);
+  weights, a LoRA-rank-8 budget), as the planner allocates them (every module of a shape sharing its
+  front) and with a front of its own per unit;
 - reference planning (`make_plan(..., reference=...)`) of a 32-layer model on synthetic updates
   with a realistic spectrum (decaying low rank plus noise), with the largest energy error against
   an exact float64 SVD on one module per shape.
@@ -127,33 +128,46 @@ def module_rows(layer_counts: list[int], workdir: Path) -> None:
     table("modules", results, notes)
 
 
-def front_units(count: int, seed: int = 0) -> tuple[list[list[tuple[int, float]]], int]:
-    """Units shaped like a reference plan's: one LLaMA-2-7B front per module, energy-like weights."""
-    from cdka_search.fronts import shipped_fronts
+def front_units(count: int, seed: int = 0):
+    """Units shaped like a reference plan's, as the planner hands them to the allocator: one module per
+    unit, every module of a shape sharing that LLaMA-2-7B shape's front, energy-like weights, and a
+    LoRA-rank-8 budget. Returns (fronts, counts, weights, budget) for planner.allocate_fronts."""
+    from cdka_search.budget import Budget
+    from cdka_search.fronts import shipped_front
 
-    fronts = shipped_fronts()
     shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
     rng = random.Random(seed)
-    units, budget = [], 0
+    fronts, weights, limit = {}, {}, 0
     for k in range(count):
         shape = shapes[k % len(shapes)]
-        weight = rng.lognormvariate(0, 0.7)
-        units.append([(s.design.params, weight * s.scores.objective) for s in fronts[shape]])
-        budget += 8 * (shape[0] + shape[1])  # LoRA rank 8 on every module
-    return units, budget
+        fronts[f"module{k}"] = shipped_front(shape)
+        weights[f"module{k}"] = rng.lognormvariate(0, 0.7)
+        limit += 8 * (shape[0] + shape[1])  # LoRA rank 8 on every module
+    return fronts, {name: 1 for name in fronts}, weights, Budget("lora:8", limit)
 
 
 def allocation_rows(unit_counts: list[int]) -> None:
+    """The planner's path (allocate_fronts: shared fronts, each hull computed once), and the same
+    problems as plain option lists with the weights folded in, so that no two units share a front
+    (an objective that uses the alignment gives every module its own front)."""
     from cdka_search.allocate import allocate
+    from cdka_search.planner import allocate_fronts
 
-    results: dict[int, float] = {}
-    notes: dict[int, str] = {}
+    stages = {"allocate_fronts (shared)": {}, "allocate (every front own)": {}}
+    notes: dict[str, dict[int, str]] = {stage: {} for stage in stages}
     for count in unit_counts:
-        units, budget = front_units(count, seed=count)
-        results[count], result = seconds(lambda: allocate(units, budget))
-        state = "exact" if result.exact else f"certified gap {result.gap:.1e}"
-        notes[count] = f"{state}, {result.nodes:,} nodes, {results[count]:.3f} s"
-    table("units", {"allocate": results}, {"allocate": notes})
+        fronts, counts, weights, budget = front_units(count, seed=count)
+        for stage in stages:
+            if stage == "allocate_fronts (shared)":
+                took, (_, result) = seconds(lambda: allocate_fronts(fronts, counts, weights, budget))
+            else:  # built only now: millions of live option tuples slow every garbage collection under way
+                lists = [[(s.design.params, weights[k] * s.scores.objective) for s in front] for k, front in fronts.items()]
+                took, result = seconds(lambda: allocate(lists, budget.limit))
+                del lists
+            stages[stage][count] = took
+            state = "exact" if result.exact else f"certified gap {result.gap:.1e}"
+            notes[stage][count] = f"{state}, {result.nodes:,} nodes, {took:.3f} s"
+    table("units", stages, notes)
 
 
 def synthetic_update(d_out: int, d_in: int, seed: int):

@@ -9,24 +9,54 @@ option (cost, value); the total cost must stay within the budget and the total v
 2. A feasible start rounds that walk down and then spends what is left on the best upgrades.
 3. With ``lam``, every option's reduced loss ``delta = max_j (v_j - lam c_j) - (v - lam c)`` bounds
    how much it costs against the LP bound: a solution better than the start has total loss below
-   ``upper - start``, so options losing more are dropped, and a depth-first search over the few
+   ``upper - start``, so options losing more are dropped, and a dynamic programme over the few
    units left with a choice proves the optimum (or stops at ``node_limit`` with a certified gap).
 
-Cost: sorting the hull increments (n log n) plus the search, which visits only near-ties. From
-VECTORISE_FROM options on, steps 1-3 run on numpy arrays (cdka_search.allocate_arrays, the same
-results to the bit); 10,000 units of ~100 options take about 0.7 s here (benchmarks/scale.py).
+Units are given as ``Unit(front, count, weight)``: the options of ``front`` with cost scaled by
+``count`` and value by ``weight * count``. A positive scale changes no option's place on the upper
+hull, and a per-layer plan has thousands of units but a handful of distinct fronts (one per shape),
+so from VECTORISE_FROM options on, steps 1-3 run on numpy arrays holding each distinct front once
+(cdka_search.allocate_arrays): the hulls are computed per front, the multiplier found by bisection
+over the units' hull positions, and only a window of options around each unit's tangent screened.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Sequence
 
 from cdka_search.errors import BudgetError
+from cdka_search.gc_pause import paused_gc
 
 Option = tuple[int, float]  # (cost, value)
-VECTORISE_FROM = 50_000  # options in all: from here the per-option steps run on numpy arrays (measured crossover)
+Kept = tuple[float, int, int]  # (reduced loss, cost, option index) of an option the screening keeps
+VECTORISE_FROM = 50_000  # options in all: from here steps 1-3 run on numpy arrays (below, importing numpy costs more than it saves)
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing or hashing fronts of a thousand options is not free
+class Unit:
+    """One unit: ``front``'s options at cost ``count * c`` and value ``weight * count * v``.
+
+    Units that share a front should share the tuple object: the numpy steps treat each distinct
+    ``front`` object once, whatever the units' counts and weights.
+    """
+
+    front: tuple[Option, ...]
+    count: int = 1
+    weight: float = 1.0
+
+    def __len__(self) -> int:
+        return len(self.front)
+
+    def __getitem__(self, i: int) -> Option:
+        c, v = self.front[i]
+        return self.count * c, self.weight * self.count * v
+
+    def options(self) -> list[Option]:
+        scale = self.weight * self.count
+        return [(self.count * c, scale * v) for c, v in self.front]
 
 
 @dataclass(frozen=True)
@@ -128,14 +158,8 @@ def _fill(units: Sequence[Sequence[Option]], choice: list[int], budget: int) -> 
         room -= dc
 
 
-def _spread(options: Sequence[Option], kept: Sequence[tuple[float, int, int]]) -> int:
-    """How far a unit's remaining options differ in cost: big decisions are searched first."""
-    costs = [options[i][0] for _, _, i in kept]
-    return max(costs) - min(costs)
-
-
 def _multipliers(
-    units: Sequence[Sequence[Option]], free: Sequence[int], options: Sequence[Sequence[tuple[float, int, int]]],
+    units: Sequence[Sequence[Option]], free: Sequence[int], options: Sequence[Sequence[Kept]],
     lam: float, most: int = 6,
 ) -> list[float]:
     """lam and up to ``most`` hull slopes of the searched units nearest to it, the LP's breakpoints."""
@@ -150,7 +174,7 @@ def _multipliers(
 
 def _screen(
     units: Sequence[Sequence[Option]], lam: float, budget: int, upper: float, best_value: float
-) -> tuple[list[list[tuple[float, int, int]]], float]:
+) -> tuple[list[list[Kept]], float]:
     """The bound ``upper`` tightened by duality, and per unit the options that can still appear in a
     better solution (reduced loss below the gap), cheapest loss first."""
     reduced = [[v - lam * c for c, v in u] for u in units]
@@ -164,40 +188,52 @@ def _screen(
     return options, upper
 
 
-def _arrays(units: Sequence[Sequence[Option]]):
-    """Many options: numpy arrays to run the same steps on (numpy imported only here, so preset
-    plans never load it); None where plain Python does (few options, or costs beyond float64)."""
-    if sum(map(len, units)) < VECTORISE_FROM:
-        return None
-    from cdka_search.allocate_arrays import Arrays
-
-    arrays = Arrays(units)
-    return arrays if arrays.exact else None
-
-
 def allocate(units: Sequence[Sequence[Option]], budget: int, *, node_limit: int = 100_000) -> Allocation:
+    """Choose one option per unit maximising total value with total cost <= budget (identical
+    option lists become one shared front)."""
+    shared: dict[tuple[Option, ...], tuple[Option, ...]] = {}
+    return allocate_units([Unit(shared.setdefault(front, front)) for front in map(tuple, units)], budget, node_limit=node_limit)
+
+
+# The search allocates states by the hundred thousand: with a plan's fronts live (millions of objects
+# for thousands of modules) the collector's full passes doubled the time of 10,000 units.
+@paused_gc()
+def allocate_units(units: Sequence[Unit], budget: int, *, node_limit: int = 100_000) -> Allocation:
     """Choose one option per unit maximising total value with total cost <= budget."""
-    if not units or any(not u for u in units):
+    if not units or any(not u.front for u in units):
         raise BudgetError("nothing to allocate: every target needs at least one candidate")
-    floor = sum(min(c for c, _ in u) for u in units)
-    if floor > budget:
-        raise BudgetError(f"budget {budget:,} is below the smallest possible adapter on these targets ({floor:,} parameters)")
-    arrays = _arrays(units)
-    if arrays is not None:
+    if any(not (isinstance(u.count, int) and u.count >= 1 and math.isfinite(u.weight) and u.weight >= 0) for u in units):
+        raise BudgetError("every allocation unit needs a count >= 1 and a finite weight >= 0")
+    if sum(len(u.front) for u in units) >= VECTORISE_FROM and sum(u.count for u in units) < 2**62:
         from cdka_search import allocate_arrays
 
-        lp = _Relaxation(*allocate_arrays.relax(arrays, budget))
-        best = list(lp.start)
-        best_value = sum(units[k][i][1] for k, i in enumerate(best))
-        options, upper = allocate_arrays.screen(arrays, units, lp.lam, budget, lp.upper, best_value)
-    else:
-        lp = _relax(units, budget)
-        best = list(lp.start)
-        if len(units) <= 64:  # the quadratic fill only where it is cheap; big problems rarely need it
-            _fill(units, best, budget)
-        best_value = sum(units[k][i][1] for k, i in enumerate(best))
-        options, upper = _screen(units, lp.lam, budget, lp.upper, best_value)
-    lam = lp.lam
+        fronts = allocate_arrays.Fronts(units)
+        if fronts.fits_int64():
+            _check_floor(fronts.floor(), budget)
+            lam, best, options, upper = allocate_arrays.relax_and_screen(fronts, budget)
+            return _search(units, budget, lam, best, options, upper, node_limit)
+    expanded = [u.options() for u in units]
+    _check_floor(sum(min(c for c, _ in u) for u in expanded), budget)
+    lp = _relax(expanded, budget)
+    best = list(lp.start)
+    if len(expanded) <= 64:  # the quadratic fill only where it is cheap; big problems rarely need it
+        _fill(expanded, best, budget)
+    options, upper = _screen(expanded, lp.lam, budget, lp.upper, sum(expanded[k][i][1] for k, i in enumerate(best)))
+    return _search(expanded, budget, lp.lam, best, options, upper, node_limit)
+
+
+def _check_floor(floor: int, budget: int) -> None:
+    if floor > budget:
+        raise BudgetError(f"budget {budget:,} is below the smallest possible adapter on these targets ({floor:,} parameters)")
+
+
+def _search(
+    units: Sequence[Sequence[Option]], budget: int, lam: float, best: list[int], options: list[list[Kept]],
+    upper: float, node_limit: int,
+) -> Allocation:
+    """From a feasible start ``best`` and the options screening kept, the optimum, or the best
+    solution found and the bound that certifies its gap."""
+    best_value = sum(units[k][i][1] for k, i in enumerate(best))
     eps = 1e-12 * max(1.0, abs(upper))
     fixed = [k for k, o in enumerate(options) if len(o) == 1]
     free = sorted((k for k, o in enumerate(options) if len(o) > 1), key=lambda k: (-options[k][1][0], k))

@@ -1,55 +1,139 @@
-"""The per-option work of cdka_search.allocate with numpy, for problems of many options.
+"""Steps 1-3 of cdka_search.allocate with numpy, for problems of many options.
 
-A per-layer plan of 10,000 modules has about a million options: the hulls, the LP walk and the
-reduced-cost screening are the same algorithms as the pure-Python ones in allocate.py, run on a
-padded (units x options) array (the hulls column by column for every unit at once). Only the few
-steps after the LP's fractional one and the units left with a choice return to Python.
+A per-layer plan of 10,000 modules has millions of options but a handful of distinct fronts (one per
+shape), each unit scaling one of them by a count (cost) and a weight (value). A positive scale keeps
+every hull point a hull point, and unit k's hull slopes are its front's slopes times ``weight``, so
+
+- each distinct front's hull is computed once (``Fronts``);
+- the LP multiplier is bracketed by bisection: for a slope ``lam`` every unit's hull position is a
+  binary search over its front's hull, and the cost of those positions falls as ``lam`` grows; the
+  few hull steps left between the bracket's ends are then walked in slope order, exactly as
+  allocate._relax walks all of them;
+- the reduced-cost screening looks only at a window of each unit's options: the unit's reduced value
+  along its hull is concave, so the options that can come within the gap of the best lie between the
+  hull points on either side where it falls below that gap.
+
+Costs are int64 (exact; allocate checks the sums fit), values float64 computed as allocate.Unit
+computes them. Nothing here is per option of every unit: the work is per distinct front option, plus
+a few binary searches per unit.
 """
 
 from __future__ import annotations
 
+import heapq
 from itertools import chain
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from cdka_search.allocate import Option
+from cdka_search.allocate import Kept, Option, Unit
 
-Kept = tuple[float, int, int]  # (reduced loss, cost, option index), as allocate.py keeps them
-
-
-class Arrays:
-    """Every unit's options on one padded array: cost 0 / value -inf where a unit has fewer options."""
-
-    def __init__(self, units: Sequence[Sequence[Option]]) -> None:
-        lengths = np.fromiter(map(len, units), np.int64, count=len(units))
-        flat = np.fromiter(chain.from_iterable(chain.from_iterable(units)), np.float64, count=2 * int(lengths.sum()))
-        rows = np.repeat(np.arange(len(units)), lengths)
-        cols = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        self.valid = np.zeros((len(units), int(lengths.max())), bool)
-        self.valid[rows, cols] = True
-        self.cost = np.zeros(self.valid.shape)
-        self.cost[rows, cols] = flat[0::2]
-        self.value = np.full(self.valid.shape, -np.inf)
-        self.value[rows, cols] = flat[1::2]
-        self.exact = bool(self.cost.max() < 2.0**52)  # every cost and sum of costs exact in float64
+Positions = np.ndarray  # per unit, a position on its hull (0 = the cheapest hull point)
+WALKED_PER_UNIT = 4  # the bisection stops once at most this many hull steps per unit (+ 1,024) are left to walk
 
 
-def hulls(a: Arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every unit's upper convex hull as (cost, value, option index) rows and the hull lengths: the
-    monotone chain of allocate._hull, one column (the j-th cheapest option) of every unit per step."""
-    units, width = a.valid.shape
-    order = np.lexsort((np.broadcast_to(np.arange(width), a.valid.shape), -a.value, np.where(a.valid, a.cost, np.inf)), axis=-1)
-    cost = np.take_along_axis(a.cost, order, axis=1)
-    value = np.take_along_axis(a.value, order, axis=1)
+class Fronts:
+    """The distinct fronts of ``units``, each once: its hull and its options by cost, flat over all
+    fronts, and per unit where its front's hull starts, its count and its value scale ``weight * count``."""
+
+    def __init__(self, units: Sequence[Unit]) -> None:
+        index: dict[int, int] = {}
+        fronts: list[tuple[Option, ...]] = []
+        of_unit = []
+        for u in units:
+            f = index.setdefault(id(u.front), len(fronts))
+            if f == len(fronts):
+                fronts.append(u.front)
+            of_unit.append(f)
+        lengths = np.fromiter(map(len, fronts), np.int64, count=len(fronts))
+        flat = np.fromiter(chain.from_iterable(chain.from_iterable(fronts)), np.float64, count=2 * int(lengths.sum()))
+        hull, by_cost = hulls(lengths, flat[0::2], flat[1::2])
+        cost, value, order = by_cost
+        listed = np.arange(cost.shape[1]) < lengths[:, None]
+        self.largest_cost = float(cost[listed].max())
+        self.option_cost, self.option_value = cost[listed].astype(np.int64), value[listed]
+        self.option_index = order[listed]
+        # Per option (front by front, by cost): where the options of its front and cost end.
+        new_cost = np.ones(cost.shape, bool)
+        new_cost[:, 1:] = cost[:, 1:] != cost[:, :-1]
+        run_start = np.flatnonzero(new_cost[listed])
+        ends = np.append(run_start[1:], len(self.option_cost))[np.cumsum(new_cost[listed]) - 1]
+        hull_cost, hull_value, hull_index, hull_column, hull_size = hull
+        on_hull = np.arange(hull_cost.shape[1]) < hull_size[:, None]
+        offset = np.cumsum(lengths) - lengths
+        self.hull_cost, self.hull_value = hull_cost[on_hull].astype(np.int64), hull_value[on_hull]
+        self.hull_option = hull_index[on_hull]
+        # A hull point is the first option of its cost (the best-valued one): where its cost begins and ends.
+        self.first_at = (offset[:, None] + hull_column)[on_hull]
+        self.last_after = ends[self.first_at]
+        front_of = np.asarray(of_unit, np.int64)
+        self.count = np.fromiter((u.count for u in units), np.int64, count=len(units))
+        weight = np.fromiter((u.weight for u in units), np.float64, count=len(units))
+        self.scale = weight * self.count  # as Unit scales values: weight * count, then times v
+        self.start = (np.cumsum(hull_size) - hull_size)[front_of]
+        # A unit of weight 0 values every option 0: its hull is its cheapest option alone.
+        self.size = np.where(weight > 0, hull_size[front_of], 1)
+        self.options_end = (offset + lengths)[front_of]
+
+    def fits_int64(self) -> bool:
+        """Whether every cost was read exactly and every sum of costs fits int64."""
+        return self.largest_cost < 2.0**53 and int(self.count.sum()) * self.largest_cost < 2.0**62
+
+    def floor(self) -> int:
+        """The cost of every unit's cheapest option."""
+        return int(self.cost(np.arange(len(self.size)), np.zeros_like(self.size)).sum())
+
+    def cost(self, k: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Cost of hull point j of units k."""
+        return self.count[k] * self.hull_cost[self.start[k] + j]
+
+    def value(self, k: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Value of hull point j of units k."""
+        return self.scale[k] * self.hull_value[self.start[k] + j]
+
+    def slope(self, k: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Slope of the hull step from point j to j + 1 of units k (as allocate._relax computes it)."""
+        return (self.value(k, j + 1) - self.value(k, j)) / (self.cost(k, j + 1) - self.cost(k, j))
+
+    def reduced(self, k: np.ndarray, j: np.ndarray, lam: float) -> np.ndarray:
+        """v - lam c of hull point j of units k."""
+        return self.value(k, j) - lam * self.cost(k, j)
+
+
+def hulls(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """The upper convex hull of every front (``lengths`` options each, flat ``cost`` and ``value``): the
+    monotone chain of allocate._hull, one column (the j-th cheapest option) of every front per step.
+
+    Returns padded rows, one per front: the hulls' (cost, value, option index, column in the by-cost
+    order) and their lengths; and the options by cost (then best value first) as (cost, value, option
+    index), padded with cost inf.
+    """
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    padded_cost, padded_value = np.full((len(lengths), int(lengths.max())), np.inf), np.full((len(lengths), int(lengths.max())), -np.inf)
+    padded_cost[rows, cols], padded_value[rows, cols] = cost, value
+    fronts, width = padded_cost.shape
+    order = np.lexsort((np.broadcast_to(np.arange(width), padded_cost.shape), -padded_value, padded_cost), axis=-1)
+    cost = np.take_along_axis(padded_cost, order, axis=1)
+    value = np.take_along_axis(padded_value, order, axis=1)
     best_before = np.full(value.shape, -np.inf)
     best_before[:, 1:] = np.maximum.accumulate(value, axis=1)[:, :-1]
-    keep = np.take_along_axis(a.valid, order, axis=1) & (value > best_before)  # drop dominated options
-    hull_cost, hull_value = np.zeros((units, width)), np.zeros((units, width))
-    hull_index = np.zeros((units, width), np.int64)
-    size = np.zeros(units, np.int64)
-    for j in range(width):
-        rows = np.flatnonzero(keep[:, j])
+    keep = (cost < np.inf) & (value > best_before)  # drop dominated options
+    # Every row's kept options, left-aligned: the hull itself where no point lies on or below the
+    # chord of its neighbours (the chain's test for popping), as on the fronts the planner builds.
+    hull_column = np.argsort(~keep, axis=1, kind="stable")  # kept columns first, in order
+    size = keep.sum(axis=1)
+    kept = np.arange(width) < size[:, None]
+    hull_cost = np.where(kept, np.take_along_axis(cost, hull_column, axis=1), 0.0)
+    hull_value = np.where(kept, np.take_along_axis(value, hull_column, axis=1), 0.0)
+    hull_index = np.take_along_axis(order, hull_column, axis=1)
+    c2, c1, c = hull_cost[:, :-2], hull_cost[:, 1:-1], hull_cost[:, 2:]
+    v2, v1, v = hull_value[:, :-2], hull_value[:, 1:-1], hull_value[:, 2:]
+    bent = ((v1 - v2) * (c - c2) <= (v - v2) * (c1 - c2)) & (np.arange(width - 2) < (size - 2)[:, None])
+    chained = np.flatnonzero(bent.any(axis=1))
+    size[chained] = 0
+    for j in range(width if chained.size else 0):  # the monotone chain, on the other rows only
+        rows = chained[keep[chained, j]]
         if not rows.size:
             continue
         c, v = cost[rows, j], value[rows, j]
@@ -63,74 +147,138 @@ def hulls(a: Arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             size[rows[test]] -= 1
             test = test[size[rows[test]] >= 2]
         at = size[rows]
-        hull_cost[rows, at], hull_value[rows, at], hull_index[rows, at] = c, v, order[rows, j]
+        hull_cost[rows, at], hull_value[rows, at], hull_index[rows, at], hull_column[rows, at] = c, v, order[rows, j], j
         size[rows] += 1
-    return hull_cost, hull_value, hull_index, size
+    return (hull_cost, hull_value, hull_index, hull_column, size), (cost, value, order)
 
 
-def relax(a: Arrays, budget: int) -> tuple[float, float, list[int]]:
-    """(LP upper bound, multiplier lam, integral walk rounded down): allocate._relax on arrays."""
-    hull_cost, hull_value, hull_index, size = hulls(a)
-    units, width = hull_cost.shape
-    is_step = np.arange(width - 1) < (size - 1)[:, None]
-    step_unit = np.broadcast_to(np.arange(units)[:, None], is_step.shape)[is_step]
-    step_at = np.broadcast_to(np.arange(1, width), is_step.shape)[is_step]  # hull position the step reaches
-    dc = (hull_cost[:, 1:] - hull_cost[:, :-1])[is_step]
-    dv = (hull_value[:, 1:] - hull_value[:, :-1])[is_step]
-    by_slope = np.argsort(-dv / dc, kind="stable")  # a unit's slopes strictly fall: its steps stay in order
-    dc, dv, step_unit, step_at = dc[by_slope], dv[by_slope], step_unit[by_slope], step_at[by_slope]
-    room = budget - int(hull_cost[:, 0].sum())
-    spent = np.cumsum(dc)
-    taken = int(np.searchsorted(spent, room, side="right"))  # every step before the first that does not fit
-    reached = np.bincount(step_unit[:taken], minlength=units)
-    value = float(np.cumsum(np.concatenate(([sum(hull_value[:, 0].tolist())], dv[:taken])))[-1])
-    position = hull_index[np.arange(units), reached].tolist()
-    if taken == len(dc):
-        return value, 0.0, position
-    room -= int(spent[taken - 1]) if taken else 0
-    upper, lam = value + float(dv[taken]) * room / float(dc[taken]), float(dv[taken] / dc[taken])
-    # After the fractional step the walk keeps filling with later steps of other units; a step that
-    # does not fit stops its unit. Steps larger than the room left now stop their unit whatever comes.
-    later = np.arange(taken + 1, len(dc))
-    first_stop = np.full(units, len(dc))
-    first_stop[step_unit[taken]] = taken
-    too_big = later[dc[later] > room]
-    np.minimum.at(first_stop, step_unit[too_big], too_big)
-    fits = later[(dc[later] <= room) & (later < first_stop[step_unit[later]])]
-    stopped: set[int] = set()
-    for k, c, b in zip(step_unit[fits].tolist(), dc[fits].tolist(), step_at[fits].tolist()):
-        if k in stopped:
-            continue
-        if c <= room:
-            room -= int(c)
-            position[k] = int(hull_index[k, b])
+def first_true(lo: np.ndarray, hi: np.ndarray, test: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Per unit k, the least j in [lo_k, hi_k) with test(k, j), hi_k if none: a binary search for
+    every unit at once (``test`` false then true along each range)."""
+    lo, hi = lo.copy(), hi.copy()
+    while True:
+        k = np.flatnonzero(lo < hi)
+        if not k.size:
+            return lo
+        mid = (lo[k] + hi[k]) // 2
+        true = test(k, mid)
+        hi[k[true]] = mid[true]
+        lo[k[~true]] = mid[~true] + 1
+
+
+def positions(fronts: Fronts, lam: float) -> Positions:
+    """Every unit's hull point once the steps of slope above ``lam`` are taken."""
+    return first_true(np.zeros_like(fronts.size), fronts.size - 1, lambda k, j: fronts.slope(k, j) <= lam)
+
+
+def total_cost(fronts: Fronts, at: Positions) -> int:
+    return int(fronts.cost(np.arange(len(at)), at).sum())
+
+
+def bracket(fronts: Fronts, budget: int, window: int) -> Positions:
+    """Hull positions that fit the budget, with at most about ``window`` hull steps between them and
+    the first positions that do not (``budget`` must not fit every unit's hull top)."""
+    with_steps = np.flatnonzero(fronts.size > 1)
+    last = fronts.slope(with_steps, fronts.size[with_steps] - 2)
+    lo, at_lo = 0.0, positions(fronts, 0.0)
+    hi, at_hi = float(fronts.slope(with_steps, np.zeros_like(with_steps)).max()), np.zeros_like(fronts.size)
+    # Bisection on a log scale (the slopes of real fronts span decades), from below every positive slope.
+    mid = float(last[last > 0].min()) / 2 if (last > 0).any() else hi / 2
+    for _ in range(200):
+        if int((at_lo - at_hi).sum()) <= window or hi <= lo * (1 + 1e-12):
+            break
+        at = positions(fronts, mid)
+        if total_cost(fronts, at) <= budget:
+            hi, at_hi = mid, at
         else:
-            stopped.add(k)
-    return upper, lam, position
+            lo, at_lo = mid, at
+        mid = (lo * hi) ** 0.5 if lo > 0 else hi / 2
+    return at_hi
+
+
+def relax(fronts: Fronts, budget: int) -> tuple[float, float, Positions]:
+    """(LP upper bound, multiplier lam, integral walk rounded down) as allocate._relax gives them, the
+    walk starting from bracketed positions: only the steps near the budget's end are walked."""
+    units = np.arange(len(fronts.size))
+    top = positions(fronts, 0.0)
+    if total_cost(fronts, top) <= budget:
+        return float(fronts.value(units, top).sum()), 0.0, top
+    start = bracket(fronts, budget, window=WALKED_PER_UNIT * len(units) + 1024)
+    room = budget - total_cost(fronts, start)
+    value = float(fronts.value(units, start).sum())
+    ahead = np.flatnonzero(start < fronts.size - 1)
+    slopes = fronts.slope(ahead, start[ahead])
+    heap = list(zip((-slopes[slopes > 0]).tolist(), ahead[slopes > 0].tolist()))
+    heapq.heapify(heap)  # by decreasing slope, then unit: the order of allocate._relax's stable sort
+    at, size, first = start.tolist(), fronts.size.tolist(), fronts.start.tolist()
+    count, scale = fronts.count.tolist(), fronts.scale.tolist()
+    hull_cost, hull_value = fronts.hull_cost.item, fronts.hull_value.item  # a few points per step walked
+    upper, lam = None, 0.0
+    while heap:
+        negative_slope, k = heapq.heappop(heap)
+        h = first[k] + at[k]
+        dc = count[k] * hull_cost(h + 1) - count[k] * hull_cost(h)
+        dv = scale[k] * hull_value(h + 1) - scale[k] * hull_value(h)
+        if dc > room:
+            if upper is None:  # the LP's fractional step: the bound and the multiplier
+                upper, lam = value + dv * room / dc, -negative_slope
+            continue  # the unit stops; later, smaller steps of other units may still fit
+        room -= dc
+        value += dv
+        at[k] += 1
+        if at[k] + 1 < size[k]:
+            slope = (scale[k] * hull_value(h + 2) - scale[k] * hull_value(h + 1)) / (
+                count[k] * hull_cost(h + 2) - count[k] * hull_cost(h + 1))
+            if slope > 0:
+                heapq.heappush(heap, (-slope, k))
+    return value if upper is None else upper, lam, np.asarray(at, np.int64)
 
 
 def screen(
-    a: Arrays, units: Sequence[Sequence[Option]], lam: float, budget: int, upper: float, best_value: float
+    fronts: Fronts, lam: float, budget: int, upper: float, best_value: float
 ) -> tuple[list[list[Kept]], float]:
-    """allocate's reduced-cost screening on arrays: the bound ``upper`` tightened by duality, and per
-    unit the options whose reduced loss stays below the gap, cheapest loss first (Python only for the
-    few units keeping more than one)."""
-    reduced = np.where(a.valid, a.value - lam * a.cost, -np.inf)
-    top = reduced.max(axis=1)
-    upper = min(upper, lam * budget + sum(top.tolist()))
-    eps = 1e-12 * max(1.0, abs(upper))
-    kept = reduced > (top - (upper - best_value) - eps)[:, None]
-    counts = kept.sum(axis=1)
-    options: list[list[Kept]] = [[(0.0, units[k][i][0], i)] for k, i in enumerate(kept.argmax(axis=1).tolist())]
-    # Units keeping one option keep their lam-best (reduced loss 0); the others, sorted as allocate sorts them.
-    rows, cols = np.nonzero(kept[counts > 1])
-    free = np.flatnonzero(counts > 1)[rows]
-    loss, cost = top[free] - reduced[free, cols], a.cost[free, cols]
-    order = np.lexsort((cols, cost, loss, free))
-    entries = list(zip(loss[order].tolist(), cost[order].astype(np.int64).tolist(), cols[order].tolist()))
-    start = 0
-    for k, count in zip(np.flatnonzero(counts > 1).tolist(), counts[counts > 1].tolist()):
-        options[k], start = entries[start:start + count], start + count
-    for k in np.flatnonzero(counts == 0).tolist():
-        options[k] = []
+    """allocate._screen on a window of each unit's options: the bound ``upper`` tightened by duality,
+    and per unit the options whose reduced loss stays below the gap, cheapest loss first."""
+    units = np.arange(len(fronts.size))
+    size = fronts.size
+    tangent = positions(fronts, lam)  # the hull point of greatest reduced value v - lam c
+
+    def reduced(k: np.ndarray, j: np.ndarray) -> np.ndarray:
+        return fronts.reduced(k, j, lam)
+
+    near = np.maximum(reduced(units, np.maximum(tangent - 1, 0)), reduced(units, np.minimum(tangent + 1, size - 1)))
+    near = np.maximum(near, reduced(units, tangent))  # the neighbours too: slopes tie to rounding
+    floor = near - (upper - best_value) - 1e-12 * max(1.0, abs(upper))
+    # Reduced values rise along the hull up to the tangent and fall after it; every option lies on or
+    # below its hull, so none outside [the point before the first at the floor, the first after the
+    # tangent below it] can reach the floor.
+    left = first_true(np.zeros_like(size), tangent, lambda k, j: reduced(k, j) >= floor[k])
+    right = first_true(np.minimum(tangent + 1, size), size, lambda k, j: reduced(k, j) < floor[k])
+    begin = fronts.first_at[fronts.start + np.maximum(left - 1, 0)]
+    end = np.where(right < size, fronts.last_after[fronts.start + np.minimum(right, size - 1)], fronts.options_end)
+    lengths = end - begin  # at least 1: the window holds the tangent
+    offsets = np.cumsum(lengths) - lengths
+    unit = np.repeat(units, lengths)
+    at = np.arange(int(lengths.sum())) - np.repeat(offsets - begin, lengths)
+    cost = fronts.count[unit] * fronts.option_cost[at]
+    gain = fronts.scale[unit] * fronts.option_value[at] - lam * cost  # v - lam c, as allocate._screen computes it
+    top = np.maximum.reduceat(gain, offsets)
+    upper = min(upper, lam * budget + sum(top.tolist()))  # the same bound, by duality; min guards rounding
+    kept = np.flatnonzero(gain > (top - (upper - best_value) - 1e-12 * max(1.0, abs(upper)))[unit])
+    loss, index = top[unit[kept]] - gain[kept], fronts.option_index[at[kept]]
+    order = np.lexsort((index, cost[kept], loss, unit[kept]))
+    entries = list(zip(loss[order].tolist(), cost[kept][order].tolist(), index[order].tolist()))
+    options, taken = [], 0
+    for n in np.bincount(unit[kept], minlength=len(units)).tolist():
+        options.append(entries[taken:taken + n])
+        taken += n
     return options, upper
+
+
+def relax_and_screen(fronts: Fronts, budget: int) -> tuple[float, list[int], list[list[Kept]], float]:
+    """(multiplier lam, the rounded walk as option indices, the options screening keeps, upper bound)."""
+    upper, lam, at = relax(fronts, budget)
+    every = np.arange(len(fronts.size))
+    start = fronts.hull_option[fronts.start + at].tolist()
+    options, upper = screen(fronts, lam, budget, upper, sum(fronts.value(every, at).tolist()))
+    return lam, start, options, upper

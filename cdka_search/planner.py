@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from cdka_search.allocate import Allocation, allocate
+from cdka_search.allocate import Allocation, Option, Unit, allocate_units
 from cdka_search.budget import Budget, parse_budget
 from cdka_search.candidates import CandidateSpace, Design
 from cdka_search.documents import brief
@@ -150,12 +150,25 @@ def allocate_fronts(
             f"pins such as --r); raise the budget, narrow --targets or relax the pins"
         )
     keys = list(fronts)
-    units = [
-        [(counts[k] * s.design.params, weights[k] * counts[k] * s.scores.objective) for s in fronts[k]] for k in keys
-    ]
-    result = allocate(units, budget.limit)
+    options = front_options(fronts)
+    result = allocate_units([Unit(options[k], counts[k], weights[k]) for k in keys], budget.limit)
     picked = {k: fronts[k][i] for k, i in zip(keys, result.choice)}
     return picked, result
+
+
+def front_options(fronts: Mapping[Any, Front]) -> dict[Any, tuple[Option, ...]]:
+    """Every front as allocation options (params, objective). Equal fronts share one tuple, so that the
+    allocator treats them once: a reference plan gives every module its own front object, mostly
+    equal to the others of its shape."""
+    by_object: dict[int, tuple[Option, ...]] = {}
+    by_content: dict[tuple[Option, ...], tuple[Option, ...]] = {}
+    options = {}
+    for k, front in fronts.items():
+        if id(front) not in by_object:
+            content = tuple((s.design.params, s.scores.objective) for s in front)
+            by_object[id(front)] = by_content.setdefault(content, content)
+        options[k] = by_object[id(front)]
+    return options
 
 
 def make_plan(

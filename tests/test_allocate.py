@@ -4,7 +4,8 @@ import random
 import pytest
 
 from cdka_search import allocate as allocate_module
-from cdka_search.allocate import allocate
+from cdka_search import allocate_arrays
+from cdka_search.allocate import Unit, allocate, allocate_units
 from cdka_search.errors import BudgetError
 
 
@@ -126,3 +127,157 @@ def test_ten_thousand_front_units_are_certified():
     assert result.gap <= 1e-4
     assert result.upper_bound >= result.value
     assert len(result.choice) == 10_000
+
+
+def expanded(units):
+    return [u.options() for u in units]
+
+
+def random_grouped(rng, fronts=3, units=6, options=5, max_cost=30):
+    """Units over a few shared fronts (the same tuple object), each with its own count and weight."""
+    shared = [tuple((rng.randint(1, max_cost), rng.random() * 10) for _ in range(rng.randint(1, options))) for _ in range(fronts)]
+    return [Unit(rng.choice(shared), rng.randint(1, 3), rng.choice([0.5, 1.0, 1.0, 2.5, rng.random() * 4])) for _ in range(rng.randint(1, units))]
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_grouped_units_match_brute_force(seed, path):
+    rng = random.Random(1000 + seed)
+    units = random_grouped(rng)
+    floor = sum(u.count * min(c for c, _ in u.front) for u in units)
+    budget = rng.randint(floor, floor + 120)
+    result = allocate_units(units, budget)
+    assert result.cost <= budget
+    assert result.value == pytest.approx(brute_force(expanded(units), budget))
+    assert result.exact and result.gap == 0.0
+    # The choice indexes each unit's front and its totals are the scaled options'.
+    assert result.cost == sum(u.count * u.front[i][0] for u, i in zip(units, result.choice))
+    assert result.value == pytest.approx(sum(u.weight * u.count * u.front[i][1] for u, i in zip(units, result.choice)))
+
+
+def test_grouped_units_with_ties_match_brute_force(path):
+    # Duplicated options, equal values at different costs, and identical units (same front, count, weight).
+    front = ((4, 1.0), (4, 1.0), (6, 1.0), (8, 2.0), (12, 3.0), (12, 3.0), (16, 3.5))
+    other = ((2, 0.5), (6, 1.5), (10, 2.5))
+    units = [Unit(front), Unit(front), Unit(front, 2, 1.0), Unit(other, 1, 2.0), Unit(other, 1, 2.0), Unit(front, 1, 0.5)]
+    floor = sum(u.count * min(c for c, _ in u.front) for u in units)
+    for budget in range(floor, floor + 70, 3):
+        result = allocate_units(units, budget)
+        assert result.cost <= budget and result.exact
+        assert result.value == pytest.approx(brute_force(expanded(units), budget))
+
+
+def test_a_budget_that_fits_only_the_cheapest_options(path):
+    rng = random.Random(5)
+    units = random_grouped(rng, fronts=4, units=8, options=7)
+    cheapest = [min(range(len(u.front)), key=lambda i: (u.front[i][0], -u.front[i][1])) for u in units]
+    budget = sum(u.count * u.front[i][0] for u, i in zip(units, cheapest))
+    result = allocate_units(units, budget)
+    assert result.exact and result.cost == budget
+    assert [u.front[i][0] for u, i in zip(units, result.choice)] == [u.front[i][0] for u, i in zip(units, cheapest)]
+    assert result.value == pytest.approx(brute_force(expanded(units), budget))
+    with pytest.raises(BudgetError, match=f"smallest possible adapter .*{budget:,}"):
+        allocate_units(units, budget - 1)
+
+
+def test_a_budget_that_fits_everything_takes_every_best_option(path):
+    rng = random.Random(6)
+    units = random_grouped(rng, fronts=4, units=8, options=7)
+    budget = sum(u.count * max(c for c, _ in u.front) for u in units)
+    result = allocate_units(units, budget)
+    assert result.exact and result.upper_bound == result.value
+    assert result.value == pytest.approx(sum(u.weight * u.count * max(v for _, v in u.front) for u in units))
+
+
+def test_a_unit_of_weight_zero_takes_its_cheapest_option(path):
+    front = ((3, 1.0), (9, 5.0), (20, 6.0))
+    units = [Unit(front, 1, 0.0), Unit(front, 1, 1.0), Unit(front, 2, 0.25)]
+    result = allocate_units(units, 3 + 20 + 2 * 9)
+    assert result.choice == (0, 2, 1) and result.exact
+    assert result.value == pytest.approx(6.0 + 0.25 * 2 * 5.0)
+
+
+@pytest.mark.parametrize("unit", [Unit(((1, 1.0),), 1, -1.0), Unit(((1, 1.0),), 0, 1.0), Unit(((1, 1.0),), 1, float("nan"))])
+def test_bad_counts_and_weights_are_budget_errors(unit):
+    with pytest.raises(BudgetError, match="count >= 1 and a finite weight >= 0"):
+        allocate_units([unit], 10)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grouped_units_match_dynamic_programming(seed, path):
+    # Many units over few fronts with near-tied values: the screening leaves real choices to search.
+    rng = random.Random(seed)
+    fronts = [tuple((rng.randint(1, 30), rng.choice([1.0, 1.5, 2.0, 2.5]) * rng.randint(1, 6)) for _ in range(rng.randint(2, 8))) for _ in range(4)]
+    units = [Unit(rng.choice(fronts), rng.randint(1, 2), rng.choice([1.0, 2.0, 0.5])) for _ in range(60)]
+    floor = sum(u.count * min(c for c, _ in u.front) for u in units)
+    budget = floor + rng.randint(0, 600)
+    result = allocate_units(units, budget)
+    assert result.cost <= budget and result.exact
+    assert result.value == pytest.approx(dynamic_programming(expanded(units), budget), abs=1e-9)
+    capped = allocate_units(units, budget, node_limit=20)
+    assert capped.cost <= budget
+    assert capped.upper_bound >= result.value - 1e-9  # an honest bound on the true optimum
+
+
+@pytest.mark.parametrize("walked", [4, -10**6])  # -10**6: the bisection brackets the LP's step as tightly as it can
+def test_shared_fronts_on_numpy_give_the_python_allocation(walked, monkeypatch):
+    monkeypatch.setattr(allocate_arrays, "WALKED_PER_UNIT", walked)
+    rng = random.Random(11)
+    fronts = []
+    for _ in range(3):
+        front = [(c, 1 - 1 / (1 + c / 3000) + rng.random() * 1e-3) for c in sorted(rng.sample(range(100, 40_000), 40))]
+        rng.shuffle(front)
+        fronts.append(tuple(front + [front[0], (front[1][0] + 5, front[1][1] - 1.0)]))  # a duplicate, a dominated option
+    units = [Unit(rng.choice(fronts), rng.randint(1, 4), rng.lognormvariate(0, 0.7)) for _ in range(400)]
+    budget = sum(u.count * min(c for c, _ in u.front) for u in units) + 3_000_000
+    monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 10**12)
+    python = allocate_units(units, budget, node_limit=5_000)
+    monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 0)
+    vectorised = allocate_units(units, budget, node_limit=5_000)
+    assert vectorised.choice == python.choice and vectorised.value == python.value and vectorised.nodes == python.nodes
+    assert vectorised.upper_bound == pytest.approx(python.upper_bound, rel=1e-12)
+    assert python.nodes > 0 and python.cost <= budget
+
+
+def test_ten_thousand_units_over_shared_fronts_are_certified():
+    rng = random.Random(4)
+    fronts = [tuple((c, 1 - 1 / (1 + c / 3000) + rng.random() * 1e-3) for c in sorted(rng.sample(range(100, 400_000), 600))) for _ in range(3)]
+    units = [Unit(fronts[k % 3], 1, rng.lognormvariate(0, 0.7)) for k in range(10_000)]
+    budget = sum(u.front[0][0] for u in units) + 500_000_000
+    result = allocate_units(units, budget)
+    assert result.cost <= budget
+    assert result.gap <= 1e-4
+    assert result.upper_bound >= result.value
+
+
+def test_costs_beyond_float64_stay_exact(path):
+    # Costs above 2**53 cannot be read into float64 exactly: such problems stay on the Python steps.
+    big = 2**60
+    front = ((big, 1.0), (big + 1, 2.0), (big + 3, 2.5))
+    units = [Unit(front), Unit(front, 1, 2.0)]
+    result = allocate_units(units, 2 * big + 2)
+    assert result.cost == 2 * big + 2 and result.exact
+    assert result.choice == (1, 1) and result.value == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_allocation_pauses_the_cyclic_gc_and_restores_it_even_on_failure(enabled, monkeypatch):
+    import gc
+
+    seen = []
+    search = allocate_module._search
+    monkeypatch.setattr(allocate_module, "_search", lambda *a: seen.append(gc.isenabled()) or search(*a))
+    (gc.enable if enabled else gc.disable)()
+    try:
+        assert allocate([[(1, 1.0), (2, 3.0)], [(1, 0.5)]], 3).value == 3.5
+        assert seen == [False] and gc.isenabled() is enabled
+        with pytest.raises(BudgetError, match="smallest possible adapter"):
+            allocate([[(5, 1.0)]], 4)
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
+
+
+def test_counts_beyond_int64_stay_exact(path):
+    front = ((1, 1.0), (2, 3.0))
+    result = allocate_units([Unit(front, 2**70), Unit(front, 1)], 2**70 + 2)
+    assert result.exact and result.choice == (0, 1) and result.cost == 2**70 + 2

@@ -120,3 +120,42 @@ def test_data_free_allocation_spreads_a_budget_as_lora_does():
     fronts = score_fronts(spec, CandidateSpace(), "rank")
     equal = plan_from_fronts(spec, resolve_budget(spec, "lora:8"), fronts, weights={k: 1.0 for k in fronts})
     assert lora_ranks(equal)[(128, 256)] == 16.0 and lora_ranks(equal)[(688, 256)] < 7
+
+
+def test_equal_fronts_become_one_allocation_front():
+    """A reference plan builds a front per module; equal ones must reach the allocator as one tuple
+    (allocate_arrays computes each distinct front's hull once), different ones stay apart."""
+    from cdka_search.fronts import shipped_front
+    from cdka_search.planner import front_options
+
+    square, wide = shipped_front((4096, 4096)), shipped_front((11008, 4096))
+    fronts = {"q": square, "k": tuple(square), "v": tuple(list(square)), "up": wide, "short": square[:-1]}
+    options = front_options(fronts)
+    assert options["q"] is options["k"] is options["v"]
+    assert options["up"] is not options["q"] and options["short"] is not options["q"]
+    assert options["q"] == tuple((s.design.params, s.scores.objective) for s in square)
+    assert len(options["short"]) == len(square) - 1
+
+
+def test_reference_sized_allocation_picks_from_each_modules_front():
+    """allocate_fronts over thousands of modules sharing a few fronts, with per-module weights: every
+    pick is a design of that module's front and the budget holds."""
+    import random
+
+    from cdka_search.budget import Budget
+    from cdka_search.fronts import shipped_front
+    from cdka_search.planner import allocate_fronts
+
+    shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
+    rng = random.Random(0)
+    names = [f"m{i}" for i in range(900)]
+    fronts = {n: shipped_front(shapes[i % 3]) for i, n in enumerate(names)}
+    weights = {n: rng.lognormvariate(0, 0.7) for n in names}
+    limit = sum(8 * sum(shapes[i % 3]) for i in range(900))
+    picked, result = allocate_fronts(fronts, {n: 1 for n in names}, weights, Budget("lora:8", limit))
+    assert result.gap <= 1e-4 and result.cost <= limit
+    assert sum(picked[n].design.params for n in names) == result.cost
+    assert all(picked[n] in fronts[n] for n in names)
+    heavy = max(names[0::3], key=weights.get)  # more weight, same front: at least the design of a lighter module
+    light = min(names[0::3], key=weights.get)
+    assert picked[heavy].design.params >= picked[light].design.params

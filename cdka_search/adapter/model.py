@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gc
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
@@ -13,6 +11,7 @@ from torch import nn
 from cdka_search.adapter.experts import CdkaExperts, ExpertAdapter, expert_parameters
 from cdka_search.adapter.layer import CdkaLinear, base_kind, base_shape, resolve_dtype
 from cdka_search.errors import PlanError
+from cdka_search.gc_pause import paused_gc
 from cdka_search.plan import scaling_value
 
 if TYPE_CHECKING:
@@ -204,24 +203,9 @@ def apply_plan(
     return _apply(model, plan, assignment, gradients=gradients, initialise=True)
 
 
-@contextmanager
-def _paused_gc() -> Iterator[None]:
-    """Python's cyclic collector paused (and restored as it was) while adapters are built.
-
-    Why: each full collection walks every live object, and building thousands of modules triggers
-    many; apply_plan's cost per module grew 2.2x from 224 to 14,336 modules with it, about 1.2x
-    without (benchmarks/scale.py). Nothing built here is garbage until the next collection anyway.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-@_paused_gc()
+# apply_plan's cost per module grew 2.2x from 224 to 14,336 modules with the collector running, about
+# 1.2x without (benchmarks/scale.py).
+@paused_gc()
 def _apply(
     model: nn.Module,
     plan: "Plan",
