@@ -38,5 +38,6 @@ def row_blocks_transposed(M: torch.Tensor, m1: int, dtype: torch.dtype | None = 
     if M.dim() != 2 or m1 < 1 or M.shape[0] % m1:
         raise TargetError(f"m1={m1} does not divide the rows of a matrix of shape {tuple(M.shape)}")
     view = M.reshape(m1, M.shape[0] // m1, M.shape[1]).transpose(1, 2)
-    out = torch.empty(view.shape, dtype=dtype or M.dtype, device=M.device)
-    return out.copy_(view)
+    if dtype in (None, M.dtype):
+        return view.contiguous()  # no copy where m2 = 1: then the layout is M itself
+    return torch.empty(view.shape, dtype=dtype, device=M.device).copy_(view)
