@@ -2,10 +2,13 @@
 
 Run: python benchmarks/alignment_speed.py [--max-steps Q] [--target E] [--threads N] [--shape 4096x11008]
      python benchmarks/alignment_speed.py --accuracy [--accuracy-shapes 96x128 256x688 512x1376]
+     python benchmarks/alignment_speed.py --rounding [--rounding-shape 1024x2752]
 
 ``--accuracy`` prints instead the accuracy table of docs/alignment.md: with the library's defaults,
 the largest error against float64 SVD over every divisor pair (r <= 16) of flat, decaying, low rank
-plus noise and heavy-tailed matrices of each shape.
+plus noise and heavy-tailed matrices of each shape. ``--rounding`` prints the same for (by default)
+1024 x 2752 matrices where bfloat16 rounding does not average out as well: one value plus small noise, rank 1
+plus noise, and 1 % of the rows 30 times larger.
 
 Builds M = low rank (32 components, sigma_j ~ 1/j) + Gaussian noise, times alignment_table over
 every divisor pair with r_max = 16 in one call, with the Krylov passes in bfloat16 and in float32
@@ -85,9 +88,35 @@ def accuracy_table(shapes: list[tuple[int, int]]) -> None:
         print(f"| {d_out} x {d_in} | " + " | ".join(f"{errors[k]:.1e}" for k in kinds) + " |")
 
 
+def rounding_table(shape: tuple[int, int]) -> None:
+    """Largest |error| over every pair, r <= 16, library defaults, against float64 Gram eigenvalues."""
+    g = torch.Generator().manual_seed(0)
+    matrices = {
+        "one value + noise": 0.1 + 0.01 * torch.randn(*shape, generator=g),
+        "rank 1 + noise": torch.outer(torch.randn(shape[0], generator=g), torch.randn(shape[1], generator=g))
+        + 0.05 * torch.randn(*shape, generator=g),
+        "1 % rows x 30": torch.randn(*shape, generator=g) * torch.where(torch.rand(shape[0], 1, generator=g) < 0.01, 30.0, 1.0),
+    }
+    print(f"| matrix ({shape[0]} x {shape[1]}) | largest error | at pair |")
+    print("|---|---|---|")
+    for name, M in matrices.items():
+        exact_M = M.double()
+        norm_sq = exact_M.square().sum()
+        worst = (0.0, None)
+        for pair, energies in alignment_table(M, R_MAX).items():
+            R = rearrange(exact_M, *factor_sizes(*shape, *pair))
+            R = R if R.shape[0] <= R.shape[1] else R.T
+            kept = (torch.linalg.eigvalsh(R @ R.T).flip(0)[:R_MAX].clamp(min=0).cumsum(0) / norm_sq)
+            kept = torch.cat([kept, kept[-1:].expand(R_MAX - kept.numel())])
+            worst = max(worst, (float((torch.tensor(energies, dtype=torch.float64) - kept).abs().max()), pair), key=lambda w: w[0])
+        print(f"| {name} | {worst[0]:.1e} | {worst[1]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accuracy", action="store_true", help="print the accuracy table instead")
+    parser.add_argument("--rounding", action="store_true", help="print the table of matrices hard on bfloat16 instead")
+    parser.add_argument("--rounding-shape", default="1024x2752", help="d_outxd_in of --rounding's matrices")
     parser.add_argument("--accuracy-shapes", nargs="*", default=["96x128", "256x688", "512x1376"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="most Krylov blocks after the first")
@@ -96,6 +125,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rounding:
+        rounding_table(tuple(int(v) for v in args.rounding_shape.split("x")))
+        return
     if args.accuracy:
         accuracy_table([tuple(int(v) for v in text.split("x")) for text in args.accuracy_shapes])
         return
