@@ -296,7 +296,7 @@ def _gram(R: torch.Tensor) -> torch.Tensor:
     """R @ R.T in float64, summed over column chunks: at most 64, of at least 2048 columns.
 
     One float32 dot product over millions of columns (R is 1 x 8M for some pairs) loses percents.
-    bfloat16 products round each chunk's sums to 8 bits; with at least 32 chunks (``_Matrix.energies``
+    bfloat16 products round each chunk's sums to 8 bits; with at least 32 chunks (``_Matrix.gram``
     sees to it) these independent roundings average out in the float64 sum.
     """
     size = max(2048, -(-R.shape[1] // 64))
