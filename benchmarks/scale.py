@@ -81,6 +81,7 @@ def module_rows(layer_counts: list[int], workdir: Path) -> None:
 
     from cdka_search.adapter import apply_plan
     from cdka_search.candidates import CandidateSpace
+    from cdka_search.errors import CdkaError
     from cdka_search.plan import save_plan
     from cdka_search.planner import make_plan
     from cdka_search.spec import load_spec
@@ -103,10 +104,14 @@ def module_rows(layer_counts: list[int], workdir: Path) -> None:
         measured["Plan.assign"], _ = best_of(3, lambda: plan.assign(names))
         measured["apply_plan"], _ = seconds(lambda: apply_plan(model, plan))
         for fmt in ("yaml", "json"):
-            path = save_plan(plan, folder / f"plan.{fmt}")
+            stage = f"cdka validate ({fmt} plan)"
+            try:
+                path = save_plan(plan, folder / f"plan.{fmt}")
+            except CdkaError as exc:  # a YAML plan too large to read back is not written
+                notes.setdefault(stage, {})[n] = str(exc).split(": ", 1)[-1][:110]
+                continue
             cmd = [sys.executable, "-m", "cdka_search", "validate", str(path), "--model", str(folder)]
             took, done = seconds(lambda: subprocess.run(cmd, capture_output=True, text=True))
-            stage = f"cdka validate ({fmt} plan)"
             if done.returncode:
                 notes.setdefault(stage, {})[n] = done.stderr.strip().splitlines()[-1][-110:]
             else:

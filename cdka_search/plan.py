@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping
 
 from cdka_search.candidates import Design
 from cdka_search.documents import (
+    MAX_YAML_BYTES,
     JsonLimits,
     brief,
     read_file_bytes,
@@ -507,10 +508,21 @@ def loads_plan(text: str, where: str = "plan") -> Plan:
 
 
 def save_plan(plan: Plan, path: str | Path, fmt: str | None = None) -> Path:
-    """Write atomically; the format follows the suffix (.json) unless given."""
+    """Write atomically; the format follows the suffix (.json) unless given.
+
+    A YAML plan larger than load_plan reads back (MAX_YAML_BYTES: per-layer plans of some 10,000
+    modules) is a PlanError and nothing is written: such plans are JSON, read at C speed.
+    """
     target = Path(path)
     chosen = fmt or ("json" if target.suffix == ".json" else "yaml")
-    return atomic_write_text(target, dumps_plan(plan, chosen))
+    text = dumps_plan(plan, chosen)
+    size = len(text.encode())
+    if chosen == "yaml" and size > MAX_YAML_BYTES:
+        raise PlanError(
+            f"{target}: this plan ({len(plan.groups):,} groups) is {size:,} bytes as YAML, more than cdka reads "
+            f"back ({MAX_YAML_BYTES:,}); write it as JSON (-o plan.json or --format json)"
+        )
+    return atomic_write_text(target, text)
 
 
 def load_plan(path: str | Path) -> Plan:

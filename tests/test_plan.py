@@ -89,6 +89,31 @@ def test_unsafe_yaml_is_refused():
         loads_plan("!!python/object/apply:os.system ['echo hi']")
 
 
+def test_a_yaml_plan_too_large_to_read_back_is_refused_and_json_is_not(tmp_path, gpt2_plan, monkeypatch):
+    import cdka_search.plan as plan_module
+
+    bound = len(dumps_plan(gpt2_plan).encode()) - 1  # the bound load_plan applies, just under this plan
+    monkeypatch.setattr(plan_module, "MAX_YAML_BYTES", bound)
+    with pytest.raises(PlanError, match=rf"is {bound + 1:,} bytes as YAML, more than cdka reads back \({bound:,}\); write it as JSON"):
+        save_plan(gpt2_plan, tmp_path / "plan.yaml")
+    assert list(tmp_path.iterdir()) == []
+    assert load_plan(save_plan(gpt2_plan, tmp_path / "plan.json")) == gpt2_plan
+
+
+def test_the_cli_refuses_a_yaml_plan_it_could_not_read_back(tmp_path, cli, monkeypatch):
+    import cdka_search.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "MAX_YAML_BYTES", 1000)
+    result = cli("plan", "-m", "gpt2", "-b", "lora:8", "--per-layer", "-o", str(tmp_path / "plan.yaml"))
+    assert result.exit_code != 0
+    assert "more than cdka reads back (1,000); write it as JSON" in result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+    second = cli("plan", "-m", "gpt2", "-b", "lora:8", "--per-layer", "-o", str(tmp_path / "plan.json"))
+    assert second.exit_code == 0, second.stderr
+    # the output's suffix chooses the format (it once wrote YAML into plan.json)
+    assert len(json.loads((tmp_path / "plan.json").read_text())["groups"]) == 48
+
+
 def test_atomic_save_leaves_no_temporary(tmp_path, gpt2_plan):
     save_plan(gpt2_plan, tmp_path / "plan.yaml")
     assert [p.name for p in tmp_path.iterdir()] == ["plan.yaml"]

@@ -72,7 +72,9 @@ def plan(
     r: ROpt = None,
     max_r: MaxROpt = 64,
     output: OutputOpt = Path("plan.yaml"),
-    fmt: Annotated[str, typer.Option("--format", help="yaml or json.")] = "yaml",
+    fmt: Annotated[
+        Optional[str], typer.Option("--format", help="yaml or json (default: json for an output named .json, else yaml).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the Monte Carlo alignment estimate.")] = 0,
     reference: Annotated[
         Optional[Path], typer.Option("--reference", help="Reference updates from `cdka probe`: score every module on its own update.")
