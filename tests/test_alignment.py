@@ -309,3 +309,19 @@ def test_energy_curve_matches_topr_energies_on_any_device_name():
     for pair in [(1, 1), (2, 8), (4, 4), (48, 64)]:
         sizes = factor_sizes(48, 64, *pair)
         assert curve(*pair, 6) == topr_energies(M, *sizes, 6).tolist() == topr_energies(M, *sizes, 6, device="cpu").tolist()
+
+
+@pytest.mark.parametrize("keep_layout,copies", [(True, 1), (False, 2)])
+def test_a_curve_keeps_its_block_layout_unless_told_not_to(monkeypatch, keep_layout: bool, copies: int) -> None:
+    # Two pairs with the same m1 share one layout; the experts of a stacked update free theirs.
+    from cdka_search.alignment import energy
+    from cdka_search.alignment.energy import energy_curve
+
+    made: list[int] = []
+    monkeypatch.setattr(energy, "row_blocks_transposed", lambda M, m1: made.append(m1) or row_blocks_transposed(M, m1))
+    M = spectra(640, 912, seed=7)["flat"]  # both pairs: m1 = 320, R of 640 x 912 and 960 x 608 (Krylov)
+    curve = energy_curve(M, keep_layout=keep_layout)
+    first, second = curve(2, 2, 4), curve(2, 3, 4)
+    assert made == [320] * copies
+    assert first == topr_energies(M, *factor_sizes(640, 912, 2, 2), 4).tolist()
+    assert second == topr_energies(M, *factor_sizes(640, 912, 2, 3), 4).tolist()

@@ -139,10 +139,19 @@ def alignment_table(
 
 
 def energy_curve(
-    M: torch.Tensor, *, seed: int = 0, accuracy: float = DEFAULT_ACCURACY, device: str | torch.device | None = "cpu"
+    M: torch.Tensor,
+    *,
+    seed: int = 0,
+    accuracy: float = DEFAULT_ACCURACY,
+    device: str | torch.device | None = "cpu",
+    keep_layout: bool = True,
 ) -> Callable[[int, int, int], list[float]]:
     """``curve(r1, r2, r_max)``: the energies of pair (r1, r2) for r = 1..r_max, as topr_energies gives
-    them. M is checked, upcast and moved to ``device`` once, however many pairs are asked for."""
+    them. M is checked, upcast and moved to ``device`` once, however many pairs are asked for.
+
+    ``keep_layout=False`` frees the block layout (a copy of M) after each pair, for callers holding
+    many curves at once (the experts of a stacked update): then each pair makes its own copy.
+    """
     _check_2d(M)
     matrix = _Matrix.of(M, 1, torch.float32, device, None)
     settings = KrylovSettings(seed=seed, accuracy=accuracy)
@@ -151,7 +160,11 @@ def energy_curve(
     def curve(r1: int, r2: int, r_max: int) -> list[float]:
         if r_max < 1:
             raise TargetError(f"r_max must be at least 1, got {r_max}")
-        return matrix.energies(factor_sizes(d_out, d_in, r1, r2), r_max, settings).tolist()
+        try:
+            return matrix.energies(factor_sizes(d_out, d_in, r1, r2), r_max, settings).tolist()
+        finally:
+            if not keep_layout:
+                matrix.forget_layout()
 
     return curve
 
@@ -222,10 +235,14 @@ class _Matrix:
         m1, n1, m2, n2 = sizes
         layout = self.layouts.get(m1)
         if layout is None:
-            self.layouts.clear()  # free the last copy before making the next
-            self.grams.clear()
+            self.forget_layout()  # free the last copy before making the next
             layout = self.layouts[m1] = row_blocks_transposed(self.passes, m1)
         return layout.view(m1 * n1, n2 * m2)
+
+    def forget_layout(self) -> None:
+        """Free the cached layout and the Gram matrices made from it."""
+        self.layouts.clear()
+        self.grams.clear()
 
     def energies(
         self, sizes: tuple[int, int, int, int], r_max: int, settings: KrylovSettings, family: Iterable[int] = ()

@@ -181,7 +181,8 @@ def stacked_curve(M: torch.Tensor, *, seed: int, device: str | torch.device | No
         return energy_curve(M, seed=seed, device=device)
     norms = [squared_norm(e) for e in M]
     total = sum(norms)
-    moved = [(n / total, energy_curve(e, seed=seed, device=device)) for n, e in zip(norms, M) if n > 0]
+    # keep_layout=False: every expert's curve is alive at once, and a layout each would be E more copies
+    moved = [(n / total, energy_curve(e, seed=seed, device=device, keep_layout=False)) for n, e in zip(norms, M) if n > 0]
 
     def curve(r1: int, r2: int, r_max: int) -> list[float]:
         if not moved:
