@@ -173,13 +173,24 @@ def test_the_accuracy_target_bounds_the_error_and_a_looser_one_costs_fewer_steps
 
 @pytest.mark.parametrize("bf16_passes", [True, False])
 def test_a_krylov_basis_never_outgrows_the_small_side(bf16_passes: bool) -> None:
-    # R is 62 x 120 (Krylov: 62 > GRAM_BLOCKS * 3) with 3 columns per block: the 21st block would
+    # R is 62 x 1200 (Krylov: 62 > GRAM_BLOCKS * 3) with 3 columns per block: the 21st block would
     # overfill it. An over-full basis is not orthonormal and once returned 2.6x the true energies.
-    M = spectra(124, 60, seed=2)["flat"]
-    sizes = factor_sizes(124, 60, 2, 1)
+    M = spectra(124, 600, seed=2)["flat"]  # 74,400 entries: enough for bfloat16 passes
+    sizes = factor_sizes(124, 600, 2, 1)
     got = topr_energies(M, *sizes, 3, oversample=0, max_steps=40, accuracy=1e-300, bf16_passes=bf16_passes)
     exact = exact_energies(M, (2, 1), 3)
     assert (got <= exact + 1e-4).all() and (got - exact).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("bf16_passes", [True, False])
+def test_a_sparse_update_is_measured_whatever_the_start_misses(bf16_passes: bool) -> None:
+    # Two nonzero entries: the sketched start's columns are all zero, and the Krylov space must still
+    # find both (a zero block's QR once repeated the basis and returned energies above 1). Too few
+    # entries for bfloat16 roundings to average out, so both modes run in float32 here.
+    M = torch.zeros(640, 912)
+    M[600, 5], M[10, 700] = 1.0, 0.5
+    got = topr_energies(M, *factor_sizes(640, 912, 1, 1), 4, bf16_passes=bf16_passes)
+    assert got.tolist() == pytest.approx([0.8, 1.0, 1.0, 1.0], abs=1e-6)
 
 
 def test_error_estimate_of_a_geometric_sequence() -> None:
