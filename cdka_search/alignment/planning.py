@@ -34,7 +34,7 @@ from cdka_search.scoring import ScoreTable, SpectrumCache, check_objective, scor
 from cdka_search.spec.model_spec import ModelSpec
 
 SMALL_UPDATE = 1 << 12
-#: Components measured on a first pass (a Krylov block of 24 columns, not 72 for r up to 64).
+#: Components measured on a first pass (a Krylov block of 32 columns, not 80 for r up to 64).
 FIRST_DEPTH = 16
 
 
