@@ -168,7 +168,7 @@ def main() -> None:
     print(f"{'pair (r1,r2)':>14} {'R: D x L':>16}{head} {'exact SVD s':>12}")
     for pair, D, L, times, errors, exact_t in rows:
         cells = "".join(f" {times[m]:15.3f} {errors[m]:8.1e}" for m in modes)
-        print(f"{str(pair):>14} {f'{D} x {L}':>16}{cells} {exact_t:12.2f}")
+        print(f"{pair!s:>14} {f'{D} x {L}':>16}{cells} {exact_t:12.2f}")
     cells = "".join(f" {sum(r[3][m] for r in rows):15.2f} {max(r[4][m] for r in rows):8.1e}" for m in modes)
     print(f"{'subset total':>31}{cells} {sum(r[5] for r in rows):12.1f}")
     cells = "".join(f" {totals[m]:15.2f} {'':>8}" for m in modes)

@@ -23,9 +23,10 @@ over the units' hull positions, and only a window of options around each unit's 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from operator import itemgetter
-from typing import Sequence
 
 from cdka_search.errors import BudgetError
 from cdka_search.gc_pause import paused_gc
@@ -167,7 +168,7 @@ def _multipliers(
     for k in free:
         kept = [units[k][i] for _, _, i in options[k]]
         hull = _hull(kept)
-        slopes.update((kept[b][1] - kept[a][1]) / (kept[b][0] - kept[a][0]) for a, b in zip(hull, hull[1:]))
+        slopes.update((kept[b][1] - kept[a][1]) / (kept[b][0] - kept[a][0]) for a, b in pairwise(hull))
     near = sorted(slopes, key=lambda mu: abs(mu - lam))[:most]
     return [lam, *(mu for mu in near if mu >= 0 and mu != lam)]
 

@@ -21,8 +21,8 @@ a few binary searches per unit.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Sequence
 from itertools import chain
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -112,7 +112,7 @@ def hulls(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[tup
     cols = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     padded_cost, padded_value = np.full((len(lengths), int(lengths.max())), np.inf), np.full((len(lengths), int(lengths.max())), -np.inf)
     padded_cost[rows, cols], padded_value[rows, cols] = cost, value
-    fronts, width = padded_cost.shape
+    width = padded_cost.shape[1]
     order = np.lexsort((np.broadcast_to(np.arange(width), padded_cost.shape), -padded_value, padded_cost), axis=-1)
     cost = np.take_along_axis(padded_cost, order, axis=1)
     value = np.take_along_axis(padded_value, order, axis=1)

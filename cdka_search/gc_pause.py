@@ -8,8 +8,8 @@ longer each one. What such a stage allocates is not garbage until it returns, so
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 @contextmanager

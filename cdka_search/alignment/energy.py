@@ -7,8 +7,8 @@ R(M) (Eckart-Young), so the kept share is sum_{j<=r} sigma_j(R(M))^2 / ||M||_F^2
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -210,7 +210,7 @@ class _Matrix:
     @classmethod
     def of(
         cls, M: torch.Tensor, r_max: int, dtype: torch.dtype, device: str | torch.device | None, bf16_passes: bool | None
-    ) -> "_Matrix":
+    ) -> _Matrix:
         if r_max < 1:
             raise TargetError(f"r_max must be at least 1, got {r_max}")
         if dtype not in (torch.float32, torch.float64):

@@ -22,7 +22,7 @@ for all its modules, and each update is upcast and moved to the device once per 
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
