@@ -336,3 +336,29 @@ def test_a_curve_keeps_its_block_layout_unless_told_not_to(monkeypatch, keep_lay
     assert made == [320] * copies
     assert first == topr_energies(M, *factor_sizes(640, 912, 2, 2), 4).tolist()
     assert second == topr_energies(M, *factor_sizes(640, 912, 2, 3), 4).tolist()
+
+
+def test_tables_of_any_small_shape_and_any_pairs_are_exact_in_float64() -> None:
+    # The Gram derivation along divisor chains (roots picked among the pairs asked for) over random
+    # shapes, spectra and subsets of pairs: every energy must equal the exact SVD's.
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    @hypothesis.settings(max_examples=60, derandomize=True, deadline=None, database=None)
+    @hypothesis.given(st.integers(1, 60), st.integers(1, 60), st.sampled_from(["gauss", "rank 2", "sparse"]), st.integers(1, 20), st.data())
+    def check(d_out: int, d_in: int, kind: str, r_max: int, data) -> None:
+        g = gen(d_out * 61 + d_in)
+        M = {
+            "gauss": lambda: torch.randn(d_out, d_in, generator=g, dtype=torch.float64),
+            "rank 2": lambda: torch.randn(d_out, 2, generator=g, dtype=torch.float64) @ torch.randn(2, d_in, generator=g, dtype=torch.float64),
+            "sparse": lambda: torch.randn(d_out, d_in, generator=g, dtype=torch.float64) * (torch.rand(d_out, d_in, generator=g) < 0.1),
+        }[kind]()
+        hypothesis.assume(bool(M.abs().sum() > 0))
+        pairs = divisor_pairs(d_out, d_in)
+        chosen = data.draw(st.lists(st.sampled_from(pairs), min_size=1, unique=True))
+        table = alignment_table(M, r_max, pairs=chosen, dtype=torch.float64)
+        assert list(table) == chosen
+        for pair, energies in table.items():
+            assert torch.allclose(torch.tensor(energies, dtype=torch.float64), exact_energies(M, pair, r_max), atol=1e-9), pair
+
+    check()
