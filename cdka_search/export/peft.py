@@ -219,6 +219,12 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
             f"{len(configs)} configs ({', '.join(configs)}): load each as a named adapter of one PeftMixedModel "
             "and activate them all (see docs/ecosystem.md)"
         )
+        if any(cfg["rank_pattern"] or cfg["alpha_pattern"] for cfg in configs.values()):
+            notes.append(
+                "PeftMixedModel warns that rank_pattern and alpha_pattern keys \"did not match any targeted module\" "
+                "when it loads an adapter that has them; it applies them all the same (the trained parameters are "
+                "the plan's)"
+            )
     single = len(configs) == 1
     files = tuple(
         ExportFile("adapter_config.json" if single else f"{name}/adapter_config.json", json.dumps(cfg, indent=2) + "\n")
