@@ -221,9 +221,9 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
         )
         if any(cfg["rank_pattern"] or cfg["alpha_pattern"] for cfg in configs.values()):
             notes.append(
-                "PeftMixedModel warns that rank_pattern and alpha_pattern keys \"did not match any targeted module\" "
-                "when it loads an adapter that has them; it applies them all the same (the trained parameters are "
-                "the plan's)"
+                "PeftMixedModel's add_adapter warns that the rank_pattern and alpha_pattern keys of the adapter it adds "
+                "\"did not match any targeted module\"; it applies them all the same (the trained parameters are the "
+                "plan's), and loading the adapters that have such keys first avoids the warning"
             )
     single = len(configs) == 1
     files = tuple(
