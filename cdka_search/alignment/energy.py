@@ -54,19 +54,12 @@ def divisor_pairs(d_out: int, d_in: int) -> list[Pair]:
 
 @dataclass(frozen=True)
 class KrylovSettings:
-    """How the randomized path runs (module docstring; docs/alignment.md has the measurements).
-
-    ``bf16_passes``: multiply R in bfloat16 (float32 results) where the device does so natively,
-    ``None`` meaning exactly there (``fast_bf16``); its rounding errors are independent per entry and
-    average out in the Ritz values (measured: far below ``accuracy``). Never with float64 input, nor
-    for a matrix with fewer than 2^16 nonzero entries, where they do not average out.
-    """
+    """How the randomized path runs (module docstring; docs/alignment.md has the measurements)."""
 
     oversample: int = DEFAULT_OVERSAMPLE
     max_steps: int = DEFAULT_MAX_STEPS
     accuracy: float = DEFAULT_ACCURACY
     seed: int = 0
-    bf16_passes: bool | None = None
 
     def __post_init__(self) -> None:
         if self.oversample < 0 or self.max_steps < 0:
@@ -100,7 +93,7 @@ def topr_energies(
     upcast to `dtype`. The work runs on ``device`` (cdka_search.alignment.device); the result is on the CPU.
     """
     matrix = _Matrix.of(M, r_max, dtype, device, bf16_passes)
-    settings = KrylovSettings(oversample, max_steps, accuracy, seed, bf16_passes)
+    settings = KrylovSettings(oversample, max_steps, accuracy, seed)
     return matrix.energies((m1, n1, m2, n2), r_max, settings)
 
 
@@ -127,7 +120,7 @@ def alignment_table(
     d_out, d_in = M.shape
     wanted = divisor_pairs(d_out, d_in) if pairs is None else [tuple(p) for p in pairs]
     sizes = {p: factor_sizes(d_out, d_in, *p) for p in wanted}  # validate all before any work
-    settings = KrylovSettings(oversample, max_steps, accuracy, seed, bf16_passes)
+    settings = KrylovSettings(oversample, max_steps, accuracy, seed)
     matrix = _Matrix.of(M, r_max, dtype, device, bf16_passes)
     # in m1 order, so that each m1's block layout is copied once (_Matrix.rearranged)
     family: dict[int, set[int]] = {}
@@ -205,7 +198,7 @@ class _Matrix:
     norm_sq: float
     passes_norm_sq: float
     layouts: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
-    grams: dict[tuple[bool, int], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    grams: dict[tuple[int, bool, int], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(
@@ -222,6 +215,9 @@ class _Matrix:
                 f"matrix of shape {tuple(M.shape)} has inf or nan entries (or overflows {dtype}); "
                 "check the reference it came from"
             )
+        # bf16_passes: multiply R in bfloat16 (float32 results), None meaning where the device does so
+        # natively (fast_bf16); the rounding errors are independent per entry and average out in the
+        # Ritz values (measured: far below the accuracy). Never with float64 input.
         low = bool(bf16_passes if bf16_passes is not None else fast_bf16(work.device)) and dtype == torch.float32
         # bfloat16 roundings average out over many entries, not over a few: with two nonzero entries
         # the energies were 9.9e-4 off in bfloat16 and 2.4e-7 in float32.
@@ -301,11 +297,10 @@ class _Matrix:
             root = max(r for r in {n1, *family} if r % n1 == 0 and m1 * r <= cap)
         else:
             root = min(r for r in {n1, *family} if n1 % r == 0 and m2 * (d_in // r) <= cap)
-        self.rearranged(sizes)  # selects m1's layout (and its Gram matrices)
-        gram = self.grams.get((rows, root))
+        gram = self.grams.get((m1, rows, root))
         if gram is None:
-            R = self.rearranged((m1, root, m2, d_in // root))
-            gram = self.grams[(rows, root)] = _gram(R if rows else R.T)
+            R = self.rearranged((m1, root, m2, d_in // root))  # a new m1's layout drops the old Gram matrices
+            gram = self.grams[(m1, rows, root)] = _gram(R if rows else R.T)
         s = root // n1 if rows else n1 // root
         if s > 1 and rows:
             gram = gram.view(m1 * n1, s, m1 * n1, s).diagonal(dim1=1, dim2=3).sum(-1)
