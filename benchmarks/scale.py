@@ -162,31 +162,35 @@ def allocation_rows(unit_counts: list[int]) -> None:
     from cdka_search.planner import allocate_fronts
     from cdka_search.scoring import SpectrumCache, score_shape
 
-    stages = {"allocate_fronts (shared)": {}, "allocate (every front own)": {}, "allocate (balanced, own)": {}}
-    notes: dict[str, dict[int, str]] = {stage: {} for stage in stages}
+    stages: dict[str, dict[int, float]] = {}
+    notes: dict[str, dict[int, str]] = {}
     cache = SpectrumCache()
     balanced: dict[tuple[int, int], list] = {}
+
+    def balanced_front(shape: tuple[int, int]) -> list:
+        if shape not in balanced:
+            balanced[shape] = front_of(score_shape(*shape, CandidateSpace(), "balanced", spectra=cache))
+        return balanced[shape]
+
+    def record(stage: str, count: int, took: float, result) -> None:
+        stages.setdefault(stage, {})[count] = took
+        state = "exact" if result.exact else f"certified gap {result.gap:.1e}"
+        notes.setdefault(stage, {})[count] = f"{state}, {result.nodes:,} nodes, {took:.3f} s"
+
     for count in unit_counts:
         fronts, counts, weights, budget = front_units(count, seed=count)
-        for stage in stages:
-            if stage == "allocate_fronts (shared)":
-                took, (_, result) = seconds(lambda: allocate_fronts(fronts, counts, weights, budget))
-            else:  # built only now: millions of live option tuples slow every garbage collection under way
-                if stage == "allocate (every front own)":
-                    own = fronts
-                else:
-                    own = {}
-                    for k, front in fronts.items():
-                        shape = front[0].design.shape
-                        if shape not in balanced:
-                            balanced[shape] = front_of(score_shape(*shape, CandidateSpace(), "balanced", spectra=cache))
-                        own[k] = balanced[shape]
-                lists = [[(s.design.params, weights[k] * s.scores.objective) for s in front] for k, front in own.items()]
-                took, result = seconds(lambda: allocate(lists, budget.limit))
-                del lists
-            stages[stage][count] = took
-            state = "exact" if result.exact else f"certified gap {result.gap:.1e}"
-            notes[stage][count] = f"{state}, {result.nodes:,} nodes, {took:.3f} s"
+        took, (_, result) = seconds(lambda: allocate_fronts(fronts, counts, weights, budget))
+        record("allocate_fronts (shared)", count, took, result)
+        own_fronts = {
+            "allocate (every front own)": fronts,
+            "allocate (balanced, own)": {k: balanced_front(front[0].design.shape) for k, front in fronts.items()},
+        }
+        for stage, own in own_fronts.items():
+            # built only now: millions of live option tuples slow every garbage collection under way
+            lists = [[(s.design.params, weights[k] * s.scores.objective) for s in front] for k, front in own.items()]
+            took, result = seconds(lambda: allocate(lists, budget.limit))
+            del lists
+            record(stage, count, took, result)
     table("units", stages, notes)
 
 

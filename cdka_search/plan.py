@@ -516,8 +516,7 @@ def save_plan(plan: Plan, path: str | Path, fmt: str | None = None) -> Path:
     target = Path(path)
     chosen = fmt or ("json" if target.suffix == ".json" else "yaml")
     text = dumps_plan(plan, chosen)
-    size = len(text.encode())
-    if chosen == "yaml" and size > MAX_YAML_BYTES:
+    if chosen == "yaml" and (size := len(text.encode())) > MAX_YAML_BYTES:
         raise PlanError(
             f"{target}: this plan ({len(plan.groups):,} groups) is {size:,} bytes as YAML, more than cdka reads "
             f"back ({MAX_YAML_BYTES:,}); write it as JSON (-o plan.json or --format json)"
