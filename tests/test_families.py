@@ -280,6 +280,32 @@ def test_config_for_transformers_is_bounded_before_it_is_built(tmp_path):
         load_spec(str(tmp_path))
 
 
+def test_per_layer_size_lists_are_read_and_each_entry_bounded(tmp_path):
+    """Gemma 3n gives intermediate_size per layer: a list of bounded ints is read through transformers,
+    a list with a bad entry, or longer than a model may have layers, is one ConfigError."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    config = transformers.Gemma3nTextConfig(
+        hidden_size=64, intermediate_size=[128, 96, 128, 96], num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, vocab_size=128, vocab_size_per_layer_input=128,
+        hidden_size_per_layer_input=16, num_kv_shared_layers=2, laurel_rank=8, altup_num_inputs=2,
+        layer_types=["sliding_attention", "full_attention"] * 2, activation_sparsity_pattern=[0.0] * 4,
+    )
+    config.save_pretrained(tmp_path)
+    spec = load_spec(str(tmp_path))
+    with torch.device("meta"):
+        live = spec_from_module(transformers.AutoModelForCausalLM.from_config(config))
+    assert (spec.total_params, spec.targets) == (live.total_params, live.targets)
+    shapes = {t.name: t.shape for t in spec.targets}
+    assert shapes["model.layers.0.mlp.up_proj"] == (128, 64) and shapes["model.layers.1.mlp.up_proj"] == (96, 64)
+    data = json.loads((tmp_path / "config.json").read_text())
+    for sizes, message in (([128, -1], "'intermediate_size': -1 is outside"), ([128, "wide"], "expected an integer, got 'wide'"),
+                           ([1] * 20_000, "'intermediate_size' lists 20,000 values, more than 16,384 layers")):
+        (tmp_path / "config.json").write_text(json.dumps({**data, "intermediate_size": sizes}))
+        with pytest.raises(ConfigError, match=message):
+            load_spec(str(tmp_path))
+
+
 @pytest.mark.parametrize("model_type", MOE)
 def test_saved_checkpoint_folds_per_expert_weights_into_expert_targets(model_type, tmp_path):
     """transformers 5 saves experts one 2-D weight per expert; the header spec folds them back into the
