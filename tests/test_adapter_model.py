@@ -234,3 +234,17 @@ def test_apply_pauses_the_cyclic_gc_while_building_and_restores_it_even_on_failu
         assert gc.isenabled() is enabled and len(adapter_modules(model)) == 14
     finally:
         gc.enable()
+
+
+def test_a_plan_dry_runs_on_a_meta_model_of_real_width():
+    """A model too large to allocate can be built on the meta device, adapted and run for shapes: the
+    adapter must not need autocast (the meta device has none) or real storage."""
+    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
+                                      num_attention_heads=32, vocab_size=32000)  # LLaMA-2-7B widths
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    plan = plan_for(model, "0.5%")
+    apply_plan(model, plan)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.used_params
+    logits = model(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta")).logits
+    assert (logits.device.type, tuple(logits.shape)) == ("meta", (1, 8, 32000))

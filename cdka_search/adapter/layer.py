@@ -9,6 +9,8 @@ merging and tests use.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import math
 from typing import Any
 
@@ -227,9 +229,12 @@ def kron_add(base2: torch.Tensor, xa: torch.Tensor, A: torch.Tensor, B: torch.Te
 
     ``xa`` is already in the factors' dtype; the result has ``base2``'s dtype. The adapter keeps its own
     dtype under autocast too (the products would otherwise run in the autocast dtype in forward and in
-    the adapter dtype in backward).
+    the adapter dtype in backward). Outside autocast no context is entered: it costs time per call, and
+    devices without autocast (meta, for dry runs of a plan on a model too large to allocate) refuse it.
     """
-    with torch.autocast(device_type=xa.device.type, enabled=False):
+    device = xa.device.type
+    autocasting = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    with torch.autocast(device_type=device, enabled=False) if autocasting else nullcontext():
         if order == "A-first":
             return _CdkaDelta.apply(base2, xa, A, B, scaling)
         delta = _delta_b_first(xa, _PackedGrad.apply(A), _PackedGrad.apply(B)) * scaling
