@@ -384,3 +384,14 @@ def test_planned_moe_applies_trains_merges_saves_and_loads(family, tmp_path):
         fresh = tiny_moe(family, experts_implementation="grouped_mm")
         load_adapter(fresh, path)
         assert torch.equal(fresh.eval()(ids).logits, trained)
+
+
+def test_the_wrapped_experts_module_keeps_its_attributes():
+    """MoE code reads num_experts, config, ... of its experts module; the wrapper answers with the base's."""
+    model = tiny_moe("mixtral")
+    apply_plan(model, expert_plan())
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, CdkaExperts)
+    assert (experts.num_experts, experts.hidden_dim, experts.intermediate_dim) == (EXPERTS, HIDDEN, MOE_INTERMEDIATE)
+    with pytest.raises(AttributeError, match="gate_up_proj is adapted by cdka"):  # its bare use would drop the update
+        experts.gate_up_proj

@@ -106,6 +106,40 @@ def test_gradcheck(design, contraction):
     assert torch.autograd.gradcheck(lambda x, a, b: layer(x), (x, layer.cdka_A, layer.cdka_B))
 
 
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("contraction", ["A-first", "B-first"])
+def test_output_may_be_modified_in_place(design, contraction):
+    """Model code adds to a projection's output in place (Falcon's fused QKV, Llama 4): the gradients
+    must be those of the same code on a plain weight."""
+    layer = make_layer(*design, contraction=contraction)
+    x = torch.randn(3, 2, design[1], dtype=F64, requires_grad=True)
+    out = layer(x)
+    out.mul_(2.0).add_(1.0)
+    out.square().sum().backward()
+    weight = reference_weight(layer).detach().requires_grad_(True)
+    x_ref = x.detach().requires_grad_(True)
+    ((x_ref @ weight.T + layer.base_layer.bias) * 2.0 + 1.0).square().sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, rtol=0, atol=1e-9)
+    # dL/dB_i = lambda * sum over A's entries of dL/dW (kron blocks): checked through the kron sum's own autograd
+    b_ref = layer.cdka_B.detach().clone().requires_grad_(True)
+    dw = sum(torch.kron(b_ref[i], layer.cdka_A[i].detach()) for i in range(layer.r))
+    (dw * weight.grad).sum().mul(layer.scaling).backward()
+    assert torch.allclose(layer.cdka_B.grad, b_ref.grad, rtol=0, atol=1e-9)
+
+
+def test_attributes_of_the_base_layer_are_read_through():
+    """Code written for nn.Linear / Conv1D reads in_features, bias, nf, ... of the replaced module."""
+    from transformers.pytorch_utils import Conv1D
+
+    layer = make_layer(24, 48, 2, 8, 4)
+    assert (layer.in_features, layer.out_features) == (48, 24)
+    assert layer.bias is layer.base_layer.bias and layer.weight is layer.base_layer.weight
+    conv = CdkaLinear(Conv1D(24, 16), m1=12, n1=4, m2=2, n2=4, r=3)
+    assert (conv.nf, conv.nx, tuple(conv.weight.shape)) == (24, 16, (16, 24))
+    with pytest.raises(AttributeError, match="'CdkaLinear' object has no attribute 'no_such_thing'"):
+        layer.no_such_thing
+
+
 def test_base_is_frozen_and_only_factors_get_gradients():
     layer = make_layer(24, 48, 2, 8, 4)
     layer(torch.randn(3, 48, dtype=F64)).sum().backward()

@@ -34,6 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from cdka_search.adapter.layer import (
     GRADIENT_INIT_B_SCALE,
     KroneckerFactors,
+    WrapsBaseLayer,
     check_design,
     fold_into,
     gradient_init_,
@@ -187,7 +188,7 @@ class ExpertAdapter(KroneckerFactors):
             fold_into(weight[expert], dw, sign)
 
 
-class CdkaExperts(nn.Module):
+class CdkaExperts(WrapsBaseLayer):
     """An experts module with CDKA adapters on some of its 3-D parameters.
 
     The experts module stays inside as ``base_layer`` (its state-dict names gain ``.base_layer``, as a
@@ -206,6 +207,16 @@ class CdkaExperts(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.adapters = nn.ModuleDict()
+
+    def __getattr__(self, name: str) -> Any:
+        adapters = self.__dict__.get("_modules", {}).get("adapters")
+        if adapters is not None and name in adapters:
+            # Computing with the bare parameter outside this module's forward would drop the update silently.
+            raise AttributeError(
+                f"{name} is adapted by cdka: the update is applied inside the experts module's forward; "
+                f"read the base parameter as .base_layer.{name}"
+            )
+        return super().__getattr__(name)
 
     def add_adapter(self, parameter_name: str, **design: Any) -> ExpertAdapter:
         """Adapt ``parameter_name`` of the experts module with the given design and settings."""

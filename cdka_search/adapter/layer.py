@@ -136,10 +136,12 @@ class _CdkaDelta(torch.autograd.Function):
             return out
         tt = t.view(n, k, m2).transpose(1, 2).reshape(n * m2, k)             # small: N * r * r1 * r2
         yt = tt @ bq.T                                                      # yt[(n, a), p]
-        out = torch.empty((n, m1, m2), dtype=base_out.dtype, device=base_out.device)
-        torch.add(base_out.reshape(n, m1, m2), yt.view(n, m2, m1).transpose(1, 2), alpha=lam, out=out)
+        # Written through a view but returned whole: a view made inside a custom Function may not be
+        # modified in place later (Falcon adds to its fused QKV output), a plain tensor may.
+        out = torch.empty((n, m1 * m2), dtype=base_out.dtype, device=base_out.device)
+        torch.add(base_out.reshape(n, m1, m2), yt.view(n, m2, m1).transpose(1, 2), alpha=lam, out=out.view(n, m1, m2))
         ctx.save_for_backward(x, A, B, tt, bq)
-        return out.view(n, m1 * m2)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -343,7 +345,22 @@ class KroneckerFactors(nn.Module, PaperSymbols):
         return contraction_order(self.contraction, self.m1, self.n1, self.m2, self.n2)
 
 
-class CdkaLinear(KroneckerFactors):
+class WrapsBaseLayer(nn.Module):
+    """A module that wraps ``base_layer`` and reads, from it, every attribute it lacks itself: model code
+    written for the base module (``in_features``, ``bias``, ``weight``, Conv1D's ``nf``, an experts module's
+    ``num_experts``) keeps working once the module is replaced."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError as missing:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or not hasattr(base, name):
+                raise missing from None
+            return getattr(base, name)
+
+
+class CdkaLinear(WrapsBaseLayer, KroneckerFactors):
     """A frozen ``nn.Linear`` or GPT-2 ``Conv1D`` plus a CDKA adapter (cdka-notes.md section 1).
 
     ``y = base_layer(x) + lambda * sum_{i=1..r} (B_i (x) A_i) x`` with ``cdka_A`` of shape (r, m2, n2) and
@@ -395,11 +412,6 @@ class CdkaLinear(KroneckerFactors):
         self.kind = kind
         self.init_factors(d_out, d_in, (), base_layer.weight.device, m1=m1, n1=n1, m2=m2, n2=n2, r=r, alpha=alpha,
                           scaling=scaling, scale=scale, dropout=dropout, dtype=dtype, init=init, contraction=contraction)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight, so code that reads ``module.weight`` keeps working."""
-        return self.base_layer.weight
 
     def extra_repr(self) -> str:
         return (
