@@ -134,8 +134,24 @@ def build_trainer(args: argparse.Namespace):
         seed=args.seed,
         disable_tqdm=True,
     )
-    trainer = transformers.Trainer(model=model, args=training, train_dataset=dataset)
+    trainer = transformers.Trainer(model=model, args=training, train_dataset=dataset, callbacks=[idle_check()])
     return trainer, model, plan, summary
+
+
+def idle_check():
+    """A Trainer callback that warns, before the first optimiser step, about adapters that got no
+    gradient: the model reads their weight directly or does not use them (docs/adapter.md)."""
+    import transformers
+
+    from cdka_search.adapter import idle_adapters
+    from cdka_search.adapter.model import idle_warning
+
+    class IdleAdapterCheck(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0 and model is not None and (idle := idle_adapters(model)):
+                print(f"warning: {idle_warning(idle)}")
+
+    return IdleAdapterCheck()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

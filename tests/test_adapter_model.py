@@ -248,3 +248,27 @@ def test_a_plan_dry_runs_on_a_meta_model_of_real_width():
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.used_params
     logits = model(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta")).logits
     assert (logits.device.type, tuple(logits.shape)) == ("meta", (1, 8, 32000))
+
+
+def test_adapters_the_model_bypasses_are_named_after_a_backward_pass():
+    """Mamba's sequential path multiplies by dt_proj.weight itself instead of calling dt_proj: its adapter
+    gets no gradient, and idle_adapters names exactly those (none in a LLaMA)."""
+    from cdka_search.adapter import idle_adapters
+    from cdka_search.adapter.model import idle_warning
+
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=64, state_size=4)
+    mamba = transformers.MambaForCausalLM(config)
+    apply_plan(mamba, plan_for(mamba))
+    ids = tokens()
+    mamba(input_ids=ids, labels=ids).loss.backward()
+    idle = idle_adapters(mamba)
+    assert idle == ["backbone.layers.0.mixer.dt_proj", "backbone.layers.1.mixer.dt_proj"]
+    assert idle_warning(idle, shown=1) == (
+        "2 adapter(s) got no gradient and will not train: backbone.layers.0.mixer.dt_proj and 1 more "
+        "(the model reads their weight directly or does not use them; see docs/adapter.md)"
+    )
+    llama = tiny_llama()
+    apply_plan(llama, plan_for(llama))
+    llama(input_ids=ids, labels=ids).loss.backward()
+    assert idle_adapters(llama) == []

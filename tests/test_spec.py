@@ -174,3 +174,61 @@ def test_corrupt_safetensors(tmp_path, content, message):
 def test_missing_path():
     with pytest.raises(ModelSourceError, match="no such file"):
         load_spec("./does/not/exist.safetensors")
+
+
+def _linear_subclasses():
+    """Three nn.Linear subclasses that override forward: one still computes x W^T + b (as Falcon's
+    FalconLinear does), one is block-diagonal over groups (DeepSeek-V4's o_a_proj), one returns scores."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class PlainAgain(nn.Linear):
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    class Grouped(nn.Linear):  # weight (groups * d_g, d_in / groups), applied group by group
+        def forward(self, x):
+            w = self.weight.view(2, -1, self.in_features).transpose(1, 2)
+            return torch.bmm(x.reshape(-1, 2, self.in_features).transpose(0, 1), w).transpose(0, 1).flatten(1)
+
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits.softmax(-1), logits
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain = PlainAgain(8, 6)
+            self.grouped = Grouped(4, 6, bias=False)
+            self.router = Router(8, 4, bias=False)
+            self.proj = nn.Linear(6, 8)
+
+    return Block
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_linear_subclasses_with_their_own_forward_are_probed(device):
+    torch = pytest.importorskip("torch")
+    block_class = _linear_subclasses()
+    with torch.device(device):
+        block = block_class()
+    state = torch.random.get_rng_state()
+    spec = spec_from_module(block, "block")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the probe draws nothing
+    assert {t.name: t.shape for t in spec.targets} == {"plain": (6, 8), "proj": (8, 6)}
+    assert dict(spec.unadaptable) == {"grouped.weight": 24, "router.weight": 32}
+    assert spec.total_params == 6 * 8 + 6 + 24 + 32 + 8 * 6 + 8
+
+
+def test_a_plan_naming_a_grouped_linear_is_refused_with_the_reason():
+    from cdka_search.adapter import apply_plan
+    from cdka_search.candidates import Design
+    from cdka_search.errors import PlanError
+    from cdka_search.plan import Plan, PlanGroup
+
+    block = _linear_subclasses()()
+    plan = Plan("block", "test", 10**4, "test", 10**3, (PlanGroup(("grouped",), (6, 4), 1, Design(3, 2, 2, 2, 1)),))
+    with pytest.raises(PlanError, match="grouped: the plan has linear 6x4 .* but the model has a Grouped: its forward "
+                                        "does not compute x W\\^T \\+ b"):
+        apply_plan(block, plan)

@@ -9,6 +9,7 @@ from cdka_search.adapter.model import (
     adapter_modules,
     applied_plan,
     apply_plan,
+    idle_adapters,
     merge_adapters,
     unmerge_adapters,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "adapter_modules",
     "applied_plan",
     "apply_plan",
+    "idle_adapters",
     "load_adapter",
     "merge_adapters",
     "read_adapter",

@@ -9,9 +9,8 @@ merging and tests use.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from cdka_search.alignment.rearrange import rearrange
 from cdka_search.candidates import PaperSymbols
 from cdka_search.errors import PlanError
 from cdka_search.plan import SCALINGS, a_fan_in, scaling_value
+from cdka_search.spec.torch_module import base_kind
 
 __all__ = [
     "SCALINGS", "CONTRACTIONS", "CdkaLinear", "base_kind", "base_shape", "check_design", "contraction_order",
@@ -35,22 +35,11 @@ INITS = ("kaiming-A-zero-B",)
 GRADIENT_INIT_B_SCALE = 1e-3
 
 
-def base_kind(module: nn.Module) -> str | None:
-    """``"linear"`` for ``nn.Linear``, ``"conv1d"`` for transformers' GPT-2 ``Conv1D``, else None.
-
-    ``Conv1D`` is recognised without importing transformers: its class name and its ``nf``/``nx``
-    attributes with a weight stored (in, out).
-    """
+def describe_module(module: nn.Module) -> str:
+    """What a module that :func:`base_kind` refuses is, for an error message."""
     if isinstance(module, nn.Linear):
-        return "linear"
-    if (
-        type(module).__name__ == "Conv1D"
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-        and getattr(module, "weight").dim() == 2
-        and tuple(module.weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
-    ):
-        return "conv1d"
-    return None
+        return f"a {type(module).__name__}: its forward does not compute x W^T + b, so it is not adapted as a linear layer"
+    return f"a {type(module).__name__}: only nn.Linear and transformers Conv1D are supported"
 
 
 def base_shape(module: nn.Module) -> tuple[int, int]:
@@ -60,7 +49,7 @@ def base_shape(module: nn.Module) -> tuple[int, int]:
         return (module.out_features, module.in_features)
     if kind == "conv1d":
         return (int(module.weight.shape[1]), int(module.weight.shape[0]))
-    raise PlanError(f"cannot adapt a {type(module).__name__}: only nn.Linear and transformers Conv1D are supported")
+    raise PlanError(f"cannot adapt {describe_module(module)}")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
@@ -400,9 +389,7 @@ class CdkaLinear(WrapsBaseLayer, KroneckerFactors):
         super().__init__()
         kind = base_kind(base_layer)
         if kind is None:
-            raise PlanError(
-                f"cannot adapt a {type(base_layer).__name__}: only nn.Linear and transformers Conv1D are supported"
-            )
+            raise PlanError(f"cannot adapt {describe_module(base_layer)}")
         d_out, d_in = base_shape(base_layer)
         check_design(d_out, d_in, m1, n1, m2, n2, r, what="the layer", dropout=dropout, init=init,
                      contraction=contraction)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cdka_search.adapter.experts import CdkaExperts, ExpertAdapter, expert_parameters
-from cdka_search.adapter.layer import CdkaLinear, base_kind, base_shape, resolve_dtype
+from cdka_search.adapter.layer import CdkaLinear, base_kind, base_shape, describe_module, resolve_dtype
 from cdka_search.errors import PlanError
 from cdka_search.gc_pause import paused_gc
 from cdka_search.plan import scaling_value
@@ -25,6 +25,7 @@ __all__ = [
     "applied_plan",
     "apply_plan",
     "factor_shapes",
+    "idle_adapters",
     "merge_adapters",
     "unmerge_adapters",
 ]
@@ -70,6 +71,21 @@ def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
     return found
 
 
+def idle_adapters(model: nn.Module) -> list[str]:
+    """The adapters (named as :func:`adapter_modules` names them) that got no gradient: call it after a
+    backward pass. Their forward never ran, or its output did not reach the loss: the model reads the
+    base weight directly (Mamba's ``dt_proj``), or the module is unused on this input (a pooler, a
+    cross-attention without encoder states). Training leaves them as they started."""
+    return [name for name, a in adapter_modules(model).items() if a.cdka_A.grad is None and a.cdka_B.grad is None]
+
+
+def idle_warning(names: list[str], shown: int = 3) -> str:
+    """One line naming the idle adapters (the first ``shown`` of them)."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (f"{len(names)} adapter(s) got no gradient and will not train: {', '.join(names[:shown])}{more} "
+            "(the model reads their weight directly or does not use them; see docs/adapter.md)")
+
+
 def factor_shapes(group: "PlanGroup") -> dict[str, tuple[int, ...]]:
     """The shapes of ``cdka_A`` and ``cdka_B`` for one weight of ``group`` (a leading experts axis for experts)."""
     d = group.design
@@ -106,7 +122,7 @@ def _unique_params(model: nn.Module) -> list[nn.Parameter]:
 
 def _describe(kind: str | None, shape: tuple[int, int] | None, module: nn.Module) -> str:
     if kind is None:
-        return f"a {type(module).__name__}"
+        return describe_module(module)
     return f"{kind} {shape[0]}x{shape[1]}"
 
 

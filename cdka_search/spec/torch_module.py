@@ -6,11 +6,71 @@ from pathlib import Path
 
 from cdka_search.documents import brief
 from cdka_search.errors import ModelSourceError, one_line
-from cdka_search.spec.model_spec import ModelSpec, TargetModule, is_embedding, tally_roles
+from cdka_search.spec.model_spec import (
+    ModelSpec,
+    TargetModule,
+    is_embedding,
+    tally_roles,
+)
+
+#: Rows of the input a Linear subclass with its own forward is probed with (a prime, so no grouping
+#: of rows by a subclass can pass for the identity layout).
+_PROBE_ROWS = 3
+
+
+def base_kind(module) -> str | None:
+    """``"linear"`` for an ``nn.Linear`` that computes ``x W^T + b``, ``"conv1d"`` for transformers' GPT-2
+    ``Conv1D``, else None.
+
+    A subclass of ``nn.Linear`` that overrides ``forward`` (Falcon's FalconLinear, DeepSeek-V4's grouped,
+    block-diagonal ``o_a_proj``, routers returning scores) is probed once on a fixed input: it counts as
+    linear only if it returns an output of shape (rows, out_features) that, on real weights, equals
+    ``x W^T + b``. An adapter on anything else would add an update of the wrong shape or meaning.
+    ``Conv1D`` is recognised without importing transformers: its class name and its ``nf``/``nx``
+    attributes with a weight stored (in, out).
+    """
+    import torch
+    from torch import nn
+
+    if isinstance(module, nn.Linear):
+        return "linear" if type(module).forward is nn.Linear.forward or _computes_linear(module) else None
+    weight = getattr(module, "weight", None)
+    if (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+    ):
+        return "conv1d"
+    return None
+
+
+def _computes_linear(module) -> bool:
+    import torch
+    import torch.nn.functional as F
+
+    weight, bias = module.weight, module.bias
+    if not weight.is_floating_point() or weight.dim() != 2:
+        return False
+    # A fixed input rather than a random one: probing must not move the caller's random state.
+    x = torch.linspace(-1.0, 1.0, _PROBE_ROWS * module.in_features, device=weight.device).reshape(_PROBE_ROWS, -1)
+    try:
+        with torch.no_grad():
+            y = module(x.to(weight.dtype))
+    except Exception:  # noqa: BLE001 - any failure on a plain input means it is not a plain linear map
+        return False
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (_PROBE_ROWS, module.out_features):
+        return False
+    if y.device.type == "meta":
+        return True
+    with torch.no_grad():
+        expected = F.linear(x, weight.float(), None if bias is None else bias.float())
+    scale = float(expected.abs().max()) or 1.0
+    return bool(torch.allclose(y.float(), expected, rtol=0.0, atol=1e-2 * scale))
 
 
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
-    """Targets are every nn.Linear and transformers Conv1D except the output embedding, and every
+    """Targets are every linear module (:func:`base_kind`) except the output embedding, and every
     3-D parameter (transformers 5's fused MoE experts, stored (experts, d_out, d_in)) by its full
     parameter name, as PEFT's ``target_parameters`` names it."""
     import torch.nn as nn
@@ -23,9 +83,10 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
     for module_name, module in model.named_modules():
         if id(module) in excluded or module_name.split(".")[-1] == "lm_head":
             continue
-        if isinstance(module, nn.Linear):
+        kind = base_kind(module)
+        if kind == "linear":
             targets.append(TargetModule(module_name, module.out_features, module.in_features))
-        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        elif kind == "conv1d":
             d_in, d_out = module.weight.shape
             targets.append(TargetModule(module_name, int(d_out), int(d_in), "conv1d"))
         elif getattr(module, "is_transposed", None) is False:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from cdka_search.errors import SweepError
@@ -88,7 +89,8 @@ class LMTask:
     def run(self, plan: "Plan", lr: float, report: Report) -> float:
         import torch
 
-        from cdka_search.adapter import apply_plan
+        from cdka_search.adapter import apply_plan, idle_adapters
+        from cdka_search.adapter.model import idle_warning
 
         if self.base is None:
             raise SweepError("the lm task was not prepared")
@@ -119,6 +121,8 @@ class LMTask:
                 raise NonFiniteLoss(f"non-finite training loss at step {step}")
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            if step == 1 and (idle := idle_adapters(model)):
+                warnings.warn(idle_warning(idle), stacklevel=1)
             optimiser.step()
             schedule.step()
             if step % self.options.every == 0 or step == steps:
