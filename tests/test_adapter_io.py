@@ -168,6 +168,24 @@ def test_load_refuses_tensors_that_do_not_fit(tmp_path):
         load_adapter(tiny_llama(), tmp_path / "short.safetensors")
 
 
+def test_load_refuses_diverged_or_oversized_files_before_loading(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = save_adapter(trained(tiny_llama()), tmp_path / "a.safetensors")
+    plan, tensors = read_adapter(path)
+    metadata = {"format": "cdka-adapter", "cdka_adapter": "1", "cdka_plan": json.dumps(plan.to_dict())}
+    key = next(iter(tensors))
+    broken = dict(tensors, **{key: torch.full_like(tensors[key], float("nan"))})
+    save_file(broken, tmp_path / "nan.safetensors", metadata=metadata)
+    with pytest.raises(PlanError, match=f"{key} holds NaN or infinite values"):
+        load_adapter(tiny_llama(), tmp_path / "nan.safetensors")
+    extra = dict(load_file(path), padding=torch.zeros(plan.used_params))
+    save_file(extra, tmp_path / "big.safetensors", metadata=metadata)
+    total = 2 * plan.used_params
+    with pytest.raises(PlanError, match=f"holds {total:,} values, more than the {plan.used_params:,} of its plan's adapters"):
+        read_adapter(tmp_path / "big.safetensors")
+
+
 def test_load_refuses_non_adapter_files(tmp_path):
     from safetensors.torch import save_file
 

@@ -8,6 +8,7 @@ File layout: one tensor per factor, named ``<module>.cdka_A`` (r, m2, n2) and ``
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,17 +63,31 @@ def read_adapter(path: str | Path) -> tuple["Plan", dict[str, torch.Tensor]]:
     """The plan and the tensors stored in an adapter file; PlanError when it is not one."""
     from safetensors import SafetensorError, safe_open
 
-    from cdka_search.plan import Plan
-
     file = Path(path)
     if not file.is_file():
         raise PlanError(f"{file}: no such adapter file")
     try:
         with safe_open(str(file), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            plan = _stored_plan(file, handle.metadata() or {})
+            # Shapes first, values after: a large or foreign file is refused before anything is loaded.
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            stored = sum(math.prod(shape) for shape in shapes.values())
+            if stored > plan.used_params:
+                raise PlanError(f"{file}: holds {stored:,} values, more than the {plan.used_params:,} of its plan's adapters")
+            tensors = {key: handle.get_tensor(key) for key in shapes}
+    except PlanError:
+        raise
     except (SafetensorError, OSError, ValueError) as exc:
         raise PlanError(f"{file}: not a readable .safetensors file ({exc})") from None
+    broken = next((key for key, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if broken is not None:
+        raise PlanError(f"{file}: {broken} holds NaN or infinite values; the adapter it came from diverged")
+    return plan, tensors
+
+
+def _stored_plan(file: Path, metadata: dict[str, str]) -> "Plan":
+    from cdka_search.plan import Plan
+
     if metadata.get("format") != FORMAT or "cdka_plan" not in metadata:
         raise PlanError(f"{file}: not a cdka adapter (no cdka_plan in its metadata); save one with save_adapter")
     if metadata.get("cdka_adapter") != FORMAT_VERSION:
@@ -82,10 +97,9 @@ def read_adapter(path: str | Path) -> tuple["Plan", dict[str, torch.Tensor]]:
         )
     stored = read_json(metadata["cdka_plan"], f"{file}: stored plan", PlanError)
     try:
-        plan = Plan.from_dict(stored)
+        return Plan.from_dict(stored)
     except PlanError as exc:
         raise PlanError(f"{file}: stored plan: {exc}") from None
-    return plan, tensors
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
