@@ -13,10 +13,10 @@ from cdka_search.spec.model_spec import ModelSpec
 from cdka_search.spec.presets import ALIASES, PRESETS, preset_spec
 from cdka_search.targets import Coverage
 
-UNSPENT_SHARE = 0.9  # a plan using less of its budget than this says why
 
-
-def plan_table(plan: Plan, written: Path | None = None, covered: Coverage | None = None) -> Table:
+def plan_table(plan: Plan, written: Path | None = None, covered: Coverage | None = None,
+               unspent: str | None = None) -> Table:
+    """The plan's groups; ``unspent`` is planner.unspent_reason's note, if any."""
     rows = []
     for g in plan.groups:
         d = g.design
@@ -39,12 +39,8 @@ def plan_table(plan: Plan, written: Path | None = None, covered: Coverage | None
         f"budget {plan.budget_spec}: {used:,} of {limit:,} parameters used ({100 * used / limit:.2f}%), "
         f"{100 * used / plan.total_params:.4f}% of {plan.model_name}'s {plan.total_params:,}; allocation: {optimality}",
     ]
-    if used < UNSPENT_SHARE * limit:
-        notes.append(
-            f"the budget cannot be spent usefully on these targets: no candidate goes past full rank, --max-r, or the "
-            f"size of the frozen weight it adapts (where fine-tuning the weight is cheaper and exact), so {limit - used:,} "
-            "parameters are left unspent; widen --targets or lower the budget"
-        )
+    if unspent:
+        notes.append(unspent)
     if covered is not None:
         notes.append(covered.summary())
     if written is not None:

@@ -109,3 +109,18 @@ def test_budget_beyond_every_sane_design_is_reported_unspent(cli, tmp_path):
     unspent = doc["budget"]["limit"] - doc["budget"]["used"]
     assert "the budget cannot be spent usefully on these targets" in result.stdout
     assert f"so {unspent:,} parameters are left unspent" in result.stdout
+
+
+def test_a_remainder_too_small_for_any_group_is_explained_and_per_layer_spends_it(cli, tmp_path):
+    """GPT-2's MLP at 0.1% with LoRA: rank 1 everywhere costs 92,160 of 124,439; one more rank on the 12
+    c_fc matrices costs 46,080, more than is left. The note says so (not that the budget is unspendable),
+    and --per-layer, with one unit per module, spends it."""
+    out = tmp_path / "p.yaml"
+    result = cli("plan", "-m", "gpt2", "-b", "0.1%", "--targets", "mlp", "--family", "lora", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert ("32,279 parameters are left unspent: the cheapest larger design, on transformer.h.*.mlp.c_fc, costs "
+            "46,080 more than its group has now; --per-layer spends it module by module") in " ".join(result.stdout.split())
+    assert "cannot be spent usefully" not in result.stdout
+    result = cli("plan", "-m", "gpt2", "-b", "0.1%", "--targets", "mlp", "--family", "lora", "--per-layer", "-o", str(out))
+    doc = yaml.safe_load(out.read_text())
+    assert doc["budget"]["used"] == 122_880 and "left unspent" not in result.stdout

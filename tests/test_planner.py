@@ -25,12 +25,34 @@ def test_lora8_budget_beats_lora_rank_everywhere():
         assert g.design.rank_bound > 8, g.modules
 
 
-def test_same_shape_modules_share_a_design():
+def test_each_role_is_one_group_with_one_design():
     plan = make_plan(LLAMA, "0.5%")
-    by_shape = {}
-    for g in plan.groups:
-        by_shape.setdefault(g.shape, set()).add(g.design)
-    assert all(len(designs) == 1 for designs in by_shape.values())
+    assert [g.modules for g in plan.groups] == [(f"model.layers.*.{m}",) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert all(g.count == 32 for g in plan.groups)
+
+
+@pytest.mark.parametrize(("budget", "family"), [("0.05%", "lora"), ("0.05%", "cdka"), ("lora:1", "cdka"), ("0.04%", "cdka")])
+def test_small_budgets_are_spent_role_by_role(budget, family):
+    """One design per shape was coarser than the plan's groups: on LLaMA-2-7B one more LoRA rank on all
+    128 q/k/v/o matrices cost 1.05M parameters, and a 0.05 % budget (3.37M) was left 11.5 % unspent.
+    Allocated per role, roles of one shape may differ by a step and the budget is spent."""
+    from cdka_search.candidates import CandidateSpace
+
+    plan = make_plan(LLAMA, budget, space=CandidateSpace(family=family))
+    assert 0.96 * plan.budget_limit <= plan.used_params <= plan.budget_limit
+
+
+def test_per_layer_allocation_is_per_module():
+    """With --per-layer every module is its own unit: the last steps of a budget go to single layers."""
+    from cdka_search.candidates import CandidateSpace
+
+    by_role = make_plan(LLAMA, "0.05%", space=CandidateSpace(family="lora"))
+    per_layer = make_plan(LLAMA, "0.05%", space=CandidateSpace(family="lora"), per_layer=True)
+    assert len(per_layer.groups) == 224
+    assert by_role.used_params < per_layer.used_params <= per_layer.budget_limit
+    assert per_layer.budget_limit - per_layer.used_params < 8_192  # less than one rank of the cheapest matrix
 
 
 @pytest.mark.parametrize("model", ["qwen2-7b", "gpt2", "roberta-base", "llama-3-8b", "tinyllama-1.1b"])

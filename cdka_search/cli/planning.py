@@ -79,7 +79,7 @@ def plan(
     reference: Annotated[
         Optional[Path], typer.Option("--reference", help="Reference updates from `cdka probe`: score every module on its own update.")
     ] = None,
-    per_layer: Annotated[bool, typer.Option("--per-layer", help="List every module as its own group.")] = False,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="List every module as its own group (a budget's remainder is then spent module by module).")] = False,
     all_pairs: Annotated[
         bool, typer.Option("--all-pairs", help="With --reference: measure every (r1, r2) of large updates, not only the data-free front's.")
     ] = False,
@@ -102,7 +102,7 @@ def plan(
       cdka plan --recipe llama2/7B_cdka_lora8
     """
     from cdka_search.plan import AdapterSettings, save_plan
-    from cdka_search.planner import make_plan, record_model_path
+    from cdka_search.planner import make_plan, record_model_path, unspent_reason
     from cdka_search.render import render
     from cdka_search.views import plan_table
 
@@ -115,15 +115,16 @@ def plan(
 
         updates = load_reference(reference)
     spec = _load(opts["model"])
+    space = _space(opts["family"], r1, r2, r, opts["max_r"])
     result = make_plan(
         spec, opts["budget"], targets=opts["targets"], objective=opts["objective"],
-        space=_space(opts["family"], r1, r2, r, opts["max_r"]), adapter=adapter, seed=seed, reference=updates, per_layer=per_layer, all_pairs=all_pairs,
+        space=space, adapter=adapter, seed=seed, reference=updates, per_layer=per_layer, all_pairs=all_pairs,
         device=device,
     )
     result = record_model_path(result, opts["model"])
     written = save_plan(result, output or Path("plan.yaml"), fmt)
     covered = _coverage(spec, opts["targets"])
-    render(plan_table(result, written, covered), as_json=as_json)
+    render(plan_table(result, written, covered, unspent_reason(result, space)), as_json=as_json)
 
 
 @app.command()
