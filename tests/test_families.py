@@ -306,6 +306,14 @@ def test_per_layer_size_lists_are_read_and_each_entry_bounded(tmp_path):
             load_spec(str(tmp_path))
 
 
+def test_sizes_inside_per_layer_objects_are_bounded(tmp_path):
+    """Sub-configs listed per layer (DeciLM's block_configs) are checked like any other sub-config."""
+    config = {"model_type": "nemotron-nas", "block_configs": [{"hidden_size": 64}, {"attention": {"num_attention_heads": -4}}]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="\(block_configs\[1\]\) \(attention\): config field 'num_attention_heads': -4 is outside"):
+        load_spec(str(tmp_path))
+
+
 @pytest.mark.parametrize("model_type", MOE)
 def test_saved_checkpoint_folds_per_expert_weights_into_expert_targets(model_type, tmp_path):
     """transformers 5 saves experts one 2-D weight per expert; the header spec folds them back into the

@@ -109,14 +109,17 @@ _SIZE_FIELDS = {
 
 
 def check_sizes(config: Mapping[str, Any], where: str) -> None:
-    """Bound the module-count and width fields of a config and of its sub-configs (text_config, ...).
-    A field may also be a per-layer list (Gemma 3n's intermediate_size): each entry is bounded."""
+    """Bound the module-count and width fields of a config and of its sub-configs (text_config, and
+    per-layer ones listed as objects, as DeciLM's block_configs). A field may also be a per-layer list
+    (Gemma 3n's intermediate_size): each entry is bounded."""
     pending = [(config, where)]  # a stack, not recursion: a config may nest deeply
     while pending:
         section, place = pending.pop()
         for key, value in section.items():
             if isinstance(value, Mapping):
                 pending.append((value, f"{place} ({key})"))
+            elif isinstance(value, list) and any(isinstance(v, Mapping) for v in value):
+                pending.extend((v, f"{place} ({key}[{i}])") for i, v in enumerate(value) if isinstance(v, Mapping))
             elif key in _SIZE_FIELDS and isinstance(value, list):
                 if len(value) > MAX_LAYERS:
                     raise ConfigError(f"{place}: config field {key!r} lists {len(value):,} values, more than {MAX_LAYERS:,} layers")
