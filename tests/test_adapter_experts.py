@@ -14,7 +14,8 @@ from cdka_search.adapter import adapter_modules, apply_plan, load_adapter, merge
 from cdka_search.adapter.experts import CdkaExperts, ExpertAdapter
 from cdka_search.candidates import Design
 from cdka_search.errors import PlanError
-from cdka_search.plan import PlanGroup
+from cdka_search.plan import Plan, PlanGroup
+from cdka_search.spec import spec_from_module
 from tiny_moe import EXPERTS, FAMILIES, HIDDEN, LAYERS, MOE_INTERMEDIATE, expert_plan, tiny_moe
 
 F64 = torch.float64
@@ -48,7 +49,8 @@ def _reference(base: nn.Module, model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, adapter in adapter_modules(model).items():
             owner, _, parameter = name.rpartition(".")
-            getattr(ref.get_submodule(owner), parameter).add_(_kron_delta(adapter).to(ref.dtype))
+            delta = _kron_delta(adapter).to(ref.dtype)  # (E, d_out, d_in); gpt-oss stores (E, d_in, d_out)
+            getattr(ref.get_submodule(owner), parameter).add_(delta.transpose(1, 2) if adapter.transposed else delta)
     return ref
 
 
@@ -98,10 +100,13 @@ def test_gradients_match_autograd_through_materialised_kron_in_float64(family):
                 self.a, self.b, self.lam = a, b, lam
 
             def forward(self, w):
-                return w + torch.stack([sum(torch.kron(self.b[e, i], self.a[e, i]) for i in range(self.b.shape[1]))
-                                        for e in range(self.b.shape[0])]) * self.lam
+                dw = torch.stack([sum(torch.kron(self.b[e, i], self.a[e, i]) for i in range(self.b.shape[1]))
+                                  for e in range(self.b.shape[0])]) * self.lam
+                return w + (dw.transpose(1, 2) if self.transposed else dw)
 
-        nn.utils.parametrize.register_parametrization(ref.get_submodule(owner), parameter, Kron(a, b, adapter.scaling))
+        kron = Kron(a, b, adapter.scaling)
+        kron.transposed = adapter.transposed  # gpt-oss stores (E, d_in, d_out)
+        nn.utils.parametrize.register_parametrization(ref.get_submodule(owner), parameter, kron)
     ids = _ids(2)
     model(ids).logits.square().mean().backward()
     ref(ids).logits.square().mean().backward()
@@ -181,7 +186,8 @@ def test_merge_folds_exactly_and_unmerge_restores(family):
     assert merge_adapters(model) == 2 * LAYERS
     for name, adapter in adapter_modules(model).items():
         assert adapter.merged
-        assert (adapter.weight - (before[name] + _kron_delta(adapter))).abs().max() < 1e-14
+        delta = _kron_delta(adapter).transpose(1, 2) if adapter.transposed else _kron_delta(adapter)
+        assert (adapter.weight - (before[name] + delta)).abs().max() < 1e-14
     with torch.no_grad():
         merged = model(ids).logits
     assert (merged - ref(ids).logits).abs().max() < 1e-10
@@ -298,13 +304,18 @@ def test_an_unfollowed_use_of_an_adapted_weight_is_an_error_not_a_dropped_update
     assert model(torch.randn(3, 4)).shape == (3, 2, 6)  # merged: the base forward runs alone
 
 
-def test_experts_stored_transposed_are_refused():
-    model = nn.Sequential(_TransposedExperts())
-    plan = expert_plan()
-    group = PlanGroup(("0.up_proj",), (6, 4), 1, Design(3, 2, 2, 2, 1), "experts", experts=2)
-    with pytest.raises(PlanError, match=r"0.up_proj: _TransposedExperts stores its experts \(experts, d_in, d_out\)"):
-        apply_plan(model, type(plan)("odd", "test", 48, "t", 1000, (group,)))
+def test_experts_stored_transposed_are_planned_in_d_out_d_in_orientation():
+    """A stack marked is_transposed stores (E, d_in, d_out): the plan names its (d_out, d_in) shape, and a
+    plan written in the stored orientation is a mismatch naming both shapes."""
+    model = nn.Sequential(_TransposedExperts())  # up_proj stored (2, 6, 4): d_in 6, d_out 4
+    assert [(t.name, t.shape, t.transposed) for t in spec_from_module(model).targets] == [("0.up_proj", (4, 6), True)]
+    stored = PlanGroup(("0.up_proj",), (6, 4), 1, Design(3, 2, 2, 2, 1), "experts", experts=2)
+    with pytest.raises(PlanError, match=r"0.up_proj: the plan has experts 2x6x4 .* but the model has experts 2x4x6"):
+        apply_plan(model, Plan("odd", "test", 48, "t", 1000, (stored,)))
     assert not adapter_modules(model)
+    logical = PlanGroup(("0.up_proj",), (4, 6), 1, Design(2, 3, 2, 2, 1), "experts", experts=2)
+    apply_plan(model, Plan("odd", "test", 48, "t", 1000, (logical,)))
+    assert adapter_modules(model)["0.up_proj"].transposed
 
 
 def test_load_onto_adapted_moe_takes_the_stored_settings(tmp_path):

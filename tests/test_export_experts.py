@@ -25,7 +25,9 @@ def moe_spec(model):
     """spec_from_module lists every 3-D expert parameter as a kind-experts target (checked here)."""
     spec = spec_from_module(model)
     experts = {(n, tuple(p.shape)) for n, p in model.named_parameters() if p.dim() == 3}
-    assert {(t.name, (t.experts, t.d_out, t.d_in)) for t in spec.targets if t.kind == "experts"} == experts
+    stored = {(t.name, (t.experts, t.d_in, t.d_out) if t.transposed else (t.experts, t.d_out, t.d_in))
+              for t in spec.targets if t.kind == "experts"}
+    assert stored == experts
     return spec
 
 
@@ -70,10 +72,11 @@ def _copy_factors_into_peft(cdka_model, peft_model):
 
 
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match:RuntimeWarning")
-@pytest.mark.parametrize("adapter", [AdapterSettings(), AdapterSettings(alpha=8, scaling="alpha/r"),
-                                     AdapterSettings(scaling="fixed", scale=0.5)])
-def test_lora_on_experts_exports_to_target_parameters_and_computes_what_cdka_does(adapter, tmp_path):
-    model = tiny_moe("mixtral").to(F64)
+@pytest.mark.parametrize(("family", "adapter"), [("mixtral", AdapterSettings()), ("mixtral", AdapterSettings(alpha=8, scaling="alpha/r")),
+                                               ("mixtral", AdapterSettings(scaling="fixed", scale=0.5)),
+                                               ("gpt_oss", AdapterSettings())])  # gpt-oss: experts stored (E, d_in, d_out)
+def test_lora_on_experts_exports_to_target_parameters_and_computes_what_cdka_does(family, adapter, tmp_path):
+    model = tiny_moe(family).to(F64)
     spec = moe_spec(model)
     plan = moe_plan(spec, adapter=adapter)
     export = export_plan(plan, "peft", spec)
@@ -87,13 +90,13 @@ def test_lora_on_experts_exports_to_target_parameters_and_computes_what_cdka_doe
     assert export.trainable_params == plan.used_params == LAYERS * (4 * (16 + 16) + 4 * 2 * (24 + 16) + 4 * 3 * (16 + 12))
     write_export(export, out_dir=tmp_path)
 
-    cdka_model = tiny_moe("mixtral").to(F64)
+    cdka_model = tiny_moe(family).to(F64)
     apply_plan(cdka_model, plan, dtype="float64")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for layer in adapter_modules(cdka_model).values():
             layer.cdka_B.copy_(torch.randn(layer.cdka_B.shape, generator=gen, dtype=F64) * 0.1)
-    wrapped = peft.get_peft_model(tiny_moe("mixtral").to(F64), peft.PeftConfig.from_pretrained(str(tmp_path)))
+    wrapped = peft.get_peft_model(tiny_moe(family).to(F64), peft.PeftConfig.from_pretrained(str(tmp_path)))
     assert sum(p.numel() for p in wrapped.parameters() if p.requires_grad) == plan.used_params
     checked = 0
     for name, module in wrapped.named_modules():
@@ -108,7 +111,7 @@ def test_lora_on_experts_exports_to_target_parameters_and_computes_what_cdka_doe
     assert len(_copy_factors_into_peft(cdka_model, wrapped)) == 3 * LAYERS
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours, theirs, plain = cdka_model(ids).logits, wrapped(ids).logits, tiny_moe("mixtral").to(F64)(ids).logits
+        ours, theirs, plain = cdka_model(ids).logits, wrapped(ids).logits, tiny_moe(family).to(F64)(ids).logits
     assert (ours - plain).abs().max() > 1e-3
     assert (ours - theirs).abs().max() < 1e-10
 

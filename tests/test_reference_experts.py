@@ -198,3 +198,27 @@ def test_probed_expert_gradients_start_a_gradient_aligned_plan():
                               for e in range(EXPERTS)])
         assert (dw.flatten(1).abs().amax(1) > 0).all(), name
         assert float((dw * grads[name]).sum()) < 0, name  # the start points down the probed gradient
+
+
+def test_transposed_expert_stacks_give_references_in_d_out_d_in_orientation(tmp_path):
+    """gpt-oss stores its experts (E, d_in, d_out): a probed delta and gradient come out (E, d_out, d_in),
+    as the plan's shapes are, so a square down_proj is never read the wrong way round."""
+    base = tiny_moe("gpt_oss")
+    tuned = copy.deepcopy(base)
+    name = DOWN.format(1)
+    with torch.no_grad():
+        tuned.get_parameter(name).add_(torch.randn(tuned.get_parameter(name).shape, generator=torch.Generator().manual_seed(4)))
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    stored = (tuned.get_parameter(name) - base.get_parameter(name)).detach()
+    assert stored.shape == (EXPERTS, MOE_INTERMEDIATE, HIDDEN)
+    deltas = probe_delta(tmp_path / "base", tmp_path / "tuned")
+    assert torch.equal(deltas[name], stored.transpose(1, 2))
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(5))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    grads = gradient_reference(base, [batch], [name], transposed_names=[name])
+    twin = copy.deepcopy(base).eval()
+    twin(**batch).loss.backward()
+    want = twin.get_parameter(name).grad.transpose(1, 2)
+    assert grads[name].shape == (EXPERTS, HIDDEN, MOE_INTERMEDIATE)
+    assert torch.allclose(grads[name], want, rtol=1e-4, atol=1e-7)

@@ -1,5 +1,6 @@
-"""Tiny transformers MoE models (Mixtral, Qwen3-MoE, DeepSeek-V3) built from configs made here, with
-hand-written plans over their 3-D expert parameters (nothing is downloaded)."""
+"""Tiny transformers MoE models (Mixtral, Qwen3-MoE, DeepSeek-V3, and gpt-oss, which stores its experts
+transposed, (E, d_in, d_out), with biases) built from configs made here, with hand-written plans over
+their 3-D expert parameters (nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from cdka_search.candidates import Design
 from cdka_search.plan import Plan, PlanGroup
 
 HIDDEN, MOE_INTERMEDIATE, EXPERTS, LAYERS, VOCAB = 16, 12, 4, 2, 64
-FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")
 
 
 def tiny_moe(family: str, *, seed: int = 0, experts_implementation: str = "eager"):
@@ -32,6 +33,10 @@ def tiny_moe(family: str, *, seed: int = 0, experts_implementation: str = "eager
             qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
         )
         model = transformers.DeepseekV3ForCausalLM(config)
+    elif family == "gpt_oss":
+        config = transformers.GptOssConfig(**common, intermediate_size=MOE_INTERMEDIATE, num_local_experts=EXPERTS,
+                                           head_dim=8, layer_types=["full_attention"] * LAYERS)
+        model = transformers.GptOssForCausalLM(config)
     else:
         raise ValueError(family)
     model.set_experts_implementation(experts_implementation)

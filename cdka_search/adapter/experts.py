@@ -9,6 +9,10 @@ transformers 5 stores the experts of Mixtral, Qwen3-MoE, DeepSeek-V3 and others 
 - ``grouped_mm`` (the default where torch has it): ``torch._grouped_mm(x_sorted, W.transpose(-2, -1),
   offs=offsets)`` with the rows sorted by expert.
 
+A stack marked ``is_transposed`` (gpt-oss) is stored (experts, d_in, d_out) and read as ``x_e @ W[e]``,
+``torch.bmm(x.unsqueeze(1), W[ids])`` and ``grouped_mm(x_sorted, W, offs)``; the adapter keeps the
+(d_out, d_in) orientation and only merging transposes.
+
 :class:`CdkaExperts` wraps the experts module and runs its forward unchanged under a torch function mode
 (:class:`_ExpertCalls`) that recognises those reads of an adapted parameter and adds
 ``lambda * sum_i (B_{e,i} (x) A_{e,i}) x`` to the rows of each expert with the same two-product
@@ -59,7 +63,8 @@ class ExpertAdapter(KroneckerFactors):
     """The CDKA factors of one 3-D expert parameter: every expert gets its own factors of one design.
 
     ``cdka_A`` has shape (E, r, m2, n2) and ``cdka_B`` (E, r, m1, n1); expert e's update is
-    ``lambda * sum_i kron(B[e, i], A[e, i])``, (d_out, d_in) like its slice of the parameter. The adapted
+    ``lambda * sum_i kron(B[e, i], A[e, i])`` in (d_out, d_in) orientation, whether the parameter stores
+    its experts (E, d_out, d_in) or transposed (E, d_in, d_out) (``transposed``, gpt-oss). The adapted
     parameter stays on the experts module; this module only reaches it (through its owner
     :class:`CdkaExperts`) to merge.
     """
@@ -87,6 +92,9 @@ class ExpertAdapter(KroneckerFactors):
         super().__init__()
         weight = getattr(owner.base_layer, parameter_name)
         experts, d_out, d_in = weight.shape
+        self.transposed = owner.transposed
+        if self.transposed:
+            d_out, d_in = d_in, d_out
         check_design(d_out, d_in, m1, n1, m2, n2, r, what=f"each expert of {parameter_name}", dropout=dropout,
                      init=init, contraction=contraction)
         self._owner = (owner,)  # a tuple, so that nn.Module does not register the owner as a child
@@ -97,7 +105,7 @@ class ExpertAdapter(KroneckerFactors):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The adapted (experts, d_out, d_in) parameter of the experts module."""
+        """The adapted 3-D parameter of the experts module, as it is stored."""
         return getattr(self._owner[0].base_layer, self.parameter_name)
 
     def extra_repr(self) -> str:
@@ -185,7 +193,7 @@ class ExpertAdapter(KroneckerFactors):
         weight = self.weight
         for expert in range(self.experts):  # one expert's dW at a time, never the whole stack
             dw = kron_weight(self.cdka_A[expert], self.cdka_B[expert]) * self.scaling
-            fold_into(weight[expert], dw, sign)
+            fold_into(weight[expert], dw.T if self.transposed else dw, sign)
 
 
 class CdkaExperts(WrapsBaseLayer):
@@ -198,11 +206,7 @@ class CdkaExperts(WrapsBaseLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        if getattr(base_layer, "is_transposed", False):
-            raise PlanError(
-                f"cannot adapt the experts of a {type(base_layer).__name__}: it stores them (experts, d_in, d_out) "
-                "and cdka expects (experts, d_out, d_in)"
-            )
+        self.transposed = getattr(base_layer, "is_transposed", False) is True  # (experts, d_in, d_out), gpt-oss
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -284,6 +288,8 @@ class _ExpertCalls(TorchFunctionMode):
         if args and func is torch.Tensor.__getitem__ and (adapter := self._adapter_of(args[0])) is not None:
             return self._index(adapter, func, args)
         if args and _name(func) == "transpose" and (adapter := self._adapter_of(args[0])) is not None:
+            if adapter.transposed:
+                raise self._refuse(adapter, "transposes its (experts, d_in, d_out) stack")
             dims = sorted(d % 3 for d in (tuple(args[1:3]) or (kwargs.get("dim0"), kwargs.get("dim1"))))
             if dims != [1, 2]:
                 raise self._refuse(adapter, f"transposes it over dims {dims}")
@@ -296,6 +302,8 @@ class _ExpertCalls(TorchFunctionMode):
         if not found:
             return func(*args, **kwargs)
         (weight, (adapter, how, selector)), name = found[0], _name(func)
+        if adapter.transposed:
+            return self._transposed(adapter, func, args, kwargs, weight, how, selector)
         if name == "linear" and how == "one" and len(args) > 1 and args[1] is weight:
             out = func(*args, **kwargs)
             x = args[0]
@@ -307,6 +315,32 @@ class _ExpertCalls(TorchFunctionMode):
             y = adapter.add_rows(out.squeeze(-1), args[1].squeeze(-1), selector, self._each(adapter))
             return y.unsqueeze(-1)
         if name in _GROUPED_MM and how == "stack-T" and len(args) > 1 and args[1] is weight:
+            out = func(*args, **kwargs)  # (S, d_out), rows sorted by expert
+            offsets = kwargs.get("offs", args[2] if len(args) > 2 else None)
+            if offsets is None:
+                raise self._refuse(adapter, f"calls {name} without offsets")
+            counts = torch.diff(offsets.to(torch.int64), prepend=offsets.new_zeros(1, dtype=torch.int64)).tolist()
+            return adapter.add_segments(out, args[0], counts, self._each(adapter))
+        out = func(*args, **kwargs)
+        if _tensors(out):
+            raise self._refuse(adapter, f"passes it to {name}")
+        return out
+
+    def _transposed(self, adapter: ExpertAdapter, func: Callable, args: tuple, kwargs: dict, weight: Any,
+                    how: str, selector: Any) -> Any:
+        """The reads of a stack stored (E, d_in, d_out): ``x @ W[e]`` (eager), ``bmm(x.unsqueeze(1),
+        W[ids])`` (batched_mm) and ``grouped_mm(x, W, offs)`` (grouped_mm), as transformers' experts
+        integration and gpt-oss make them."""
+        name = _name(func)
+        if name in ("matmul", "__matmul__") and how == "one" and len(args) > 1 and args[1] is weight:
+            out = func(*args, **kwargs)
+            y = adapter.add_expert(out.reshape(-1, adapter.d_out), args[0].reshape(-1, adapter.d_in), selector,
+                                   self._each(adapter))
+            return y.reshape(out.shape)
+        if name == "bmm" and how == "rows" and len(args) > 1 and args[1] is weight:
+            out = func(*args, **kwargs)  # (S, 1, d_out) = x.unsqueeze(1) @ W[ids]
+            return adapter.add_rows(out.squeeze(1), args[0].squeeze(1), selector, self._each(adapter)).unsqueeze(1)
+        if name in _GROUPED_MM and how == "param" and len(args) > 1 and args[1] is weight:
             out = func(*args, **kwargs)  # (S, d_out), rows sorted by expert
             offsets = kwargs.get("offs", args[2] if len(args) > 2 else None)
             if offsets is None:

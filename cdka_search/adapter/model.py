@@ -152,12 +152,11 @@ def _resolve(model: nn.Module, plan: "Plan") -> dict[str, "PlanGroup"]:
         if name in experts:
             owner, _, weight = experts[name]
             e, d_out, d_in = weight.shape
+            if getattr(modules[owner], "is_transposed", False) is True:  # stored (experts, d_in, d_out)
+                d_out, d_in = d_in, d_out
             if (group.kind, group.experts, tuple(group.shape)) != ("experts", e, (d_out, d_in)):
                 problems.append(f"{name}: the plan has {planned} but the model has experts "
                                 f"{e}x{d_out}x{d_in}")
-            elif getattr(modules[owner], "is_transposed", False):
-                problems.append(f"{name}: {type(modules[owner]).__name__} stores its experts (experts, d_in, "
-                                "d_out), which cdka does not adapt")
             continue
         module = modules[name]
         kind = base_kind(module)

@@ -21,7 +21,9 @@ def probe_delta(base: str | Path, finetuned: str | Path, *, targets: str = "all-
     spec = select_targets(load_spec(str(base)), targets)
     conv1d = [t.name for t in spec.targets if t.kind == "conv1d"]
     experts = [t.name for t in spec.targets if t.kind == "experts"]
-    return delta_reference(base, finetuned, [t.name for t in spec.targets], conv1d_names=conv1d, expert_names=experts)
+    transposed = [t.name for t in spec.targets if t.transposed]
+    return delta_reference(base, finetuned, [t.name for t in spec.targets], conv1d_names=conv1d, expert_names=experts,
+                           transposed_names=transposed)
 
 
 def probe_gradients(
@@ -48,4 +50,6 @@ def probe_gradients(
     ids = encode(texts, tokenizer, model.config.vocab_size)
     loader = token_batches(ids, seq_len=seq_len, batch_size=batch_size, limit=batches)
     conv1d = [t.name for t in spec.targets if t.kind == "conv1d"]
-    return gradient_reference(model, loader, [t.name for t in spec.targets], conv1d_names=conv1d, progress=progress)
+    transposed = [t.name for t in spec.targets if t.transposed]
+    return gradient_reference(model, loader, [t.name for t in spec.targets], conv1d_names=conv1d,
+                              transposed_names=transposed, progress=progress)

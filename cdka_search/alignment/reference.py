@@ -68,6 +68,7 @@ def delta_reference(
     *,
     conv1d_names: Iterable[str] = (),
     expert_names: Iterable[str] = (),
+    transposed_names: Iterable[str] = (),
 ) -> dict[str, torch.Tensor]:
     """finetuned - base of ``<module>.weight`` for each module, float32, (d_out, d_in).
 
@@ -75,9 +76,10 @@ def delta_reference(
     model.safetensors.index.json. Tensors are read one at a time, so neither model is ever whole
     in memory. Modules in conv1d_names are GPT-2 Conv1D, stored (d_in, d_out), and get transposed.
     Names in expert_names are 3-D expert parameters: their delta is (experts, d_out, d_in), read from
-    the fused tensor or assembled from the per-expert tensors checkpoints store (see _expert_keys).
+    the fused tensor or assembled from the per-expert tensors checkpoints store (see _expert_keys);
+    those also in transposed_names are stored (experts, d_in, d_out), as gpt-oss stores them.
     """
-    conv1d, experts = set(conv1d_names), set(expert_names)
+    conv1d, experts, transposed = set(conv1d_names), set(expert_names), set(transposed_names)
     base_files, tuned_files = _weight_files(Path(base)), _weight_files(Path(finetuned))
     deltas: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
@@ -112,7 +114,9 @@ def delta_reference(
                 expected = "a 3-D (experts, d_out, d_in) stack" if module in experts else "a 2-D matrix"
                 raise ReferenceFileError(f"module {module}: weight has shape {tuple(before.shape)}, expected {expected}")
             delta = after.float() - before.float()
-            deltas[module] = delta.T.contiguous() if module in conv1d else delta
+            if module in conv1d or module in transposed:
+                delta = delta.transpose(-2, -1).contiguous()
+            deltas[module] = delta
     return deltas
 
 
@@ -122,6 +126,7 @@ def gradient_reference(
     module_names: Sequence[str],
     *,
     conv1d_names: Iterable[str] = (),
+    transposed_names: Iterable[str] = (),
     progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sum over batches of d(loss)/d(weight) for each module, (d_out, d_in), float32, on the CPU
@@ -134,7 +139,7 @@ def gradient_reference(
     the model's device holds the model plus about one layer's gradients, not all of them.
     progress(i, n) is called after batch i (1-based); n is None when batches has no len().
     """
-    conv1d = set(conv1d_names)
+    stored_transposed = set(conv1d_names) | set(transposed_names)  # Conv1D (d_in, d_out), gpt-oss experts (E, d_in, d_out)
     weights = {name: _target_weight(model, name) for name in module_names}
     flags = {param: param.requires_grad for param in model.parameters()}
     was_training = model.training
@@ -170,7 +175,7 @@ def gradient_reference(
                 loss.backward()
                 if progress is not None:
                     progress(index, total)
-        return {name: g.T.contiguous() if name in conv1d else g for name, g in sums.items()}
+        return {name: g.transpose(-2, -1).contiguous() if name in stored_transposed else g for name, g in sums.items()}
     finally:
         for handle in handles:
             handle.remove()

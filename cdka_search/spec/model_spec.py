@@ -18,6 +18,9 @@ class TargetModule:
     ``kind="experts"`` is a 3-D MoE parameter stored (experts, d_out, d_in) and named as PEFT's
     ``target_parameters`` names it (``model.layers.0.mlp.experts.gate_up_proj``); every expert
     gets its own factors of one shared design, so its adapter costs ``experts`` times a 2-D one.
+    ``transposed`` marks an expert stack stored (experts, d_in, d_out), as gpt-oss stores it
+    (transformers' ``is_transposed``): shapes and plans are in the (d_out, d_in) orientation all the
+    same, and whatever reads the stored tensor transposes it.
     """
 
     name: str
@@ -25,6 +28,7 @@ class TargetModule:
     d_in: int
     kind: Kind = "linear"
     experts: int = 1
+    transposed: bool = False
 
     @property
     def weight_params(self) -> int:

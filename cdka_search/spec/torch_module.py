@@ -71,8 +71,8 @@ def _computes_linear(module) -> bool:
 
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
     """Targets are every linear module (:func:`base_kind`) except the output embedding, and every
-    3-D parameter (transformers 5's fused MoE experts, stored (experts, d_out, d_in)) by its full
-    parameter name, as PEFT's ``target_parameters`` names it."""
+    3-D parameter of a module transformers marks as experts (stored (experts, d_out, d_in), or
+    transposed) by its full parameter name, as PEFT's ``target_parameters`` names it."""
     import torch.nn as nn
 
     excluded: set[int] = set()
@@ -89,13 +89,16 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
         elif kind == "conv1d":
             d_in, d_out = module.weight.shape
             targets.append(TargetModule(module_name, int(d_out), int(d_in), "conv1d"))
-        elif getattr(module, "is_transposed", None) is False:
-            # transformers' expert implementations mark their layout; a transposed (E, d_in, d_out)
-            # store (gpt-oss) or any other 3-D tensor (a convolution) is left out, not guessed.
+        elif isinstance(transposed := getattr(module, "is_transposed", None), bool):
+            # transformers' expert implementations mark their layout, (E, d_out, d_in) or transposed
+            # (E, d_in, d_out) as gpt-oss's; a 3-D tensor without the mark (Llama 4's experts, a
+            # convolution) is left out, not guessed.
             for param_name, param in module.named_parameters(recurse=False):
                 if param.dim() == 3:
                     experts, d_out, d_in = (int(d) for d in param.shape)
-                    targets.append(TargetModule(f"{module_name}.{param_name}", d_out, d_in, "experts", experts))
+                    if transposed:
+                        d_out, d_in = d_in, d_out
+                    targets.append(TargetModule(f"{module_name}.{param_name}", d_out, d_in, "experts", experts, transposed))
     if not targets:
         raise ModelSourceError(f"{name or type(model).__name__}: no nn.Linear, Conv1D or expert weights to adapt")
     targeted = {t.name for t in targets}
