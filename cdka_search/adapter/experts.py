@@ -252,6 +252,21 @@ def _name(func: Callable) -> str:
     return str(getattr(func, "__name__", func)).rsplit(".", 1)[-1]
 
 
+def _read_kind(transposed: bool, name: str, how: str, args: tuple, weight: Any) -> str | None:
+    """Which read of an adapted stack ``func(args)`` is: "one" (eager: ``F.linear(x, W[e])``, or ``x @ W[e]``
+    from a transposed stack), "rows" (batched_mm: ``bmm(W[ids], x.unsqueeze(-1))``, or
+    ``bmm(x.unsqueeze(1), W[ids])``) or "segments" (grouped_mm on ``W.transpose(-2, -1)``, or on the
+    transposed stack itself); None for anything else."""
+    second = len(args) > 1 and args[1] is weight
+    if how == "one" and second and name in (("matmul", "__matmul__") if transposed else ("linear",)):
+        return "one"
+    if how == "rows" and name == "bmm" and (second if transposed else bool(args) and args[0] is weight):
+        return "rows"
+    if how == ("param" if transposed else "stack-T") and name in _GROUPED_MM and second:
+        return "segments"
+    return None
+
+
 class _ExpertCalls(TorchFunctionMode):
     """Adds the adapters' updates where the experts forward multiplies by an adapted parameter.
 
@@ -302,52 +317,22 @@ class _ExpertCalls(TorchFunctionMode):
         if not found:
             return func(*args, **kwargs)
         (weight, (adapter, how, selector)), name = found[0], _name(func)
-        if adapter.transposed:
-            return self._transposed(adapter, func, args, kwargs, weight, how, selector)
-        if name == "linear" and how == "one" and len(args) > 1 and args[1] is weight:
-            out = func(*args, **kwargs)
-            x = args[0]
-            y = adapter.add_expert(out.reshape(-1, adapter.d_out), x.reshape(-1, adapter.d_in), selector,
-                                   self._each(adapter))
-            return y.reshape(out.shape)
-        if name == "bmm" and how == "rows" and args[0] is weight:
-            out = func(*args, **kwargs)  # (S, d_out, 1) = W[ids] @ x.unsqueeze(-1)
-            y = adapter.add_rows(out.squeeze(-1), args[1].squeeze(-1), selector, self._each(adapter))
-            return y.unsqueeze(-1)
-        if name in _GROUPED_MM and how == "stack-T" and len(args) > 1 and args[1] is weight:
-            out = func(*args, **kwargs)  # (S, d_out), rows sorted by expert
-            offsets = kwargs.get("offs", args[2] if len(args) > 2 else None)
-            if offsets is None:
-                raise self._refuse(adapter, f"calls {name} without offsets")
-            counts = torch.diff(offsets.to(torch.int64), prepend=offsets.new_zeros(1, dtype=torch.int64)).tolist()
-            return adapter.add_segments(out, args[0], counts, self._each(adapter))
+        read = _read_kind(adapter.transposed, name, how, args, weight)
         out = func(*args, **kwargs)
-        if _tensors(out):
-            raise self._refuse(adapter, f"passes it to {name}")
-        return out
-
-    def _transposed(self, adapter: ExpertAdapter, func: Callable, args: tuple, kwargs: dict, weight: Any,
-                    how: str, selector: Any) -> Any:
-        """The reads of a stack stored (E, d_in, d_out): ``x @ W[e]`` (eager), ``bmm(x.unsqueeze(1),
-        W[ids])`` (batched_mm) and ``grouped_mm(x, W, offs)`` (grouped_mm), as transformers' experts
-        integration and gpt-oss make them."""
-        name = _name(func)
-        if name in ("matmul", "__matmul__") and how == "one" and len(args) > 1 and args[1] is weight:
-            out = func(*args, **kwargs)
+        if read == "one":  # one expert's rows
             y = adapter.add_expert(out.reshape(-1, adapter.d_out), args[0].reshape(-1, adapter.d_in), selector,
                                    self._each(adapter))
             return y.reshape(out.shape)
-        if name == "bmm" and how == "rows" and len(args) > 1 and args[1] is weight:
-            out = func(*args, **kwargs)  # (S, 1, d_out) = x.unsqueeze(1) @ W[ids]
-            return adapter.add_rows(out.squeeze(1), args[0].squeeze(1), selector, self._each(adapter)).unsqueeze(1)
-        if name in _GROUPED_MM and how == "param" and len(args) > 1 and args[1] is weight:
-            out = func(*args, **kwargs)  # (S, d_out), rows sorted by expert
+        if read == "rows":  # one row per (token, expert): (S, d_out, 1), or (S, 1, d_out) from a transposed stack
+            row_dim, x = (1, args[0]) if adapter.transposed else (-1, args[1])
+            y = adapter.add_rows(out.squeeze(row_dim), x.squeeze(row_dim), selector, self._each(adapter))
+            return y.unsqueeze(row_dim)
+        if read == "segments":  # (S, d_out), rows sorted by expert
             offsets = kwargs.get("offs", args[2] if len(args) > 2 else None)
             if offsets is None:
                 raise self._refuse(adapter, f"calls {name} without offsets")
             counts = torch.diff(offsets.to(torch.int64), prepend=offsets.new_zeros(1, dtype=torch.int64)).tolist()
             return adapter.add_segments(out, args[0], counts, self._each(adapter))
-        out = func(*args, **kwargs)
         if _tensors(out):
             raise self._refuse(adapter, f"passes it to {name}")
         return out
