@@ -290,9 +290,14 @@ def unspent_reason(plan: Plan, space: CandidateSpace = CandidateSpace()) -> str 
         if larger:
             steps.append(((min(larger) - g.design.params) * g.count * g.experts, g.modules[0]))
     if not steps:
+        capped = space.r is None and any(
+            d.params > g.design.params for g in plan.groups
+            for d in enumerate_candidates(*g.shape, replace(space, max_r=MAX_DIM)))
+        advice = f"raise --max-r (now {space.max_r}), widen --targets or lower the budget" if capped else \
+            "widen --targets or lower the budget"
         return (f"the budget cannot be spent usefully on these targets: no candidate goes past full rank, --max-r, or the "
                 f"size of the frozen weight it adapts (where fine-tuning the weight is cheaper and exact), so {left:,} "
-                "parameters are left unspent; widen --targets or lower the budget")
+                f"parameters are left unspent; {advice}")
     cost, where = min(steps)
     finer = "" if all(g.count == 1 for g in plan.groups) else "; --per-layer spends it module by module"
     return (f"{left:,} parameters are left unspent: the cheapest larger design, on {where}, costs {cost:,} more "

@@ -109,6 +109,9 @@ def test_budget_beyond_every_sane_design_is_reported_unspent(cli, tmp_path):
     unspent = doc["budget"]["limit"] - doc["budget"]["used"]
     assert "the budget cannot be spent usefully on these targets" in result.stdout
     assert f"so {unspent:,} parameters are left unspent" in result.stdout
+    assert "raise --max-r (now 64), widen --targets or lower the budget" in " ".join(result.stdout.split())
+    result = cli("plan", "-m", "gpt2", "-b", "50%", "--targets", "attn", "--max-r", "4096", "-o", str(out))
+    assert "raise --max-r" not in " ".join(result.stdout.split())  # only the weights' own size stops it now
 
 
 def test_a_remainder_too_small_for_any_group_is_explained_and_per_layer_spends_it(cli, tmp_path):
