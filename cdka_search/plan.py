@@ -408,8 +408,10 @@ class Plan:
             "objective": self.objective,
             "adapter": self.adapter.to_dict(),
         }
-        if self.exact is not None:
-            out["allocation"] = {"exact": self.exact, "gap": round(self.gap or 0.0, 9)}
+        # each field only when known, and the gap unrounded, so that a plan read back equals the plan written
+        allocation = {k: v for k, v in (("exact", self.exact), ("gap", self.gap)) if v is not None}
+        if allocation:
+            out["allocation"] = allocation
         out["groups"] = [g.to_dict() for g in self.groups]
         if self.sweep is not None:
             out["sweep"] = self.sweep.to_dict()

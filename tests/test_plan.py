@@ -152,3 +152,15 @@ def test_sweep_block_round_trips_and_is_strict(gpt2_plan):
     doc["sweep"]["best_vlaue"] = 1
     with pytest.raises(PlanError, match="did you mean 'best_value'"):
         loads_plan(yaml.safe_dump(doc))
+
+
+@pytest.mark.parametrize(("exact", "gap"), [(True, None), (None, 0.25), (None, None), (False, 9.3e-09), (True, 1 / 3)])
+def test_allocation_fields_round_trip_as_they_are(exact, gap):
+    """Found by the plan fuzzer: a plan with exact but no gap read back with gap 0.0, and a gap was
+    rounded to 9 places on the way out."""
+    import dataclasses
+
+    plan = dataclasses.replace(make_plan(load_spec("gpt2"), "lora:4"), exact=exact, gap=gap)
+    for fmt in ("yaml", "json"):
+        back = loads_plan(dumps_plan(plan, fmt))
+        assert (back.exact, back.gap) == (exact, gap) and back == plan
