@@ -127,3 +127,25 @@ def test_a_remainder_too_small_for_any_group_is_explained_and_per_layer_spends_i
     result = cli("plan", "-m", "gpt2", "-b", "0.1%", "--targets", "mlp", "--family", "lora", "--per-layer", "-o", str(out))
     doc = yaml.safe_load(out.read_text())
     assert doc["budget"]["used"] == 122_880 and "left unspent" not in result.stdout
+
+
+def test_gpt_oss_experts_stored_transposed_are_planned_and_exported(cli, tmp_path):
+    """gpt-oss keeps its experts (E, d_in, d_out): `cdka plan` lists them in (d_out, d_in) orientation,
+    nothing large is reported left out, and a LoRA plan exports to PEFT's target_parameters."""
+    transformers = pytest.importorskip("transformers")
+    transformers.GptOssConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, layer_types=["full_attention"] * 2,
+    ).save_pretrained(tmp_path / "gpt-oss")
+    out = tmp_path / "plan.yaml"
+    result = cli("plan", "-m", str(tmp_path / "gpt-oss"), "-b", "lora:2", "--family", "lora", "--targets", "experts", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "no cdka target covers" not in result.stderr
+    doc = yaml.safe_load(out.read_text())
+    assert {(g["modules"], tuple(g["shape"]), g["experts"]) for g in doc["groups"]} == {
+        ("model.layers.*.mlp.experts.gate_up_proj", (48, 32), 4), ("model.layers.*.mlp.experts.down_proj", (32, 24), 4)}
+    result = cli("export", str(out), "--to", "peft", "--model", str(tmp_path / "gpt-oss"), "--out", str(tmp_path / "peft"))
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj"))
