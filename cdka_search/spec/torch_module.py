@@ -6,15 +6,10 @@ from pathlib import Path
 
 from cdka_search.documents import brief
 from cdka_search.errors import ModelSourceError, one_line
-from cdka_search.spec.model_spec import (
-    ModelSpec,
-    TargetModule,
-    is_embedding,
-    tally_roles,
-)
+from cdka_search.spec.model_spec import ModelSpec, TargetModule, is_embedding, tally_roles
 
-#: Rows of the input a Linear subclass with its own forward is probed with (a prime, so no grouping
-#: of rows by a subclass can pass for the identity layout).
+#: Rows of the input a Linear subclass with its own forward is probed with: odd, so that a subclass
+#: that regroups rows (DeepSeek-V4's head groups come in powers of two) fails on shape alone.
 _PROBE_ROWS = 3
 
 
