@@ -1,9 +1,9 @@
-"""Seeded fuzzing of the document loaders: random mutations of valid plans, config.json files and
-safetensors headers (values swapped for hostile ones, keys dropped or added or duplicated, deep
+"""Seeded fuzzing of the document loaders: random mutations of valid plans, config.json files,
+safetensors headers and adapter files (values swapped for hostile ones, keys dropped or added or duplicated, deep
 nesting, anchors, truncation, stray bytes). Whatever the input, a loader returns a valid object or
 raises a CdkaError; nothing else may come out. Hypothesis runs derandomized (a fixed seed), so CI
-sees the same 2,800 inputs every time (700 per test: plans, the config reader, config values read by
-the model families, safetensors headers); about 20 s on 2 cores."""
+sees the same 2,950 inputs every time (700 per test: plans, the config reader, config values read by
+the model families, safetensors headers; 150 adapter files); about 30 s on 2 cores."""
 
 from __future__ import annotations
 
@@ -265,3 +265,52 @@ def test_config_values_fuzz(tmp_path):
 
     run()
     assert seen["ok"] > 0 and seen["refused"] > EXAMPLES / 2
+
+
+def test_adapter_file_fuzz(tmp_path):
+    """Adapter files (save_adapter's safetensors, the plan as JSON in the metadata) with the header or
+    the stored plan mutated, or a lying length field: read_adapter returns a plan and its tensors, or
+    raises a CdkaError; a file it accepts loads onto the model or is refused the same way."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from cdka_search.adapter import apply_plan, load_adapter, read_adapter, save_adapter
+    from cdka_search.planner import make_plan
+    from cdka_search.spec import spec_from_module
+
+    def tiny():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                          num_attention_heads=2, vocab_size=32)
+        return transformers.LlamaForCausalLM(config)
+
+    model = tiny()
+    apply_plan(model, make_plan(spec_from_module(model), "lora:2"))
+    raw = save_adapter(model, tmp_path / "seed.safetensors").read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    valid, payload = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    plan_doc = json.loads(valid["__metadata__"]["cdka_plan"])
+    file = tmp_path / "adapter.safetensors"
+    seen = {"ok": 0, "refused": 0}
+
+    @settings(SETTINGS, max_examples=150)
+    @given(st.data())
+    def run(data):
+        doc = json.loads(json.dumps(valid))
+        if data.draw(st.booleans()):
+            doc["__metadata__"]["cdka_plan"] = mutate_text(data, json.dumps(mutate_tree(data, json.loads(json.dumps(plan_doc)))))
+        else:
+            doc = mutate_tree(data, doc)
+        body = json.dumps(doc, allow_nan=True).encode()
+        size = len(body) if data.draw(st.integers(0, 9)) else data.draw(st.sampled_from([0, 7, len(body) + 1, 2**40]))
+        file.write_bytes(struct.pack("<Q", size) + body + payload)
+        try:
+            plan, tensors = read_adapter(file)
+            load_adapter(tiny(), file)
+        except CdkaError:
+            seen["refused"] += 1
+            return
+        seen["ok"] += 1
+        assert sum(t.numel() for t in tensors.values()) == plan.used_params
+
+    run()
+    assert seen["ok"] > 0 and seen["refused"] > 50, seen
