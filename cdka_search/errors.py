@@ -80,3 +80,8 @@ class ArgumentError(CdkaError, ValueError):
 
 class ConfigError(ModelSourceError):
     """A config.json field that is missing, of the wrong type, out of range, or not understood."""
+
+
+class CdkaWarning(UserWarning):
+    """A diagnostic that does not stop the work (an adapter that will not train); the CLI prints it as
+    one ``warning:`` line on stderr."""

@@ -170,3 +170,28 @@ def test_unwritable_output_is_one_line(cli, tmp_path, target):
     assert result.exit_code == 10
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cdka_warnings_are_one_line_and_other_warnings_keep_their_form():
+    """A CdkaWarning raised under a command (the lm sweep's idle adapters) is one `warning:` line;
+    a warning from another library is shown as Python shows it. (A subprocess: pytest records
+    warnings itself.)"""
+    import subprocess
+    import sys
+
+    script = (
+        "import warnings\n"
+        "from cdka_search.cli.common import guarded\n"
+        "from cdka_search.errors import CdkaWarning\n"
+        "@guarded\n"
+        "def command():\n"
+        "    warnings.warn('2 adapter(s) got no gradient', CdkaWarning, stacklevel=1)\n"
+        "    warnings.warn(\"a library's own warning\", FutureWarning, stacklevel=1)\n"
+        "    return 7\n"
+        "print(command())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "7\n"
+    err = done.stderr.splitlines()
+    assert err[0] == "warning: 2 adapter(s) got no gradient"
+    assert "FutureWarning: a library's own warning" in err[1]

@@ -37,14 +37,20 @@ def _config(tmp_path: Path, model: Path, **changes):
 
 
 # search space ---------------------------------------------------------------------------------------------
-def test_space_never_exceeds_budget_and_starts_from_the_heuristic_plan():
+@pytest.mark.parametrize(("model", "budget"), [("llama-2-7b", "0.5%"), ("mixtral-8x7b", "lora:2"), ("qwen3-30b-a3b", "0.5%")])
+def test_space_never_exceeds_budget_and_starts_from_the_heuristic_plan(model, budget):
+    """MoE included: an expert group pays for every expert (its choices were once capped E times too
+    high, and the largest choices of a gpt-oss sweep's trial went over the budget)."""
     from cdka_search.planner import make_plan
     from cdka_search.spec import load_spec
     from cdka_search.sweep.space import build_space, choice_label
 
-    spec = load_spec("llama-2-7b")
-    space = build_space(spec, "0.5%")
-    heuristic = make_plan(spec, "0.5%")
+    spec = load_spec(model)
+    space = build_space(spec, budget)
+    heuristic = make_plan(spec, budget)
+    assert [g.count for g in space.groups] == [hg.count * hg.experts for hg in heuristic.groups]
+    largest = {g.param: max(g.labels, key=lambda label: g.design(label).design.params) for g in space.groups}
+    assert space.plan_for({**largest, "alpha": 64.0}).used_params <= space.budget.limit
     assert [g.design for g in space.heuristic.groups] == [g.design for g in heuristic.groups]
     worst = sum(g.count * max(c.design.params for c in g.choices) for g in space.groups)
     assert worst <= space.budget.limit  # every combination of choices fits

@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 
-from cdka_search.errors import CdkaError
+from cdka_search.errors import CdkaError, CdkaWarning
 from cdka_search.scoring import RANK_KNEE
 
 F = TypeVar("F", bound=Callable)
@@ -68,12 +69,23 @@ def load_recipe_option(recipe: str | None) -> Any:
 
 
 def guarded(fn: F) -> F:
-    """Turn a CdkaError into one line on stderr and its exit code; CDKA_DEBUG=1 shows the traceback."""
+    """Turn a CdkaError into one line on stderr and its exit code (CDKA_DEBUG=1 shows the traceback),
+    and each CdkaWarning into one ``warning:`` line; other libraries' warnings keep their own form."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                shown = warnings.showwarning
+
+                def show(message, category, filename, lineno, file=None, line=None):
+                    if issubclass(category, CdkaWarning):
+                        sys.stderr.write(f"warning: {message}\n")
+                    else:
+                        shown(message, category, filename, lineno, file, line)
+
+                warnings.showwarning = show
+                return fn(*args, **kwargs)
         except CdkaError as exc:
             if os.environ.get("CDKA_DEBUG"):
                 raise

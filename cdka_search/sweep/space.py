@@ -36,7 +36,8 @@ DEFAULT_TOP_K = 6
 
 @dataclass(frozen=True)
 class GroupChoices:
-    """One plan group's categorical parameter: its name in the study and the designs it may take."""
+    """One plan group's categorical parameter: its name in the study and the designs it may take.
+    ``count`` is the matrices its design is paid for: every layer's, and every expert of an expert tensor."""
 
     param: str
     index: int
@@ -148,7 +149,8 @@ def build_space(
     groups = []
     for i, (name, g) in enumerate(zip(_param_names(heuristic), heuristic.groups)):
         share = g.params + (slack * g.params) // used if used else g.params
-        cap_each = share // g.count
+        matrices = g.count * g.experts
+        cap_each = share // matrices
         table = tables[g.shape]
         picked: list[ScoredDesign] = [table.scored(j) for j in table.ranked(None) if table.design(j) == g.design][:1]
         if not picked:
@@ -168,7 +170,7 @@ def build_space(
                 best = lora_tables[g.shape].scored(lora[0])
                 if all(p.design != best.design for p in picked):
                     picked.append(best)
-        groups.append(GroupChoices(name, i, g.shape, g.count, cap_each, tuple(picked)))
+        groups.append(GroupChoices(name, i, g.shape, matrices, cap_each, tuple(picked)))
     worst = sum(g.count * max(c.design.params for c in g.choices) for g in groups)
     if worst > limit.limit:  # by construction; a failure here is a bug, not a user error
         raise SweepError(f"search space can exceed the budget: {worst:,} > {limit.limit:,}")

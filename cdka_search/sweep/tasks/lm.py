@@ -18,7 +18,7 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from cdka_search.errors import SweepError
+from cdka_search.errors import CdkaWarning, SweepError
 from cdka_search.sweep.tasks import NonFiniteLoss, Report, TaskOptions
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class LMTask:
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if step == 1 and (idle := idle_adapters(model)):
-                warnings.warn(idle_warning(idle), stacklevel=1)
+                warnings.warn(idle_warning(idle), CdkaWarning, stacklevel=1)
             optimiser.step()
             schedule.step()
             if step % self.options.every == 0 or step == steps:
