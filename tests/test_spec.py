@@ -232,3 +232,36 @@ def test_a_plan_naming_a_grouped_linear_is_refused_with_the_reason():
     with pytest.raises(PlanError, match="grouped: the plan has linear 6x4 .* but the model has a Grouped: its forward "
                                         "does not compute x W\\^T \\+ b"):
         apply_plan(block, plan)
+
+
+def test_a_linear_subclass_with_a_packed_weight_is_probed_for_shape():
+    """Quantized linears (bitsandbytes' Linear4bit) keep a packed integer weight and dequantize in
+    forward: there is no x W^T to compare with, so the probe checks the output shape only."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class Packed(nn.Linear):
+        def __init__(self, d_in, d_out):
+            super().__init__(d_in, d_out, bias=False)
+            dense = self.weight.detach().clone()
+            del self.weight
+            self.register_parameter("weight", nn.Parameter(torch.zeros(d_out * d_in // 2, 1, dtype=torch.uint8), requires_grad=False))
+            self.register_buffer("dense", dense)
+
+        def forward(self, x):
+            return x @ self.dense.T
+
+    class Halved(Packed):
+        def forward(self, x):
+            return (x @ self.dense.T)[:, ::2]
+
+    block = nn.Sequential(Packed(8, 6), Halved(8, 6))
+    assert [t.name for t in spec_from_module(block).targets] == ["0"]
+    from cdka_search.adapter import apply_plan, merge_adapters
+    from cdka_search.errors import PlanError
+    from cdka_search.planner import make_plan
+
+    apply_plan(block, make_plan(spec_from_module(block), "lora:1"))
+    assert block[0](torch.ones(2, 8)).shape == (2, 6)  # adapted: base output plus the update
+    with pytest.raises(PlanError, match="cannot merge into a torch.uint8 weight of shape \\(24, 1\\)"):
+        merge_adapters(block)

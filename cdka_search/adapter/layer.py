@@ -242,7 +242,11 @@ def kron_weight(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fold_into(weight: torch.Tensor, dw: torch.Tensor, sign: float) -> None:
-    """weight += sign * dw in place, accumulating in the wider of the two dtypes and rounding once."""
+    """weight += sign * dw in place, accumulating in the wider of the two dtypes and rounding once; a
+    weight stored packed (a quantized linear's) is a PlanError, not a silent cast."""
+    if not weight.is_floating_point() or weight.shape != dw.shape:
+        raise PlanError(f"cannot merge into a {weight.dtype} weight of shape {tuple(weight.shape)}: merging needs the "
+                        f"dense {tuple(dw.shape)} weight; keep the adapter unmerged")
     dw = dw.to(device=weight.device)
     if weight.dtype == dw.dtype:
         weight.add_(dw, alpha=sign)

@@ -20,7 +20,8 @@ def base_kind(module) -> str | None:
     A subclass of ``nn.Linear`` that overrides ``forward`` (Falcon's FalconLinear, DeepSeek-V4's grouped,
     block-diagonal ``o_a_proj``, routers returning scores) is probed once on a fixed input: it counts as
     linear only if it returns an output of shape (rows, out_features) that, on real weights, equals
-    ``x W^T + b``. An adapter on anything else would add an update of the wrong shape or meaning.
+    ``x W^T + b`` (a weight stored packed, as quantized linears keep it, is checked for shape only).
+    An adapter on anything else would add an update of the wrong shape or meaning.
     ``Conv1D`` is recognised without importing transformers: its class name and its ``nf``/``nx``
     attributes with a weight stored (in, out).
     """
@@ -45,18 +46,17 @@ def _computes_linear(module) -> bool:
     import torch.nn.functional as F
 
     weight, bias = module.weight, module.bias
-    if not weight.is_floating_point() or weight.dim() != 2:
-        return False
+    plain = weight.is_floating_point() and tuple(weight.shape) == (module.out_features, module.in_features)
     # A fixed input rather than a random one: probing must not move the caller's random state.
     x = torch.linspace(-1.0, 1.0, _PROBE_ROWS * module.in_features, device=weight.device).reshape(_PROBE_ROWS, -1)
     try:
         with torch.no_grad():
-            y = module(x.to(weight.dtype))
+            y = module(x.to(weight.dtype) if plain else x)
     except Exception:  # noqa: BLE001 - any failure on a plain input means it is not a plain linear map
         return False
     if not isinstance(y, torch.Tensor) or tuple(y.shape) != (_PROBE_ROWS, module.out_features):
         return False
-    if y.device.type == "meta":
+    if y.device.type == "meta" or not plain:  # no values to compare with: a packed (quantized) weight
         return True
     with torch.no_grad():
         expected = F.linear(x, weight.float(), None if bias is None else bias.float())
