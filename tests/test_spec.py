@@ -265,3 +265,19 @@ def test_a_linear_subclass_with_a_packed_weight_is_probed_for_shape():
     assert block[0](torch.ones(2, 8)).shape == (2, 6)  # adapted: base output plus the update
     with pytest.raises(PlanError, match="cannot merge into a torch.uint8 weight of shape \\(24, 1\\)"):
         merge_adapters(block)
+
+
+def test_multihead_attention_out_proj_is_no_target():
+    """nn.MultiheadAttention multiplies by out_proj.weight itself: an adapter there would never run."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2)
+            self.proj = nn.Linear(16, 16)
+
+    spec = spec_from_module(Block())
+    assert [t.name for t in spec.targets] == ["proj"]
+    assert dict(spec.unadaptable) == {"attn.in_proj_weight": 3 * 16 * 16, "attn.out_proj.weight": 16 * 16}

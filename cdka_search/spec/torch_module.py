@@ -74,11 +74,14 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out) and get_out() is not None:
         excluded.add(id(get_out()))
+    # nn.MultiheadAttention multiplies by out_proj.weight itself and never calls out_proj: an adapter
+    # there would never run, so it is no target (its weight is reported uncovered).
+    bypassed = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     targets: list[TargetModule] = []
     for module_name, module in model.named_modules():
         if id(module) in excluded or module_name.split(".")[-1] == "lm_head":
             continue
-        kind = base_kind(module)
+        kind = None if id(module) in bypassed else base_kind(module)
         if kind == "linear":
             targets.append(TargetModule(module_name, module.out_features, module.in_features))
         elif kind == "conv1d":
