@@ -1,9 +1,9 @@
 """Seeded fuzzing of the document loaders: random mutations of valid plans, config.json files,
-safetensors headers and adapter files (values swapped for hostile ones, keys dropped or added or duplicated, deep
+safetensors headers, adapter files and reference files (values swapped for hostile ones, keys dropped or added or duplicated, deep
 nesting, anchors, truncation, stray bytes). Whatever the input, a loader returns a valid object or
 raises a CdkaError; nothing else may come out. Hypothesis runs derandomized (a fixed seed), so CI
-sees the same 2,950 inputs every time (700 per test: plans, the config reader, config values read by
-the model families, safetensors headers; 150 adapter files); about 30 s on 2 cores."""
+sees the same 3,050 inputs every time (700 per test: plans, the config reader, config values read by
+the model families, safetensors headers; 150 adapter files, 100 reference files); about 35 s on 2 cores."""
 
 from __future__ import annotations
 
@@ -314,3 +314,35 @@ def test_adapter_file_fuzz(tmp_path):
 
     run()
     assert seen["ok"] > 0 and seen["refused"] > 50, seen
+
+
+def test_reference_file_fuzz(tmp_path):
+    """Reference files (`cdka probe` output) with the header mutated or a lying length field: load_reference
+    returns matrices or raises a CdkaError."""
+    torch = pytest.importorskip("torch")
+    from cdka_search.alignment.reference import load_reference, save_reference
+
+    seed = save_reference({"model.layers.0.mlp.up_proj": torch.randn(12, 8),
+                           "model.layers.0.mlp.experts.down_proj": torch.randn(3, 8, 6)}, tmp_path / "seed.safetensors", "gradient")
+    raw = Path(seed).read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    valid, payload = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    file = tmp_path / "ref.safetensors"
+    seen = {"ok": 0, "refused": 0}
+
+    @settings(SETTINGS, max_examples=100)
+    @given(st.data())
+    def run(data):
+        body = mutate_text(data, undeep(json.dumps(mutate_tree(data, json.loads(json.dumps(valid))), allow_nan=True))).encode()
+        size = len(body) if data.draw(st.integers(0, 9)) else data.draw(st.sampled_from([0, 7, len(body) + 1, 2**40]))
+        file.write_bytes(struct.pack("<Q", size) + body + payload)
+        try:
+            tensors = load_reference(file)
+        except CdkaError:
+            seen["refused"] += 1
+            return
+        seen["ok"] += 1
+        assert all(t.dim() in (2, 3) and bool(torch.isfinite(t).all()) for t in tensors.values())
+
+    run()
+    assert seen["ok"] > 0 and seen["refused"] > 30, seen
