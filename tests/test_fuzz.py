@@ -267,6 +267,19 @@ def test_config_values_fuzz(tmp_path):
     assert seen["ok"] > 0 and seen["refused"] > EXAMPLES / 2
 
 
+def split_safetensors(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's header (parsed) and the tensor bytes after it."""
+    raw = Path(path).read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def write_safetensors(data, file: Path, body: bytes, payload: bytes) -> None:
+    """``body`` as the header of ``file``, its length field lying one time in ten."""
+    size = len(body) if data.draw(st.integers(0, 9)) else data.draw(st.sampled_from([0, 7, len(body) + 1, 2**40]))
+    file.write_bytes(struct.pack("<Q", size) + body + payload)
+
+
 def test_adapter_file_fuzz(tmp_path):
     """Adapter files (save_adapter's safetensors, the plan as JSON in the metadata) with the header or
     the stored plan mutated, or a lying length field: read_adapter returns a plan and its tensors, or
@@ -285,9 +298,7 @@ def test_adapter_file_fuzz(tmp_path):
 
     model = tiny()
     apply_plan(model, make_plan(spec_from_module(model), "lora:2"))
-    raw = save_adapter(model, tmp_path / "seed.safetensors").read_bytes()
-    length = struct.unpack("<Q", raw[:8])[0]
-    valid, payload = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    valid, payload = split_safetensors(save_adapter(model, tmp_path / "seed.safetensors"))
     plan_doc = json.loads(valid["__metadata__"]["cdka_plan"])
     file = tmp_path / "adapter.safetensors"
     seen = {"ok": 0, "refused": 0}
@@ -300,9 +311,7 @@ def test_adapter_file_fuzz(tmp_path):
             doc["__metadata__"]["cdka_plan"] = mutate_text(data, json.dumps(mutate_tree(data, json.loads(json.dumps(plan_doc)))))
         else:
             doc = mutate_tree(data, doc)
-        body = json.dumps(doc, allow_nan=True).encode()
-        size = len(body) if data.draw(st.integers(0, 9)) else data.draw(st.sampled_from([0, 7, len(body) + 1, 2**40]))
-        file.write_bytes(struct.pack("<Q", size) + body + payload)
+        write_safetensors(data, file, json.dumps(doc, allow_nan=True).encode(), payload)
         try:
             plan, tensors = read_adapter(file)
             load_adapter(tiny(), file)
@@ -324,18 +333,15 @@ def test_reference_file_fuzz(tmp_path):
 
     seed = save_reference({"model.layers.0.mlp.up_proj": torch.randn(12, 8),
                            "model.layers.0.mlp.experts.down_proj": torch.randn(3, 8, 6)}, tmp_path / "seed.safetensors", "gradient")
-    raw = Path(seed).read_bytes()
-    length = struct.unpack("<Q", raw[:8])[0]
-    valid, payload = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    valid, payload = split_safetensors(seed)
     file = tmp_path / "ref.safetensors"
     seen = {"ok": 0, "refused": 0}
 
     @settings(SETTINGS, max_examples=100)
     @given(st.data())
     def run(data):
-        body = mutate_text(data, undeep(json.dumps(mutate_tree(data, json.loads(json.dumps(valid))), allow_nan=True))).encode()
-        size = len(body) if data.draw(st.integers(0, 9)) else data.draw(st.sampled_from([0, 7, len(body) + 1, 2**40]))
-        file.write_bytes(struct.pack("<Q", size) + body + payload)
+        body = mutate_text(data, undeep(json.dumps(mutate_tree(data, json.loads(json.dumps(valid))), allow_nan=True)))
+        write_safetensors(data, file, body.encode(), payload)
         try:
             tensors = load_reference(file)
         except CdkaError:

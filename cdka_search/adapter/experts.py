@@ -46,6 +46,7 @@ from cdka_search.adapter.layer import (
     kron_weight,
 )
 from cdka_search.errors import PlanError
+from cdka_search.spec.torch_module import expert_layout
 
 __all__ = ["CdkaExperts", "ExpertAdapter", "expert_parameters"]
 
@@ -206,7 +207,7 @@ class CdkaExperts(WrapsBaseLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        self.transposed = getattr(base_layer, "is_transposed", False) is True  # (experts, d_in, d_out), gpt-oss
+        self.transposed = expert_layout(base_layer) is True  # (experts, d_in, d_out), gpt-oss
         self.base_layer = base_layer
         for p in base_layer.parameters():
             p.requires_grad_(False)

@@ -42,9 +42,10 @@ def describe_module(module: nn.Module) -> str:
     return f"a {type(module).__name__}: only nn.Linear and transformers Conv1D are supported"
 
 
-def base_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a linear or Conv1D module, in PyTorch (out, in) orientation."""
-    kind = base_kind(module)
+def base_shape(module: nn.Module, kind: str | None = None) -> tuple[int, int]:
+    """(d_out, d_in) of a linear or Conv1D module, in PyTorch (out, in) orientation; ``kind``, when the
+    caller already has :func:`base_kind`'s answer, spares probing the module again."""
+    kind = kind or base_kind(module)
     if kind == "linear":
         return (module.out_features, module.in_features)
     if kind == "conv1d":
@@ -394,7 +395,7 @@ class CdkaLinear(WrapsBaseLayer, KroneckerFactors):
         kind = base_kind(base_layer)
         if kind is None:
             raise PlanError(f"cannot adapt {describe_module(base_layer)}")
-        d_out, d_in = base_shape(base_layer)
+        d_out, d_in = base_shape(base_layer, kind)
         check_design(d_out, d_in, m1, n1, m2, n2, r, what="the layer", dropout=dropout, init=init,
                      contraction=contraction)
         self.base_layer = base_layer

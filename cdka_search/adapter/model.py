@@ -13,6 +13,7 @@ from cdka_search.adapter.layer import CdkaLinear, base_kind, base_shape, describ
 from cdka_search.errors import PlanError
 from cdka_search.gc_pause import paused_gc
 from cdka_search.plan import scaling_value
+from cdka_search.spec.torch_module import expert_layout
 
 if TYPE_CHECKING:
     from cdka_search.plan import AdapterSettings, Plan, PlanGroup
@@ -152,7 +153,7 @@ def _resolve(model: nn.Module, plan: "Plan") -> dict[str, "PlanGroup"]:
         if name in experts:
             owner, _, weight = experts[name]
             e, d_out, d_in = weight.shape
-            if getattr(modules[owner], "is_transposed", False) is True:  # stored (experts, d_in, d_out)
+            if expert_layout(modules[owner]) is True:  # stored (experts, d_in, d_out)
                 d_out, d_in = d_in, d_out
             if (group.kind, group.experts, tuple(group.shape)) != ("experts", e, (d_out, d_in)):
                 problems.append(f"{name}: the plan has {planned} but the model has experts "
@@ -160,7 +161,7 @@ def _resolve(model: nn.Module, plan: "Plan") -> dict[str, "PlanGroup"]:
             continue
         module = modules[name]
         kind = base_kind(module)
-        shape = base_shape(module) if kind else None
+        shape = base_shape(module, kind) if kind else None
         if kind != group.kind or shape != tuple(group.shape):
             problems.append(
                 f"{name}: the plan has {planned} but the model has {_describe(kind, shape, module)}"

@@ -58,10 +58,18 @@ def _computes_linear(module) -> bool:
         return False
     if y.device.type == "meta" or not plain:  # no values to compare with: a packed (quantized) weight
         return True
-    with torch.no_grad():
-        expected = F.linear(x, weight.float(), None if bias is None else bias.float())
+    with torch.no_grad():  # in the weight's own dtype: no float32 copy of a large weight
+        expected = F.linear(x.to(weight.dtype), weight, bias).float()
     scale = float(expected.abs().max()) or 1.0
     return bool(torch.allclose(y.float(), expected, rtol=0.0, atol=1e-2 * scale))
+
+
+def expert_layout(module) -> bool | None:
+    """How transformers marks an experts module's 3-D stacks: False for (experts, d_out, d_in), True for
+    transposed (experts, d_in, d_out) as gpt-oss stores them, None where there is no mark (Llama 4's
+    experts, a convolution): such a stack is not guessed at."""
+    mark = getattr(module, "is_transposed", None)
+    return mark if isinstance(mark, bool) else None
 
 
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
@@ -87,10 +95,7 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
         elif kind == "conv1d":
             d_in, d_out = module.weight.shape
             targets.append(TargetModule(module_name, int(d_out), int(d_in), "conv1d"))
-        elif isinstance(transposed := getattr(module, "is_transposed", None), bool):
-            # transformers' expert implementations mark their layout, (E, d_out, d_in) or transposed
-            # (E, d_in, d_out) as gpt-oss's; a 3-D tensor without the mark (Llama 4's experts, a
-            # convolution) is left out, not guessed.
+        elif (transposed := expert_layout(module)) is not None:
             for param_name, param in module.named_parameters(recurse=False):
                 if param.dim() == 3:
                     experts, d_out, d_in = (int(d) for d in param.shape)
