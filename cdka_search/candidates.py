@@ -5,13 +5,15 @@ Paper mapping: r1 = m2 (rows of A_i), r2 = n1 (columns of B_i); d_out = m1*m2, d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from cdka_search.errors import TargetError
 from cdka_search.limits import MAX_DIM, check_int
 
 FAMILIES = ("cdka", "lora", "lokr")
+DEFAULT_MAX_R = 64  # the automatic cap on r: enough for budgets up to a few percent, and it keeps scoring cheap
 
 
 class PaperSymbols:
@@ -76,12 +78,15 @@ class CandidateSpace:
     ``family``: "cdka" (everything), "lora" (r1 = r2 = 1), "lokr" (one Kronecker term, r = 1, with
     exactly the factor shapes both PEFT LoKr and LyCORIS build from some ``factor``; see
     cdka_search.export.lokr_shapes).
+
+    ``max_r``: a hard cap on r, or None for the automatic one: DEFAULT_MAX_R, raised by
+    :func:`fit_max_r` where a budget costs more than every target's largest design under it.
     """
 
     r1: int | None = None
     r2: int | None = None
     r: int | None = None
-    max_r: int = 64
+    max_r: int | None = None
     family: str = "cdka"
 
     def __post_init__(self) -> None:
@@ -91,7 +96,13 @@ class CandidateSpace:
             value = getattr(self, name)
             if value is not None:
                 check_int(value, f"--{name.replace('_', '-')}", TargetError, 1, MAX_DIM)
-        check_int(self.max_r, "--max-r", TargetError, 1, MAX_DIM)
+        if self.max_r is not None:
+            check_int(self.max_r, "--max-r", TargetError, 1, MAX_DIM)
+
+    @property
+    def cap(self) -> int:
+        """The largest r considered."""
+        return DEFAULT_MAX_R if self.max_r is None else self.max_r
 
 
 @lru_cache(maxsize=256)
@@ -152,7 +163,7 @@ def r_range(d_out: int, d_in: int, r1: int, r2: int, space: CandidateSpace = Can
     m1, n1, m2, n2 = d_out // r1, r2, r1, d_in // r2
     per_component = min(m1, n1) * min(m2, n2)  # rank(B (x) A) = rank(B) * rank(A)
     saturating = -(-min(d_out, d_in) // per_component)
-    return range(1, min(space.max_r, saturating, sane) + 1)
+    return range(1, min(space.cap, saturating, sane) + 1)
 
 
 def enumerate_candidates(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()) -> list[Design]:
@@ -163,3 +174,31 @@ def enumerate_candidates(d_out: int, d_in: int, space: CandidateSpace = Candidat
         for r1, r2 in factor_pairs(d_out, d_in, space)
         for r in r_range(d_out, d_in, r1, r2, space)
     ]
+
+
+def largest_params(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()) -> int:
+    """The parameters of the largest design of a d_out x d_in weight in the space (0: none fits)."""
+    sizes = [Design.from_paper(d_out, d_in, r1, r2, rs[-1]).params
+             for r1, r2 in factor_pairs(d_out, d_in, space) if (rs := r_range(d_out, d_in, r1, r2, space))]
+    return max(sizes, default=0)
+
+
+def fit_max_r(space: CandidateSpace, matrices: Mapping[tuple[int, int], int], limit: int) -> CandidateSpace:
+    """``space`` with its automatic cap doubled until the largest designs of ``matrices`` (shape -> how
+    many matrices) cost at least ``limit``, or until no larger cap adds a design; an explicit cap or a
+    pinned r is kept as it is.
+
+    Without this a budget above what r <= DEFAULT_MAX_R can hold (LoRA of rank 128 is common) would be
+    left unspent for a default the user never chose.
+    """
+    if space.max_r is not None or space.r is not None:
+        return space
+
+    def capacity(candidate: CandidateSpace) -> int:
+        return sum(count * largest_params(*shape, candidate) for shape, count in matrices.items())
+
+    ceiling = capacity(replace(space, max_r=MAX_DIM))
+    cap = DEFAULT_MAX_R
+    while capacity(replace(space, max_r=cap)) < min(limit, ceiling):
+        cap *= 2
+    return space if cap == DEFAULT_MAX_R else replace(space, max_r=min(cap, MAX_DIM))

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from cdka_search.allocate import Allocation, Option, Unit, allocate_units
 from cdka_search.budget import Budget, parse_budget
-from cdka_search.candidates import CandidateSpace, Design, enumerate_candidates
+from cdka_search.candidates import CandidateSpace, Design, enumerate_candidates, fit_max_r
 from cdka_search.documents import brief
 from cdka_search.errors import ArgumentError, BudgetError, TargetError
 from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_front
@@ -206,6 +206,7 @@ def make_plan(
     check_int(samples, "samples", ArgumentError, 1, 1 << 16)
     chosen = select_targets(spec, targets)
     limit = resolve_budget(chosen, budget)
+    space = fit_max_r(space, chosen.matrices, limit.limit)
     if reference is None:
         fronts = score_fronts(chosen, space, objective, samples=samples, seed=seed)
         return plan_from_fronts(chosen, limit, fronts, objective=objective, adapter=adapter, per_layer=per_layer)
@@ -284,6 +285,10 @@ def unspent_reason(plan: Plan, space: CandidateSpace = CandidateSpace()) -> str 
     left = plan.budget_limit - plan.used_params
     if plan.used_params >= UNSPENT_SHARE * plan.budget_limit:
         return None
+    matrices: dict[tuple[int, int], int] = {}
+    for g in plan.groups:
+        matrices[g.shape] = matrices.get(g.shape, 0) + g.count * g.experts
+    space = fit_max_r(space, matrices, plan.budget_limit)  # the cap make_plan planned with
     steps = []
     for g in plan.groups:
         larger = [d.params for d in enumerate_candidates(*g.shape, space) if d.params > g.design.params]
@@ -293,7 +298,7 @@ def unspent_reason(plan: Plan, space: CandidateSpace = CandidateSpace()) -> str 
         capped = space.r is None and any(
             d.params > g.design.params for g in plan.groups
             for d in enumerate_candidates(*g.shape, replace(space, max_r=MAX_DIM)))
-        advice = f"raise --max-r (now {space.max_r}), widen --targets or lower the budget" if capped else \
+        advice = f"raise --max-r (now {space.cap}), widen --targets or lower the budget" if capped else \
             "widen --targets or lower the budget"
         return (f"the budget cannot be spent usefully on these targets: no candidate goes past full rank, --max-r, or the "
                 f"size of the frozen weight it adapts (where fine-tuning the weight is cheaper and exact), so {left:,} "
@@ -366,6 +371,8 @@ def explain_shape(
     check_int(samples, "samples", ArgumentError, 1, 1 << 16)
     for size in (d_out, d_in):
         check_int(size, "--shape", TargetError, 1, MAX_DIM)
+    if max_params is not None:
+        space = fit_max_r(space, {(d_out, d_in): 1}, max_params)
     table = score_shape(d_out, d_in, space, objective, spectra=SpectrumCache(samples, seed))
     front = set(table.pareto())
     ranked = table.ranked(max_params)

@@ -10,7 +10,7 @@ suffix (``llama2/7B_cdka_lora8``). Schema (version 1)::
     budget: lora:8                         # "0.5%", "20M", "lora:8", ...
     objective: balanced                    # balanced, capacity, alignment
     family: cdka                           # cdka, lora, lokr
-    max_r: 64
+    max_r: 64                              # a hard cap on r (default: automatic, see CandidateSpace)
     adapter: {alpha, scaling, dropout, init, dtype}          # the plan's adapter block
     sweep: {trials, steps, task, top_k, lr: [lo, hi], alpha: [choices], seed}
     train: {optimizer, lr, weight_decay, warmup_ratio, scheduler, epochs, batch_size, max_length, source}
@@ -180,7 +180,7 @@ class Recipe:
     budget: str = "0.5%"
     objective: str = "rank"
     family: str = "cdka"
-    max_r: int = 64
+    max_r: int | None = None
     adapter: AdapterSettings = AdapterSettings()
     sweep: SweepSettings = SweepSettings()
     train: TrainSettings = TrainSettings()
@@ -199,7 +199,8 @@ class Recipe:
             raise RecipeError(f"objective {brief(self.objective)} is not one of {', '.join(OBJECTIVES)}")
         if not isinstance(self.family, str) or self.family not in FAMILIES:
             raise RecipeError(f"family {brief(self.family)} is not one of {', '.join(FAMILIES)}")
-        _number(self.max_r, "max_r", integer=True, high=MAX_DIM)
+        if self.max_r is not None:
+            _number(self.max_r, "max_r", integer=True, high=MAX_DIM)
 
     @classmethod
     def from_dict(cls, data: Any, name: str = "", path: Path | None = None) -> "Recipe":
@@ -243,7 +244,7 @@ class Recipe:
             "budget": self.budget,
             "objective": self.objective,
             "family": self.family,
-            "max_r": self.max_r,
+            **({"max_r": self.max_r} if self.max_r is not None else {}),
             "adapter": self.adapter.to_dict(),
             "sweep": self.sweep.to_dict(),
             "train": self.train.to_dict(),

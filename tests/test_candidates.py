@@ -6,6 +6,8 @@ from cdka_search.candidates import (
     divisors,
     enumerate_candidates,
     factor_pairs,
+    fit_max_r,
+    largest_params,
     r_range,
     sane_r,
 )
@@ -119,3 +121,33 @@ def test_r_stops_at_the_rank_bound_of_each_design():
     for d in enumerate_candidates(48, 64):
         previous = Design(d.m1, d.n1, d.m2, d.n2, d.r - 1) if d.r > 1 else None
         assert previous is None or previous.rank_bound < min(48, 64)  # every r but the last adds rank
+
+
+def test_largest_params_is_the_largest_enumerated_design():
+    for d_out, d_in, space in [(48, 64, CandidateSpace()), (4096, 11008, CandidateSpace(family="lora")),
+                               (97, 101, CandidateSpace(max_r=1000)), (64, 64, CandidateSpace(r1=2, max_r=3))]:
+        assert largest_params(d_out, d_in, space) == max(d.params for d in enumerate_candidates(d_out, d_in, space))
+    assert largest_params(4096, 4096, CandidateSpace(family="lora")) == 64 * 8192
+
+
+def test_the_automatic_cap_doubles_until_the_budget_fits():
+    """LoRA on 10 matrices of 4096 x 4096: rank 64 costs 5,242,880; a budget of rank 100 needs the cap at
+    128, one of rank 1000 needs 1024, and a larger one stops at 2048, since rank 2047 is the last design
+    smaller than the weight."""
+    lora = CandidateSpace(family="lora")
+    matrices = {(4096, 4096): 10}
+    per_rank = 10 * 8192
+    assert fit_max_r(lora, matrices, 64 * per_rank) is lora
+    assert fit_max_r(lora, matrices, 100 * per_rank).max_r == 128
+    assert fit_max_r(lora, matrices, 1000 * per_rank).max_r == 1024
+    assert fit_max_r(lora, matrices, 10**12).max_r == 2048  # no larger cap adds a design
+    assert fit_max_r(CandidateSpace(), {(48, 64): 1}, 10**9).cap == 64  # r never passes 48 there: nothing to raise
+    for kept in (CandidateSpace(family="lora", max_r=64), CandidateSpace(r=4)):
+        assert fit_max_r(kept, matrices, 10**12) is kept  # an explicit cap, or a pinned r, is the user's
+
+
+def test_automatic_cap_is_the_default_and_explicit_caps_are_checked():
+    assert CandidateSpace().max_r is None and CandidateSpace().cap == 64
+    assert CandidateSpace(max_r=8).cap == 8
+    with pytest.raises(TargetError, match="--max-r: 0 is outside"):
+        CandidateSpace(max_r=0)

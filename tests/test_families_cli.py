@@ -99,7 +99,9 @@ def test_weights_no_target_covers_are_named(cli, tmp_path):
 
 def test_budget_beyond_every_sane_design_is_reported_unspent(cli, tmp_path):
     """GPT-2's attention holds 28.3M weights; 50% of GPT-2 is 62.2M: no design may reach its weight's size,
-    so most of the budget is reported as unspendable rather than poured into full-size designs."""
+    so most of the budget is reported as unspendable rather than poured into full-size designs. The
+    automatic cap on r rises as far as the weights allow (the same plan as --max-r 4096); an explicit
+    --max-r 64 stops earlier and the note says to raise it."""
     out = tmp_path / "p.yaml"
     result = cli("plan", "-m", "gpt2", "-b", "50%", "--targets", "attn", "-o", str(out))
     assert result.exit_code == 0, result.output
@@ -109,9 +111,28 @@ def test_budget_beyond_every_sane_design_is_reported_unspent(cli, tmp_path):
     unspent = doc["budget"]["limit"] - doc["budget"]["used"]
     assert "the budget cannot be spent usefully on these targets" in result.stdout
     assert f"so {unspent:,} parameters are left unspent" in result.stdout
+    assert "raise --max-r" not in " ".join(result.stdout.split())  # only the weights' own size stops it
+    uncapped = tmp_path / "uncapped.yaml"
+    assert cli("plan", "-m", "gpt2", "-b", "50%", "--targets", "attn", "--max-r", "4096", "-o", str(uncapped)).exit_code == 0
+    assert yaml.safe_load(uncapped.read_text())["groups"] == doc["groups"]
+    result = cli("plan", "-m", "gpt2", "-b", "50%", "--targets", "attn", "--max-r", "64", "-o", str(out))
+    assert yaml.safe_load(out.read_text())["budget"]["used"] < doc["budget"]["used"]
     assert "raise --max-r (now 64), widen --targets or lower the budget" in " ".join(result.stdout.split())
-    result = cli("plan", "-m", "gpt2", "-b", "50%", "--targets", "attn", "--max-r", "4096", "-o", str(out))
-    assert "raise --max-r" not in " ".join(result.stdout.split())  # only the weights' own size stops it now
+
+
+def test_a_lora_budget_above_rank_64_is_spent(cli, tmp_path):
+    """3% of LLaMA-2-7B is LoRA of rank 80 on every linear: under a fixed cap of 64 components, 21% of it
+    was left unspent; the automatic cap doubles to 128 and spends it."""
+    out = tmp_path / "p.yaml"
+    result = cli("plan", "-m", "llama", "-b", "3%", "--family", "lora", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    doc = yaml.safe_load(out.read_text())
+    assert doc["budget"]["used"] >= 0.999 * doc["budget"]["limit"]
+    assert max(g["r"] for g in doc["groups"]) > 64
+    assert "left unspent" not in result.stdout
+    result = cli("plan", "-m", "llama", "-b", "3%", "--family", "lora", "--max-r", "64", "-o", str(out))
+    assert yaml.safe_load(out.read_text())["budget"]["used"] == 64 * 32 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    assert "raise --max-r (now 64)" in " ".join(result.stdout.split())
 
 
 def test_a_remainder_too_small_for_any_group_is_explained_and_per_layer_spends_it(cli, tmp_path):

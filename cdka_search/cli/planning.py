@@ -28,10 +28,14 @@ FamilyOpt = Annotated[str, typer.Option("--family", help="cdka (all designs), lo
 R1Opt = Annotated[Optional[int], typer.Option("--r1", help="Pin r1 (= m2, rows of A_i); must divide d_out.")]
 R2Opt = Annotated[Optional[int], typer.Option("--r2", help="Pin r2 (= n1, columns of B_i); must divide d_in.")]
 ROpt = Annotated[Optional[int], typer.Option("--r", help="Pin the number of components r.")]
-MaxROpt = Annotated[int, typer.Option("--max-r", help="Largest number of components considered.")]
+MaxROpt = Annotated[
+    Optional[int],
+    typer.Option("--max-r", help="Largest number of components considered (default 64, doubled while the budget "
+                 "costs more than the largest designs under it)."),
+]
 
 
-def _space(family: str, r1: int | None, r2: int | None, r: int | None, max_r: int):
+def _space(family: str, r1: int | None, r2: int | None, r: int | None, max_r: int | None):
     from cdka_search.candidates import CandidateSpace
 
     return CandidateSpace(r1=r1, r2=r2, r=r, max_r=max_r, family=family)
@@ -70,7 +74,7 @@ def plan(
     r1: R1Opt = None,
     r2: R2Opt = None,
     r: ROpt = None,
-    max_r: MaxROpt = 64,
+    max_r: MaxROpt = None,
     output: OutputOpt = Path("plan.yaml"),
     fmt: Annotated[
         Optional[str], typer.Option("--format", help="yaml or json (default: json for an output named .json, else yaml).")
@@ -170,7 +174,7 @@ def explain(
     r1: R1Opt = None,
     r2: R2Opt = None,
     r: ROpt = None,
-    max_r: MaxROpt = 64,
+    max_r: MaxROpt = None,
     top: Annotated[int, typer.Option(help="How many candidates to list.")] = 15,
     as_json: JsonOpt = False,
 ) -> None:

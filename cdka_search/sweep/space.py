@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 from cdka_search.budget import Budget
-from cdka_search.candidates import CandidateSpace, Design
+from cdka_search.candidates import CandidateSpace, Design, fit_max_r
 from cdka_search.errors import SweepError
 from cdka_search.plan import Plan
 from cdka_search.scoring import ScoredDesign
@@ -140,6 +140,7 @@ def build_space(
     if top_k < 1:
         raise SweepError(f"top_k must be at least 1, got {top_k}")
     limit = resolve_budget(spec, budget)
+    space = fit_max_r(space, spec.matrices, limit.limit)
     tables = score_tables(spec, space, objective, seed=seed)
     # The heuristic plan is make_plan's, allocated from these same tables rather than scored again.
     heuristic = plan_from_fronts(spec, limit, {s: front_of(t) for s, t in tables.items()}, objective=objective)
