@@ -181,3 +181,23 @@ def test_reference_sized_allocation_picks_from_each_modules_front():
     heavy = max(names[0::3], key=weights.get)  # more weight, same front: at least the design of a lighter module
     light = min(names[0::3], key=weights.get)
     assert picked[heavy].design.params >= picked[light].design.params
+
+
+@pytest.mark.parametrize("family", ["lora", "cdka"])
+@pytest.mark.parametrize("shapes", [((256, 256, 1),), ((96, 256, 2), (256, 96, 1)), ((160, 128, 3), (48, 64, 2), (256, 160, 1))])
+def test_no_default_plan_is_stopped_by_a_cap_the_user_did_not_set(shapes, family):
+    """Budgets from 5 % to 90 % of the weights: a plan with the automatic cap on r either spends 90 % of
+    its budget or is stopped by the weights themselves, never by the cap (LoRA rank 64 on a 256 x 256
+    weight is half its size, so a fixed cap of 64 left most of these budgets unspent)."""
+    from cdka_search.planner import unspent_reason
+    from cdka_search.spec.model_spec import ModelSpec, TargetModule
+
+    targets = tuple(TargetModule(f"layers.{i}.m{k}", d_out, d_in)
+                    for k, (d_out, d_in, layers) in enumerate(shapes) for i in range(layers))
+    weights = sum(t.d_out * t.d_in for t in targets)
+    spec = ModelSpec("grid", "test", weights, targets)
+    space = CandidateSpace(family=family)
+    for share in (0.05, 0.3, 0.6, 0.9):
+        plan = make_plan(spec, int(share * weights), space=space)
+        reason = unspent_reason(plan, space)
+        assert plan.used_params >= 0.9 * plan.budget_limit or "raise --max-r" not in reason, (share, reason)
