@@ -36,12 +36,12 @@ def lora(d_out, d_in, r):
 
 
 def moe_plan(spec, *, gate_up=lora(2 * MOE_INTERMEDIATE, HIDDEN, 2), down=lora(HIDDEN, MOE_INTERMEDIATE, 3),
-             adapter=AdapterSettings()):
+             adapter=AdapterSettings(), mlp="mlp"):
     groups = (
         PlanGroup(("model.layers.*.self_attn.q_proj",), (HIDDEN, HIDDEN), LAYERS, lora(HIDDEN, HIDDEN, 4)),
-        PlanGroup(("model.layers.*.mlp.experts.gate_up_proj",), (2 * MOE_INTERMEDIATE, HIDDEN), LAYERS, gate_up,
+        PlanGroup((f"model.layers.*.{mlp}.experts.gate_up_proj",), (2 * MOE_INTERMEDIATE, HIDDEN), LAYERS, gate_up,
                   "experts", experts=4),
-        PlanGroup(("model.layers.*.mlp.experts.down_proj",), (HIDDEN, MOE_INTERMEDIATE), LAYERS, down,
+        PlanGroup((f"model.layers.*.{mlp}.experts.down_proj",), (HIDDEN, MOE_INTERMEDIATE), LAYERS, down,
                   "experts", experts=4),
     )
     return Plan("tiny-moe", spec.source, spec.total_params, "test", 10**6, groups, adapter)
@@ -49,7 +49,9 @@ def moe_plan(spec, *, gate_up=lora(2 * MOE_INTERMEDIATE, HIDDEN, 2), down=lora(H
 
 def _copy_factors_into_peft(cdka_model, peft_model):
     """Set PEFT's LoRA weights to the cdka factors: for experts lora_A (E*r, d_in) rows e*r + i and
-    lora_B (d_out, r*E) columns i*E + e, as PEFT's ParamWrapper reshapes them."""
+    lora_B (d_out, r*E) columns i*E + e, as PEFT's ParamWrapper reshapes them. PEFT takes an unmarked
+    stack for (E, d_out, d_in); where cdka knows it is stored the other way round (Llama 4), PEFT's
+    d_in is cdka's d_out, so cdka's B rows go into lora_A and its A rows into lora_B."""
     adapters = adapter_modules(cdka_model)
     seen = set()
     with torch.no_grad():
@@ -62,8 +64,11 @@ def _copy_factors_into_peft(cdka_model, peft_model):
             lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
             if a.dim() == 4:  # experts: A (E, r, 1, d_in), B (E, r, d_out, 1)
                 e, r = a.shape[:2]
-                lora_a.copy_(a[:, :, 0, :].reshape(e * r, -1))
-                lora_b.copy_(b[:, :, :, 0].permute(2, 1, 0).reshape(-1, r * e))
+                rows_a, rows_b = a[:, :, 0, :], b[:, :, :, 0]
+                if adapters[key].transposed != getattr(module.get_base_layer(), "is_transposed", False):
+                    rows_a, rows_b = rows_b, rows_a
+                lora_a.copy_(rows_a.reshape(e * r, -1))
+                lora_b.copy_(rows_b.permute(2, 1, 0).reshape(-1, r * e))
             else:
                 lora_a.copy_(a[:, 0, :])
                 lora_b.copy_(b[:, :, 0].T)
@@ -74,14 +79,16 @@ def _copy_factors_into_peft(cdka_model, peft_model):
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match:RuntimeWarning")
 @pytest.mark.parametrize(("family", "adapter"), [("mixtral", AdapterSettings()), ("mixtral", AdapterSettings(alpha=8, scaling="alpha/r")),
                                                ("mixtral", AdapterSettings(scaling="fixed", scale=0.5)),
-                                               ("gpt_oss", AdapterSettings())])  # gpt-oss: experts stored (E, d_in, d_out)
+                                               ("gpt_oss", AdapterSettings()),  # experts stored (E, d_in, d_out)
+                                               ("llama4", AdapterSettings())])  # the same, with no layout mark
 def test_lora_on_experts_exports_to_target_parameters_and_computes_what_cdka_does(family, adapter, tmp_path):
     model = tiny_moe(family).to(F64)
     spec = moe_spec(model)
-    plan = moe_plan(spec, adapter=adapter)
+    mlp = "feed_forward" if family == "llama4" else "mlp"
+    plan = moe_plan(spec, adapter=adapter, mlp=mlp)
     export = export_plan(plan, "peft", spec)
     (cfg,) = export.configs.values()
-    assert cfg["target_parameters"] == [f"model.layers.{i}.mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")
+    assert cfg["target_parameters"] == [f"model.layers.{i}.{mlp}.experts.{p}" for p in ("gate_up_proj", "down_proj")
                                         for i in range(LAYERS)]
     assert cfg["target_modules"] == [f"model.layers.{i}.self_attn.q_proj" for i in range(LAYERS)]
     assert cfg["lora_dropout"] == 0.0

@@ -79,21 +79,23 @@ def test_moe_preset_plan_imports_neither_numpy_nor_torch(tmp_path):
 
 
 def test_weights_no_target_covers_are_named(cli, tmp_path):
-    """Llama 4 stores its experts transposed, (E, in, out), with no layout marker cdka trusts: they are
-    not targets, and the warning says so and that no option includes them."""
+    """JetMoE's experts (attention and MLP) are 3-D weights of modules whose forward also takes the expert
+    sizes, so their layout cannot be watched: they are not targets, and the warning says so and that no
+    option includes them."""
     transformers = pytest.importorskip("transformers")
     transformers.AutoConfig.for_model(
-        "llama4_text", hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, vocab_size=128,
+        "jetmoe", hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16, intermediate_size=32,
+        num_local_experts=4, num_experts_per_tok=2, vocab_size=128,
     ).save_pretrained(tmp_path)
     result = cli("inspect", str(tmp_path))
     assert result.exit_code == 0, result.output
-    # gate_up_proj: 2 layers x 4 experts x 64 x 64 = 32,768 of 103,232 parameters; the router (2 x 4 x 64)
-    # is an nn.Linear whose forward returns routing scores, not x W^T: not a target either.
+    # mlp.input_linear: 2 layers x 4 experts x 64 x 64 = 32,768 of 99,904 parameters
     assert result.stderr.strip().splitlines() == [
-        f"warning: 48.1% of {tmp_path.name}'s parameters are in weights no cdka target covers: "
-        "model.layers.*.feed_forward.experts.gate_up_proj (31.7%), model.layers.*.feed_forward.experts.down_proj (15.9%), "
-        "model.layers.*.feed_forward.router.weight (0.5%); no --targets option includes them (docs/models.md)"
+        f"warning: 82.0% of {tmp_path.name}'s parameters are in weights no cdka target covers: "
+        "model.layers.*.mlp.input_linear.weight (32.8%), model.layers.*.mlp.output_linear.weight (16.4%), "
+        "model.layers.*.self_attention.experts.input_linear.weight (16.4%), "
+        "model.layers.*.self_attention.experts.output_linear.weight (16.4%); no --targets option includes them "
+        "(docs/models.md)"
     ]
 
 
@@ -150,23 +152,27 @@ def test_a_remainder_too_small_for_any_group_is_explained_and_per_layer_spends_i
     assert doc["budget"]["used"] == 122_880 and "left unspent" not in result.stdout
 
 
-def test_gpt_oss_experts_stored_transposed_are_planned_and_exported(cli, tmp_path):
-    """gpt-oss keeps its experts (E, d_in, d_out): `cdka plan` lists them in (d_out, d_in) orientation,
-    nothing large is reported left out, and a LoRA plan exports to PEFT's target_parameters."""
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
+def test_experts_stored_transposed_are_planned_and_exported(cli, tmp_path, family):
+    """gpt-oss keeps its experts (E, d_in, d_out) and marks them so; Llama 4 stores them the same way
+    without the mark, and its forward shows it (bmm(x, W) over all experts). `cdka plan` lists them in
+    (d_out, d_in) orientation, nothing large is reported left out, and a LoRA plan exports to PEFT's
+    target_parameters."""
     transformers = pytest.importorskip("transformers")
-    transformers.GptOssConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, num_local_experts=4, layer_types=["full_attention"] * 2,
-    ).save_pretrained(tmp_path / "gpt-oss")
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, num_local_experts=4)
+    extra = dict(layer_types=["full_attention"] * 2) if family == "gpt_oss" else dict(intermediate_size_mlp=48)
+    transformers.AutoConfig.for_model(family, **common, **extra).save_pretrained(tmp_path / family)
+    mlp = "mlp" if family == "gpt_oss" else "feed_forward"
     out = tmp_path / "plan.yaml"
-    result = cli("plan", "-m", str(tmp_path / "gpt-oss"), "-b", "lora:2", "--family", "lora", "--targets", "experts", "-o", str(out))
+    result = cli("plan", "-m", str(tmp_path / family), "-b", "lora:2", "--family", "lora", "--targets", "experts", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert "no cdka target covers" not in result.stderr
     doc = yaml.safe_load(out.read_text())
     assert {(g["modules"], tuple(g["shape"]), g["experts"]) for g in doc["groups"]} == {
-        ("model.layers.*.mlp.experts.gate_up_proj", (48, 32), 4), ("model.layers.*.mlp.experts.down_proj", (32, 24), 4)}
-    result = cli("export", str(out), "--to", "peft", "--model", str(tmp_path / "gpt-oss"), "--out", str(tmp_path / "peft"))
+        (f"model.layers.*.{mlp}.experts.gate_up_proj", (48, 32), 4), (f"model.layers.*.{mlp}.experts.down_proj", (32, 24), 4)}
+    result = cli("export", str(out), "--to", "peft", "--model", str(tmp_path / family), "--out", str(tmp_path / "peft"))
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == sorted(
-        f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj"))
+        f"model.layers.{i}.{mlp}.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj"))

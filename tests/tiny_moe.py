@@ -1,6 +1,7 @@
-"""Tiny transformers MoE models (Mixtral, Qwen3-MoE, DeepSeek-V3, and gpt-oss, which stores its experts
-transposed, (E, d_in, d_out), with biases) built from configs made here, with hand-written plans over
-their 3-D expert parameters (nothing is downloaded)."""
+"""Tiny transformers MoE models (Mixtral, Qwen3-MoE, DeepSeek-V3; gpt-oss, which stores its experts
+transposed, (E, d_in, d_out), with biases; Llama 4, which stores them transposed without transformers'
+layout mark and multiplies the whole stack at once) built from configs made here, with hand-written
+plans over their 3-D expert parameters (nothing is downloaded)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from cdka_search.candidates import Design
 from cdka_search.plan import Plan, PlanGroup
 
 HIDDEN, MOE_INTERMEDIATE, EXPERTS, LAYERS, VOCAB = 16, 12, 4, 2, 64
-FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss")
+FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4")
 
 
 def tiny_moe(family: str, *, seed: int = 0, experts_implementation: str = "eager"):
@@ -37,6 +38,10 @@ def tiny_moe(family: str, *, seed: int = 0, experts_implementation: str = "eager
         config = transformers.GptOssConfig(**common, intermediate_size=MOE_INTERMEDIATE, num_local_experts=EXPERTS,
                                            head_dim=8, layer_types=["full_attention"] * LAYERS)
         model = transformers.GptOssForCausalLM(config)
+    elif family == "llama4":  # experts under feed_forward, read by one bmm over all experts (no implementations)
+        config = transformers.Llama4TextConfig(**common, intermediate_size=MOE_INTERMEDIATE, intermediate_size_mlp=32,
+                                               num_local_experts=EXPERTS, head_dim=8)
+        return transformers.Llama4ForCausalLM(config)
     else:
         raise ValueError(family)
     model.set_experts_implementation(experts_implementation)
@@ -46,9 +51,9 @@ def tiny_moe(family: str, *, seed: int = 0, experts_implementation: str = "eager
 def expert_groups(*, gate_up: Design = Design(6, 4, 4, 4, 2), down: Design = Design(4, 3, 4, 4, 3)) -> tuple[PlanGroup, ...]:
     """Groups adapting every layer's gate_up_proj (24x16 per expert) and down_proj (16x12 per expert)."""
     return (
-        PlanGroup(("model.layers.*.mlp.experts.gate_up_proj",), (2 * MOE_INTERMEDIATE, HIDDEN), LAYERS, gate_up,
+        PlanGroup(("model.layers.*.*.experts.gate_up_proj",), (2 * MOE_INTERMEDIATE, HIDDEN), LAYERS, gate_up,
                   "experts", experts=EXPERTS),
-        PlanGroup(("model.layers.*.mlp.experts.down_proj",), (HIDDEN, MOE_INTERMEDIATE), LAYERS, down,
+        PlanGroup(("model.layers.*.*.experts.down_proj",), (HIDDEN, MOE_INTERMEDIATE), LAYERS, down,
                   "experts", experts=EXPERTS),
     )
 

@@ -11,7 +11,10 @@ transformers 5 stores the experts of Mixtral, Qwen3-MoE, DeepSeek-V3 and others 
 
 A stack marked ``is_transposed`` (gpt-oss) is stored (experts, d_in, d_out) and read as ``x_e @ W[e]``,
 ``torch.bmm(x.unsqueeze(1), W[ids])`` and ``grouped_mm(x_sorted, W, offs)``; the adapter keeps the
-(d_out, d_in) orientation and only merging transposes.
+(d_out, d_in) orientation and only merging transposes. Llama 4 stores its stacks the same way without
+the mark (``expert_layout`` watches its forward) and reads them all at once, ``torch.bmm(x, W)`` on an
+(experts, rows, d_in) batch; ``torch.bmm(x, W.transpose(-2, -1))`` is the same read of an
+(experts, d_out, d_in) stack.
 
 :class:`CdkaExperts` wraps the experts module and runs its forward unchanged under a torch function mode
 (:class:`_ExpertCalls`) that recognises those reads of an adapted parameter and adds
@@ -256,15 +259,19 @@ def _name(func: Callable) -> str:
 def _read_kind(transposed: bool, name: str, how: str, args: tuple, weight: Any) -> str | None:
     """Which read of an adapted stack ``func(args)`` is: "one" (eager: ``F.linear(x, W[e])``, or ``x @ W[e]``
     from a transposed stack), "rows" (batched_mm: ``bmm(W[ids], x.unsqueeze(-1))``, or
-    ``bmm(x.unsqueeze(1), W[ids])``) or "segments" (grouped_mm on ``W.transpose(-2, -1)``, or on the
-    transposed stack itself); None for anything else."""
+    ``bmm(x.unsqueeze(1), W[ids])``), "segments" (grouped_mm on ``W.transpose(-2, -1)``, or on the
+    transposed stack itself) or "stack" (every expert's rows at once, ``bmm(x, W)`` on an (experts,
+    rows, d_in) batch as Llama 4 does, or ``bmm(x, W.transpose(-2, -1))``); None for anything else."""
     second = len(args) > 1 and args[1] is weight
     if how == "one" and second and name in (("matmul", "__matmul__") if transposed else ("linear",)):
         return "one"
     if how == "rows" and name == "bmm" and (second if transposed else bool(args) and args[0] is weight):
         return "rows"
-    if how == ("param" if transposed else "stack-T") and name in _GROUPED_MM and second:
-        return "segments"
+    if how == ("param" if transposed else "stack-T") and second:
+        if name in _GROUPED_MM:
+            return "segments"
+        if name in ("bmm", "matmul", "__matmul__") and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
+            return "stack"
     return None
 
 
@@ -328,6 +335,14 @@ class _ExpertCalls(TorchFunctionMode):
             row_dim, x = (1, args[0]) if adapter.transposed else (-1, args[1])
             y = adapter.add_rows(out.squeeze(row_dim), x.squeeze(row_dim), selector, self._each(adapter))
             return y.unsqueeze(row_dim)
+        if read == "stack":  # (E, T, d_out) from (E, T, d_in): T rows for every expert
+            x = args[0]
+            if x.shape[0] != adapter.experts:
+                raise self._refuse(adapter, f"multiplies a batch of {x.shape[0]} by its {adapter.experts} experts")
+            rows = x.shape[0] * x.shape[1]
+            y = adapter.add_segments(out.reshape(rows, adapter.d_out), x.reshape(rows, adapter.d_in),
+                                     [x.shape[1]] * adapter.experts, self._each(adapter))
+            return y.reshape(out.shape)
         if read == "segments":  # (S, d_out), rows sorted by expert
             offsets = kwargs.get("offs", args[2] if len(args) > 2 else None)
             if offsets is None:

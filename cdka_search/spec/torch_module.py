@@ -65,11 +65,21 @@ def _computes_linear(module) -> bool:
 
 
 def expert_layout(module) -> bool | None:
-    """How transformers marks an experts module's 3-D stacks: False for (experts, d_out, d_in), True for
-    transposed (experts, d_in, d_out) as gpt-oss stores them, None where there is no mark (Llama 4's
-    experts, a convolution): such a stack is not guessed at."""
+    """How an experts module stores its 3-D stacks: False for (experts, d_out, d_in), True for transposed
+    (experts, d_in, d_out) as gpt-oss and Llama 4 store them, None where that is not known (a convolution,
+    a module whose forward needs more than the hidden states).
+
+    transformers marks the layout (``is_transposed``) on most experts modules. Where it does not
+    (Llama 4), the layout is what the forward does: :func:`~cdka_search.spec.expert_reads.observed_layout`
+    watches how it multiplies by its stacks. The layout is never guessed from shapes, which cannot tell a
+    transposed down-projection from a plain up-projection.
+    """
     mark = getattr(module, "is_transposed", None)
-    return mark if isinstance(mark, bool) else None
+    if isinstance(mark, bool):
+        return mark
+    from cdka_search.spec.expert_reads import observed_layout
+
+    return observed_layout(module)
 
 
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
