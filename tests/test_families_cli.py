@@ -176,3 +176,32 @@ def test_experts_stored_transposed_are_planned_and_exported(cli, tmp_path, famil
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == sorted(
         f"model.layers.{i}.{mlp}.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj"))
+
+
+def test_a_multimodal_config_built_without_its_vision_part_says_so(cli, tmp_path):
+    """transformers builds Llama 4's text model alone from a Llama4Config (text and vision sub-configs):
+    the plan covers that model, and a warning says the vision part is neither counted nor planned.
+    Gemma 3's full config builds the whole model, vision tower included, and says nothing."""
+    transformers = pytest.importorskip("transformers")
+    text = dict(hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, num_local_experts=4, vocab_size=128)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)
+    transformers.Llama4Config(text_config=text, vision_config=vision).save_pretrained(tmp_path / "llama4")
+    out = tmp_path / "plan.yaml"
+    result = cli("plan", "-m", str(tmp_path / "llama4"), "-b", "5%", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"warning: {tmp_path / 'llama4'}: transformers builds Llama4ForCausalLM from this config, without its "
+        "vision_config: those parts are neither counted in the total nor planned"]
+    assert yaml.safe_load(out.read_text())["model"]["total_params"] == 103_232  # the text model (130,912 with vision)
+    transformers.AutoConfig.for_model(
+        "gemma3", text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, head_dim=16, vocab_size=300),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), mm_tokens_per_image=4,
+    ).save_pretrained(tmp_path / "gemma3")
+    result = cli("plan", "-m", str(tmp_path / "gemma3"), "-b", "5%", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "without its" not in result.stderr
+    assert any(".vision_tower." in str(g["modules"]) for g in yaml.safe_load(out.read_text())["groups"])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from cdka_search.documents import brief
-from cdka_search.errors import ModelSourceError, one_line
+from cdka_search.errors import CdkaWarning, ModelSourceError, one_line
 from cdka_search.spec.model_spec import ModelSpec, TargetModule, is_embedding, tally_roles
 
 #: Rows of the input a Linear subclass with its own forward is probed with: odd, so that a subclass
@@ -181,5 +182,11 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
                 model = transformers.AutoModel.from_config(config)
     except Exception as exc:  # transformers raises many unrelated types for a bad config
         raise ModelSourceError(f"{path}: transformers cannot build this config ({one_line(exc)})") from None
+    left_out = [key for key in getattr(config, "sub_configs", None) or {}
+                if model.config is not config and type(getattr(config, key, None)) is not type(model.config)]
+    if left_out:  # a multimodal config of which transformers builds the language model alone (Llama 4)
+        warnings.warn(f"{path}: transformers builds {type(model).__name__} from this config, without its "
+                      f"{', '.join(left_out)}: those parts are neither counted in the total nor planned", CdkaWarning,
+                      stacklevel=2)
     spec = spec_from_module(model, name)
     return ModelSpec(name, "hf-config", spec.total_params, spec.targets, spec.unadaptable)
