@@ -272,3 +272,19 @@ def test_adapters_the_model_bypasses_are_named_after_a_backward_pass():
     apply_plan(llama, plan_for(llama))
     llama(input_ids=ids, labels=ids).loss.backward()
     assert idle_adapters(llama) == []
+
+
+def test_a_linear_built_from_tensor_sizes_is_planned_and_adapted_with_integer_sizes():
+    """Some model code passes 0-d tensors as nn.Linear's sizes, and nn.Linear keeps them as they are
+    (a vision tower in transformers 5.25 does): its spec and plan carry ints, and the adapter runs."""
+    from cdka_search.spec import spec_from_module
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(torch.tensor(16), torch.tensor(24)), torch.nn.Linear(24, 16))
+    spec = spec_from_module(model)
+    assert [(t.name, t.shape) for t in spec.targets] == [("0", (24, 16)), ("1", (16, 24))]
+    assert all(type(d) is int for t in spec.targets for d in t.shape)
+    plan = plan_for(model, "lora:2")
+    apply_plan(model, plan)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.used_params
+    assert model(torch.randn(3, 16)).shape == (3, 16)

@@ -20,7 +20,7 @@ from cdka_search.alignment.rearrange import rearrange
 from cdka_search.candidates import PaperSymbols
 from cdka_search.errors import PlanError
 from cdka_search.plan import SCALINGS, a_fan_in, scaling_value
-from cdka_search.spec.torch_module import base_kind
+from cdka_search.spec.torch_module import base_kind, linear_features
 
 __all__ = [
     "SCALINGS", "CONTRACTIONS", "CdkaLinear", "base_kind", "base_shape", "check_design", "contraction_order",
@@ -47,7 +47,7 @@ def base_shape(module: nn.Module, kind: str | None = None) -> tuple[int, int]:
     caller already has :func:`base_kind`'s answer, spares probing the module again."""
     kind = kind or base_kind(module)
     if kind == "linear":
-        return (module.out_features, module.in_features)
+        return linear_features(module)
     if kind == "conv1d":
         return (int(module.weight.shape[1]), int(module.weight.shape[0]))
     raise PlanError(f"cannot adapt {describe_module(module)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import warnings
 from pathlib import Path
 
@@ -30,6 +31,10 @@ def base_kind(module) -> str | None:
     from torch import nn
 
     if isinstance(module, nn.Linear):
+        try:
+            linear_features(module)
+        except TypeError:  # sizes that are not integers: not a layer whose shape can be planned
+            return None
         return "linear" if type(module).forward is nn.Linear.forward or _computes_linear(module) else None
     weight = getattr(module, "weight", None)
     if (
@@ -42,20 +47,27 @@ def base_kind(module) -> str | None:
     return None
 
 
+def linear_features(module) -> tuple[int, int]:
+    """(out_features, in_features) of an ``nn.Linear`` as ints. Some model code builds a Linear from 0-d
+    integer tensors, which nn.Linear keeps as they are (TypeError for sizes that are not integers)."""
+    return operator.index(module.out_features), operator.index(module.in_features)
+
+
 def _computes_linear(module) -> bool:
     import torch
     import torch.nn.functional as F
 
     weight, bias = module.weight, module.bias
-    plain = weight.is_floating_point() and tuple(weight.shape) == (module.out_features, module.in_features)
+    d_out, d_in = linear_features(module)
+    plain = weight.is_floating_point() and tuple(weight.shape) == (d_out, d_in)
     # A fixed input rather than a random one: probing must not move the caller's random state.
-    x = torch.linspace(-1.0, 1.0, _PROBE_ROWS * module.in_features, device=weight.device).reshape(_PROBE_ROWS, -1)
+    x = torch.linspace(-1.0, 1.0, _PROBE_ROWS * d_in, device=weight.device).reshape(_PROBE_ROWS, -1)
     try:
         with torch.no_grad():
             y = module(x.to(weight.dtype) if plain else x)
     except Exception:  # noqa: BLE001 - any failure on a plain input means it is not a plain linear map
         return False
-    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (_PROBE_ROWS, module.out_features):
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (_PROBE_ROWS, d_out):
         return False
     if y.device.type == "meta" or not plain:  # no values to compare with: a packed (quantized) weight
         return True
@@ -102,7 +114,7 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
             continue
         kind = None if id(module) in bypassed else base_kind(module)
         if kind == "linear":
-            targets.append(TargetModule(module_name, module.out_features, module.in_features))
+            targets.append(TargetModule(module_name, *linear_features(module)))
         elif kind == "conv1d":
             d_in, d_out = module.weight.shape
             targets.append(TargetModule(module_name, int(d_out), int(d_in), "conv1d"))
