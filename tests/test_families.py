@@ -359,3 +359,21 @@ def test_other_moe_architectures_list_experts_through_transformers(tmp_path):
     chosen = {t.name for t in select_targets(spec, "all-linear").targets}
     assert "model.layers.0.mlp.shared_expert_gate" not in chosen and "model.layers.0.mlp.experts.down_proj" in chosen
     assert "model.layers.0.mlp.shared_expert_gate" in {t.name for t in select_targets(spec, "shared_expert_gate").targets}
+
+
+def test_a_config_only_an_image_text_to_text_class_builds_is_read(tmp_path):
+    """Pix2Struct maps to no causal-LM or bare auto class: it is built as transformers'
+    image-text-to-text model, and its spec is that model's."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    config = transformers.Pix2StructConfig(
+        text_config=dict(hidden_size=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=100),
+        vision_config=dict(hidden_size=32, d_kv=8, d_ff=64, num_hidden_layers=1, num_attention_heads=4, patch_embed_hidden_size=48),
+    )
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = transformers.Pix2StructForConditionalGeneration(config)
+    spec = load_spec(str(tmp_path))
+    assert (spec.source, spec.total_params) == ("hf-config", spec_from_module(model).total_params)
+    assert [t.name for t in spec.targets] == [t.name for t in spec_from_module(model).targets]
+    assert any(t.name.startswith("encoder.") for t in spec.targets) and any(t.name.startswith("decoder.") for t in spec.targets)

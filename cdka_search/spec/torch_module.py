@@ -187,11 +187,7 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        with torch.device("meta"):
-            try:
-                model = transformers.AutoModelForCausalLM.from_config(config)
-            except ValueError:
-                model = transformers.AutoModel.from_config(config)
+        model = _build_on_meta(transformers, config)
     except Exception as exc:  # transformers raises many unrelated types for a bad config
         raise ModelSourceError(f"{path}: transformers cannot build this config ({one_line(exc)})") from None
     left_out = [key for key in getattr(config, "sub_configs", None) or {}
@@ -202,3 +198,20 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
                       stacklevel=2)
     spec = spec_from_module(model, name)
     return ModelSpec(name, "hf-config", spec.total_params, spec.targets, spec.unadaptable)
+
+
+def _build_on_meta(transformers, config):
+    """The model of ``config`` on the meta device, from the first auto class that maps it: a causal LM,
+    else an image-text-to-text model (Pix2Struct, ShieldGemma 2), else the bare model (BERT's encoder).
+    Each refuses a config it does not map with a ValueError."""
+    import torch
+
+    autos = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText, transformers.AutoModel]
+    with torch.device("meta"):
+        for auto in autos[:-1]:
+            try:
+                return auto.from_config(config)
+            except ValueError as exc:
+                if "Unrecognized configuration class" not in str(exc):
+                    raise
+        return autos[-1].from_config(config)
