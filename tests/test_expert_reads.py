@@ -94,10 +94,35 @@ def test_layout_is_what_the_forward_does(module, layout):
 
 def test_the_watch_runs_no_forward_on_a_module_with_state_and_draws_no_random_numbers():
     module, stacked = WithBuffer(), Stacked(True)
+    before = {name: (p, p.detach().clone()) for name, p in stacked.named_parameters()}
     state = torch.random.get_rng_state()
     assert expert_layout(module) is None and module.calls.item() == 0
     assert expert_layout(stacked) is True
     assert torch.equal(torch.random.get_rng_state(), state)
+    # the forward ran on meta copies put in place for the call: the module holds its own tensors again
+    for name, p in stacked.named_parameters():
+        assert p is before[name][0] and p.device.type == "cpu" and torch.equal(p, before[name][1])
+
+
+def test_the_watch_computes_nothing():
+    """The watched forward multiplies meta copies of the stacks (a real 100B-parameter model's would cost
+    seconds a layer): every product it runs is on the meta device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith(("bmm", "mm")):
+                self.seen.append({a.device.type for a in args if isinstance(a, torch.Tensor)})
+            return func(*args, **(kwargs or {}))
+
+    stacked = Stacked(True)
+    with Devices() as devices:
+        assert expert_layout(stacked) is True
+    assert devices.seen and all(d == {"meta"} for d in devices.seen)
 
 
 def _kron(adapter) -> torch.Tensor:

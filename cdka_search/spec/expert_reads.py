@@ -27,8 +27,8 @@ def observed_layout(module: nn.Module) -> bool | None:
     expert count (buffers, parameters in children), a forward that takes no plain (rows, width) input,
     or a stack used other than by matrix products, or read both ways.
 
-    The input is zeros, one row per expert, each distinct stack width tried as its width until one runs;
-    such a module has no state for the forward to disturb, and no random number is drawn.
+    The input is one row per expert on the meta device, each distinct stack width tried as its width until
+    one runs; such a module has no state for the forward to disturb, and no random number is drawn.
     """
     stacks = list(module.parameters(recurse=False))
     if (
@@ -39,13 +39,16 @@ def observed_layout(module: nn.Module) -> bool | None:
         or any(next(c.parameters(), None) is not None for c in module.children())
     ):
         return None
+    # The forward runs on meta copies of the stacks (no data, no arithmetic), put in place of the real
+    # ones for this call only: a watch costs nothing on a real 100B-parameter model.
+    metas = {name: p.detach().to("meta") for name, p in module.named_parameters(recurse=False)}
     first = stacks[0]
     for width in sorted({int(d) for p in stacks for d in p.shape[1:]}):
-        x = torch.zeros(first.shape[0], width, dtype=first.dtype, device=first.device)
-        watch = _StackReads(stacks)
+        x = torch.zeros(first.shape[0], width, dtype=first.dtype, device="meta")
+        watch = _StackReads(list(metas.values()))
         try:
             with torch.no_grad(), watch:
-                module(x)
+                torch.func.functional_call(module, metas, (x,))
         except Exception:  # noqa: BLE001 - a forward that does not take this input tells nothing
             continue
         if (layout := watch.layout()) is not None:
