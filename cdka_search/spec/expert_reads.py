@@ -41,7 +41,10 @@ def observed_layout(module: nn.Module) -> bool | None:
         return None
     # The forward runs on meta copies of the stacks (no data, no arithmetic), put in place of the real
     # ones for this call only: a watch costs nothing on a real 100B-parameter model.
-    metas = {name: p.detach().to("meta") for name, p in module.named_parameters(recurse=False)}
+    try:
+        metas = {name: p.detach().to("meta") for name, p in module.named_parameters(recurse=False)}
+    except Exception:  # noqa: BLE001 - a tensor subclass (quantized, sharded) that has no meta copy
+        return None
     first = stacks[0]
     for width in sorted({int(d) for p in stacks for d in p.shape[1:]}):
         x = torch.zeros(first.shape[0], width, dtype=first.dtype, device="meta")
