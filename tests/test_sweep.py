@@ -329,3 +329,16 @@ def test_sweep_from_a_recipe_uses_its_space_and_settings(cli, tmp_path):
     study = optuna.load_study(study_name="rec", storage=db)
     alphas = [t.params["alpha"] for t in study.trials]
     assert alphas[0] == 64 and all(16 <= a <= 128 for a in alphas)  # the recipe's alpha choices span 16..128
+
+
+def test_the_lora_choice_can_take_the_whole_budget_above_rank_64():
+    """3% of LLaMA-2-7B buys LoRA of rank 78 on every matrix: the sweep's LoRA alternative must be able to
+    reach it (under the fixed cap of 64 it stopped at rank 64, 18 % short of the budget it competes in)."""
+    from cdka_search.spec import load_spec
+    from cdka_search.sweep.space import build_space
+
+    space = build_space(load_spec("llama-2-7b"), "3%")
+    lora = [c.design for g in space.groups for c in g.choices if c.design.is_lora]
+    assert lora and max(d.r for d in lora) > 64
+    worst = sum(g.count * max(c.design.params for c in g.choices) for g in space.groups)
+    assert worst <= space.budget.limit
