@@ -269,7 +269,7 @@ def test_a_linear_subclass_with_a_packed_weight_is_probed_for_shape():
 
 def test_multihead_attention_out_proj_is_no_target():
     """nn.MultiheadAttention multiplies by out_proj.weight itself: an adapter there would never run."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from torch import nn
 
     class Block(nn.Module):

@@ -182,7 +182,7 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
         raise ModelSourceError(
             f"{path}: model_type {brief(kind)} is neither built into cdka (see docs/models.md) nor known to the installed transformers"
         )
-    import torch  # ImportError reaches config_spec, which says what to install
+    import torch  # noqa: F401 - imported here so that its ImportError reaches config_spec, which says what to install
     import transformers
 
     try:
