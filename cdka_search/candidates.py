@@ -197,8 +197,10 @@ def fit_max_r(space: CandidateSpace, matrices: Mapping[tuple[int, int], int], li
     def capacity(candidate: CandidateSpace) -> int:
         return sum(count * largest_params(*shape, candidate) for shape, count in matrices.items())
 
-    ceiling = capacity(replace(space, max_r=MAX_DIM))
+    if capacity(space) >= limit:  # the common case, on every plan: the default cap holds the budget
+        return space
+    target = min(limit, capacity(replace(space, max_r=MAX_DIM)))
     cap = DEFAULT_MAX_R
-    while capacity(replace(space, max_r=cap)) < min(limit, ceiling):
+    while capacity(replace(space, max_r=cap)) < target:
         cap *= 2
     return space if cap == DEFAULT_MAX_R else replace(space, max_r=min(cap, MAX_DIM))

@@ -187,11 +187,12 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        model = _build_on_meta(transformers, config)
+        model = _build_on_meta(config)
     except Exception as exc:  # transformers raises many unrelated types for a bad config
         raise ModelSourceError(f"{path}: transformers cannot build this config ({one_line(exc)})") from None
+    built_from_part = model.config is not config
     left_out = [key for key in getattr(config, "sub_configs", None) or {}
-                if model.config is not config and type(getattr(config, key, None)) is not type(model.config)]
+                if built_from_part and type(getattr(config, key, None)) is not type(model.config)]
     if left_out:  # a multimodal config of which transformers builds the language model alone (Llama 4)
         warnings.warn(f"{path}: transformers builds {type(model).__name__} from this config, without its "
                       f"{', '.join(left_out)}: those parts are neither counted in the total nor planned", CdkaWarning,
@@ -200,11 +201,12 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
     return ModelSpec(name, "hf-config", spec.total_params, spec.targets, spec.unadaptable)
 
 
-def _build_on_meta(transformers, config):
+def _build_on_meta(config):
     """The model of ``config`` on the meta device, from the first auto class that maps it: a causal LM,
     else an image-text-to-text model (Pix2Struct, ShieldGemma 2), else the bare model (BERT's encoder).
     Each refuses a config it does not map with a ValueError."""
     import torch
+    import transformers
 
     autos = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText, transformers.AutoModel]
     with torch.device("meta"):
