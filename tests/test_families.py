@@ -176,6 +176,21 @@ def test_bad_config_values_are_one_error(tmp_path, fields, message):
         load_spec(str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"model_type": "gpt2", "n_embd": -8}, "config field 'n_embd': -8 is outside"),
+        ({"model_type": "gpt2", "n_layer": "12"}, "config field 'n_layer': expected an integer, got '12'"),
+        ({"model_type": "mixtral", "num_local_experts": None}, "config field 'num_local_experts': expected an integer, got None"),
+        ({"model_type": "mixtral", "num_experts": 0}, "config field 'num_experts': 0 is outside"),
+    ],
+)
+def test_errors_name_the_field_as_the_file_spells_it(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        load_spec(str(tmp_path))
+
+
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300, 4096.0, "7", None, [4096]])
 def test_bounded_int_refuses_non_integers(value):
     """Configs passed as dicts (the Python API, presets) get the same checks as config.json files,
@@ -310,7 +325,7 @@ def test_sizes_inside_per_layer_objects_are_bounded(tmp_path):
     """Sub-configs listed per layer (DeciLM's block_configs) are checked like any other sub-config."""
     config = {"model_type": "nemotron-nas", "block_configs": [{"hidden_size": 64}, {"attention": {"num_attention_heads": -4}}]}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="\(block_configs\[1\]\) \(attention\): config field 'num_attention_heads': -4 is outside"):
+    with pytest.raises(ConfigError, match=r"\(block_configs\[1\]\) \(attention\): config field 'num_attention_heads': -4 is outside"):
         load_spec(str(tmp_path))
 
 

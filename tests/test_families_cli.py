@@ -57,12 +57,13 @@ def test_inspect_reports_coverage_in_json(cli):
 
 
 def test_bad_config_value_is_one_error_line(cli, tmp_path):
+    """The line names the field as the file spells it (transformers' alias num_local_experts)."""
     config = json.loads((PUBLIC / "mixtral-8x7b" / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_local_experts": -1}))
     result = cli("plan", "-m", str(tmp_path), "-o", str(tmp_path / "plan.yaml"))
     assert result.exit_code == 3
     assert result.stderr.strip().splitlines() == [
-        f"error: {tmp_path}: config field 'num_experts': -1 is outside [1, 16,384]"
+        f"error: {tmp_path}: config field 'num_local_experts': -1 is outside [1, 16,384]"
     ]
     assert not (tmp_path / "plan.yaml").exists()
 

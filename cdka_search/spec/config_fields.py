@@ -43,25 +43,30 @@ class Fields:
 
     def raw(self, key: str) -> Any:
         """The config's value of ``key`` (or of its transformers alias), else the default."""
-        for name in (key, *ALIASES.get(key, ())):
-            if name in self.config:
-                return self.config[name]
+        name = self.spelling(key)
+        if name in self.config:
+            return self.config[name]
         if key in self.defaults:
             return self.defaults[key]
         raise ConfigError(f"{self.where}: config field {key!r} is missing")
 
+    def spelling(self, key: str) -> str:
+        """The name the config gives ``key`` (it may use the alias), so an error names what the file says."""
+        return next((name for name in (key, *ALIASES.get(key, ())) if name in self.config), key)
+
     def has(self, key: str) -> bool:
         """Whether ``key`` is set to a value other than null (in the config or by default); an explicit
         null where transformers does not accept one is an error."""
-        if key in self.config and self.config[key] is None and key not in self.nullable:
-            raise ConfigError(f"{self.where}: config field {key!r} is null; set it or leave it out")
+        name = self.spelling(key)
+        if name in self.config and self.config[name] is None and key not in self.nullable:
+            raise ConfigError(f"{self.where}: config field {name!r} is null; set it or leave it out")
         try:
             return self.raw(key) is not None
         except ConfigError:
             return False
 
     def int(self, key: str, high: int = MAX_DIM, low: int = 1) -> int:
-        return bounded_int(self.raw(key), key, self.where, low, high)
+        return bounded_int(self.raw(key), self.spelling(key), self.where, low, high)
 
     def optional_int(self, key: str, high: int = MAX_DIM, low: int = 1) -> int | None:
         """An int, or None when the field is absent or null (transformers' "not used" marker)."""
@@ -70,7 +75,7 @@ class Fields:
     def flag(self, key: str) -> bool:
         value = self.raw(key)
         if not isinstance(value, bool):
-            raise ConfigError(f"{self.where}: config field {key!r} must be true or false, got {value!r}")
+            raise ConfigError(f"{self.where}: config field {self.spelling(key)!r} must be true or false, got {value!r}")
         return value
 
     def int_list(self, key: str, high: int) -> tuple[int, ...]:
@@ -78,8 +83,8 @@ class Fields:
         if value is None:
             return ()
         if not isinstance(value, list) or len(value) > MAX_LAYERS:
-            raise ConfigError(f"{self.where}: config field {key!r} must be a list of integers, got {value!r}")
-        return tuple(bounded_int(v, key, self.where, 0, high) for v in value)
+            raise ConfigError(f"{self.where}: config field {self.spelling(key)!r} must be a list of integers, got {value!r}")
+        return tuple(bounded_int(v, self.spelling(key), self.where, 0, high) for v in value)
 
     def heads(self, heads_key: str, kv_key: str) -> tuple[int, int]:
         """(heads, kv_heads): kv_heads defaults to heads (null means "same as heads") and must divide it."""
