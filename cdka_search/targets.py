@@ -13,7 +13,8 @@ from cdka_search.spec.model_spec import ModelSpec, TargetModule
 
 PRESET_SELECTIONS = ("all-linear", "attn", "mlp", "experts")
 _ATTENTION = re.compile(r"att", re.IGNORECASE)
-_ROUTER_LEAVES = ("gate", "router")
+_ROUTER_NAMES = ("gate", "router")
+_SCALAR_GATES = ("expert_gate", "experts_gate")  # Qwen's shared_expert_gate: H -> 1, weighs the shared expert
 WARN_SHARE = 0.20  # untargeted adaptable weights above this share of the model get a warning
 
 
@@ -23,10 +24,13 @@ def is_attention(module: TargetModule) -> bool:
 
 
 def is_router(module: TargetModule) -> bool:
-    """A MoE router or gate (``mlp.gate``, ``shared_expert_gate``): tiny, and adapting it changes
-    which experts see a token, so it is a target only when named."""
-    leaf = module.name.rsplit(".", 1)[-1]
-    return module.kind == "linear" and (leaf in _ROUTER_LEAVES or leaf.endswith("_gate"))
+    """A MoE router or expert gate: tiny, and adapting it changes which experts see a token (or how
+    much), so it is a target only when named. It is a Linear named ``gate`` or ``router``, one inside
+    a module named so (``router.layer`` in JetMoE, GraniteMoE, DBRX), or a ``shared_expert_gate``. Other
+    ``*_gate`` Linears are projections (xLSTM's ``proj_up_gate``, MiniMax's ``output_gate``, Gemma 4's
+    ``per_layer_input_gate``)."""
+    *_, parent, leaf = ["", *module.name.split(".")]
+    return module.kind == "linear" and (leaf in _ROUTER_NAMES or parent in _ROUTER_NAMES or leaf.endswith(_SCALAR_GATES))
 
 
 def _selected(index: ModuleIndex, item: str) -> set[str]:

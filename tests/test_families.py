@@ -376,6 +376,26 @@ def test_other_moe_architectures_list_experts_through_transformers(tmp_path):
     assert "model.layers.0.mlp.shared_expert_gate" in {t.name for t in select_targets(spec, "shared_expert_gate").targets}
 
 
+def test_routers_by_position_and_projections_named_gate(tmp_path):
+    """JetMoE's router is the Linear ``router.layer``: left out of all-linear. xLSTM's ``proj_up_gate`` is
+    its FFN's up projection (a fifth of the model), not a router: in all-linear."""
+    from cdka_search.targets import select_targets
+
+    (tmp_path / "jetmoe").mkdir()
+    transformers.JetMoeConfig(
+        hidden_size=64, num_hidden_layers=1, num_key_value_heads=2, kv_channels=16, intermediate_size=96,
+        num_local_experts=4, num_experts_per_tok=2, vocab_size=128,
+    ).save_pretrained(tmp_path / "jetmoe")
+    jetmoe = load_spec(str(tmp_path / "jetmoe"))
+    assert {t.name: t.shape for t in jetmoe.targets}["model.layers.0.mlp.router.layer"] == (4, 64)
+    assert not any(".router." in t.name for t in select_targets(jetmoe, "all-linear").targets)
+
+    (tmp_path / "xlstm").mkdir()
+    transformers.xLSTMConfig(hidden_size=64, num_heads=2, num_blocks=1, vocab_size=128).save_pretrained(tmp_path / "xlstm")
+    chosen = {t.name: t.shape for t in select_targets(load_spec(str(tmp_path / "xlstm")), "all-linear").targets}
+    assert chosen["backbone.blocks.0.ffn.proj_up_gate"] == chosen["backbone.blocks.0.ffn.proj_up"]
+
+
 def test_a_config_only_an_image_text_to_text_class_builds_is_read(tmp_path):
     """Pix2Struct maps to no causal-LM or bare auto class: it is built as transformers'
     image-text-to-text model, and its spec is that model's."""
