@@ -25,6 +25,7 @@ SCRIPT_SMOKE = {
     "benchmarks/scale.py": ["--layers", "2", "4", "--units", "32", "224", "--reference-layers", "1", "--reference-width", "64x96"],
     "benchmarks/validity.py": ["--steps", "5", "--seeds", "1", "--shapes", "128x128"],
     "benchmarks/validity_lm.py": ["--smoke"],
+    "benchmarks/model_types.py": ["--types", "olmoe"],
     "examples/train_with_trainer.py": [],
 }
 
