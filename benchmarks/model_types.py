@@ -15,7 +15,7 @@ Per type, in a child process of its own (a type that crashes or runs out of memo
   whether the adapter changed the output at all ("inert" when routing sends no token to an expert).
 
     python benchmarks/model_types.py [--types mixtral llama ...] [--budget 0.5%] [--numerics]
-                                     [--max-params 2e9] [--timeout 400]
+                                     [--max-params 2e9] [--timeout 400] [--jobs 1]
 
 It exits 1 when a trainable count is wrong, or an adapted forward differs from the merged one by more
 than 1e-4 of the largest logit or fails where transformers' own forward runs. It downloads nothing:
@@ -30,6 +30,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SHRINK_MAX = {"num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
@@ -142,6 +143,20 @@ def cell(row: dict) -> list[str]:
     return out
 
 
+def row_of(kind: str, args: argparse.Namespace) -> dict:
+    """The row of ``kind`` from a child process; a crash or a timeout is the row."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", kind, "--budget", args.budget,
+           "--max-params", str(args.max_params), *(["--numerics"] if args.numerics else [])]
+    try:
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"crash": f"over {args.timeout} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"crash": (done.stderr.strip().splitlines() or [f"exit {done.returncode}, no output"])[-1][:90]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--types", nargs="*", help="model_types (default: every causal-LM type transformers maps)")
@@ -149,6 +164,7 @@ def main() -> None:
     parser.add_argument("--numerics", action="store_true", help="check expert adapters against merged weights on CPU")
     parser.add_argument("--max-params", type=float, default=2e9, help="largest shrunk model built on CPU")
     parser.add_argument("--timeout", type=int, default=400, help="seconds per type")
+    parser.add_argument("--jobs", type=int, default=1, help="types checked at once (with --numerics each may hold --max-params float32 weights)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -157,28 +173,23 @@ def main() -> None:
     kinds = args.types or causal_lm_types()
     print(f"{'model_type':<28} {'used':>8} {'total':>10} {'trainable':>10}  experts: adapted vs merged")
     planned, refused, failed = 0, 0, []
-    for kind in kinds:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", kind, "--budget", args.budget,
-               "--max-params", str(args.max_params), *(["--numerics"] if args.numerics else [])]
-        try:
-            done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout)
-            lines = done.stdout.strip().splitlines()
-            row = json.loads(lines[-1]) if done.returncode == 0 and lines else {"crash": (done.stderr.strip().splitlines() or ["no output"])[-1][:90]}
-        except subprocess.TimeoutExpired:
-            row = {"crash": f"over {args.timeout} s"}
-        values = cell(row)
-        if len(values) == 1:
-            refused += 1
-            print(f"{kind:<28} {values[0]}", flush=True)
-            continue
-        planned += 1
-        check = row.get("numerics", {})
-        if not row["trainable"] or "error" in check or check.get("ok") is False:
-            failed.append(kind)
-        print(f"{kind:<28} {values[0]:>8} {values[1]:>10} {values[2]:>10}  {values[3]}", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each type runs in its own process
+        rows = pool.map(lambda kind: row_of(kind, args), kinds)
+        for kind, row in zip(kinds, rows, strict=True):
+            values = cell(row)
+            if len(values) == 1:
+                refused += 1
+                print(f"{kind:<28} {values[0]}", flush=True)
+                continue
+            planned += 1
+            check = row.get("numerics", {})
+            if not row["trainable"] or "error" in check or check.get("ok") is False:
+                failed.append(kind)
+            print(f"{kind:<28} {values[0]:>8} {values[1]:>10} {values[2]:>10}  {values[3]}", flush=True)
     print(f"\n{planned} types planned and adapted, {refused} refused or failed to build; "
           f"cdka wrong on {len(failed)}{': ' + ', '.join(failed) if failed else ''}")
     sys.exit(1 if failed else 0)
+
 
 if __name__ == "__main__":
     main()
