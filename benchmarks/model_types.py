@@ -53,6 +53,8 @@ def shrink(config) -> None:
             value = getattr(part, key, None)
             if isinstance(value, int) and value > most or (key == "num_experts_per_tok" and hasattr(part, key) and value is None):
                 setattr(part, key, most)
+        if isinstance(getattr(part, "mlp_only_layers", None), list):  # dense layers first (Qwen-MoE style)
+            part.mlp_only_layers = []
         if isinstance(getattr(part, "layer_types", None), list):  # one layer of each kind: a hybrid stays hybrid
             part.layer_types = list(dict.fromkeys(part.layer_types))
             part.num_hidden_layers = len(part.layer_types)
@@ -78,7 +80,10 @@ def numerics(kind: str, budget: str) -> dict:
             base = model(input_ids=ids, use_cache=False).logits.double()
         except Exception as exc:  # noqa: BLE001 -- the unadapted model: nothing of cdka's has run yet
             return {"skipped": f"transformers' own forward fails ({type(exc).__name__}: {exc})"[:80]}
-        apply_plan(model, make_plan(spec_from_module(model), budget, targets="experts"))
+        spec = spec_from_module(model)
+        if not any(t.kind == "experts" for t in spec.targets):
+            return {"skipped": "the shrunk copy has no expert layer"}
+        apply_plan(model, make_plan(spec, budget, targets="experts"))
         for adapter in adapter_modules(model).values():
             for p in adapter.parameters():
                 if p.requires_grad:
