@@ -55,9 +55,13 @@ def shrink(config) -> None:
                 setattr(part, key, most)
         if isinstance(getattr(part, "mlp_only_layers", None), list):  # dense layers first (Qwen-MoE style)
             part.mlp_only_layers = []
-        if isinstance(getattr(part, "layer_types", None), list):  # one layer of each kind: a hybrid stays hybrid
-            part.layer_types = list(dict.fromkeys(part.layer_types))
-            part.num_hidden_layers = len(part.layer_types)
+        # One layer of each kind (attention x MLP, from layer_types and mlp_layer_types): a hybrid stays hybrid.
+        per_layer = [k for k, v in vars(part).items() if k.endswith("layer_types") and isinstance(v, list) and v]
+        if per_layer:
+            kinds = list(dict.fromkeys(zip(*(getattr(part, k) for k in per_layer), strict=False)))
+            for i, key in enumerate(per_layer):
+                setattr(part, key, [kind[i] for kind in kinds])
+            part.num_hidden_layers = len(kinds)
         if isinstance(getattr(part, "pad_token_id", None), int) and part.pad_token_id >= getattr(part, "vocab_size", 0):
             part.pad_token_id = None
 
