@@ -57,11 +57,14 @@ def shrink(config) -> None:
             part.mlp_only_layers = []
         # One layer of each kind (attention x MLP, from layer_types and mlp_layer_types): a hybrid stays hybrid.
         per_layer = [k for k, v in vars(part).items() if k.endswith("layer_types") and isinstance(v, list) and v]
-        if per_layer:
-            kinds = list(dict.fromkeys(zip(*(getattr(part, k) for k in per_layer), strict=False)))
+        kinds = list(dict.fromkeys(zip(*(getattr(part, k) for k in per_layer), strict=False)))
+        try:
             for i, key in enumerate(per_layer):
                 setattr(part, key, [kind[i] for kind in kinds])
-            part.num_hidden_layers = len(kinds)
+            if kinds:
+                part.num_hidden_layers = len(kinds)
+        except AttributeError:  # derived from other fields (Jamba's layer_types): left to the config
+            pass
         if isinstance(getattr(part, "pad_token_id", None), int) and part.pad_token_id >= getattr(part, "vocab_size", 0):
             part.pad_token_id = None
 
@@ -126,9 +129,13 @@ def one(kind: str, budget: str, with_numerics: bool, max_params: float) -> dict:
     row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.used_params
     row["experts"] = any(t.kind == "experts" for t in spec.targets)
     if with_numerics and row["experts"]:
-        shrunk = transformers.AutoConfig.for_model(kind)
-        shrink(shrunk)
-        size = sum(p.numel() for p in _build_on_meta(shrunk).parameters())
+        try:
+            shrunk = transformers.AutoConfig.for_model(kind)
+            shrink(shrunk)
+            size = sum(p.numel() for p in _build_on_meta(shrunk).parameters())
+        except Exception as exc:  # noqa: BLE001 -- this script's shrinking, not cdka
+            row["numerics"] = {"skipped": f"the shrunk copy does not build ({type(exc).__name__}: {exc})"[:80]}
+            return row
         try:
             row["numerics"] = {"skipped": f"{size / 1e9:.1f}B parameters shrunk"} if size > max_params else numerics(kind, "lora:4")
         except Exception as exc:  # noqa: BLE001 -- any failure of an adapted foreign model is this row's finding
