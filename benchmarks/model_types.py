@@ -69,7 +69,8 @@ def shrink(config) -> None:
             part.pad_token_id = None
 
 
-def numerics(kind: str, budget: str) -> dict:
+def numerics(config, budget: str) -> dict:
+    """The shrunk ``config`` built on CPU, its experts adapted with random factors: adapted forward vs merged."""
     import torch
     import transformers
 
@@ -77,8 +78,6 @@ def numerics(kind: str, budget: str) -> dict:
     from cdka_search.planner import make_plan
     from cdka_search.spec import spec_from_module
 
-    config = transformers.AutoConfig.for_model(kind)
-    shrink(config)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(0, 100, (1, 8))
@@ -137,26 +136,27 @@ def one(kind: str, budget: str, with_numerics: bool, max_params: float) -> dict:
             row["numerics"] = {"skipped": f"the shrunk copy does not build ({type(exc).__name__}: {exc})"[:80]}
             return row
         try:
-            row["numerics"] = {"skipped": f"{size / 1e9:.1f}B parameters shrunk"} if size > max_params else numerics(kind, "lora:4")
+            row["numerics"] = {"skipped": f"{size / 1e9:.1f}B parameters shrunk"} if size > max_params else numerics(shrunk, "lora:4")
         except Exception as exc:  # noqa: BLE001 -- any failure of an adapted foreign model is this row's finding
             row["numerics"] = {"error": f"{type(exc).__name__}: {exc}"[:80]}
     return row
 
 
-def cell(row: dict) -> list[str]:
+def line(kind: str, row: dict) -> str:
+    """The table line of ``kind``: the error of a refused type, else used, total, trainable and experts."""
     if "refused" in row or "crash" in row:
-        return [row.get("refused", row.get("crash", ""))]
-    out = [f"{100 * row['used']:.2f}%", f"{row['total_gap']:+,}" if row["total_gap"] else "yes", "yes" if row["trainable"] else "NO"]
+        return f"{kind:<28} {row.get('refused', row.get('crash', ''))}"
     check = row.get("numerics")
     if check is None:
-        out.append("-" if not row["experts"] else "(--numerics)")
+        experts = "(--numerics)" if row["experts"] else "-"
     elif "skipped" in check:
-        out.append(check["skipped"])
+        experts = check["skipped"]
     elif "error" in check:
-        out.append(f"ERROR {check['error']}")
+        experts = f"ERROR {check['error']}"
     else:
-        out.append(f"{check['gap']:.1e} of {check['scale']:.1f} {'ok' if check['ok'] else 'MISMATCH'}{' inert' if check['inert'] else ''}")
-    return out
+        experts = f"{check['gap']:.1e} of {check['scale']:.1f} {'ok' if check['ok'] else 'MISMATCH'}{' inert' if check['inert'] else ''}"
+    total = f"{row['total_gap']:+,}" if row["total_gap"] else "yes"
+    return f"{kind:<28} {100 * row['used']:>7.2f}% {total:>10} {'yes' if row['trainable'] else 'NO':>10}  {experts}"
 
 
 def row_of(kind: str, args: argparse.Namespace) -> dict:
@@ -192,16 +192,14 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each type runs in its own process
         rows = pool.map(lambda kind: row_of(kind, args), kinds)
         for kind, row in zip(kinds, rows, strict=True):
-            values = cell(row)
-            if len(values) == 1:
+            print(line(kind, row), flush=True)
+            if "refused" in row or "crash" in row:
                 refused += 1
-                print(f"{kind:<28} {values[0]}", flush=True)
                 continue
             planned += 1
             check = row.get("numerics", {})
             if not row["trainable"] or "error" in check or check.get("ok") is False:
                 failed.append(kind)
-            print(f"{kind:<28} {values[0]:>8} {values[1]:>10} {values[2]:>10}  {values[3]}", flush=True)
     print(f"\n{planned} types planned and adapted, {refused} refused or failed to build; "
           f"cdka wrong on {len(failed)}{': ' + ', '.join(failed) if failed else ''}")
     sys.exit(1 if failed else 0)

@@ -82,9 +82,10 @@ class Fields:
         value = self.raw(key)
         if value is None:
             return ()
+        name = self.spelling(key)
         if not isinstance(value, list) or len(value) > MAX_LAYERS:
-            raise ConfigError(f"{self.where}: config field {self.spelling(key)!r} must be a list of integers, got {value!r}")
-        return tuple(bounded_int(v, self.spelling(key), self.where, 0, high) for v in value)
+            raise ConfigError(f"{self.where}: config field {name!r} must be a list of integers, got {value!r}")
+        return tuple(bounded_int(v, name, self.where, 0, high) for v in value)
 
     def heads(self, heads_key: str, kv_key: str) -> tuple[int, int]:
         """(heads, kv_heads): kv_heads defaults to heads (null means "same as heads") and must divide it."""

@@ -140,14 +140,15 @@ def build_space(
     if top_k < 1:
         raise SweepError(f"top_k must be at least 1, got {top_k}")
     limit = resolve_budget(spec, budget)
-    # the automatic cap fitted to the budget for each family: a LoRA of the whole budget may need a
-    # higher rank than the Kronecker designs need components, and LoRA must stay in the comparison
-    lora_space = fit_max_r(CandidateSpace(family="lora", max_r=space.max_r), spec.matrices, limit.limit)
-    space = fit_max_r(space, spec.matrices, limit.limit)
-    tables = score_tables(spec, space, objective, seed=seed)
+    tables = score_tables(spec, fit_max_r(space, spec.matrices, limit.limit), objective, seed=seed)
     # The heuristic plan is make_plan's, allocated from these same tables rather than scored again.
     heuristic = plan_from_fronts(spec, limit, {s: front_of(t) for s, t in tables.items()}, objective=objective)
-    lora_tables = score_tables(spec, lora_space, objective, seed=seed) if include_lora else {}
+    lora_tables = {}
+    if include_lora:
+        # the automatic cap fitted to the budget for each family: a LoRA of the whole budget may need a
+        # higher rank than the Kronecker designs need components, and LoRA must stay in the comparison
+        lora_space = fit_max_r(CandidateSpace(family="lora", max_r=space.max_r), spec.matrices, limit.limit)
+        lora_tables = score_tables(spec, lora_space, objective, seed=seed)
     used = heuristic.used_params
     slack = max(0, limit.limit - used)
     groups = []
