@@ -11,6 +11,9 @@ option (cost, value); the total cost must stay within the budget and the total v
    how much it costs against the LP bound: a solution better than the start has total loss below
    ``upper - start``, so options losing more are dropped, and a dynamic programme over the few
    units left with a choice proves the optimum (or stops at ``node_limit`` with a certified gap).
+   A start already within ``tolerance`` of the bound is not searched when more than SEARCHED_UNITS
+   units keep a choice: with thousands of units the rounding loses millionths, and such a search runs
+   to its node cap without certifying better (measured by benchmarks/scale.py).
 
 Units are given as ``Unit(front, count, weight)``: the options of ``front`` with cost scaled by
 ``count`` and value by ``weight * count``. A positive scale changes no option's place on the upper
@@ -34,6 +37,8 @@ from cdka_search.gc_pause import paused_gc
 Option = tuple[int, float]  # (cost, value)
 Kept = tuple[float, int, int]  # (reduced loss, cost, option index) of an option the screening keeps
 VECTORISE_FROM = 50_000  # options in all: from here steps 1-3 run on numpy arrays (below, importing numpy costs more than it saves)
+TOLERANCE = 1e-5  # relative gap of a start that is not searched further: 10x inside the 1e-4 a plan is held to
+SEARCHED_UNITS = 1_000  # units with a choice up to which every start is searched (224 finish in 34,000-80,000 nodes)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing or hashing fronts of a thousand options is not free
@@ -189,18 +194,26 @@ def _screen(
     return options, upper
 
 
-def allocate(units: Sequence[Sequence[Option]], budget: int, *, node_limit: int = 100_000) -> Allocation:
+def allocate(
+    units: Sequence[Sequence[Option]], budget: int, *, node_limit: int = 100_000, tolerance: float = TOLERANCE
+) -> Allocation:
     """Choose one option per unit maximising total value with total cost <= budget (identical
     option lists become one shared front)."""
     shared: dict[tuple[Option, ...], tuple[Option, ...]] = {}
-    return allocate_units([Unit(shared.setdefault(front, front)) for front in map(tuple, units)], budget, node_limit=node_limit)
+    return allocate_units(
+        [Unit(shared.setdefault(front, front)) for front in map(tuple, units)], budget, node_limit=node_limit, tolerance=tolerance
+    )
 
 
 # The search allocates states by the hundred thousand: with a plan's fronts live (millions of objects
 # for thousands of modules) the collector's full passes doubled the time of 10,000 units.
 @paused_gc()
-def allocate_units(units: Sequence[Unit], budget: int, *, node_limit: int = 100_000) -> Allocation:
-    """Choose one option per unit maximising total value with total cost <= budget."""
+def allocate_units(
+    units: Sequence[Unit], budget: int, *, node_limit: int = 100_000, tolerance: float = TOLERANCE
+) -> Allocation:
+    """Choose one option per unit maximising total value with total cost <= budget: the optimum, or a
+    solution whose gap to the bound is certified (``node_limit`` reached, or, with more than
+    SEARCHED_UNITS units keeping a choice, a start within ``tolerance``; with ``tolerance=0`` only an optimal one)."""
     if not units or any(not u.front for u in units):
         raise BudgetError("nothing to allocate: every target needs at least one candidate")
     if any(not (isinstance(u.count, int) and u.count >= 1 and math.isfinite(u.weight) and u.weight >= 0) for u in units):
@@ -212,7 +225,7 @@ def allocate_units(units: Sequence[Unit], budget: int, *, node_limit: int = 100_
         if fronts.fits_int64():
             _check_floor(fronts.floor(), budget)
             lam, best, options, upper = allocate_arrays.relax_and_screen(fronts, budget)
-            return _search(units, budget, lam, best, options, upper, node_limit)
+            return _search(units, budget, lam, best, options, upper, node_limit, tolerance)
     expanded = [u.options() for u in units]
     _check_floor(sum(min(c for c, _ in u) for u in expanded), budget)
     lp = _relax(expanded, budget)
@@ -220,7 +233,7 @@ def allocate_units(units: Sequence[Unit], budget: int, *, node_limit: int = 100_
     if len(expanded) <= 64:  # the quadratic fill only where it is cheap; big problems rarely need it
         _fill(expanded, best, budget)
     options, upper = _screen(expanded, lp.lam, budget, lp.upper, sum(expanded[k][i][1] for k, i in enumerate(best)))
-    return _search(expanded, budget, lp.lam, best, options, upper, node_limit)
+    return _search(expanded, budget, lp.lam, best, options, upper, node_limit, tolerance)
 
 
 def _check_floor(floor: int, budget: int) -> None:
@@ -230,7 +243,7 @@ def _check_floor(floor: int, budget: int) -> None:
 
 def _search(
     units: Sequence[Sequence[Option]], budget: int, lam: float, best: list[int], options: list[list[Kept]],
-    upper: float, node_limit: int,
+    upper: float, node_limit: int, tolerance: float,
 ) -> Allocation:
     """From a feasible start ``best`` and the options screening kept, the optimum, or the best
     solution found and the bound that certifies its gap."""
@@ -238,6 +251,8 @@ def _search(
     eps = 1e-12 * max(1.0, abs(upper))
     fixed = [k for k, o in enumerate(options) if len(o) == 1]
     free = sorted((k for k, o in enumerate(options) if len(o) > 1), key=lambda k: (-options[k][1][0], k))
+    if len(free) > SEARCHED_UNITS and upper - best_value <= tolerance * max(upper, 0.0):
+        return Allocation(tuple(best), sum(units[k][i][0] for k, i in enumerate(best)), best_value, max(upper, best_value), 0)
     fixed_value = sum(units[k][options[k][0][2]][1] for k in fixed)
     fixed_cost = sum(options[k][0][1] for k in fixed)
     # Node bounds: the Lagrangian mu * room + sum over the units left of max (v - mu c) is an upper

@@ -106,9 +106,9 @@ def test_numpy_steps_give_the_python_allocation(seed, monkeypatch):
         u.append((u[1][0] + 5, u[1][1] - 1.0))
     budget = sum(min(c for c, _ in u) for u in units) + 2_000_000
     monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 10**12)
-    python = allocate(units, budget, node_limit=5_000)
+    python = allocate(units, budget, node_limit=5_000, tolerance=0.0)  # searched, whatever the start's gap
     monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 0)
-    vectorised = allocate(units, budget, node_limit=5_000)
+    vectorised = allocate(units, budget, node_limit=5_000, tolerance=0.0)
     assert vectorised == python
     assert python.nodes > 0 and python.cost <= budget
 
@@ -230,9 +230,9 @@ def test_shared_fronts_on_numpy_give_the_python_allocation(walked, monkeypatch):
     units = [Unit(rng.choice(fronts), rng.randint(1, 4), rng.lognormvariate(0, 0.7)) for _ in range(400)]
     budget = sum(u.count * min(c for c, _ in u.front) for u in units) + 3_000_000
     monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 10**12)
-    python = allocate_units(units, budget, node_limit=5_000)
+    python = allocate_units(units, budget, node_limit=5_000, tolerance=0.0)  # searched, whatever the start's gap
     monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 0)
-    vectorised = allocate_units(units, budget, node_limit=5_000)
+    vectorised = allocate_units(units, budget, node_limit=5_000, tolerance=0.0)
     assert vectorised.choice == python.choice and vectorised.value == python.value and vectorised.nodes == python.nodes
     assert vectorised.upper_bound == pytest.approx(python.upper_bound, rel=1e-12)
     assert python.nodes > 0 and python.cost <= budget
@@ -247,6 +247,24 @@ def test_ten_thousand_units_over_shared_fronts_are_certified():
     assert result.cost <= budget
     assert result.gap <= 1e-4
     assert result.upper_bound >= result.value
+
+
+def test_a_start_within_the_tolerance_is_searched_only_with_few_units_keeping_a_choice(monkeypatch):
+    # 3,000 units: rounding the LP's walk down loses about one unit's step in 3,000, far below 1e-3;
+    # screening leaves 699 of them a choice.
+    rng = random.Random(5)
+    front = tuple((c, 1 - 1 / (1 + c / 3000)) for c in sorted(rng.sample(range(100, 40_000), 60)))
+    units = [Unit(front, 1, rng.lognormvariate(0, 0.7)) for _ in range(3_000)]
+    budget = 3_000 * front[0][0] + 20_000_000
+    searched = allocate_units(units, budget, tolerance=1e-3, node_limit=20_000)
+    monkeypatch.setattr(allocate_module, "SEARCHED_UNITS", 600)
+    quick = allocate_units(units, budget, tolerance=1e-3, node_limit=20_000)
+    assert searched.nodes > 20_000 and quick.nodes == 0
+    assert 0 < quick.gap <= 1e-3 and quick.cost <= budget and searched.value >= quick.value
+    # The unsearched start's bound is the searched one's: no solution found by searching beats it.
+    assert searched.value <= quick.upper_bound and quick.upper_bound == pytest.approx(searched.upper_bound, rel=1e-9)
+    monkeypatch.setattr(allocate_module, "SEARCHED_UNITS", 800)
+    assert allocate_units(units, budget, tolerance=1e-3, node_limit=20_000) == searched
 
 
 def test_costs_beyond_float64_stay_exact(path):
