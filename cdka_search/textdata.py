@@ -3,43 +3,109 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdka_search.documents import read_file_bytes, read_json
+from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json
 from cdka_search.errors import DataError, ModelSourceError, one_line
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def read_texts(path: str | Path) -> list[str]:
-    """Documents of a .txt file (blank-line separated paragraphs) or a .jsonl file ("text" field)."""
+MAX_DATA_BYTES = 256 * 1024 * 1024  # a trial trains a few hundred batches (200 x 8 x 128 tokens: about 1 MB of text)
+DATA_JSON_LIMITS = JsonLimits(max_bytes=MAX_DATA_BYTES, max_objects=4_000_000, max_arrays=4_000_000, max_commas=16_000_000)
+FORMATS = "a 'text' string, 'prompt' and 'completion' (strings or message lists), or 'messages'"
+
+Message = tuple[str, str]  # (role, content)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training document: the model learns ``completion`` and only reads ``prompt`` (no loss on
+    it). Each is text, or messages that the tokenizer's chat template renders."""
+
+    completion: str | tuple[Message, ...]
+    prompt: str | tuple[Message, ...] = ""
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token ids of a data file, and per id whether the loss counts it (False on prompts)."""
+
+    ids: list[int]
+    trained: list[bool]
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """The documents of a data file, in the dataset formats of Hugging Face's TRL:
+
+    - ``.txt``: documents separated by blank lines, trained whole;
+    - ``.jsonl``, or ``.json`` (JSON Lines, or one array of records): per record a ``"text"``, a
+      ``"prompt"`` and ``"completion"`` (strings, or message lists for a conversation's turns), or
+      ``"messages"`` (a conversation, trained whole); messages are ``{"role", "content"}`` strings.
+    """
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise DataError(f"{file}: no such data file")
+    raw = read_file_bytes(file, DataError, MAX_DATA_BYTES)
     try:
-        raw = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{file}: cannot read as UTF-8 text ({exc.__class__.__name__})") from None
-    if file.suffix in (".jsonl", ".json"):
-        texts = []
-        for number, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except RecursionError:
-                raise DataError(f"{file}: line {number} is nested too deeply") from None
-            except ValueError:  # not JSON, or an integer too long to convert
-                raise DataError(f"{file}: line {number} is not JSON") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{file}: line {number} has no string 'text' field")
-            texts.append(record["text"])
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{file}: not UTF-8 text") from None
+    if file.suffix not in (".jsonl", ".json"):
+        examples = [Example(p.strip()) for p in text.split("\n\n") if p.strip()]
+    elif file.suffix == ".json" and text.lstrip().startswith("["):
+        records = read_json(text, str(file), DataError, DATA_JSON_LIMITS)
+        examples = [_example(record, f"{file}: record {number}") for number, record in enumerate(records, start=1)]
     else:
-        texts = [p.strip() for p in raw.split("\n\n") if p.strip()]
-    if not texts:
+        examples = [
+            _example(_json_line(line, f"{file}: line {number}"), f"{file}: line {number}")
+            for number, line in enumerate(text.splitlines(), start=1) if line.strip()
+        ]
+    if not examples:
         raise DataError(f"{file}: no text in it")
-    return texts
+    return examples
+
+
+def _json_line(line: str, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise DataError(f"{where} is nested too deeply") from None
+    except ValueError:  # not JSON, or an integer too long to convert
+        raise DataError(f"{where} is not JSON") from None
+
+
+def _example(record: Any, where: str) -> Example:
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is not a JSON object; expected {FORMATS}")
+    found = [keys for keys in (("text",), ("prompt", "completion"), ("messages",)) if any(k in record for k in keys)]
+    if len(found) != 1:
+        fields = ", ".join(map(repr, sorted(record))) or "none"
+        what = "mixes two formats" if found else f"has no 'text' field (its fields: {fields})"
+        raise DataError(f"{where} {what}; expected {FORMATS}")
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise DataError(f"{where} has no string 'text' field")
+        return Example(record["text"])
+    if "messages" in record:
+        return Example(_messages(record["messages"], f"{where}, 'messages'"))
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return Example(completion, prompt)
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return Example(_messages(completion, f"{where}, 'completion'"), _messages(prompt, f"{where}, 'prompt'"))
+    raise DataError(f"{where}: 'prompt' and 'completion' must both be strings or both message lists")
+
+
+def _messages(value: Any, where: str) -> tuple[Message, ...]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where} must be a non-empty list of messages")
+    for message in value:
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: every message needs a string 'role' and a string 'content', got {brief(message)}")
+    return tuple((m["role"], m["content"]) for m in value)
 
 
 def check_fast_tokenizer(file: Path) -> None:
@@ -73,17 +139,52 @@ def load_tokenizer(model_dir: str | Path) -> Any:
         raise ModelSourceError(f"{folder}: cannot load its tokenizer ({one_line(exc)})") from None
 
 
-def encode(texts: list[str], tokenizer: Any, vocab_size: int) -> list[int]:
-    """Token ids of all texts joined by EOS: with ``tokenizer`` (load_tokenizer) if there is one, else
-    UTF-8 bytes. The byte fallback (id = byte % vocab_size) lets tiny test models without a tokenizer train.
-    """
-    if tokenizer is not None:
+def encode(examples: list[Example], tokenizer: Any, vocab_size: int) -> Tokens:
+    """Token ids of every example, each prompt then completion then EOS: with ``tokenizer``
+    (load_tokenizer) if there is one, else UTF-8 bytes (id = byte % vocab_size, so that tiny test models
+    without a tokenizer train). Prompt and completion are tokenised apart, as generation sees them."""
+    if tokenizer is None:
+        def pieces(text: str) -> list[int]:
+            return [b % vocab_size for b in text.encode("utf-8")]
+        eos = [b"\n"[0] % vocab_size]
+    else:
+        def pieces(text: str) -> list[int]:
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        ids: list[int] = []
-        for text in texts:
-            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
-        return ids
-    return [b % vocab_size for text in texts for b in (text + "\n").encode("utf-8")]
+    ids: list[int] = []
+    trained: list[bool] = []
+    for number, example in enumerate(examples, start=1):
+        prompt, completion = _rendered(example, tokenizer, number)
+        head, tail = pieces(prompt), pieces(completion) + eos
+        ids += head + tail
+        trained += [False] * len(head) + [True] * len(tail)
+    return Tokens(ids, trained)
+
+
+def _rendered(example: Example, tokenizer: Any, number: int) -> tuple[str, str]:
+    """(prompt, completion) as text; conversations through the tokenizer's chat template."""
+    if isinstance(example.completion, str) and isinstance(example.prompt, str):
+        return example.prompt, example.completion
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"document {number} is a conversation, and only a tokenizer with a chat template can render it: "
+            "the model folder has none (give the documents as 'text' or 'prompt'/'completion' strings)"
+        )
+
+    def render(messages: tuple[Message, ...], **options: Any) -> str:
+        chat = [{"role": role, "content": content} for role, content in messages]
+        try:
+            return tokenizer.apply_chat_template(chat, tokenize=False, **options)
+        except Exception as exc:  # a template raises what it likes (jinja2's TemplateError for a bad role order)
+            raise DataError(f"document {number}: the chat template refuses it ({one_line(exc)})") from None
+
+    if not example.prompt:
+        return "", render(example.completion)  # type: ignore[arg-type]
+    head = render(example.prompt, add_generation_prompt=True)  # type: ignore[arg-type]
+    whole = render(example.prompt + example.completion)  # type: ignore[operator]
+    if not whole.startswith(head):
+        raise DataError(f"document {number}: the chat template does not render its prompt as the start of the conversation")
+    return head, whole[len(head):]
 
 
 def refuse_remote_code(folder: Path, name: str) -> None:
@@ -140,19 +241,32 @@ def load_causal_lm(model_dir: str | Path) -> Any:
         raise ModelSourceError(f"{folder}: cannot load a causal LM ({one_line(exc)})") from None
 
 
-def token_batches(ids: list[int], *, seq_len: int, batch_size: int, limit: int | None = None) -> list[dict[str, Any]]:
-    """Consecutive seq_len blocks grouped into batches with labels = input_ids (causal LM)."""
+def token_batches(tokens: Tokens, *, seq_len: int, batch_size: int, limit: int | None = None) -> list[dict[str, Any]]:
+    """Consecutive seq_len blocks grouped into batches, labels = input_ids where trained, -100 (ignored
+    by the loss) elsewhere; blocks with no trained token after their first (which nothing predicts) are left out."""
     import torch
 
     if seq_len < 2 or batch_size < 1:
         raise DataError("seq_len must be at least 2 and batch_size at least 1")
-    blocks = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-    if not blocks:
-        raise DataError(f"the data holds {len(ids)} tokens, fewer than one sequence of {seq_len}; lower --seq-len")
+    inputs, labels = token_blocks(tokens, seq_len)
+    if not len(inputs):
+        raise DataError(f"the data holds {len(tokens.ids)} tokens and no block of {seq_len} with a trained one; lower --seq-len")
     batches = []
-    for start in range(0, len(blocks), batch_size):
-        chunk = torch.tensor(blocks[start : start + batch_size], dtype=torch.long)
-        batches.append({"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "labels": chunk.clone()})
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        batches.append({"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "labels": labels[start : start + batch_size]})
         if limit is not None and len(batches) == limit:
             break
     return batches
+
+
+def token_blocks(tokens: Tokens, seq_len: int) -> tuple[Any, Any]:
+    """(input_ids, labels) as (blocks, seq_len) tensors: consecutive blocks, labels -100 where not
+    trained, only the blocks whose loss counts some token (any trained one after the first)."""
+    import torch
+
+    blocks = len(tokens.ids) // seq_len
+    ids = torch.tensor(tokens.ids[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
+    trained = torch.tensor(tokens.trained[: blocks * seq_len], dtype=torch.bool).view(blocks, seq_len)
+    keep = trained[:, 1:].any(dim=1)
+    return ids[keep], ids.masked_fill(~trained, -100)[keep]

@@ -752,12 +752,12 @@ def test_a_killed_export_leaves_a_temp_folder_that_the_next_export_removes(tmp_p
     ('{"text": 1}', "line 2 has no string 'text' field"),
 ])
 def test_bad_jsonl_data_lines(tmp_path, line, message):
-    from cdka_search.textdata import read_texts
+    from cdka_search.textdata import read_examples
 
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
-        read_texts(data)
+        read_examples(data)
 
 
 def test_a_second_copy_of_the_heuristic_plan_is_skipped_untrained():

@@ -45,14 +45,166 @@ def test_lm_sweep_trains_the_real_model_and_writes_a_plan(tmp_path, tiny_lm):
 
 
 def test_lm_task_reads_jsonl_and_reports_bad_lines(tmp_path):
-    from cdka_search.textdata import read_texts
+    from cdka_search.textdata import Example, read_examples
 
     good = tmp_path / "d.jsonl"
-    good.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
-    assert read_texts(good) == ["one", "two"]
+    good.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two", "id": 7}) + "\n")
+    assert read_examples(good) == [Example("one"), Example("two")]  # other fields are ignored
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "one"}) + "\n{oops\n")
     with pytest.raises(DataError, match="line 2 is not JSON"):
-        read_texts(bad)
-    with pytest.raises(DataError, match="no such data file"):
-        read_texts(tmp_path / "missing.txt")
+        read_examples(bad)
+    with pytest.raises(DataError, match="missing.txt: no such data file"):
+        read_examples(tmp_path / "missing.txt")
+
+
+CHAT = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+
+
+def test_every_trl_dataset_format_is_read(tmp_path):
+    from cdka_search.textdata import Example, read_examples
+
+    records = [
+        {"text": "plain"},
+        {"prompt": "Q: 2+2? A:", "completion": " 4"},
+        {"messages": CHAT},
+        {"prompt": CHAT[:1], "completion": CHAT[1:]},
+    ]
+    expected = [
+        Example("plain"),
+        Example(" 4", "Q: 2+2? A:"),
+        Example((("user", "2+2?"), ("assistant", "4"))),
+        Example((("assistant", "4"),), (("user", "2+2?"),)),
+    ]
+    lines = tmp_path / "d.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in records))
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(records, indent=1))  # one JSON array, as `json.dump(dataset)` writes it
+    assert read_examples(lines) == read_examples(array) == expected
+    text = tmp_path / "d.txt"
+    text.write_text("first paragraph\nstill first\n\n\nsecond\n")
+    assert read_examples(text) == [Example("first paragraph\nstill first"), Example("second")]
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"instruction": "x", "output": "y"}, r"line 1 has no 'text' field \(its fields: 'instruction', 'output'\); expected a 'text'"),
+    ({"text": "a", "prompt": "b", "completion": "c"}, "line 1 mixes two formats"),
+    ({"prompt": "only a prompt"}, "'prompt' and 'completion' must both be strings or both message lists"),
+    ({"prompt": "q", "completion": CHAT}, "must both be strings or both message lists"),
+    ({"messages": []}, "'messages' must be a non-empty list of messages"),
+    ({"messages": [{"role": "user", "content": ["an", "image"]}]}, "every message needs a string 'role' and a string 'content'"),
+    (["text"], "line 1 is not a JSON object"),
+])
+def test_bad_records_name_their_line_and_the_formats(tmp_path, record, message):
+    from cdka_search.textdata import read_examples
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=message):
+        read_examples(data)
+
+
+def test_the_loss_skips_prompt_tokens():
+    from cdka_search.textdata import Example, encode, token_blocks
+
+    tokens = encode([Example("yes", "Is it?"), Example("plain")], None, 260)
+    assert tokens.ids == list(b"Is it?yes\nplain\n")
+    assert tokens.trained == [False] * 6 + [True] * 4 + [True] * 6
+    inputs, labels = token_blocks(tokens, 4)
+    # Blocks "Is i", "t?ye", "s\npl", "ain\n": the first has no trained token and is left out.
+    assert inputs.tolist() == [list(b"t?ye"), list(b"s\npl"), list(b"ain\n")]
+    assert labels.tolist() == [[-100, -100, *b"ye"], list(b"s\npl"), list(b"ain\n")]
+
+
+def byte_tokenizer(folder: Path, *, chat: bool):
+    """A byte-level BPE tokenizer with no merges (ids: the 256 bytes, then EOS), saved in ``folder``."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))} | {"<eos>": 256}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer, core.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+    if chat:
+        tokenizer.chat_template = (
+            "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}"
+        )
+    tokenizer.save_pretrained(folder)
+
+
+def test_conversations_are_rendered_by_the_chat_template(tmp_path):
+    from cdka_search.textdata import encode, load_tokenizer, read_examples
+
+    byte_tokenizer(tmp_path, chat=True)
+    tokenizer = load_tokenizer(tmp_path)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"prompt": CHAT[:1], "completion": CHAT[1:]}) + "\n")
+    tokens = encode(read_examples(data), tokenizer, 257)
+    whole, prompt, answer = "<user>2+2?\n<assistant>4\n", "<user>2+2?\n<assistant>", "4\n"
+    ids = [tokenizer.convert_tokens_to_ids(c) for c in tokenizer.tokenize(whole)]
+    assert len(ids) == len(whole)  # one id per character: no merges
+    assert tokens.ids == ids + [256] + ids + [256]
+    # The conversation is trained whole; of the prompt-completion record only the answer and EOS.
+    assert tokens.trained == [True] * (len(whole) + 1) + [False] * len(prompt) + [True] * (len(answer) + 1)
+
+
+def test_a_conversation_without_a_chat_template_is_one_clear_error(tmp_path, tiny_lm):
+    from typer.testing import CliRunner
+
+    from cdka_search.cli.app import app
+
+    byte_tokenizer(tiny_lm, chat=False)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CHAT}) + "\n")
+    result = CliRunner().invoke(app, ["probe", "--grad", str(tiny_lm), "--data", str(data), "-o", str(tmp_path / "g.safetensors")])
+    assert result.exit_code == 9
+    assert "document 1 is a conversation, and only a tokenizer with a chat template can render it" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "g.safetensors").exists()
+
+
+def test_lm_sweep_trains_on_completions_only(tmp_path, tiny_lm):
+    from cdka_search.sweep.tasks import TaskOptions
+    from cdka_search.sweep.tasks.lm import LMTask
+    from cdka_search.textdata import Example, encode, read_examples
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}: what is {i} plus one? ", "completion": f"{i + 1}."}) + "\n"
+                            for i in range(120)))
+    task = LMTask(TaskOptions(model=str(tiny_lm), data=data, steps=4, seed=0), seq_len=32)
+    task.prepare(None)
+    inputs, labels = task.held
+    trained = encode(read_examples(data), None, 260).trained
+    assert (labels != -100).sum() < 0.25 * labels.numel()  # answers are a few bytes of each 40-byte record
+    assert sum(trained) / len(trained) < 0.25 and read_examples(data)[0] == Example("1.", "question 0: what is 0 plus one? ")
+    assert ((labels == -100) | (labels == inputs)).all()
+    # The held-out value is the mean loss over the answer tokens alone, whatever the batching.
+    import torch
+
+    with torch.no_grad():
+        logits = task.base(input_ids=inputs).logits[:, :-1]
+    manual = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    task.batch = 3  # batches holding different numbers of answer tokens: a mean of batch means would differ
+    assert task._held_out_loss(task.base) == pytest.approx(float(manual), rel=1e-5)
+
+    from cdka_search.sweep.study import SweepConfig, run_sweep
+
+    result = run_sweep(SweepConfig(model=str(tiny_lm), budget="lora:2", trials=1, steps=3, task="lm", data=data,
+                                   storage=f"sqlite:///{tmp_path / 'qa.db'}", study="qa", output=tmp_path / "best.yaml"))
+    assert result.complete == 1 and 0 < result.best_value < 2 * math.log(260)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: p.mkdir(), "not a regular file"),
+    (lambda p: p.write_text("[" * 5000 + "]" * 5000), "nested deeper than"),
+    (lambda p: p.write_text('[{"text": "a"}, 3]'), "record 2 is not a JSON object"),
+    (lambda p: p.write_bytes(b'{"text": "\xff"}\n'), "not UTF-8 text"),
+    (lambda p: p.write_text("[]"), "no text in it"),
+])
+def test_bad_data_files_are_one_data_error(tmp_path, make, message):
+    from cdka_search.textdata import read_examples
+
+    data = tmp_path / "d.json"
+    make(data)
+    with pytest.raises(DataError, match=message):
+        read_examples(data)

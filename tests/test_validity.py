@@ -118,7 +118,7 @@ def test_benchmark_writes_what_cdka_sweep_lm_reads(tmp_path, monkeypatch):
     import sys
     from pathlib import Path
 
-    from cdka_search.textdata import encode, load_causal_lm, load_tokenizer, read_texts
+    from cdka_search.textdata import encode, load_causal_lm, load_tokenizer, read_examples
 
     monkeypatch.setenv("CDKA_CACHE", str(tmp_path / "cache"))
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "validity_lm.py"
@@ -129,7 +129,7 @@ def test_benchmark_writes_what_cdka_sweep_lm_reads(tmp_path, monkeypatch):
     assert bench.main(["--smoke", "--write-task-data", str(tmp_path / "vlm")]) == 0
     model = load_causal_lm(tmp_path / "vlm" / "model")
     assert model.config.hidden_size == 32
-    ids = encode(read_texts(tmp_path / "vlm" / "prose.txt"), load_tokenizer(tmp_path / "vlm" / "model"), model.config.vocab_size)
+    ids = encode(read_examples(tmp_path / "vlm" / "prose.txt"), load_tokenizer(tmp_path / "vlm" / "model"), model.config.vocab_size).ids
     assert len(ids) > 10_000 and max(ids) < 256
 
 

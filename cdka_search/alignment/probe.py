@@ -11,7 +11,7 @@ from cdka_search.alignment.device import resolve_device
 from cdka_search.alignment.reference import delta_reference, gradient_reference
 from cdka_search.spec import load_spec
 from cdka_search.targets import select_targets
-from cdka_search.textdata import check_grad_inputs, encode, load_causal_lm, load_tokenizer, read_texts, token_batches
+from cdka_search.textdata import check_grad_inputs, encode, load_causal_lm, load_tokenizer, read_examples, token_batches
 
 Progress = Callable[[int, "int | None"], None]
 
@@ -41,14 +41,14 @@ def probe_gradients(
     runs on ``device`` (cdka_search.alignment.device) and the sums stay on the CPU."""
     check_grad_inputs(model_dir, batches=batches, batch_size=batch_size, seq_len=seq_len)
     where = resolve_device(device)
-    texts = read_texts(data)
+    examples = read_examples(data)
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir).to(where)
     from cdka_search.spec import spec_from_module
 
     spec = select_targets(spec_from_module(model, Path(model_dir).name), targets)
-    ids = encode(texts, tokenizer, model.config.vocab_size)
-    loader = token_batches(ids, seq_len=seq_len, batch_size=batch_size, limit=batches)
+    tokens = encode(examples, tokenizer, model.config.vocab_size)
+    loader = token_batches(tokens, seq_len=seq_len, batch_size=batch_size, limit=batches)
     conv1d = [t.name for t in spec.targets if t.kind == "conv1d"]
     transposed = [t.name for t in spec.targets if t.transposed]
     return gradient_reference(model, loader, [t.name for t in spec.targets], conv1d_names=conv1d,

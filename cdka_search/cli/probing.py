@@ -21,7 +21,7 @@ def probe(
         Optional[tuple[Path, Path]], typer.Option("--delta", help="BASE FINETUNED: two .safetensors files or HF folders.")
     ] = None,
     grad: Annotated[Optional[Path], typer.Option("--grad", help="A local Hugging Face causal-LM folder.")] = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Local .txt or .jsonl ('text' field) for --grad.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Local .txt, .jsonl or .json (text, prompt/completion or messages) for --grad.")] = None,
     targets: TargetsOpt = "all-linear",
     batches: Annotated[int, typer.Option(help="Batches of gradient to accumulate.")] = 8,
     batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 4,
@@ -54,7 +54,7 @@ def probe(
         tensors, kind = probe_delta(*delta, targets=targets), "delta"
     else:
         if data is None:
-            raise ReferenceFileError("--grad needs --data FILE (a local .txt or .jsonl)")
+            raise ReferenceFileError("--grad needs --data FILE (a local .txt, .jsonl or .json)")
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:

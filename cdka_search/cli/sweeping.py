@@ -39,7 +39,7 @@ def sweep(
     study: StudyOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampler and training seed (give each worker its own).")] = 0,
     task: Annotated[str, typer.Option("--task", help="proxy (offline, default) or lm (local HF folder + --data).")] = "proxy",
-    data: Annotated[Optional[Path], typer.Option("--data", help="lm task: a local .txt or .jsonl file.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="lm task: a local .txt, .jsonl or .json file (text, prompt/completion or messages).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Training steps per trial.")] = 200,
     reference: Annotated[Optional[Path], typer.Option("--reference", help="proxy task: reference updates (.safetensors) instead of synthetic ones.")] = None,
     pruner: Annotated[str, typer.Option("--pruner", help="median (default), hyperband or none.")] = "median",

@@ -3,9 +3,12 @@
 - Model: a local folder loaded by ``cdka_search.textdata.load_causal_lm`` (safetensors, float32), once
   per process; each trial trains a fresh copy with the plan applied by ``apply_plan``
   (real CdkaLinear modules, default stabilisation).
-- Data: ``cdka_search.textdata``: a local ``.txt`` file (blank-line separated documents) or ``.jsonl``
-  file ("text" field), tokenised with the folder's tokenizer or, without one, as UTF-8 bytes modulo the
-  vocabulary (the tests' tiny models). Documents are joined with EOS and cut into blocks of SEQ_LEN tokens; the last HELD_OUT (10 %, at least one) blocks are held out.
+- Data: ``cdka_search.textdata.read_examples``: a local ``.txt`` (blank-line separated documents),
+  ``.jsonl`` or ``.json`` file in TRL's formats (text, prompt/completion, messages), tokenised with the
+  folder's tokenizer (conversations by its chat template) or, without one, as UTF-8 bytes modulo the
+  vocabulary (the tests' tiny models). Documents are joined with EOS and cut into blocks of SEQ_LEN
+  tokens; the loss skips prompt tokens, blocks without a trained token are dropped, and the last
+  HELD_OUT (10 %, at least one) blocks are held out.
 - Training: AdamW (weight decay 5e-4, the reference recipe), 3 % warm-up then cosine, batches of
   BATCH blocks from a seeded shuffle. The value is the mean causal-LM loss on the held-out blocks; it is
   also the intermediate value reported every few steps.
@@ -54,35 +57,35 @@ class LMTask:
     def prepare(self, space: "SearchSpace") -> None:
         import torch
 
-        from cdka_search.textdata import encode, load_causal_lm, load_tokenizer, read_texts
+        from cdka_search.textdata import encode, load_causal_lm, load_tokenizer, read_examples, token_blocks
 
-        texts = read_texts(self.options.data)  # type: ignore[arg-type]
+        examples = read_examples(self.options.data)  # type: ignore[arg-type]
         tokenizer = load_tokenizer(self.options.model)  # type: ignore[arg-type]
         self.base = load_causal_lm(self.options.model)  # type: ignore[arg-type]
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base.eval()
-        vocab = int(self.base.config.vocab_size)
-        ids = encode(texts, tokenizer, vocab)
-        blocks = len(ids) // self.seq_len
-        if blocks < 2:
+        tokens = encode(examples, tokenizer, int(self.base.config.vocab_size))
+        inputs, labels = token_blocks(tokens, self.seq_len)
+        if len(inputs) < 2:
             raise SweepError(
-                f"--data {self.options.data}: {len(ids)} tokens make {blocks} block(s) of {self.seq_len}; need at least 2"
+                f"--data {self.options.data}: {len(tokens.ids)} tokens make {len(inputs)} block(s) of {self.seq_len} "
+                "with a trained token; need at least 2"
             )
-        data = torch.tensor(ids[: blocks * self.seq_len], dtype=torch.long).view(blocks, self.seq_len)
-        held = max(1, int(round(HELD_OUT * blocks)))
-        self.train, self.held = data[:-held], data[-held:]
+        held = max(1, int(round(HELD_OUT * len(inputs))))
+        self.train, self.held = (inputs[:-held], labels[:-held]), (inputs[-held:], labels[-held:])
 
     def _held_out_loss(self, model: Any) -> float:
         import torch
 
         model.eval()
+        inputs, labels = self.held
         total, count = 0.0, 0
         with torch.no_grad():
-            for i in range(0, len(self.held), self.batch):
-                batch = self.held[i : i + self.batch].to(self.device)
-                out = model(input_ids=batch, labels=batch)
-                total += float(out.loss) * len(batch)
-                count += len(batch)
+            for i in range(0, len(inputs), self.batch):
+                batch, target = inputs[i : i + self.batch].to(self.device), labels[i : i + self.batch].to(self.device)
+                counted = int((target[:, 1:] != -100).sum())  # the loss is a mean over these (labels shift by one)
+                total += float(model(input_ids=batch, labels=target).loss) * counted
+                count += counted
         model.train()
         return total / count
 
@@ -107,16 +110,16 @@ class LMTask:
             lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))),
         )
         gen = torch.Generator().manual_seed(self.options.seed + 29)
-        order = torch.randperm(len(self.train), generator=gen)
+        inputs, labels = self.train
+        order = torch.randperm(len(inputs), generator=gen)
         cursor = 0
         value = math.inf
         for step in range(1, steps + 1):
             if cursor + self.batch > len(order):
-                order, cursor = torch.randperm(len(self.train), generator=gen), 0
+                order, cursor = torch.randperm(len(inputs), generator=gen), 0
             rows = order[cursor : cursor + self.batch]
             cursor += self.batch
-            batch = self.train[rows].to(self.device)
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = model(input_ids=inputs[rows].to(self.device), labels=labels[rows].to(self.device)).loss
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite training loss at step {step}")
             optimiser.zero_grad(set_to_none=True)
