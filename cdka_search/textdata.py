@@ -41,7 +41,7 @@ def read_examples(path: str | Path) -> list[Example]:
     """The documents of a data file, in the dataset formats of Hugging Face's TRL:
 
     - ``.txt``: documents separated by blank lines, trained whole;
-    - ``.jsonl``, or ``.json`` (JSON Lines, or one array of records): per record a ``"text"``, a
+    - ``.jsonl``, or ``.json`` (an array of records, one record, or JSON Lines): per record a ``"text"``, a
       ``"prompt"`` and ``"completion"`` (strings, or message lists for a conversation's turns), or
       ``"messages"`` (a conversation, trained whole); messages are ``{"role", "content"}`` strings.
     """
@@ -55,8 +55,7 @@ def read_examples(path: str | Path) -> list[Example]:
         raise DataError(f"{file}: not UTF-8 text") from None
     if file.suffix not in (".jsonl", ".json"):
         examples = [Example(p.strip()) for p in text.split("\n\n") if p.strip()]
-    elif file.suffix == ".json" and text.lstrip().startswith("["):
-        records = read_json(text, str(file), DataError, DATA_JSON_LIMITS)
+    elif file.suffix == ".json" and (records := _json_document(text, file)) is not None:
         examples = [_example(record, f"{file}: record {number}") for number, record in enumerate(records, start=1)]
     else:
         examples = [
@@ -66,6 +65,20 @@ def read_examples(path: str | Path) -> list[Example]:
     if not examples:
         raise DataError(f"{file}: no text in it")
     return examples
+
+
+def _json_document(text: str, file: Path) -> list[Any] | None:
+    """The records of a .json file that is one JSON document (an array of records, or one record);
+    None for JSON Lines, which only an array's or an object's parse error tells apart."""
+    start = text.lstrip()[:1]
+    if start == "[":
+        return read_json(text, str(file), DataError, DATA_JSON_LIMITS)
+    if start == "{":
+        try:
+            return [read_json(text, str(file), DataError, DATA_JSON_LIMITS)]
+        except DataError:
+            return None  # more than one document: JSON Lines, read line by line with each line's own error
+    return None
 
 
 def _json_line(line: str, where: str) -> Any:

@@ -81,6 +81,12 @@ def test_every_trl_dataset_format_is_read(tmp_path):
     array = tmp_path / "d.json"
     array.write_text(json.dumps(records, indent=1))  # one JSON array, as `json.dump(dataset)` writes it
     assert read_examples(lines) == read_examples(array) == expected
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(records[1], indent=2))  # one record, pretty-printed over several lines
+    assert read_examples(one) == expected[1:2]
+    lines_named_json = tmp_path / "lines.json"
+    lines_named_json.write_text(lines.read_text())
+    assert read_examples(lines_named_json) == expected
     text = tmp_path / "d.txt"
     text.write_text("first paragraph\nstill first\n\n\nsecond\n")
     assert read_examples(text) == [Example("first paragraph\nstill first"), Example("second")]
