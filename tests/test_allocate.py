@@ -57,6 +57,44 @@ def test_node_limit_reports_a_certified_gap(path):
     assert capped.gap == pytest.approx((capped.upper_bound - capped.value) / capped.upper_bound)
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_the_suffix_lp_bound_is_the_lp_of_the_units_left(seed):
+    # The node bound of the search: for every depth and room, the LP relaxation of the units from that
+    # depth on, as _relax computes it for those units alone, and never below their integer optimum.
+    from cdka_search.allocate import _relax, _SuffixLP
+
+    rng = random.Random(seed)
+    units = [[(rng.randint(1, 40), rng.random() * 10) for _ in range(rng.randint(2, 6))] for _ in range(5)]
+    options = [[(0.0, c, i) for i, (c, _) in enumerate(u)] for u in units]
+    free = list(range(5))
+    lp = _SuffixLP.build(units, free, options)
+    for depth in range(6):
+        rest = units[depth:]
+        floor = sum(min(c for c, _ in u) for u in rest)
+        for room in (floor, floor + rng.randint(0, 60), floor + 500):
+            bound = lp.bound(depth, room)
+            if not rest:
+                assert bound == 0.0
+                continue
+            assert bound == pytest.approx(_relax(rest, room).upper, abs=1e-9)
+            assert bound >= brute_force(rest, room) - 1e-9
+
+
+def test_a_depth_that_would_grow_past_the_node_limit_is_cut_inside_it(path):
+    # Four units of 300 near-tied options (value about cost): few nodes are bounded out, and one depth
+    # would grow 10,000-13,000 nodes against a limit of 2,000.
+    rng = random.Random(0)
+    units = [[(c, c * (1 + 0.01 * rng.random())) for c in rng.sample(range(1, 2000), 300)] for _ in range(4)]
+    budget = sum(min(c for c, _ in u) for u in units) + 3000
+    capped = allocate(units, budget, node_limit=2_000, tolerance=0.0)
+    assert 2_000 < capped.nodes <= 2_000 + 300  # at most one state's options past the limit
+    optimum = dynamic_programming(units, budget)
+    assert capped.cost <= budget and capped.value <= optimum + 1e-9
+    assert capped.upper_bound >= optimum - 1e-9  # the certificate is honest
+    full = allocate(units, budget)
+    assert full.value <= optimum + 1e-9 <= full.upper_bound + 2e-9 and full.gap <= capped.gap
+
+
 def dynamic_programming(units, budget):
     """The exact optimum by DP over every integer budget (small integer costs only)."""
     best = [0.0] + [float("-inf")] * budget  # best[b]: max value of the units so far at cost exactly b
