@@ -3,7 +3,7 @@
 Per type, in a child process of its own (a type that crashes or runs out of memory costs one row):
 - plan: `make_plan` of the type's default config (built on the meta device) at ``--budget``;
   "refused" rows print cdka's one error line (mostly transformers failing to build its own default);
-- used: the share of the budget the plan spends;
+- used: the share of the budget the plan spends; allocation: "exact", or the certified gap to the LP bound;
 - total: "yes" where the spec's total equals the built model's parameter count, else the difference
   (BERT and RoBERTa: the built-in family counts the encoder with its pooler, as fine-tuned for
   classification; the causal-LM class has an LM-head transform instead, and transformers' default
@@ -17,8 +17,9 @@ Per type, in a child process of its own (a type that crashes or runs out of memo
     python benchmarks/model_types.py [--types mixtral llama ...] [--budget 0.5%] [--numerics]
                                      [--max-params 2e9] [--timeout 400] [--jobs 1]
 
-It exits 1 when a trainable count is wrong, or an adapted forward differs from the merged one by more
-than 1e-4 of the largest logit or fails where transformers' own forward runs. It downloads nothing:
+It exits 1 when a trainable count is wrong, an allocation is certified only above 1e-4, or an adapted
+forward differs from the merged one by more than 1e-4 of the largest logit or fails where transformers'
+own forward runs. It downloads nothing:
 configs are transformers' defaults. A full run over about 200 types takes about an hour on 2 cores,
 more with --numerics.
 """
@@ -122,6 +123,7 @@ def one(kind: str, budget: str, with_numerics: bool, max_params: float) -> dict:
         except CdkaError as exc:
             return {**row, "refused": str(exc).split(": ", 1)[-1][:90]}
     row["used"] = plan.used_params / plan.budget_limit
+    row["gap"] = plan.gap or 0.0
     model = _build_on_meta(config)
     row["total_gap"] = spec.total_params - sum(p.numel() for p in model.parameters())
     apply_plan(model, plan)
@@ -156,7 +158,8 @@ def line(kind: str, row: dict) -> str:
     else:
         experts = f"{check['gap']:.1e} of {check['scale']:.1f} {'ok' if check['ok'] else 'MISMATCH'}{' inert' if check['inert'] else ''}"
     total = f"{row['total_gap']:+,}" if row["total_gap"] else "yes"
-    return f"{kind:<28} {100 * row['used']:>7.2f}% {total:>10} {'yes' if row['trainable'] else 'NO':>10}  {experts}"
+    allocation = "exact" if row["gap"] <= 1e-9 else f"{row['gap']:.1e}"
+    return f"{kind:<28} {100 * row['used']:>7.2f}% {allocation:>10} {total:>10} {'yes' if row['trainable'] else 'NO':>10}  {experts}"
 
 
 def row_of(kind: str, args: argparse.Namespace) -> dict:
@@ -187,8 +190,8 @@ def main() -> None:
         print(json.dumps(one(args.one, args.budget, args.numerics, args.max_params)))
         return
     kinds = args.types or causal_lm_types()
-    print(f"{'model_type':<28} {'used':>8} {'total':>10} {'trainable':>10}  experts: adapted vs merged")
-    planned, refused, failed = 0, 0, []
+    print(f"{'model_type':<28} {'used':>8} {'allocation':>10} {'total':>10} {'trainable':>10}  experts: adapted vs merged")
+    planned, refused, failed, gaps = 0, 0, [], []
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait: each type runs in its own process
         rows = pool.map(lambda kind: row_of(kind, args), kinds)
         for kind, row in zip(kinds, rows, strict=True):
@@ -198,9 +201,11 @@ def main() -> None:
                 continue
             planned += 1
             check = row.get("numerics", {})
-            if not row["trainable"] or "error" in check or check.get("ok") is False:
+            gaps.append(row["gap"])
+            if not row["trainable"] or "error" in check or check.get("ok") is False or row["gap"] > 1e-4:
                 failed.append(kind)
     print(f"\n{planned} types planned and adapted, {refused} refused or failed to build; "
+          f"allocation exact on {sum(g <= 1e-9 for g in gaps)}, largest gap {max(gaps, default=0.0):.1e}; "
           f"cdka wrong on {len(failed)}{': ' + ', '.join(failed) if failed else ''}")
     sys.exit(1 if failed else 0)
 
