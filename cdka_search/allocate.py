@@ -305,7 +305,7 @@ def _search(
     # DeepSeek-V2-Lite plan at its node cap with a gap of 9.5e-4; this order proves it optimal.)
     free = sorted(
         (k for k, o in enumerate(options) if len(o) > 1),
-        key=lambda k: (-(max(c for _, c, _ in options[k]) - min(c for _, c, _ in options[k])).bit_length(), -options[k][1][0], k),
+        key=lambda k: (-int(max(c for _, c, _ in options[k]) - min(c for _, c, _ in options[k])).bit_length(), -options[k][1][0], k),
     )
     if len(free) > SEARCHED_UNITS and upper - best_value <= tolerance * max(upper, 0.0):
         return Allocation(tuple(best), sum(units[k][i][0] for k, i in enumerate(best)), best_value, max(upper, best_value), 0)
