@@ -14,7 +14,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 MAX_DATA_BYTES = 256 * 1024 * 1024  # a trial trains a few hundred batches (200 x 8 x 128 tokens: about 1 MB of text)
-DATA_JSON_LIMITS = JsonLimits(max_bytes=MAX_DATA_BYTES, max_objects=4_000_000, max_arrays=4_000_000, max_commas=16_000_000)
+# Per .json document or .jsonl line: what a 256 MiB chat dataset holds, and no more Python objects than that.
+DATA_JSON_LIMITS = JsonLimits(max_bytes=MAX_DATA_BYTES, max_objects=2_000_000, max_arrays=1_000_000, max_commas=8_000_000)
 FORMATS = "a 'text' string, 'prompt' and 'completion' (strings or message lists), or 'messages'"
 
 Message = tuple[str, str]  # (role, content)
@@ -82,6 +83,7 @@ def _json_document(text: str, file: Path) -> list[Any] | None:
 
 
 def _json_line(line: str, where: str) -> Any:
+    DATA_JSON_LIMITS.check(line, where, DataError)
     try:
         return json.loads(line)
     except RecursionError:

@@ -206,6 +206,7 @@ def test_lm_sweep_trains_on_completions_only(tmp_path, tiny_lm):
     (lambda p: p.write_text('[{"text": "a"}, 3]'), "record 2 is not a JSON object"),
     (lambda p: p.write_bytes(b'{"text": "\xff"}\n'), "not UTF-8 text"),
     (lambda p: p.write_text("[]"), "no text in it"),
+    (lambda p: p.write_text('{"text": "a"}\n[' + "{}," * 2_000_001 + "{}]\n"), "line 2: more objects than such a document can hold"),
 ])
 def test_bad_data_files_are_one_data_error(tmp_path, make, message):
     from cdka_search.textdata import read_examples
