@@ -61,7 +61,7 @@ class ExportError(CdkaError, ValueError):
 
 
 class DataError(CdkaError, ValueError):
-    """A local data file (text or JSONL) that is missing, empty or malformed."""
+    """A local data file (.txt, .jsonl, .json) that is missing, empty, too large or malformed, or a record in it."""
 
     exit_code = 9
 
