@@ -47,25 +47,35 @@ class Fronts:
             of_unit.append(f)
         lengths = np.fromiter(map(len, fronts), np.int64, count=len(fronts))
         flat = np.fromiter(chain.from_iterable(chain.from_iterable(fronts)), np.float64, count=2 * int(lengths.sum()))
-        hull, by_cost = hulls(lengths, flat[0::2], flat[1::2])
-        cost, value, order = by_cost
-        listed = np.arange(cost.shape[1]) < lengths[:, None]
-        self.largest_cost = float(cost[listed].max())
-        self.option_cost, self.option_value = cost[listed].astype(np.int64), value[listed]
-        self.option_index = order[listed]
-        # Per option (front by front, by cost): where the options of its front and cost end.
-        new_cost = np.ones(cost.shape, bool)
-        new_cost[:, 1:] = cost[:, 1:] != cost[:, :-1]
-        run_start = np.flatnonzero(new_cost[listed])
-        ends = np.append(run_start[1:], len(self.option_cost))[np.cumsum(new_cost[listed]) - 1]
-        hull_cost, hull_value, hull_index, hull_column, hull_size = hull
-        on_hull = np.arange(hull_cost.shape[1]) < hull_size[:, None]
         offset = np.cumsum(lengths) - lengths
-        self.hull_cost, self.hull_value = hull_cost[on_hull].astype(np.int64), hull_value[on_hull]
-        self.hull_option = hull_index[on_hull]
-        # A hull point is the first option of its cost (the best-valued one): where its cost begins and ends.
-        self.first_at = (offset[:, None] + hull_column)[on_hull]
-        self.last_after = ends[self.first_at]
+        if concave_chains(lengths, flat[0::2], flat[1::2]):
+            # Every front is its own hull, by cost: nothing to sort, pad or chain (the rank objective's fronts).
+            self.largest_cost = float(flat[0::2].max())
+            self.option_cost, self.option_value = flat[0::2].astype(np.int64), flat[1::2]
+            self.option_index = np.arange(len(self.option_cost)) - np.repeat(offset, lengths)
+            self.hull_cost, self.hull_value, self.hull_option = self.option_cost, self.option_value, self.option_index
+            self.first_at = np.arange(len(self.option_cost))
+            self.last_after = self.first_at + 1
+            hull_size = lengths
+        else:
+            hull, by_cost = hulls(lengths, flat[0::2], flat[1::2])
+            cost, value, order = by_cost
+            listed = np.arange(cost.shape[1]) < lengths[:, None]
+            self.largest_cost = float(cost[listed].max())
+            self.option_cost, self.option_value = cost[listed].astype(np.int64), value[listed]
+            self.option_index = order[listed]
+            # Per option (front by front, by cost): where the options of its front and cost end.
+            new_cost = np.ones(cost.shape, bool)
+            new_cost[:, 1:] = cost[:, 1:] != cost[:, :-1]
+            run_start = np.flatnonzero(new_cost[listed])
+            ends = np.append(run_start[1:], len(self.option_cost))[np.cumsum(new_cost[listed]) - 1]
+            hull_cost, hull_value, hull_index, hull_column, hull_size = hull
+            on_hull = np.arange(hull_cost.shape[1]) < hull_size[:, None]
+            self.hull_cost, self.hull_value = hull_cost[on_hull].astype(np.int64), hull_value[on_hull]
+            self.hull_option = hull_index[on_hull]
+            # A hull point is the first option of its cost (the best-valued one): where its cost begins and ends.
+            self.first_at = (offset[:, None] + hull_column)[on_hull]
+            self.last_after = ends[self.first_at]
         front_of = np.asarray(of_unit, np.int64)
         self.count = np.fromiter((u.count for u in units), np.int64, count=len(units))
         weight = np.fromiter((u.weight for u in units), np.float64, count=len(units))
@@ -98,6 +108,18 @@ class Fronts:
     def reduced(self, k: np.ndarray, j: np.ndarray, lam: float) -> np.ndarray:
         """v - lam c of hull point j of units k."""
         return self.value(k, j) - lam * self.cost(k, j)
+
+
+def concave_chains(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> bool:
+    """Whether every front (``lengths`` options each, flat) lists its options by strictly rising cost
+    and value with each one strictly above the chord of its neighbours: then ``hulls`` would keep every
+    option in the given order, and each front is its own hull."""
+    within = np.ones(max(len(cost) - 1, 0), bool)  # pairs (i, i + 1) inside one front
+    within[(np.cumsum(lengths) - 1)[:-1]] = False
+    if not ((np.diff(cost) > 0) & (np.diff(value) > 0) | ~within).all():
+        return False
+    c0, c1, c2, v0, v1, v2 = cost[:-2], cost[1:-1], cost[2:], value[:-2], value[1:-1], value[2:]
+    return bool((((v1 - v0) * (c2 - c0) > (v2 - v0) * (c1 - c0)) | ~(within[:-1] & within[1:])).all())
 
 
 def hulls(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:

@@ -1,6 +1,7 @@
 import itertools
 import random
 
+import numpy as np
 import pytest
 
 from cdka_search import allocate as allocate_module
@@ -337,3 +338,28 @@ def test_counts_beyond_int64_stay_exact(path):
     front = ((1, 1.0), (2, 3.0))
     result = allocate_units([Unit(front, 2**70), Unit(front, 1)], 2**70 + 2)
     assert result.exact and result.choice == (0, 1) and result.cost == 2**70 + 2
+
+
+def test_fronts_that_are_their_own_hulls_skip_the_padded_hull_and_give_the_same_arrays(monkeypatch):
+    # Concave chains by rising cost, as the rank objective's fronts are: every option is a hull point.
+    rng = random.Random(9)
+    fronts = [tuple((c, (1 + k) * c**0.5) for c in sorted(rng.sample(range(100, 40_000), rng.randint(1, 40)))) for k in range(50)]
+    units = [Unit(rng.choice(fronts), rng.randint(1, 3), rng.lognormvariate(0, 0.7)) for _ in range(2_000)]
+    flat = (np.array([len(f) for f in fronts]), np.array([c for f in fronts for c, _ in f], float), np.array([v for f in fronts for _, v in f]))
+    assert allocate_arrays.concave_chains(*flat)
+    # A point on its neighbours' chord, or a dominated option, is not; cost falling between two fronts is fine.
+    assert not allocate_arrays.concave_chains(np.array([3]), np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0]))
+    assert not allocate_arrays.concave_chains(np.array([3]), np.array([1.0, 2.0, 3.0]), np.array([1.0, 3.0, 2.0]))
+    assert allocate_arrays.concave_chains(np.array([2, 2]), np.array([1.0, 2.0, 1.0, 2.0]), np.array([1.0, 2.0, 5.0, 6.0]))
+    budget = sum(u.count * u.front[0][0] for u in units) + 4_000_000
+    monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 10**12)
+    python = allocate_units(units, budget, node_limit=5_000, tolerance=0.0)
+    monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 0)
+    vectorised = allocate_units(units, budget, node_limit=5_000, tolerance=0.0)
+    assert vectorised.choice == python.choice and vectorised.value == python.value
+    fast = allocate_arrays.Fronts(units)
+    monkeypatch.setattr(allocate_arrays, "concave_chains", lambda *_: False)
+    padded = allocate_arrays.Fronts(units)
+    for field in ("option_cost", "option_value", "option_index", "hull_cost", "hull_value", "hull_option", "first_at",
+                  "last_after", "start", "size", "options_end", "scale", "count"):
+        assert np.array_equal(getattr(fast, field), getattr(padded, field)), field
