@@ -2,8 +2,9 @@
 safetensors headers, adapter files and reference files (values swapped for hostile ones, keys dropped or added or duplicated, deep
 nesting, anchors, truncation, stray bytes). Whatever the input, a loader returns a valid object or
 raises a CdkaError; nothing else may come out. Hypothesis runs derandomized (a fixed seed), so CI
-sees the same 3,050 inputs every time (700 per test: plans, the config reader, config values read by
-the model families, safetensors headers; 150 adapter files, 100 reference files); about 35 s on 2 cores."""
+sees the same 3,350 inputs every time (700 per test: plans, the config reader, config values read by
+the model families, safetensors headers; 150 adapter files, 100 reference files, 300 data files); about
+40 s on 2 cores."""
 
 from __future__ import annotations
 
@@ -352,3 +353,46 @@ def test_reference_file_fuzz(tmp_path):
 
     run()
     assert seen["ok"] > 0 and seen["refused"] > 30, seen
+
+
+# Data files for the lm task and gradient probes ------------------------------------------------------
+
+DATA_RECORDS = [
+    {"text": "plain text"},
+    {"prompt": "Q: 2+2? A:", "completion": " 4"},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "hello"}]},
+]
+
+
+def test_data_file_fuzz(tmp_path):
+    """read_examples and encode (byte ids, no tokenizer, so conversations are refused): a list of
+    examples whose ids and mask line up, or a DataError, for mutated records in .jsonl, .json arrays
+    and JSON Lines named .json."""
+    from cdka_search.errors import DataError
+    from cdka_search.textdata import encode, read_examples
+
+    seen = {"ok": 0, "refused": 0}
+
+    @settings(SETTINGS, max_examples=300)
+    @given(st.data())
+    def run(data):
+        # Conversations need a chat template, so a file with one is refused here: they are drawn less often.
+        chosen = data.draw(st.lists(st.sampled_from(DATA_RECORDS[:2] * 3 + DATA_RECORDS[2:]), min_size=1, max_size=4))
+        records = [mutate_tree(data, json.loads(json.dumps(r))) if data.draw(st.booleans()) else r for r in chosen]
+        suffix = data.draw(st.sampled_from([".jsonl", ".json"]))
+        as_array = suffix == ".json" and data.draw(st.booleans())
+        text = undeep(json.dumps(records, allow_nan=True) if as_array else "".join(json.dumps(r, allow_nan=True) + "\n" for r in records))
+        file = tmp_path / f"data{suffix}"
+        file.write_text(mutate_text(data, text))
+        try:
+            examples = read_examples(file)
+            tokens = encode(examples, None, 257)
+        except DataError:
+            seen["refused"] += 1
+            return
+        seen["ok"] += 1
+        assert len(tokens.ids) == len(tokens.trained) and all(0 <= i < 257 for i in tokens.ids)
+
+    run()
+    assert seen["ok"] >= 30 and seen["refused"] >= 30  # 49 and 251 with this seed
