@@ -10,8 +10,8 @@
   tokens; the loss skips prompt tokens, blocks without a trained token are dropped, and the last
   HELD_OUT (10 %, at least one) blocks are held out.
 - Training: AdamW (weight decay 5e-4, the reference recipe), 3 % warm-up then cosine, batches of
-  BATCH blocks from a seeded shuffle. The value is the mean causal-LM loss on the held-out blocks; it is
-  also the intermediate value reported every few steps.
+  BATCH blocks from a seeded shuffle. The value is the held-out causal-LM loss per counted token (prompt
+  tokens are not counted); it is also the intermediate value reported every few steps.
 """
 
 from __future__ import annotations
