@@ -40,7 +40,7 @@ Option = tuple[int, float]  # (cost, value)
 Kept = tuple[float, int, int]  # (reduced loss, cost, option index) of an option the screening keeps
 VECTORISE_FROM = 50_000  # options in all: from here steps 1-3 run on numpy arrays (below, importing numpy costs more than it saves)
 TOLERANCE = 1e-5  # relative gap of a start that is not searched further: 10x inside the 1e-4 a plan is held to
-LP_BOUND_ENTRIES = 1_000_000  # prefix sums (searched units x hull steps) up to which a node is bounded by its own LP
+LP_BOUND_ENTRIES = 300_000  # prefix sums (searched units x hull steps; about 30 MB) up to which a node is bounded by its own LP
 SEARCHED_UNITS = 1_000  # units with a choice up to which every start is searched (224 finish in 34,000-80,000 nodes)
 
 

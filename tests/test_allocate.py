@@ -365,8 +365,9 @@ def test_fronts_that_are_their_own_hulls_skip_the_padded_hull_and_give_the_same_
         assert np.array_equal(getattr(fast, field), getattr(padded, field)), field
 
 
+@pytest.mark.parametrize("bound", ["lp", "multipliers"])  # multipliers: where the LP's prefix sums would not fit
 @pytest.mark.parametrize("seed", range(40))
-def test_grouped_units_with_concave_and_ragged_fronts_match_dynamic_programming(seed, path):
+def test_grouped_units_with_concave_and_ragged_fronts_match_dynamic_programming(seed, path, bound, monkeypatch):
     # Few units with counts (a MoE plan's groups), fronts either concave chains (the numpy fast path)
     # or ragged with ties and dominated options; exact against a DP over every integer budget.
     rng = random.Random(seed)
@@ -378,6 +379,8 @@ def test_grouped_units_with_concave_and_ragged_fronts_match_dynamic_programming(
             front = tuple(sorted({(rng.randint(1, 25), round(rng.random() * 10, rng.choice([1, 6]))) for _ in range(rng.randint(1, 30))}))
         units.append(Unit(front, rng.choice([1, 1, 2, 3, 7, 16]), rng.choice([1.0, 0.5, 2.0, rng.lognormvariate(0, 1)])))
     budget = sum(u.count * min(c for c, _ in u.front) for u in units) + rng.randint(0, 300)
+    if bound == "multipliers":
+        monkeypatch.setattr(allocate_module, "LP_BOUND_ENTRIES", -1)
     result = allocate_units(units, budget)
     assert result.cost <= budget and result.exact
     assert result.value == pytest.approx(dynamic_programming([u.options() for u in units], budget), abs=1e-9)
