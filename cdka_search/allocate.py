@@ -303,19 +303,21 @@ def _search(
     # Units whose options span the most budget first (by powers of two), which bounds the room of all
     # the others early; then by the loss of their second-best option. (Loss order alone left a 9-unit
     # DeepSeek-V2-Lite plan at its node cap with a gap of 9.5e-4; this order proves it optimal.)
-    free = sorted(
-        (k for k, o in enumerate(options) if len(o) > 1),
-        key=lambda k: (-int(max(c for _, c, _ in options[k]) - min(c for _, c, _ in options[k])).bit_length(), -options[k][1][0], k),
-    )
+    def span(k: int) -> int:
+        costs = [c for _, c, _ in options[k]]
+        return int(max(costs) - min(costs)).bit_length()
+
+    free = sorted((k for k, o in enumerate(options) if len(o) > 1), key=lambda k: (-span(k), -options[k][1][0], k))
     if len(free) > SEARCHED_UNITS and upper - best_value <= tolerance * max(upper, 0.0):
         return Allocation(tuple(best), sum(units[k][i][0] for k, i in enumerate(best)), best_value, max(upper, best_value), 0)
     fixed_value = sum(units[k][options[k][0][2]][1] for k in fixed)
     fixed_cost = sum(options[k][0][1] for k in fixed)
     # Node bounds: the Lagrangian mu * room + sum over the units left of max (v - mu c) is an upper
     # bound for every mu >= 0; a few mu around lam make it close to the node's own LP bound. Where the
-    # prefix sums fit, that LP bound itself (tighter wherever a node's room is far from the root's).
-    grid = _multipliers(units, free, options, lam)
+    # prefix sums fit, that LP bound itself (tighter wherever a node's room is far from the root's), and
+    # lam alone stays for the cheap first test.
     exact_lp = _SuffixLP.build(units, free, options)
+    grid = [lam] if exact_lp else _multipliers(units, free, options, lam)
     after = [[0.0] * (len(free) + 1) for _ in grid]
     cheapest_after = [0] * (len(free) + 1)
     for depth in range(len(free) - 1, -1, -1):

@@ -48,17 +48,18 @@ class Fronts:
         lengths = np.fromiter(map(len, fronts), np.int64, count=len(fronts))
         flat = np.fromiter(chain.from_iterable(chain.from_iterable(fronts)), np.float64, count=2 * int(lengths.sum()))
         offset = np.cumsum(lengths) - lengths
-        if concave_chains(lengths, flat[0::2], flat[1::2]):
+        given_cost, given_value = flat[0::2], flat[1::2]
+        if concave_chains(lengths, given_cost, given_value):
             # Every front is its own hull, by cost: nothing to sort, pad or chain (the rank objective's fronts).
-            self.largest_cost = float(flat[0::2].max())
-            self.option_cost, self.option_value = flat[0::2].astype(np.int64), flat[1::2]
+            self.largest_cost = float(given_cost.max())
+            self.option_cost, self.option_value = given_cost.astype(np.int64), given_value
             self.option_index = np.arange(len(self.option_cost)) - np.repeat(offset, lengths)
             self.hull_cost, self.hull_value, self.hull_option = self.option_cost, self.option_value, self.option_index
             self.first_at = np.arange(len(self.option_cost))
             self.last_after = self.first_at + 1
             hull_size = lengths
         else:
-            hull, by_cost = hulls(lengths, flat[0::2], flat[1::2])
+            hull, by_cost = hulls(lengths, given_cost, given_value)
             cost, value, order = by_cost
             listed = np.arange(cost.shape[1]) < lengths[:, None]
             self.largest_cost = float(cost[listed].max())
