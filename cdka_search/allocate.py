@@ -48,11 +48,11 @@ SEARCHED_UNITS = 1_000  # units with a choice up to which every start is searche
 class Unit:
     """One unit: ``front``'s options at cost ``count * c`` and value ``weight * count * v``.
 
-    Units that share a front should share the tuple object: the numpy steps treat each distinct
+    Units that share a front should share the object: the numpy steps treat each distinct
     ``front`` object once, whatever the units' counts and weights.
     """
 
-    front: tuple[Option, ...]
+    front: Sequence[Option]
     count: int = 1
     weight: float = 1.0
 
@@ -247,12 +247,29 @@ class _SuffixLP:
 def allocate(
     units: Sequence[Sequence[Option]], budget: int, *, node_limit: int = 100_000, tolerance: float = TOLERANCE
 ) -> Allocation:
-    """Choose one option per unit maximising total value with total cost <= budget (identical
-    option lists become one shared front)."""
-    shared: dict[tuple[Option, ...], tuple[Option, ...]] = {}
-    return allocate_units(
-        [Unit(shared.setdefault(front, front)) for front in map(tuple, units)], budget, node_limit=node_limit, tolerance=tolerance
-    )
+    """Choose one option per unit maximising total value with total cost <= budget (equal option
+    lists become one shared front)."""
+    return allocate_units([Unit(front) for front in _shared(units)], budget, node_limit=node_limit, tolerance=tolerance)
+
+
+def _shared(fronts: Sequence[Sequence[Option]]) -> list[Sequence[Option]]:
+    """``fronts`` with equal ones the same object (lists and tuples kept as given, not copied).
+
+    Only fronts whose length and end options agree are hashed in full: hashing or copying every option
+    cost more than allocating 10,000 distinct fronts of 700 options (benchmarks/scale.py).
+    """
+    first: dict[tuple[int, Option, Option] | None, Sequence[Option]] = {}  # signature -> the first front with it
+    hashed: dict[tuple[Option, ...], Sequence[Option]] = {}  # full options -> front, for signatures seen twice
+    out = []
+    for given in fronts:
+        front = given if isinstance(given, (list, tuple)) else tuple(given)
+        signature = (len(front), tuple(front[0]), tuple(front[-1])) if front else None
+        earlier = first.setdefault(signature, front)
+        if earlier is not front:
+            hashed.setdefault(tuple(map(tuple, earlier)), earlier)
+            front = hashed.setdefault(tuple(map(tuple, front)), front)
+        out.append(front)
+    return out
 
 
 # The search allocates states by the hundred thousand: with a plan's fronts live (millions of objects

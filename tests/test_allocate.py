@@ -316,6 +316,16 @@ def test_costs_beyond_float64_stay_exact(path):
     assert result.choice == (1, 1) and result.value == pytest.approx(6.0)
 
 
+def test_equal_fronts_given_apart_become_one_front_without_copying():
+    a = [(1, 1.0), (2, 3.0), (4, 3.5)]
+    same_as_a = ((1, 1.0), (2, 3.0), (4, 3.5))
+    same_ends = [(1, 1.0), (3, 3.0), (4, 3.5)]  # the signature's length and ends, other options
+    shared = allocate_module._shared([a, same_as_a, same_ends, iter(a), []])
+    assert shared[0] is a and shared[1] is a and shared[3] is a  # lists are not copied
+    assert shared[2] is same_ends and shared[4] == []
+    assert allocate([a, same_as_a, same_ends], 9) == allocate([a, list(a), same_ends], 9)
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_allocation_pauses_the_cyclic_gc_and_restores_it_even_on_failure(enabled, monkeypatch):
     import gc
