@@ -12,20 +12,37 @@ target and swapped in with one exchange of names, so the target holds all old or
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
+from cdka_search.documents import brief
 from cdka_search.errors import CdkaError, OutputError
+
+NAME_MAX, PATH_MAX = 255, 4096  # bytes, Linux's limits: beyond them every call on the path fails with ENAMETOOLONG
+
+
+def check_path(path: str | os.PathLike[str], error: type[CdkaError], what: str = "path") -> Path:
+    """``path`` as a Path, or ``error`` (one line) where the system could not name it: a part longer
+    than NAME_MAX bytes, the whole longer than PATH_MAX, or a NUL byte. Checked where a path enters,
+    since pathlib's ``exists()`` and ``is_dir()`` raise on such a path instead of answering."""
+    text = os.fspath(path)
+    encoded = os.fsencode(text)
+    if b"\0" in encoded:
+        raise error(f"{what} {brief(text)}: contains a NUL byte")
+    if len(encoded) >= PATH_MAX or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+        raise error(f"{what} {brief(text)}: longer than this system allows ({NAME_MAX} bytes a name, {PATH_MAX - 1:,} in all)")
+    return Path(text)
 
 
 def user_path(text: str, error: type[CdkaError], what: str = "path") -> Path:
     """``text`` as a Path with ``~`` expanded; ``error`` (one line) where it cannot be: ``~user`` of no
-    such user, or no home directory (pathlib raises RuntimeError there)."""
+    such user, or no home directory (pathlib raises RuntimeError there), or a name the system cannot take."""
     try:
-        return Path(text).expanduser()
+        return check_path(Path(check_path(text, error, what)).expanduser(), error, what)
     except RuntimeError:
-        raise error(f"{what} {text!r}: cannot expand '~' (no such user or no home directory)") from None
+        raise error(f"{what} {brief(text)}: cannot expand '~' (no such user or no home directory)") from None
 
 
 def _temp_prefix(target: Path) -> str:
@@ -69,28 +86,57 @@ def remove_stale_temps(target: Path) -> list[Path]:
     return removed
 
 
-def _write_through(target: Path, data: bytes) -> Path:
+FIFO_WAIT = 10.0  # seconds a FIFO may go without a reader before writing to it fails
+
+
+def _open_fifo(target: Path) -> int:
+    """A FIFO opened for writing once a reader has it open: polled without blocking, so that a FIFO
+    nobody reads is an error after FIFO_WAIT seconds, not a hang."""
+    import time
+
+    deadline = time.monotonic() + FIFO_WAIT
+    while True:
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        else:
+            os.set_blocking(fd, True)
+            return fd
+
+
+def _write_through(target: Path, data: bytes, mode: int) -> Path:
     try:
-        with target.open("wb") as fh:
+        with os.fdopen(_open_fifo(target), "wb") if stat.S_ISFIFO(mode) else target.open("wb") as fh:
             fh.write(data)
     except OSError as exc:
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+        reason = f"a FIFO that nothing read for {FIFO_WAIT:g} s" if exc.errno == errno.ENXIO else exc.strerror or exc
+        raise OutputError(f"cannot write {target}: {reason}") from None
     return target
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path``: atomically for regular files, straight through for special ones."""
-    target = Path(path)
-    if target.is_dir():
-        raise OutputError(f"{target} is a folder; give a file name")
+    target = check_path(path, OutputError)
     try:
         mode = target.stat().st_mode
-    except OSError:
+    except FileNotFoundError:
         mode = None
+    except OSError as exc:  # a link loop, a path through a file, no permission
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise OutputError(f"{target} is a folder; give a file name")
     if mode is not None and not stat.S_ISREG(mode):
-        return _write_through(target, data)
+        return _write_through(target, data, mode)
     if target.is_symlink():
-        target = Path(os.path.realpath(target))  # replace the file the link points to, keep the link
+        # Replace the file the link points to and keep the link; a link to a missing folder is refused
+        # rather than creating folders wherever the link points.
+        linked = Path(os.path.realpath(target))
+        if mode is None and not linked.parent.is_dir():
+            raise OutputError(f"cannot write {target}: a link to {linked}, whose folder does not exist")
+        target = linked
     import tempfile  # imported here: most commands never write a file
 
     try:

@@ -412,6 +412,67 @@ def test_output_to_a_fifo_writes_through_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 
 
+def test_a_fifo_that_nothing_reads_fails_instead_of_hanging(tmp_path, monkeypatch):
+    from cdka_search import fileio
+
+    monkeypatch.setattr(fileio, "FIFO_WAIT", 0.2)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(OutputError, match=r"^cannot write .*pipe: a FIFO that nothing read for 0.2 s$"):
+        fileio.atomic_write_text(tmp_path / "pipe", "cdka_plan: 1\n")
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_link_that_leads_nowhere_is_refused_and_kept(cli, tmp_path, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    if kind == "loop":
+        Path("a.yaml").symlink_to("b.yaml")
+        Path("b.yaml").symlink_to("a.yaml")
+        message = "cannot write a.yaml: Too many levels of symbolic links"
+    else:
+        Path("a.yaml").symlink_to(tmp_path / "missing" / "plan.yaml")
+        message = f"cannot write a.yaml: a link to {tmp_path / 'missing' / 'plan.yaml'}, whose folder does not exist"
+    before = {p.name: os.readlink(p) for p in tmp_path.iterdir()}
+    result = cli("plan", "-m", "gpt2", "-b", "lora:2", "-o", "a.yaml")
+    assert result.exit_code == 10 and result.output.strip().splitlines()[-1] == f"error: {message}"
+    assert {p.name: os.readlink(p) for p in tmp_path.iterdir()} == before  # no folder made through the link
+
+
+@pytest.mark.parametrize("args", [
+    ["plan", "-m", "gpt2", "-b", "lora:2", "-o", "y" * 300 + ".yaml"],
+    ["validate", "y" * 300 + ".yaml"],
+    ["plan", "-m", "gpt2", "-b", "lora:2", "--reference", "/".join(["d"] * 2100)],
+])
+def test_a_path_longer_than_the_system_takes_is_one_line(cli, tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    result = cli(*args)
+    assert result.exit_code == 11, result.output
+    assert result.output.count("\n") == 1 and "longer than this system allows (255 bytes a name, 4,095 in all)" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("model", ["z" * 5000, "d/" + "z" * 5000 + "/config.json"])
+def test_an_unknown_model_is_named_briefly(cli, model):
+    result = cli("plan", "-m", model, "-b", "1%")
+    assert result.exit_code == 3 and result.output.count("\n") == 1 and len(result.output) < 200, result.output
+    assert "zzz...zzz" in result.output
+
+
+def test_an_operating_system_error_no_check_caught_is_one_line(monkeypatch, capsys):
+    import errno
+
+    import typer
+
+    from cdka_search.cli.common import guarded
+
+    @guarded
+    def command() -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", "/srv/plan.yaml")
+
+    with pytest.raises(typer.Exit) as exit_info:
+        command()
+    assert exit_info.value.exit_code == 1 and capsys.readouterr().err == "error: '/srv/plan.yaml': Permission denied\n"
+
+
 def test_a_link_keeps_pointing_at_the_rewritten_file(tmp_path):
     from cdka_search.fileio import atomic_write_text
 

@@ -11,7 +11,8 @@ from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 
-from cdka_search.errors import CdkaError, CdkaWarning
+from cdka_search.documents import brief
+from cdka_search.errors import ArgumentError, CdkaError, CdkaWarning, one_line
 from cdka_search.scoring import RANK_KNEE
 
 F = TypeVar("F", bound=Callable)
@@ -68,6 +69,16 @@ def load_recipe_option(recipe: str | None) -> Any:
     return load_recipe(recipe)
 
 
+def _check_paths(arguments: dict[str, Any]) -> None:
+    """Every path argument checked where it enters (names the system cannot take), before any work."""
+    from cdka_search.fileio import check_path
+
+    for name, value in arguments.items():
+        for path in value if isinstance(value, tuple) else (value,):
+            if isinstance(path, Path):
+                check_path(path, ArgumentError, f"--{name.replace('_', '-')}")
+
+
 def guarded(fn: F) -> F:
     """Turn a CdkaError into one line on stderr and its exit code (CDKA_DEBUG=1 shows the traceback),
     and each CdkaWarning into one ``warning:`` line; other libraries' warnings keep their own form."""
@@ -75,6 +86,7 @@ def guarded(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _check_paths(kwargs)
             with warnings.catch_warnings():
                 shown = warnings.showwarning
 
@@ -91,5 +103,11 @@ def guarded(fn: F) -> F:
                 raise
             sys.stderr.write(f"error: {exc}\n")
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # the system refused a file that no reader's own check caught
+            if os.environ.get("CDKA_DEBUG"):
+                raise
+            where = f"{brief(os.fsdecode(exc.filename))}: " if exc.filename is not None else ""
+            sys.stderr.write(f"error: {where}{exc.strerror or one_line(exc)}\n")
+            raise typer.Exit(CdkaError.exit_code) from None
 
     return wrapper  # type: ignore[return-value]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cdka_search.documents import brief
 from cdka_search.errors import ModelSourceError
 from cdka_search.registry import resolve
 from cdka_search.spec.model_spec import Kind, ModelSpec, TargetModule
@@ -30,7 +31,7 @@ def load_spec(model: str) -> ModelSpec:
             return resolve(source.loader)(model if source.reads_name else path)
     if path is not None:
         raise ModelSourceError(f"{path}: expected a folder, config.json, .safetensors or .index.json")
-    raise ModelSourceError(f"{model}: no such file or folder")
+    raise ModelSourceError(f"{brief(model)}: no such file or folder")
 
 
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
