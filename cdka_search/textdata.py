@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ DATA_JSON_LIMITS = JsonLimits(max_bytes=MAX_DATA_BYTES, max_objects=2_000_000, m
 FORMATS = "a 'text' string, 'prompt' and 'completion' (strings or message lists), or 'messages'"
 
 Message = tuple[str, str]  # (role, content)
+
+#: A UTF-16 surrogate code point: a JSON escape such as "\ud800" without its pair parses to one, and no
+#: tokenizer (nor UTF-8) can encode it.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -103,12 +108,12 @@ def _example(record: Any, where: str) -> Example:
     if "text" in record:
         if not isinstance(record["text"], str):
             raise DataError(f"{where} has no string 'text' field")
-        return Example(record["text"])
+        return Example(_unicode(record["text"], f"{where}, 'text'"))
     if "messages" in record:
         return Example(_messages(record["messages"], f"{where}, 'messages'"))
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, str) and isinstance(completion, str):
-        return Example(completion, prompt)
+        return Example(_unicode(completion, f"{where}, 'completion'"), _unicode(prompt, f"{where}, 'prompt'"))
     if isinstance(prompt, list) and isinstance(completion, list):
         return Example(_messages(completion, f"{where}, 'completion'"), _messages(prompt, f"{where}, 'prompt'"))
     raise DataError(f"{where}: 'prompt' and 'completion' must both be strings or both message lists")
@@ -120,7 +125,23 @@ def _messages(value: Any, where: str) -> tuple[Message, ...]:
     for message in value:
         if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
             raise DataError(f"{where}: every message needs a string 'role' and a string 'content', got {brief(message)}")
-    return tuple((m["role"], m["content"]) for m in value)
+    return tuple(
+        (_unicode(m["role"], f"{where}, message {i} 'role'"), _unicode(m["content"], f"{where}, message {i} 'content'"))
+        for i, m in enumerate(value, start=1)
+    )
+
+
+def _unicode(text: str, where: str) -> str:
+    """``text``, checked to be valid Unicode: JSON's escapes can spell a lone surrogate (``"\\ud800"``),
+    which json.loads accepts and no encoding can write, so every string a record gives is checked here
+    once rather than failing in whatever encodes it later (UTF-8 bytes, a tokenizer, a chat template)."""
+    found = _SURROGATE.search(text)
+    if found is not None:
+        raise DataError(
+            f"{where} is not valid Unicode: it holds a lone surrogate (U+{ord(found.group()):04X}, "
+            f"character {found.start() + 1}; a JSON \\u escape without its pair)"
+        )
+    return text
 
 
 def check_fast_tokenizer(file: Path) -> None:

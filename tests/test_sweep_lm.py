@@ -215,3 +215,46 @@ def test_bad_data_files_are_one_data_error(tmp_path, make, message):
     make(data)
     with pytest.raises(DataError, match=message):
         read_examples(data)
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"text": "abc\\ud800def"}', "line 1, 'text' is not valid Unicode: it holds a lone surrogate (U+D800, character 4"),
+    ('{"prompt": "\\udfff", "completion": "ok"}', "line 1, 'prompt' is not valid Unicode: it holds a lone surrogate (U+DFFF"),
+    ('{"prompt": "ok", "completion": "x\\udc00"}', "line 1, 'completion' is not valid Unicode"),
+    ('{"messages": [{"role": "user", "content": "a\\ud83d"}]}', "line 1, 'messages', message 1 'content' is not valid Unicode"),
+    ('{"messages": [{"role": "u\\udfffser", "content": "a"}]}', "line 1, 'messages', message 1 'role' is not valid Unicode"),
+    ('{"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "\\ud800"}]}',
+     "line 1, 'completion', message 1 'content' is not valid Unicode"),
+])
+def test_a_lone_surrogate_in_any_string_of_a_record_is_a_data_error(tmp_path, line, message):
+    from cdka_search.textdata import Example, read_examples
+
+    data = tmp_path / "s.jsonl"
+    data.write_text(line + "\n")
+    with pytest.raises(DataError) as raised:
+        read_examples(data)
+    assert str(raised.value).startswith(f"{data}: {message}")
+    paired = tmp_path / "pair.jsonl"  # an escaped surrogate pair is one valid character
+    paired.write_text('{"text": "\\ud83d\\ude00"}\n')
+    assert read_examples(paired) == [Example("\U0001F600")]
+
+
+def test_a_lone_surrogate_is_one_line_exit_9_for_probe_and_sweep(tmp_path, tiny_lm):
+    from typer.testing import CliRunner
+
+    from cdka_search.cli.app import app
+
+    data = tmp_path / "s.jsonl"
+    data.write_text('{"text": "abc\\ud800def"}\n' * 5)
+    expected = (f"error: {data}: line 1, 'text' is not valid Unicode: it holds a lone surrogate "
+                "(U+D800, character 4; a JSON \\u escape without its pair)\n")
+    probe = CliRunner().invoke(app, ["probe", "--grad", str(tiny_lm), "--data", str(data), "--batches", "1",
+                                     "--batch-size", "1", "--seq-len", "8", "-o", str(tmp_path / "g.safetensors")])
+    assert probe.exit_code == 9 and probe.stderr == expected, probe.output
+    assert not (tmp_path / "g.safetensors").exists()
+    from cdka_search.sweep.study import SweepConfig, run_sweep
+
+    with pytest.raises(DataError) as raised:
+        run_sweep(SweepConfig(model=str(tiny_lm), budget="lora:2", trials=1, steps=2, task="lm", data=data,
+                              storage=f"sqlite:///{tmp_path / 's.db'}", study="s", output=tmp_path / "best.yaml"))
+    assert f"error: {raised.value}\n" == expected
