@@ -50,7 +50,7 @@ def score_tables(
 
 
 def _group_patterns(role: str, members: list[TargetModule], index: ModuleIndex, role_hits: dict[str, list[str]]) -> tuple[str, ...]:
-    """The role glob when it matches exactly these members among all targets, else their names.
+    """The role glob when it matches exactly these members among all the model's targets, else their names.
 
     ``role_hits`` memoises each role glob's matches, so a per-layer plan looks each role up once.
     """
@@ -94,7 +94,9 @@ def build_plan(
     model; ``per_layer`` lists every module as its own group.
     """
     groups = []
-    index, role_hits = ModuleIndex(t.name for t in spec.targets), {}
+    # Every target of the model, selected or not: a role glob matching more than its group's members
+    # there would claim modules the plan leaves out (``--targets 'model.layers.1*.mlp.*'``).
+    index, role_hits = ModuleIndex([*(t.name for t in spec.targets), *spec.unselected]), {}
     for role, members in spec.roles().items():
         by_design: dict[tuple, list[TargetModule]] = {}
         for m in members:

@@ -87,6 +87,12 @@ def test_targets_selection():
     assert attn.budget_limit == lora_params([t for t in LLAMA.targets if "self_attn" in t.name], 8)
     some = make_plan(LLAMA, "1%", targets="q_proj,model.layers.1*.mlp.down_proj")
     assert sum(g.count for g in some.groups) == 32 + 11  # layers 1 and 10..19
+    # Against the whole model, each group claims exactly its own modules: q_proj keeps its role glob,
+    # the 11 down_proj are named (the glob would claim all 32).
+    assigned = some.assign([t.name for t in LLAMA.targets])
+    assert len(assigned) == 43 and {g.modules[0] for g in some.groups} >= {"model.layers.*.self_attn.q_proj"}
+    down = next(g for g in some.groups if g.modules[0].endswith("down_proj"))
+    assert down.modules == tuple(f"model.layers.{i}.mlp.down_proj" for i in [1, *range(10, 20)])
     with pytest.raises(TargetError, match="'qproj' matches no module.*q_proj"):
         make_plan(LLAMA, "1%", targets="qproj")
 

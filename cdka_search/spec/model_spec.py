@@ -69,7 +69,8 @@ class ModelSpec:
 
     ``unadaptable`` lists, by role, the weight matrices (2-D or more) that are not targets and are not
     embeddings or the LM head: routers, expert stores in a layout cdka does not adapt, convolutions.
-    Coverage reports name them when they hold a large share of the model.
+    Coverage reports name them when they hold a large share of the model. ``unselected`` names the
+    targets a selection left out: a plan's group pattern must not match them either.
     """
 
     name: str
@@ -77,9 +78,12 @@ class ModelSpec:
     total_params: int
     targets: tuple[TargetModule, ...]
     unadaptable: tuple[tuple[str, int], ...] = ()
+    unselected: tuple[str, ...] = ()
 
     def with_targets(self, targets: tuple[TargetModule, ...]) -> "ModelSpec":
-        return ModelSpec(self.name, self.source, self.total_params, targets, self.unadaptable)
+        kept = {t.name for t in targets}
+        left_out = tuple(t.name for t in self.targets if t.name not in kept)
+        return ModelSpec(self.name, self.source, self.total_params, targets, self.unadaptable, self.unselected + left_out)
 
     @property
     def shapes(self) -> dict[tuple[int, int], int]:
