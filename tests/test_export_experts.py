@@ -167,3 +167,105 @@ def test_cli_exports_a_lora_moe_plan_and_refuses_a_kronecker_one_in_one_line(cli
     refused = cli("export", str(lora_plan), "--to", "lycoris", "--model", str(folder), "-o", str(tmp_path / "l.toml"))
     assert refused.exit_code == 8 and "3-D expert tensors (LyCORIS adapts modules" in refused.stderr
     assert refused.stderr.count("\n") == 1 and not (tmp_path / "l.toml").exists()
+
+
+def _tiny_with_dense_layers(family):
+    """MoE models whose layer 0 is a dense MLP (and, for DeepSeek-V3, with shared experts): PEFT 0.21
+    rewrites target_modules ending in gate_proj/up_proj/down_proj for these model types."""
+    common = {"vocab_size": 64, "hidden_size": HIDDEN, "num_hidden_layers": 3, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "max_position_embeddings": 64, "num_experts_per_tok": 2}
+    torch.manual_seed(0)
+    if family == "deepseek_v3":
+        config = transformers.DeepseekV3Config(
+            **common, intermediate_size=32, moe_intermediate_size=MOE_INTERMEDIATE, n_routed_experts=4,
+            n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=8, kv_lora_rank=8,
+            qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+        model = transformers.DeepseekV3ForCausalLM(config)
+    else:
+        config = transformers.Qwen3MoeConfig(**common, intermediate_size=32, moe_intermediate_size=MOE_INTERMEDIATE,
+                                             num_experts=4, head_dim=8, decoder_sparse_step=1, mlp_only_layers=[0])
+        model = transformers.Qwen3MoeForCausalLM(config)
+    model.set_experts_implementation("eager")
+    return model
+
+
+def _peft_adapters(wrapped):
+    """{module or parameter name: (r, scaling)} of a PeftModel's "default" adapter."""
+    out = {}
+    for name, module in wrapped.named_modules():
+        if isinstance(getattr(module, "r", None), dict) and "default" in module.r:
+            bare = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            key = f"{bare}.{module.parameter_name}" if hasattr(module, "parameter_name") else bare
+            out[key.removesuffix(".weight")] = (module.r["default"], module.scaling["default"])
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match:RuntimeWarning")
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_moe_with_dense_layers_exports_what_peft_applies_exactly_or_nothing(family, tmp_path):
+    from cdka_search.candidates import CandidateSpace
+    from cdka_search.export.base import resolve_modules
+    from cdka_search.planner import make_plan
+
+    model = _tiny_with_dense_layers(family).to(F64)
+    spec = moe_spec(model)
+    plan = make_plan(spec, "lora:4", space=CandidateSpace(family="lora"))
+    dense = {n for g, names in resolve_modules(plan, spec)[0] for n in names if ".mlp.gate_proj" in n or "shared_experts" in n}
+    assert dense, "the plan adapts dense-layer MLPs (the case PEFT rewrites)"
+    try:
+        export = export_plan(plan, "peft", spec, model=model)
+    except ExportError as exc:  # the other allowed outcome: refused by name, nothing written
+        assert "PEFT would not apply" in str(exc) and "\n" not in str(exc)
+        return
+    write_export(export, out_dir=tmp_path)
+    (cfg,) = export.configs.values()
+    assert not any(n in dense for n in cfg["target_modules"])  # moved to target_parameters as <module>.weight
+    wrapped = peft.get_peft_model(_tiny_with_dense_layers(family).to(F64), peft.PeftConfig.from_pretrained(str(tmp_path)))
+    assert sum(p.numel() for p in wrapped.parameters() if p.requires_grad) == plan.used_params == export.trainable_params
+    wanted = {n: (g.design.r, plan.adapter.scaling_value(g.design)) for g, names in resolve_modules(plan, spec)[0] for n in names}
+    got = _peft_adapters(wrapped)
+    assert got.keys() == wanted.keys()
+    for name, (r, scaling) in wanted.items():
+        assert got[name][0] == r and got[name][1] == pytest.approx(scaling, rel=1e-12), name
+    # a module adapted through its weight computes W x + s B A x, as LoRA on the module would
+    name = min(dense)
+    (wrapper,) = [m for n, m in wrapped.named_modules() if n == f"base_model.model.{name}"]
+    lin = wrapper.get_base_layer()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        wrapper.lora_B["default"].weight.copy_(torch.randn(wrapper.lora_B["default"].weight.shape, generator=gen, dtype=F64))
+        x = torch.randn(3, lin.in_features, generator=gen, dtype=F64)
+        delta = wrapper.lora_B["default"].weight @ wrapper.lora_A["default"].weight * wrapper.scaling["default"]
+        assert torch.allclose(wrapper(x), x @ (lin.weight + delta).T, atol=1e-10)
+
+
+def test_cli_refuses_a_rewritten_moe_plan_with_dropout_in_one_line_and_exports_it_without(cli, tmp_path):
+    import json
+
+    folder = tmp_path / "dsv3"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "deepseek_v3", "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000,
+        "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+        "q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
+        "n_group": 2, "topk_group": 1}))
+    plan_file = tmp_path / "p.yaml"
+    assert cli("plan", "-m", str(folder), "-b", "lora:8", "--family", "lora", "-o", str(plan_file)).exit_code == 0
+    out = tmp_path / "peft"
+    result = cli("export", str(plan_file), "--to", "peft", "--model", str(folder), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert "model.layers.0.mlp.gate_proj.weight" in config["target_parameters"]
+    assert not any(n.endswith(("gate_proj", "up_proj", "down_proj")) for n in config["target_modules"])
+    with torch.device("meta"):
+        base = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(folder)))
+        wrapped = peft.get_peft_model(base, peft.PeftConfig.from_pretrained(str(out)))
+    assert sum(p.numel() for p in wrapped.parameters() if p.requires_grad) == 36_408
+    text = plan_file.read_text().replace("dropout: 0.0", "dropout: 0.1")
+    assert text != plan_file.read_text()
+    plan_file.write_text(text)
+    refused = cli("export", str(plan_file), "--to", "peft", "--model", str(folder), "--out", str(tmp_path / "no"))
+    assert refused.exit_code == 8 and refused.stderr.count("\n") == 1, refused.output
+    assert refused.stderr.startswith("error: PEFT") and "dropout" in refused.stderr
+    assert not (tmp_path / "no").exists()

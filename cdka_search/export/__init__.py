@@ -4,8 +4,9 @@
     export_plan(plan, "lycoris")   -> Export   a LyCORIS TOML preset (name_algo_map, one entry per module)
 
 An exporter never changes the plan: what the target cannot express is an ExportError naming the groups,
-raised before any file is written. Pure standard library (tomli-w for the TOML text); neither PEFT nor
-LyCORIS is imported.
+raised before any file is written. The LyCORIS export is pure standard library (tomli-w for the TOML text);
+the PEFT export checks its configs with the installed peft on the model built on the meta device when
+peft and transformers are installed (cdka_search.export.peft_check).
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ def get_exporter(target: str) -> Callable[..., "Export"]:
     return resolve(EXPORTERS[key])
 
 
-def export_plan(plan: "Plan", target: str, spec: "ModelSpec | None" = None) -> "Export":
-    """Translate ``plan`` for ``target``; ``spec`` lists the model's module names (see resolve_modules)."""
+def export_plan(plan: Plan, target: str, spec: ModelSpec | None = None, *, model=None) -> Export:
+    """Translate ``plan`` for ``target``; ``spec`` lists the model's module names (see resolve_modules).
+    ``model``: the live module ``spec`` was read from, which the PEFT export checks its configs on
+    (without it, the model is built on the meta device from the plan's preset or local config)."""
+    if model is not None:
+        return get_exporter(target)(plan, spec, model=model)
     return get_exporter(target)(plan, spec)
 
 

@@ -51,7 +51,7 @@ def _fmt(x: float) -> str:
     return f"{x:.10g}"
 
 
-def export_lycoris(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
+def export_lycoris(plan: "Plan", spec: "ModelSpec | None" = None, model: object = None) -> Export:
     """A LyCORIS preset expressing ``plan``, or an ExportError naming what LyCORIS cannot express."""
     try:
         import tomli_w

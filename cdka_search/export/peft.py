@@ -20,13 +20,20 @@ What PEFT can express (checked against peft 0.21, peft/tuners/{lora,lokr}):
   Conv1D, which PEFT LoKr rejects) is refused with an ExportError naming the groups.
 
 Keys are '^'-anchored, escaped full module names, each checked to match exactly its module under PEFT's
-own matching rules. Output: adapter_config.json, or <adapter_name>/adapter_config.json per config when
+own matching rules. Then the configs are applied by the installed peft to the model built on the meta device
+(cdka_search.export.peft_check) and compared with the plan module by module (adapter, rank, scaling) and in
+trainable parameters: PEFT rewrites the LoRA target_modules of some MoE model types (a dense layer's
+gate_proj/up_proj/down_proj, a shared expert's, taken for v4 experts). Modules PEFT does not apply as listed
+move to ``target_parameters`` as ``<module>.weight`` (never rewritten; same factors and scaling) and are
+checked again; what still differs, or needs dropout there, is refused by name. Without peft, transformers
+or a known model config the export says it was not checked. Output: adapter_config.json, or <adapter_name>/adapter_config.json per config when
 there are several (PEFT's save_pretrained layout for named adapters).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +42,8 @@ from cdka_search.export.base import (
     Export,
     ExportFile,
     ExportRow,
-    anchored,
     KeyIndex,
+    anchored,
     check_keys,
     group_label,
     note_init_and_dropout,
@@ -114,8 +121,95 @@ def _patterns_name_parameters(cfg: dict[str, Any]) -> bool:
     return any(k in keys for pattern in ("rank_pattern", "alpha_pattern") for k in cfg[pattern])
 
 
-def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
-    """PEFT configs expressing ``plan`` exactly, or an ExportError naming what PEFT cannot express."""
+def _differences(model: Any, configs: dict[str, dict[str, Any]], expected: dict[tuple[str, str], tuple[int, float]],
+                 used: int) -> tuple[list[str], list[str], str]:
+    """(expected keys PEFT applies otherwise or not at all, keys PEFT adapts that the plan does not,
+    PEFT's error or a trainable-count difference) for ``configs`` applied to ``model``."""
+    import math
+
+    from cdka_search.export.peft_check import PeftRefused, applied_adapters
+
+    try:
+        got, trainable = applied_adapters(model, configs)
+    except PeftRefused as exc:
+        return [], [], f"PEFT refuses the config: {exc}"
+    wrong = [k for k, (r, s) in expected.items()
+             if k not in got or got[k][0] != r or not math.isclose(got[k][1], s, rel_tol=1e-9)]
+    extra = [f"{k} ({c})" for k, c in got if (k, c) not in expected]
+    return [k for k, _ in wrong], extra, "" if trainable == used else f"PEFT trains {trainable:,} parameters, the plan {used:,}"
+
+
+def _as_parameters(cfg: dict[str, Any], modules: list[str]) -> dict[str, Any]:
+    """``cfg`` with ``modules`` targeted through their weight in target_parameters (patterns re-keyed)."""
+    moved = set(modules)
+    out = dict(cfg)
+    out["target_modules"] = [n for n in cfg["target_modules"] if n not in moved]
+    out["target_parameters"] = [*cfg.get("target_parameters", []), *(f"{n}.weight" for n in cfg["target_modules"] if n in moved)]
+    keys = {anchored(n): anchored(f"{n}.weight") for n in moved}
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        out[pattern] = {keys.get(k, k): v for k, v in cfg[pattern].items()}
+    return out
+
+
+def _check_with_peft(plan: Plan, spec: ModelSpec | None, model: Any, configs: dict[str, dict[str, Any]],
+                     expected: dict[tuple[str, str], tuple[int, float]], groups: list, group_of: dict[str, int],
+                     notes: list[str]) -> list[str]:
+    """Apply ``configs`` with the installed peft to the model built on meta and compare with the plan.
+    Modules PEFT rewrites move to target_parameters (``configs`` is updated in place; their names are
+    returned); anything still different is an ExportError naming the groups."""
+    from cdka_search.export.peft_check import meta_model
+    from cdka_search.matching import summarise
+
+    built, why = meta_model(plan, spec, model)
+    if built is None:
+        notes.append(f"not checked against PEFT: {why}; PEFT may rewrite some targets of MoE models")
+        return []
+    what = f"{type(built).__name__} on the meta device"
+    wrong, extra, other = _differences(built, configs, expected, plan.used_params)
+    if not (wrong or extra or other):
+        return []
+    lora = configs.get("cdka_lora")
+    listed = set(lora["target_modules"]) if lora else set()
+    if other.startswith("PEFT refuses") and not wrong:  # which targets: those whose leaf name PEFT's message names
+        said = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", other))
+        wrong = [n for n in listed if n.rsplit(".", 1)[-1] in said]
+    movable = [n for n in dict.fromkeys(wrong) if n in listed]
+    if movable and not plan.adapter.dropout:  # accepted only if PEFT then applies everything as the plan says
+        trial = {**configs, "cdka_lora": _as_parameters(lora, movable)}
+        wrong2, extra2, other2 = _differences(meta_model(plan, spec, model)[0], trial, expected_moved(expected, movable),
+                                              plan.used_params)
+        if not (wrong2 or extra2 or other2):
+            configs.update(trial)
+            notes.append(
+                f"PEFT rewrites the target_modules entries of {len(movable)} module(s) of this {type(built).__name__} "
+                "(it takes them for fused experts), so they are targeted as `<module>.weight` in target_parameters "
+                "(PeftModel names them ParamWrapper: the same rank-r factors and scaling); checked on "
+                f"{what}: every module gets the plan's adapter"
+            )
+            return movable
+    labels = list(dict.fromkeys(group_label(groups[group_of[n]][0]) for n in wrong if n in group_of))
+    reasons = []
+    if labels:
+        why_not = " (adapter.dropout: target_parameters take none)" if movable and plan.adapter.dropout else ""
+        reasons.append(f"group(s) PEFT would not adapt as listed{why_not}: {summarise(labels, sep=', ')}")
+    if extra:
+        reasons.append(f"adapted by PEFT but not in the plan: {summarise(extra, sep=', ')}")
+    if other:
+        reasons.append(other)
+    raise ExportError(f"PEFT would not apply this plan as written (checked on {what}): {'; '.join(reasons)}; "
+                      "nothing was written")
+
+
+def expected_moved(expected: dict[tuple[str, str], tuple[int, float]], modules: list[str]) -> dict[tuple[str, str], tuple[int, float]]:
+    moved = set(modules)
+    return {(f"{k}.weight" if k in moved and c == "cdka_lora" else k, c): v for (k, c), v in expected.items()}
+
+
+def export_peft(plan: Plan, spec: ModelSpec | None = None, model: Any = None) -> Export:
+    """PEFT configs expressing ``plan`` exactly, or an ExportError naming what PEFT cannot express.
+
+    ``model``: the live model the plan's spec was read from (spec_from_module), to check the configs on;
+    without it the model is built from the plan's preset or local config."""
     groups, all_names = resolve_modules(plan, spec)
     settings = plan.adapter
     refused: dict[str, list[str]] = {}
@@ -151,6 +245,8 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
     rows: list[ExportRow] = []
     notes: list[str] = []
     trainable = 0
+    expected: dict[tuple[str, str], tuple[int, float]] = {}  # (module or parameter, config) -> (params, scaling)
+    group_of: dict[str, int] = {}
 
     for kind, members in lora.items():
         name = "cdka_lora" if kind == "linear" else "cdka_lora_conv1d"
@@ -162,6 +258,8 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
             for n in modules:
                 (parameters if g.kind == "experts" else names).append(n)
                 r[n], alpha[n] = g.design.r, a
+                expected[(n, name)] = (g.experts * g.design.r * (g.shape[0] + g.shape[1]), settings.scaling_value(g.design))
+                group_of[n] = i
             trainable += g.count * g.experts * g.design.r * (g.shape[0] + g.shape[1])
             target = "target_parameters" if g.kind == "experts" else ""
             rows.append(ExportRow(group_label(g), g.count, g.design.label(), name,
@@ -187,6 +285,8 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
             for n in modules:
                 names.append(n)
                 r[n], alpha[n] = rk, a
+                expected[(n, name)] = (d.m1 * d.n1 + d.m2 * d.n2, settings.scaling_value(d))
+                group_of[n] = i
             trainable += g.count * (d.m1 * d.n1 + d.m2 * d.n2)
             rows.append(ExportRow(group_label(g), g.count, d.label(), name, f"factor={f} r={rk} alpha={a:g}"))
         base = {
@@ -204,6 +304,10 @@ def export_peft(plan: "Plan", spec: "ModelSpec | None" = None) -> Export:
             check_keys(name, cfg[pattern], written_for, index.peft_pattern_hits)
     if trainable != plan.used_params:  # by construction; a failure is a bug in this module
         raise ExportError(f"PEFT would train {trainable:,} parameters, the plan {plan.used_params:,}; please report this")
+    moved = _check_with_peft(plan, spec, model, configs, expected, groups, group_of, notes)
+    if moved:
+        rows = [ExportRow(r.group, r.modules, r.design, r.config, f"{r.settings} target_parameters (weight)")
+                if any(group_label(groups[group_of[n]][0]) == r.group for n in moved) else r for r in rows]
 
     if lokr_options:
         note_init_and_dropout(plan, notes, dropout_ok=False, what="PEFT")
