@@ -19,6 +19,7 @@ MAX_MODULES = 1 << 20  # modules of one group, or target modules of one model
 MAX_EXPERTS = 1 << 14  # experts of one expert tensor
 MAX_LAYERS = 1 << 14  # layers of one model
 MAX_TRIALS = 100_000  # trials of one sweep
+MAX_TOP_K = 1000  # design families per group of a sweep's space (--top-k, recipe sweep.top_k)
 MAX_SEED = 2**32 - 1  # seeds numpy and Optuna's samplers accept
 
 

@@ -33,7 +33,7 @@ from cdka_search.candidates import FAMILIES, CandidateSpace
 from cdka_search.documents import brief, read_text_file, read_yaml, reject_unknown
 from cdka_search.errors import PlanError
 from cdka_search.fileio import user_path
-from cdka_search.limits import MAX_DIM, MAX_SEED, MAX_TRIALS
+from cdka_search.limits import MAX_DIM, MAX_SEED, MAX_TOP_K, MAX_TRIALS
 from cdka_search.plan import AdapterSettings
 
 __all__ = [
@@ -99,7 +99,7 @@ class SweepSettings:
     def __post_init__(self) -> None:
         _number(self.trials, "sweep.trials", integer=True, high=MAX_TRIALS)
         _number(self.steps, "sweep.steps", integer=True, high=10**7)
-        _number(self.top_k, "sweep.top_k", integer=True, high=1000)
+        _number(self.top_k, "sweep.top_k", integer=True, high=MAX_TOP_K)
         _number(self.seed, "sweep.seed", strict=False, integer=True, high=MAX_SEED)
         from cdka_search.sweep.tasks import task_names
 

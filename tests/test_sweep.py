@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,129 @@ def test_storage_errors_are_one_line_and_hide_passwords():
         normalise("whatever")
     with pytest.raises(SweepError, match="does not exist"):
         open_storage("sqlite:////no/such/folder/x.db")
+
+
+def _files(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` with its bytes (None for what is not a regular file: never read)."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def _refused(cli, folder: Path, args: list[str], message: str) -> None:
+    """``cdka ARGS`` exits 7 with exactly ``error: MESSAGE`` on stderr (no progress line, no traceback)
+    and leaves ``folder`` as it was."""
+    before = _files(folder)
+    result = cli(*args)
+    assert result.exit_code == SweepError.exit_code, result.output
+    assert result.stderr == f"error: {message}\n"
+    assert "Traceback" not in result.output
+    assert _files(folder) == before
+
+
+def _sweep_args(model: Path, tmp_path: Path, *more: str) -> list[str]:
+    return ["sweep", "-m", str(model), "-b", "lora:4", "--trials", "1", "--steps", "1",
+            "-o", str(tmp_path / "best.yaml"), *more]
+
+
+@pytest.mark.parametrize(
+    ("content", "raised"),
+    [
+        ('{"a": 1}', "KeyError"),  # no op_code
+        ('{"op_code": 99999}', "AssertionError"),  # Optuna's "Should not reach."
+        ('{"op_code": 0, "worker_id": "x", "study_name": 5}', "KeyError"),  # no directions
+        ('{"op_code": 0, "worker_id": "x", "study_name": "s", "directions": [7]}', "ValueError"),
+        ("[1]", "TypeError"),
+        ("not json\n{}", "JSONDecodeError"),
+    ],
+)
+@pytest.mark.parametrize("command", ["sweep", "report"])
+def test_a_corrupt_journal_is_one_error_line(cli, tmp_path, tiny_config, content, raised, command):
+    journal = tmp_path / "one.journal"
+    journal.write_text(content + "\n")
+    storage = ["--storage", f"journal:{journal}"]
+    args = _sweep_args(tiny_config, tmp_path, *storage) if command == "sweep" else ["report", *storage, "--no-plots"]
+    _refused(cli, tmp_path, args, f"journal storage {journal}: not a valid Optuna journal (replaying it raised {raised}); "
+             "check the path, or move the file away to start a new study")
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda path: path.symlink_to("/dev/zero"), "links to a character device"),
+        (lambda path: os.mkfifo(path), "is a FIFO"),
+        (lambda path: path.mkdir(), "is a folder"),
+        (lambda path: path.symlink_to(path.parent, target_is_directory=True), "links to a folder"),
+    ],
+)
+@pytest.mark.parametrize("command", ["sweep", "report"])
+def test_a_storage_file_that_is_not_a_regular_file_is_refused_before_optuna_opens_it(cli, tmp_path, tiny_config,
+                                                                                       make, what, command):
+    """A journal on /dev/zero or a FIFO was read forever (sweep and report hung)."""
+    journal = tmp_path / "s.journal"
+    make(journal)
+    storage = ["--storage", str(journal)]
+    args = _sweep_args(tiny_config, tmp_path, *storage) if command == "sweep" else ["report", *storage, "--no-plots"]
+    _refused(cli, tmp_path, args, f"--storage journal:{journal}: {journal} {what}, not a regular file; give a file path")
+
+
+def test_dev_zero_is_refused_as_a_journal_and_as_a_database(cli, tmp_path):
+    _refused(cli, tmp_path, ["report", "--storage", "journal:/dev/zero", "--no-plots"],
+             "--storage journal:/dev/zero: /dev/zero is a character device, not a regular file; give a file path")
+    _refused(cli, tmp_path, ["report", "--storage", "sqlite:////dev/zero", "--no-plots"],
+             "--storage sqlite:////dev/zero: /dev/zero is a character device, not a regular file; give a file path")
+
+
+@pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://", "sqlite:///", "sqlite+pysqlite:///:memory:",
+                                 "sqlite:///file::memory:?uri=true"])
+def test_in_memory_sqlite_is_refused(cli, tmp_path, tiny_config, url):
+    """It was accepted: heartbeat threads failed with tracebacks, and the plan named a storage that died
+    with the process."""
+    message = (f"--storage {url!r} is an in-memory database, which cannot be resumed, shared or reported; "
+               "give a file, e.g. sqlite:///cdka-sweep.db")
+    with pytest.raises(SweepError) as info:
+        _config(tmp_path, tiny_config, storage=url)
+    assert str(info.value) == message
+    _refused(cli, tmp_path, _sweep_args(tiny_config, tmp_path, "--storage", url), message)
+    _refused(cli, tmp_path, ["report", "--storage", url, "--no-plots"], message)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--top-k", "0"], "--top-k: 0 is outside [1, 1,000]"),
+        (["--top-k", "100000000"], "--top-k: 100000000 is outside [1, 1,000]"),
+        (["--pruner", "evil"], "unknown pruner 'evil'; choose one of median, hyperband, none"),
+        (["--task", "evil"], "unknown task 'evil'; choose one of proxy, lm"),
+        (["--task", "lm"], "--task lm needs --data FILE (a local .txt or .jsonl file)"),
+        (["--storage", "nope/s.journal"], "--storage journal:nope/s.journal: folder nope does not exist"),
+        (["--storage", "sqlite:///nope/s.db"], "--storage sqlite:///nope/s.db: folder nope does not exist"),
+    ],
+)
+def test_a_bad_sweep_option_is_its_error_line_alone(cli, tmp_path, tiny_config, monkeypatch, options, message):
+    """Each printed the progress line "sweep 0/1 best - 0:00:00" before its error."""
+    monkeypatch.chdir(tmp_path)
+    args = _sweep_args(tiny_config, tmp_path, "--storage", f"sqlite:///{tmp_path / 's.db'}", *options)
+    _refused(cli, tmp_path, args, message)
+
+
+def test_a_bad_objective_is_its_error_line_alone(cli, tmp_path, tiny_config):
+    from cdka_search.errors import TargetError
+
+    before = _files(tmp_path)
+    result = cli(*_sweep_args(tiny_config, tmp_path, "--storage", f"sqlite:///{tmp_path / 's.db'}", "--objective", "evil"))
+    assert result.exit_code == TargetError.exit_code, result.output
+    assert result.stderr == "error: unknown objective 'evil'; choose one of rank, balanced, alignment\n"
+    assert _files(tmp_path) == before
+
+
+def test_top_k_has_one_limit_for_the_command_line_and_recipes(tmp_path, tiny_config):
+    from cdka_search.limits import MAX_TOP_K
+    from cdka_search.recipes import RecipeError, SweepSettings
+
+    assert _config(tmp_path, tiny_config, top_k=MAX_TOP_K).top_k == SweepSettings(top_k=MAX_TOP_K).top_k
+    with pytest.raises(SweepError, match=r"--top-k: 1001 is outside \[1, 1,000\]"):
+        _config(tmp_path, tiny_config, top_k=MAX_TOP_K + 1)
+    with pytest.raises(RecipeError, match="sweep.top_k: must be at most 1000"):
+        SweepSettings(top_k=MAX_TOP_K + 1)
 
 
 # end to end -----------------------------------------------------------------------------------------------

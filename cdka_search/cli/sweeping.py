@@ -67,7 +67,7 @@ def sweep(
       cdka sweep --recipe llama2/7B_cdka_lora8 --trials 10
     """
     from cdka_search.render import render
-    from cdka_search.sweep.study import SweepConfig, run_sweep
+    from cdka_search.sweep.study import SweepConfig, prepare_sweep
     from cdka_search.sweep.views import sweep_table
 
     loaded = load_recipe_option(recipe)
@@ -80,8 +80,9 @@ def sweep(
             ranges["lr_range"] = tuple(loaded.sweep.lr)
     config = SweepConfig(timeout=timeout, storage=storage, study=study, data=data, reference=reference, output=output,
                          pruner=pruner, **opts, **ranges)
-    with trial_progress(trials, enabled=not as_json) as on_trial:
-        result = run_sweep(config, on_trial=on_trial)
+    prepared = prepare_sweep(config)  # a bad option or storage is its error line alone, without a progress bar
+    with trial_progress(config.trials, enabled=not as_json) as on_trial:
+        result = prepared.run(on_trial)
     render(sweep_table(result), as_json=as_json)
 
 

@@ -173,16 +173,16 @@ def study_report(storage: str | None, study: str | None, folder: Path | None, *,
 
     import optuna
 
-    from cdka_search.sweep.storage import normalise, redact
+    from cdka_search.sweep.storage import normalise, redact, storage_file
     from cdka_search.sweep.study import open_study
 
     if plots and folder is not None:
         _check_plot_folder(folder)  # before loading anything: a bad --out is one quick error
     url = normalise(storage)
-    for prefix in ("sqlite:///", "journal:"):
-        # Opening a missing file would create an empty storage; a report only reads.
-        if url.startswith(prefix) and not Path(url[len(prefix):]).exists():
-            raise SweepError(f"--storage {redact(url)}: no such file; run `cdka sweep` first or check the path")
+    file = storage_file(url)
+    # Opening a missing file would create an empty storage; a report only reads.
+    if file is not None and not file.exists():
+        raise SweepError(f"--storage {redact(url)}: no such file; run `cdka sweep` first or check the path")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     loaded = open_study(storage, study, heartbeat=False)

@@ -27,6 +27,7 @@ from typing import Mapping
 from cdka_search.budget import Budget
 from cdka_search.candidates import CandidateSpace, Design, fit_max_r
 from cdka_search.errors import SweepError
+from cdka_search.limits import MAX_TOP_K, check_int
 from cdka_search.plan import Plan
 from cdka_search.scoring import ScoredDesign
 from cdka_search.spec.model_spec import ModelSpec
@@ -137,8 +138,7 @@ def build_space(
     from cdka_search.fronts import front_of
     from cdka_search.planner import plan_from_fronts, resolve_budget, score_tables
 
-    if top_k < 1:
-        raise SweepError(f"top_k must be at least 1, got {top_k}")
+    check_int(top_k, "top_k", SweepError, 1, MAX_TOP_K)
     limit = resolve_budget(spec, budget)
     tables = score_tables(spec, fit_max_r(space, spec.matrices, limit.limit), objective, seed=seed)
     # The heuristic plan is make_plan's, allocated from these same tables rather than scored again.

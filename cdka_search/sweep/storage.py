@@ -9,16 +9,21 @@
   (append-only log with a file lock; works on a shared NFS folder across machines). Journal storages
   have no heartbeat: a killed process's running trial stays RUNNING (it is never counted as finished).
 - a path ending in ``.db`` / ``.sqlite`` / ``.sqlite3``: shorthand for ``sqlite:///PATH``.
+
+Refused with one line (SweepError): an in-memory SQLite database, a storage file that exists but is
+not a regular file (a folder, FIFO or device, or a link to one), and a journal Optuna cannot replay.
 """
 
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
+from cdka_search.documents import brief
 from cdka_search.errors import SweepError
-from cdka_search.fileio import user_path
+from cdka_search.fileio import check_path, user_path
 
 DEFAULT_STORAGE = "sqlite:///cdka-sweep.db"
 HEARTBEAT_S = 10
@@ -28,6 +33,11 @@ _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _JOURNAL_SUFFIXES = (".journal", ".log")
 # What a worker sees when another one is creating the schema of the same new database at that moment.
 _SCHEMA_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key", "database is locked")
+# What Optuna's journal replay raises on lines it cannot apply (a missing field, an unknown op_code, a
+# value of the wrong type or range, a line that is not JSON); caught around opening a journal alone.
+_JOURNAL_REPLAY_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, AssertionError, RecursionError)
+_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def redact(url: str) -> str:
@@ -43,6 +53,8 @@ def normalise(storage: str | None) -> str:
     if text.startswith("journal:"):
         return "journal:" + str(user_path(text[len("journal:"):], SweepError, "--storage"))
     if "://" in text:
+        if text.startswith("sqlite"):
+            _sqlite_database(text)
         return text
     if text.endswith(_JOURNAL_SUFFIXES):
         return "journal:" + str(user_path(text, SweepError, "--storage"))
@@ -54,26 +66,76 @@ def normalise(storage: str | None) -> str:
     )
 
 
+def _sqlite_database(url: str) -> str:
+    """The database file of a SQLite URL, as SQLAlchemy reads it. An in-memory database is refused: it
+    dies with the process, so nothing could resume, join or report the study its plan would name."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise SweepError(f"--storage {brief(redact(url))} is not a valid database URL") from None
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:") or parsed.query.get("mode") == "memory":
+        raise SweepError(
+            f"--storage {brief(redact(url))} is an in-memory database, which cannot be resumed, shared or "
+            "reported; give a file, e.g. sqlite:///cdka-sweep.db"
+        )
+    return database
+
+
+def storage_file(url: str) -> Path | None:
+    """The file a normalised storage lives in (a journal or a SQLite database); None for a server."""
+    if url.startswith("journal:"):
+        return Path(url[len("journal:"):])
+    if url.startswith("sqlite"):
+        return check_path(_sqlite_database(url), SweepError, "--storage")
+    return None
+
+
+def _check_storage_file(path: Path, url: str) -> None:
+    """Refuse, before Optuna opens ``path``, a missing folder and anything but a regular file: a journal
+    on /dev/zero or a FIFO is read forever, a folder fails deep inside the driver."""
+    if not path.parent.is_dir():
+        raise SweepError(f"--storage {redact(url)}: folder {path.parent} does not exist")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return  # a new storage: Optuna creates the file
+    except OSError as exc:
+        raise SweepError(f"--storage {redact(url)}: cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "a special file")
+    what = "links to" if path.is_symlink() else "is"
+    raise SweepError(f"--storage {redact(url)}: {path} {what} {kind}, not a regular file; give a file path")
+
+
 def open_storage(storage: str | None, *, heartbeat: bool = True) -> Any:
     """An Optuna storage object for ``storage``; SweepError (one line) when it cannot be opened."""
     import optuna
 
     url = normalise(storage)
+    file = storage_file(url)
+    if file is not None:
+        _check_storage_file(file, url)
     if url.startswith("journal:"):
-        path = Path(url[len("journal:"):])
-        if not path.parent.is_dir():
-            raise SweepError(f"journal storage {path}: folder {path.parent} does not exist")
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
+        path = str(file)
         try:
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
-        except (OSError, ValueError) as exc:
-            raise SweepError(f"journal storage {path}: {exc}") from None
+            # JournalStorage replays the whole file as it is built: this is where bad content shows.
+            return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+        except OSError as exc:
+            raise SweepError(f"journal storage {path}: {exc.strerror or exc}") from None
+        except _JOURNAL_REPLAY_ERRORS as exc:
+            raise SweepError(
+                f"journal storage {path}: not a valid Optuna journal (replaying it raised {exc.__class__.__name__}); "
+                "check the path, or move the file away to start a new study"
+            ) from None
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
-        file = url.split(":///", 1)[-1]
-        if file and file != ":memory:" and not user_path(file, SweepError, "--storage").parent.is_dir():
-            raise SweepError(f"storage {url}: folder {Path(file).parent} does not exist")
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     else:
         kwargs["engine_kwargs"] = {"pool_pre_ping": True}

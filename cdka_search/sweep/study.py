@@ -60,10 +60,11 @@ class SweepConfig:
     alpha_range: tuple[float, float] = (4.0, 256.0)
 
     def __post_init__(self) -> None:
-        from cdka_search.limits import MAX_SEED, MAX_TRIALS, check_int
+        from cdka_search.limits import MAX_SEED, MAX_TOP_K, MAX_TRIALS, check_int
 
         check_int(self.trials, "--trials", SweepError, 1, MAX_TRIALS)
         check_int(self.steps, "--steps", SweepError, 1, 10**7)
+        check_int(self.top_k, "--top-k", SweepError, 1, MAX_TOP_K)
         if self.seed is not None:
             check_int(self.seed, "--seed", SweepError, 0, MAX_SEED)
         if self.timeout is not None and not 0 < self.timeout < 10**9:
@@ -183,11 +184,51 @@ def open_study(storage: str | None, name: str | None, *, create: bool = False, s
         raise SweepError(f"no study {name!r} in {where}; it holds: {', '.join(names) or 'none'}") from None
 
 
-def run_sweep(config: SweepConfig, *, on_trial: Callable[[int, int, float | None], None] | None = None) -> SweepResult:
-    """Run (or resume, or join) the sweep ``config`` describes; write the best plan; return the result.
+def _keep_whole(study: Any, heuristic: dict[str, Any], trials: int) -> bool:
+    """Requeue what dead workers lost and trial 0 if missing; True while there is work left."""
+    reap_dead(study)
+    ensure_heuristic(study, heuristic)
+    return counted_trials(study) < trials or not heuristic_done(study)
 
-    ``on_trial(finished, total, best_value)`` is called after each trial this process finishes.
-    """
+
+@dataclass
+class PreparedSweep:
+    """A sweep whose options, storage, study and task are checked and ready; ``run`` trains."""
+
+    config: SweepConfig
+    study: Any
+    space: Any
+    task: Any
+    heuristic: dict[str, Any]
+    where: str
+    started: float
+    work_left: bool
+
+    def run(self, on_trial: Callable[[int, int, float | None], None] | None = None) -> SweepResult:
+        """Train until the study is full; write the best plan; return the result.
+
+        ``on_trial(finished, total, best_value)`` is called after each trial this process finishes.
+        """
+        config, ran = self.config, 0
+        if self.work_left:
+
+            def callback(st: Any, trial: Any) -> None:
+                nonlocal ran
+                if SKIPPED not in trial.user_attrs:
+                    ran += 1
+                    if on_trial is not None:
+                        on_trial(counted_trials(st), config.trials, _best_value(st))
+                if not _keep_whole(st, self.heuristic, config.trials):
+                    st.stop()
+
+            self.study.optimize(Objective(self.space, self.task, config.trials, config.seed), n_trials=None,
+                                timeout=config.timeout, callbacks=[callback], catch=(), gc_after_trial=False)
+        return _result(self.study, self.space, config, self.where, ran, time.monotonic() - self.started)
+
+
+def prepare_sweep(config: SweepConfig) -> PreparedSweep:
+    """Check every option, open (or create) the study and prepare the task: whatever is wrong with the
+    options, the storage or the data fails here, before the CLI shows any progress."""
     import optuna
 
     from cdka_search.spec import load_spec
@@ -223,29 +264,18 @@ def run_sweep(config: SweepConfig, *, on_trial: Callable[[int, int, float | None
                        pruner=make_pruner(config.pruner, config.steps, options.every))
     _check_compatible(study, _fingerprint(config, space, task.name, spec.name), where)
     heuristic = space.heuristic_params(task.default_lr)
-
-    def keep_whole(st: Any) -> bool:
-        """Requeue what dead workers lost and trial 0 if missing; True while there is work left."""
-        reap_dead(st)
-        ensure_heuristic(st, heuristic)
-        return counted_trials(st) < config.trials or not heuristic_done(st)
-
-    ran = 0
-    if keep_whole(study):
+    work_left = _keep_whole(study, heuristic, config.trials)
+    if work_left:
         task.prepare(space)
+    return PreparedSweep(config, study, space, task, heuristic, where, started, work_left)
 
-        def callback(st: Any, trial: Any) -> None:
-            nonlocal ran
-            if SKIPPED not in trial.user_attrs:
-                ran += 1
-                if on_trial is not None:
-                    on_trial(counted_trials(st), config.trials, _best_value(st))
-            if not keep_whole(st):
-                st.stop()
 
-        study.optimize(Objective(space, task, config.trials, config.seed), n_trials=None, timeout=config.timeout,
-                       callbacks=[callback], catch=(), gc_after_trial=False)
-    return _result(study, space, config, where, ran, time.monotonic() - started)
+def run_sweep(config: SweepConfig, *, on_trial: Callable[[int, int, float | None], None] | None = None) -> SweepResult:
+    """Run (or resume, or join) the sweep ``config`` describes; write the best plan; return the result.
+
+    ``on_trial(finished, total, best_value)`` is called after each trial this process finishes.
+    """
+    return prepare_sweep(config).run(on_trial)
 
 
 def _best_value(study: Any) -> float | None:
