@@ -118,3 +118,43 @@ def test_bad_devices_are_one_line(cli, tiny, tmp_path, device, message):
     probed = cli("probe", "--grad", str(tiny / "base"), "--data", str(tiny / "train.txt"), "--device", device, "-o", str(grads))
     assert probed.exit_code == 6 and message in probed.stderr
     assert not grads.exists()
+
+
+def test_extreme_but_finite_references_plan_as_at_a_normal_scale(cli, tiny, tmp_path):
+    """A reference of finite entries up to 3e38, or down to 1e-30, plans: float32 squares overflowed to inf
+    (exit 2, 'every allocation unit needs ... a finite weight') or underflowed to 0 ('every reference update
+    is zero'). Energies are shares and weights ratios, so scaling the whole reference changes no plan."""
+    import math
+
+    from cdka_search.alignment.reference import load_reference, save_reference
+
+    probed = tmp_path / "delta.safetensors"
+    assert cli("probe", "--delta", str(tiny / "base"), str(tiny / "tuned"), "-o", str(probed)).exit_code == 0
+    gen = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(t.shape, generator=gen) * (1 + i % 3) for i, (n, t) in enumerate(load_reference(probed).items())}
+    top = math.frexp(max(float(t.abs().max()) for t in tensors.values()))[1]
+
+    def plan(name, scale):
+        ref = save_reference({n: t * scale for n, t in tensors.items()}, tmp_path / f"{name}.safetensors", "delta")
+        out = tmp_path / f"{name}.yaml"
+        planned = cli("plan", "-m", str(tiny / "base"), "-b", "lora:2", "--reference", str(ref), "--objective", "alignment", "-o", str(out))
+        assert planned.exit_code == 0 and planned.stderr == "", planned.output
+        return yaml.safe_load(out.read_text())
+
+    normal = plan("normal", 1.0)
+    assert len({g["params_each"] for g in normal["groups"]}) > 1
+    assert plan("huge", 2.0 ** (128 - top)) == normal  # the largest entry in [1.7e38, 3.4e38)
+    assert plan("small", 2.0**-100) == normal
+    tiny_plan = plan("tiny", 1e-30)  # not a power of two: equal up to rounding
+    for got, want in zip(tiny_plan["groups"], normal["groups"]):
+        assert {k: v for k, v in got.items() if k != "scores"} == {k: v for k, v in want.items() if k != "scores"}
+        assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)
+    # The tester's file: one update of the probe's set to 3e38 everywhere, a rank-1 update the plan keeps whole.
+    hostile = load_reference(probed)
+    hostile["model.layers.0.self_attn.q_proj"].fill_(3e38)
+    ref = save_reference(hostile, tmp_path / "hostile.safetensors", "delta")
+    out = tmp_path / "hostile.yaml"
+    planned = cli("plan", "-m", str(tiny / "base"), "-b", "lora:2", "--reference", str(ref), "-o", str(out))
+    assert planned.exit_code == 0 and planned.stderr == "", planned.output
+    groups = {g["modules"]: g for g in yaml.safe_load(out.read_text())["groups"]}
+    assert groups["model.layers.0.self_attn.q_proj"]["scores"]["alignment"] == pytest.approx(1.0, abs=1e-4)

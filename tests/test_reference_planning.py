@@ -1,5 +1,7 @@
 """Per-layer planning from reference updates (the data-aware path of make_plan)."""
 
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -132,3 +134,59 @@ def test_module_weights_spread_across_shapes_as_data_free_and_by_energy_within_o
     weights = module_weights(spec, {"q": 3.0, "k": 1.0, "up": 1000.0, "zero": 0.0})
     # q and k share a shape: mean energy 2, shape weight 48 + 64; up is alone in its shape; zero has no update.
     assert weights == pytest.approx({"q": 112 * 1.5, "k": 112 * 0.5, "up": 160.0, "zero": 0.0})
+
+
+def _without_scores(plan):
+    data = plan.to_dict()
+    return data, [{k: v for k, v in g.items() if k != "scores"} for g in data["groups"]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_but_finite_updates_plan_as_at_a_normal_scale(dtype):
+    """Energies are shares of each update's norm and weights ratios within a shape: scaling every update
+    by one number changes neither. Updates of 3e38 overflowed float32 squares (exit 2 from the allocator),
+    of 1e-30 underflowed them (every update 'zero'); a power of two gives the very same plan."""
+    gen = torch.Generator().manual_seed(5)
+    spec = ModelSpec("toy", "test", 10**6, (TargetModule("a", 48, 64), TargetModule("b", 48, 64), TargetModule("c", 32, 64)))
+    ref = {n: (torch.randn(*s, generator=gen) * (1 + 2 * i)).to(dtype)
+           for i, (n, s) in enumerate((("a", (48, 64)), ("b", (48, 64)), ("c", (32, 64))))}
+    top = max(float(t.abs().max()) for t in ref.values())
+    normal = make_plan(spec, 3000, objective="alignment", reference=ref).to_dict()
+    assert len({g["params_each"] for g in normal["groups"]}) > 1  # the energies weighted the modules differently
+    limit = 1023 if dtype == torch.float64 else 127  # the largest entry just below the dtype's largest finite number
+    for power in (limit - math.frexp(top)[1], -100, -(limit - 24)):
+        scaled = {n: t * 2.0**power for n, t in ref.items()}
+        assert all(bool(t.isfinite().all()) for t in scaled.values())
+        assert make_plan(spec, 3000, objective="alignment", reference=scaled).to_dict() == normal, power
+    for factor in (1e-30, 3e38 / top if dtype == torch.float32 else 1e300 / top):  # not powers of two: rounding apart
+        plan, designs = _without_scores(make_plan(spec, 3000, objective="alignment", reference={n: t * factor for n, t in ref.items()}))
+        assert designs == _without_scores(make_plan(spec, 3000, objective="alignment", reference=ref))[1]
+        for got, want in zip(plan["groups"], normal["groups"]):
+            assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)
+
+
+def test_extreme_energies_are_measured_at_a_safe_scale():
+    from cdka_search.alignment.energy import energy_curve, squared_norm
+    from cdka_search.alignment.planning import update_energies
+
+    gen = torch.Generator().manual_seed(6)
+    M = torch.randn(640, 640, generator=gen)  # pair (1, 1) of a 640 x 640 matrix: the Krylov path
+    normal = energy_curve(M)(1, 1, 3) + energy_curve(M)(4, 8, 3)  # (4, 8): the Gram path
+    for power in (120, -110):
+        scaled = M * 2.0**power
+        assert energy_curve(scaled)(1, 1, 3) + energy_curve(scaled)(4, 8, 3) == normal
+        assert squared_norm(scaled, power) == squared_norm(M)
+    assert squared_norm(torch.full((4, 4), 3e38)) == pytest.approx(16 * 9e76)
+    assert squared_norm(torch.full((4, 4), 1e-30)) == pytest.approx(16e-60)
+    assert math.isnan(squared_norm(torch.tensor([1.0, float("nan")]))) and squared_norm(torch.zeros(3)) == 0.0
+    spec = spec_of("a", "b")
+    with pytest.raises(ReferenceFileError, match=r"^reference 'b' has NaN or infinite entries; a reference update must be finite$"):
+        update_energies(spec, {"a": torch.ones(48, 64), "b": torch.full((48, 64), float("inf"))})
+    huge = update_energies(spec, {"a": torch.full((48, 64), 1e300, dtype=torch.float64), "b": torch.full((48, 64), 1e299, dtype=torch.float64)})
+    assert huge["a"] / huge["b"] == pytest.approx(100.0) and math.isfinite(huge["a"])
+    from cdka_search.alignment.planning import stacked_curve
+
+    stack = torch.randn(3, 48, 64, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 4.0, 0.0], dtype=torch.float64)[:, None, None]
+    normal = stacked_curve(stack, seed=0, device="cpu")(2, 4, 3)
+    assert stacked_curve(stack * 2.0**1000, seed=0, device="cpu")(2, 4, 3) == normal
+    assert stacked_curve(stack * 2.0**-1000, seed=0, device="cpu")(2, 4, 3) == normal

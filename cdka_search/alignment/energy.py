@@ -164,21 +164,79 @@ def energy_curve(
     return curve
 
 
-def squared_norm(M: torch.Tensor) -> float:
-    """||M||_F^2 in float64 without a float64 copy of M; nan or inf if M has such entries.
+def squared_norm(M: torch.Tensor, exponent: int = 0) -> float:
+    """||M||_F^2 / 4^exponent in float64 without a float64 copy of M; nan or inf if M has such entries
+    (inf, too, where the float64 result overflows: compare large float64 updates with ``scaled_squared_norm``).
 
     Norms of 2^14-entry slices in float32 (float64 for float64 M), summed in float64: one float32 norm
     of 45M entries was 0.8 % off, and a float64 one upcasts every entry (0.10 s against 4 ms at
-    4096 x 11008; the slices agree with it to 5e-9).
+    4096 x 11008; the slices agree with it to 5e-9). Finite entries of any size are measured right:
+    see scaled_squared_norm.
+    """
+    total, power = scaled_squared_norm(M)
+    return _ldexp(total, 2 * (power - exponent))
+
+
+def scaled_squared_norm(M: torch.Tensor) -> tuple[float, int]:
+    """(s, e) with ||M||_F^2 = s * 4^e, s a finite float64 (nan or inf, with e = 0, if M has such entries).
+
+    e is 0 unless a slice's norm lies outside 2^-40..2^40 (_SAFE_NORM), where float32 squares overflow
+    (entries of 3e38) or underflow (1e-30), or float64 ones do: then M is measured once more, scaled by
+    a power of two (``_scaled``, exact) that brings its largest entry to [1/2, 1), and e is that power.
     """
     flat = M.reshape(-1)
+    if not flat.numel():
+        return 0.0, 0
+    norms = _slice_norms(flat)
+    largest = float(norms.max())
+    if _SAFE_NORM[0] <= largest <= _SAFE_NORM[1]:
+        total = float(norms.double().square().sum())
+        if math.isfinite(total):
+            return total, 0
+    peak = float(torch.linalg.vector_norm(flat, ord=math.inf))  # a second pass, only here
+    if not math.isfinite(peak) or peak == 0:
+        return peak, 0
+    power = math.frexp(peak)[1]
+    return float(_slice_norms(_scaled(flat, -power)).double().square().sum()), power
+
+
+def log2_energy(total: float, power: int) -> int:
+    """The n with 2^(n-1) <= s * 4^e < 2^n for a scaled_squared_norm (s, e) with s > 0."""
+    return math.frexp(total)[1] + 2 * power
+
+
+#: Slice norms (scaled_squared_norm) that float32 and float64 take as they are: no slice's squares
+#: overflowed, and the largest entry's square stays a normal float32. A matrix whose ||M||_F^2 lies
+#: outside the same range is scaled by a power of two before its energies are measured (_Matrix.of).
+_SAFE_LOG2 = 40
+_SAFE_NORM = (2.0**-_SAFE_LOG2, 2.0**_SAFE_LOG2)
+
+
+def _slice_norms(flat: torch.Tensor) -> torch.Tensor:
     width = 1 << 14
     cut = flat.numel() // width * width
-    dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
+    dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
     parts = [torch.linalg.vector_norm(flat[:cut].view(-1, width), dim=1, dtype=dtype)] if cut else []
     if cut < flat.numel():
         parts.append(torch.linalg.vector_norm(flat[cut:], dtype=dtype).reshape(1))
-    return float(torch.cat(parts).double().square().sum()) if parts else 0.0
+    return torch.cat(parts)
+
+
+def _scaled(M: torch.Tensor, power: int) -> torch.Tensor:
+    """M * 2^power, exact, as a new float32 tensor (float64 for float64 M): two factors of 2^(power/2),
+    each a normal float32 for any power float32 entries need (|power| <= 170), since a float32 2^-128
+    would be subnormal (and flushed to zero where denormals are)."""
+    work = M if M.dtype in (torch.float32, torch.float64) else M.float()
+    half = power // 2
+    return work * 2.0**half * 2.0 ** (power - half)
+
+
+def _ldexp(value: float, power: int) -> float:
+    """value * 2^power, inf where that overflows float64 (math.ldexp raises instead)."""
+    try:
+        return math.ldexp(value, power)
+    except OverflowError:
+        return math.inf
 
 
 def _check_2d(M: torch.Tensor) -> None:
@@ -208,7 +266,14 @@ class _Matrix:
             raise TargetError(f"r_max must be at least 1, got {r_max}")
         if dtype not in (torch.float32, torch.float64):
             raise TargetError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        work = M.to(resolve_device(device), dtype)
+        work = M.to(resolve_device(device))
+        total, power = scaled_squared_norm(work)
+        if math.isfinite(total) and total > 0 and not -_SAFE_LOG2 <= log2_energy(total, power) <= _SAFE_LOG2:
+            # Energies are shares of ||M||^2: a power of two that brings it near 1 changes none of them, and
+            # keeps float32 squares and products (every Gram entry is at most ||M||^2) of entries of 3e38
+            # from overflowing, and of 1e-30 from underflowing.
+            work = _scaled(work, -(log2_energy(total, power) // 2))
+        work = work.to(dtype)
         norm_sq = squared_norm(work)
         if not math.isfinite(norm_sq):
             raise ReferenceFileError(

@@ -22,13 +22,15 @@ for all its modules, and each update is upcast and moved to the device once per 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from cdka_search.alignment.device import resolve_device
-from cdka_search.alignment.energy import energy_curve, squared_norm
+from cdka_search.alignment.energy import energy_curve, log2_energy, scaled_squared_norm
 from cdka_search.candidates import CandidateSpace, Design
+from cdka_search.documents import brief
 from cdka_search.errors import ReferenceFileError
 from cdka_search.scoring import ScoreTable, SpectrumCache, check_objective, score_shape, shape_weight
 from cdka_search.spec.model_spec import ModelSpec
@@ -63,6 +65,23 @@ def module_weights(spec: ModelSpec, energy: Mapping[str, float]) -> dict[str, fl
     means = {shape: sum(values) / len(values) for shape, values in by_shape.items()}
     return {t.name: shape_weight(*t.shape) * energy[t.name] / means[t.shape] if means[t.shape] > 0 else 0.0
             for t in spec.targets}
+
+
+def update_energies(spec: ModelSpec, reference: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """||M_m||_F^2 of every target's update, those of one shape divided by one power of four (near the
+    shape's largest): module_weights compares energies within a shape alone, so the weights are those of
+    the true energies, and neither entries of 3e38 nor of 1e-30 overflow or underflow (scaled_squared_norm).
+    ReferenceFileError naming a module whose update is not finite."""
+    scaled = {t.name: scaled_squared_norm(reference[t.name]) for t in spec.targets}
+    for name, (total, _) in scaled.items():
+        if not math.isfinite(total):
+            raise ReferenceFileError(f"reference {brief(name)} has NaN or infinite entries; a reference update must be finite")
+    tops: dict[tuple[int, int], int] = {}
+    for t in spec.targets:
+        total, power = scaled[t.name]
+        if total > 0:
+            tops[t.shape] = max(tops.get(t.shape, -(1 << 30)), log2_energy(total, power) // 2)
+    return {t.name: math.ldexp(scaled[t.name][0], 2 * (scaled[t.name][1] - tops.get(t.shape, 0))) for t in spec.targets}
 
 
 def shortlist_pairs(
@@ -129,7 +148,7 @@ class ReferenceScores:
             shape: None if all_pairs or shape[0] * shape[1] <= SMALL_UPDATE else shortlist_pairs(shape, space, objective, cache)
             for shape in spec.shapes
         }
-        energy = {t.name: squared_norm(reference[t.name]) for t in spec.targets}
+        energy = update_energies(spec, reference)
         if not any(e > 0 for e in energy.values()):
             raise ReferenceFileError("every reference update is zero: nothing to align with")
         self.weights = module_weights(spec, energy)
@@ -179,7 +198,10 @@ def stacked_curve(M: torch.Tensor, *, seed: int, device: str | torch.device | No
     so ``bounded`` holds for it as for one matrix."""
     if M.dim() == 2:
         return energy_curve(M, seed=seed, device=device)
-    norms = [squared_norm(e) for e in M]
+    scaled = [scaled_squared_norm(e) for e in M]
+    # one power of four for every expert: the shares are ratios, and stay finite in float64
+    top = max((log2_energy(total, power) // 2 for total, power in scaled if total > 0), default=0)
+    norms = [math.ldexp(total, 2 * (power - top)) for total, power in scaled]
     total = sum(norms)
     # keep_layout=False: every expert's curve is alive at once, and a layout each would be E more copies
     moved = [(n / total, energy_curve(e, seed=seed, device=device, keep_layout=False)) for n, e in zip(norms, M) if n > 0]
