@@ -154,6 +154,32 @@ def test_corrupt_config(tmp_path, content, message):
         load_spec(str(tmp_path / "config.json"))
 
 
+LLAMA_7B = json.loads((Path(__file__).parent / "data" / "llama-2-7b" / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        # module counts and widths under names outside the known fields: refused before transformers builds them
+        ({"model_type": "mpt", "d_model": 64, "n_heads": 4, "n_layers": 10**6, "expansion_ratio": 2, "vocab_size": 1000},
+         r"config field 'n_layers' is 1,000,000, more than 16,384$"),
+        ({"model_type": "t5", "d_model": 64, "d_kv": 16, "d_ff": 10**12, "num_layers": 2, "num_heads": 4, "vocab_size": 1000},
+         r"config field 'd_ff' is 1,000,000,000,000, more than 1,048,576$"),
+        ({"model_type": "qwen2_vl", "vision_config": {"depth": 10**6}, "text_config": {"hidden_size": 64}},
+         r"\(vision_config\): config field 'depth' is 1,000,000, more than 16,384$"),
+        # every field in range, their product not: the model as a whole is refused, naming its source
+        ({**LLAMA_7B, "head_dim": 1 << 20, "num_attention_heads": 256, "num_key_value_heads": 256},
+         r"describes a model of 140,742,079,287,296 parameters, outside \[1, 100,000,000,000,000\]$"),
+        ({**LLAMA_7B, "head_dim": 1 << 19, "num_attention_heads": 8, "num_key_value_heads": 8},
+         r"weight 'model.layers.0.self_attn.q_proj' is 4,194,304x4,096, a side outside \[1, 1,048,576\]$"),
+    ],
+)
+def test_configs_describing_absurd_models_are_refused_at_load(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelSourceError, match=message):
+        load_spec(str(tmp_path))
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -6,6 +6,7 @@ Each read names the field and the allowed range, so a bad config is one clear er
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -104,6 +105,28 @@ class Fields:
         return hidden // heads
 
 
+# Other spellings of layer and expert counts (MPT's n_layers, a vision tower's depth, ERNIE's
+# moe_num_experts): a module count under any name is bounded, since building it is what takes time.
+# Only the top: a field matched by its name may use -1 or 0 for "none".
+_LAYER_COUNT = re.compile(r"(^|_)(layers|n_layer|depth|blocks)$")
+_EXPERT_COUNT = re.compile(r"(^|_)experts$")
+# And of widths (T5's d_ff, OPT's ffn_dim, GPT-2's n_inner): a side beyond MAX_DIM is refused before a
+# build that takes tens of seconds to describe an absurd model.
+_WIDTH = re.compile(r"(^|_)(d_ff|ffn_dim|ffn_hidden_size|n_inner|d_kv|head_dim|intermediate_size|hidden_size|d_model|embed_dim|lora_rank)$")
+
+
+def _count_bound(key: str) -> int | None:
+    """The bound of a field not in _SIZE_FIELDS that by its name counts layers or experts, or is a
+    weight's side, else None."""
+    if _LAYER_COUNT.search(key):
+        return MAX_LAYERS
+    if _EXPERT_COUNT.search(key):
+        return MAX_EXPERTS
+    if _WIDTH.search(key):
+        return MAX_DIM
+    return None
+
+
 # Fields that set how many modules a transformers class builds: bounded before any config, of any
 # model_type, reaches transformers (a config asking for 10^9 layers would otherwise hang the build).
 _SIZE_FIELDS = {
@@ -133,3 +156,5 @@ def check_sizes(config: Mapping[str, Any], where: str) -> None:
                     bounded_int(entry, key, place, 0, _SIZE_FIELDS[key])
             elif key in _SIZE_FIELDS and value is not None:
                 bounded_int(value, key, place, 0, _SIZE_FIELDS[key])
+            elif isinstance(value, int) and not isinstance(value, bool) and value > (_count_bound(str(key)) or value):
+                raise ConfigError(f"{place}: config field {key!r} is {value:,}, more than {_count_bound(str(key)):,}")
