@@ -158,3 +158,28 @@ def test_extreme_but_finite_references_plan_as_at_a_normal_scale(cli, tiny, tmp_
     assert planned.exit_code == 0 and planned.stderr == "", planned.output
     groups = {g["modules"]: g for g in yaml.safe_load(out.read_text())["groups"]}
     assert groups["model.layers.0.self_attn.q_proj"]["scores"]["alignment"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_weight_retyped_to_integers_is_refused(cli, tiny, tmp_path):
+    """The tuned file's header gives q_proj I32 over its F32 bytes: probe wrote a 'delta' of energy 4.8e21, rc 0."""
+    import json
+    import shutil
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny / "tuned", tuned)
+    file = tuned / "model.safetensors"
+    raw = file.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert header[key]["dtype"] == "F32"
+    header[key]["dtype"] = "I32"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+    out = tmp_path / "d.safetensors"
+    result = cli("probe", "--delta", str(tiny / "base"), str(tuned), "-o", str(out))
+    assert result.exit_code == 6, result.output
+    assert result.stderr == (f"error: tensor '{key}' in {file} is int32, not a floating-point weight; "
+                             "a delta needs float weights in both checkpoints\n")
+    assert not out.exists()

@@ -173,3 +173,38 @@ def test_gradient_reference_releases_each_gradient_as_it_is_summed() -> None:
     plain(**batch).loss.backward()
     reference = plain.get_submodule(MODULES[2]).weight.grad
     assert torch.allclose(grads[MODULES[2]], 2 * reference, atol=1e-6)  # two identical batches
+
+
+def retyped(source: Path, target: Path, key: str, dtype: str) -> Path:
+    """A copy of the safetensors file ``source`` whose header gives ``key`` another dtype over the same bytes."""
+    raw = source.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    header[key]["dtype"] = dtype
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    target.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+    return target
+
+
+def test_delta_reference_refuses_weights_that_are_not_floats(checkpoints, tmp_path: Path) -> None:
+    base_dir, tuned_dir, base, _ = checkpoints
+    key = f"{MODULES[0]}.weight"
+    ints = retyped(base_dir / "model.safetensors", tmp_path / "ints.safetensors", key, "I32")  # F32 bytes read as I32
+    message = f"tensor '{key}' in {ints} is int32, not a floating-point weight; a delta needs float weights in both checkpoints"
+    with pytest.raises(ReferenceFileError) as raised:
+        delta_reference(base_dir / "model.safetensors", ints, MODULES)
+    assert str(raised.value) == message
+    with pytest.raises(ReferenceFileError) as raised:
+        delta_reference(ints, base_dir / "model.safetensors", MODULES)
+    assert str(raised.value) == message
+    flags = tmp_path / "bool.safetensors"
+    save_file({key: torch.ones(32, 32, dtype=torch.bool)}, flags)
+    with pytest.raises(ReferenceFileError, match=f"^tensor '{key}' in {flags} is bool, not a floating-point weight"):
+        delta_reference(base_dir / "model.safetensors", flags, MODULES[:1])
+    # Floats of different precision are compared in float32: a bf16 base and its fp32 fine-tune.
+    half = tmp_path / "bf16.safetensors"
+    save_file({key: base.get_submodule(MODULES[0]).weight.detach().bfloat16()}, half)
+    deltas = delta_reference(half, tuned_dir, MODULES[:1])
+    tuned = delta_reference(base_dir, tuned_dir, MODULES[:1])[MODULES[0]] + base.get_submodule(MODULES[0]).weight.detach()
+    assert torch.equal(deltas[MODULES[0]], tuned - base.get_submodule(MODULES[0]).weight.detach().bfloat16().float())

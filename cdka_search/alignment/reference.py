@@ -72,6 +72,9 @@ def delta_reference(
 ) -> dict[str, torch.Tensor]:
     """finetuned - base of ``<module>.weight`` for each module, float32, (d_out, d_in).
 
+    Weights must be floating point in both files (an integer or bool tensor is a ReferenceFileError naming
+    it); floats of different precision are compared in float32, as a bf16 base and its fp32 fine-tune are.
+
     base and finetuned are .safetensors files or folders holding model.safetensors or a sharded
     model.safetensors.index.json. Tensors are read one at a time, so neither model is ever whole
     in memory. Modules in conv1d_names are GPT-2 Conv1D, stored (d_in, d_out), and get transposed.
@@ -89,7 +92,13 @@ def delta_reference(
             file = files[key]
             if file not in readers:
                 readers[file] = stack.enter_context(_open_checkpoint(file))
-            return readers[file].get_tensor(key)
+            value = readers[file].get_tensor(key)
+            if not value.is_floating_point():  # an integer weight subtracted as floats is no update (I32 bytes of F32)
+                raise ReferenceFileError(
+                    f"tensor {brief(key)} in {file} is {str(value.dtype).removeprefix('torch.')}, not a floating-point "
+                    "weight; a delta needs float weights in both checkpoints"
+                )
+            return value
 
         def read(files: Mapping[str, Path], source: Path, module: str) -> torch.Tensor:
             if module in experts:
