@@ -183,3 +183,19 @@ def test_a_weight_retyped_to_integers_is_refused(cli, tiny, tmp_path):
     assert result.stderr == (f"error: tensor '{key}' in {file} is int32, not a floating-point weight; "
                              "a delta needs float weights in both checkpoints\n")
     assert not out.exists()
+
+
+def test_identical_checkpoints_are_refused_up_front(cli, tiny, tmp_path):
+    """probe --delta of one checkpoint twice wrote a zero reference (energy 0, no warning) that plan --reference refused."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny / "base", copy)
+    out = tmp_path / "d.safetensors"
+    result = cli("probe", "--delta", str(tiny / "base"), str(copy), "-o", str(out))
+    assert result.exit_code == 6, result.output
+    assert result.stderr == (f"error: the two checkpoints are identical on every target (14 modules of {tiny / 'base'} "
+                             f"and {copy}): nothing to measure\n")
+    assert not out.exists()
+    # differing on two targets of fourteen is a reference (the others' updates are zero)
+    assert cli("probe", "--delta", str(tiny / "base"), str(tiny / "tuned"), "-o", str(out)).exit_code == 0

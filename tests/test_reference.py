@@ -208,3 +208,12 @@ def test_delta_reference_refuses_weights_that_are_not_floats(checkpoints, tmp_pa
     deltas = delta_reference(half, tuned_dir, MODULES[:1])
     tuned = delta_reference(base_dir, tuned_dir, MODULES[:1])[MODULES[0]] + base.get_submodule(MODULES[0]).weight.detach()
     assert torch.equal(deltas[MODULES[0]], tuned - base.get_submodule(MODULES[0]).weight.detach().bfloat16().float())
+
+
+def test_identical_checkpoints_are_refused(checkpoints) -> None:
+    base_dir, tuned_dir, _, _ = checkpoints
+    with pytest.raises(ReferenceFileError) as raised:
+        delta_reference(base_dir, base_dir / "model.safetensors", MODULES)
+    assert str(raised.value) == (f"the two checkpoints are identical on every target (3 modules of {base_dir} and "
+                                 f"{base_dir / 'model.safetensors'}): nothing to measure")
+    assert len(delta_reference(base_dir, tuned_dir, MODULES)) == 3  # checkpoints that differ somewhere are measured

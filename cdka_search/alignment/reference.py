@@ -74,6 +74,7 @@ def delta_reference(
 
     Weights must be floating point in both files (an integer or bool tensor is a ReferenceFileError naming
     it); floats of different precision are compared in float32, as a bf16 base and its fp32 fine-tune are.
+    Checkpoints identical on every module are a ReferenceFileError: their delta is zero, nothing to plan on.
 
     base and finetuned are .safetensors files or folders holding model.safetensors or a sharded
     model.safetensors.index.json. Tensors are read one at a time, so neither model is ever whole
@@ -126,6 +127,11 @@ def delta_reference(
             if module in conv1d or module in transposed:
                 delta = delta.transpose(-2, -1).contiguous()
             deltas[module] = delta
+    if deltas and not any(bool(delta.any()) for delta in deltas.values()):
+        raise ReferenceFileError(
+            f"the two checkpoints are identical on every target ({len(deltas)} modules of {base} and {finetuned}): "
+            "nothing to measure"
+        )
     return deltas
 
 
