@@ -59,6 +59,11 @@ def brief(value: Any, limit: int = _BRIEF_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def named(text: str, limit: int = _BRIEF_CHARS) -> str:
+    """``text`` as typed when it is short and printable (a path, a model name), else its brief repr."""
+    return text if len(text) <= limit and text.isprintable() else brief(text, limit)
+
+
 def _too_deep(data: Any) -> bool:
     """True when containers nest deeper than MAX_DEPTH (iterative: no recursion on hostile input)."""
     stack = [(data, 1)]

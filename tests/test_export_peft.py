@@ -114,6 +114,34 @@ def test_lokr_scaling_shapes_and_init_follow_the_plan(tmp_path):
     assert seen == sum(g.count for g in plan.groups)
 
 
+def test_a_lokr_config_added_to_a_mixed_model_keeps_every_w2_whole(tmp_path):
+    # One factor-2 config holds w2 of 16 x 16 (q, k, v, o) and 64 x 16 (gate): a per-module r (16 and 64)
+    # left gate with r 16 < 64 / 2 once add_adapter ignored rank_pattern: a low-rank w2 and 256 extra
+    # parameters; one r per config (the largest, 64) keeps all of them whole
+    model = tiny_llama(intermediate=128, layers=1, kv_heads=4)
+    spec = spec_from_module(model)
+
+    def group(name, factor):
+        (target,) = [t for t in spec.targets if t.name == f"model.layers.0.{name}"]
+        (m1, m2), (n1, n2) = peft_factorization(target.d_out, factor), peft_factorization(target.d_in, factor)
+        return PlanGroup((target.name,), (target.d_out, target.d_in), 1, Design(m1, n1, m2, n2, 1))
+
+    groups = (*(group(f"self_attn.{p}_proj", 2) for p in "qkvo"), group("mlp.gate_proj", 2),
+              group("mlp.up_proj", -1), group("mlp.down_proj", -1))
+    plan = Plan("tiny", "module", spec.total_params, "custom", 10**5, groups)
+    written = write_export(export_plan(plan, "peft", spec, model=model), out_dir=tmp_path)
+    names = sorted(p.parent.name for p in written)
+    assert names == ["cdka_lokr", "cdka_lokr_f2"]
+    assert json.loads((tmp_path / "cdka_lokr_f2" / "adapter_config.json").read_text())["r"] == 64
+    wrapped = peft_model(model, tmp_path, names)  # cdka_lokr_f2 is the one added by add_adapter
+    assert trainable(wrapped) == plan.used_params
+    for name, layer in wrapped.named_modules():
+        for adapter, w2 in getattr(layer, "lokr_w2", {}).items():
+            d = group_of(plan, name).design
+            assert tuple(w2.shape) == (d.m2, d.n2)
+            assert layer.scaling[adapter] == pytest.approx(plan.adapter.scaling_value(d), rel=1e-12)
+
+
 def test_keys_are_anchored_full_names():
     model = tiny_llama()
     spec = spec_from_module(model)

@@ -76,10 +76,14 @@ def lora_alpha(settings: "AdapterSettings", design: "Design") -> tuple[bool, flo
     return False, float(settings.scale) * design.r  # type: ignore[arg-type]  # fixed: alpha / r = scale
 
 
-def lokr_rank_alpha(settings: "AdapterSettings", design: "Design") -> tuple[int, float]:
-    """(r, alpha) for a PEFT LoKr module: r keeps w2 a full matrix, alpha / r equals the plan's lambda."""
-    r = max(design.m2, design.n2)
-    return r, settings.scaling_value(design) * r
+def lokr_rank_alpha(settings: "AdapterSettings", designs: "list[Design]") -> tuple[int, list[float]]:
+    """(r, alpha of each design) for the modules of one PEFT LoKr config: r keeps every w2 a full matrix
+    (PEFT builds w2 whole when r >= max(m2, n2) / 2) and alpha / r equals each design's lambda.
+
+    One r for the whole config: PeftMixedModel.add_adapter builds a layer with the config's r, not its
+    rank_pattern, so a per-module r would give a low-rank w2 to the modules whose r the default misses."""
+    r = max(max(d.m2, d.n2) for d in designs)
+    return r, [settings.scaling_value(d) * r for d in designs]
 
 
 def choose_factors(options: dict[int, tuple[int, ...]]) -> dict[int, int]:
@@ -277,11 +281,12 @@ def export_peft(plan: Plan, spec: ModelSpec | None = None, model: Any = None) ->
     for f in sorted(set(factor_of.values()), key=lambda f: (f != -1, f)):
         name = "cdka_lokr" if f == -1 else f"cdka_lokr_f{f}"  # not "lokr": PEFT warns when a name is in its "lokr_" prefix
         r, alpha, names = {}, {}, []
-        for i in sorted(i for i, fi in factor_of.items() if fi == f):
+        members = sorted(i for i, fi in factor_of.items() if fi == f)
+        rk, alphas = lokr_rank_alpha(settings, [groups[i][0].design for i in members])
+        for i, a in zip(members, alphas):
             g, modules = groups[i]
             d = g.design
             assert peft_factorization(g.shape[0], f) == (d.m1, d.m2) and peft_factorization(g.shape[1], f) == (d.n1, d.n2)
-            rk, a = lokr_rank_alpha(settings, d)
             for n in modules:
                 names.append(n)
                 r[n], alpha[n] = rk, a

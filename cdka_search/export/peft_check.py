@@ -101,8 +101,8 @@ def _one_line(exc: BaseException) -> str:
 def applied_adapters(model: Any, configs: dict[str, dict[str, Any]]) -> tuple[dict[tuple[str, str], tuple[int, float]], int]:
     """Apply ``configs`` (name -> adapter_config dict) to ``model`` (on meta; it is changed) as the docs
     load them: {(module or parameter name, config name): (its adapter's parameter count, scaling)} and the
-    trainable count. Counts, not ranks: PeftMixedModel.add_adapter leaves a LoKr layer's r at the config's
-    default, which builds the same full w2 when both reach max(m2, n2) / 2.
+    trainable count. Counts, not ranks: PeftMixedModel.add_adapter builds a LoKr layer with the config's r,
+    not its rank_pattern, so the count is what shows whether w2 came out whole.
 
     A parameter target is named ``module.parameter``. PeftRefused when PEFT raises."""
     import torch

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cdka_search.documents import brief
+from cdka_search.documents import brief, named
 from cdka_search.errors import ModelSourceError
 from cdka_search.limits import MAX_DIM, MAX_TOTAL_PARAMS
 from cdka_search.registry import resolve
@@ -32,7 +32,7 @@ def load_spec(model: str) -> ModelSpec:
             return _bounded(resolve(source.loader)(model if source.reads_name else path), model)
     if path is not None:
         raise ModelSourceError(f"{path}: expected a folder, config.json, .safetensors or .index.json")
-    raise ModelSourceError(f"{brief(model)}: no such file or folder")
+    raise ModelSourceError(f"{named(model)}: no such file or folder")
 
 
 def _bounded(spec: ModelSpec, model: str) -> ModelSpec:
@@ -40,11 +40,11 @@ def _bounded(spec: ModelSpec, model: str) -> ModelSpec:
     the source: fields read one by one can still multiply into an absurd model (head_dim x heads, a
     width transformers derives from a ratio), which a plan would otherwise carry to a late failure."""
     if not 1 <= spec.total_params <= MAX_TOTAL_PARAMS:
-        raise ModelSourceError(f"{brief(model)}: describes a model of {spec.total_params:,} parameters, outside [1, {MAX_TOTAL_PARAMS:,}]")
+        raise ModelSourceError(f"{named(model)}: describes a model of {spec.total_params:,} parameters, outside [1, {MAX_TOTAL_PARAMS:,}]")
     wide = next((t for t in spec.targets if not (1 <= t.d_out <= MAX_DIM and 1 <= t.d_in <= MAX_DIM)), None)
     if wide is not None:
         raise ModelSourceError(
-            f"{brief(model)}: weight {brief(wide.name)} is {wide.d_out:,}x{wide.d_in:,}, a side outside [1, {MAX_DIM:,}]"
+            f"{named(model)}: weight {brief(wide.name)} is {wide.d_out:,}x{wide.d_in:,}, a side outside [1, {MAX_DIM:,}]"
         )
     return spec
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Mapping
 
-from cdka_search.documents import brief
+from cdka_search.documents import brief, named
 from cdka_search.errors import ModelSourceError
 from cdka_search.spec.families import FAMILIES, family_spec
 from cdka_search.spec.model_spec import ModelSpec
@@ -71,7 +71,7 @@ def resolve_preset_name(name: str) -> str:
     near = difflib.get_close_matches(key, [*PRESETS, *ALIASES], n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(near)}?" if near else ""
     raise ModelSourceError(
-        f"unknown model {brief(name)}: not a preset, alias or existing path.{hint} "
+        f"unknown model {named(name)}: not a preset, alias or existing path.{hint} "
         "Run `cdka models` for the list."
     )
 
