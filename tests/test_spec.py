@@ -141,6 +141,47 @@ def test_unknown_model_type_goes_through_transformers_meta(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("config", "live"),
+    [
+        ({"model_type": "whisper", "d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+          "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "vocab_size": 100,
+          "num_mel_bins": 8, "max_source_positions": 16, "max_target_positions": 16, "pad_token_id": 1, "bos_token_id": 0,
+          "eos_token_id": 2, "decoder_start_token_id": 0}, "WhisperForConditionalGeneration"),
+        ({"model_type": "bart", "d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+          "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "vocab_size": 100,
+          "max_position_embeddings": 32}, "BartForConditionalGeneration"),
+    ],
+)
+def test_encoder_decoder_configs_plan_encoder_and_decoder(tmp_path, config, live):
+    """AutoModelForCausalLM maps BART and Whisper to their decoder alone: the encoder was silently left out."""
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = load_spec(str(tmp_path))
+    names = [t.name for t in spec.targets]
+    assert "model.encoder.layers.0.self_attn.q_proj" in names and "model.decoder.layers.0.encoder_attn.q_proj" in names
+    model = getattr(transformers, live)(transformers.AutoConfig.for_model(**config))
+    assert spec.targets == spec_from_module(model).targets
+    assert spec.total_params == sum(p.numel() for p in model.parameters())
+
+
+def test_the_class_a_config_names_is_built_and_its_task_head_is_no_target(tmp_path):
+    """A checkpoint of DebertaV2ForSequenceClassification names its modules deberta.encoder...: the base
+    model's names would match none of them; the classifier is trained whole, so it is reported uncovered."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DebertaV2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                          vocab_size=100, max_position_embeddings=32, num_labels=3,
+                                          architectures=["DebertaV2ForSequenceClassification"])
+    config.save_pretrained(tmp_path)
+    spec = load_spec(str(tmp_path))
+    assert spec.targets[0].name == "deberta.encoder.layer.0.attention.self.query_proj"
+    assert all(t.name.startswith("deberta.") for t in spec.targets)
+    assert dict(spec.unadaptable)["classifier.weight"] == 3 * 32
+    live = transformers.DebertaV2ForSequenceClassification(config)
+    assert spec_from_module(live).targets == spec.targets
+    assert spec.total_params == sum(p.numel() for p in live.parameters())
+
+
+@pytest.mark.parametrize(
     ("content", "message"),
     [
         (b"{not json", "not a readable JSON config"),

@@ -95,10 +95,21 @@ def expert_layout(module) -> bool | None:
     return observed_layout(module)
 
 
+def _base_prefix(model) -> str | None:
+    """``"name."`` of a transformers task model's base model (``bert.`` of BertForSequenceClassification),
+    or None when the model is its own base: the modules outside it are the task head."""
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return None
+    return next((f"{n}." for n, m in model.named_modules() if m is base), None)
+
+
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
-    """Targets are every linear module (:func:`base_kind`) except the output embedding, and every
-    3-D parameter of a module transformers marks as experts (stored (experts, d_out, d_in), or
-    transposed) by its full parameter name, as PEFT's ``target_parameters`` names it."""
+    """Targets are every linear module (:func:`base_kind`) of the base model (a task head, such as a
+    classifier, is trained whole, as PEFT's ``modules_to_save``, and reported uncovered) except the
+    output embedding, and every 3-D parameter of a module transformers marks as experts (stored
+    (experts, d_out, d_in), or transposed) by its full parameter name, as PEFT's ``target_parameters``
+    names it."""
     import torch.nn as nn
 
     excluded: set[int] = set()
@@ -108,10 +119,13 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
     # nn.MultiheadAttention multiplies by out_proj.weight itself and never calls out_proj: an adapter
     # there would never run, so it is no target (its weight is reported uncovered).
     bypassed = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    base = _base_prefix(model)
     targets: list[TargetModule] = []
     for module_name, module in model.named_modules():
         if id(module) in excluded or module_name.split(".")[-1] == "lm_head":
             continue
+        if base is not None and not module_name.startswith(base):
+            continue  # a task head (classifier, score): trained whole, so reported uncovered, not adapted
         kind = None if id(module) in bypassed else base_kind(module)
         if kind == "linear":
             targets.append(TargetModule(module_name, *linear_features(module)))
@@ -202,14 +216,26 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
 
 
 def _build_on_meta(config):
-    """The model of ``config`` on the meta device, from the first auto class that maps it: a causal LM,
-    else an image-text-to-text model (Pix2Struct, ShieldGemma 2), else the bare model (BERT's encoder).
-    Each refuses a config it does not map with a ValueError."""
+    """The model of ``config`` on the meta device: the class its ``architectures`` names where
+    transformers defines it (the model a checkpoint is for, with its task head and module names, as
+    DebertaV2ForSequenceClassification names ``deberta.encoder...``); else the first auto class that
+    maps it: for an encoder-decoder config a sequence-to-sequence model (BART's and Whisper's causal-LM
+    classes are their decoders alone), then a causal LM, an image-text-to-text model (Pix2Struct,
+    ShieldGemma 2), else the bare model (BERT's encoder). Each auto class refuses a config it does not
+    map with a ValueError."""
     import torch
     import transformers
 
-    autos = [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText, transformers.AutoModel]
+    named = [getattr(transformers, arch, None) for arch in getattr(config, "architectures", None) or () if isinstance(arch, str)]
+    named = [cls for cls in named if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)]
+    seq2seq = [transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForSpeechSeq2Seq] if getattr(config, "is_encoder_decoder", False) else []
+    autos = [*seq2seq, transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText, transformers.AutoModel]
     with torch.device("meta"):
+        for cls in named:
+            try:
+                return cls._from_config(config)
+            except Exception:  # noqa: BLE001 - a class named for another config: the auto classes decide
+                pass
         for auto in autos[:-1]:
             try:
                 return auto.from_config(config)
