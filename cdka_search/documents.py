@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import stat
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
@@ -269,6 +269,10 @@ def strict_dataclass(cls: type[T], data: Any, where: str, error: type[CdkaError]
     if not isinstance(data, Mapping):
         raise error(f"{where}: expected a mapping")
     reject_unknown(data, [f.name for f in fields(cls)], where, error)  # type: ignore[arg-type]
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]  # type: ignore[arg-type]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise error(f"{where}: missing key(s) {', '.join(missing)}")
     try:
         return cls(**data)
     except TypeError as exc:

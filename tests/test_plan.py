@@ -152,6 +152,9 @@ def test_sweep_block_round_trips_and_is_strict(gpt2_plan):
     doc["sweep"]["best_vlaue"] = 1
     with pytest.raises(PlanError, match="did you mean 'best_value'"):
         loads_plan(yaml.safe_dump(doc))
+    doc["sweep"] = {"study": "s", "storage": "sqlite:///x.db", "task": "proxy"}
+    with pytest.raises(PlanError, match="^plan: sweep: missing key\\(s\\) steps, best_trial, best_value$"):
+        loads_plan(yaml.safe_dump(doc))
 
 
 @pytest.mark.parametrize(("exact", "gap"), [(True, None), (None, 0.25), (None, None), (False, 9.3e-09), (True, 1 / 3)])
