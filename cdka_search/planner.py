@@ -12,7 +12,7 @@ from cdka_search.documents import brief
 from cdka_search.errors import ArgumentError, BudgetError, TargetError
 from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_front
 from cdka_search.limits import MAX_DIM, MAX_SEED, check_int
-from cdka_search.matching import ModuleIndex, match_groups, raise_problems
+from cdka_search.matching import ModuleIndex, match_groups, raise_problems, summarise
 from cdka_search.plan import AdapterSettings, Plan, PlanGroup
 from cdka_search.scoring import (
     DEFAULT_SAMPLES,
@@ -181,6 +181,24 @@ def front_options(fronts: Mapping[Any, Front]) -> dict[Any, tuple[Option, ...]]:
     return options
 
 
+def _check_family_adapts(chosen: ModelSpec, space: CandidateSpace) -> None:
+    """TargetError when ``--family lokr`` meets targets no LoKr tool adapts (PEFT LoKr and LyCORIS take
+    nn.Linear modules only): the plan would be one no export can write."""
+    import re
+
+    if space.family != "lokr":
+        return
+    other = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", t.name) for t in chosen.targets if t.kind != "linear"))
+    if other:
+        said = {"conv1d": "transformers Conv1D", "experts": "3-D expert tensors"}
+        kinds = sorted({said.get(t.kind, t.kind) for t in chosen.targets if t.kind != "linear"})
+        raise TargetError(
+            f"--family lokr: PEFT LoKr and LyCORIS adapt nn.Linear modules only, and {len(other)} target group(s) are "
+            f"{' / '.join(kinds)} ({summarise(other, sep=', ')}); plan them with --family lora (PEFT LoRA adapts them) "
+            "or leave them out with --targets"
+        )
+
+
 def make_plan(
     spec: ModelSpec,
     budget: str | int | Budget = "0.5%",
@@ -207,6 +225,7 @@ def make_plan(
     check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
     check_int(samples, "samples", ArgumentError, 1, 1 << 16)
     chosen = select_targets(spec, targets)
+    _check_family_adapts(chosen, space)
     limit = resolve_budget(chosen, budget)
     space = fit_max_r(space, chosen.matrices, limit.limit)
     if reference is None:
@@ -321,8 +340,9 @@ def record_model_path(plan: Plan, model: str) -> Plan:
 
 
 def plan_model(plan: Plan, model: str | None) -> ModelSpec | None:
-    """The model to check ``plan`` against: ``model`` if given, else the local path the plan
-    recorded (ModelSourceError if it is gone), else None (a preset plan names its model)."""
+    """The model to check ``plan`` against: ``model`` if given, else the preset a preset plan names,
+    else the local path the plan recorded (ModelSourceError if it is gone), else None (a plan of a
+    live module: only the module can check it)."""
     from pathlib import Path
 
     from cdka_search.errors import ModelSourceError
@@ -330,6 +350,8 @@ def plan_model(plan: Plan, model: str | None) -> ModelSpec | None:
 
     if model:
         return load_spec(model)
+    if plan.model_source == "preset":
+        return load_spec(plan.model_name)
     if plan.model_path is None:
         return None
     if not Path(plan.model_path).exists():

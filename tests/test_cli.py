@@ -103,11 +103,38 @@ def test_explain(cli):
     assert cli("explain", "--shape", "4096by11008").exit_code == 4
 
 
+@pytest.mark.parametrize("options", [["--device", "cuda:99"], ["--device", "cpu"], ["--all-pairs"]])
+def test_reference_options_without_a_reference_are_refused(cli, tmp_path, options):
+    """They were accepted and ignored: a plan made as if they had acted."""
+    result = cli("plan", "-m", "gpt2", "-b", "lora:4", *options, "-o", str(tmp_path / "plan.yaml"))
+    assert result.exit_code == 11
+    assert result.stderr.strip() == (
+        "error: --device and --all-pairs act on --reference planning only: give --reference FILE or leave them out"
+    )
+    assert not (tmp_path / "plan.yaml").exists()
+
+
+def test_inspect_takes_the_model_as_argument_or_option(cli):
+    by_argument = cli("inspect", "gpt2", "--json")
+    assert by_argument.exit_code == 0
+    assert cli("inspect", "--model", "gpt2", "--json").stdout == by_argument.stdout == cli("inspect", "-m", "gpt2", "--json").stdout
+    for args in ((), ("gpt2", "-m", "gpt2")):
+        refused = cli("inspect", *args)
+        assert refused.exit_code == 11
+        assert refused.stderr.strip() == "error: give the model once: cdka inspect MODEL or cdka inspect --model MODEL"
+
+
 def test_validate(cli, tmp_path):
     plan = tmp_path / "plan.yaml"
     cli("plan", "-m", "llama-2-7b", "-o", str(plan))
     ok = cli("validate", str(plan), "--model", "llama-2-7b")
     assert ok.exit_code == 0 and "valid plan and matches llama-2-7b" in ok.stdout
+    alone = cli("validate", str(plan))  # a preset plan is checked against the preset it names
+    assert alone.exit_code == 0 and "valid plan and matches llama-2-7b" in alone.stdout
+    other = tmp_path / "other.yaml"
+    other.write_text(plan.read_text().replace("name: llama-2-7b", "name: llama-3-8b", 1))
+    wrong = cli("validate", str(other))
+    assert wrong.exit_code == 5 and "model.layers.0.self_attn.k_proj: the model's weight is 1024x4096" in wrong.stderr
     bad = cli("validate", str(plan), "--model", "llama-3-8b")
     assert bad.exit_code == 5
     assert "model.layers.0.self_attn.k_proj: the model's weight is 1024x4096" in bad.stderr

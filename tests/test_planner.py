@@ -231,3 +231,27 @@ def test_a_moe_plan_with_huge_expert_groups_is_allocated_exactly(tmp_path):
         plan = make_plan(spec, budget)
         assert plan.exact and plan.gap == 0.0
         assert 0.99 * plan.budget_limit <= plan.used_params <= plan.budget_limit
+
+
+@pytest.mark.parametrize(
+    ("model", "said"),
+    [
+        ("gpt2", "4 target group(s) are transformers Conv1D (transformer.h.*.attn.c_attn, transformer.h.*.attn.c_proj, "
+                 "transformer.h.*.mlp.c_fc, transformer.h.*.mlp.c_proj)"),
+        ("mixtral-8x7b", "2 target group(s) are 3-D expert tensors (model.layers.*.mlp.experts.gate_up_proj, "
+                         "model.layers.*.mlp.experts.down_proj)"),
+    ],
+)
+def test_lokr_family_refuses_targets_no_lokr_tool_adapts(model, said):
+    """Such a plan was written and then refused by both exporters, whose advice was to re-plan with --family lokr."""
+    spec = load_spec(model)
+    with pytest.raises(TargetError) as info:
+        make_plan(spec, "0.5%", space=CandidateSpace(family="lokr"))
+    assert str(info.value) == (
+        f"--family lokr: PEFT LoKr and LyCORIS adapt nn.Linear modules only, and {said}; "
+        "plan them with --family lora (PEFT LoRA adapts them) or leave them out with --targets"
+    )
+    assert make_plan(spec, "0.5%", space=CandidateSpace(family="lora")).used_params > 0
+    if model == "mixtral-8x7b":
+        attention = make_plan(spec, "0.1%", targets="attn", space=CandidateSpace(family="lokr"))
+        assert {g.design.r for g in attention.groups} == {1}

@@ -20,7 +20,7 @@ from cdka_search.cli.common import (
     guarded,
     load_recipe_option,
 )
-from cdka_search.errors import PlanError
+from cdka_search.errors import ArgumentError, PlanError
 
 app = typer.Typer()
 
@@ -113,6 +113,8 @@ def plan(
     loaded = load_recipe_option(recipe)
     opts = from_recipe(ctx, loaded, dict(model=model, budget=budget, targets=targets, objective=objective, family=family, max_r=max_r))
     adapter = loaded.adapter if loaded else AdapterSettings()
+    if reference is None and (device != "auto" or all_pairs):
+        raise ArgumentError("--device and --all-pairs act on --reference planning only: give --reference FILE or leave them out")
     updates = None
     if reference is not None:
         from cdka_search.alignment.reference import load_reference
@@ -147,19 +149,22 @@ def models(as_json: JsonOpt = False) -> None:
 @app.command()
 @guarded
 def inspect(
-    model: Annotated[str, typer.Argument(help="Preset, alias, HF folder, config.json or .safetensors file.")],
+    model: Annotated[Optional[str], typer.Argument(help="Preset, alias, HF folder, config.json or .safetensors file.")] = None,
+    model_option: Annotated[Optional[str], typer.Option("--model", "-m", help="The model, as plan takes it (instead of the argument).")] = None,
     targets: TargetsOpt = "all-linear",
     as_json: JsonOpt = False,
 ) -> None:
     """Show a model's target modules, shapes and counts.
 
-    Examples: cdka inspect llama-2-7b;  cdka inspect ./gpt2/model.safetensors --targets attn
+    Examples: cdka inspect llama-2-7b;  cdka inspect -m ./gpt2/model.safetensors --targets attn
     """
     from cdka_search.render import render
     from cdka_search.targets import select_targets
     from cdka_search.views import inspect_table
 
-    spec = _load(model)
+    if (model is None) == (model_option is None):
+        raise ArgumentError("give the model once: cdka inspect MODEL or cdka inspect --model MODEL")
+    spec = _load(model or model_option)
     covered = _coverage(spec, targets)
     render(inspect_table(select_targets(spec, targets), covered), as_json=as_json)
 
@@ -211,5 +216,5 @@ def validate(
     problems = plan_problems(loaded, spec) if spec is not None else []
     if problems:
         raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + summarise(problems, sep=" | "))
-    against = f" and matches {model or loaded.model_path}" if spec is not None else ""
+    against = f" and matches {model or loaded.model_path or spec.name}" if spec is not None else ""
     typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of {loaded.budget_limit:,} parameters)")

@@ -6,7 +6,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from cdka_search.errors import ExportError
 from cdka_search.fileio import atomic_write_text, write_folder
@@ -171,15 +171,18 @@ def check_keys(config_name: str, keys: Iterable[str], wanted: dict[str, str], hi
             )
 
 
-def refusal(tool: str, refused: dict[str, list[str]]) -> ExportError:
+REPLAN = "re-plan with `cdka plan --family lokr` (single Kronecker terms) or `--family lora`"
+REPLAN_LORA = "re-plan with `cdka plan --family lora`"
+
+
+def refusal(tool: str, refused: dict[str, list[str]], advice: Mapping[str, str] | None = None) -> ExportError:
     """One error naming the groups the tool cannot express, grouped by reason (the first ten of each:
-    a per-layer plan would otherwise put thousands of names on the one error line)."""
+    a per-layer plan would otherwise put thousands of names on the one error line), and what to do
+    for each reason (``advice``; REPLAN where none is given)."""
     count = sum(len(v) for v in refused.values())
     parts = [f"{reason}: {summarise(groups, sep=', ')}" for reason, groups in refused.items()]
-    return ExportError(
-        f"{tool} cannot express {count} group(s) of this plan; {'; '.join(parts)}. Re-plan with "
-        "`cdka plan --family lokr` (single Kronecker terms) or `--family lora`; nothing was written"
-    )
+    todo = "; ".join(dict.fromkeys((advice or {}).get(reason, REPLAN) for reason in refused))
+    return ExportError(f"{tool} cannot express {count} group(s) of this plan; {'; '.join(parts)}. To export: {todo}; nothing was written")
 
 
 def note_init_and_dropout(plan: "Plan", notes: list[str], *, dropout_ok: bool, what: str) -> None:

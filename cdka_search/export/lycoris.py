@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 __all__ = ["export_lycoris", "PRESET_FILE"]
 
 PRESET_FILE = "lycoris_preset.toml"
-EXPERTS = "3-D expert tensors (LyCORIS adapts modules, not parameters; a LoRA plan of them exports to PEFT)"
+EXPERTS = "3-D expert tensors (LyCORIS adapts modules, not parameters)"
+CONV1D = "transformers Conv1D (LyCORIS does not adapt it)"
 
 
 def _fmt(x: float) -> str:
@@ -66,7 +67,7 @@ def export_lycoris(plan: "Plan", spec: "ModelSpec | None" = None, model: object 
         if g.kind == "experts":
             refused.setdefault(EXPERTS, []).append(g.modules[0])
         elif g.kind != "linear":
-            refused.setdefault("transformers Conv1D (LyCORIS does not adapt it)", []).append(g.modules[0])
+            refused.setdefault(CONV1D, []).append(g.modules[0])
         elif d.is_lora:
             continue
         elif d.r > 1:
@@ -80,7 +81,8 @@ def export_lycoris(plan: "Plan", spec: "ModelSpec | None" = None, model: object 
             else:
                 factor_of[i] = -1 if -1 in factors else min(factors)
     if refused:
-        raise refusal("LyCORIS", refused)
+        elsewhere = "export a `--family lora` plan of them to PEFT, or leave them out with `cdka plan --targets`"
+        raise refusal("LyCORIS", refused, {EXPERTS: elsewhere, CONV1D: elsewhere})
 
     lokr_lambdas = {settings.scaling_value(groups[i][0].design) for i in factor_of}
     multiplier = lokr_lambdas.pop() if len(lokr_lambdas) == 1 else 1.0

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdka_search.errors import ExportError
 from cdka_search.export.base import (
+    REPLAN_LORA,
     Export,
     ExportFile,
     ExportRow,
@@ -65,6 +66,7 @@ EXPERTS_KRONECKER = (
     "for them)"
 )
 EXPERTS_DROPOUT = "adapter.dropout on expert tensors (PEFT's target_parameters LoRA takes no dropout)"
+CONV1D = "transformers Conv1D (PEFT LoKr rejects it; PEFT LoRA adapts it)"
 
 
 def lora_alpha(settings: "AdapterSettings", design: "Design") -> tuple[bool, float]:
@@ -230,10 +232,10 @@ def export_peft(plan: Plan, spec: ModelSpec | None = None, model: Any = None) ->
                 lora.setdefault("linear", []).append(i)
         elif d.is_lora:
             lora.setdefault(g.kind, []).append(i)
+        elif g.kind != "linear":
+            refused.setdefault(CONV1D, []).append(g.modules[0])
         elif d.r > 1:
             refused.setdefault("r > 1 Kronecker components (PEFT LoKr builds one term)", []).append(f"{g.modules[0]} (r = {d.r})")
-        elif g.kind != "linear":
-            refused.setdefault("transformers Conv1D (PEFT LoKr rejects it)", []).append(g.modules[0])
         else:
             factors = peft_factors(d.m1, d.n1, d.m2, d.n2)
             if factors:
@@ -243,7 +245,8 @@ def export_peft(plan: Plan, spec: ModelSpec | None = None, model: Any = None) ->
                     f"{g.modules[0]} (left {[d.m1, d.n1]}, right {[d.m2, d.n2]})"
                 )
     if refused:
-        raise refusal("PEFT", refused)
+        raise refusal("PEFT", refused, {EXPERTS_KRONECKER: REPLAN_LORA, CONV1D: REPLAN_LORA,
+                                        EXPERTS_DROPOUT: "set adapter.dropout to 0 in the plan"})
 
     configs: dict[str, dict[str, Any]] = {}
     rows: list[ExportRow] = []
