@@ -222,3 +222,16 @@ def test_lokr_family_is_what_both_tools_build():
 def test_choose_factors_prefers_fewest_configs():
     assert choose_factors({0: (-1, 4), 1: (4,), 2: (-1,)}) in ({0: 4, 1: 4, 2: -1}, {0: -1, 1: 4, 2: -1})
     assert set(choose_factors({0: (2, 4), 1: (4, 8), 2: (4,)}).values()) == {4}
+
+
+def test_cli_checks_the_export_on_the_model_given_not_a_path_the_plan_recorded(cli, tmp_path):
+    """The PEFT check built the model from the plan's recorded path: once that folder moved, --model
+    NEW_FOLDER checked the plan's modules but the export was written unchecked."""
+    made = tmp_path / "made"
+    tiny_llama().config.save_pretrained(made)
+    assert cli("plan", "-m", str(made), "-b", "lora:2", "--family", "lora", "-o", str(tmp_path / "plan.yaml")).exit_code == 0
+    moved = made.rename(tmp_path / "moved")
+    result = cli("export", str(tmp_path / "plan.yaml"), "--to", "peft", "--model", str(moved), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "not checked against PEFT" not in result.output
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 2

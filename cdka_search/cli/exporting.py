@@ -39,12 +39,14 @@ def export(
     from cdka_search.export import export_plan, write_export
     from cdka_search.export.base import export_table
     from cdka_search.plan import load_plan
+    from cdka_search.planner import plan_model, record_model_path
     from cdka_search.render import render
 
-    from cdka_search.planner import plan_model
-
     loaded = load_plan(plan_file)
-    result = export_plan(loaded, to, plan_model(loaded, model))
+    spec = plan_model(loaded, model)
+    if model is not None:  # the model given is the one PEFT's check builds, not a path the plan recorded
+        loaded = record_model_path(loaded, model)
+    result = export_plan(loaded, to, spec)
     written = write_export(result, out_dir=out, out_file=output)
     render(export_table(result, written), as_json=as_json)
 
