@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -139,8 +140,9 @@ def read_yaml(text: str, where: str, error: type[CdkaError]) -> Any:
     """Parse safe YAML (JSON included): no anchors or aliases, no duplicate keys, bounded depth.
 
     Built from the parser's events with an explicit stack (libyaml's parser where installed), so
-    neither deep nesting nor a large document recurses or composes a node tree; scalars get the
-    types of YAML's safe schema (int, float, bool, null, str, timestamp)."""
+    neither deep nesting nor a large document recurses or composes a node tree. Scalars are null,
+    bool, int, float or str; a date or time stays the text written, as YAML 1.2 reads it (no cdka
+    document has dates, and a ``datetime`` would reach messages as its Python repr)."""
     if len(text) > MAX_YAML_BYTES:
         raise error(f"{where}: {len(text):,} characters is larger than a plan or recipe can be ({MAX_YAML_BYTES:,})")
     import yaml
@@ -154,8 +156,6 @@ def read_yaml(text: str, where: str, error: type[CdkaError]) -> Any:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise error(f"{where}: not valid YAML{at}") from None
-    except ValueError:  # an integer with more digits than Python converts
-        raise error(f"{where}: a number is too long") from None
     finally:
         loader.dispose()
 
@@ -204,10 +204,16 @@ def _data_from_events(loader: Any, where: str, error: type[CdkaError]) -> Any:
             tag = event.tag
             if tag is None or tag == "!":
                 tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
-            if tag not in constructors or tag.endswith(("merge", "value")):
+            if tag == _TIMESTAMP_TAG:
+                value = event.value
+            elif tag in _SCALAR_TAGS:
+                node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+                try:
+                    value = constructors[tag](loader, node)
+                except (ValueError, KeyError, IndexError, AttributeError):  # what PyYAML's constructors raise on an explicit tag's bad text
+                    raise error(f"{where}: {_bad_scalar(tag, event.value)} (line {line + 1})") from None
+            else:
                 raise error(f"{where}: YAML tag {brief(tag)} is not allowed (line {line + 1})")
-            node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
-            value = constructors[tag](loader, node)
             if isinstance(value, (str, int, float, bool, type(None))):  # immutable: safe to share
                 scalars[key] = value
             add(value, line)
@@ -224,6 +230,16 @@ def _data_from_events(loader: Any, where: str, error: type[CdkaError]) -> Any:
 
 
 _NO_KEY = object()
+_SCALAR_TAGS = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("null", "bool", "int", "float", "str"))
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+
+
+def _bad_scalar(tag: str, text: str) -> str:
+    """Why a scalar's text does not make a value of its tag (``!!int 11.7``, ``!!bool maybe``)."""
+    kind = tag.rsplit(":", 1)[-1]
+    if kind == "int" and re.fullmatch(r"[-+]?[0-9_]+", text):
+        return "a number is too long"  # more digits than Python converts
+    return f"{brief(text)} is not a valid {kind}"
 
 
 def read_file_bytes(path: str | os.PathLike[str], error: type[CdkaError], max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:

@@ -140,6 +140,11 @@ def _choice(value: Any, allowed: Iterable[str], where: str) -> str:
     return value
 
 
+def _is_int(value: Any, expected: int) -> bool:
+    """``value`` is the integer ``expected``: not a float or bool that compares equal (1.0, True)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value == expected
+
+
 def _pair(value: Any, where: str) -> tuple[int, int]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise PlanError(f"{where}: expected [rows, cols], got {brief(value)}")
@@ -317,7 +322,7 @@ class PlanGroup:
         design = Design(m1, n1, m2, n2, r)
         derived = {"r1": design.r1, "r2": design.r2, "params_each": experts * design.params, "rank_bound": design.rank_bound}
         for key, value in derived.items():
-            if key in data and (isinstance(data[key], bool) or data[key] != value):
+            if key in data and not _is_int(data[key], value):
                 report.add(f"{where}.{key} is {brief(data[key])} but left/right/r give {value}")
         return cls(patterns, shape, count, design, kind, dict(scores), experts)
 
@@ -425,8 +430,8 @@ class Plan:
         reject_unknown(data, ("cdka_plan", "model", "budget", "objective", "adapter", "allocation", "groups", "sweep"), "plan")
         _require(data, ("cdka_plan", "model", "budget", "groups"), "plan")
         version = data["cdka_plan"]
-        if isinstance(version, bool) or version != SCHEMA_VERSION:
-            raise PlanError(f"plan schema version {brief(version)} is not supported (this cdka reads {SCHEMA_VERSION})")
+        if not _is_int(version, SCHEMA_VERSION):
+            raise PlanError(f"plan schema version {brief(version)} is not supported (this cdka reads the integer {SCHEMA_VERSION})")
         report = _Report()
         model, budget = data["model"], data["budget"]
         if not isinstance(model, Mapping) or not isinstance(budget, Mapping):
@@ -472,7 +477,7 @@ class Plan:
             model_name=name, model_source=source, total_params=total, budget_spec=spec, budget_limit=limit,
             groups=tuple(groups), adapter=adapter, objective=objective, exact=exact, gap=gap, sweep=sweep, model_path=path,
         )
-        if "used" in budget and (isinstance(budget["used"], bool) or budget["used"] != plan.used_params):
+        if "used" in budget and not _is_int(budget["used"], plan.used_params):
             report.add(f"budget.used is {brief(budget['used'])} but the groups add up to {plan.used_params}")
         if plan.used_params > plan.budget_limit:
             report.add(f"the groups use {plan.used_params:,} parameters, over the budget limit {plan.budget_limit:,}")
