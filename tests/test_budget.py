@@ -17,6 +17,9 @@ LLAMA = load_spec("llama-2-7b")
         ("2e7", 20_000_000),
         ("20000000", 20_000_000),
         ("20_000_000", 20_000_000),
+        ("20,000,000", 20_000_000),
+        ("1_000", 1_000),
+        (".5%", 33_692_078),
         ("250k", 250_000),
         ("lora:8", 19_988_480),  # cdka-notes.md section 1: LoRA r=8 on all 7 linears x 32 blocks
         ("LoRA:1", 2_498_560),
@@ -38,7 +41,18 @@ def test_budget_forms(text, limit):
         ("lora:0", "an integer from 1 to 1,048,576"),
         ("lora:x", "an integer from 1 to 1,048,576"),
         ("9B", "exceeds"),
-        ("nan%", "above 0"),
+        ("nan%", "is not a number"),
+        # Python's int() and float() read these; a budget is ASCII, digits grouped in threes at most
+        ("５%", "budget '５%': write it with ASCII digits and letters"),
+        ("lora:８", "budget 'lora:８': write it with ASCII digits and letters"),
+        ("²", "budget '²': write it with ASCII digits and letters"),
+        ("1_0", "budget '1_0' is not understood"),
+        ("1__000", "budget '1__000' is not understood"),
+        ("2_e7", "budget '2_e7' is not understood"),
+        ("0._5%", "budget '0._5%' is not a number"),
+        ("lora:_8", "budget 'lora:_8': the LoRA rank must be an integer"),
+        ("1,0", "budget '1,0' is not understood"),
+        ("infinity", "budget 'infinity' is not understood"),
     ],
 )
 def test_bad_budgets(text, message):
