@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from cdka_search.budget import budget_for
 from cdka_search.candidates import Design
 from cdka_search.documents import (
     MAX_YAML_BYTES,
@@ -48,7 +49,7 @@ from cdka_search.documents import (
     reject_unknown,
     strict_dataclass,
 )
-from cdka_search.errors import PlanError
+from cdka_search.errors import BudgetError, PlanError
 from cdka_search.fileio import atomic_write_text
 from cdka_search.limits import MAX_DIM, MAX_EXPERTS, MAX_MODULES, MAX_TOTAL_PARAMS, check_int
 from cdka_search.matching import match_groups, raise_problems
@@ -477,12 +478,29 @@ class Plan:
             model_name=name, model_source=source, total_params=total, budget_spec=spec, budget_limit=limit,
             groups=tuple(groups), adapter=adapter, objective=objective, exact=exact, gap=gap, sweep=sweep, model_path=path,
         )
+        _check_budget_spec(plan, report)
         if "used" in budget and not _is_int(budget["used"], plan.used_params):
             report.add(f"budget.used is {brief(budget['used'])} but the groups add up to {plan.used_params}")
         if plan.used_params > plan.budget_limit:
             report.add(f"the groups use {plan.used_params:,} parameters, over the budget limit {plan.budget_limit:,}")
         report.raise_if_any()
         return plan
+
+
+def _check_budget_spec(plan: Plan, report: _Report) -> None:
+    """``budget.limit`` must be what ``budget.spec`` means for the plan's model: its total parameters
+    for a percentage or count, its groups (the targets) for ``lora:R``, as the planner computed it."""
+    rank_cost = sum(g.count * g.experts * (g.shape[0] + g.shape[1]) for g in plan.groups)
+    try:
+        meant = budget_for(plan.budget_spec, total_params=plan.total_params, lora_rank_cost=rank_cost).limit
+    except BudgetError as exc:
+        report.add(f"budget.spec: {exc}")
+        return
+    if meant != plan.budget_limit:
+        report.add(
+            f"budget.limit is {plan.budget_limit:,} but budget.spec {brief(plan.budget_spec)} means {meant:,} "
+            f"for model.total_params {plan.total_params:,} and these groups"
+        )
 
 
 def dumps_plan(plan: Plan, fmt: str = "yaml") -> str:

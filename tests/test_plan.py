@@ -73,6 +73,29 @@ def test_hand_edits_are_checked(gpt2_plan, change, message):
         loads_plan(edited(gpt2_plan, change))
 
 
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        ({"limit": 10**13}, "budget.limit is 10,000,000,000,000 but budget.spec 'lora:8' means 1,179,648 for model.total_params 124,439,808"),
+        ({"spec": "0.5%"}, "budget.limit is 1,179,648 but budget.spec '0.5%' means 622,199 for model.total_params 124,439,808"),
+        ({"spec": "1.2M"}, "budget.limit is 1,179,648 but budget.spec '1.2M' means 1,200,000"),
+        ({"spec": "lora:9"}, "budget.limit is 1,179,648 but budget.spec 'lora:9' means 1,327,104"),
+        ({"spec": "banana"}, "budget.spec: budget 'banana' is not understood"),
+        ({"spec": "５%"}, "budget.spec: budget '５%': write it with ASCII digits"),
+    ],
+)
+def test_budget_spec_must_mean_the_limit(gpt2_plan, budget, message):
+    with pytest.raises(PlanError) as raised:
+        loads_plan(edited(gpt2_plan, lambda d: d["budget"].update(budget)))
+    assert message in str(raised.value)
+
+
+def test_a_plan_without_budget_spec_reads_its_limit_as_a_count(gpt2_plan):
+    assert loads_plan(edited(gpt2_plan, lambda d: d["budget"].pop("spec"))).budget_spec == "1179648"
+    with pytest.raises(PlanError, match="budget.spec: budget '200000000' exceeds the model's 124,439,808 parameters"):
+        loads_plan(edited(gpt2_plan, lambda d: (d["budget"].pop("spec"), d["budget"].update(limit=200_000_000))))
+
+
 def test_consistent_hand_edit_is_accepted(gpt2_plan):
     def to_lora(d):
         g = d["groups"][0]
