@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from cdka_search.documents import brief
 from cdka_search.errors import TargetError
 from cdka_search.matching import ModuleIndex
 from cdka_search.patterns import check_pattern, is_pattern
@@ -33,43 +34,54 @@ def is_router(module: TargetModule) -> bool:
     return module.kind == "linear" and (leaf in _ROUTER_NAMES or parent in _ROUTER_NAMES or leaf.endswith(_SCALAR_GATES))
 
 
-def _selected(index: ModuleIndex, item: str) -> set[str]:
-    """A pattern's matches, or the names equal to ``item`` or ending in ``.item``."""
+_PRESETS = {
+    "all-linear": lambda t: not is_router(t),
+    "attn": is_attention,
+    "mlp": lambda t: not is_attention(t) and not is_router(t),
+    "experts": lambda t: t.kind == "experts",
+}
+
+
+def selection_items(selection: str) -> tuple[str, ...]:
+    """The items of a selection ("attn", "q_proj,v_proj", "attn,experts"), each a preset, a name or a
+    glob, checked without a model. A repeated item is dropped: the selection is the union of its items."""
+    if not isinstance(selection, str):
+        raise TargetError(f"targets {brief(selection)}: expected text such as all-linear, attn or q_proj,v_proj")
+    items = tuple(dict.fromkeys(i.strip() for i in selection.split(",") if i.strip()))
+    if not items:
+        raise TargetError(f"empty target list; use one of {', '.join(PRESET_SELECTIONS)} or module names")
+    for item in items:
+        check_pattern(item)
+    return items
+
+
+def _selected(spec: ModelSpec, index: ModuleIndex, item: str) -> set[str]:
+    """A preset's targets, a pattern's matches, or the names equal to ``item`` or ending in ``.item``."""
+    if item in _PRESETS:
+        return {t.name for t in spec.targets if _PRESETS[item](t)}
     if is_pattern(item):
-        return set(index.find(check_pattern(item)))
+        return set(index.find(item))
     return {n for n in index.names if n == item or n.endswith("." + item)}
 
 
 def select_targets(spec: ModelSpec, selection: str = "all-linear") -> ModelSpec:
-    """The spec restricted to the selected targets; an item matching nothing is an error.
+    """The spec restricted to the union of the selection's items; an item matching nothing is an error.
 
     "all-linear" is every weight but routers (expert tensors included), "mlp" every non-attention
     weight but routers (experts included), "experts" only the 3-D expert tensors.
     """
-    choice = selection.strip()
-    if choice == "all-linear":
-        chosen = [t for t in spec.targets if not is_router(t)]
-    elif choice == "attn":
-        chosen = [t for t in spec.targets if is_attention(t)]
-    elif choice == "mlp":
-        chosen = [t for t in spec.targets if not is_attention(t) and not is_router(t)]
-    elif choice == "experts":
-        chosen = [t for t in spec.targets if t.kind == "experts"]
-    else:
-        items = [i.strip() for i in choice.split(",") if i.strip()]
-        if not items:
-            raise TargetError(f"empty target list; use one of {', '.join(PRESET_SELECTIONS)} or module names")
-        index = ModuleIndex(t.name for t in spec.targets)
-        hits = {i: _selected(index, i) for i in items}
-        missing = [i for i in items if not hits[i]]
-        if missing:
-            known = ", ".join(sorted({t.name.rsplit(".", 1)[-1] for t in spec.targets}))
-            raise TargetError(f"target {', '.join(map(repr, missing))} matches no module of {spec.name}; modules end in: {known}")
-        picked = set().union(*hits.values())
-        chosen = [t for t in spec.targets if t.name in picked]
-    if not chosen:
-        raise TargetError(f"selection {selection!r} matches no module of {spec.name}")
-    return spec.with_targets(tuple(chosen))
+    items = selection_items(selection)
+    index = ModuleIndex(t.name for t in spec.targets)
+    hits = {i: _selected(spec, index, i) for i in items}
+    missing = [i for i in items if not hits[i] and i not in _PRESETS]
+    if missing:
+        known = ", ".join(sorted({t.name.rsplit(".", 1)[-1] for t in spec.targets}))
+        raise TargetError(f"target {', '.join(map(repr, missing))} matches no module of {spec.name}; modules end in: {known}")
+    empty = [i for i in items if not hits[i]]
+    if empty:
+        raise TargetError(f"selection {', '.join(map(repr, empty))} matches no module of {spec.name}")
+    picked = set().union(*hits.values())
+    return spec.with_targets(tuple(t for t in spec.targets if t.name in picked))
 
 
 @dataclass(frozen=True)

@@ -628,6 +628,31 @@ def test_probe_grad_bad_model_folder(cli, tmp_path, file, content, message):
 # 20. Small things -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("selection", "same_as"), [
+    ("attn,mlp,attn", "all-linear"),  # presets combine as a union; a repeat is dropped
+    ("attn,mlp", "all-linear"),
+    ("q_proj,v_proj,q_proj", "q_proj,v_proj"),
+    ("attn,q_proj", "attn"),
+    (" attn ,,", "attn"),
+])
+def test_a_target_selection_is_the_union_of_its_items(selection, same_as):
+    from cdka_search.spec import load_spec
+    from cdka_search.targets import select_targets
+
+    spec = load_spec("llama-2-7b")
+    assert select_targets(spec, selection).targets == select_targets(spec, same_as).targets
+
+
+@pytest.mark.parametrize(("selection", "message"), [
+    ("attn,experts,attn", "selection 'experts' matches no module of llama-2-7b"),
+    ("attn,q_porj", "target 'q_porj' matches no module of llama-2-7b; modules end in: down_proj"),
+    (",,", "empty target list; use one of all-linear, attn, mlp, experts or module names"),
+    ("attn," + "x" * 600, "module pattern of 600 characters: the limit is 512"),
+])
+def test_bad_target_selections(cli, tmp_path, selection, message):
+    rejects(cli, tmp_path, ["inspect", "llama-2-7b", "--targets", selection], "target", message)
+
+
 @pytest.mark.parametrize(
     ("budget", "message"),
     [
