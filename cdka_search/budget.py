@@ -9,7 +9,7 @@ from typing import Sequence
 
 from cdka_search.documents import brief
 from cdka_search.errors import BudgetError
-from cdka_search.limits import MAX_DIM
+from cdka_search.limits import MAX_DIM, MAX_TOTAL_PARAMS
 from cdka_search.spec.model_spec import TargetModule
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
@@ -39,6 +39,13 @@ def lora_params(targets: Sequence[TargetModule], rank: int) -> int:
 def parse_budget(text: str, *, total_params: int, targets: Sequence[TargetModule]) -> Budget:
     """The parameter count ``text`` stands for, for a model of ``total_params`` and these targets."""
     return budget_for(text, total_params=total_params, lora_rank_cost=lora_params(targets, 1))
+
+
+def check_budget_text(text: str) -> str:
+    """``text`` if it is a budget for some model: its form, and the bounds that hold for every model
+    (a recipe's budget, read before its model is)."""
+    budget_for(text, total_params=MAX_TOTAL_PARAMS, lora_rank_cost=1)
+    return text
 
 
 def budget_for(text: str, *, total_params: int, lora_rank_cost: int) -> Budget:

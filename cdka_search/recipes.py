@@ -29,12 +29,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from cdka_search.budget import check_budget_text
 from cdka_search.candidates import FAMILIES, CandidateSpace
 from cdka_search.documents import brief, read_text_file, read_yaml, reject_unknown
-from cdka_search.errors import PlanError
+from cdka_search.errors import CdkaError, PlanError
 from cdka_search.fileio import user_path
 from cdka_search.limits import MAX_DIM, MAX_SEED, MAX_TOP_K, MAX_TRIALS
 from cdka_search.plan import AdapterSettings
+from cdka_search.targets import selection_items
 
 __all__ = [
     "RECIPE_SCHEMA_VERSION",
@@ -193,6 +195,13 @@ class Recipe:
         for key in ("model", "targets", "budget"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key).strip():
                 raise RecipeError(f"{key}: expected a non-empty string, got {brief(getattr(self, key))}")
+        # The form of each value is checked here, so `cdka recipes show` and --recipe accept the same
+        # recipes; what depends on the model (a budget it can hold, targets it has) is checked on use.
+        for key, check in (("budget", check_budget_text), ("targets", selection_items)):
+            try:
+                check(getattr(self, key))
+            except CdkaError as exc:
+                raise RecipeError(f"{key}: {exc}") from None
         if not isinstance(self.description, str):
             raise RecipeError(f"description: expected a text, got {brief(self.description)}")
         if not isinstance(self.objective, str) or self.objective not in OBJECTIVES:

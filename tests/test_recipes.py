@@ -75,6 +75,11 @@ BASE = {"cdka_recipe": 1, "model": "llama-2-7b"}
         ({**BASE, "train": {"scheduler": "step"}}, "train.scheduler 'step'"),
         ({**BASE, "max_r": "8"}, "max_r: expected an integer"),
         ([1, 2], "expected a mapping"),
+        ({**BASE, "budget": "banana"}, "recipe x: budget: budget 'banana' is not understood; use a percentage"),
+        ({**BASE, "budget": "lora:0"}, "recipe x: budget: budget 'lora:0': the LoRA rank must be an integer from 1"),
+        ({**BASE, "budget": "200%"}, "recipe x: budget: budget '200%': a percentage must be above 0 and at most 100"),
+        ({**BASE, "targets": ",,"}, "recipe x: targets: empty target list; use one of all-linear, attn, mlp, experts"),
+        ({**BASE, "targets": "x" * 600}, "recipe x: targets: module pattern of 600 characters: the limit is 512"),
     ],
 )
 def test_bad_recipes_are_one_clear_error(data, message):
@@ -111,6 +116,19 @@ def test_cli_list_and_show():
     missing = runner.invoke(app, ["recipes", "show", "qwen/7B"])
     assert missing.exit_code == 5 and missing.stderr.startswith("error: no recipe 'qwen/7B'")
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("budget: banana", "budget: budget 'banana' is not understood"),
+    ('targets: ","', "targets: empty target list"),
+])
+def test_show_and_use_refuse_the_same_recipe(tmp_path, line, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"cdka_recipe: 1\nmodel: gpt2\n{line}\n")
+    for args in (["recipes", "show", str(recipe)], ["plan", "--recipe", str(recipe), "-o", str(tmp_path / "p.yaml")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 5 and result.stderr.startswith(f"error: recipe bad: {message}")
+        assert result.stderr.count("\n") == 1 and not (tmp_path / "p.yaml").exists()
 
 
 def test_cli_export_writes_or_refuses_with_no_file(tmp_path):
