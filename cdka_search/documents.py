@@ -104,23 +104,26 @@ def _finite_float(where: str, error: type[CdkaError]):
     return hook
 
 
+def strict_json_hooks(where: str, error: type[CdkaError]) -> dict[str, Any]:
+    """Keyword arguments of ``json.loads`` that refuse duplicate keys, NaN/Infinity and numbers that
+    overflow, each as ``error`` naming ``where``."""
+
+    def refuse_constant(name: str) -> Any:
+        raise error(f"{where}: {name} is not a JSON value")
+
+    return {"object_pairs_hook": _no_duplicates(where, error), "parse_constant": refuse_constant,
+            "parse_float": _finite_float(where, error)}
+
+
 def read_json(data: bytes | str, where: str, error: type[CdkaError], limits: JsonLimits = JsonLimits()) -> Any:
     """Parse strict JSON: no NaN/Infinity, no overflowing numbers, no duplicate keys, bounded depth
     and size (``limits``)."""
     limits.check(data, where, error)
     import json
 
-    def refuse_constant(name: str) -> Any:
-        raise error(f"{where}: {name} is not a JSON value")
-
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
-        parsed = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates(where, error),
-            parse_constant=refuse_constant,
-            parse_float=_finite_float(where, error),
-        )
+        parsed = json.loads(text, **strict_json_hooks(where, error))
     except CdkaError:
         raise
     except RecursionError:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json
+from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json, strict_json_hooks
 from cdka_search.errors import DataError, ModelSourceError, one_line
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -17,6 +17,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 MAX_DATA_BYTES = 256 * 1024 * 1024  # a trial trains a few hundred batches (200 x 8 x 128 tokens: about 1 MB of text)
 # Per .json document or .jsonl line: what a 256 MiB chat dataset holds, and no more Python objects than that.
 DATA_JSON_LIMITS = JsonLimits(max_bytes=MAX_DATA_BYTES, max_objects=2_000_000, max_arrays=1_000_000, max_commas=8_000_000)
+DATA_SUFFIXES = (".txt", ".jsonl", ".json")
 FORMATS = "a 'text' string, 'prompt' and 'completion' (strings or message lists), or 'messages'"
 
 Message = tuple[str, str]  # (role, content)
@@ -51,7 +52,7 @@ def read_examples(path: str | Path) -> list[Example]:
       ``"prompt"`` and ``"completion"`` (strings, or message lists for a conversation's turns), or
       ``"messages"`` (a conversation, trained whole); messages are ``{"role", "content"}`` strings.
     """
-    file = Path(path)
+    file = check_data_name(path)
     if not file.exists():
         raise DataError(f"{file}: no such data file")
     raw = read_file_bytes(file, DataError, MAX_DATA_BYTES)
@@ -59,7 +60,11 @@ def read_examples(path: str | Path) -> list[Example]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{file}: not UTF-8 text") from None
-    if file.suffix not in (".jsonl", ".json"):
+    nul = text.find("\0")
+    if nul >= 0:  # valid UTF-8, but only a binary file holds one, and tokenizers would train on it
+        line = text.count("\n", 0, nul) + 1
+        raise DataError(f"{file}: line {line} holds a NUL byte; a data file is text")
+    if file.suffix == ".txt":
         examples = [Example(p.strip()) for p in text.split("\n\n") if p.strip()]
     elif file.suffix == ".json" and (records := _json_document(text, file)) is not None:
         examples = [_example(record, f"{file}: record {number}") for number, record in enumerate(records, start=1)]
@@ -71,6 +76,15 @@ def read_examples(path: str | Path) -> list[Example]:
     if not examples:
         raise DataError(f"{file}: no text in it")
     return examples
+
+
+def check_data_name(path: str | Path) -> Path:
+    """``path`` if its suffix names a format read_examples reads; checked before any work, since
+    any other file (a .csv, a .parquet) would otherwise be trained on as plain text."""
+    file = Path(path)
+    if file.suffix not in DATA_SUFFIXES:
+        raise DataError(f"{file}: not a data format cdka reads ({', '.join(DATA_SUFFIXES)}: plain text, JSON Lines, JSON)")
+    return file
 
 
 def _json_document(text: str, file: Path) -> list[Any] | None:
@@ -90,7 +104,9 @@ def _json_document(text: str, file: Path) -> list[Any] | None:
 def _json_line(line: str, where: str) -> Any:
     DATA_JSON_LIMITS.check(line, where, DataError)
     try:
-        return json.loads(line)
+        return json.loads(line, **strict_json_hooks(where, DataError))
+    except DataError:
+        raise
     except RecursionError:
         raise DataError(f"{where} is nested too deeply") from None
     except ValueError:  # not JSON, or an integer too long to convert

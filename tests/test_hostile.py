@@ -845,6 +845,10 @@ def test_a_killed_export_leaves_a_temp_folder_that_the_next_export_removes(tmp_p
     ("[" * 100_000 + "]" * 100_000, "line 2 is nested too deeply"),
     ('{"text": ' + "9" * 5000 + "}", "line 2 is not JSON"),
     ('{"text": 1}', "line 2 has no string 'text' field"),
+    ('{"text": "a", "text": "b"}', "train.jsonl: line 2: duplicate key 'text'"),
+    ('{"text": "a", "score": NaN}', "train.jsonl: line 2: NaN is not a JSON value"),
+    ('{"text": "a", "score": -Infinity}', "train.jsonl: line 2: -Infinity is not a JSON value"),
+    ('{"text": "a", "score": 1e400}', "train.jsonl: line 2: number '1e400' is out of range"),
 ])
 def test_bad_jsonl_data_lines(tmp_path, line, message):
     from cdka_search.textdata import read_examples
@@ -853,6 +857,30 @@ def test_bad_jsonl_data_lines(tmp_path, line, message):
     data.write_text('{"text": "fine"}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
         read_examples(data)
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("d.json", b'{"text": "a", "text": "b"}\n', "d.json: line 1: duplicate key 'text'"),
+    ("d.json", b'[{"text": "a", "n": NaN}]', "d.json: NaN is not a JSON value"),
+    ("d.txt", b"\0" * 64, "d.txt: line 1 holds a NUL byte; a data file is text"),
+    ("d.jsonl", b'{"text": "a"}\n\n{"text": "b"}\0\n', "d.jsonl: line 3 holds a NUL byte; a data file is text"),
+    ("d.csv", b"text\nhello\n", "d.csv: not a data format cdka reads (.txt, .jsonl, .json: plain text, JSON Lines, JSON)"),
+    ("data", b"hello\n", "data: not a data format cdka reads (.txt, .jsonl, .json: plain text, JSON Lines, JSON)"),
+])
+def test_bad_data_files(tmp_path, name, content, message):
+    from cdka_search.textdata import read_examples
+
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as raised:
+        read_examples(tmp_path / name)
+    assert str(raised.value) == f"{tmp_path}/{message}"
+
+
+def test_probe_refuses_a_csv_data_file_before_any_work(cli, tmp_path):
+    (tmp_path / "m").mkdir()  # no config.json: the data file is judged first
+    (tmp_path / "t.csv").write_text("text\nhello\n")
+    rejects(cli, tmp_path, ["probe", "--grad", str(tmp_path / "m"), "--data", str(tmp_path / "t.csv"), "-o",
+                            str(tmp_path / "r.safetensors")], "data", "t.csv: not a data format cdka reads")
 
 
 def test_a_second_copy_of_the_heuristic_plan_is_skipped_untrained():

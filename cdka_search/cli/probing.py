@@ -42,10 +42,13 @@ def probe(
     """
     if (delta is None) == (grad is None):
         raise ReferenceFileError("give exactly one of --delta BASE FINETUNED or --grad MODEL_DIR --data FILE")
-    if grad is not None:
-        from cdka_search.textdata import check_grad_inputs
+    if grad is not None:  # checked before torch is imported
+        from cdka_search.textdata import check_data_name, check_grad_inputs
 
-        check_grad_inputs(grad, batches=batches, batch_size=batch_size, seq_len=seq_len)  # before torch is imported
+        if data is None:
+            raise ReferenceFileError("--grad needs --data FILE (a local .txt, .jsonl or .json)")
+        check_data_name(data)
+        check_grad_inputs(grad, batches=batches, batch_size=batch_size, seq_len=seq_len)
     from cdka_search.alignment.energy import squared_norm
     from cdka_search.alignment.probe import probe_delta, probe_gradients
     from cdka_search.alignment.reference import save_reference
@@ -53,8 +56,6 @@ def probe(
     if delta is not None:
         tensors, kind = probe_delta(*delta, targets=targets), "delta"
     else:
-        if data is None:
-            raise ReferenceFileError("--grad needs --data FILE (a local .txt, .jsonl or .json)")
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
