@@ -72,6 +72,16 @@ def test_probe_bad_inputs(cli, tiny, tmp_path, args, code, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("mode", ["--delta", "--grad"])
+def test_an_output_folder_is_refused_before_any_work(cli, tiny, tmp_path, mode):
+    # inputs that would fail later (missing files): the output is judged first
+    inputs = ["--delta", "missing-a", "missing-b"] if mode == "--delta" else ["--grad", "missing", "--data", "missing.txt"]
+    result = cli("probe", *inputs, "-o", str(tmp_path))
+    assert result.exit_code == 10, result.output
+    assert result.stderr == f"error: {tmp_path} is a folder; give a file name\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_weightless_folder_and_corrupt_reference(cli, tiny, tmp_path):
     folder = tmp_path / "noweights"
     folder.mkdir()
