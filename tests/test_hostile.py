@@ -210,6 +210,42 @@ def test_bad_index(cli, tmp_path, weight_map, message):
     assert "root:" not in err
 
 
+def _fifo_shard(root: Path) -> list[str]:
+    (root / "m").mkdir()
+    os.mkfifo(root / "m" / "s.safetensors")
+    (root / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"layer.q.weight": "s.safetensors"}}))
+    return ["inspect", str(root / "m")]
+
+
+def _fifo_in_folder(root: Path, name: str) -> list[str]:
+    (root / "m").mkdir()
+    os.mkfifo(root / "m" / name)
+    return ["inspect", str(root / "m" / name) if name == "config.json" else str(root / "m")]
+
+
+def _fifo_reference(root: Path) -> list[str]:
+    os.mkfifo(root / "m")
+    return ["plan", "-m", "gpt2", "-b", "0.5%", "--reference", str(root / "m"), "-o", str(root / "p.yaml")]
+
+
+def _fifo_delta_shard(root: Path) -> list[str]:
+    header_file(root / "base.safetensors", {"layer.q.weight": weight()}, 256)
+    _fifo_shard(root)
+    return ["probe", "--delta", str(root / "base.safetensors"), str(root / "m"), "-o", str(root / "r.safetensors")]
+
+
+@pytest.mark.parametrize(("make", "kind", "file"), [
+    (_fifo_shard, "model", "m/s.safetensors"),
+    (lambda root: _fifo_in_folder(root, "model.safetensors"), "model", "m/model.safetensors"),
+    (lambda root: _fifo_in_folder(root, "config.json"), "model", "m/config.json"),
+    (_fifo_reference, "reference", "m"),
+    (_fifo_delta_shard, "reference", "m/s.safetensors"),
+], ids=["index shard", "folder's model.safetensors", "config.json", "--reference", "probe --delta shard"])
+def test_a_fifo_is_not_a_regular_file_rather_than_missing(cli, tmp_path, make, kind, file):
+    err = rejects(cli, tmp_path, make(tmp_path), kind, f"{tmp_path / file}: not a regular file")
+    assert "missing" not in err and "does not exist" not in err
+
+
 def test_index_through_a_link_inside_the_folder_is_read(tmp_path):
     """The Hugging Face cache links shards to blobs elsewhere: links named inside the folder are fine."""
     from cdka_search.spec import load_spec

@@ -44,12 +44,9 @@ def save_reference(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[
 
 def load_reference(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a reference file written by save_reference; ReferenceFileError if it is not one."""
-    source = Path(path)
-    if not source.is_file():
-        raise ReferenceFileError(
-            f"reference file {source} does not exist; write one with save_reference, "
-            "delta_reference or gradient_reference"
-        )
+    source = _regular_file(
+        Path(path), f"reference file {path} does not exist; write one with save_reference, delta_reference or gradient_reference"
+    )
     try:
         with safe_open(source, framework="pt") as reader:
             _check_metadata(source, reader.metadata() or {})
@@ -238,7 +235,7 @@ def _expert_keys(name: str, files: Mapping[str, Path], source: Path) -> str | li
 
 def _weight_files(source: Path) -> dict[str, Path]:
     """Map each tensor name of a checkpoint (file or folder, sharded or not) to its file."""
-    if source.is_file():
+    if source.exists() and not source.is_dir():  # a file, or a FIFO that _open_checkpoint names
         return {name: source for name in _tensor_names(source)}
     single, index = source / "model.safetensors", source / "model.safetensors.index.json"
     if single.is_file():
@@ -258,9 +255,18 @@ def _tensor_names(file: Path) -> list[str]:
         return list(reader.keys())
 
 
-def _open_checkpoint(file: Path) -> Any:
+def _regular_file(file: Path, missing: str) -> Path:
+    """``file`` if it is a regular file; ``missing`` if there is none. A FIFO or device is refused by
+    name: safetensors would block reading it, and "does not exist" would send the user looking for it."""
+    if not file.exists():
+        raise ReferenceFileError(missing)
     if not file.is_file():
-        raise ReferenceFileError(f"checkpoint file {file} does not exist")
+        raise ReferenceFileError(f"{file}: not a regular file")
+    return file
+
+
+def _open_checkpoint(file: Path) -> Any:
+    _regular_file(file, f"checkpoint file {file} does not exist")
     try:
         return safe_open(file, framework="pt")
     except (SafetensorError, OSError) as exc:

@@ -16,7 +16,7 @@ from cdka_search.spec.model_spec import ModelSpec
 def read_config(path: Path) -> dict[str, Any]:
     """The parsed config.json at ``path`` (a folder or the file itself)."""
     file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
+    if not file.exists():  # one that is there but not a regular file is read_file_bytes's to name
         raise ModelSourceError(f"{path}: no config.json found")
     data = read_json(read_file_bytes(file, ModelSourceError), f"{file}: not a readable JSON config", ModelSourceError)
     if not isinstance(data, dict):

@@ -118,7 +118,7 @@ def index_headers(index: Path) -> dict[str, Any]:
     """The merged headers of every shard named by a model.safetensors.index.json."""
     merged: dict[str, Any] = {}
     for shard in sorted(set(shard_files(index).values())):
-        if not shard.is_file():
+        if not shard.exists():  # a FIFO or folder exists: read_header says it is not a regular file
             raise ModelSourceError(f"{index}: shard {shard.name} is missing")
         merged.update(read_header(shard))
     return merged
@@ -164,7 +164,7 @@ def safetensors_spec(path: Path) -> ModelSpec:
     """Spec of a .safetensors file, an index.json, or a folder holding either."""
     if path.is_dir():
         for candidate in ("model.safetensors.index.json", "model.safetensors"):
-            if (path / candidate).is_file():
+            if (path / candidate).exists():
                 return safetensors_spec(path / candidate)
         raise ModelSourceError(f"{path}: no model.safetensors or model.safetensors.index.json")
     name = path.parent.name if path.name.startswith("model.") else path.stem
