@@ -664,6 +664,27 @@ def test_probe_grad_bad_model_folder(cli, tmp_path, file, content, message):
 # 20. Small things -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("given", "expected"), [
+    ("sqlite:///~/s.db", "sqlite:///{home}/s.db"),
+    ("sqlite:///~/s.db?timeout=3", "sqlite:///{home}/s.db?timeout=3"),
+    ("~/s.db", "sqlite:///{home}/s.db"),  # as bare paths and journal: files already were
+    ("journal:~/s.journal", "journal:{home}/s.journal"),
+    ("sqlite:///s.db", "sqlite:///s.db"),
+])
+def test_home_in_a_storage_path_is_expanded(monkeypatch, tmp_path, given, expected):
+    from cdka_search.sweep.storage import normalise
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert normalise(given) == expected.format(home=tmp_path)
+
+
+def test_a_storage_home_that_cannot_be_expanded_is_one_line():
+    from cdka_search.sweep.storage import normalise
+
+    with pytest.raises(SweepError, match=r"^--storage '~no-such-user-x/s.db': cannot expand '~' \(no such user or no home directory\)$"):
+        normalise("sqlite:///~no-such-user-x/s.db")
+
+
 @pytest.mark.parametrize(("selection", "same_as"), [
     ("attn,mlp,attn", "all-linear"),  # presets combine as a union; a repeat is dropped
     ("attn,mlp", "all-linear"),

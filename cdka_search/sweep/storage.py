@@ -10,6 +10,8 @@
   have no heartbeat: a killed process's running trial stays RUNNING (it is never counted as finished).
 - a path ending in ``.db`` / ``.sqlite`` / ``.sqlite3``: shorthand for ``sqlite:///PATH``.
 
+A leading ``~`` in any of these files (``sqlite:///~/sweep.db``, ``journal:~/s.journal``) is the home folder.
+
 Refused with one line (SweepError): an in-memory SQLite database, a storage file that exists but is
 not a regular file (a folder, FIFO or device, or a link to one), and a journal Optuna cannot replay.
 """
@@ -53,9 +55,7 @@ def normalise(storage: str | None) -> str:
     if text.startswith("journal:"):
         return "journal:" + str(user_path(text[len("journal:"):], SweepError, "--storage"))
     if "://" in text:
-        if text.startswith("sqlite"):
-            _sqlite_database(text)
-        return text
+        return _sqlite_home(text) if text.startswith("sqlite") else text
     if text.endswith(_JOURNAL_SUFFIXES):
         return "journal:" + str(user_path(text, SweepError, "--storage"))
     if text.endswith(_SQLITE_SUFFIXES):
@@ -83,6 +83,18 @@ def _sqlite_database(url: str) -> str:
             "reported; give a file, e.g. sqlite:///cdka-sweep.db"
         )
     return database
+
+
+def _sqlite_home(url: str) -> str:
+    """A SQLite URL with ``~`` in its file expanded, as in every other path option (SQLite itself
+    would look for a folder named ``~``)."""
+    database = _sqlite_database(url)
+    if not database.startswith("~"):
+        return url
+    from sqlalchemy.engine import make_url
+
+    home = str(user_path(database, SweepError, "--storage"))
+    return make_url(url).set(database=home).render_as_string(hide_password=False)
 
 
 def storage_file(url: str) -> Path | None:
