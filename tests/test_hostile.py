@@ -661,6 +661,21 @@ def test_probe_grad_bad_model_folder(cli, tmp_path, file, content, message):
                             str(tmp_path / "r.safetensors")], "model", message)
 
 
+@pytest.mark.parametrize(("extra", "refused"), [
+    ({}, False),  # a built-in family reads the shapes and loads no code (docs/models.md, DeepSeek-V3)
+    ({"some_new_field": 1}, True),  # this config would go through transformers
+])
+def test_auto_map_is_refused_where_transformers_would_read_the_config(cli, tmp_path, extra, refused):
+    config = tmp_path / "m" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({**TINY, **extra, "auto_map": {"AutoModelForCausalLM": "modeling_evil.Evil"}}))
+    if refused:
+        rejects(cli, tmp_path, ["inspect", str(config.parent)], "model",
+                f"{config.parent}: config.json asks to run custom code shipped with the model (auto_map); cdka refuses remote code")
+    else:
+        assert cli("inspect", str(config.parent)).exit_code == 0
+
+
 # 20. Small things -------------------------------------------------------------------------------
 
 
