@@ -117,6 +117,17 @@ def _write_through(target: Path, data: bytes, mode: int) -> Path:
     return target
 
 
+def _a_folder(path: Path) -> OutputError:
+    return OutputError(f"{path} is a folder; give a file name")
+
+
+def check_output(path: str | os.PathLike[str]) -> None:
+    """OutputError when ``path`` is an existing folder: what the final write refuses, refused before
+    the seconds of work whose result it would hold."""
+    if Path(path).is_dir():
+        raise _a_folder(Path(path))
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path``: atomically for regular files, straight through for special ones."""
     target = check_path(path, OutputError)
@@ -127,7 +138,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     except OSError as exc:  # a link loop, a path through a file, no permission
         raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
     if mode is not None and stat.S_ISDIR(mode):
-        raise OutputError(f"{target} is a folder; give a file name")
+        raise _a_folder(target)
     if mode is not None and not stat.S_ISREG(mode):
         return _write_through(target, data, mode)
     if target.is_symlink():

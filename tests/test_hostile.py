@@ -223,6 +223,11 @@ def _fifo_in_folder(root: Path, name: str) -> list[str]:
     return ["inspect", str(root / "m" / name) if name == "config.json" else str(root / "m")]
 
 
+def _fifo_config_in_folder(root: Path) -> list[str]:
+    _fifo_in_folder(root, "config.json")
+    return ["inspect", str(root / "m")]
+
+
 def _fifo_reference(root: Path) -> list[str]:
     os.mkfifo(root / "m")
     return ["plan", "-m", "gpt2", "-b", "0.5%", "--reference", str(root / "m"), "-o", str(root / "p.yaml")]
@@ -238,9 +243,10 @@ def _fifo_delta_shard(root: Path) -> list[str]:
     (_fifo_shard, "model", "m/s.safetensors"),
     (lambda root: _fifo_in_folder(root, "model.safetensors"), "model", "m/model.safetensors"),
     (lambda root: _fifo_in_folder(root, "config.json"), "model", "m/config.json"),
+    (_fifo_config_in_folder, "model", "m/config.json"),
     (_fifo_reference, "reference", "m"),
     (_fifo_delta_shard, "reference", "m/s.safetensors"),
-], ids=["index shard", "folder's model.safetensors", "config.json", "--reference", "probe --delta shard"])
+], ids=["index shard", "folder's model.safetensors", "config.json", "folder's config.json", "--reference", "probe --delta shard"])
 def test_a_fifo_is_not_a_regular_file_rather_than_missing(cli, tmp_path, make, kind, file):
     err = rejects(cli, tmp_path, make(tmp_path), kind, f"{tmp_path / file}: not a regular file")
     assert "missing" not in err and "does not exist" not in err

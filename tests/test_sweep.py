@@ -466,3 +466,16 @@ def test_the_lora_choice_can_take_the_whole_budget_above_rank_64():
     assert lora and max(d.r for d in lora) > 64
     worst = sum(g.count * max(c.design.params for c in g.choices) for g in space.groups)
     assert worst <= space.budget.limit
+
+
+def test_an_output_folder_and_an_unread_data_format_are_refused_before_the_sweep(cli, tmp_path, tiny_config):
+    """Refused where the options enter, with the codes of the same errors found later: the output is
+    exit 10 as every write, the data file exit 9 as its reader."""
+    (tmp_path / "out").mkdir()
+    folder = cli(*_sweep_args(tiny_config, tmp_path)[:-1], str(tmp_path / "out"))
+    assert folder.exit_code == 10 and folder.stderr == f"error: {tmp_path / 'out'} is a folder; give a file name\n"
+    (tmp_path / "d.csv").write_text("a,b\n")
+    data = cli(*_sweep_args(tiny_config.parent, tmp_path), "--task", "lm", "--data", str(tmp_path / "d.csv"))
+    assert data.exit_code == 9, data.output
+    assert data.stderr.startswith(f"error: {tmp_path / 'd.csv'}: not a data format cdka reads")
+    assert not (tmp_path / "best.yaml").exists() and not (tmp_path / "s.db").exists()

@@ -27,7 +27,7 @@ BudgetOpt = Annotated[
 ]
 TargetsOpt = Annotated[
     str,
-    typer.Option("--targets", "-t", help="all-linear (default: every weight incl. MoE experts; no LM head, embeddings or routers), attn, mlp (incl. experts), experts, or comma-separated names/globs."),
+    typer.Option("--targets", "-t", help="all-linear (default: every weight incl. MoE experts; no LM head, embeddings or routers), attn, mlp (incl. experts), experts, names/globs, or a comma list of these (their union)."),
 ]
 ObjectiveOpt = Annotated[
     str, typer.Option("--objective", help=f"rank = sqrt(min(capacity, {RANK_KNEE}) * size) (default: what real fine-tuning supports, docs/validity.md), balanced = sqrt(capacity * alignment), or alignment (for --reference).")

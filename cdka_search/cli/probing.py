@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from cdka_search.cli.common import DeviceOpt, TargetsOpt, guarded
-from cdka_search.errors import OutputError, ReferenceFileError
+from cdka_search.errors import ReferenceFileError
+from cdka_search.fileio import check_output
 
 app = typer.Typer()
 
@@ -40,8 +41,7 @@ def probe(
 
       cdka plan -m ./my-llama -b 0.5% --reference grad.safetensors
     """
-    if output.is_dir():  # what the final write refuses, refused before seconds of reading and measuring
-        raise OutputError(f"{output} is a folder; give a file name")
+    check_output(output)
     if (delta is None) == (grad is None):
         raise ReferenceFileError("give exactly one of --delta BASE FINETUNED or --grad MODEL_DIR --data FILE")
     if grad is not None:  # checked before torch is imported

@@ -38,7 +38,7 @@ def looks_like_path(model: str) -> bool:
 
 
 def _config_folder(model: str, path: Path | None) -> bool:
-    return path is not None and path.is_dir() and (path / "config.json").is_file()
+    return path is not None and path.is_dir() and (path / "config.json").exists()  # a FIFO too: its reader says what it is
 
 
 def _weights_folder(model: str, path: Path | None) -> bool:

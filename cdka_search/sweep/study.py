@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cdka_search.errors import SweepError
+from cdka_search.fileio import check_output
 from cdka_search.sweep.bookkeeping import (
     HEURISTIC,
     SKIPPED,
@@ -236,13 +237,16 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
     from cdka_search.sweep.space import build_space
     from cdka_search.sweep.tasks import make_task, task_class
     from cdka_search.targets import select_targets
+    from cdka_search.textdata import check_data_name
 
-    if config.output is not None and config.output.exists() and config.output.is_dir():
-        raise SweepError(f"-o {config.output} is a folder; give a file name such as best.yaml")
+    if config.output is not None:
+        check_output(config.output)
     started = time.monotonic()
     needs = task_class(config.task).needs
     if "data" in needs and config.data is None:
         raise SweepError(f"--task {config.task} needs --data FILE (a local .txt or .jsonl file)")
+    if "data" in needs:
+        check_data_name(config.data)
     folder = existing_path(config.model) if "model" in needs else None
     if "model" in needs and (folder is None or not folder.is_dir()):
         raise SweepError(f"--task {config.task} needs --model to be a local Hugging Face folder, got {config.model!r}")
