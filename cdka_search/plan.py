@@ -478,18 +478,19 @@ class Plan:
             model_name=name, model_source=source, total_params=total, budget_spec=spec, budget_limit=limit,
             groups=tuple(groups), adapter=adapter, objective=objective, exact=exact, gap=gap, sweep=sweep, model_path=path,
         )
-        _check_budget_spec(plan, report)
         if "used" in budget and not _is_int(budget["used"], plan.used_params):
             report.add(f"budget.used is {brief(budget['used'])} but the groups add up to {plan.used_params}")
-        if plan.used_params > plan.budget_limit:
-            report.add(f"the groups use {plan.used_params:,} parameters, over the budget limit {plan.budget_limit:,}")
+        _check_budget(plan, report)
         report.raise_if_any()
         return plan
 
 
-def _check_budget_spec(plan: Plan, report: _Report) -> None:
-    """``budget.limit`` must be what ``budget.spec`` means for the plan's model: its total parameters
-    for a percentage or count, its groups (the targets) for ``lora:R``, as the planner computed it."""
+def _check_budget(plan: Plan, report: _Report) -> None:
+    """The groups must fit ``budget.limit``, and the limit be what ``budget.spec`` means for the plan's
+    model: its total parameters for a percentage or count, its groups (the targets) for ``lora:R``, as
+    the planner computed it."""
+    if plan.used_params > plan.budget_limit:
+        report.add(f"the groups use {plan.used_params:,} parameters, over the budget limit {plan.budget_limit:,}")
     rank_cost = sum(g.count * g.experts * (g.shape[0] + g.shape[1]) for g in plan.groups)
     try:
         meant = budget_for(plan.budget_spec, total_params=plan.total_params, lora_rank_cost=rank_cost).limit
@@ -504,7 +505,11 @@ def _check_budget_spec(plan: Plan, report: _Report) -> None:
 
 
 def dumps_plan(plan: Plan, fmt: str = "yaml") -> str:
-    """The plan as YAML (short lists in flow style) or JSON text, deterministic byte for byte."""
+    """The plan as YAML (short lists in flow style) or JSON text, deterministic byte for byte; a budget
+    the groups exceed, or whose spec does not mean its limit, is a PlanError, as load_plan would refuse the text."""
+    report = _Report()
+    _check_budget(plan, report)
+    report.raise_if_any()
     data = plan.to_dict()
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"

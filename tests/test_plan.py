@@ -190,3 +190,20 @@ def test_allocation_fields_round_trip_as_they_are(exact, gap):
     for fmt in ("yaml", "json"):
         back = loads_plan(dumps_plan(plan, fmt))
         assert (back.exact, back.gap) == (exact, gap) and back == plan
+
+
+@pytest.mark.parametrize(("spec", "limit", "said"), [
+    ("custom", 2 * 10**6, "budget.spec: budget 'custom' is not understood"),
+    ("0.5%", 2 * 10**6, "budget.limit is 2,000,000 but budget.spec '0.5%' means 622,199 for model.total_params 124,439,808"),
+    ("1000000", 10**6, "the groups use 1,179,648 parameters, over the budget limit 1,000,000"),
+])
+def test_a_plan_load_plan_would_refuse_is_not_written(tmp_path, gpt2_plan, spec, limit, said):
+    """A plan made in code with a free-form budget label saved, then never loaded again."""
+    from dataclasses import replace
+
+    odd = replace(gpt2_plan, budget_spec=spec, budget_limit=limit)
+    with pytest.raises(PlanError, match=f"^{said}"):
+        save_plan(odd, tmp_path / "p.yaml")
+    assert not (tmp_path / "p.yaml").exists()
+    fixed = replace(odd, budget_spec="2000000", budget_limit=2 * 10**6)
+    assert load_plan(save_plan(fixed, tmp_path / "p.yaml")) == fixed

@@ -7,7 +7,6 @@ File layout: one tensor per factor, named ``<module>.cdka_A`` (r, m2, n2) and ``
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,7 +54,9 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
         f"{name}.{factor}": getattr(layer, factor).detach().to("cpu").contiguous()
         for name, layer in layers.items() for factor in _FACTORS
     }
-    metadata = {"format": FORMAT, "cdka_adapter": FORMAT_VERSION, "cdka_plan": json.dumps(plan.to_dict())}
+    from cdka_search.plan import dumps_plan
+
+    metadata = {"format": FORMAT, "cdka_adapter": FORMAT_VERSION, "cdka_plan": dumps_plan(plan, "json")}
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
