@@ -18,7 +18,10 @@ MAX_DATA_BYTES = 256 * 1024 * 1024  # a trial trains a few hundred batches (200 
 # Per .json document or .jsonl line: what a 256 MiB chat dataset holds, and no more Python objects than that.
 DATA_JSON_LIMITS = JsonLimits(max_bytes=MAX_DATA_BYTES, max_objects=2_000_000, max_arrays=1_000_000, max_commas=8_000_000)
 DATA_SUFFIXES = (".txt", ".jsonl", ".json")
-FORMATS = "a 'text' string, 'prompt' and 'completion' (strings or message lists), or 'messages'"
+FORMATS = "a 'text' string, 'prompt' and 'completion' (strings or message lists), 'messages', or Alpaca's 'instruction', 'input' and 'output'"
+# Stanford Alpaca's prompt, which instruction-tuned checkpoints of that data expect; an empty input drops its section.
+_ALPACA_HEAD = "Below is an instruction that describes a task{paired}. Write a response that appropriately completes the request.\n\n"
+_ALPACA_INPUT = ", paired with an input that provides further context"
 
 Message = tuple[str, str]  # (role, content)
 
@@ -50,7 +53,9 @@ def read_examples(path: str | Path) -> list[Example]:
     - ``.txt``: documents separated by blank lines, trained whole;
     - ``.jsonl``, or ``.json`` (an array of records, one record, or JSON Lines): per record a ``"text"``, a
       ``"prompt"`` and ``"completion"`` (strings, or message lists for a conversation's turns), or
-      ``"messages"`` (a conversation, trained whole); messages are ``{"role", "content"}`` strings.
+      ``"messages"`` (a conversation, trained whole); messages are ``{"role", "content"}`` strings;
+      or Alpaca's ``"instruction"``, ``"input"`` (optional) and ``"output"``: the output is learnt after
+      Stanford Alpaca's prompt.
     """
     file = check_data_name(path)
     if not file.exists():
@@ -116,7 +121,8 @@ def _json_line(line: str, where: str) -> Any:
 def _example(record: Any, where: str) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{where} is not a JSON object; expected {FORMATS}")
-    found = [keys for keys in (("text",), ("prompt", "completion"), ("messages",)) if any(k in record for k in keys)]
+    found = [keys for keys in (("text",), ("prompt", "completion"), ("messages",), ("instruction", "output"))
+             if any(k in record for k in keys)]
     if len(found) != 1:
         fields = ", ".join(map(repr, sorted(record))) or "none"
         what = "mixes two formats" if found else f"has no 'text' field (its fields: {fields})"
@@ -127,12 +133,28 @@ def _example(record: Any, where: str) -> Example:
         return Example(_unicode(record["text"], f"{where}, 'text'"))
     if "messages" in record:
         return Example(_messages(record["messages"], f"{where}, 'messages'"))
+    if "instruction" in record or "output" in record:
+        return _alpaca(record, where)
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, str) and isinstance(completion, str):
         return Example(_unicode(completion, f"{where}, 'completion'"), _unicode(prompt, f"{where}, 'prompt'"))
     if isinstance(prompt, list) and isinstance(completion, list):
         return Example(_messages(completion, f"{where}, 'completion'"), _messages(prompt, f"{where}, 'prompt'"))
     raise DataError(f"{where}: 'prompt' and 'completion' must both be strings or both message lists")
+
+
+def _alpaca(record: dict[str, Any], where: str) -> Example:
+    """An Alpaca record: the model learns ``output`` after Stanford Alpaca's prompt of ``instruction`` and ``input``."""
+    fields = {key: record.get(key, "") for key in ("instruction", "input", "output")}
+    for key, value in fields.items():
+        if not isinstance(value, str):
+            raise DataError(f"{where}: Alpaca's '{key}' must be a string, got {brief(value)}")
+        _unicode(value, f"{where}, '{key}'")
+    if not fields["instruction"] or not fields["output"]:
+        raise DataError(f"{where}: an Alpaca record needs a non-empty 'instruction' and 'output'")
+    head = _ALPACA_HEAD.format(paired=_ALPACA_INPUT if fields["input"] else "")
+    given = f"### Input:\n{fields['input']}\n\n" if fields["input"] else ""
+    return Example(fields["output"], f"{head}### Instruction:\n{fields['instruction']}\n\n{given}### Response:\n")
 
 
 def _messages(value: Any, where: str) -> tuple[Message, ...]:

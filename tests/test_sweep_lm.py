@@ -92,8 +92,25 @@ def test_every_trl_dataset_format_is_read(tmp_path):
     assert read_examples(text) == [Example("first paragraph\nstill first"), Example("second")]
 
 
+def test_alpaca_records_learn_the_output_after_stanford_alpacas_prompt(tmp_path):
+    from cdka_search.textdata import Example, read_examples
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": "Add.", "input": "2+2", "output": "4"},
+                                {"instruction": "Greet.", "input": "", "output": "Hello."}]))
+    intro = "Below is an instruction that describes a task{}. Write a response that appropriately completes the request.\n\n"
+    assert read_examples(data) == [
+        Example("4", intro.format(", paired with an input that provides further context")
+                + "### Instruction:\nAdd.\n\n### Input:\n2+2\n\n### Response:\n"),
+        Example("Hello.", intro.format("") + "### Instruction:\nGreet.\n\n### Response:\n"),
+    ]
+
+
 @pytest.mark.parametrize(("record", "message"), [
-    ({"instruction": "x", "output": "y"}, r"line 1 has no 'text' field \(its fields: 'instruction', 'output'\); expected a 'text'"),
+    ({"question": "x", "answer": "y"}, r"line 1 has no 'text' field \(its fields: 'answer', 'question'\); expected a 'text'"),
+    ({"instruction": "x"}, "an Alpaca record needs a non-empty 'instruction' and 'output'"),
+    ({"instruction": "x", "input": 3, "output": "y"}, "Alpaca's 'input' must be a string, got 3"),
+    ({"instruction": "x", "output": "y", "text": "z"}, "line 1 mixes two formats"),
     ({"text": "a", "prompt": "b", "completion": "c"}, "line 1 mixes two formats"),
     ({"prompt": "only a prompt"}, "'prompt' and 'completion' must both be strings or both message lists"),
     ({"prompt": "q", "completion": CHAT}, "must both be strings or both message lists"),
