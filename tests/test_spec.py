@@ -181,6 +181,17 @@ def test_the_class_a_config_names_is_built_and_its_task_head_is_no_target(tmp_pa
     assert spec.total_params == sum(p.numel() for p in live.parameters())
 
 
+@pytest.mark.parametrize("architectures", [["PreTrainedModel"], ["LlamaForCausalLM"], ["os.system"], [7], "DebertaV2Model"])
+def test_an_architectures_entry_that_names_no_model_of_the_config_is_ignored(tmp_path, architectures):
+    """A base class built an empty model ('no nn.Linear ... to adapt'); another model's class, a name
+    transformers lacks, or a value that is not a list of names: the auto classes decide."""
+    pytest.importorskip("transformers")
+    config = {"model_type": "deberta-v2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 64, "vocab_size": 100, "architectures": architectures}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert load_spec(str(tmp_path)).targets[0].name == "encoder.layer.0.attention.self.query_proj"
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -226,8 +226,12 @@ def _build_on_meta(config):
     import torch
     import transformers
 
-    named = [getattr(transformers, arch, None) for arch in getattr(config, "architectures", None) or () if isinstance(arch, str)]
-    named = [cls for cls in named if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)]
+    listed = getattr(config, "architectures", None)
+    listed = listed[:4] if isinstance(listed, list) else []  # a checkpoint names one; a hostile list is not walked
+    named = [getattr(transformers, arch, None) for arch in listed if isinstance(arch, str)]
+    named = [cls for cls in named if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+             and getattr(cls, "config_class", None) not in (None, transformers.PretrainedConfig)
+             and isinstance(config, cls.config_class)]  # a model class of this config, not a base class or another model's
     seq2seq = [transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForSpeechSeq2Seq] if getattr(config, "is_encoder_decoder", False) else []
     autos = [*seq2seq, transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText, transformers.AutoModel]
     with torch.device("meta"):
