@@ -179,6 +179,9 @@ def test_the_class_a_config_names_is_built_and_its_task_head_is_no_target(tmp_pa
     live = transformers.DebertaV2ForSequenceClassification(config)
     assert spec_from_module(live).targets == spec.targets
     assert spec.total_params == sum(p.numel() for p in live.parameters())
+    # a pretrained head is a target, as PEFT's all-linear keeps it: only a new one (num_labels outputs) is not
+    masked = spec_from_module(transformers.DebertaV2ForMaskedLM(config))
+    assert [t.name for t in masked.targets if not t.name.startswith("deberta.")] == ["cls.predictions.transform.dense"]
 
 
 @pytest.mark.parametrize("architectures", [["PreTrainedModel"], ["LlamaForCausalLM"], ["os.system"], [7], "DebertaV2Model"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import re
 import warnings
 from pathlib import Path
 
@@ -95,21 +96,26 @@ def expert_layout(module) -> bool | None:
     return observed_layout(module)
 
 
+#: transformers' task models whose head is new at fine-tuning (num_labels outputs): trained whole, as
+#: PEFT's modules_to_save, not adapted. A pretrained head (an LM head's transform, Gemma 4's projections)
+#: stays a target, as PEFT's all-linear keeps it.
+_NEW_HEAD = re.compile(r"For(Sequence|Token|Image|Audio|Video|AudioFrame)Classification$|ForQuestionAnswering$|ForMultipleChoice$")
+
+
 def _base_prefix(model) -> str | None:
-    """``"name."`` of a transformers task model's base model (``bert.`` of BertForSequenceClassification),
-    or None when the model is its own base: the modules outside it are the task head."""
+    """``"name."`` of the base model of a transformers task model with a new head (``bert.`` of
+    BertForSequenceClassification), or None: the modules outside it are that head."""
     base = getattr(model, "base_model", None)
-    if base is None or base is model:
+    if base is None or base is model or not _NEW_HEAD.search(type(model).__name__):
         return None
     return next((f"{n}." for n, m in model.named_modules() if m is base), None)
 
 
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
-    """Targets are every linear module (:func:`base_kind`) of the base model (a task head, such as a
-    classifier, is trained whole, as PEFT's ``modules_to_save``, and reported uncovered) except the
-    output embedding, and every 3-D parameter of a module transformers marks as experts (stored
-    (experts, d_out, d_in), or transposed) by its full parameter name, as PEFT's ``target_parameters``
-    names it."""
+    """Targets are every linear module (:func:`base_kind`) except the output embedding and a task model's
+    new head (a classifier, trained whole as PEFT's ``modules_to_save``, and reported uncovered), and
+    every 3-D parameter of a module transformers marks as experts (stored (experts, d_out, d_in), or
+    transposed) by its full parameter name, as PEFT's ``target_parameters`` names it."""
     import torch.nn as nn
 
     excluded: set[int] = set()
@@ -125,7 +131,7 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
         if id(module) in excluded or module_name.split(".")[-1] == "lm_head":
             continue
         if base is not None and not module_name.startswith(base):
-            continue  # a task head (classifier, score): trained whole, so reported uncovered, not adapted
+            continue  # a new task head (classifier, score): trained whole, so reported uncovered, not adapted
         kind = None if id(module) in bypassed else base_kind(module)
         if kind == "linear":
             targets.append(TargetModule(module_name, *linear_features(module)))
