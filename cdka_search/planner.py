@@ -184,11 +184,9 @@ def front_options(fronts: Mapping[Any, Front]) -> dict[Any, tuple[Option, ...]]:
 def _check_family_adapts(chosen: ModelSpec, space: CandidateSpace) -> None:
     """TargetError when ``--family lokr`` meets targets no LoKr tool adapts (PEFT LoKr and LyCORIS take
     nn.Linear modules only): the plan would be one no export can write."""
-    import re
-
     if space.family != "lokr":
         return
-    other = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", t.name) for t in chosen.targets if t.kind != "linear"))
+    other = list(dict.fromkeys(t.role for t in chosen.targets if t.kind != "linear"))
     if other:
         said = {"conv1d": "transformers Conv1D", "experts": "3-D expert tensors"}
         kinds = sorted({said.get(t.kind, t.kind) for t in chosen.targets if t.kind != "linear"})
