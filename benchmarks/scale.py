@@ -183,7 +183,7 @@ def front_units(count: int, seed: int = 0):
 def allocation_rows(unit_counts: list[int]) -> None:
     """The planner's path (allocate_fronts: shared fronts, each hull computed once), and the same
     problems as plain option lists with the weights folded in, so that no two units share a front:
-    with the default objective's fronts (482-936 designs, the worst case) and with `balanced`'s
+    with the default objective's fronts (482-504 designs under the default family, the worst case) and with `balanced`'s
     (100-114 designs), the objective that gives a reference plan's modules fronts of their own."""
     from cdka_search.allocate import allocate
     from cdka_search.candidates import CandidateSpace

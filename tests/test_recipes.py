@@ -66,7 +66,7 @@ BASE = {"cdka_recipe": 1, "model": "llama-2-7b"}
         ({**BASE, "adapter": {"alpah": 8}}, "did you mean 'alpha'?"),
         ({**BASE, "cdka_recipe": 2}, "recipe schema 1"),
         ({"cdka_recipe": 1}, "missing key 'model'"),
-        ({**BASE, "family": "loha"}, "family 'loha' is not one of cdka, lora, lokr"),
+        ({**BASE, "family": "loha"}, "family 'loha' is not one of cdka, every, lora, lokr"),
         ({**BASE, "objective": "best"}, "objective 'best'"),
         ({**BASE, "sweep": {"lr": [1e-3, 1e-5]}}, "0 < low < high"),
         ({**BASE, "sweep": {"task": "glue"}}, "sweep.task 'glue'"),

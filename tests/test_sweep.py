@@ -83,9 +83,9 @@ def test_plan_for_refuses_a_plan_over_budget():
     [
         # docs/sweep.md's example sizes.
         ("balanced", {(4096, 4096): (512, 512), (11008, 4096): (688, 512), (4096, 11008): (512, 688)}),
-        # The default's designs include r1 = 64 on 11008 x 4096 and r2 = 64 on 4096 x 11008, so those
-        # sides must be multiples of 64: 2752 = 64 * 43.
-        ("rank", {(4096, 4096): (512, 512), (11008, 4096): (2752, 512), (4096, 11008): (512, 2752)}),
+        # The default's designs include r2 = 32 on 4096 x 11008, so that side must be a multiple of 32:
+        # 1376 = 32 * 43.
+        ("rank", {(4096, 4096): (512, 512), (11008, 4096): (688, 512), (4096, 11008): (512, 1376)}),
     ],
 )
 def test_proxy_scaling_keeps_every_design_structure(objective, expected):

@@ -24,7 +24,7 @@ from cdka_search.errors import ArgumentError, PlanError
 
 app = typer.Typer()
 
-FamilyOpt = Annotated[str, typer.Option("--family", help="cdka (all designs), lora (r1 = r2 = 1) or lokr (one Kronecker term).")]
+FamilyOpt = Annotated[str, typer.Option("--family", help="cdka (r1 <= r2, powers of two), every (all divisor pairs), lora (r1 = r2 = 1) or lokr (one Kronecker term).")]
 R1Opt = Annotated[Optional[int], typer.Option("--r1", help="Pin r1 (= m2, rows of A_i); must divide d_out.")]
 R2Opt = Annotated[Optional[int], typer.Option("--r2", help="Pin r2 (= n1, columns of B_i); must divide d_in.")]
 ROpt = Annotated[Optional[int], typer.Option("--r", help="Pin the number of components r.")]
