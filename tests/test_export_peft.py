@@ -235,3 +235,19 @@ def test_cli_checks_the_export_on_the_model_given_not_a_path_the_plan_recorded(c
     assert result.exit_code == 0, result.output
     assert "not checked against PEFT" not in result.output
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_the_peft_check_is_bounded_by_the_modules_it_would_apply(monkeypatch):
+    """PEFT's matching is quadratic in the adapted modules: a 14,336-module per-layer export ran for
+    minutes. Above the bound the export is written unchecked, and says so."""
+    import cdka_search.export.peft as peft_export
+
+    model = tiny_llama()
+    spec = spec_from_module(model)
+    plan = make_plan(spec, "lora:2", space=CandidateSpace(family="lora"))
+    checked = export_plan(plan, "peft", spec, model=model)
+    assert not any("not checked" in n for n in checked.notes)
+    monkeypatch.setattr(peft_export, "PEFT_CHECK_MODULES", 13)
+    unchecked = export_plan(plan, "peft", spec, model=model)
+    assert any(n.startswith("not checked against PEFT: 14 adapted modules, more than the 13") for n in unchecked.notes)
+    assert unchecked.configs == checked.configs
