@@ -77,7 +77,8 @@ def _rank_objective(capacity: Any, alignment: Any, speed: Any, size: Any) -> Any
     """sqrt(min(capacity, RANK_KNEE) * size): the rank bound up to the measured knee, then parameters.
 
     Past the knee designs tie on capacity, so the allocator spends parameters, and among designs of
-    equal cost and value the smallest r1, r2 win (the paper's guideline; ScoreTable ordering).
+    equal cost and value those with r1 >= 2 win, then the smallest r1, r2 (ScoreTable ordering: LoRA
+    and half-LoRA designs won those ties and trained worst past the knee, docs/validity.md).
     """
     import numpy as np
 
@@ -347,7 +348,8 @@ class ScoreTable:
         """Indices of the Pareto front (fewer parameters, higher objective), by parameters."""
         import numpy as np
 
-        order = np.lexsort((self.r, self.r2, self.r1, -self.objective, self.params))
+        # equal cost and value: r1 >= 2 first (LoRA-like designs won these ties past the knee and trained worst)
+        order = np.lexsort((self.r, self.r2, self.r1, self.r1 == 1, -self.objective, self.params))
         front, best = [], -math.inf
         for i in order.tolist():
             if self.objective[i] > best + 1e-12:
@@ -359,7 +361,7 @@ class ScoreTable:
         """Indices by objective (highest first), fewest parameters breaking ties."""
         import numpy as np
 
-        order = np.lexsort((self.r, self.r2, self.r1, self.params, -self.objective)).tolist()
+        order = np.lexsort((self.r, self.r2, self.r1, self.r1 == 1, self.params, -self.objective)).tolist()
         return [i for i in order if max_params is None or self.params[i] <= max_params]
 
 
