@@ -131,7 +131,12 @@ def guided(r1: int, r2: int) -> bool:
     return r1 <= r2 and r1 & (r1 - 1) == 0 and r2 & (r2 - 1) == 0
 
 
-def factor_pairs(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()) -> list[tuple[int, int]]:
+#: The whole enumeration: what factor_pairs and enumerate_candidates list unless given a space (the
+#: planner passes its own, whose default family keeps the guideline's designs).
+EVERY_PAIR = CandidateSpace(family="every")
+
+
+def factor_pairs(d_out: int, d_in: int, space: CandidateSpace = EVERY_PAIR) -> list[tuple[int, int]]:
     """Every (r1, r2) with r1 | d_out and r2 | d_in allowed by the space's pins and family."""
     if space.family == "lora":
         allowed = [(1, 1)]
@@ -178,7 +183,7 @@ def r_range(d_out: int, d_in: int, r1: int, r2: int, space: CandidateSpace = Can
     return range(1, min(space.cap, saturating, sane) + 1)
 
 
-def enumerate_candidates(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()) -> list[Design]:
+def enumerate_candidates(d_out: int, d_in: int, space: CandidateSpace = EVERY_PAIR) -> list[Design]:
     """Every design of a d_out x d_in weight in the space, LoRA (r1 = r2 = 1) included, each with
     fewer parameters than the weight."""
     return [

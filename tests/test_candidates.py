@@ -50,7 +50,7 @@ def test_rank_bound_checked_value():
 
 
 def test_enumeration_is_complete_and_contains_lora():
-    designs = enumerate_candidates(12, 18, CandidateSpace(family="every"))
+    designs = enumerate_candidates(12, 18)
     pairs = {(d.r1, d.r2) for d in designs}
     # (1, 18) and (12, 1) put the whole 12x18 weight in one factor: 216 + 1 parameters, never a candidate
     assert pairs == {(a, b) for a in divisors(12) for b in divisors(18)} - {(1, 18), (12, 1)}
@@ -97,15 +97,16 @@ def test_pins_and_families():
 
 
 def test_prime_sizes_leave_only_trivial_factors():
-    assert {r1 for r1, _ in factor_pairs(97, 64, CandidateSpace(family="every"))} == {1, 97}
+    assert {r1 for r1, _ in factor_pairs(97, 64)} == {1, 97}
 
 
 def test_the_default_family_keeps_the_guideline_unless_a_factor_is_pinned():
     """r1 <= r2, both powers of two: 688 x 256 keeps (1..16, r2 >= r1) of its 10 x 9 divisor pairs."""
-    assert {d.label() for d in enumerate_candidates(12, 18) if d.r == 1} == {"(1,1,1)", "(1,2,1)", "(2,2,1)"}
-    pairs = factor_pairs(688, 256)
+    default = CandidateSpace()
+    assert {d.label() for d in enumerate_candidates(12, 18, default) if d.r == 1} == {"(1,1,1)", "(1,2,1)", "(2,2,1)"}
+    pairs = factor_pairs(688, 256, default)
     assert set(pairs) == {(a, b) for a in (1, 2, 4, 8, 16) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if a <= b}
-    assert len(factor_pairs(688, 256, CandidateSpace(family="every"))) == 10 * 9
+    assert len(factor_pairs(688, 256)) == len(factor_pairs(688, 256, CandidateSpace(family="every"))) == 10 * 9  # the whole enumeration
     assert {r2 for _, r2 in factor_pairs(688, 256, CandidateSpace(r1=43))} == set(divisors(256))  # a pin is obeyed as given
 
 

@@ -15,7 +15,7 @@ import torch
 
 from cdka_search.alignment.device import fast_bf16, resolve_device
 from cdka_search.alignment.rearrange import check_shape, rearrange, row_blocks_transposed
-from cdka_search.candidates import CandidateSpace, factor_pairs
+from cdka_search.candidates import factor_pairs
 from cdka_search.errors import ReferenceFileError, TargetError
 
 Pair = tuple[int, int]
@@ -49,7 +49,7 @@ def factor_sizes(d_out: int, d_in: int, r1: int, r2: int) -> tuple[int, int, int
 
 def divisor_pairs(d_out: int, d_in: int) -> list[Pair]:
     """Every (r1, r2) with r1 | d_out and r2 | d_in, in increasing order."""
-    return factor_pairs(d_out, d_in, CandidateSpace(family="every"))
+    return factor_pairs(d_out, d_in)
 
 
 @dataclass(frozen=True)
