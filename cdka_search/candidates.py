@@ -193,7 +193,7 @@ def enumerate_candidates(d_out: int, d_in: int, space: CandidateSpace = EVERY_PA
     ]
 
 
-def largest_params(d_out: int, d_in: int, space: CandidateSpace = CandidateSpace()) -> int:
+def largest_params(d_out: int, d_in: int, space: CandidateSpace = EVERY_PAIR) -> int:
     """The parameters of the largest design of a d_out x d_in weight in the space (0: none fits)."""
     sizes = [Design.from_paper(d_out, d_in, r1, r2, rs[-1]).params
              for r1, r2 in factor_pairs(d_out, d_in, space) if (rs := r_range(d_out, d_in, r1, r2, space))]

@@ -12,7 +12,6 @@ from cdka_search.matching import ModuleIndex
 from cdka_search.patterns import check_pattern, is_pattern
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
 
-PRESET_SELECTIONS = ("all-linear", "attn", "mlp", "experts")
 _ATTENTION = re.compile(r"att", re.IGNORECASE)
 _ROUTER_NAMES = ("gate", "router")
 _SCALAR_GATES = ("expert_gate", "experts_gate")  # Qwen's shared_expert_gate: H -> 1, weighs the shared expert
@@ -40,6 +39,7 @@ _PRESETS = {
     "mlp": lambda t: not is_attention(t) and not is_router(t),
     "experts": lambda t: t.kind == "experts",
 }
+PRESET_SELECTIONS = tuple(_PRESETS)
 
 
 def selection_items(selection: str) -> tuple[str, ...]:

@@ -243,9 +243,9 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
         check_output(config.output)
     started = time.monotonic()
     needs = task_class(config.task).needs
-    if "data" in needs and config.data is None:
-        raise SweepError(f"--task {config.task} needs --data FILE (a local .txt or .jsonl file)")
     if "data" in needs:
+        if config.data is None:
+            raise SweepError(f"--task {config.task} needs --data FILE (a local .txt or .jsonl file)")
         check_data_name(config.data)
     folder = existing_path(config.model) if "model" in needs else None
     if "model" in needs and (folder is None or not folder.is_dir()):
