@@ -8,6 +8,8 @@ Schema (version 1), YAML or JSON::
     objective: balanced
     adapter: {alpha, scaling, scale, init, dtype, dropout}
     allocation: {exact, gap}                       # optional, written by the planner
+    modules_to_save: {classifier: 1538}            # optional: a task model's new head -> its parameters,
+                                                   # trained whole beside the adapters (PEFT's modules_to_save)
     sweep: {study, storage, task, steps, best_trial, best_value, trial0_value,
             improvement, improvement_pct, lr}      # optional, written by cdka sweep (at the end)
     groups:
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -66,6 +69,8 @@ KINDS = ("linear", "conv1d", "experts")
 # A group is about one object, five arrays and twenty elements: room for 100,000 groups in 16 MB.
 PLAN_JSON_LIMITS = JsonLimits(16 * 1024 * 1024, 200_000, 600_000, 2_000_000)
 MAX_ALPHA = 1e6  # |alpha| and |scale|; real plans use 1 to 256
+MAX_SAVED_MODULES = 64  # a task head is one to three modules
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]{1,128}(\.[A-Za-z0-9_]{1,128}){0,15}")
 
 
 def a_fan_in(scaling: str, d_in: int, n2: int) -> int:
@@ -384,10 +389,17 @@ class Plan:
     gap: float | None = None
     sweep: SweepRecord | None = None
     model_path: str | None = None  # the local folder or file the plan was made from, if any
+    modules_to_save: tuple[tuple[str, int], ...] = ()  # a task model's new head: (module, parameters), trained whole
 
     @property
     def used_params(self) -> int:
+        """Adapter parameters: what the budget pays for."""
         return sum(g.params for g in self.groups)
+
+    @property
+    def trained_params(self) -> int:
+        """Every parameter fine-tuning trains: the adapters and the new head (``modules_to_save``)."""
+        return self.used_params + sum(n for _, n in self.modules_to_save)
 
     def with_adapter(self, **changes: Any) -> "Plan":
         """A copy with some adapter settings changed; unknown settings are a PlanError."""
@@ -418,6 +430,8 @@ class Plan:
         allocation = {k: v for k, v in (("exact", self.exact), ("gap", self.gap)) if v is not None}
         if allocation:
             out["allocation"] = allocation
+        if self.modules_to_save:
+            out["modules_to_save"] = dict(self.modules_to_save)
         out["groups"] = [g.to_dict() for g in self.groups]
         if self.sweep is not None:
             out["sweep"] = self.sweep.to_dict()
@@ -428,7 +442,8 @@ class Plan:
         """A validated plan; every problem found is listed in one PlanError."""
         if not isinstance(data, Mapping):
             raise PlanError("a plan must be a mapping with a 'cdka_plan' version key")
-        reject_unknown(data, ("cdka_plan", "model", "budget", "objective", "adapter", "allocation", "groups", "sweep"), "plan")
+        reject_unknown(data, ("cdka_plan", "model", "budget", "objective", "adapter", "allocation", "modules_to_save",
+                              "groups", "sweep"), "plan")
         _require(data, ("cdka_plan", "model", "budget", "groups"), "plan")
         version = data["cdka_plan"]
         if not _is_int(version, SCHEMA_VERSION):
@@ -462,6 +477,7 @@ class Plan:
             if "gap" in allocation:
                 gap = report.check(_number, allocation["gap"], "allocation.gap", 0.0)
         sweep = report.check(SweepRecord.from_dict, data["sweep"]) if data.get("sweep") is not None else None
+        saved = report.check(_modules_to_save, data.get("modules_to_save") or {}) or ()
         groups_data = data["groups"]
         groups: list[PlanGroup] = []
         if not isinstance(groups_data, list) or not groups_data or len(groups_data) > MAX_MODULES:
@@ -477,12 +493,25 @@ class Plan:
         plan = cls(
             model_name=name, model_source=source, total_params=total, budget_spec=spec, budget_limit=limit,
             groups=tuple(groups), adapter=adapter, objective=objective, exact=exact, gap=gap, sweep=sweep, model_path=path,
+            modules_to_save=saved,
         )
         if "used" in budget and not _is_int(budget["used"], plan.used_params):
             report.add(f"budget.used is {brief(budget['used'])} but the groups add up to {plan.used_params}")
         _check_budget(plan, report)
         report.raise_if_any()
         return plan
+
+
+def _modules_to_save(data: Any) -> tuple[tuple[str, int], ...]:
+    """``modules_to_save``: module name -> its parameter count, a few entries at most."""
+    if not isinstance(data, Mapping) or len(data) > MAX_SAVED_MODULES:
+        raise PlanError(f"modules_to_save: expected a mapping of at most {MAX_SAVED_MODULES} module names to parameter counts")
+    out = []
+    for name, count in data.items():
+        if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name):
+            raise PlanError(f"modules_to_save: {brief(name)} is not a module name (dotted parts of letters, digits and _)")
+        out.append((name, _int(count, f"modules_to_save.{name}", 1, MAX_TOTAL_PARAMS)))
+    return tuple(out)
 
 
 def _check_budget(plan: Plan, report: _Report) -> None:

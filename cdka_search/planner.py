@@ -128,6 +128,7 @@ def build_plan(
         objective=objective,
         exact=allocation.exact if allocation else None,
         gap=allocation.gap if allocation else None,
+        modules_to_save=spec.modules_to_save,
     )
 
 
@@ -448,6 +449,12 @@ def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
         problems.append(
             f"model.total_params is {plan.total_params:,} but {spec.name} has {spec.total_params:,} (a plan for another model?)"
         )
+    if dict(plan.modules_to_save) != dict(spec.modules_to_save):
+        def listed(heads: tuple[tuple[str, int], ...]) -> str:
+            return ", ".join(f"{name} ({count:,})" for name, count in heads) or "none"
+
+        problems.append(f"modules_to_save is {listed(plan.modules_to_save)} but {spec.name}'s new task head is "
+                        f"{listed(spec.modules_to_save)}")
     return problems
 
 

@@ -90,8 +90,8 @@ class Coverage:
 
     ``left_out``: (role, weights) of every unselected target role, largest first (an option selects
     them). ``unadaptable``: weight matrices no target covers (routers, expert stores in a layout cdka
-    does not adapt, convolutions), as ModelSpec lists them. The rest, ``other``, is embeddings,
-    norms, biases and the LM head.
+    does not adapt, convolutions), as ModelSpec lists them. ``trained_whole``: a task model's new head
+    (ModelSpec.modules_to_save). The rest, ``other``, is embeddings, norms, biases and the LM head.
     """
 
     model: str
@@ -100,6 +100,7 @@ class Coverage:
     left_out: tuple[tuple[str, int], ...]
     unadaptable: tuple[tuple[str, int], ...]
     selection: str
+    trained_whole: tuple[tuple[str, int], ...] = ()
 
     @property
     def left_out_params(self) -> int:
@@ -110,18 +111,26 @@ class Coverage:
         return sum(w for _, w in self.unadaptable)
 
     @property
+    def trained_whole_params(self) -> int:
+        return sum(w for _, w in self.trained_whole)
+
+    @property
     def other_params(self) -> int:
-        return self.total - self.covered - self.left_out_params - self.unadaptable_params
+        return self.total - self.covered - self.left_out_params - self.unadaptable_params - self.trained_whole_params
 
     def share(self, params: int) -> str:
         return f"{100 * params / self.total:.1f}%"
 
     def summary(self) -> str:
+        head = ""
+        if self.trained_whole:
+            names = ", ".join(name for name, _ in self.trained_whole)
+            head = f"{self.share(self.trained_whole_params)} in the new task head, trained whole ({names}), "
         return (
             f"coverage: the targets hold {self.share(self.covered)} of {self.model}'s {self.total:,} parameters; "
             f"{self.share(self.left_out_params)} lie in weights not selected, {self.share(self.unadaptable_params)} in "
-            f"weights no adapter targets (routers, other layouts), {self.share(self.other_params)} in embeddings, norms, "
-            "biases and the LM head"
+            f"weights no adapter targets (routers, other layouts), {head}{self.share(self.other_params)} in embeddings, "
+            "norms, biases and the LM head"
         )
 
     def _named(self, roles: tuple[tuple[str, int], ...]) -> str:
@@ -154,4 +163,4 @@ def coverage(spec: ModelSpec, chosen: ModelSpec, selection: str) -> Coverage:
             left[t.role] = left.get(t.role, 0) + t.weight_params
     ranked = tuple(sorted(left.items(), key=lambda kv: -kv[1]))
     covered = sum(t.weight_params for t in chosen.targets)
-    return Coverage(spec.name, spec.total_params, covered, ranked, spec.unadaptable, selection)
+    return Coverage(spec.name, spec.total_params, covered, ranked, spec.unadaptable, selection, spec.modules_to_save)

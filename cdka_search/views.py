@@ -41,6 +41,10 @@ def plan_table(plan: Plan, written: Path | None = None, covered: Coverage | None
     ]
     if unspent:
         notes.append(unspent)
+    if plan.modules_to_save:
+        heads = ", ".join(f"{name} ({count:,})" for name, count in plan.modules_to_save)
+        notes.append(f"trained whole beside the adapters, outside the budget: the new task head {heads} "
+                     f"(PEFT's modules_to_save); {plan.trained_params:,} trainable parameters in all")
     if covered is not None:
         notes.append(covered.summary())
     if written is not None:
@@ -96,9 +100,11 @@ def coverage_extra(covered: Coverage | None) -> dict[str, object]:
             "covered_params": covered.covered,
             "left_out_params": covered.left_out_params,
             "unadaptable_params": covered.unadaptable_params,
+            "trained_whole_params": covered.trained_whole_params,
             "other_params": covered.other_params,
             "left_out": [{"module": role, "params": w} for role, w in covered.left_out],
             "unadaptable": [{"tensor": role, "params": w} for role, w in covered.unadaptable],
+            "trained_whole": [{"module": name, "params": w} for name, w in covered.trained_whole],
             "warnings": covered.warnings(),
         }
     }

@@ -182,7 +182,7 @@ def test_load_refuses_diverged_or_oversized_files_before_loading(tmp_path):
     extra = dict(load_file(path), padding=torch.zeros(plan.used_params))
     save_file(extra, tmp_path / "big.safetensors", metadata=metadata)
     total = 2 * plan.used_params
-    with pytest.raises(PlanError, match=f"holds {total:,} values, more than the {plan.used_params:,} of its plan's adapters"):
+    with pytest.raises(PlanError, match=f"holds {total:,} values, more than the {plan.trained_params:,} its plan trains"):
         read_adapter(tmp_path / "big.safetensors")
 
 

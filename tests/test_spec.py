@@ -166,7 +166,7 @@ def test_encoder_decoder_configs_plan_encoder_and_decoder(tmp_path, config, live
 
 def test_the_class_a_config_names_is_built_and_its_task_head_is_no_target(tmp_path):
     """A checkpoint of DebertaV2ForSequenceClassification names its modules deberta.encoder...: the base
-    model's names would match none of them; the classifier is trained whole, so it is reported uncovered."""
+    model's names would match none of them; the classifier is no target: it is trained whole (modules_to_save)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.DebertaV2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                           vocab_size=100, max_position_embeddings=32, num_labels=3,
@@ -175,7 +175,8 @@ def test_the_class_a_config_names_is_built_and_its_task_head_is_no_target(tmp_pa
     spec = load_spec(str(tmp_path))
     assert spec.targets[0].name == "deberta.encoder.layer.0.attention.self.query_proj"
     assert all(t.name.startswith("deberta.") for t in spec.targets)
-    assert dict(spec.unadaptable)["classifier.weight"] == 3 * 32
+    assert spec.modules_to_save == (("pooler", 32 * 32 + 32), ("classifier", 3 * 32 + 3))
+    assert spec.unadaptable == ()
     live = transformers.DebertaV2ForSequenceClassification(config)
     assert spec_from_module(live).targets == spec.targets
     assert spec.total_params == sum(p.numel() for p in live.parameters())

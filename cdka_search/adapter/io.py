@@ -1,7 +1,8 @@
 """Saving and loading adapters as .safetensors: the factor tensors, with the plan in the header.
 
 File layout: one tensor per factor, named ``<module>.cdka_A`` (r, m2, n2) and ``<module>.cdka_B``
-(r, m1, n1); the header's ``__metadata__`` holds ``format = "cdka-adapter"``, ``cdka_adapter = "1"`` and
+(r, m1, n1), and every parameter of the modules the plan trains whole (a task model's new head,
+``modules_to_save``) under its own name (``classifier.weight``); the header's ``__metadata__`` holds ``format = "cdka-adapter"``, ``cdka_adapter = "1"`` and
 ``cdka_plan``, the applied plan as JSON text (``Plan.to_dict()``). No base weight and no pickle.
 """
 
@@ -24,6 +25,7 @@ from cdka_search.adapter.model import (
     adopt_settings,
     applied_plan,
     factor_shapes,
+    head_problems,
 )
 from cdka_search.documents import read_json
 from cdka_search.errors import PlanError
@@ -54,6 +56,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
         f"{name}.{factor}": getattr(layer, factor).detach().to("cpu").contiguous()
         for name, layer in layers.items() for factor in _FACTORS
     }
+    tensors.update({key: p.detach().to("cpu").contiguous() for key, p in _head_params(model, plan).items()})
     from cdka_search.plan import dumps_plan
 
     metadata = {"format": FORMAT, "cdka_adapter": FORMAT_VERSION, "cdka_plan": dumps_plan(plan, "json")}
@@ -73,8 +76,8 @@ def read_adapter(path: str | Path) -> tuple["Plan", dict[str, torch.Tensor]]:
             # Shapes first, values after: a large or foreign file is refused before anything is loaded.
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
             stored = sum(math.prod(shape) for shape in shapes.values())
-            if stored > plan.used_params:
-                raise PlanError(f"{file}: holds {stored:,} values, more than the {plan.used_params:,} of its plan's adapters")
+            if stored > plan.trained_params:
+                raise PlanError(f"{file}: holds {stored:,} values, more than the {plan.trained_params:,} its plan trains")
             tensors = {key: handle.get_tensor(key) for key in shapes}
     except PlanError:
         raise
@@ -120,6 +123,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
         merged = [name for name, layer in layers.items() if layer.merged]
         if merged:
             raise PlanError(f"{merged[0]} is merged; unmerge_adapters(model) before load_adapter")
+        problems = head_problems(dict(model.named_modules()), plan, layers)
+        if problems:
+            raise PlanError(f"{path}: the stored plan does not fit the model: {'; '.join(problems)}")
+        expected.update(_head_shapes(model, plan))
         _check_tensors(Path(path), tensors, expected)
         try:
             plan.assign(layers)
@@ -127,19 +134,40 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
             raise PlanError(f"{path}: the stored plan does not fit the model's adapters ({exc})") from None
         for layer in layers.values():
             adopt_settings(layer, plan.adapter)
+        for name, _ in plan.modules_to_save:
+            model.get_submodule(name).requires_grad_(True)
         setattr(model, PLAN_ATTRIBUTE, plan)
-        summary = ApplySummary(tuple(layers), *_counts(model))
+        summary = ApplySummary(tuple(layers), *_counts(model), tuple(name for name, _ in plan.modules_to_save))
     else:
         assignment = _resolve(model, plan)
         expected = {f"{name}.{f}": shape for name, group in assignment.items() for f, shape in factor_shapes(group).items()}
+        expected.update(_head_shapes(model, plan))
         _check_tensors(Path(path), tensors, expected)
         summary = _apply(model, plan, assignment, gradients=None, initialise=False)
         layers = adapter_modules(model)
+    heads = _head_params(model, plan)
     with torch.no_grad():
         for key, value in tensors.items():
+            if key in heads:
+                heads[key].copy_(value)
+                continue
             name, _, factor = key.rpartition(".")
             getattr(layers[name], factor).copy_(value)
     return summary
+
+
+def _head_params(model: nn.Module, plan: "Plan") -> dict[str, nn.Parameter]:
+    """Every parameter of the modules ``plan`` trains whole, by full name."""
+    out = {}
+    for name, _ in plan.modules_to_save:
+        for key, p in model.get_submodule(name).named_parameters():
+            out[f"{name}.{key}"] = p
+    return out
+
+
+def _head_shapes(model: nn.Module, plan: "Plan") -> dict[str, tuple[int, ...]]:
+    """The shapes the file must hold for the modules ``plan`` trains whole."""
+    return {key: tuple(p.shape) for key, p in _head_params(model, plan).items()}
 
 
 def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:

@@ -39,13 +39,15 @@ PLAN_ATTRIBUTE = "cdka_plan"
 class ApplySummary:
     """What apply_plan did: the adapted module names and the parameter counts after it.
 
-    ``trainable_params`` equals the plan's ``used_params``; ``total_params`` counts every distinct
+    ``trainable_params`` equals the plan's ``trained_params``: its adapters and the new head it trains
+    whole (``trained_whole``, the plan's ``modules_to_save``); ``total_params`` counts every distinct
     parameter of the model, base and adapters together.
     """
 
     modules: tuple[str, ...]
     trainable_params: int
     total_params: int
+    trained_whole: tuple[str, ...] = ()
 
     @property
     def trainable_fraction(self) -> float:
@@ -166,10 +168,30 @@ def _resolve(model: nn.Module, plan: "Plan") -> dict[str, "PlanGroup"]:
             problems.append(
                 f"{name}: the plan has {planned} but the model has {_describe(kind, shape, module)}"
             )
+    problems.extend(head_problems(modules, plan, assignment))
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise PlanError("plan does not match the model: " + "; ".join(problems[:3]) + more)
     return assignment
+
+
+def head_problems(modules: dict[str, nn.Module], plan: "Plan", assignment: Mapping[str, object]) -> list[str]:
+    """Each module the plan trains whole must be in the model, hold the parameters the plan counts, and
+    hold no adapted weight."""
+    problems = []
+    for name, count in plan.modules_to_save:
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"modules_to_save: the model has no module {name}")
+            continue
+        held = sum(p.numel() for p in module.parameters())
+        if held != count:
+            problems.append(f"modules_to_save: {name} has {held:,} parameters, the plan counts {count:,} "
+                            "(a head for another number of labels?)")
+        adapted = next((n for n in assignment if n == name or n.startswith(f"{name}.")), None)
+        if adapted is not None:
+            problems.append(f"modules_to_save: {name} holds {adapted}, which the plan adapts")
+    return problems
 
 
 def apply_plan(
@@ -184,7 +206,8 @@ def apply_plan(
     gradients: Mapping[str, torch.Tensor] | None = None,
 ) -> ApplySummary:
     """Replace every planned module with a CdkaLinear, wrap every experts module with planned 3-D
-    parameters in a CdkaExperts, and freeze everything else.
+    parameters in a CdkaExperts, leave the new head of a task model (the plan's ``modules_to_save``)
+    trainable, and freeze everything else.
 
     The plan is checked against the model first (each weight exists and has the planned kind, (d_out,
     d_in) and expert count); on any mismatch a PlanError names the module and both shapes and the model is left
@@ -267,12 +290,15 @@ def _apply(
     for name, replacement in replacements.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replacement)
+    heads = tuple(name for name, _ in plan.modules_to_save)
+    for name in heads:
+        model.get_submodule(name).requires_grad_(True)
     setattr(model, PLAN_ATTRIBUTE, plan)
     everything = _unique_params(model)
     trainable = sum(p.numel() for p in everything if p.requires_grad)
-    if trainable != plan.used_params:  # by construction; a failure here is a bug, not a user error
-        raise PlanError(f"applied {trainable} trainable parameters but the plan counts {plan.used_params}")
-    return ApplySummary(tuple(built), trainable, sum(p.numel() for p in everything))
+    if trainable != plan.trained_params:  # by construction; a failure here is a bug, not a user error
+        raise PlanError(f"applied {trainable} trainable parameters but the plan counts {plan.trained_params}")
+    return ApplySummary(tuple(built), trainable, sum(p.numel() for p in everything), heads)
 
 
 def _adapters_or_raise(model: nn.Module) -> dict[str, Adapter]:

@@ -217,4 +217,6 @@ def validate(
     if problems:
         raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + summarise(problems, sep=" | "))
     against = f" and matches {model or loaded.model_path or spec.name}" if spec is not None else ""
-    typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of {loaded.budget_limit:,} parameters)")
+    heads = "".join(f", {name} trained whole ({count:,})" for name, count in loaded.modules_to_save)
+    typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of "
+               f"{loaded.budget_limit:,} parameters{heads})")

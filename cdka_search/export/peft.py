@@ -181,7 +181,7 @@ def _check_with_peft(plan: Plan, spec: ModelSpec | None, model: Any, configs: di
         notes.append(f"not checked against PEFT: {why}; PEFT may rewrite some targets of MoE models")
         return []
     what = f"{type(built).__name__} on the meta device"
-    wrong, extra, other = _differences(built, configs, expected, plan.used_params)
+    wrong, extra, other = _differences(built, configs, expected, plan.trained_params)
     if not (wrong or extra or other):
         return []
     lora = configs.get("cdka_lora")
@@ -193,7 +193,7 @@ def _check_with_peft(plan: Plan, spec: ModelSpec | None, model: Any, configs: di
     if movable and not plan.adapter.dropout:  # accepted only if PEFT then applies everything as the plan says
         trial = {**configs, "cdka_lora": _as_parameters(lora, movable)}
         wrong2, extra2, other2 = _differences(meta_model(plan, spec, model)[0], trial, expected_moved(expected, movable),
-                                              plan.used_params)
+                                              plan.trained_params)
         if not (wrong2 or extra2 or other2):
             configs.update(trial)
             notes.append(
@@ -322,6 +322,9 @@ def export_peft(plan: Plan, spec: ModelSpec | None = None, model: Any = None) ->
             check_keys(name, cfg[pattern], written_for, index.peft_pattern_hits)
     if trainable != plan.used_params:  # by construction; a failure is a bug in this module
         raise ExportError(f"PEFT would train {trainable:,} parameters, the plan {plan.used_params:,}; please report this")
+    if plan.modules_to_save:  # PEFT trains a copy of each whole and saves it with the adapter
+        configs[next(iter(configs))]["modules_to_save"] = [name for name, _ in plan.modules_to_save]
+        trainable = plan.trained_params
     moved = _check_with_peft(plan, spec, model, configs, expected, groups, group_of, notes)
     if moved:
         rows = [ExportRow(r.group, r.modules, r.design, r.config, f"{r.settings} target_parameters (weight)")

@@ -10,7 +10,7 @@ from cdka_search.documents import read_file_bytes, read_json
 from cdka_search.errors import ConfigError, ModelSourceError
 from cdka_search.spec.config_fields import check_sizes
 from cdka_search.spec.families import family_of, family_spec, unknown_fields
-from cdka_search.spec.model_spec import ModelSpec
+from cdka_search.spec.model_spec import ModelSpec, has_new_head
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -24,15 +24,24 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def task_head_class(config: dict[str, Any]) -> str | None:
+    """The first of the (at most four) ``architectures`` a config names that adds a new head, if any."""
+    listed = config.get("architectures")
+    listed = listed[:4] if isinstance(listed, list) else []
+    return next((arch for arch in listed if isinstance(arch, str) and has_new_head(arch)), None)
+
+
 def config_spec(path: Path) -> ModelSpec:
     """Spec of a local model folder or config.json. A built-in family reads it exactly; a config of
-    another model_type, or with a field its family does not know, goes through transformers (meta)."""
+    another model_type, with a field its family does not know, or of a task model with a new head (a
+    built-in family describes the base model and its LM head), goes through transformers (meta)."""
     config = read_config(path)
     folder = path if path.is_dir() else path.parent
     name = folder.name or str(path)
     family = family_of(config)
     unknown = unknown_fields(config, family) if family else []
-    if family is not None and not unknown:
+    head = task_head_class(config)
+    if family is not None and not unknown and head is None:
         return family_spec(config, family, name, "hf-config", str(path))
     from cdka_search.spec.torch_module import meta_spec_from_config
 
@@ -40,6 +49,11 @@ def config_spec(path: Path) -> ModelSpec:
     try:
         return meta_spec_from_config(path, name)
     except ImportError:
+        if head is not None:
+            raise ModelSourceError(
+                f"{path}: its architectures name {head}, a task model whose new head only transformers knows; "
+                "install the 'hf' extra (pip install 'cdka[hf]') to read it"
+            ) from None
         if unknown:
             raise ConfigError(
                 f"{path}: config field(s) {', '.join(map(repr, unknown))} are unknown to the built-in "

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Literal
 
 Kind = Literal["linear", "conv1d", "experts"]
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+# transformers' task models whose head is new at fine-tuning (num_labels outputs, a span or choice
+# scorer): trained whole, as PEFT's modules_to_save, not adapted. A pretrained head (an LM head's
+# transform, Gemma 4's projections) stays a target, as PEFT's all-linear keeps it.
+_TASK_HEAD_CLASS = re.compile(
+    r"For(Sequence|Token|Image|Audio|Video|AudioFrame)Classification$|ForQuestionAnswering$|ForMultipleChoice$"
+)
+
+
+def has_new_head(class_name: str) -> bool:
+    """Whether a transformers model class (``BertForSequenceClassification``) adds a head that is new
+    at fine-tuning."""
+    return bool(_TASK_HEAD_CLASS.search(class_name))
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,8 @@ class ModelSpec:
     embeddings or the LM head: routers, expert stores in a layout cdka does not adapt, convolutions.
     Coverage reports name them when they hold a large share of the model. ``unselected`` names the
     targets a selection left out: a plan's group pattern must not match them either.
+    ``modules_to_save`` lists (module name, parameter count) of a task model's new head (a classifier,
+    a QA span scorer): trained whole at fine-tuning, as PEFT's ``modules_to_save``, never adapted.
     """
 
     name: str
@@ -79,11 +93,12 @@ class ModelSpec:
     targets: tuple[TargetModule, ...]
     unadaptable: tuple[tuple[str, int], ...] = ()
     unselected: tuple[str, ...] = ()
+    modules_to_save: tuple[tuple[str, int], ...] = ()
 
     def with_targets(self, targets: tuple[TargetModule, ...]) -> "ModelSpec":
         kept = {t.name for t in targets}
         left_out = tuple(t.name for t in self.targets if t.name not in kept)
-        return ModelSpec(self.name, self.source, self.total_params, targets, self.unadaptable, self.unselected + left_out)
+        return replace(self, targets=targets, unselected=self.unselected + left_out)
 
     @property
     def shapes(self) -> dict[tuple[int, int], int]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import stat
 import struct
+import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json
-from cdka_search.errors import CdkaError, ModelSourceError
+from cdka_search.errors import CdkaError, CdkaWarning, ModelSourceError
 from cdka_search.limits import MAX_DIM, MAX_TENSOR_DIM, MAX_TOTAL_PARAMS, check_int
 from cdka_search.spec.checkpoint_experts import fold_checkpoint_experts
 from cdka_search.spec.model_spec import ModelSpec, TargetModule, is_embedding, tally_roles
@@ -25,6 +26,8 @@ HEADER_LIMITS = JsonLimits(MAX_HEADER_BYTES, MAX_TENSORS + 2, 2 * MAX_TENSORS + 
 INDEX_LIMITS = JsonLimits(64 * 1024 * 1024, 1_000, 1_000, 1_000_000)
 # GPT-2 style transformers Conv1D modules store their weight as (in, out).
 _CONV1D_LEAVES = ("c_attn", "c_proj", "c_fc", "q_attn")
+# What transformers names the new head of its classification and QA models, at the top level.
+_TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
 # Bits per element of every dtype the safetensors format defines.
 DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
@@ -157,6 +160,13 @@ def spec_from_header(header: dict[str, Any], name: str, source: str) -> ModelSpe
     )
     # Headers list tensors alphabetically; order layers numerically (2 before 10).
     targets.sort(key=lambda t: [int(p) if p.isdigit() else p for p in t.name.split(".")])
+    heads = [t.name for t in targets if t.name.split(".")[0] in _TASK_HEAD_NAMES]
+    if heads and len(heads) < len(targets):
+        warnings.warn(
+            f"{name}: {', '.join(heads[:3])} {'looks' if len(heads) == 1 else 'look'} like the new head of a task "
+            "model, which is trained whole, not adapted, but a header alone does not say so, so it is planned as a "
+            "target; plan the checkpoint's folder (with its config.json) to train the head whole", CdkaWarning, stacklevel=2,
+        )
     return ModelSpec(name, source, total, tuple(targets), others)
 
 

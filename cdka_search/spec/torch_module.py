@@ -5,11 +5,12 @@ from __future__ import annotations
 import operator
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from cdka_search.documents import brief
 from cdka_search.errors import CdkaWarning, ModelSourceError, one_line
-from cdka_search.spec.model_spec import ModelSpec, TargetModule, is_embedding, tally_roles
+from cdka_search.spec.model_spec import ModelSpec, TargetModule, has_new_head, is_embedding, tally_roles
 
 #: Rows of the input a Linear subclass with its own forward is probed with: odd, so that a subclass
 #: that regroups rows (DeepSeek-V4's head groups come in powers of two) fails on shape alone.
@@ -96,24 +97,24 @@ def expert_layout(module) -> bool | None:
     return observed_layout(module)
 
 
-#: transformers' task models whose head is new at fine-tuning (num_labels outputs): trained whole, as
-#: PEFT's modules_to_save, not adapted. A pretrained head (an LM head's transform, Gemma 4's projections)
-#: stays a target, as PEFT's all-linear keeps it.
-_NEW_HEAD = re.compile(r"For(Sequence|Token|Image|Audio|Video|AudioFrame)Classification$|ForQuestionAnswering$|ForMultipleChoice$")
-
-
 def _base_prefix(model) -> str | None:
     """``"name."`` of the base model of a transformers task model with a new head (``bert.`` of
     BertForSequenceClassification), or None: the modules outside it are that head."""
     base = getattr(model, "base_model", None)
-    if base is None or base is model or not _NEW_HEAD.search(type(model).__name__):
+    if base is None or base is model or not has_new_head(type(model).__name__):
         return None
     return next((f"{n}." for n, m in model.named_modules() if m is base), None)
 
 
+def _outside(name: str, base: str) -> str:
+    """The outermost module of ``name`` that does not hold the base model at ``base``."""
+    parts = name.split(".")
+    return next(head for head in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if not base.startswith(f"{head}."))
+
+
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
     """Targets are every linear module (:func:`base_kind`) except the output embedding and a task model's
-    new head (a classifier, trained whole as PEFT's ``modules_to_save``, and reported uncovered), and
+    new head (a classifier: trained whole, listed in ``modules_to_save``), and
     every 3-D parameter of a module transformers marks as experts (stored (experts, d_out, d_in), or
     transposed) by its full parameter name, as PEFT's ``target_parameters`` names it."""
     import torch.nn as nn
@@ -131,7 +132,7 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
         if id(module) in excluded or module_name.split(".")[-1] == "lm_head":
             continue
         if base is not None and not module_name.startswith(base):
-            continue  # a new task head (classifier, score): trained whole, so reported uncovered, not adapted
+            continue  # a new task head (classifier, score): trained whole, not adapted
         kind = None if id(module) in bypassed else base_kind(module)
         if kind == "linear":
             targets.append(TargetModule(module_name, *linear_features(module)))
@@ -151,6 +152,7 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
     seen: set[int] = set()
     total = 0
     others: list[tuple[str, int]] = []  # weight matrices no target covers, embeddings and LM head aside
+    heads: dict[str, int] = {}  # the new task head's top modules -> their parameters
     for module_name, module in model.named_modules():
         for param_name, p in module.named_parameters(recurse=False):
             if id(p) in seen:
@@ -158,10 +160,15 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
             seen.add(id(p))
             total += p.numel()
             full = f"{module_name}.{param_name}" if module_name else param_name
+            if base is not None and not full.startswith(base):
+                head = _outside(full, base)
+                heads[head] = heads.get(head, 0) + p.numel()
+                continue
             covered = module_name in targeted or full in targeted or id(module) in excluded
             if p.dim() >= 2 and not covered and not isinstance(module, nn.Embedding) and not is_embedding(full):
                 others.append((full, p.numel()))
-    return ModelSpec(name or type(model).__name__, "module", total, tuple(targets), tally_roles(others))
+    return ModelSpec(name or type(model).__name__, "module", total, tuple(targets), tally_roles(others),
+                     modules_to_save=tuple(heads.items()))
 
 
 def transformers_knows(model_type: str) -> bool:
@@ -217,8 +224,7 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
         warnings.warn(f"{path}: transformers builds {type(model).__name__} from this config, without its "
                       f"{', '.join(left_out)}: those parts are neither counted in the total nor planned", CdkaWarning,
                       stacklevel=2)
-    spec = spec_from_module(model, name)
-    return ModelSpec(name, "hf-config", spec.total_params, spec.targets, spec.unadaptable)
+    return replace(spec_from_module(model, name), name=name, source="hf-config")
 
 
 def _build_on_meta(config):

@@ -1,0 +1,179 @@
+"""A task model's new head (a classifier, a QA span scorer) is no adapter target: the plan trains it
+whole, as PEFT's modules_to_save, and the adapter file carries it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from cdka_search import CandidateSpace, load_spec, make_plan, spec_from_module  # noqa: E402
+from cdka_search.adapter import apply_plan, load_adapter, save_adapter  # noqa: E402
+from cdka_search.errors import CdkaWarning, PlanError  # noqa: E402
+from cdka_search.export import export_plan  # noqa: E402
+from cdka_search.plan import dumps_plan, loads_plan  # noqa: E402
+from cdka_search.targets import coverage  # noqa: E402
+
+LABELS = 3
+BERT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50,
+            max_position_embeddings=16)
+HEAD = ("classifier", 32 * LABELS + LABELS)
+
+
+def bert_classifier(labels: int = LABELS, seed: int = 0):
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(**BERT, num_labels=labels)).eval()
+
+
+def test_the_new_head_is_trained_whole_not_adapted():
+    model = bert_classifier()
+    spec = spec_from_module(model)
+    assert spec.modules_to_save == (HEAD,)
+    assert all(t.name.startswith("bert.") for t in spec.targets)
+    assert spec.unadaptable == ()
+    summary = coverage(spec, spec, "all-linear").summary()
+    assert "0.0% in weights no adapter targets" in summary and "trained whole (classifier)" in summary
+    plan = make_plan(spec, "lora:2")
+    assert plan.modules_to_save == (HEAD,)
+    assert plan.trained_params == plan.used_params + HEAD[1]
+
+
+@pytest.mark.parametrize(
+    ("cls", "config", "head"),
+    [
+        ("LlamaForSequenceClassification", dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=50, num_labels=2,
+                                                pad_token_id=0), ("score", 32 * 2)),
+        ("BertForQuestionAnswering", dict(model_type="bert", **BERT), ("qa_outputs", 32 * 2 + 2)),
+        ("RobertaForTokenClassification", dict(model_type="roberta", **BERT, num_labels=5), ("classifier", 32 * 5 + 5)),
+    ],
+)
+def test_a_task_config_of_a_built_in_family_is_read_with_its_head(tmp_path, cls, config, head):
+    """The built-in llama and bert families describe the base model and an LM head: a config whose
+    architectures name a task model is built by transformers instead, so the total and the head are right."""
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": [cls]}))
+    spec = load_spec(str(tmp_path))
+    live = getattr(transformers, cls)(transformers.AutoConfig.for_model(**config))
+    assert spec.modules_to_save == (head,)
+    assert spec.total_params == sum(p.numel() for p in live.parameters())
+    assert spec.targets == spec_from_module(live).targets
+
+
+def _batch(seed: int):
+    """Sequences labelled by which of three marker tokens they start with."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, LABELS, (32,), generator=g)
+    ids = torch.randint(10, 50, (32, 8), generator=g)
+    ids[:, 0] = labels + 1
+    return ids, labels
+
+
+def test_apply_train_save_and_load_carry_the_head(tmp_path):
+    model = bert_classifier()
+    plan = make_plan(spec_from_module(model), "lora:2")
+    frozen = model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    head_before = model.classifier.weight.detach().clone()
+    summary = apply_plan(model, plan)
+    assert summary.trained_whole == ("classifier",)
+    assert summary.trainable_params == plan.trained_params
+    assert all(p.requires_grad for p in model.classifier.parameters())
+
+    ids, labels = _batch(0)
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(40):
+        loss = model(input_ids=ids, labels=labels).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    model.eval()
+    assert losses[-1] < 0.5 * losses[0]
+    assert not torch.equal(model.classifier.weight, head_before)
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.base_layer.weight, frozen)
+
+    path = save_adapter(model, tmp_path / "cls.safetensors")
+    fresh = bert_classifier()  # the same base; a head drawn anew below, which only the file can restore
+    with torch.no_grad():
+        fresh.classifier.weight.normal_()
+    loaded = load_adapter(fresh, path)
+    assert loaded.trained_whole == ("classifier",) and loaded.trainable_params == plan.trained_params
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_head_for_another_number_of_labels_is_refused_and_the_model_left_untouched(tmp_path):
+    plan = make_plan(spec_from_module(bert_classifier()), "lora:2")
+    other = bert_classifier(labels=5)
+    with pytest.raises(PlanError, match=r"modules_to_save: classifier has 165 parameters, the plan counts 99"):
+        apply_plan(other, plan)
+    assert not any(p.requires_grad is False for p in other.parameters())
+
+    model = bert_classifier()
+    apply_plan(model, plan)
+    save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.raises(PlanError, match=r"plan does not match the model: modules_to_save: classifier has 165 parameters"):
+        load_adapter(bert_classifier(labels=5), tmp_path / "a.safetensors")
+    adapted = bert_classifier(labels=5)
+    apply_plan(adapted, make_plan(spec_from_module(adapted), "lora:2"))
+    with pytest.raises(PlanError, match=r"stored plan does not fit the model: modules_to_save: classifier has 165 parameters"):
+        load_adapter(adapted, tmp_path / "a.safetensors")
+
+
+def test_the_plan_document_round_trips_and_validates_modules_to_save():
+    plan = make_plan(spec_from_module(bert_classifier()), "lora:2")
+    text = dumps_plan(plan)
+    assert "modules_to_save:\n  classifier: 99\n" in text
+    assert loads_plan(text) == plan
+    assert loads_plan(dumps_plan(plan, "json")) == plan
+    data = plan.to_dict()
+    for bad, message in [
+        (["classifier"], "modules_to_save: expected a mapping"),
+        ({"classifier; rm": 99}, "is not a module name"),
+        ({"classifier": 0}, "modules_to_save.classifier"),
+        ({"classifier": True}, "modules_to_save.classifier"),
+        ({f"head{i}": 1 for i in range(65)}, "at most 64"),
+    ]:
+        with pytest.raises(PlanError, match=message):
+            loads_plan(json.dumps({**data, "modules_to_save": bad}))
+
+
+def test_exports_train_the_head_too(tmp_path):
+    model = bert_classifier()
+    spec = spec_from_module(model)
+    plan = make_plan(spec, "lora:2", space=CandidateSpace(family="lora"))
+    peft = export_plan(plan, "peft", spec, model=model)
+    assert peft.configs["cdka_lora"]["modules_to_save"] == ["classifier"]
+    assert peft.trainable_params == plan.trained_params  # what PEFT itself trained on the model (the export's check)
+    assert not any(n.startswith("not checked") for n in peft.notes)
+    lycoris = export_plan(plan, "lycoris", spec, model=model)
+    assert any("also train the new task head whole" in n and "classifier" in n for n in lycoris.notes)
+
+
+def test_cli_plans_a_classifier_config_and_validate_catches_another_label_count(cli, tmp_path):
+    for labels in (LABELS, 5):
+        folder = tmp_path / f"bert{labels}"
+        transformers.BertConfig(**BERT, num_labels=labels, architectures=["BertForSequenceClassification"]).save_pretrained(folder)
+    plan_file = tmp_path / "plan.yaml"
+    made = cli("plan", "-m", str(tmp_path / "bert3"), "-b", "lora:2", "-o", str(plan_file))
+    assert made.exit_code == 0, made.output
+    assert "the new task head classifier (99)" in made.stdout
+    assert loads_plan(plan_file.read_text()).modules_to_save == (HEAD,)
+    ok = cli("validate", str(plan_file), "--model", str(tmp_path / "bert3"))
+    assert ok.exit_code == 0 and "classifier trained whole (99)" in ok.stdout
+    wrong = cli("validate", str(plan_file), "--model", str(tmp_path / "bert5"))
+    assert wrong.exit_code != 0
+    assert "modules_to_save is classifier (99) but bert5's new task head is classifier (165)" in wrong.stderr
+    assert "Traceback" not in wrong.output
+
+
+def test_a_lone_header_plans_the_head_as_a_target_and_says_so(tmp_path):
+    bert_classifier().save_pretrained(tmp_path)
+    with pytest.warns(CdkaWarning, match=r"classifier looks like the new head of a task model"):
+        header = load_spec(str(tmp_path / "model.safetensors"))
+    assert "classifier" in {t.name for t in header.targets}
+    assert load_spec(str(tmp_path)).modules_to_save == (HEAD,)  # the folder: config.json says which class
