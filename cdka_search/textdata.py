@@ -18,7 +18,10 @@ MAX_DATA_BYTES = 256 * 1024 * 1024  # a trial trains a few hundred batches (200 
 # Per .json document or .jsonl line: what a 256 MiB chat dataset holds, and no more Python objects than that.
 DATA_JSON_LIMITS = JsonLimits(max_bytes=MAX_DATA_BYTES, max_objects=2_000_000, max_arrays=1_000_000, max_commas=8_000_000)
 DATA_SUFFIXES = (".txt", ".jsonl", ".json")
-FORMATS = "a 'text' string, 'prompt' and 'completion' (strings or message lists), 'messages', or Alpaca's 'instruction', 'input' and 'output'"
+FORMATS = ("a 'text' string, 'prompt' and 'completion' (strings or message lists), 'messages', ShareGPT's 'conversations', "
+           "or Alpaca's 'instruction', 'input' and 'output'")
+# ShareGPT's speakers in the roles chat templates know; any other ("tool", "function_call") is passed as given.
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # Stanford Alpaca's prompt, which instruction-tuned checkpoints of that data expect; an empty input drops its section.
 _ALPACA_HEAD = "Below is an instruction that describes a task{paired}. Write a response that appropriately completes the request.\n\n"
 _ALPACA_INPUT = ", paired with an input that provides further context"
@@ -54,7 +57,8 @@ def read_examples(path: str | Path) -> list[Example]:
     - ``.jsonl``, or ``.json`` (an array of records, one record, or JSON Lines): per record a ``"text"``, a
       ``"prompt"`` and ``"completion"`` (strings, or message lists for a conversation's turns), or
       ``"messages"`` (a conversation, trained whole); messages are ``{"role", "content"}`` strings;
-      or Alpaca's ``"instruction"``, ``"input"`` (optional) and ``"output"``: the output is learnt after
+      ShareGPT's ``"conversations"`` of ``{"from", "value"}`` turns (``human`` and ``gpt`` become
+      ``user`` and ``assistant``), read as ``"messages"``; or Alpaca's ``"instruction"``, ``"input"`` (optional) and ``"output"``: the output is learnt after
       Stanford Alpaca's prompt.
     """
     file = check_data_name(path)
@@ -121,7 +125,7 @@ def _json_line(line: str, where: str) -> Any:
 def _example(record: Any, where: str) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{where} is not a JSON object; expected {FORMATS}")
-    found = [keys for keys in (("text",), ("prompt", "completion"), ("messages",), ("instruction", "output"))
+    found = [keys for keys in (("text",), ("prompt", "completion"), ("messages",), ("conversations",), ("instruction", "output"))
              if any(k in record for k in keys)]
     if len(found) != 1:
         fields = ", ".join(map(repr, sorted(record))) or "none"
@@ -133,6 +137,8 @@ def _example(record: Any, where: str) -> Example:
         return Example(_unicode(record["text"], f"{where}, 'text'"))
     if "messages" in record:
         return Example(_messages(record["messages"], f"{where}, 'messages'"))
+    if "conversations" in record:
+        return Example(_messages(record["conversations"], f"{where}, 'conversations'", ("from", "value")))
     if "instruction" in record or "output" in record:
         return _alpaca(record, where)
     prompt, completion = record.get("prompt"), record.get("completion")
@@ -157,14 +163,19 @@ def _alpaca(record: dict[str, Any], where: str) -> Example:
     return Example(fields["output"], f"{head}### Instruction:\n{fields['instruction']}\n\n{given}### Response:\n")
 
 
-def _messages(value: Any, where: str) -> tuple[Message, ...]:
+def _messages(value: Any, where: str, keys: tuple[str, str] = ("role", "content")) -> tuple[Message, ...]:
+    """(role, content) of each message; ``keys`` name the two fields (ShareGPT's are "from" and "value",
+    and its speakers are mapped to chat roles)."""
     if not isinstance(value, list) or not value:
         raise DataError(f"{where} must be a non-empty list of messages")
+    speaker, said = keys
     for message in value:
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
-            raise DataError(f"{where}: every message needs a string 'role' and a string 'content', got {brief(message)}")
+        if not (isinstance(message, dict) and isinstance(message.get(speaker), str) and isinstance(message.get(said), str)):
+            raise DataError(f"{where}: every message needs a string '{speaker}' and a string '{said}', got {brief(message)}")
+    roles = _SHAREGPT_ROLES if keys == ("from", "value") else {}
     return tuple(
-        (_unicode(m["role"], f"{where}, message {i} 'role'"), _unicode(m["content"], f"{where}, message {i} 'content'"))
+        (roles.get(m[speaker], _unicode(m[speaker], f"{where}, message {i} '{speaker}'")),
+         _unicode(m[said], f"{where}, message {i} '{said}'"))
         for i, m in enumerate(value, start=1)
     )
 

@@ -106,7 +106,18 @@ def test_alpaca_records_learn_the_output_after_stanford_alpacas_prompt(tmp_path)
     ]
 
 
+def test_sharegpt_conversations_are_read_as_messages_with_chat_roles(tmp_path):
+    from cdka_search.textdata import Example, read_examples
+
+    data = tmp_path / "sharegpt.json"
+    data.write_text(json.dumps([{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "2+2?"},
+                                                   {"from": "gpt", "value": "4"}, {"from": "tool", "value": "ok"}]}]))
+    assert read_examples(data) == [Example((("system", "Be brief."), ("user", "2+2?"), ("assistant", "4"), ("tool", "ok")))]
+
+
 @pytest.mark.parametrize(("record", "message"), [
+    ({"conversations": [{"from": "human"}]}, "'conversations': every message needs a string 'from' and a string 'value'"),
+    ({"conversations": [], "text": "x"}, "line 1 mixes two formats"),
     ({"question": "x", "answer": "y"}, r"line 1 has no 'text' field \(its fields: 'answer', 'question'\); expected a 'text'"),
     ({"instruction": "x"}, "an Alpaca record needs a non-empty 'instruction' and 'output'"),
     ({"instruction": "x", "input": 3, "output": "y"}, "Alpaca's 'input' must be a string, got 3"),
