@@ -350,6 +350,23 @@ def test_counts_beyond_int64_stay_exact(path):
     assert result.exact and result.choice == (0, 1) and result.cost == 2**70 + 2
 
 
+@pytest.mark.parametrize(("fault", "at"), [(None, 0), *((f, at) for f in ("flat", "bent") for at in range(4, 9))])
+def test_concave_chains_checks_every_option_across_its_blocks(monkeypatch, fault, at):
+    """Blocks of 4 options over fronts of 3 to 6: a value equal to the one before, or one below the chord
+    of its neighbours, is found wherever it lies in the second front (options 3 to 8), seams included."""
+    lengths = np.array([3, 6, 4, 5])
+    cost = np.concatenate([np.arange(1.0, n + 1) for n in lengths])
+    value = np.sqrt(cost) * np.repeat(np.arange(1.0, len(lengths) + 1), lengths)
+    if fault == "flat":
+        value[at] = value[at - 1]
+    elif fault == "bent" and at < 8:
+        value[at] = value[at - 1] + (value[at + 1] - value[at - 1]) / 4
+    expected = fault is None or (fault == "bent" and at == 8)  # option 8 ends its front: no chord through it
+    for block in (4, 1 << 16):
+        monkeypatch.setattr(allocate_arrays, "CHAIN_BLOCK", block)
+        assert allocate_arrays.concave_chains(lengths, cost, value) is expected
+
+
 def test_fronts_that_are_their_own_hulls_skip_the_padded_hull_and_give_the_same_arrays(monkeypatch):
     # Concave chains by rising cost, as the rank objective's fronts are: every option is a hull point.
     rng = random.Random(9)
