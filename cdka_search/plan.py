@@ -502,6 +502,11 @@ class Plan:
         return plan
 
 
+def heads_text(heads: tuple[tuple[str, int], ...]) -> str:
+    """``classifier (1,538), pooler (590,592)``: modules trained whole with their parameters, or ``none``."""
+    return ", ".join(f"{name} ({count:,})" for name, count in heads) or "none"
+
+
 def _modules_to_save(data: Any) -> tuple[tuple[str, int], ...]:
     """``modules_to_save``: module name -> its parameter count, a few entries at most."""
     if not isinstance(data, Mapping) or len(data) > MAX_SAVED_MODULES:

@@ -13,7 +13,7 @@ from cdka_search.errors import ArgumentError, BudgetError, TargetError
 from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_front
 from cdka_search.limits import MAX_DIM, MAX_SEED, check_int
 from cdka_search.matching import ModuleIndex, match_groups, raise_problems, summarise
-from cdka_search.plan import AdapterSettings, Plan, PlanGroup
+from cdka_search.plan import AdapterSettings, Plan, PlanGroup, heads_text
 from cdka_search.scoring import (
     DEFAULT_SAMPLES,
     DEFAULT_SEED,
@@ -450,11 +450,8 @@ def plan_problems(plan: Plan, spec: ModelSpec) -> list[str]:
             f"model.total_params is {plan.total_params:,} but {spec.name} has {spec.total_params:,} (a plan for another model?)"
         )
     if dict(plan.modules_to_save) != dict(spec.modules_to_save):
-        def listed(heads: tuple[tuple[str, int], ...]) -> str:
-            return ", ".join(f"{name} ({count:,})" for name, count in heads) or "none"
-
-        problems.append(f"modules_to_save is {listed(plan.modules_to_save)} but {spec.name}'s new task head is "
-                        f"{listed(spec.modules_to_save)}")
+        problems.append(f"modules_to_save is {heads_text(plan.modules_to_save)} but {spec.name}'s new task head is "
+                        f"{heads_text(spec.modules_to_save)}")
     return problems
 
 

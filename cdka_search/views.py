@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cdka_search.budget import lora_params
-from cdka_search.plan import Plan
+from cdka_search.plan import Plan, heads_text
 from cdka_search.planner import ExplainRow
 from cdka_search.render import Table, rows_of
 from cdka_search.spec.model_spec import ModelSpec
@@ -42,8 +42,7 @@ def plan_table(plan: Plan, written: Path | None = None, covered: Coverage | None
     if unspent:
         notes.append(unspent)
     if plan.modules_to_save:
-        heads = ", ".join(f"{name} ({count:,})" for name, count in plan.modules_to_save)
-        notes.append(f"trained whole beside the adapters, outside the budget: the new task head {heads} "
+        notes.append(f"trained whole beside the adapters, outside the budget: the new task head {heads_text(plan.modules_to_save)} "
                      f"(PEFT's modules_to_save); {plan.trained_params:,} trainable parameters in all")
     if covered is not None:
         notes.append(covered.summary())

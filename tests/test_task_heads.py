@@ -164,7 +164,7 @@ def test_cli_plans_a_classifier_config_and_validate_catches_another_label_count(
     assert "the new task head classifier (99)" in made.stdout
     assert loads_plan(plan_file.read_text()).modules_to_save == (HEAD,)
     ok = cli("validate", str(plan_file), "--model", str(tmp_path / "bert3"))
-    assert ok.exit_code == 0 and "classifier trained whole (99)" in ok.stdout
+    assert ok.exit_code == 0 and "; trained whole: classifier (99))" in ok.stdout
     wrong = cli("validate", str(plan_file), "--model", str(tmp_path / "bert5"))
     assert wrong.exit_code != 0
     assert "modules_to_save is classifier (99) but bert5's new task head is classifier (165)" in wrong.stderr

@@ -208,7 +208,7 @@ def validate(
     Examples: cdka validate plan.yaml;  cdka validate plan.yaml --model llama-2-7b
     """
     from cdka_search.matching import summarise
-    from cdka_search.plan import load_plan
+    from cdka_search.plan import heads_text, load_plan
     from cdka_search.planner import plan_model, plan_problems
 
     loaded = load_plan(plan_file)
@@ -217,6 +217,6 @@ def validate(
     if problems:
         raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + summarise(problems, sep=" | "))
     against = f" and matches {model or loaded.model_path or spec.name}" if spec is not None else ""
-    heads = "".join(f", {name} trained whole ({count:,})" for name, count in loaded.modules_to_save)
+    heads = f"; trained whole: {heads_text(loaded.modules_to_save)}" if loaded.modules_to_save else ""
     typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of "
                f"{loaded.budget_limit:,} parameters{heads})")
