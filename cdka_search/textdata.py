@@ -288,6 +288,22 @@ def refuse_remote_code(folder: Path, name: str) -> None:
         )
 
 
+def refuse_task_model(folder: Path) -> None:
+    """A causal-LM loss needs the LM head a task checkpoint (``BertForSequenceClassification``) lacks:
+    transformers would load the base with a random LM head and train that. Refused, naming the class."""
+    from cdka_search.spec.hf_config import read_config, task_head_class
+
+    try:
+        head = task_head_class(read_config(folder))
+    except ModelSourceError:
+        return  # not ours to judge here: the loader reports a corrupt config in its own words
+    if head is not None:
+        raise ModelSourceError(
+            f"{folder}: its config.json names {head}, a task model with a new head; a causal-LM loss needs the "
+            "checkpoint's LM head, which it does not have (train a task model with your own loop: docs/adapter.md)"
+        )
+
+
 def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, seq_len: int) -> None:
     """What a gradient probe can check before importing torch: its sizes, a model folder with a
     config.json that asks for no remote code, and a loadable tokenizer.json (so bad input is rejected at once)."""
@@ -301,6 +317,7 @@ def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, s
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
     refuse_remote_code(folder, "config.json")
+    refuse_task_model(folder)
     refuse_remote_code(folder, "tokenizer_config.json")
     check_fast_tokenizer(folder / "tokenizer.json")
 
@@ -318,6 +335,7 @@ def load_causal_lm(model_dir: str | Path) -> Any:
     except ImportError:
         raise ModelSourceError("loading a local model needs transformers: pip install 'cdka[hf]'") from None
     refuse_remote_code(folder, "config.json")
+    refuse_task_model(folder)
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True, trust_remote_code=False

@@ -177,3 +177,22 @@ def test_a_lone_header_plans_the_head_as_a_target_and_says_so(tmp_path):
         header = load_spec(str(tmp_path / "model.safetensors"))
     assert "classifier" in {t.name for t in header.targets}
     assert load_spec(str(tmp_path)).modules_to_save == (HEAD,)  # the folder: config.json says which class
+
+
+@pytest.mark.parametrize("command", [("sweep", "--task", "lm", "--steps", "2", "--trials", "1", "--budget", "lora:2"),
+                                     ("probe", "--grad")])
+def test_causal_lm_tasks_refuse_a_task_checkpoint_before_loading_it(cli, tmp_path, command):
+    """transformers would load BertForSequenceClassification's base with a random LM head and the loss
+    would train that: refused at once, naming the class."""
+    folder = tmp_path / "cls"
+    transformers.BertConfig(**BERT, num_labels=LABELS, architectures=["BertForSequenceClassification"]).save_pretrained(folder)
+    data = tmp_path / "d.txt"
+    data.write_text("some text\n\nmore text\n")
+    if command[0] == "sweep":
+        args = (*command, "-m", str(folder), "--data", str(data), "-o", str(tmp_path / "out"))
+    else:
+        args = (*command, str(folder), "--data", str(data), "-o", str(tmp_path / "g.safetensors"))
+    result = cli(*args)
+    assert result.exit_code == 3, result.output
+    assert "names BertForSequenceClassification, a task model with a new head" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "g.safetensors").exists()

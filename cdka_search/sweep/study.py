@@ -237,7 +237,7 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
     from cdka_search.sweep.space import build_space
     from cdka_search.sweep.tasks import make_task, task_class
     from cdka_search.targets import select_targets
-    from cdka_search.textdata import check_data_name
+    from cdka_search.textdata import check_data_name, refuse_task_model
 
     if config.output is not None:
         check_output(config.output)
@@ -250,6 +250,8 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
     folder = existing_path(config.model) if "model" in needs else None
     if "model" in needs and (folder is None or not folder.is_dir()):
         raise SweepError(f"--task {config.task} needs --model to be a local Hugging Face folder, got {config.model!r}")
+    if folder is not None:
+        refuse_task_model(folder)
     options = TaskOptions(steps=config.steps, seed=config.seed or 0, report_every=config.report_every,
                           data=config.data, reference=config.reference, model=folder)
     task = make_task(config.task, options)
