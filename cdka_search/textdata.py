@@ -309,6 +309,7 @@ def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, s
     config.json that asks for no remote code, and a loadable tokenizer.json (so bad input is rejected at once)."""
     from cdka_search.errors import ArgumentError
     from cdka_search.limits import check_int
+    from cdka_search.spec.hf_config import read_config
 
     check_int(batches, "--batches", ArgumentError, 1, 1 << 20)
     check_int(batch_size, "--batch-size", ArgumentError, 1, 1 << 16)
@@ -316,6 +317,7 @@ def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, s
     folder = Path(model_dir)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    read_config(folder)  # checks its label count, which transformers would expand into a dict
     refuse_remote_code(folder, "config.json")
     refuse_task_model(folder)
     refuse_remote_code(folder, "tokenizer_config.json")
@@ -329,11 +331,14 @@ def load_causal_lm(model_dir: str | Path) -> Any:
         raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
     if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
         raise ModelSourceError(f"{folder}: no safetensors weights (model.safetensors or its index) to load")
+    from cdka_search.spec.hf_config import read_config
+
     try:
         import torch
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise ModelSourceError("loading a local model needs transformers: pip install 'cdka[hf]'") from None
+    read_config(folder)  # checks its label count, which transformers would expand into a dict
     refuse_remote_code(folder, "config.json")
     refuse_task_model(folder)
     try:

@@ -8,7 +8,8 @@ from typing import Any
 
 from cdka_search.documents import read_file_bytes, read_json
 from cdka_search.errors import ConfigError, ModelSourceError
-from cdka_search.spec.config_fields import check_sizes
+from cdka_search.limits import MAX_DIM
+from cdka_search.spec.config_fields import bounded_int, check_sizes
 from cdka_search.spec.families import family_of, family_spec, unknown_fields
 from cdka_search.spec.model_spec import ModelSpec, has_new_head
 
@@ -21,7 +22,19 @@ def read_config(path: Path) -> dict[str, Any]:
     data = read_json(read_file_bytes(file, ModelSourceError), f"{file}: not a readable JSON config", ModelSourceError)
     if not isinstance(data, dict):
         raise ModelSourceError(f"{file}: a config must be a JSON object")
+    _check_labels(data, str(file))
     return data
+
+
+def _check_labels(config: dict[str, Any], where: str) -> None:
+    """A task head's label count: transformers builds a dict of ``num_labels`` entries for any config
+    it reads (10**7 took minutes and gigabytes), and a count below one makes a head of no parameters,
+    whose plan load_plan refuses."""
+    if config.get("num_labels") is not None:
+        bounded_int(config["num_labels"], "num_labels", where, 1, MAX_DIM)
+    labels = config.get("id2label")
+    if labels is not None and not (isinstance(labels, dict) and labels):
+        raise ConfigError(f"{where}: config field 'id2label' must be a non-empty mapping of label ids to names")
 
 
 def task_head_class(config: dict[str, Any]) -> str | None:
