@@ -38,3 +38,62 @@ def test_a_gradient_probe_checks_the_label_count_before_transformers_reads_it(tm
     pytest.importorskip("transformers")
     with pytest.raises(ConfigError, match=r"config field 'num_labels': 1000000000000 is outside"):
         load_causal_lm(tmp_path)
+
+
+BERT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 50,
+        "max_position_embeddings": 16}
+
+
+def bert_classifier():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(**BERT, num_labels=3)).eval()
+
+
+@pytest.fixture
+def adapter_file(tmp_path):
+    """A cdka adapter of a tiny BERT classifier: its factors and its head (classifier.weight, .bias)."""
+    from cdka_search import make_plan, spec_from_module
+    from cdka_search.adapter import apply_plan, save_adapter
+
+    model = bert_classifier()
+    apply_plan(model, make_plan(spec_from_module(model), "lora:2"))
+    return save_adapter(model, tmp_path / "a.safetensors")
+
+
+def rewritten(file, tmp_path, change_tensors=None, change_plan=None):
+    """A copy of the adapter ``file`` with its tensors and stored plan changed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors, plan = load_file(str(file)), json.loads(metadata["cdka_plan"])
+    if change_tensors:
+        change_tensors(tensors)
+    if change_plan:
+        change_plan(plan)
+    out = tmp_path / "x.safetensors"
+    save_file(tensors, str(out), metadata={**metadata, "cdka_plan": json.dumps(plan)})
+    return out
+
+
+@pytest.mark.parametrize("key", ["classifier.weight", "bert.pooler.dense.cdka_A"])
+def test_a_float8_tensor_in_an_adapter_file_is_named(adapter_file, tmp_path, key):
+    """torch has no isfinite for float8: the NaN check raised NotImplementedError with a traceback."""
+    import torch
+
+    from cdka_search.adapter import load_adapter, read_adapter
+    from cdka_search.errors import PlanError
+
+    def to_float8(tensors):
+        tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+
+    file = rewritten(adapter_file, tmp_path, change_tensors=to_float8)
+    message = rf"x.safetensors: {key} is F8_E4M3, expected a floating-point tensor \(F16, BF16, F32, F64\)"
+    with pytest.raises(PlanError, match=message):
+        read_adapter(file)
+    with pytest.raises(PlanError, match=message):
+        load_adapter(bert_classifier(), file)
+
