@@ -97,3 +97,26 @@ def test_a_float8_tensor_in_an_adapter_file_is_named(adapter_file, tmp_path, key
     with pytest.raises(PlanError, match=message):
         load_adapter(bert_classifier(), file)
 
+
+def test_modules_to_save_one_inside_another_is_refused_and_the_model_left_untouched(adapter_file, tmp_path):
+    """Both listed, the embeddings' parameters were counted twice: apply_plan swapped the adapters in,
+    then raised 'applied 4259 trainable parameters but the plan counts 5859' on the changed model."""
+    from dataclasses import replace
+
+    from cdka_search import make_plan, spec_from_module
+    from cdka_search.adapter import apply_plan, load_adapter
+    from cdka_search.errors import PlanError
+
+    model = bert_classifier()
+    embeddings = {f"bert.embeddings.{k}": p.detach().clone() for k, p in model.bert.embeddings.named_parameters()}
+    heads = {"bert.embeddings": sum(p.numel() for p in embeddings.values()), "bert.embeddings.word_embeddings": 50 * 32}
+    message = ("modules_to_save: bert.embeddings.word_embeddings shares parameters with bert.embeddings, "
+               "which the plan also lists")
+    file = rewritten(adapter_file, tmp_path, change_tensors=lambda t: t.update(embeddings),
+                     change_plan=lambda p: p["modules_to_save"].update(heads))
+    with pytest.raises(PlanError, match=message):
+        load_adapter(model, file)
+    plan = make_plan(spec_from_module(model), "lora:2")
+    with pytest.raises(PlanError, match=message):
+        apply_plan(model, replace(plan, modules_to_save=plan.modules_to_save + tuple(heads.items())))
+    assert type(model.bert.pooler.dense).__name__ == "Linear" and not hasattr(model, "cdka_plan")

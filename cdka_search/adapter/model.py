@@ -176,14 +176,20 @@ def _resolve(model: nn.Module, plan: "Plan") -> dict[str, "PlanGroup"]:
 
 
 def head_problems(modules: dict[str, nn.Module], plan: "Plan", assignment: Mapping[str, object]) -> list[str]:
-    """Each module the plan trains whole must be in the model, hold the parameters the plan counts, and
-    hold no adapted weight."""
+    """Each module the plan trains whole must be in the model, hold the parameters the plan counts, hold
+    no adapted weight, and share no parameter with another listed module (one inside another, or tied):
+    the plan would count those parameters twice."""
     problems = []
+    owners: dict[int, str] = {}  # id of each listed module's parameter -> the first module listing it
     for name, count in plan.modules_to_save:
         module = modules.get(name)
         if module is None:
             problems.append(f"modules_to_save: the model has no module {name}")
             continue
+        shared = next((owners[id(p)] for p in module.parameters() if id(p) in owners), None)
+        if shared is not None:
+            problems.append(f"modules_to_save: {name} shares parameters with {shared}, which the plan also lists")
+        owners.update((id(p), name) for p in module.parameters())
         held = sum(p.numel() for p in module.parameters())
         if held != count:
             problems.append(f"modules_to_save: {name} has {held:,} parameters, the plan counts {count:,} "
