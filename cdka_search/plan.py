@@ -477,7 +477,7 @@ class Plan:
             if "gap" in allocation:
                 gap = report.check(_number, allocation["gap"], "allocation.gap", 0.0)
         sweep = report.check(SweepRecord.from_dict, data["sweep"]) if data.get("sweep") is not None else None
-        saved = report.check(_modules_to_save, data.get("modules_to_save") or {}) or ()
+        saved = () if data.get("modules_to_save") is None else report.check(_modules_to_save, data["modules_to_save"]) or ()
         groups_data = data["groups"]
         groups: list[PlanGroup] = []
         if not isinstance(groups_data, list) or not groups_data or len(groups_data) > MAX_MODULES:

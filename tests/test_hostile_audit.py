@@ -120,3 +120,17 @@ def test_modules_to_save_one_inside_another_is_refused_and_the_model_left_untouc
     with pytest.raises(PlanError, match=message):
         apply_plan(model, replace(plan, modules_to_save=plan.modules_to_save + tuple(heads.items())))
     assert type(model.bert.pooler.dense).__name__ == "Linear" and not hasattr(model, "cdka_plan")
+
+
+@pytest.mark.parametrize("value", ["false", "0", '""', "[]"])
+def test_modules_to_save_of_another_type_is_refused_not_read_as_none(cli, tmp_path, value):
+    """Every falsy value was read as 'no head': a plan saying ``modules_to_save: false`` validated."""
+    pytest.importorskip("transformers")
+    from cdka_search import make_plan, spec_from_module
+    from cdka_search.plan import dumps_plan
+
+    text = dumps_plan(make_plan(spec_from_module(bert_classifier()), "lora:2"))
+    assert "modules_to_save:\n  classifier: 99\n" in text
+    (tmp_path / "plan.yaml").write_text(text.replace("modules_to_save:\n  classifier: 99\n", f"modules_to_save: {value}\n"))
+    rejects(cli, tmp_path, ["validate", str(tmp_path / "plan.yaml")], "plan",
+            "modules_to_save: expected a mapping of at most 64 module names to parameter counts")
