@@ -45,6 +45,7 @@ from cdka_search.documents import (
     MAX_YAML_BYTES,
     JsonLimits,
     brief,
+    named,
     read_file_bytes,
     read_json,
     read_text_file,
@@ -502,9 +503,12 @@ class Plan:
         return plan
 
 
-def heads_text(heads: tuple[tuple[str, int], ...]) -> str:
-    """``classifier (1,538), pooler (590,592)``: modules trained whole with their parameters, or ``none``."""
-    return ", ".join(f"{name} ({count:,})" for name, count in heads) or "none"
+def heads_text(heads: tuple[tuple[str, int], ...], shown: int = 4) -> str:
+    """``classifier (1,538), pooler (590,592)``: modules trained whole with their parameters, or ``none``.
+    A plan's list may be hostile (64 names of 2,000 characters), so long names are shortened and only
+    the first ``shown`` entries listed."""
+    listed = ", ".join(f"{named(name)} ({count:,})" for name, count in heads[:shown])
+    return listed + (f" and {len(heads) - shown} more" if len(heads) > shown else "") or "none"
 
 
 def _modules_to_save(data: Any) -> tuple[tuple[str, int], ...]:

@@ -134,3 +134,33 @@ def test_modules_to_save_of_another_type_is_refused_not_read_as_none(cli, tmp_pa
     (tmp_path / "plan.yaml").write_text(text.replace("modules_to_save:\n  classifier: 99\n", f"modules_to_save: {value}\n"))
     rejects(cli, tmp_path, ["validate", str(tmp_path / "plan.yaml")], "plan",
             "modules_to_save: expected a mapping of at most 64 module names to parameter counts")
+
+
+def long_heads() -> dict[str, int]:
+    """64 module names of 2,063 characters each: as many and as long as a plan may list."""
+    return {".".join([f"n{i}".ljust(128, "x")] * 16): 5 for i in range(64)}
+
+
+def test_a_hostile_modules_to_save_is_named_briefly(cli, tmp_path, adapter_file):
+    """Every name was printed whole: validate's error line was 127 KB, load_adapter's listed 128 problems."""
+    from cdka_search import make_plan, spec_from_module
+    from cdka_search.adapter import apply_plan, load_adapter
+    from cdka_search.errors import PlanError
+
+    plan = make_plan(spec_from_module(bert_classifier()), "lora:2").to_dict()
+    folder = tmp_path / "bert"
+    pytest.importorskip("transformers").BertConfig(**BERT, num_labels=3,
+                                                   architectures=["BertForSequenceClassification"]).save_pretrained(folder)
+    plan["model"]["path"] = str(folder)
+    (tmp_path / "plan.json").write_text(json.dumps({**plan, "modules_to_save": long_heads()}))
+    error = rejects(cli, tmp_path, ["validate", str(tmp_path / "plan.json")], "plan",
+                    "(5) and 60 more but bert's new task head is classifier (99)")
+    assert len(error) < 600
+    file = rewritten(adapter_file, tmp_path, change_plan=lambda p: p.__setitem__("modules_to_save", long_heads()))
+    adapted = bert_classifier()
+    apply_plan(adapted, make_plan(spec_from_module(adapted), "lora:2"))
+    for model, start in [(bert_classifier(), "plan does not match the model"), (adapted, "the stored plan does not fit the model")]:
+        with pytest.raises(PlanError, match=rf"{start}: modules_to_save: the model has no module 'n0x+\.\.\.x+'; .*"
+                                            r"\(and 61 more\)$") as caught:
+            load_adapter(model, file)
+        assert len(str(caught.value)) < 600

@@ -10,6 +10,7 @@ from torch import nn
 
 from cdka_search.adapter.experts import CdkaExperts, ExpertAdapter, expert_parameters
 from cdka_search.adapter.layer import CdkaLinear, base_kind, base_shape, describe_module, resolve_dtype
+from cdka_search.documents import named
 from cdka_search.errors import PlanError
 from cdka_search.gc_pause import paused_gc
 from cdka_search.plan import scaling_value
@@ -184,19 +185,19 @@ def head_problems(modules: dict[str, nn.Module], plan: "Plan", assignment: Mappi
     for name, count in plan.modules_to_save:
         module = modules.get(name)
         if module is None:
-            problems.append(f"modules_to_save: the model has no module {name}")
+            problems.append(f"modules_to_save: the model has no module {named(name)}")
             continue
         shared = next((owners[id(p)] for p in module.parameters() if id(p) in owners), None)
         if shared is not None:
-            problems.append(f"modules_to_save: {name} shares parameters with {shared}, which the plan also lists")
+            problems.append(f"modules_to_save: {named(name)} shares parameters with {named(shared)}, which the plan also lists")
         owners.update((id(p), name) for p in module.parameters())
         held = sum(p.numel() for p in module.parameters())
         if held != count:
-            problems.append(f"modules_to_save: {name} has {held:,} parameters, the plan counts {count:,} "
+            problems.append(f"modules_to_save: {named(name)} has {held:,} parameters, the plan counts {count:,} "
                             "(a head for another number of labels?)")
         adapted = next((n for n in assignment if n == name or n.startswith(f"{name}.")), None)
         if adapted is not None:
-            problems.append(f"modules_to_save: {name} holds {adapted}, which the plan adapts")
+            problems.append(f"modules_to_save: {named(name)} holds {adapted}, which the plan adapts")
     return problems
 
 
