@@ -196,3 +196,12 @@ def test_causal_lm_tasks_refuse_a_task_checkpoint_before_loading_it(cli, tmp_pat
     assert result.exit_code == 3, result.output
     assert "names BertForSequenceClassification, a task model with a new head" in result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "g.safetensors").exists()
+
+
+def test_a_head_without_parameters_is_not_listed():
+    """num_labels = 0, built in code: an empty head trains nothing, and a plan listing `classifier: 0` would not load."""
+    model = bert_classifier(labels=0)
+    spec = spec_from_module(model)
+    assert spec.modules_to_save == ()
+    plan = make_plan(spec, "lora:2")
+    assert loads_plan(dumps_plan(plan)) == plan

@@ -109,7 +109,8 @@ def _base_prefix(model) -> str | None:
 def _outside(name: str, base: str) -> str:
     """The outermost module of ``name`` that does not hold the base model at ``base``."""
     parts = name.split(".")
-    return next(head for head in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if not base.startswith(f"{head}."))
+    prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return next(head for head in prefixes if not base.startswith(f"{head}."))
 
 
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
@@ -168,7 +169,7 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
             if p.dim() >= 2 and not covered and not isinstance(module, nn.Embedding) and not is_embedding(full):
                 others.append((full, p.numel()))
     return ModelSpec(name or type(model).__name__, "module", total, tuple(targets), tally_roles(others),
-                     modules_to_save=tuple(heads.items()))
+                     modules_to_save=tuple((head, n) for head, n in heads.items() if n))  # an empty head trains nothing
 
 
 def transformers_knows(model_type: str) -> bool:
