@@ -9,11 +9,6 @@ Tasks (data this machine's Python ships, nothing downloaded):
 - ``prose``: English prose, the Python documentation topics in ``pydoc_data`` (a domain shift from code).
 - ``swapcase``: the standard library's test sources with upper and lower case swapped (the same grammar
   in another byte alphabet: an update far from low rank).
-- ``topic``: sequence classification, not language modelling: which of six test packages of the standard
-  library (asyncio, email, importlib, sqlite3, inspect, dataclasses; sources the model never saw) a
-  128-byte block comes from. The model is LlamaForSequenceClassification on the same pretrained weights
-  with a new ``score`` head, which every design trains whole (the plan's ``modules_to_save``, as PEFT
-  does); the loss is the held-out cross-entropy of the label (nats per block), and accuracy is reported.
 
 Designs, all at equal budget (``lora:R``, every linear layer): LoRA, the paper's (2,8,r) and (2,2,r) and
 other uniform (r1,r2,r) designs (one design on every target, r as large as fits), every objective's plan,
@@ -81,9 +76,7 @@ FULL_LRS = (3e-4, 1e-3, 3e-3)
 SPECTRA_LR = 1e-3  # full fine-tuning's best grid lr on prose (benchmarks/results/validity_lm_calibration.md)
 UNIFORM_PAIRS = ((1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (2, 8), (8, 2), (4, 8), (8, 4), (2, 4), (4, 2))
 PAPER = ((2, 8), (2, 2))
-TASKS = ("prose", "swapcase", "topic")
-# Classification tasks: the stdlib test packages whose blocks are labelled, one label each.
-TOPICS = {"topic": ("test_asyncio", "test_email", "test_importlib", "test_sqlite3", "test_inspect", "test_dataclasses")}
+TASKS = ("prose", "swapcase")
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BUDGETS = (1, 2, 8)
 # --quick: the lrs the calibration grid picked (benchmarks/results/validity_lm_calibration.md), and the
@@ -131,25 +124,7 @@ def corpus(name: str, recipe: Recipe = FULL) -> bytes:
         return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")[: recipe.task_bytes]
     if name == "swapcase":
         return _read(_files(stdlib(), test=True), recipe.task_bytes).decode("utf-8", "replace").swapcase().encode("utf-8")
-    if name in TOPICS:
-        return b"".join(_topic_bytes(name, recipe))
     raise SystemExit(f"error: unknown task {name!r}; choose from {', '.join(TASKS)}")
-
-
-def _topic_bytes(name: str, recipe: Recipe) -> list[bytes]:
-    """Per label, an equal share of task_bytes from its stdlib test package."""
-    root = stdlib() / "test"
-    share = recipe.task_bytes // len(TOPICS[name])
-    return [_read(sorted((root / package).rglob("*.py")), share) for package in TOPICS[name]]
-
-
-def labelled_blocks(name: str, recipe: Recipe):
-    """(blocks, labels) of a classification task: every seq_len block of each label's bytes."""
-    import torch
-
-    parts = [blocks(data, recipe.seq_len) for data in _topic_bytes(name, recipe)]
-    labels = torch.cat([torch.full((len(b),), k) for k, b in enumerate(parts)])
-    return torch.cat(parts), labels
 
 
 def blocks(data: bytes, seq_len: int):
@@ -209,7 +184,6 @@ def write_task_data(target: Path, folder: Path, tasks: list[str], recipe: Recipe
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         if (folder / name).is_file():
             shutil.copyfile(folder / name, target / "model" / name)
-    tasks = [t for t in tasks if t not in TOPICS]  # cdka sweep --task lm trains language models only
     for task in tasks:
         (target / f"{task}.txt").write_text(corpus(task, recipe).decode("utf-8", "replace"), encoding="utf-8")
     print(f"wrote {target}/model and {', '.join(f'{target}/{t}.txt' for t in tasks)}")
@@ -227,28 +201,11 @@ class Entry:
     plan: object
 
 
-def model_spec(folder: Path, task: str | None = None):
-    """The spec plans are made from: the causal LM, or for a classification task the classifier (whose new
-    ``score`` head the plans then train whole)."""
+def model_spec(folder: Path):
     from cdka_search.spec import spec_from_module
     from cdka_search.textdata import load_causal_lm
 
-    if task in TOPICS:
-        return spec_from_module(classifier(folder, len(TOPICS[task])), "validity-llama-classifier")
     return spec_from_module(load_causal_lm(folder), "validity-llama")
-
-
-def classifier(folder: Path, labels: int):
-    """LlamaForSequenceClassification on the pretrained weights (its score head new; byte 0, which no
-    block holds, as padding, so the last token of every block is pooled)."""
-    import torch
-    from transformers import LlamaForSequenceClassification
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # it reports the new score head and the unused LM head as it should
-    return LlamaForSequenceClassification.from_pretrained(
-        str(folder), num_labels=labels, pad_token_id=0, dtype=torch.float32, local_files_only=True, use_safetensors=True
-    )
 
 
 def uniform_plan(spec, budget, r1: int, r2: int, adapter):
@@ -377,17 +334,6 @@ def _init_worker(folder: str, tasks: list[str], recipe: Recipe) -> None:
     _STATE["base"] = load_causal_lm(folder)
     _STATE["batch"] = recipe.batch
     for task in tasks:
-        if task in TOPICS:
-            _STATE[f"{task} model"] = classifier(Path(folder), len(TOPICS[task]))
-            data, labels = labelled_blocks(task, recipe)
-            # Held-out blocks are an even sample of each label's blocks.
-            per = max(1, recipe.eval_blocks // len(TOPICS[task]))
-            held = torch.cat([torch.nonzero(labels == k).flatten()[:: max(1, int((labels == k).sum()) // per)][:per]
-                              for k in range(len(TOPICS[task]))])
-            mask = torch.ones(len(data), dtype=torch.bool)
-            mask[held] = False
-            _STATE[task] = ((data[mask], labels[mask]), (data[held], labels[held]))
-            continue
         data = blocks(corpus(task, recipe), recipe.seq_len)
         # Held-out blocks are an even sample across the corpus, so both halves share its topics.
         held = torch.arange(recipe.eval_blocks) * (len(data) // recipe.eval_blocks)
@@ -406,14 +352,14 @@ def fine_tune(task: str, plan, lr: float, seed: int, steps: int):
 
     train, held = _STATE[task]
     torch.manual_seed(seed)
-    if task in TOPICS:
-        return _fine_tune_classifier(task, plan, lr, seed, steps)
     model = copy.deepcopy(_STATE["base"])
     if plan is not None:
         apply_plan(model, plan)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = _schedule(opt, steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / WARMUP if s < WARMUP else 0.5 * (1 + math.cos(math.pi * (s - WARMUP) / max(1, steps - WARMUP)))
+    )
     gen = torch.Generator().manual_seed(1000 + seed)
     model.train()
     for _ in range(steps):
@@ -432,58 +378,12 @@ def fine_tune(task: str, plan, lr: float, seed: int, steps: int):
     return model, total / len(held)
 
 
-def _schedule(opt, steps: int):
-    import torch
-
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / WARMUP if s < WARMUP else 0.5 * (1 + math.cos(math.pi * (s - WARMUP) / max(1, steps - WARMUP)))
-    )
-
-
-def _fine_tune_classifier(task: str, plan, lr: float, seed: int, steps: int):
-    """fine_tune for a classification task: the new head drawn per seed (as from_pretrained draws it),
-    trained whole with the adapters; (model, held-out cross-entropy), accuracy kept in _STATE."""
-    import copy
-
-    import torch
-
-    from cdka_search.adapter import apply_plan
-
-    (train, train_labels), (held, held_labels) = _STATE[task]
-    model = copy.deepcopy(_STATE[f"{task} model"])
-    with torch.no_grad():
-        model.score.weight.normal_(0.0, model.config.initializer_range, generator=torch.Generator().manual_seed(seed))
-    if plan is not None:
-        apply_plan(model, plan)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = _schedule(opt, steps)
-    gen = torch.Generator().manual_seed(1000 + seed)
-    model.train()
-    for _ in range(steps):
-        pick = torch.randint(len(train), (_STATE["batch"],), generator=gen)
-        loss = model(input_ids=train[pick], labels=train_labels[pick]).loss
-        if not torch.isfinite(loss):
-            return model, math.inf
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    with torch.no_grad():
-        logits = torch.cat([model(input_ids=held[i : i + 16]).logits for i in range(0, len(held), 16)])
-    _STATE["accuracy"] = float((logits.argmax(-1) == held_labels).float().mean())
-    return model, float(torch.nn.functional.cross_entropy(logits, held_labels))
-
-
 def train_one(job: tuple) -> tuple:
-    """(task, label, plan, lr, seed, steps) -> (task, label, lr, seed, held-out loss, seconds, accuracy
-    of a classification task or None)."""
+    """(task, label, plan, lr, seed, steps) -> (task, label, lr, seed, held-out loss, seconds)."""
     task, label, plan, lr, seed, steps = job
     started = time.monotonic()
-    _STATE.pop("accuracy", None)
     _, loss = fine_tune(task, plan, lr, seed, steps)
-    return task, label, lr, seed, loss, time.monotonic() - started, _STATE.get("accuracy")
+    return task, label, lr, seed, loss, time.monotonic() - started
 
 
 def run_jobs(jobs: list[tuple], folder: Path, tasks: list[str], recipe: Recipe, workers: int, what: str) -> list[tuple]:
@@ -743,17 +643,14 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return 0
-    if args.reference and any(t in TOPICS for t in tasks):
-        raise SystemExit("error: --reference probes a causal-LM loss; a classification task has none")
     spec = model_spec(folder)
-    specs = {t: model_spec(folder, t) if t in TOPICS else spec for t in tasks}
     adapter = AdapterSettings(scaling=args.scaling)
     score_names = [f for f in Scores.__dataclass_fields__ if f != "objective"]
     if args.reference:
         _init_worker(str(folder), tasks, recipe)
     designs: dict[tuple[str, int], list[Entry]] = {}
-    for rank, t in sorted({(b, t) for t, b in cells}):
-        found = entries(specs[t], rank, adapter, list(OBJECTIVES) if args.objectives is None else args.objectives)
+    for rank in sorted({b for _, b in cells}):
+        found = entries(spec, rank, adapter, list(OBJECTIVES) if args.objectives is None else args.objectives)
         adapters = [e for e in found if e.kind != "full" and (not args.designs or any(d in e.label for d in args.designs))]
         kept = {e.label for e in adapters}
         # A duplicate whose original was filtered out runs under its own name.
@@ -763,8 +660,9 @@ def main(argv: list[str] | None = None) -> int:
             keep = [e for e in adapters if e.kind in ("lora", "paper") or e.label.startswith("plan ")][:most]
             keep += [e for e in adapters if e not in keep][: max(0, most - len(keep))]
             adapters = keep
-        full = [found[0]] if not args.designs or "full" in args.designs else []
-        designs[(t, rank)] = full + adapters + ([reference_entry(spec, t, rank, adapter)] if args.reference else [])
+        for t in [t for t, b in cells if b == rank]:
+            full = [found[0]] if not args.designs or "full" in args.designs else []
+            designs[(t, rank)] = full + adapters + ([reference_entry(spec, t, rank, adapter)] if args.reference else [])
 
     def lrs(entry: Entry):
         return FULL_LRS if entry.plan is None else ADAPTER_LRS
@@ -777,7 +675,6 @@ def main(argv: list[str] | None = None) -> int:
         return e.label if e.plan is None else f"{rank}|{e.label}"
 
     results: dict[tuple, float] = {}
-    accuracy: dict[tuple, float | None] = {}
     if args.lr:  # lrs given: no calibration cell
         calib, own = None, {}
         shared, full_lr = (float(v) for v in args.lr.split(":"))
@@ -787,8 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         if calib not in designs:
             raise SystemExit(f"error: --calibrate {calib[0]}:{calib[1]} is not one of the task:budget cells run")
         jobs = [(calib[0], run_key(calib[1], e), e.plan, lr, seeds[0], args.steps) for e in runs(*calib) for lr in lrs(e)]
-        for task, label, lr, seed, loss, _, acc in run_jobs(jobs, folder, tasks, recipe, args.workers, "lr grid, seed 0"):
-            results[(task, label, lr, seed)], accuracy[(task, label, lr, seed)] = loss, acc
+        for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, recipe, args.workers, "lr grid, seed 0"):
+            results[(task, label, lr, seed)] = loss
         # Every design's own best lr and the one shared lr (best mean log-loss over adapter designs).
         own = {e.label: min(lrs(e), key=lambda lr: results[(calib[0], run_key(calib[1], e), lr, seeds[0])])
                for e in runs(*calib)}
@@ -814,8 +711,8 @@ def main(argv: list[str] | None = None) -> int:
                 if (t, key, lr, s) not in queued:
                     queued.add((t, key, lr, s))
                     jobs.append((t, key, e.plan, lr, s, args.steps))
-    for task, label, lr, seed, loss, _, acc in run_jobs(jobs, folder, tasks, recipe, args.workers, "seeds"):
-        results[(task, label, lr, seed)], accuracy[(task, label, lr, seed)] = loss, acc
+    for task, label, lr, seed, loss, _ in run_jobs(jobs, folder, tasks, recipe, args.workers, "seeds"):
+        results[(task, label, lr, seed)] = loss
 
     out(f"# Real-training validity (benchmarks/validity_lm.py{' ' + ' '.join(argv_text) if argv_text else ''})")
     out()
@@ -825,8 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{spec.total_params:,} parameters; pretrained {recipe.pretrain_steps} steps on Python stdlib code. Fine-tuning: "
         f"{args.steps} steps x {recipe.batch} x {recipe.seq_len} tokens, AdamW, warm-up {WARMUP} + cosine, adapter {adapter.scaling} "
         f"alpha {adapter.alpha:g}; seeds {seeds}. Loss = held-out causal-LM loss (nats/byte), mean +- spread (max - min) "
-        f"over seeds; for a classification task ({', '.join(t for t in tasks if t in TOPICS) or 'none here'}) the held-out "
-        f"cross-entropy of the label (nats per block), with the mean accuracy. Shared lr: adapters {shared:g}, full fine-tuning {full_lr:g}"
+        f"over seeds. Shared lr: adapters {shared:g}, full fine-tuning {full_lr:g}"
         + (" (given)." if calib is None else
            f", the grid lr ({list(ADAPTER_LRS)}; full FT {list(FULL_LRS)}) best on average over the calibration cell "
            f"{calib[0]}:lora:{calib[1]} on seed 0, used in every cell. 'own lr' = the design's best grid lr there."))
@@ -846,8 +742,6 @@ def main(argv: list[str] | None = None) -> int:
             base = e.label.split(" (= ")[1][:-1] if "(= " in e.label else e.label
             key = run_key(rank, Entry(base, e.kind, e.plan))
             m, sp = summary([results[(t, key, lr_for(e), s)] for s in seeds])
-            if t in TOPICS:
-                m_acc, _ = summary([accuracy[(t, key, lr_for(e), s)] for s in seeds])
             own_text = "- | -"
             if is_calib:
                 mo, so = summary([results[(t, key, own[base], s)] for s in seeds])
@@ -857,8 +751,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 params = sum(g.params for g in e.plan.groups)
                 bound = f"{plan_scores(e.plan, ['rank'])['rank']:.2f}"
-            acc_text = f" (accuracy {m_acc:.3f})" if t in TOPICS else ""
-            out(f"| {e.label} | {params:,} | {bound} | {m:.4f} +- {sp:.4f}{acc_text} | {own_text} | {describe(e.plan)} |")
+            out(f"| {e.label} | {params:,} | {bound} | {m:.4f} +- {sp:.4f} | {own_text} | {describe(e.plan)} |")
             if e.plan is not None and "(= " not in e.label:
                 sc = plan_scores(e.plan, score_names + ["rank"]) | objective_scores(e.plan)
                 for n in sc:

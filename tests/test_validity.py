@@ -113,33 +113,6 @@ def test_real_training_benchmark_smoke(tmp_path, monkeypatch):
     assert bench.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)
 
 
-def test_real_training_benchmark_classification_smoke(tmp_path, monkeypatch):
-    """The topic task: a classifier on the pretrained weights, whose new score head every design trains."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    monkeypatch.setenv("CDKA_CACHE", str(tmp_path / "cache"))
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "validity_lm.py"
-    spec = importlib.util.spec_from_file_location("validity_lm", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "validity_lm", bench)
-    spec.loader.exec_module(bench)
-    report = tmp_path / "report.md"
-    assert bench.main(["--smoke", "--cells", "topic:1", "--out", str(report)]) == 0
-    text = report.read_text()
-    assert "## topic, budget lora:1" in text
-    rows = [line for line in text.splitlines() if line.startswith("| uniform (1,1,1)")]
-    assert len(rows) == 1 and "(accuracy " in rows[0]
-    loss = float(rows[0].split("|")[4].split("+-")[0])
-    assert 1.0 < loss < 3.0  # cross-entropy of 6 labels after 3 steps (log 6 = 1.79)
-    folder = next((tmp_path / "cache" / "validity").iterdir())
-    classifier = bench.model_spec(folder, "topic")
-    assert classifier.modules_to_save == (("score", 32 * 6),)
-    _, labels = bench.labelled_blocks("topic", bench.SMOKE)
-    assert labels.bincount().tolist() == [104] * 6  # 20,000 bytes shared by 6 labels, in 32-byte blocks
-
-
 def test_benchmark_writes_what_cdka_sweep_lm_reads(tmp_path, monkeypatch):
     import importlib.util
     import sys
