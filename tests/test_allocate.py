@@ -257,7 +257,7 @@ def test_grouped_units_match_dynamic_programming(seed, path):
     assert capped.upper_bound >= result.value - 1e-9  # an honest bound on the true optimum
 
 
-@pytest.mark.parametrize("walked", [4, -10**6])  # -10**6: the bisection brackets the LP's step as tightly as it can
+@pytest.mark.parametrize("walked", [1, 4, -10**6])  # -10**6: the bisection brackets the LP's step as tightly as it can
 def test_shared_fronts_on_numpy_give_the_python_allocation(walked, monkeypatch):
     monkeypatch.setattr(allocate_arrays, "WALKED_PER_UNIT", walked)
     rng = random.Random(11)
