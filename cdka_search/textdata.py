@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 MAX_DATA_BYTES = 256 * 1024 * 1024  # a trial trains a few hundred batches (200 x 8 x 128 tokens: about 1 MB of text)
+# Documents per file: 256 MiB of one-word records is 90 million of them, minutes and gigabytes of Python objects.
+MAX_DATA_RECORDS = 1_000_000
 # Per .json document or .jsonl line: what a 256 MiB chat dataset holds, and no more Python objects than that.
 DATA_JSON_LIMITS = JsonLimits(max_bytes=MAX_DATA_BYTES, max_objects=2_000_000, max_arrays=1_000_000, max_commas=8_000_000)
 DATA_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -74,17 +78,30 @@ def read_examples(path: str | Path) -> list[Example]:
         line = text.count("\n", 0, nul) + 1
         raise DataError(f"{file}: line {line} holds a NUL byte; a data file is text")
     if file.suffix == ".txt":
-        examples = [Example(p.strip()) for p in text.split("\n\n") if p.strip()]
+        found = (Example(p) for p in map(str.strip, _parts(text, "\n\n")) if p)
     elif file.suffix == ".json" and (records := _json_document(text, file)) is not None:
-        examples = [_example(record, f"{file}: record {number}") for number, record in enumerate(records, start=1)]
+        found = (_example(record, f"{file}: record {number}") for number, record in enumerate(records, start=1))
     else:
-        examples = [
+        found = (
             _example(_json_line(line, f"{file}: line {number}"), f"{file}: line {number}")
-            for number, line in enumerate(text.splitlines(), start=1) if line.strip()
-        ]
+            for number, line in enumerate(_parts(text, "\n"), start=1) if line.strip()
+        )
+    examples = list(islice(found, MAX_DATA_RECORDS + 1))
+    if len(examples) > MAX_DATA_RECORDS:
+        raise DataError(f"{file}: more than {MAX_DATA_RECORDS:,} documents; a trial reads about 1 MB of text, so give a sample")
     if not examples:
         raise DataError(f"{file}: no text in it")
     return examples
+
+
+def _parts(text: str, sep: str) -> Iterator[str]:
+    """``text.split(sep)``, one part at a time: a file of millions of tiny records is refused at its
+    limit, not after all of them are objects in memory."""
+    start = 0
+    while (end := text.find(sep, start)) >= 0:
+        yield text[start:end]
+        start = end + len(sep)
+    yield text[start:]
 
 
 def check_data_name(path: str | Path) -> Path:

@@ -286,3 +286,29 @@ def test_a_lone_surrogate_is_one_line_exit_9_for_probe_and_sweep(tmp_path, tiny_
         run_sweep(SweepConfig(model=str(tiny_lm), budget="lora:2", trials=1, steps=2, task="lm", data=data,
                               storage=f"sqlite:///{tmp_path / 's.db'}", study="s", output=tmp_path / "best.yaml"))
     assert f"error: {raised.value}\n" == expected
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json"])
+def test_a_data_file_of_more_documents_than_the_limit_is_refused(tmp_path, monkeypatch, suffix):
+    from cdka_search import textdata
+
+    monkeypatch.setattr(textdata, "MAX_DATA_RECORDS", 3)
+    records = [{"text": f"doc {i}"} for i in range(4)]
+    body = {".txt": "\n\n".join(r["text"] for r in records), ".jsonl": "".join(json.dumps(r) + "\n" for r in records),
+            ".json": json.dumps(records)}[suffix]
+    data = tmp_path / f"d{suffix}"
+    data.write_text(body)
+    with pytest.raises(DataError, match=r"more than 3 documents; a trial reads about 1 MB of text, so give a sample"):
+        textdata.read_examples(data)
+    data.write_text(body.replace("doc 3", "") if suffix == ".txt" else
+                    {".jsonl": "".join(json.dumps(r) + "\n" for r in records[:3]), ".json": json.dumps(records[:3])}[suffix])
+    assert [e.completion for e in textdata.read_examples(data)] == ["doc 0", "doc 1", "doc 2"]
+
+
+def test_a_json_line_whose_text_holds_a_unicode_line_separator_is_one_record(tmp_path):
+    """JSON allows U+2028 raw inside a string; only newlines end a JSON Lines record."""
+    from cdka_search.textdata import Example, read_examples
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "one\u2028two"}\n{"text": "three"}\n', encoding="utf-8")
+    assert read_examples(data) == [Example("one\u2028two"), Example("three")]
