@@ -172,7 +172,7 @@ def _data_from_events(loader: Any, where: str, error: type[CdkaError]) -> Any:
     documents, root = 0, None
     scalars: dict[tuple[Any, ...], Any] = {}
 
-    def add(value: Any, line: int) -> None:
+    def add(value: Any, event: Any) -> None:
         nonlocal root
         if not stack:
             root = value
@@ -182,27 +182,24 @@ def _data_from_events(loader: Any, where: str, error: type[CdkaError]) -> Any:
             top[0].append(value)
         elif top[1] is _NO_KEY:
             if isinstance(value, (list, dict)):
-                raise error(f"{where}: a mapping key must be a plain value (line {line + 1})")
+                raise error(f"{where}: a mapping key must be a plain value (line {_line(event)})")
             if value in top[0]:
-                raise error(f"{where}: duplicate key {brief(value)} (line {line + 1})")
+                raise error(f"{where}: duplicate key {brief(value)} (line {_line(event)})")
             top[1] = value
         else:
             top[0][top[1]] = value
             top[1] = _NO_KEY
 
+    # Scalars first: a per-layer plan is mostly scalar events, and each test below costs per event.
     while loader.check_event():
         event = loader.get_event()
-        line = event.start_mark.line if event.start_mark else 0
-        if isinstance(event, events.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise error(f"{where}: YAML anchors and aliases (& and *) are not allowed (line {line + 1})")
-        if isinstance(event, events.DocumentStartEvent):
-            documents += 1
-            if documents > 1:
-                raise error(f"{where}: holds more than one YAML document (line {line + 1})")
-        elif isinstance(event, events.ScalarEvent):
+        kind = type(event)
+        if kind is events.ScalarEvent:
+            if event.anchor is not None:
+                raise error(f"{where}: YAML anchors and aliases (& and *) are not allowed (line {_line(event)})")
             key = (event.tag, event.value, event.implicit, event.style)
             if key in scalars:  # a per-layer plan repeats a few values thousands of times
-                add(scalars[key], line)
+                add(scalars[key], event)
                 continue
             tag = event.tag
             if tag is None or tag == "!":
@@ -214,25 +211,38 @@ def _data_from_events(loader: Any, where: str, error: type[CdkaError]) -> Any:
                 try:
                     value = constructors[tag](loader, node)
                 except (ValueError, KeyError, IndexError, AttributeError):  # what PyYAML's constructors raise on an explicit tag's bad text
-                    raise error(f"{where}: {_bad_scalar(tag, event.value)} (line {line + 1})") from None
+                    raise error(f"{where}: {_bad_scalar(tag, event.value)} (line {_line(event)})") from None
             else:
-                raise error(f"{where}: YAML tag {brief(tag)} is not allowed (line {line + 1})")
+                raise error(f"{where}: YAML tag {brief(tag)} is not allowed (line {_line(event)})")
             if isinstance(value, (str, int, float, bool, type(None))):  # immutable: safe to share
                 scalars[key] = value
-            add(value, line)
-        elif isinstance(event, (events.SequenceStartEvent, events.MappingStartEvent)):
-            mapping = isinstance(event, events.MappingStartEvent)
+            add(value, event)
+        elif kind is events.SequenceStartEvent or kind is events.MappingStartEvent:
+            if event.anchor is not None:
+                raise error(f"{where}: YAML anchors and aliases (& and *) are not allowed (line {_line(event)})")
+            mapping = kind is events.MappingStartEvent
             if event.tag not in (None, "!", "tag:yaml.org,2002:map" if mapping else "tag:yaml.org,2002:seq"):
-                raise error(f"{where}: YAML tag {brief(event.tag)} is not allowed (line {line + 1})")
+                raise error(f"{where}: YAML tag {brief(event.tag)} is not allowed (line {_line(event)})")
             if len(stack) >= MAX_DEPTH:
                 raise error(f"{where}: nested deeper than {MAX_DEPTH} levels")
             stack.append([{} if mapping else [], _NO_KEY])
-        elif isinstance(event, (events.SequenceEndEvent, events.MappingEndEvent)):
-            add(stack.pop()[0], line)
+        elif kind is events.SequenceEndEvent or kind is events.MappingEndEvent:
+            add(stack.pop()[0], event)
+        elif kind is events.AliasEvent:
+            raise error(f"{where}: YAML anchors and aliases (& and *) are not allowed (line {_line(event)})")
+        elif kind is events.DocumentStartEvent:
+            documents += 1
+            if documents > 1:
+                raise error(f"{where}: holds more than one YAML document (line {_line(event)})")
     return root
 
 
 _NO_KEY = object()
+
+
+def _line(event: Any) -> int:
+    """The 1-based line an event starts on (1 when the parser gives no mark)."""
+    return event.start_mark.line + 1 if event.start_mark else 1
 _SCALAR_TAGS = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("null", "bool", "int", "float", "str"))
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 
