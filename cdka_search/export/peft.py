@@ -22,8 +22,8 @@ What PEFT can express (checked against peft 0.21, peft/tuners/{lora,lokr}):
 Keys are '^'-anchored, escaped full module names, each checked to match exactly its module under PEFT's
 own matching rules. Then the configs are applied by the installed peft to the model built on the meta device
 (cdka_search.export.peft_check) and compared with the plan module by module (adapter, rank, scaling) and in
-trainable parameters: PEFT rewrites the LoRA target_modules of some MoE model types (a dense layer's
-gate_proj/up_proj/down_proj, a shared expert's, taken for v4 experts). Modules PEFT does not apply as listed
+trainable parameters: peft 0.21 rewrites the LoRA target_modules of some MoE model types (a dense layer's
+gate_proj/up_proj/down_proj, a shared expert's, taken for v4 experts; 0.22 does not). Modules PEFT does not apply as listed
 move to ``target_parameters`` as ``<module>.weight`` (never rewritten; same factors and scaling) and are
 checked again; what still differs, or needs dropout there, is refused by name. Without peft, transformers
 or a known model config the export says it was not checked. Output: adapter_config.json, or <adapter_name>/adapter_config.json per config when
