@@ -255,16 +255,30 @@ def _bad_scalar(tag: str, text: str) -> str:
     return f"{brief(text)} is not a valid {kind}"
 
 
+def regular_file(path: str | os.PathLike[str], error: type[CdkaError], missing: str | None = None) -> Path:
+    """``path`` if it is a regular file (or a link to one); else ``error``: ``missing`` (default "no such
+    file") when nothing is there, "not a regular file" for a folder, FIFO or device, which a reader
+    would block on or report as missing."""
+    file = Path(path)
+    try:
+        mode = file.stat().st_mode
+    except FileNotFoundError:
+        raise error(missing or f"{file}: no such file") from None
+    except OSError as exc:
+        raise error(f"{file}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{file}: not a regular file")
+    return file
+
+
 def read_file_bytes(path: str | os.PathLike[str], error: type[CdkaError], max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``; a missing, special (a FIFO would block),
     unreadable or oversized file is ``error``."""
-    file = Path(path)
+    file = regular_file(path, error)
     try:
-        if not stat.S_ISREG(file.stat().st_mode):
-            raise error(f"{file}: not a regular file")
         with file.open("rb") as fh:
             data = fh.read(max_bytes + 1)
-    except FileNotFoundError:
+    except FileNotFoundError:  # removed since it was checked
         raise error(f"{file}: no such file") from None
     except OSError as exc:
         raise error(f"{file}: cannot read ({exc.strerror or exc.__class__.__name__})") from None

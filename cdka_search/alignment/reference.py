@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from cdka_search.documents import brief
+from cdka_search.documents import brief, regular_file
 from cdka_search.errors import ReferenceFileError, TargetError, one_line
 from cdka_search.fileio import atomic_write_bytes
 from cdka_search.spec.checkpoint_experts import per_expert_keys
@@ -44,8 +44,9 @@ def save_reference(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[
 
 def load_reference(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a reference file written by save_reference; ReferenceFileError if it is not one."""
-    source = _regular_file(
-        Path(path), f"reference file {path} does not exist; write one with save_reference, delta_reference or gradient_reference"
+    source = regular_file(
+        path, ReferenceFileError,
+        f"reference file {path} does not exist; write one with save_reference, delta_reference or gradient_reference",
     )
     try:
         with safe_open(source, framework="pt") as reader:
@@ -255,18 +256,8 @@ def _tensor_names(file: Path) -> list[str]:
         return list(reader.keys())
 
 
-def _regular_file(file: Path, missing: str) -> Path:
-    """``file`` if it is a regular file; ``missing`` if there is none. A FIFO or device is refused by
-    name: safetensors would block reading it, and "does not exist" would send the user looking for it."""
-    if not file.exists():
-        raise ReferenceFileError(missing)
-    if not file.is_file():
-        raise ReferenceFileError(f"{file}: not a regular file")
-    return file
-
-
 def _open_checkpoint(file: Path) -> Any:
-    _regular_file(file, f"checkpoint file {file} does not exist")
+    regular_file(file, ReferenceFileError, f"checkpoint file {file} does not exist")
     try:
         return safe_open(file, framework="pt")
     except (SafetensorError, OSError) as exc:

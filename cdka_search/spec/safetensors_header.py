@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import stat
 import struct
 import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json
+from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json, regular_file
 from cdka_search.errors import CdkaError, CdkaWarning, ModelSourceError
 from cdka_search.limits import MAX_DIM, MAX_TENSOR_DIM, MAX_TOTAL_PARAMS, check_int
 from cdka_search.spec.checkpoint_experts import fold_checkpoint_experts
@@ -65,9 +64,8 @@ def _check_entry(name: Any, info: Any, data_bytes: int, where: str) -> None:
 def read_header(file: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file: tensor name -> {dtype, shape, data_offsets}, every
     entry checked against the format and the file's size. Messages never quote the file's bytes."""
+    regular_file(file, ModelSourceError)
     try:
-        if not stat.S_ISREG(file.stat().st_mode):
-            raise ModelSourceError(f"{file}: not a regular file")
         file_size = file.stat().st_size
         with file.open("rb") as fh:
             raw = fh.read(8)
