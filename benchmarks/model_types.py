@@ -8,7 +8,7 @@ Per type, in a child process of its own (a type that crashes or runs out of memo
   (BERT and RoBERTa: the built-in family counts the encoder with its pooler, as fine-tuned for
   classification; the causal-LM class has an LM-head transform instead, and transformers' default
   configs differ from the family's);
-- trainable: whether `apply_plan` on the meta model makes exactly ``plan.used_params`` trainable;
+- trainable: whether `apply_plan` on the meta model makes exactly ``plan.trained_params`` trainable (the adapters, and a task model's new head);
 - experts (``--numerics``): for types with 3-D expert stacks, a shrunk copy (2 layers, or one of each kind in
   a hybrid; 4 experts, top-2; vocabulary 4,096) is built on CPU, its experts adapted with random factors, and the largest gap
   between the adapted forward and the merged model's forward is printed with the largest logit, then
@@ -127,7 +127,7 @@ def one(kind: str, budget: str, with_numerics: bool, max_params: float) -> dict:
     model = _build_on_meta(config)
     row["total_gap"] = spec.total_params - sum(p.numel() for p in model.parameters())
     apply_plan(model, plan)
-    row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.used_params
+    row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.trained_params
     row["experts"] = any(t.kind == "experts" for t in spec.targets)
     if with_numerics and row["experts"]:
         try:
