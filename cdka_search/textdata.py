@@ -31,6 +31,8 @@ _ALPACA_HEAD = "Below is an instruction that describes a task{paired}. Write a r
 _ALPACA_INPUT = ", paired with an input that provides further context"
 
 Message = tuple[str, str]  # (role, content)
+# The keys that say a record's format (any one of them), in the order FORMATS lists the formats.
+_FORMAT_KEYS = (("text",), ("prompt", "completion"), ("messages",), ("conversations",), ("instruction", "output"))
 
 #: A UTF-16 surrogate code point: a JSON escape such as "\ud800" without its pair parses to one, and no
 #: tokenizer (nor UTF-8) can encode it.
@@ -82,16 +84,20 @@ def read_examples(path: str | Path) -> list[Example]:
     elif file.suffix == ".json" and (records := _json_document(text, file)) is not None:
         found = (_example(record, f"{file}: record {number}") for number, record in enumerate(records, start=1))
     else:
-        found = (
-            _example(_json_line(line, f"{file}: line {number}"), f"{file}: line {number}")
-            for number, line in enumerate(_parts(text, "\n"), start=1) if line.strip()
-        )
+        found = (_example(_json_line(line, where), where) for where, line in _numbered_lines(text, file))
     examples = list(islice(found, MAX_DATA_RECORDS + 1))
     if len(examples) > MAX_DATA_RECORDS:
         raise DataError(f"{file}: more than {MAX_DATA_RECORDS:,} documents; a trial reads about 1 MB of text, so give a sample")
     if not examples:
         raise DataError(f"{file}: no text in it")
     return examples
+
+
+def _numbered_lines(text: str, file: Path) -> Iterator[tuple[str, str]]:
+    """("FILE: line N", line) of every line that is not blank."""
+    for number, line in enumerate(_parts(text, "\n"), start=1):
+        if line.strip():
+            yield f"{file}: line {number}", line
 
 
 def _parts(text: str, sep: str) -> Iterator[str]:
@@ -142,8 +148,7 @@ def _json_line(line: str, where: str) -> Any:
 def _example(record: Any, where: str) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{where} is not a JSON object; expected {FORMATS}")
-    found = [keys for keys in (("text",), ("prompt", "completion"), ("messages",), ("conversations",), ("instruction", "output"))
-             if any(k in record for k in keys)]
+    found = [keys for keys in _FORMAT_KEYS if not record.keys().isdisjoint(keys)]
     if len(found) != 1:
         fields = ", ".join(map(repr, sorted(record))) or "none"
         what = "mixes two formats" if found else f"has no 'text' field (its fields: {fields})"
