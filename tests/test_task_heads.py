@@ -205,3 +205,17 @@ def test_a_head_without_parameters_is_not_listed():
     assert spec.modules_to_save == ()
     plan = make_plan(spec, "lora:2")
     assert loads_plan(dumps_plan(plan)) == plan
+
+
+def test_a_task_config_without_transformers_says_what_to_install(tmp_path, monkeypatch):
+    from cdka_search.errors import ModelSourceError
+    from cdka_search.spec import torch_module
+
+    def no_transformers(*_args):
+        raise ImportError("No module named 'transformers'")
+
+    monkeypatch.setattr(torch_module, "meta_spec_from_config", no_transformers)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", **BERT, "architectures": ["BertForSequenceClassification"]}))
+    with pytest.raises(ModelSourceError, match=r"its architectures name BertForSequenceClassification, a task model whose new head only "
+                                               r"transformers knows; install the 'hf' extra"):
+        load_spec(str(tmp_path))
