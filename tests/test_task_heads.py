@@ -219,3 +219,17 @@ def test_a_task_config_without_transformers_says_what_to_install(tmp_path, monke
     with pytest.raises(ModelSourceError, match=r"its architectures name BertForSequenceClassification, a task model whose new head only "
                                                r"transformers knows; install the 'hf' extra"):
         load_spec(str(tmp_path))
+
+
+@pytest.mark.parametrize(("cls", "config", "head"), [
+    # T5's QA model holds its encoder and decoder itself: no base model sets its head apart
+    ("T5ForQuestionAnswering", dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=50), ("qa_outputs", 32 * 2 + 2)),
+    ("XLNetForQuestionAnsweringSimple", dict(d_model=32, n_layer=1, n_head=4, d_inner=64, vocab_size=50), ("qa_outputs", 32 * 2 + 2)),
+])
+def test_heads_of_task_models_without_a_separate_base_are_found(cls, config, head):
+    model_class = getattr(transformers, cls)
+    with torch.device("meta"):
+        model = model_class(model_class.config_class(**config))
+    spec = spec_from_module(model)
+    assert spec.modules_to_save == (head,)
+    assert all(t.name.split(".")[0] != head[0] for t in spec.targets)

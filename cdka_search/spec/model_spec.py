@@ -12,8 +12,11 @@ _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 # scorer): trained whole, as PEFT's modules_to_save, not adapted. A pretrained head (an LM head's
 # transform, Gemma 4's projections) stays a target, as PEFT's all-linear keeps it.
 _TASK_HEAD_CLASS = re.compile(
-    r"For(Sequence|Token|Image|Audio|Video|AudioFrame)Classification$|ForQuestionAnswering$|ForMultipleChoice$"
+    r"For(Sequence|Token|Image|Audio|Video|AudioFrame)Classification$|ForQuestionAnswering(Simple)?$|ForMultipleChoice$"
 )
+#: What transformers names such a head at the top of the model, where no base model can tell it apart
+#: (T5ForQuestionAnswering holds its encoder and decoder itself) or no model at all (a safetensors header).
+TASK_HEAD_MODULES = ("classifier", "score", "qa_outputs", "classification_head")
 
 
 def has_new_head(class_name: str) -> bool:

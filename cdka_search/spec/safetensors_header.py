@@ -12,7 +12,7 @@ from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json,
 from cdka_search.errors import CdkaError, CdkaWarning, ModelSourceError
 from cdka_search.limits import MAX_DIM, MAX_TENSOR_DIM, MAX_TOTAL_PARAMS, check_int
 from cdka_search.spec.checkpoint_experts import fold_checkpoint_experts
-from cdka_search.spec.model_spec import ModelSpec, TargetModule, is_embedding, tally_roles
+from cdka_search.spec.model_spec import TASK_HEAD_MODULES, ModelSpec, TargetModule, is_embedding, tally_roles
 
 # The safetensors format allows 100 MB headers; real ones are far smaller (about 100 bytes a tensor,
 # so 8 MB is 80,000 tensors in one file), and parsing a hostile 100 MB header would need gigabytes.
@@ -25,8 +25,6 @@ HEADER_LIMITS = JsonLimits(MAX_HEADER_BYTES, MAX_TENSORS + 2, 2 * MAX_TENSORS + 
 INDEX_LIMITS = JsonLimits(64 * 1024 * 1024, 1_000, 1_000, 1_000_000)
 # GPT-2 style transformers Conv1D modules store their weight as (in, out).
 _CONV1D_LEAVES = ("c_attn", "c_proj", "c_fc", "q_attn")
-# What transformers names the new head of its classification and QA models, at the top level.
-_TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
 # Bits per element of every dtype the safetensors format defines.
 DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
@@ -158,7 +156,7 @@ def spec_from_header(header: dict[str, Any], name: str, source: str) -> ModelSpe
     )
     # Headers list tensors alphabetically; order layers numerically (2 before 10).
     targets.sort(key=lambda t: [int(p) if p.isdigit() else p for p in t.name.split(".")])
-    heads = [t.name for t in targets if t.name.split(".")[0] in _TASK_HEAD_NAMES]
+    heads = [t.name for t in targets if t.name.split(".")[0] in TASK_HEAD_MODULES]
     if heads and len(heads) < len(targets):
         warnings.warn(
             f"{name}: {', '.join(heads[:3])} {'looks' if len(heads) == 1 else 'look'} like the new head of a task "

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import operator
-import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
 from cdka_search.documents import brief
 from cdka_search.errors import CdkaWarning, ModelSourceError, one_line
-from cdka_search.spec.model_spec import ModelSpec, TargetModule, has_new_head, is_embedding, tally_roles
+from cdka_search.spec.model_spec import (
+    TASK_HEAD_MODULES,
+    ModelSpec,
+    TargetModule,
+    has_new_head,
+    is_embedding,
+    tally_roles,
+)
 
 #: Rows of the input a Linear subclass with its own forward is probed with: odd, so that a subclass
 #: that regroups rows (DeepSeek-V4's head groups come in powers of two) fails on shape alone.
@@ -99,11 +105,24 @@ def expert_layout(module) -> bool | None:
 
 def _base_prefix(model) -> str | None:
     """``"name."`` of the base model of a transformers task model with a new head (``bert.`` of
-    BertForSequenceClassification), or None: the modules outside it are that head."""
-    base = getattr(model, "base_model", None)
-    if base is None or base is model or not has_new_head(type(model).__name__):
+    BertForSequenceClassification): the modules outside it are that head. ``""`` when the task model
+    holds its base's modules itself (T5ForQuestionAnswering): then its top-level TASK_HEAD_MODULES are.
+    None for any other model."""
+    if not has_new_head(type(model).__name__):
         return None
-    return next((f"{n}." for n, m in model.named_modules() if m is base), None)
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return ""
+    return next((f"{n}." for n, m in model.named_modules() if m is base), "")
+
+
+def _in_head(name: str, base: str | None) -> bool:
+    """Whether module or parameter ``name`` belongs to the new head, given :func:`_base_prefix`."""
+    if base is None:
+        return False
+    if base:
+        return not name.startswith(base)
+    return name.split(".", 1)[0] in TASK_HEAD_MODULES
 
 
 def _outside(name: str, base: str) -> str:
@@ -132,7 +151,7 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
     for module_name, module in model.named_modules():
         if id(module) in excluded or module_name.split(".")[-1] == "lm_head":
             continue
-        if base is not None and not module_name.startswith(base):
+        if _in_head(module_name, base):
             continue  # a new task head (classifier, score): trained whole, not adapted
         kind = None if id(module) in bypassed else base_kind(module)
         if kind == "linear":
@@ -161,7 +180,7 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
             seen.add(id(p))
             total += p.numel()
             full = f"{module_name}.{param_name}" if module_name else param_name
-            if base is not None and not full.startswith(base):
+            if _in_head(full, base):
                 head = _outside(full, base)
                 heads[head] = heads.get(head, 0) + p.numel()
                 continue
