@@ -26,6 +26,7 @@ SCRIPT_SMOKE = {
     "benchmarks/validity.py": ["--steps", "5", "--seeds", "1", "--shapes", "128x128"],
     "benchmarks/validity_lm.py": ["--smoke"],
     "benchmarks/model_types.py": ["--types", "olmoe"],
+    "benchmarks/task_heads.py": ["--tasks", "multiple-choice", "--types", "bert"],
     "examples/train_with_trainer.py": [],
 }
 

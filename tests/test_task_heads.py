@@ -233,3 +233,16 @@ def test_heads_of_task_models_without_a_separate_base_are_found(cls, config, hea
     spec = spec_from_module(model)
     assert spec.modules_to_save == (head,)
     assert all(t.name.split(".")[0] != head[0] for t in spec.targets)
+
+
+def test_task_heads_benchmark_smoke(capsys):
+    """benchmarks/task_heads.py on two model types: BERT's QA head has a base model, T5's has none."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "task_heads.py"
+    spec = importlib.util.spec_from_file_location("task_heads", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tasks", "question-answering", "--types", "bert", "t5"]) == 0
+    assert "question-answering: 2 of 2 built classes train their head whole, 0 refused" in capsys.readouterr().out
