@@ -238,13 +238,13 @@ def _data_from_events(loader: Any, where: str, error: type[CdkaError]) -> Any:
 
 
 _NO_KEY = object()
+_SCALAR_TAGS = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("null", "bool", "int", "float", "str"))
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 
 
 def _line(event: Any) -> int:
     """The 1-based line an event starts on (1 when the parser gives no mark)."""
     return event.start_mark.line + 1 if event.start_mark else 1
-_SCALAR_TAGS = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("null", "bool", "int", "float", "str"))
-_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 
 
 def _bad_scalar(tag: str, text: str) -> str:

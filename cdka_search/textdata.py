@@ -310,15 +310,13 @@ def refuse_remote_code(folder: Path, name: str) -> None:
         )
 
 
-def refuse_task_model(folder: Path) -> None:
+def refuse_task_model(folder: Path, config: dict[str, Any]) -> None:
     """A causal-LM loss needs the LM head a task checkpoint (``BertForSequenceClassification``) lacks:
-    transformers would load the base with a random LM head and train that. Refused, naming the class."""
-    from cdka_search.spec.hf_config import read_config, task_head_class
+    transformers would load the base with a random LM head and train that. Refused, naming the class.
+    ``config``: the folder's config.json as ``read_config`` returns it."""
+    from cdka_search.spec.hf_config import task_head_class
 
-    try:
-        head = task_head_class(read_config(folder))
-    except ModelSourceError:
-        return  # not ours to judge here: the loader reports a corrupt config in its own words
+    head = task_head_class(config)
     if head is not None:
         raise ModelSourceError(
             f"{folder}: its config.json names {head}, a task model with a new head; a causal-LM loss needs the "
@@ -339,9 +337,9 @@ def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, s
     folder = Path(model_dir)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    read_config(folder)  # checks its label count, which transformers would expand into a dict
+    config = read_config(folder)  # also bounds its label count, which transformers would expand into a dict
     refuse_remote_code(folder, "config.json")
-    refuse_task_model(folder)
+    refuse_task_model(folder, config)
     refuse_remote_code(folder, "tokenizer_config.json")
     check_fast_tokenizer(folder / "tokenizer.json")
 
@@ -360,9 +358,9 @@ def load_causal_lm(model_dir: str | Path) -> Any:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise ModelSourceError("loading a local model needs transformers: pip install 'cdka[hf]'") from None
-    read_config(folder)  # checks its label count, which transformers would expand into a dict
+    config = read_config(folder)  # also bounds its label count, which transformers would expand into a dict
     refuse_remote_code(folder, "config.json")
-    refuse_task_model(folder)
+    refuse_task_model(folder, config)
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True, trust_remote_code=False

@@ -2,8 +2,9 @@
 
 File layout: one tensor per factor, named ``<module>.cdka_A`` (r, m2, n2) and ``<module>.cdka_B``
 (r, m1, n1), and every parameter of the modules the plan trains whole (a task model's new head,
-``modules_to_save``) under its own name (``classifier.weight``); the header's ``__metadata__`` holds ``format = "cdka-adapter"``, ``cdka_adapter = "1"`` and
-``cdka_plan``, the applied plan as JSON text (``Plan.to_dict()``). No base weight and no pickle.
+``modules_to_save``) under its own name (``classifier.weight``); the header's ``__metadata__`` holds
+``format = "cdka-adapter"``, ``cdka_adapter = "1"`` and ``cdka_plan``, the applied plan as JSON text
+(``Plan.to_dict()``). No base weight and no pickle.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from cdka_search.adapter.model import (
     applied_plan,
     factor_shapes,
     head_problems,
+    train_whole,
 )
 from cdka_search.documents import read_json
 from cdka_search.errors import PlanError
 from cdka_search.fileio import atomic_write_bytes
+from cdka_search.matching import summarise
 
 if TYPE_CHECKING:
     from cdka_search.plan import Plan
@@ -133,9 +136,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
             raise PlanError(f"{merged[0]} is merged; unmerge_adapters(model) before load_adapter")
         problems = head_problems(dict(model.named_modules()), plan, layers)
         if problems:  # at most three, as apply_plan's check shows: a stored plan may list 64 modules
-            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise PlanError(f"{path}: the stored plan does not fit the model: {'; '.join(problems[:3])}{more}")
-        expected.update(_head_shapes(model, plan))
+            raise PlanError(f"{path}: the stored plan does not fit the model: {summarise(problems, shown=3)}")
+        heads = _head_params(model, plan)
+        expected.update({key: tuple(p.shape) for key, p in heads.items()})
         _check_tensors(Path(path), tensors, expected)
         try:
             plan.assign(layers)
@@ -143,18 +146,17 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
             raise PlanError(f"{path}: the stored plan does not fit the model's adapters ({exc})") from None
         for layer in layers.values():
             adopt_settings(layer, plan.adapter)
-        for name, _ in plan.modules_to_save:
-            model.get_submodule(name).requires_grad_(True)
+        trained_whole = train_whole(model, plan)
         setattr(model, PLAN_ATTRIBUTE, plan)
-        summary = ApplySummary(tuple(layers), *_counts(model), tuple(name for name, _ in plan.modules_to_save))
+        summary = ApplySummary(tuple(layers), *_counts(model), trained_whole)
     else:
         assignment = _resolve(model, plan)
+        heads = _head_params(model, plan)
         expected = {f"{name}.{f}": shape for name, group in assignment.items() for f, shape in factor_shapes(group).items()}
-        expected.update(_head_shapes(model, plan))
+        expected.update({key: tuple(p.shape) for key, p in heads.items()})
         _check_tensors(Path(path), tensors, expected)
         summary = _apply(model, plan, assignment, gradients=None, initialise=False)
         layers = adapter_modules(model)
-    heads = _head_params(model, plan)
     with torch.no_grad():
         for key, value in tensors.items():
             if key in heads:
@@ -172,11 +174,6 @@ def _head_params(model: nn.Module, plan: "Plan") -> dict[str, nn.Parameter]:
         for key, p in model.get_submodule(name).named_parameters():
             out[f"{name}.{key}"] = p
     return out
-
-
-def _head_shapes(model: nn.Module, plan: "Plan") -> dict[str, tuple[int, ...]]:
-    """The shapes the file must hold for the modules ``plan`` trains whole."""
-    return {key: tuple(p.shape) for key, p in _head_params(model, plan).items()}
 
 
 def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:

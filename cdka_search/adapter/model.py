@@ -13,6 +13,7 @@ from cdka_search.adapter.layer import CdkaLinear, base_kind, base_shape, describ
 from cdka_search.documents import named
 from cdka_search.errors import PlanError
 from cdka_search.gc_pause import paused_gc
+from cdka_search.matching import summarise
 from cdka_search.plan import scaling_value
 from cdka_search.spec.torch_module import expert_layout
 
@@ -171,8 +172,7 @@ def _resolve(model: nn.Module, plan: "Plan") -> dict[str, "PlanGroup"]:
             )
     problems.extend(head_problems(modules, plan, assignment))
     if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise PlanError("plan does not match the model: " + "; ".join(problems[:3]) + more)
+        raise PlanError("plan does not match the model: " + summarise(problems, shown=3))
     return assignment
 
 
@@ -199,6 +199,13 @@ def head_problems(modules: dict[str, nn.Module], plan: "Plan", assignment: Mappi
         if adapted is not None:
             problems.append(f"modules_to_save: {named(name)} holds {adapted}, which the plan adapts")
     return problems
+
+
+def train_whole(model: nn.Module, plan: "Plan") -> tuple[str, ...]:
+    """Make the modules ``plan`` trains whole (``modules_to_save``) trainable; their names."""
+    for name, _ in plan.modules_to_save:
+        model.get_submodule(name).requires_grad_(True)
+    return tuple(name for name, _ in plan.modules_to_save)
 
 
 def apply_plan(
@@ -297,9 +304,7 @@ def _apply(
     for name, replacement in replacements.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, replacement)
-    heads = tuple(name for name, _ in plan.modules_to_save)
-    for name in heads:
-        model.get_submodule(name).requires_grad_(True)
+    heads = train_whole(model, plan)
     setattr(model, PLAN_ATTRIBUTE, plan)
     everything = _unique_params(model)
     trainable = sum(p.numel() for p in everything if p.requires_grad)

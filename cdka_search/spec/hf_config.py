@@ -11,7 +11,7 @@ from cdka_search.errors import ConfigError, ModelSourceError
 from cdka_search.limits import MAX_DIM
 from cdka_search.spec.config_fields import bounded_int, check_sizes
 from cdka_search.spec.families import family_of, family_spec, unknown_fields
-from cdka_search.spec.model_spec import ModelSpec, has_new_head
+from cdka_search.spec.model_spec import ModelSpec, has_new_head, listed_architectures
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -39,9 +39,7 @@ def _check_labels(config: dict[str, Any], where: str) -> None:
 
 def task_head_class(config: dict[str, Any]) -> str | None:
     """The first of the (at most four) ``architectures`` a config names that adds a new head, if any."""
-    listed = config.get("architectures")
-    listed = listed[:4] if isinstance(listed, list) else []
-    return next((arch for arch in listed if isinstance(arch, str) and has_new_head(arch)), None)
+    return next((arch for arch in listed_architectures(config.get("architectures")) if has_new_head(arch)), None)
 
 
 def config_spec(path: Path) -> ModelSpec:

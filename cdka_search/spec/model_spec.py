@@ -19,6 +19,12 @@ _TASK_HEAD_CLASS = re.compile(
 TASK_HEAD_MODULES = ("classifier", "score", "qa_outputs", "classification_head")
 
 
+def listed_architectures(value: object) -> list[str]:
+    """The class names of a config's ``architectures``: the strings among its first four (a checkpoint
+    names one; a hostile list is not walked)."""
+    return [arch for arch in value[:4] if isinstance(arch, str)] if isinstance(value, list) else []
+
+
 def has_new_head(class_name: str) -> bool:
     """Whether a transformers model class (``BertForSequenceClassification``) adds a head that is new
     at fine-tuning."""

@@ -15,6 +15,7 @@ from cdka_search.spec.model_spec import (
     TargetModule,
     has_new_head,
     is_embedding,
+    listed_architectures,
     tally_roles,
 )
 
@@ -258,9 +259,7 @@ def _build_on_meta(config):
     import torch
     import transformers
 
-    listed = getattr(config, "architectures", None)
-    listed = listed[:4] if isinstance(listed, list) else []  # a checkpoint names one; a hostile list is not walked
-    named = [getattr(transformers, arch, None) for arch in listed if isinstance(arch, str)]
+    named = [getattr(transformers, arch, None) for arch in listed_architectures(getattr(config, "architectures", None))]
     named = [cls for cls in named if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
              and getattr(cls, "config_class", None) not in (None, transformers.PretrainedConfig)
              and isinstance(config, cls.config_class)]  # a model class of this config, not a base class or another model's

@@ -233,6 +233,7 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
     import optuna
 
     from cdka_search.spec import load_spec
+    from cdka_search.spec.hf_config import read_config
     from cdka_search.spec.sources import existing_path
     from cdka_search.sweep.space import build_space
     from cdka_search.sweep.tasks import make_task, task_class
@@ -251,7 +252,7 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
     if "model" in needs and (folder is None or not folder.is_dir()):
         raise SweepError(f"--task {config.task} needs --model to be a local Hugging Face folder, got {config.model!r}")
     if folder is not None:
-        refuse_task_model(folder)
+        refuse_task_model(folder, read_config(folder))
     options = TaskOptions(steps=config.steps, seed=config.seed or 0, report_every=config.report_every,
                           data=config.data, reference=config.reference, model=folder)
     task = make_task(config.task, options)
