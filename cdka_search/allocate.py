@@ -324,9 +324,10 @@ def _search(
         costs = [c for _, c, _ in options[k]]
         return int(max(costs) - min(costs)).bit_length()
 
-    free = sorted((k for k, o in enumerate(options) if len(o) > 1), key=lambda k: (-span(k), -options[k][1][0], k))
+    free = [k for k, o in enumerate(options) if len(o) > 1]
     if len(free) > SEARCHED_UNITS and upper - best_value <= tolerance * max(upper, 0.0):
         return Allocation(tuple(best), sum(units[k][i][0] for k, i in enumerate(best)), best_value, max(upper, best_value), 0)
+    free.sort(key=lambda k: (-span(k), -options[k][1][0], k))
     fixed_value = sum(units[k][options[k][0][2]][1] for k in fixed)
     fixed_cost = sum(options[k][0][1] for k in fixed)
     # Node bounds: the Lagrangian mu * room + sum over the units left of max (v - mu c) is an upper

@@ -200,28 +200,30 @@ def first_true(lo: np.ndarray, hi: np.ndarray, test: Callable[[np.ndarray, np.nd
         lo[k[~true]] = mid[~true] + 1
 
 
-def positions(fronts: Fronts, lam: float) -> Positions:
-    """Every unit's hull point once the steps of slope above ``lam`` are taken."""
-    return first_true(np.zeros_like(fronts.size), fronts.size - 1, lambda k, j: fronts.slope(k, j) <= lam)
+def positions(fronts: Fronts, lam: float, within: tuple[Positions, Positions] | None = None) -> Positions:
+    """Every unit's hull point once the steps of slope above ``lam`` are taken; ``within`` = (the
+    positions of a greater slope, those of a smaller one), which bound these, narrows each search."""
+    lo, hi = within if within is not None else (np.zeros_like(fronts.size), fronts.size - 1)
+    return first_true(lo, hi, lambda k, j: fronts.slope(k, j) <= lam)
 
 
 def total_cost(fronts: Fronts, at: Positions) -> int:
     return int(fronts.cost(np.arange(len(at)), at).sum())
 
 
-def bracket(fronts: Fronts, budget: int, window: int) -> Positions:
+def bracket(fronts: Fronts, budget: int, window: int, top: Positions) -> Positions:
     """Hull positions that fit the budget, with at most about ``window`` hull steps between them and
-    the first positions that do not (``budget`` must not fit every unit's hull top)."""
+    the first positions that do not (``budget`` must not fit ``top``, the positions of slope 0)."""
     with_steps = np.flatnonzero(fronts.size > 1)
     last = fronts.slope(with_steps, fronts.size[with_steps] - 2)
-    lo, at_lo = 0.0, positions(fronts, 0.0)
+    lo, at_lo = 0.0, top
     hi, at_hi = float(fronts.slope(with_steps, np.zeros_like(with_steps)).max()), np.zeros_like(fronts.size)
     # Bisection on a log scale (the slopes of real fronts span decades), from below every positive slope.
     mid = float(last[last > 0].min()) / 2 if (last > 0).any() else hi / 2
     for _ in range(200):
         if int((at_lo - at_hi).sum()) <= window or hi <= lo * (1 + 1e-12):
             break
-        at = positions(fronts, mid)
+        at = positions(fronts, mid, within=(at_hi, at_lo))  # the bracket's ends bound every unit's position
         if total_cost(fronts, at) <= budget:
             hi, at_hi = mid, at
         else:
@@ -237,7 +239,7 @@ def relax(fronts: Fronts, budget: int) -> tuple[float, float, Positions]:
     top = positions(fronts, 0.0)
     if total_cost(fronts, top) <= budget:
         return float(fronts.value(units, top).sum()), 0.0, top
-    start = bracket(fronts, budget, window=WALKED_PER_UNIT * len(units) + 1024)
+    start = bracket(fronts, budget, window=WALKED_PER_UNIT * len(units) + 1024, top=top)
     room = budget - total_cost(fronts, start)
     value = float(fronts.value(units, start).sum())
     ahead = np.flatnonzero(start < fronts.size - 1)
