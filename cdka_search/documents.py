@@ -40,13 +40,17 @@ class JsonLimits:
     max_arrays: int = 100_000
     max_commas: int = 1_000_000
 
-    def check(self, data: bytes | str, where: str, error: type[CdkaError]) -> None:
+    def check(self, data: bytes | str, where: str, error: type[CdkaError]) -> int:
+        """Raise ``error`` past a bound; else the number of { and [ (a bound on how deep it nests)."""
         if len(data) > self.max_bytes:
             raise error(f"{where}: {len(data):,} bytes is larger than such a document can be ({self.max_bytes:,})")
         brace, bracket, comma = ("{", "[", ",") if isinstance(data, str) else (b"{", b"[", b",")
+        counts = []
         for sign, limit, what in ((brace, self.max_objects, "objects"), (bracket, self.max_arrays, "arrays"), (comma, self.max_commas, "elements")):
-            if data.count(sign) > limit:  # type: ignore[arg-type]
+            counts.append(data.count(sign))  # type: ignore[arg-type]
+            if counts[-1] > limit:
                 raise error(f"{where}: more {what} than such a document can hold ({limit:,})")
+        return counts[0] + counts[1]
 
 
 def brief(value: Any, limit: int = _BRIEF_CHARS) -> str:
@@ -118,7 +122,7 @@ def strict_json_hooks(where: str, error: type[CdkaError]) -> dict[str, Any]:
 def read_json(data: bytes | str, where: str, error: type[CdkaError], limits: JsonLimits = JsonLimits()) -> Any:
     """Parse strict JSON: no NaN/Infinity, no overflowing numbers, no duplicate keys, bounded depth
     and size (``limits``)."""
-    limits.check(data, where, error)
+    containers = limits.check(data, where, error)
     import json
 
     try:
@@ -134,7 +138,7 @@ def read_json(data: bytes | str, where: str, error: type[CdkaError], limits: Jso
         raise error(f"{where}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except ValueError:  # an integer with more digits than Python converts
         raise error(f"{where}: a number is too long") from None
-    if _too_deep(parsed):
+    if containers > MAX_DEPTH and _too_deep(parsed):  # fewer brackets cannot nest that deep: no walk
         raise error(f"{where}: nested deeper than {MAX_DEPTH} levels")
     return parsed
 

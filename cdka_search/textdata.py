@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json, strict_json_hooks
+from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json
 from cdka_search.errors import DataError, ModelSourceError, one_line
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -84,7 +83,7 @@ def read_examples(path: str | Path) -> list[Example]:
     elif file.suffix == ".json" and (records := _json_document(text, file)) is not None:
         found = (_example(record, f"{file}: record {number}") for number, record in enumerate(records, start=1))
     else:
-        found = (_example(_json_line(line, where), where) for where, line in _numbered_lines(text, file))
+        found = (_example(read_json(line, where, DataError, DATA_JSON_LIMITS), where) for where, line in _numbered_lines(text, file))
     examples = list(islice(found, MAX_DATA_RECORDS + 1))
     if len(examples) > MAX_DATA_RECORDS:
         raise DataError(f"{file}: more than {MAX_DATA_RECORDS:,} documents; a trial reads about 1 MB of text, so give a sample")
@@ -131,18 +130,6 @@ def _json_document(text: str, file: Path) -> list[Any] | None:
         except DataError:
             return None  # more than one document: JSON Lines, read line by line with each line's own error
     return None
-
-
-def _json_line(line: str, where: str) -> Any:
-    DATA_JSON_LIMITS.check(line, where, DataError)
-    try:
-        return json.loads(line, **strict_json_hooks(where, DataError))
-    except DataError:
-        raise
-    except RecursionError:
-        raise DataError(f"{where} is nested too deeply") from None
-    except ValueError:  # not JSON, or an integer too long to convert
-        raise DataError(f"{where} is not JSON") from None
 
 
 def _example(record: Any, where: str) -> Example:

@@ -52,7 +52,7 @@ def test_lm_task_reads_jsonl_and_reports_bad_lines(tmp_path):
     assert read_examples(good) == [Example("one"), Example("two")]  # other fields are ignored
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "one"}) + "\n{oops\n")
-    with pytest.raises(DataError, match="line 2 is not JSON"):
+    with pytest.raises(DataError, match=r"line 2: not valid JSON \(line 1, column 2: "):
         read_examples(bad)
     with pytest.raises(DataError, match="missing.txt: no such data file"):
         read_examples(tmp_path / "missing.txt")
