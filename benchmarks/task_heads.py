@@ -1,7 +1,7 @@
 """Every task model class of the installed transformers with a new head: is the head trained whole?
 
-For each class of transformers' auto task tables (sequence and token classification, question answering,
-multiple choice), built from its model type's default config on the meta device: the spec's
+For each class of transformers' auto task tables (sequence, token, image, audio, audio-frame and video
+classification, question answering, multiple choice), built from its model type's default config on the meta device: the spec's
 ``modules_to_save`` must be non-empty, no target may lie inside it, and ``apply_plan`` of a lora:1 plan
 must make exactly ``plan.trained_params`` trainable. A class transformers cannot build from its own
 default config is counted as skipped; a failure prints one row.
@@ -25,12 +25,16 @@ TABLES = {
     "token-classification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
     "question-answering": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
     "multiple-choice": "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES",
+    "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "audio-classification": "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
+    "audio-frame-classification": "MODEL_FOR_AUDIO_FRAME_CLASSIFICATION_MAPPING_NAMES",
+    "video-classification": "MODEL_FOR_VIDEO_CLASSIFICATION_MAPPING_NAMES",
 }
 
 
 def check(cls, kind: str) -> tuple[str, str] | None:
-    """None when the class's head is trained whole and nothing else; else ("refused", cdka's one line)
-    or ("wrong", what is wrong)."""
+    """None when the class's head is trained whole and nothing else; else ("refused", cdka's one line),
+    ("no new head", why) for a class whose parameters are all its base model's, or ("wrong", what is wrong)."""
     import torch
     import transformers
 
@@ -42,6 +46,8 @@ def check(cls, kind: str) -> tuple[str, str] | None:
         model = cls(transformers.AutoConfig.for_model(kind))
     try:
         spec = spec_from_module(model)
+        if not spec.modules_to_save and _scores_with_its_base(model, kind):
+            return "no new head", "every parameter is its base model's (it scores with the base's own head)"
         if not spec.modules_to_save:
             return "wrong", f"no head found (top-level modules: {', '.join(n for n, _ in model.named_children())})"
         heads = {name for name, _ in spec.modules_to_save}
@@ -55,6 +61,23 @@ def check(cls, kind: str) -> tuple[str, str] | None:
     if trainable != plan.trained_params:
         return "wrong", f"{trainable:,} trainable, the plan trains {plan.trained_params:,}"
     return None
+
+
+def _scores_with_its_base(model, kind: str) -> bool:
+    """Whether every parameter of ``model`` is its base model's, and that base is no smaller than the model
+    type's own base model (Perceiver's classifier keeps its new decoder inside its base: not this)."""
+    import torch
+    import transformers
+
+    base = model.base_model
+    if base is model or model.num_parameters() != base.num_parameters():
+        return False
+    try:
+        with torch.device("meta"):
+            own = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(kind))
+    except ValueError:  # no base model class for this type (ShieldGemma 2 scores with its Gemma 3's LM head)
+        return True
+    return own.num_parameters() == base.num_parameters()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,11 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for task in args.tasks:
         table = dict(getattr(modeling_auto, TABLES[task]))
-        kinds = sorted(t for t in table if args.types is None or t in args.types)
-        ok = skipped = refused = 0
+        # a type may list several classes (image classification: a plain head and one with a teacher)
+        classes = [(kind, name) for kind, names in sorted(table.items()) if args.types is None or kind in args.types
+                   for name in ((names,) if isinstance(names, str) else names)]
+        ok = skipped = refused = headless = 0
         started = time.monotonic()
-        for kind in kinds:
-            cls = getattr(transformers, table[kind], None)
+        for kind, name in classes:
+            cls = getattr(transformers, name, None)
             try:
                 problem = check(cls, kind)
             except Exception:  # noqa: BLE001 - transformers failing on its own default config
@@ -85,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                 ok += 1
                 continue
             refused += problem[0] == "refused"
+            headless += problem[0] == "no new head"
             failed += problem[0] == "wrong"
-            print(f"{task:24} {kind:16} {problem[0]:8} {table[kind]}: {problem[1][:160]}")
-        print(f"{task}: {ok} of {len(kinds) - skipped} built classes train their head whole, {refused} refused "
-              f"({skipped} not built by transformers; {time.monotonic() - started:.0f} s)")
+            print(f"{task:24} {kind:16} {problem[0]:8} {name}: {problem[1][:160]}")
+        print(f"{task}: {ok} of {len(classes) - skipped} built classes train their head whole, {refused} refused, "
+              f"{headless} add no head ({skipped} not built by transformers; {time.monotonic() - started:.0f} s)")
     return 1 if failed else 0
 
 

@@ -221,18 +221,74 @@ def test_a_task_config_without_transformers_says_what_to_install(tmp_path, monke
         load_spec(str(tmp_path))
 
 
-@pytest.mark.parametrize(("cls", "config", "head"), [
+@pytest.mark.parametrize(("cls", "config", "heads"), [
     # T5's QA model holds its encoder and decoder itself: no base model sets its head apart
-    ("T5ForQuestionAnswering", dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=50), ("qa_outputs", 32 * 2 + 2)),
-    ("XLNetForQuestionAnsweringSimple", dict(d_model=32, n_layer=1, n_head=4, d_inner=64, vocab_size=50), ("qa_outputs", 32 * 2 + 2)),
+    ("T5ForQuestionAnswering", dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=50),
+     (("qa_outputs", 32 * 2 + 2),)),
+    ("XLNetForQuestionAnsweringSimple", dict(d_model=32, n_layer=1, n_head=4, d_inner=64, vocab_size=50),
+     (("qa_outputs", 32 * 2 + 2),)),
+    # Whisper's classifier holds its encoder itself, and its new projector is named like no head: WhisperModel lacks it
+    ("WhisperForAudioClassification", dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                           num_mel_bins=8, max_source_positions=16, vocab_size=50,
+                                           classifier_proj_size=16, num_labels=2, pad_token_id=0, bos_token_id=1,
+                                           eos_token_id=2, decoder_start_token_id=1),
+     (("projector", 32 * 16 + 16), ("classifier", 16 * 2 + 2))),
 ])
-def test_heads_of_task_models_without_a_separate_base_are_found(cls, config, head):
+def test_heads_of_task_models_without_a_separate_base_are_found(cls, config, heads):
     model_class = getattr(transformers, cls)
     with torch.device("meta"):
         model = model_class(model_class.config_class(**config))
     spec = spec_from_module(model)
-    assert spec.modules_to_save == (head,)
-    assert all(t.name.split(".")[0] != head[0] for t in spec.targets)
+    assert spec.modules_to_save == heads
+    assert not [t.name for t in spec.targets if t.name.split(".")[0] in dict(heads)]
+
+
+def test_a_teacher_classifier_trains_both_its_heads_whole():
+    """DeiT's ...WithTeacher class: a class token head and a distillation head, both outside the base."""
+    config = transformers.DeiTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                     image_size=16, patch_size=8, num_labels=3)
+    model = transformers.DeiTForImageClassificationWithTeacher(config)
+    spec = spec_from_module(model)
+    assert spec.modules_to_save == (("cls_classifier", 32 * 3 + 3), ("distillation_classifier", 32 * 3 + 3))
+    plan = make_plan(spec, "lora:1")
+    assert apply_plan(model, plan).trainable_params == plan.trained_params
+
+
+class TinyForImageClassification(torch.nn.Module):
+    """A task model built in code, with no transformers config: it holds its body, its head and a bare
+    parameter of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 4)
+        self.offset = torch.nn.Parameter(torch.zeros(16))
+
+    def forward(self, x):
+        return self.head(self.body(x) + self.offset)
+
+
+class TinyForSequenceClassification(TinyForImageClassification):
+    """The same, with a base model (as transformers' task models name theirs), as Nemotron 3 diarization
+    holds a bare parameter beside its base and head."""
+
+    @property
+    def base_model(self):
+        return self.body
+
+
+@pytest.mark.parametrize("task_model", [TinyForImageClassification, TinyForSequenceClassification])
+def test_without_a_base_model_to_compare_the_head_is_found_by_name_and_bare_parameters_stay_frozen(task_model):
+    model = task_model()
+    spec = spec_from_module(model)
+    assert spec.modules_to_save == (("head", 16 * 4 + 4),)
+    assert [t.name for t in spec.targets] == ["body"]
+    plan = make_plan(spec, "lora:1")
+    summary = apply_plan(model, plan)
+    assert summary.trained_whole == ("head",)
+    assert not model.offset.requires_grad and model.head.weight.requires_grad
+    assert summary.trainable_params == plan.trained_params
 
 
 def test_task_heads_benchmark_smoke(capsys):
@@ -246,3 +302,14 @@ def test_task_heads_benchmark_smoke(capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--tasks", "question-answering", "--types", "bert", "t5"]) == 0
     assert "question-answering: 2 of 2 built classes train their head whole, 0 refused" in capsys.readouterr().out
+
+
+def test_a_model_whose_only_linear_layer_is_its_new_head_is_refused_naming_the_head():
+    """A convolutional classifier (ResNet, PP-LCNet): cdka adapts no convolution, and the head is trained whole."""
+    from cdka_search.errors import ModelSourceError
+
+    model = TinyForImageClassification()
+    model.body = torch.nn.Conv2d(3, 16, 3)
+    with pytest.raises(ModelSourceError, match=r"^TinyForImageClassification: no nn.Linear, Conv1D or expert weights to adapt "
+                                               r"outside its new task head \(head\)$"):
+        spec_from_module(model)

@@ -12,11 +12,13 @@ _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 # scorer): trained whole, as PEFT's modules_to_save, not adapted. A pretrained head (an LM head's
 # transform, Gemma 4's projections) stays a target, as PEFT's all-linear keeps it.
 _TASK_HEAD_CLASS = re.compile(
-    r"For(Sequence|Token|Image|Audio|Video|AudioFrame)Classification$|ForQuestionAnswering(Simple)?$|ForMultipleChoice$"
+    r"For(Sequence|Token|Image|Audio|Video|AudioFrame)Classification(WithTeacher)?$|ForQuestionAnswering(Simple)?$"
+    r"|ForMultipleChoice$"
 )
-#: What transformers names such a head at the top of the model, where no base model can tell it apart
-#: (T5ForQuestionAnswering holds its encoder and decoder itself) or no model at all (a safetensors header).
-TASK_HEAD_MODULES = ("classifier", "score", "qa_outputs", "classification_head")
+#: What transformers (and timm, for ``fc`` and ``head``) names such a head at the top of the model, where no
+#: base model tells it apart (PPLCNetForImageClassification's base has no class of its own) or there is no
+#: model at all (a safetensors header).
+TASK_HEAD_MODULES = ("classifier", "score", "qa_outputs", "classification_head", "fc", "head")
 
 
 def listed_architectures(value: object) -> list[str]:

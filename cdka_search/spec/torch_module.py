@@ -104,31 +104,60 @@ def expert_layout(module) -> bool | None:
     return observed_layout(module)
 
 
-def _base_prefix(model) -> str | None:
-    """``"name."`` of the base model of a transformers task model with a new head (``bert.`` of
-    BertForSequenceClassification): the modules outside it are that head. ``""`` when the task model
-    holds its base's modules itself (T5ForQuestionAnswering): then its top-level TASK_HEAD_MODULES are.
-    None for any other model."""
+def _base_prefix(model) -> str | frozenset[str] | None:
+    """Where the new head of a transformers task model is. ``"name."`` of its base model
+    (``bert.`` of BertForSequenceClassification): the modules outside it are that head. When the task
+    model holds its base's modules itself (T5ForQuestionAnswering, WhisperForAudioClassification), the
+    names of its top-level modules that are the head (:func:`_own_head`). None for any other model."""
     if not has_new_head(type(model).__name__):
         return None
     base = getattr(model, "base_model", None)
     if base is None or base is model:
-        return ""
+        return _own_head(model)
     return next((f"{n}." for n, m in model.named_modules() if m is base), "")
 
 
-def _in_head(name: str, base: str | None) -> bool:
+def _own_head(model) -> frozenset[str]:
+    """The top-level modules of a task model holding its base itself that its model type's base model
+    (transformers' AutoModel of its config) lacks: T5's ``qa_outputs``, Whisper's ``projector`` and
+    ``classifier``. Without a base model to compare with, those named as transformers names heads."""
+    tops = {name for name, child in model.named_children() if any(True for _ in child.parameters())}
+    base_tops = _base_model_tops(getattr(model, "config", None))
+    return frozenset(tops & set(TASK_HEAD_MODULES) if base_tops is None else tops - base_tops)
+
+
+def _base_model_tops(config) -> set[str] | None:
+    """The top-level module names of transformers' base model for ``config``, built on meta; None when
+    there is none (no transformers config, or no base model class transformers can build for it)."""
+    try:
+        import torch
+        from transformers import AutoModel, PretrainedConfig
+    except ImportError:
+        return None
+    if not isinstance(config, PretrainedConfig):
+        return None
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {name for name, _ in AutoModel.from_config(config).named_children()}
+    except Exception:  # noqa: BLE001 - a type with no base class (an image classifier's backbone), or one that fails
+        return None
+
+
+def _in_head(name: str, base: str | frozenset[str] | None) -> bool:
     """Whether module or parameter ``name`` belongs to the new head, given :func:`_base_prefix`."""
     if base is None:
         return False
-    if base:
-        return not name.startswith(base)
-    return name.split(".", 1)[0] in TASK_HEAD_MODULES
+    if isinstance(base, str):
+        return not f"{name}.".startswith(base)  # the base module itself is no head either
+    return name.split(".", 1)[0] in base
 
 
-def _outside(name: str, base: str) -> str:
+def _outside(name: str, base: str | frozenset[str]) -> str:
     """The outermost module of ``name`` that does not hold the base model at ``base``."""
     parts = name.split(".")
+    if not isinstance(base, str):
+        return parts[0]
     prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
     return next(head for head in prefixes if not base.startswith(f"{head}."))
 
@@ -167,8 +196,6 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
                     if transposed:
                         d_out, d_in = d_in, d_out
                     targets.append(TargetModule(f"{module_name}.{param_name}", d_out, d_in, "experts", experts, transposed))
-    if not targets:
-        raise ModelSourceError(f"{name or type(model).__name__}: no nn.Linear, Conv1D or expert weights to adapt")
     targeted = {t.name for t in targets}
     seen: set[int] = set()
     total = 0
@@ -181,15 +208,21 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
             seen.add(id(p))
             total += p.numel()
             full = f"{module_name}.{param_name}" if module_name else param_name
-            if _in_head(full, base):
+            # A parameter of the task model itself (Nemotron 3 diarization's silence_embeds) is in no module
+            # that PEFT's modules_to_save could train whole: it stays with the base, frozen.
+            if module_name and _in_head(full, base):
                 head = _outside(full, base)
                 heads[head] = heads.get(head, 0) + p.numel()
                 continue
             covered = module_name in targeted or full in targeted or id(module) in excluded
             if p.dim() >= 2 and not covered and not isinstance(module, nn.Embedding) and not is_embedding(full):
                 others.append((full, p.numel()))
+    heads = {head: n for head, n in heads.items() if n}  # an empty head trains nothing
+    if not targets:
+        beside = f" outside its new task head ({', '.join(heads)})" if heads else ""
+        raise ModelSourceError(f"{name or type(model).__name__}: no nn.Linear, Conv1D or expert weights to adapt{beside}")
     return ModelSpec(name or type(model).__name__, "module", total, tuple(targets), tally_roles(others),
-                     modules_to_save=tuple((head, n) for head, n in heads.items() if n))  # an empty head trains nothing
+                     modules_to_save=tuple(heads.items()))
 
 
 def transformers_knows(model_type: str) -> bool:
