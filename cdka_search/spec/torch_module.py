@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 import warnings
 from dataclasses import replace
@@ -139,7 +140,8 @@ def _base_model_tops(config) -> set[str] | None:
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return {name for name, _ in AutoModel.from_config(config).named_children()}
+            # a copy: building a model sets fields (the attention implementation) on the config it is given
+            return {name for name, _ in AutoModel.from_config(copy.deepcopy(config)).named_children()}
     except Exception:  # noqa: BLE001 - a type with no base class (an image classifier's backbone), or one that fails
         return None
 
