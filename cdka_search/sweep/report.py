@@ -120,8 +120,9 @@ def write_plots(rows: list[TrialRow], folder: Path, title: str) -> list[Path]:
         pos = {label: i for i, label in enumerate(labels)}
         ax.scatter([pos[r.choices.get(group, "?")] for r in done], [r.value for r in done], s=14, alpha=0.7)
         if heur:
-            ax.scatter([pos[heur[0].choices[group]]], [heur[0].value], marker="*", s=140, color="tab:orange", zorder=3)
-        ax.scatter([pos[best_row.choices[group]]], [best_row.value], marker="D", s=50, color="tab:red", zorder=3)
+            ax.scatter([pos[heur[0].choices.get(group, "?")]], [heur[0].value], marker="*", s=140, color="tab:orange",
+                       zorder=3)
+        ax.scatter([pos[best_row.choices.get(group, "?")]], [best_row.value], marker="D", s=50, color="tab:red", zorder=3)
         ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
         ax.set_title(short_group(group), fontsize=9)
     for ax in list(axes.flat)[len(groups):]:
