@@ -35,8 +35,10 @@ if TYPE_CHECKING:
 
 #: user attribute naming why a trial was pruned (the pruner, or a NaN/infinite loss)
 PRUNED_REASON = "pruned_reason"
+#: user attribute: the parameters of the trial's plan
+PARAMS_USED = "params_used"
 
-__all__ = ["HEURISTIC", "PRUNED_REASON", "WORKER", "Objective", "suggest"]
+__all__ = ["HEURISTIC", "PARAMS_USED", "PRUNED_REASON", "WORKER", "Objective", "suggest"]
 
 
 def suggest(trial: Any, space: "SearchSpace") -> tuple[dict[str, object], float]:
@@ -104,7 +106,7 @@ class Objective:
                     trial.study.enqueue_trial({**dict(zip(names, fresh)), "alpha": params["alpha"], "lr": lr}, skip_if_exists=False)
                     return self._skip(trial, f"design of trial {tried[key]}; queued an untried one")
         plan = self.space.plan_for(params)
-        trial.set_user_attr("params_used", plan.used_params)
+        trial.set_user_attr(PARAMS_USED, plan.used_params)
 
         def report(step: int, value: float) -> None:
             trial.report(value, step)

@@ -16,7 +16,7 @@ from typing import Any
 
 from cdka_search.errors import OutputError, SweepError
 from cdka_search.sweep.bookkeeping import SKIPPED
-from cdka_search.sweep.objective import HEURISTIC, PRUNED_REASON
+from cdka_search.sweep.objective import HEURISTIC, PARAMS_USED, PRUNED_REASON
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,10 @@ class TrialRow:
     note: str
 
 
-def trial_rows(study: Any) -> list[TrialRow]:
+def trial_rows(trials: list[Any]) -> list[TrialRow]:
+    """One row per trial (Optuna FrozenTrials checked by stored.readable_trials)."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
         choices = {k: str(v) for k, v in t.params.items() if k not in ("lr", "alpha")}
         rows.append(
@@ -45,7 +46,7 @@ def trial_rows(study: Any) -> list[TrialRow]:
                 value=float(t.value) if t.value is not None else None,
                 lr=t.params.get("lr"),
                 alpha=t.params.get("alpha"),
-                params_used=t.user_attrs.get("params_used"),
+                params_used=t.user_attrs.get(PARAMS_USED),
                 seconds=seconds,
                 heuristic=bool(t.user_attrs.get(HEURISTIC)),
                 choices=choices,
@@ -175,6 +176,7 @@ def study_report(storage: str | None, study: str | None, folder: Path | None, *,
     import optuna
 
     from cdka_search.sweep.storage import normalise, redact, storage_file
+    from cdka_search.sweep.stored import readable_trials
     from cdka_search.sweep.study import open_study
 
     if plots and folder is not None:
@@ -187,7 +189,7 @@ def study_report(storage: str | None, study: str | None, folder: Path | None, *,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     loaded = open_study(storage, study, heartbeat=False)
-    rows = trial_rows(loaded)
+    rows = trial_rows(readable_trials(loaded))
     done = [r for r in rows if r.state == "complete" and r.value is not None]
     best = min(done, key=lambda r: (r.value, r.number)) if done else None  # type: ignore[arg-type]
     heur = [r.value for r in done if r.heuristic]

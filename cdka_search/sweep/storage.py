@@ -14,6 +14,7 @@ A leading ``~`` in any of these files (``sqlite:///~/sweep.db``, ``journal:~/s.j
 
 Refused with one line (SweepError): an in-memory SQLite database, a storage file that exists but is
 not a regular file (a folder, FIFO or device, or a link to one), and a journal Optuna cannot replay.
+What a study holds is checked as it is read (cdka_search.sweep.stored).
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _JOURNAL_SUFFIXES = (".journal", ".log")
 # What a worker sees when another one is creating the schema of the same new database at that moment.
 _SCHEMA_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key", "database is locked")
-# What Optuna's journal replay raises on lines it cannot apply (a missing field, an unknown op_code, a
-# value of the wrong type or range, a line that is not JSON); caught around opening a journal alone.
-_JOURNAL_REPLAY_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError, AssertionError, RecursionError)
+# What Optuna raises on stored content it cannot decode: a journal line it cannot replay (a missing field, an
+# unknown op_code, a value of the wrong type or range, a line that is not JSON), or a database row it cannot
+# read back (a choice index out of range, an unknown state, an attribute that is not JSON). Caught around
+# opening a journal and around reading a study (cdka_search.sweep.stored) alone.
+READ_ERRORS = (LookupError, TypeError, ValueError, AttributeError, AssertionError, RecursionError)
 _NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
@@ -141,7 +144,7 @@ def open_storage(storage: str | None, *, heartbeat: bool = True) -> Any:
             return optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
         except OSError as exc:
             raise SweepError(f"journal storage {path}: {exc.strerror or exc}") from None
-        except _JOURNAL_REPLAY_ERRORS as exc:
+        except READ_ERRORS as exc:
             raise SweepError(
                 f"journal storage {path}: not a valid Optuna journal (replaying it raised {exc.__class__.__name__}); "
                 "check the path, or move the file away to start a new study"

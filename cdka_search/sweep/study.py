@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from cdka_search.documents import brief
 from cdka_search.errors import SweepError
 from cdka_search.fileio import check_output
 from cdka_search.sweep.bookkeeping import (
@@ -31,6 +32,7 @@ from cdka_search.sweep.objective import Objective
 from cdka_search.sweep.pruners import make_pruner
 from cdka_search.sweep.space import DEFAULT_TOP_K
 from cdka_search.sweep.storage import normalise, open_storage, redact
+from cdka_search.sweep.stored import check_direction, checked_trials, read, study_settings
 from cdka_search.sweep.tasks import TaskOptions
 
 STUDY_ATTR = "cdka_sweep"
@@ -144,13 +146,13 @@ def _fingerprint(config: SweepConfig, space: Any, task_name: str, model_name: st
 
 
 def _check_compatible(study: Any, wanted: dict[str, Any], storage: str) -> None:
-    have = study.user_attrs.get(STUDY_ATTR)
+    have = study_settings(study, STUDY_ATTR)
     if have is None:
         study.set_user_attr(STUDY_ATTR, wanted)
         return
     diff = [k for k in wanted if have.get(k) != wanted[k]]
     if diff:
-        detail = ", ".join(f"{k}: study has {have.get(k)!r}, this run {wanted[k]!r}" for k in diff[:3])
+        detail = ", ".join(f"{k}: study has {brief(have.get(k), 80)}, this run {wanted[k]!r}" for k in diff[:3])
         raise SweepError(
             f"study {study.study_name!r} in {storage} was started with other settings ({detail}); "
             "resume it with the same options, or pass a new --study name"
@@ -165,28 +167,31 @@ def finished_count(study: Any) -> int:
 def open_study(storage: str | None, name: str | None, *, create: bool = False, sampler: Any = None,
                pruner: Any = None, heartbeat: bool = True) -> Any:
     """Load (or create) a study; with no name, the storage's only study."""
+    from functools import partial
+
     import optuna
 
     store = open_storage(storage, heartbeat=heartbeat)
     where = redact(normalise(storage))
-    if name is None:
-        names = optuna.get_all_study_names(store)
-        if len(names) != 1:
+    if name is None or not create:
+        names = read(f"storage {where}", lambda: optuna.get_all_study_names(store))
+        if name is None and len(names) != 1:
             listing = ", ".join(names[:10]) or "none"
             raise SweepError(f"{where} holds {len(names)} studies ({listing}); choose one with --study")
-        name = names[0]
-    if create:
-        return optuna.create_study(storage=store, study_name=name, direction="minimize", sampler=sampler,
-                                   pruner=pruner, load_if_exists=True)
-    try:
-        return optuna.load_study(study_name=name, storage=store, sampler=sampler, pruner=pruner)
-    except KeyError:
-        names = optuna.get_all_study_names(store)
-        raise SweepError(f"no study {name!r} in {where}; it holds: {', '.join(names) or 'none'}") from None
+        name = name or names[0]
+        if name not in names:
+            raise SweepError(f"no study {name!r} in {where}; it holds: {', '.join(names) or 'none'}")
+    # An existing study is loaded as it is, whatever its direction: check_direction refuses another.
+    load = partial(optuna.create_study, direction="minimize", load_if_exists=True) if create else optuna.load_study
+    study = read(f"study {name!r}", lambda: load(study_name=name, storage=store, sampler=sampler, pruner=pruner))
+    check_direction(study)
+    return study
 
 
-def _keep_whole(study: Any, heuristic: dict[str, Any], trials: int) -> bool:
-    """Requeue what dead workers lost and trial 0 if missing; True while there is work left."""
+def _keep_whole(study: Any, space: Any, heuristic: dict[str, Any], trials: int) -> bool:
+    """Check every trial, requeue what dead workers lost and trial 0 if missing; True while there is work left.
+    It runs before the first trial and after each one, so the bookkeeping and the sampler read checked trials."""
+    checked_trials(study, space)
     reap_dead(study)
     ensure_heuristic(study, heuristic)
     return counted_trials(study) < trials or not heuristic_done(study)
@@ -219,7 +224,7 @@ class PreparedSweep:
                     ran += 1
                     if on_trial is not None:
                         on_trial(counted_trials(st), config.trials, _best_value(st))
-                if not _keep_whole(st, self.heuristic, config.trials):
+                if not _keep_whole(st, self.space, self.heuristic, config.trials):
                     st.stop()
 
             self.study.optimize(Objective(self.space, self.task, config.trials, config.seed), n_trials=None,
@@ -271,7 +276,7 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
                        pruner=make_pruner(config.pruner, config.steps, options.every))
     _check_compatible(study, _fingerprint(config, space, task.name, spec.name), where)
     heuristic = space.heuristic_params(task.default_lr)
-    work_left = _keep_whole(study, heuristic, config.trials)
+    work_left = _keep_whole(study, space, heuristic, config.trials)
     if work_left:
         task.prepare(space)
     return PreparedSweep(config, study, space, task, heuristic, where, started, work_left)
@@ -295,7 +300,7 @@ def _best_value(study: Any) -> float | None:
 def _result(study: Any, space: Any, config: SweepConfig, where: str, ran: int, seconds: float) -> SweepResult:
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
+    trials = checked_trials(study, space)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         from cdka_search.sweep.objective import PRUNED_REASON
