@@ -315,6 +315,17 @@ def test_a_database_row_optuna_cannot_decode_is_one_line(cli, made, tmp_path, sq
     _refused(_report(cli, f"sqlite:///{db}"), message)
 
 
+def test_a_study_direction_optuna_cannot_decode_is_one_line(cli, made, tmp_path):
+    """LookupError: 'X' is not among the defined enum values, from opening the study (sweep) or listing them (report)."""
+    db = _copy(made, tmp_path, "s.db")
+    with sqlite3.connect(db) as connection:
+        connection.execute("UPDATE study_directions SET direction = 'X'")
+    connection.close()
+    edited = "Optuna cannot read it back (it raised LookupError); it was edited, corrupt or written by another tool"
+    _refused(_sweep(cli, made, tmp_path, f"sqlite:///{db}"), f"study 's': {edited}")
+    _refused(_report(cli, f"sqlite:///{db}"), f"storage sqlite:///{db}: {edited}")
+
+
 # valid studies ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["s.journal", "s.db"])
 def test_a_valid_study_resumes_and_reports(cli, made, tmp_path, name):
