@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json
@@ -147,7 +148,7 @@ def _example(record: Any, where: str) -> Example:
     if "messages" in record:
         return Example(_messages(record["messages"], f"{where}, 'messages'"))
     if "conversations" in record:
-        return Example(_messages(record["conversations"], f"{where}, 'conversations'", ("from", "value")))
+        return Example(_messages(record["conversations"], f"{where}, 'conversations'", ("from", "value"), _SHAREGPT_ROLES))
     if "instruction" in record or "output" in record:
         return _alpaca(record, where)
     prompt, completion = record.get("prompt"), record.get("completion")
@@ -172,16 +173,16 @@ def _alpaca(record: dict[str, Any], where: str) -> Example:
     return Example(fields["output"], f"{head}### Instruction:\n{fields['instruction']}\n\n{given}### Response:\n")
 
 
-def _messages(value: Any, where: str, keys: tuple[str, str] = ("role", "content")) -> tuple[Message, ...]:
-    """(role, content) of each message; ``keys`` name the two fields (ShareGPT's are "from" and "value",
-    and its speakers are mapped to chat roles)."""
+def _messages(value: Any, where: str, keys: tuple[str, str] = ("role", "content"),
+              roles: Mapping[str, str] = MappingProxyType({})) -> tuple[Message, ...]:
+    """(role, content) of each message; ``keys`` name the two fields (ShareGPT's are "from" and "value"),
+    and ``roles`` maps speakers to chat roles (others pass as given)."""
     if not isinstance(value, list) or not value:
         raise DataError(f"{where} must be a non-empty list of messages")
     speaker, said = keys
     for message in value:
         if not (isinstance(message, dict) and isinstance(message.get(speaker), str) and isinstance(message.get(said), str)):
             raise DataError(f"{where}: every message needs a string '{speaker}' and a string '{said}', got {brief(message)}")
-    roles = _SHAREGPT_ROLES if keys == ("from", "value") else {}
     return tuple(
         (roles.get(m[speaker], _unicode(m[speaker], f"{where}, message {i} '{speaker}'")),
          _unicode(m[said], f"{where}, message {i} '{said}'"))
@@ -311,12 +312,21 @@ def refuse_task_model(folder: Path, config: dict[str, Any]) -> None:
         )
 
 
+def _check_lm_config(folder: Path) -> None:
+    """The config.json of a folder a causal-LM loss trains: read once (which also bounds its label count,
+    that transformers would expand into a dict), asking for no remote code, naming no task model."""
+    from cdka_search.spec.hf_config import read_config
+
+    config = read_config(folder)
+    refuse_remote_code(folder, "config.json")
+    refuse_task_model(folder, config)
+
+
 def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, seq_len: int) -> None:
     """What a gradient probe can check before importing torch: its sizes, a model folder with a
     config.json that asks for no remote code, and a loadable tokenizer.json (so bad input is rejected at once)."""
     from cdka_search.errors import ArgumentError
     from cdka_search.limits import check_int
-    from cdka_search.spec.hf_config import read_config
 
     check_int(batches, "--batches", ArgumentError, 1, 1 << 20)
     check_int(batch_size, "--batch-size", ArgumentError, 1, 1 << 16)
@@ -324,9 +334,7 @@ def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, s
     folder = Path(model_dir)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    config = read_config(folder)  # also bounds its label count, which transformers would expand into a dict
-    refuse_remote_code(folder, "config.json")
-    refuse_task_model(folder, config)
+    _check_lm_config(folder)
     refuse_remote_code(folder, "tokenizer_config.json")
     check_fast_tokenizer(folder / "tokenizer.json")
 
@@ -338,16 +346,12 @@ def load_causal_lm(model_dir: str | Path) -> Any:
         raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
     if not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
         raise ModelSourceError(f"{folder}: no safetensors weights (model.safetensors or its index) to load")
-    from cdka_search.spec.hf_config import read_config
-
     try:
         import torch
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise ModelSourceError("loading a local model needs transformers: pip install 'cdka[hf]'") from None
-    config = read_config(folder)  # also bounds its label count, which transformers would expand into a dict
-    refuse_remote_code(folder, "config.json")
-    refuse_task_model(folder, config)
+    _check_lm_config(folder)
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch.float32, local_files_only=True, use_safetensors=True, trust_remote_code=False

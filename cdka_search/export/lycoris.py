@@ -118,8 +118,10 @@ def export_lycoris(plan: "Plan", spec: "ModelSpec | None" = None, model: object 
         note_init_and_dropout(plan, notes, dropout_ok=False, what="LyCORIS")
         notes.append("LyCORIS LoKr starts from w1 = B Kaiming and w2 = A zero (the plan: B zero, A Kaiming); dW = 0 either way")
     if plan.modules_to_save:
-        notes.append("LyCORIS trains adapters only: also train the new task head whole, as the plan does ("
-                     + ", ".join(name for name, _ in plan.modules_to_save) + ": set requires_grad and save it yourself)")
+        from cdka_search.plan import heads_text
+
+        notes.append(f"LyCORIS trains adapters only: also train the new task head whole, as the plan does "
+                     f"({heads_text(plan.modules_to_save)}: set requires_grad and save it yourself)")
     if exact:
         notes.append(f"pass multiplier={_fmt(multiplier)} to create_lycoris: it carries the plan's lambda exactly")
     else:

@@ -42,10 +42,16 @@ __all__ = ["HEURISTIC", "PARAMS_USED", "PRUNED_REASON", "WORKER", "Objective", "
 
 
 def suggest(trial: Any, space: "SearchSpace") -> tuple[dict[str, object], float]:
-    """A trial's choices: one design label per group, alpha and the learning rate (both log scale)."""
-    params: dict[str, object] = {g.param: trial.suggest_categorical(g.param, list(g.labels)) for g in space.groups}
-    params["alpha"] = trial.suggest_float("alpha", *space.alpha_range, log=True)
-    lr = trial.suggest_float("lr", *space.lr_range, log=True)
+    """A trial's choices, drawn from ``space.distributions()``: one design label per group and alpha; and
+    the learning rate."""
+    from optuna.distributions import CategoricalDistribution
+
+    params: dict[str, object] = {
+        name: trial.suggest_categorical(name, d.choices) if isinstance(d, CategoricalDistribution)
+        else trial.suggest_float(name, d.low, d.high, log=d.log)
+        for name, d in space.distributions().items()
+    }
+    lr = float(params.pop("lr"))  # type: ignore[arg-type]
     return params, lr
 
 

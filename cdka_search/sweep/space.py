@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import Any, Mapping
 
 from cdka_search.budget import Budget
 from cdka_search.candidates import CandidateSpace, Design, fit_max_r
@@ -76,6 +76,16 @@ class SearchSpace:
     budget: Budget
     alpha_range: tuple[float, float] = (4.0, 256.0)
     lr_range: tuple[float, float] = (1e-4, 1e-1)
+
+    def distributions(self) -> dict[str, Any]:
+        """Parameter name -> the Optuna distribution a trial draws it from, in drawing order: one design
+        label per group, then alpha and the learning rate (both log scale)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+        out: dict[str, Any] = {g.param: CategoricalDistribution(list(g.labels)) for g in self.groups}
+        out["alpha"] = FloatDistribution(*self.alpha_range, log=True)
+        out["lr"] = FloatDistribution(*self.lr_range, log=True)
+        return out
 
     def heuristic_params(self, lr: float) -> dict[str, object]:
         """Trial 0: the planner's design everywhere, the plan's alpha and the task's default lr."""

@@ -82,16 +82,6 @@ def study_settings(study: Any, key: str) -> dict[str, Any] | None:
     return have
 
 
-def space_distributions(space: SearchSpace) -> dict[str, Any]:
-    """Parameter name -> the distribution objective.suggest draws it from."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
-
-    out: dict[str, Any] = {g.param: CategoricalDistribution(list(g.labels)) for g in space.groups}
-    out["alpha"] = FloatDistribution(*space.alpha_range, log=True)
-    out["lr"] = FloatDistribution(*space.lr_range, log=True)
-    return out
-
-
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -152,7 +142,7 @@ def _param_problem(name: str, value: Any, drawn: Any, expected: dict[str, Any] |
 
 def trial_problem(trial: Any, expected: dict[str, Any] | None = None) -> str | None:
     """What is wrong with ``trial`` (an Optuna FrozenTrial) as "FIELD: why", or None. ``expected`` is a
-    sweep's space_distributions; without it (a report), parameters are checked for their kind only."""
+    sweep's SearchSpace.distributions(); without it (a report), parameters are checked for their kind only."""
     from optuna.trial import TrialState
 
     problem = _value_problem(trial) or _attr_problem(trial.user_attrs)
@@ -175,7 +165,7 @@ def trial_problem(trial: Any, expected: dict[str, Any] | None = None) -> str | N
 def checked_trials(study: Any, space: SearchSpace) -> list[Any]:
     """Every trial of ``study``, each checked against ``space``; SweepError names the first wrong one."""
     trials = read(f"study {study.study_name!r}", lambda: study.get_trials(deepcopy=False))
-    distributions = space_distributions(space)
+    distributions = space.distributions()
     for t in trials:
         if (problem := trial_problem(t, distributions)) is not None:
             raise SweepError(
