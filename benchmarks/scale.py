@@ -28,6 +28,7 @@ is measured; the default objective ignores it and only the chosen designs are me
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import subprocess
@@ -48,6 +49,9 @@ def llama_config(layers: int, hidden: int, intermediate: int) -> dict:
 
 
 def seconds(fn) -> tuple[float, object]:
+    # From a collected heap: otherwise a full collection that earlier work made due (0.1 s over torch's
+    # objects) lands in whichever call crosses the collector's threshold, here or not by luck.
+    gc.collect()
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out

@@ -1,4 +1,4 @@
-"""Steps 1-3 of cdka_search.allocate with numpy, for problems of many options.
+"""Steps 1-3 of cdka_search.allocate with numpy, and its search's dynamic programme, for problems of many options.
 
 A per-layer plan of 10,000 modules has millions of options but a handful of distinct fronts (one per
 shape), each unit scaling one of them by a count (cost) and a weight (value). A positive scale keeps
@@ -26,13 +26,17 @@ from itertools import chain
 
 import numpy as np
 
-from cdka_search.allocate import Kept, Option, Unit
+from cdka_search.allocate import Grown, Kept, Option, SuffixLP, Tree, Unit
 
 Positions = np.ndarray  # per unit, a position on its hull (0 = the cheapest hull point)
 CHAIN_BLOCK = 1 << 16  # options per block of concave_chains: its temporaries stay in cache
 # The bisection stops once at most this many hull steps per unit (+ 1,024) are left to walk. At 10,000 units
 # 1 walks 14-15 thousand heap steps where 4 walked 30-39 thousand, for two more bisection rounds.
 WALKED_PER_UNIT = 1
+# The search's default node cap here: a node costs about a tenth of one on the Python steps, and a LLaMA-2-7B
+# reference plan's 224 units needed 118,000 nodes to finish exact (benchmarks/scale.py, seed 225).
+NODE_LIMIT = 250_000
+GROWN_BLOCK = 1 << 15  # (state, choice) pairs the search tests at once: bounded memory, and the node cap checked per block
 
 
 class Fronts:
@@ -318,3 +322,91 @@ def relax_and_screen(fronts: Fronts, budget: int) -> tuple[float, list[int], lis
     start = fronts.hull_option[fronts.start + at].tolist()
     options, upper = screen(fronts, lam, budget, upper, sum(fronts.value(every, at).tolist()))
     return lam, start, options, upper
+
+
+class _SuffixBounds:
+    """allocate.SuffixLP.bound for arrays of rooms, each depth's prefix sums read into arrays once."""
+
+    def __init__(self, lp: SuffixLP) -> None:
+        self.lp = lp
+        self.read: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, depth: int, room: np.ndarray) -> np.ndarray:
+        if depth not in self.read:
+            cost, value, slope = self.lp.cost[depth], self.lp.value[depth], self.lp.slope[depth]
+            # Padded so that no steps taken reads 0 and every step taken adds nothing more: the same sums
+            # as the scalar bound's branches.
+            self.read[depth] = (np.asarray(cost, np.int64), np.asarray([0, *cost], np.int64),
+                                np.asarray([0.0, *value]), np.asarray([*slope, 0.0]))
+        cost, cost_before, value_before, slope = self.read[depth]
+        spare = room - self.lp.base_cost[depth]
+        taken = np.searchsorted(cost, spare, side="right")
+        return self.lp.base_value[depth] + value_before[taken] + (spare - cost_before[taken]) * slope[taken]
+
+
+def grow(tree: Tree, states: list[tuple[int, float]], best_value: float, upper: float, node_limit: int) -> Grown:
+    """allocate._grow on arrays: the same nodes in the same order, hence the same solution, bound and
+    node count, each depth's (state, choice) pairs tested in blocks of GROWN_BLOCK."""
+    budget, lam, eps, n = tree.budget, tree.lam, tree.eps, len(tree.choices)
+    grid, after = np.asarray(tree.grid)[:, None], np.asarray(tree.after)
+
+    def bound(depth: int, room: np.ndarray) -> np.ndarray:
+        if exact is not None:
+            return exact(depth, room)
+        return np.min(grid * room + after[:, depth, None], axis=0)  # as min([mu * room + a, ...])
+
+    exact = _SuffixBounds(tree.exact_lp) if tree.exact_lp else None
+    cost = np.asarray([c for c, _ in states], np.int64)
+    value = np.asarray([v for _, v in states], np.float64)
+    completed: tuple[int, int] | None = None
+    parents: list[list[list[int]]] = []
+    nodes, exhausted = len(states), True
+    for depth, choices in enumerate(tree.choices):
+        c = np.asarray([x[0] for x in choices], np.int64)
+        w = np.asarray([x[1] for x in choices], np.float64)
+        index = np.asarray([x[2] for x in choices], np.int64)
+        rest, root_after, beat = tree.cheapest_after[depth + 1], float(after[0, depth + 1]), best_value + eps
+        per_block = max(1, GROWN_BLOCK // len(c))
+        parts, grown, cut = [], 0, False
+        for first in range(0, len(cost), per_block):
+            total = (cost[first:first + per_block, None] + c).ravel()
+            room = budget - total
+            v = (value[first:first + per_block, None] + w).ravel()
+            at = np.flatnonzero((room >= rest) & (v + lam * room + root_after > beat))
+            at = at[v[at] + bound(depth + 1, room[at]) > beat]
+            state = first + at // len(c)
+            if depth + 1 < n:
+                # The scalar loop stops after the first state (not the last) whose nodes pass the cap.
+                reached = nodes + grown + np.cumsum(np.bincount(state - first, minlength=min(per_block, len(cost) - first)))
+                over = np.flatnonzero((reached > node_limit) & (first + np.arange(len(reached)) + 1 < len(cost)))
+                if len(over):
+                    cut = True
+                    at, state = at[state <= first + over[0]], state[state <= first + over[0]]
+            parts.append((total[at], v[at], state, index[at % len(c)]))
+            grown += len(at)
+            if cut:
+                break
+        total, v, state, option = (np.concatenate(part) for part in zip(*parts)) if parts else (
+            np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64), np.empty(0, np.int64))
+        order = np.lexsort((option, state, -v, total))  # the scalar loop's tuple order (cost, -value, state, option)
+        total, v, state, option = total[order], v[order], state[order], option[order]
+        keep = np.ones(len(v), bool)
+        keep[1:] = v[1:] > np.maximum.accumulate(v)[:-1]  # more valuable than every cheaper state
+        total, v = total[keep], v[keep]
+        completes = v + tree.top_value_after[depth + 1]
+        for q in np.flatnonzero((budget - total >= tree.top_cost_after[depth + 1]) & (completes > best_value + eps)).tolist():
+            if completes[q] > best_value + eps:  # in order, each against the best so far
+                best_value, completed = float(completes[q]), (depth, q)
+        previous = (cost, value)
+        cost, value = total, v
+        parents.append(np.stack((state[keep], option[keep]), axis=1).tolist())
+        nodes += grown
+        if nodes > node_limit and depth + 1 < n:
+            exhausted = False
+            at, (open_cost, open_value) = (depth, previous) if cut else (depth + 1, (cost, value))
+            if len(open_cost):
+                upper = max(best_value, float(np.max(open_value + bound(at, budget - open_cost))))
+            else:
+                upper = best_value
+            break
+    return Grown(best_value, completed, parents, nodes, exhausted, upper)

@@ -62,13 +62,13 @@ def test_node_limit_reports_a_certified_gap(path):
 def test_the_suffix_lp_bound_is_the_lp_of_the_units_left(seed):
     # The node bound of the search: for every depth and room, the LP relaxation of the units from that
     # depth on, as _relax computes it for those units alone, and never below their integer optimum.
-    from cdka_search.allocate import _relax, _SuffixLP
+    from cdka_search.allocate import SuffixLP, _relax
 
     rng = random.Random(seed)
     units = [[(rng.randint(1, 40), rng.random() * 10) for _ in range(rng.randint(2, 6))] for _ in range(5)]
     options = [[(0.0, c, i) for i, (c, _) in enumerate(u)] for u in units]
     free = list(range(5))
-    lp = _SuffixLP.build(units, free, options)
+    lp = SuffixLP.build(units, free, options)
     for depth in range(6):
         rest = units[depth:]
         floor = sum(min(c for c, _ in u) for u in rest)
@@ -94,6 +94,62 @@ def test_a_depth_that_would_grow_past_the_node_limit_is_cut_inside_it(path):
     assert capped.upper_bound >= optimum - 1e-9  # the certificate is honest
     full = allocate(units, budget)
     assert full.value <= optimum + 1e-9 <= full.upper_bound + 2e-9 and full.gap <= capped.gap
+
+
+@pytest.mark.parametrize("lp_bound", ["prefix sums", "multipliers"])
+def test_the_search_on_arrays_grows_the_nodes_of_the_python_search(lp_bound, monkeypatch):
+    # Same problem, same steps 1-3: only the dynamic programme differs, so the solution, the bound and
+    # the node count must be identical, bit for bit, whether the search finishes, stops at its cap
+    # between depths, or is cut inside a depth.
+    if lp_bound == "multipliers":
+        monkeypatch.setattr(allocate_module, "LP_BOUND_ENTRIES", 0)
+    monkeypatch.setattr(allocate_module, "SEARCH_ON_ARRAYS_FROM", 10**9)  # the Python steps search with _grow
+    monkeypatch.setattr(allocate_arrays, "GROWN_BLOCK", 64)  # many blocks per depth, a cut inside one
+    python_grow, outcomes = allocate_module._grow, set()
+    rng = random.Random(7)
+    for _ in range(60):
+        units = []
+        for _ in range(rng.randint(2, 40)):
+            costs = [rng.randint(1, 300) for _ in range(rng.randint(1, 12))]
+            near_tied = rng.random() < 0.3  # value about cost: few nodes are bounded out
+            units.append([(c, c * (1 + rng.random() * 1e-3) if near_tied else rng.random() * 10) for c in costs])
+        budget = sum(min(c for c, _ in u) for u in units) + rng.randint(0, 150 * len(units))
+        for limit in (5, 50, 500, 100_000):
+            monkeypatch.setattr(allocate_module, "_grow", python_grow)
+            python = allocate(units, budget, node_limit=limit, tolerance=0.0)
+            monkeypatch.setattr(allocate_module, "_grow", allocate_arrays.grow)
+            assert allocate(units, budget, node_limit=limit, tolerance=0.0) == python
+            outcomes.add("exact" if python.nodes <= limit else "capped")
+    assert outcomes == {"exact", "capped"}
+
+
+def test_the_search_on_arrays_has_its_own_default_node_cap(monkeypatch):
+    units = [[(c, c * (1 + 0.01 * random.Random(k).random())) for c in range(1, 300, 7)] for k in range(40)]
+    budget = sum(min(c for c, _ in u) for u in units) + 3000
+    monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 0)
+    monkeypatch.setattr(allocate_arrays, "NODE_LIMIT", 1_000)
+    capped = allocate(units, budget, tolerance=0.0)
+    assert 1_000 < capped.nodes < 2_000 and not capped.exact
+    monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 10**12)  # the Python steps keep theirs
+    assert allocate(units, budget, tolerance=0.0).nodes > 2_000
+
+
+def test_a_search_of_many_units_runs_on_arrays_after_python_steps_where_costs_fit(monkeypatch):
+    # 80 units of near-tied options: the screening leaves most of them a choice, and the search is long.
+    rng = random.Random(3)
+    units = [[(c, c * (1 + 0.01 * rng.random())) for c in rng.sample(range(1, 300), 12)] for _ in range(80)]
+    budget = sum(min(c for c, _ in u) for u in units) + 5_000
+    monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 10**12)
+    monkeypatch.setattr(allocate_arrays, "NODE_LIMIT", 1_000)
+    on_arrays = allocate(units, budget, tolerance=0.0)
+    assert 1_000 < on_arrays.nodes < 2_000  # the arrays' node cap: their search ran
+    monkeypatch.setattr(allocate_module, "SEARCH_ON_ARRAYS_FROM", 10**9)
+    assert allocate(units, budget, tolerance=0.0, node_limit=1_000) == on_arrays  # Python: the same nodes under that cap
+    # Costs whose sums pass int64 keep the search in Python, with its own cap.
+    huge = [[(c << 62, v) for c, v in u] for u in units]
+    monkeypatch.setattr(allocate_module, "SEARCH_ON_ARRAYS_FROM", 64)
+    exact = allocate(huge, budget << 62, tolerance=0.0)
+    assert exact.nodes > 2_000 and exact.cost <= budget << 62
 
 
 def dynamic_programming(units, budget):
