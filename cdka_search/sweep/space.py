@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
@@ -31,6 +32,8 @@ from cdka_search.limits import MAX_TOP_K, check_int
 from cdka_search.plan import Plan
 from cdka_search.scoring import ScoredDesign
 from cdka_search.spec.model_spec import ModelSpec
+
+_LABEL = re.compile(r"[0-9]+,[0-9]+,[0-9]+")  # choice_label's "r1,r2,r"
 
 DEFAULT_TOP_K = 6
 
@@ -61,6 +64,11 @@ class GroupChoices:
 def choice_label(design: Design) -> str:
     """The categorical value of a design: "r1,r2,r" (paper symbols)."""
     return f"{design.r1},{design.r2},{design.r}"
+
+
+def is_choice_label(value: object) -> bool:
+    """Whether ``value`` has the form choice_label writes (a stored study may hold anything)."""
+    return isinstance(value, str) and _LABEL.fullmatch(value) is not None
 
 
 def _mirrored(design: Design) -> bool:

@@ -16,7 +16,6 @@ the trial and the field.
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,6 +25,7 @@ from cdka_search.errors import CdkaWarning, SweepError
 from cdka_search.limits import MAX_TOTAL_PARAMS
 from cdka_search.sweep.bookkeeping import HEURISTIC, REQUEUED, SKIPPED, STAMPED, WORKER
 from cdka_search.sweep.objective import PARAMS_USED, PRUNED_REASON
+from cdka_search.sweep.space import is_choice_label
 from cdka_search.sweep.storage import READ_ERRORS
 
 if TYPE_CHECKING:
@@ -35,7 +35,6 @@ T = TypeVar("T")
 
 _EDITED = "edited, corrupt or written by another tool"
 _MAX_TEXT = 1000  # characters of a text attribute; cdka's own are one short line
-_LABEL = re.compile(r"[0-9]+,[0-9]+,[0-9]+")  # space.choice_label: "r1,r2,r"
 _FLOATS = ("alpha", "lr")
 # user attribute -> (the type cdka writes, what it must be, in words)
 _ATTRS: dict[str, tuple[type, str]] = {
@@ -128,7 +127,7 @@ def _param_problem(name: str, value: Any, drawn: Any, expected: dict[str, Any] |
             return f"{brief(value, 60)} is not a positive finite number"
     else:
         kind = CategoricalDistribution
-        if not (isinstance(value, str) and _LABEL.fullmatch(value)):
+        if not is_choice_label(value):
             return f"{brief(value, 60)} is not a design r1,r2,r"
     if expected is None:
         return None if drawn is None or isinstance(drawn, kind) else f"drawn from a {drawn.__class__.__name__}"
