@@ -173,16 +173,18 @@ def open_study(storage: str | None, name: str | None, *, create: bool = False, s
 
     store = open_storage(storage, heartbeat=heartbeat)
     where = redact(normalise(storage))
-    if name is None or not create:
-        names = read(f"storage {where}", lambda: optuna.get_all_study_names(store))
-        if name is None and len(names) != 1:
-            listing = ", ".join(names[:10]) or "none"
-            raise SweepError(f"{where} holds {len(names)} studies ({listing}); choose one with --study")
-        name = name or names[0]
-        if name not in names:
-            raise SweepError(f"no study {name!r} in {where}; it holds: {', '.join(names) or 'none'}")
-    # An existing study is loaded as it is, whatever its direction: check_direction refuses another.
-    load = partial(optuna.create_study, direction="minimize", load_if_exists=True) if create else optuna.load_study
+    names = read(f"storage {where}", lambda: optuna.get_all_study_names(store))
+    if name is None and len(names) != 1:
+        listing = ", ".join(names[:10]) or "none"
+        raise SweepError(f"{where} holds {len(names)} studies ({listing}); choose one with --study")
+    name = name or names[0]
+    if name not in names and not create:
+        raise SweepError(f"no study {name!r} in {where}; it holds: {', '.join(names) or 'none'}")
+    # An existing study is loaded as it is, whatever its direction (check_direction refuses another), and
+    # not created again: a journal records every create_study, even of a study it holds, so a refused
+    # resume would still have written to it.
+    new = create and name not in names
+    load = partial(optuna.create_study, direction="minimize", load_if_exists=True) if new else optuna.load_study
     study = read(f"study {name!r}", lambda: load(study_name=name, storage=store, sampler=sampler, pruner=pruner))
     check_direction(study)
     return study
