@@ -32,7 +32,7 @@ import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate, pairwise
+from itertools import accumulate, chain, pairwise
 from operator import itemgetter
 
 from cdka_search.errors import BudgetError
@@ -371,8 +371,9 @@ def _search(
     if len(free) > SEARCHED_UNITS and upper - best_value <= tolerance * max(upper, 0.0):
         return Allocation(tuple(best), sum(units[k][i][0] for k, i in enumerate(best)), best_value, max(upper, best_value), 0)
     free.sort(key=lambda k: (-span(k), -options[k][1][0], k))
-    if not on_arrays and len(free) >= SEARCH_ON_ARRAYS_FROM:
-        on_arrays = budget + sum(max(c for _, c, _ in options[k]) for k in free) < 2**62  # every node's cost fits int64
+    if not on_arrays and len(free) >= SEARCH_ON_ARRAYS_FROM:  # where every node's cost is an int64
+        costs = [[c for _, c, _ in options[k]] for k in free]
+        on_arrays = all(isinstance(c, int) for c in chain.from_iterable(costs)) and budget + sum(map(max, costs)) < 2**62
     if on_arrays:
         from cdka_search import allocate_arrays
 

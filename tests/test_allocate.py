@@ -145,11 +145,15 @@ def test_a_search_of_many_units_runs_on_arrays_after_python_steps_where_costs_fi
     assert 1_000 < on_arrays.nodes < 2_000  # the arrays' node cap: their search ran
     monkeypatch.setattr(allocate_module, "SEARCH_ON_ARRAYS_FROM", 10**9)
     assert allocate(units, budget, tolerance=0.0, node_limit=1_000) == on_arrays  # Python: the same nodes under that cap
-    # Costs whose sums pass int64 keep the search in Python, with its own cap.
-    huge = [[(c << 62, v) for c, v in u] for u in units]
+    # Costs whose sums pass int64, or that are not integers, keep the search in Python, with its own cap.
     monkeypatch.setattr(allocate_module, "SEARCH_ON_ARRAYS_FROM", 64)
-    exact = allocate(huge, budget << 62, tolerance=0.0)
-    assert exact.nodes > 2_000 and exact.cost <= budget << 62
+    huge = allocate([[(c << 62, v) for c, v in u] for u in units], budget << 62, tolerance=0.0)
+    assert huge.nodes > 2_000 and huge.cost <= budget << 62
+    halves = [[(c + 0.5, v) for c, v in u] for u in units]
+    kept_in_python = allocate(halves, budget, tolerance=0.0)
+    assert kept_in_python.nodes > 2_000 and kept_in_python.cost <= budget
+    monkeypatch.setattr(allocate_module, "SEARCH_ON_ARRAYS_FROM", 10**9)
+    assert allocate(halves, budget, tolerance=0.0) == kept_in_python
 
 
 def dynamic_programming(units, budget):
