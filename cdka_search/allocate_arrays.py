@@ -56,6 +56,7 @@ class Fronts:
         flat = np.fromiter(chain.from_iterable(chain.from_iterable(fronts)), np.float64, count=2 * int(lengths.sum()))
         offset = np.cumsum(lengths) - lengths
         given_cost, given_value = flat[0::2], flat[1::2]
+        self.whole_costs = bool((given_cost == np.floor(given_cost)).all())  # nothing for int64 to drop
         if concave_chains(lengths, given_cost, given_value):
             # Every front is its own hull, by cost: nothing to sort, pad or chain (the rank objective's fronts).
             self.largest_cost = float(given_cost.max())
@@ -94,8 +95,8 @@ class Fronts:
         self.options_end = (offset + lengths)[front_of]
 
     def fits_int64(self) -> bool:
-        """Whether every cost was read exactly and every sum of costs fits int64."""
-        return self.largest_cost < 2.0**53 and int(self.count.sum()) * self.largest_cost < 2.0**62
+        """Whether every cost is a whole number read exactly and every sum of costs fits int64."""
+        return self.whole_costs and self.largest_cost < 2.0**53 and int(self.count.sum()) * self.largest_cost < 2.0**62
 
     def floor(self) -> int:
         """The cost of every unit's cheapest option."""

@@ -154,6 +154,8 @@ def test_a_search_of_many_units_runs_on_arrays_after_python_steps_where_costs_fi
     assert kept_in_python.nodes > 2_000 and kept_in_python.cost <= budget
     monkeypatch.setattr(allocate_module, "SEARCH_ON_ARRAYS_FROM", 10**9)
     assert allocate(halves, budget, tolerance=0.0) == kept_in_python
+    monkeypatch.setattr(allocate_module, "VECTORISE_FROM", 0)  # nor do the numpy steps read them as int64
+    assert allocate(halves, budget, tolerance=0.0) == kept_in_python
 
 
 def dynamic_programming(units, budget):
