@@ -404,10 +404,8 @@ def grow(tree: Tree, states: list[tuple[int, float]], best_value: float, upper: 
         nodes += grown
         if nodes > node_limit and depth + 1 < n:
             exhausted = False
-            at, (open_cost, open_value) = (depth, previous) if cut else (depth + 1, (cost, value))
-            if len(open_cost):
-                upper = max(best_value, float(np.max(open_value + bound(at, budget - open_cost))))
-            else:
-                upper = best_value
+            # As in _grow: the best bound of the states every better solution extends certifies the gap.
+            open_depth, (open_cost, open_value) = (depth, previous) if cut else (depth + 1, (cost, value))
+            upper = max(best_value, float(np.max(open_value + bound(open_depth, budget - open_cost), initial=-np.inf)))
             break
     return Grown(best_value, completed, parents, nodes, exhausted, upper)
