@@ -51,6 +51,7 @@ def test_plan_json_output_and_format(cli, tmp_path):
         (["--r1", "3"], 4, "must divide"),
         (["--objective", "fastest"], 4, "unknown objective"),
         (["-m", str(DATA / "missing" / "config.json")], 3, "no such file"),
+        (["-m", "meta-llama/Llama-2-7b-hf"], 3, "cdka reads no Hugging Face Hub id (it downloads nothing)"),
     ],
 )
 def test_plan_bad_input_is_one_line_and_no_file(cli, tmp_path, args, code, message):

@@ -74,6 +74,24 @@ def test_product_owner_alias_is_the_paper_model():
     assert load_spec("llama").name == "llama-2-7b"
 
 
+@pytest.mark.parametrize(
+    ("model", "preset"),
+    [("meta-llama/Llama-2-7b-hf", "llama-2-7b"), ("meta-llama/Meta-Llama-3-8B-Instruct", "llama-3-8b"),
+     ("mistralai/Mistral-7B-Instruct-v0.2", "mistral-7b"), ("Qwen/Qwen3-30B-A3B", "qwen3-30b-a3b"),
+     ("google/gemma-2-9b", None), ("microsoft/phi-2", None)],
+)
+def test_a_hub_id_is_named_as_such_with_a_preset_of_its_name(model, preset):
+    # cdka downloads nothing: the error says so, and offers a preset only where the repository's name,
+    # less the parts that do not change shapes, is one.
+    with pytest.raises(ModelSourceError) as raised:
+        load_spec(model)
+    hint = f"; the preset {preset!r} may have its shapes (see `cdka models`)" if preset else ""
+    assert str(raised.value) == (
+        f"{model}: no such file or folder, and cdka reads no Hugging Face Hub id (it downloads nothing): "
+        f"put the model's config.json in a folder and pass the folder{hint}"
+    )
+
+
 def test_unknown_model_suggests_near_names():
     with pytest.raises(ModelSourceError, match="Did you mean: llama-2-7b"):
         load_spec("llama-2-7")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 from cdka_search.documents import brief, named
 from cdka_search.errors import ModelSourceError
 from cdka_search.limits import MAX_DIM, MAX_TOTAL_PARAMS
 from cdka_search.registry import resolve
 from cdka_search.spec.model_spec import Kind, ModelSpec, TargetModule
-from cdka_search.spec.presets import ALIASES, PRESETS, resolve_preset_name
+from cdka_search.spec.presets import ALIASES, PRESETS, preset_like, resolve_preset_name
 from cdka_search.spec.sources import SOURCES, existing_path
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "spec_from_module",
 ]
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")  # owner/name, as the Hub spells repositories
+
 
 def load_spec(model: str) -> ModelSpec:
     """Read a model given as a preset name, a family alias, or a local path: the first of SOURCES that
@@ -32,6 +36,13 @@ def load_spec(model: str) -> ModelSpec:
             return _bounded(resolve(source.loader)(model if source.reads_name else path), model)
     if path is not None:
         raise ModelSourceError(f"{path}: expected a folder, config.json, .safetensors or .index.json")
+    if _HUB_ID.fullmatch(model) and not model.endswith((".json", ".safetensors")):  # those name files
+        near = preset_like(model.rsplit("/", 1)[1])
+        hint = f"; the preset {near!r} may have its shapes (see `cdka models`)" if near else ""
+        raise ModelSourceError(
+            f"{named(model)}: no such file or folder, and cdka reads no Hugging Face Hub id (it downloads nothing): "
+            f"put the model's config.json in a folder and pass the folder{hint}"
+        )
     raise ModelSourceError(f"{named(model)}: no such file or folder")
 
 

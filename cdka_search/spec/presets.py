@@ -4,9 +4,11 @@ by the same family code as a local config (so a preset and its config.json canno
 from __future__ import annotations
 
 import difflib
-from typing import Any, Mapping
+import re
+from collections.abc import Mapping
+from typing import Any
 
-from cdka_search.documents import brief, named
+from cdka_search.documents import named
 from cdka_search.errors import ModelSourceError
 from cdka_search.spec.families import FAMILIES, family_spec
 from cdka_search.spec.model_spec import ModelSpec
@@ -68,12 +70,30 @@ def resolve_preset_name(name: str) -> str:
         return key
     if key in ALIASES:
         return ALIASES[key]
-    near = difflib.get_close_matches(key, [*PRESETS, *ALIASES], n=3, cutoff=0.5)
+    near = nearest_presets(key)
     hint = f" Did you mean: {', '.join(near)}?" if near else ""
     raise ModelSourceError(
         f"unknown model {named(name)}: not a preset, alias or existing path.{hint} "
         "Run `cdka models` for the list."
     )
+
+
+def nearest_presets(name: str, n: int = 3, cutoff: float = 0.5) -> list[str]:
+    """Presets and aliases whose names come nearest to ``name``: a suggestion, never a resolution."""
+    return difflib.get_close_matches(name.strip().lower(), [*PRESETS, *ALIASES], n=n, cutoff=cutoff)
+
+
+# Parts of a Hub repository's name that do not change a model's shapes: Meta-Llama-3-8B-Instruct,
+# Llama-2-7b-chat-hf, Mistral-7B-Instruct-v0.2, Mistral-Nemo-Instruct-2407.
+_SHAPELESS = re.compile(r"meta|hf|instruct|chat|base|it|v\d+(\.\d+)*|\d{4}")
+
+
+def preset_like(repository: str) -> str | None:
+    """The preset or alias a Hub repository's name (``Meta-Llama-3-8B-Instruct``) most likely shares its
+    shapes with, or None: a suggestion for an error message, never a resolution."""
+    kept = "-".join(part for part in repository.lower().split("-") if not _SHAPELESS.fullmatch(part))
+    near = nearest_presets(kept, n=1, cutoff=0.8)
+    return near[0] if near else None
 
 
 def preset_spec(name: str) -> ModelSpec:
