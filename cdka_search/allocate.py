@@ -349,7 +349,6 @@ class Grown:
     upper: float
 
 
-
 def _search(
     units: Sequence[Sequence[Option]], budget: int, lam: float, best: list[int], options: list[list[Kept]],
     upper: float, node_limit: int | None, tolerance: float, on_arrays: bool,
