@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from cdka_search.budget import check_budget_text
 from cdka_search.candidates import FAMILIES, CandidateSpace
-from cdka_search.documents import brief, read_text_file, read_yaml, reject_unknown
+from cdka_search.documents import brief, read_text_file, read_yaml, regular_file, reject_unknown
 from cdka_search.errors import CdkaError, PlanError
 from cdka_search.fileio import user_path
 from cdka_search.limits import MAX_DIM, MAX_SEED, MAX_TOP_K, MAX_TRIALS
@@ -292,6 +292,8 @@ def recipe_path(name: str, root: Path | None = None) -> Path:
     given = user_path(name, RecipeError, "--recipe")
     if given.suffix in (_SUFFIX, ".yml") and given.is_file():
         return given
+    if given.exists() and not given.is_dir():  # a FIFO or device named as a file: no name lookup hides it
+        return regular_file(given, RecipeError)
     base = root or recipes_root()
     key = name.strip().removesuffix(_SUFFIX)
     candidate = base / f"{key}{_SUFFIX}"

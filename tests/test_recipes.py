@@ -131,6 +131,17 @@ def test_show_and_use_refuse_the_same_recipe(tmp_path, line, message):
         assert result.stderr.count("\n") == 1 and not (tmp_path / "p.yaml").exists()
 
 
+def test_a_recipe_path_that_is_no_regular_file_is_named_so(tmp_path):
+    import os
+
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)  # reading it would block: refused from its type, before any open
+    for given in (fifo, Path("/dev/zero")):
+        result = runner.invoke(app, ["plan", "--recipe", str(given), "-o", str(tmp_path / "p.yaml")])
+        assert result.exit_code == 5 and result.stderr == f"error: {given}: not a regular file\n"
+        assert not (tmp_path / "p.yaml").exists()
+
+
 def test_cli_export_writes_or_refuses_with_no_file(tmp_path):
     plan_file = tmp_path / "plan.yaml"
     assert runner.invoke(app, ["plan", "-m", "gpt2", "-b", "lora:4", "--family", "lora", "-o", str(plan_file)]).exit_code == 0
