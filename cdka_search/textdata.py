@@ -12,6 +12,7 @@ from typing import Any
 
 from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json
 from cdka_search.errors import DataError, ModelSourceError, one_line
+from cdka_search.time_limit import TimeLimitExceeded, time_limit
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -19,6 +20,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 MAX_DATA_BYTES = 256 * 1024 * 1024  # a trial trains a few hundred batches (200 x 8 x 128 tokens: about 1 MB of text)
 # Documents per file: 256 MiB of one-word records is 90 million of them, minutes and gigabytes of Python objects.
 MAX_DATA_RECORDS = 1_000_000
+# Per conversation rendered: a real template takes well under a millisecond; one that loops for hours is stopped.
+CHAT_TEMPLATE_SECONDS = 10.0
 # Per .json document or .jsonl line: what a 256 MiB chat dataset holds, and no more Python objects than that.
 DATA_JSON_LIMITS = JsonLimits(max_bytes=MAX_DATA_BYTES, max_objects=2_000_000, max_arrays=1_000_000, max_commas=8_000_000)
 DATA_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -269,7 +272,13 @@ def _rendered(example: Example, tokenizer: Any, number: int) -> tuple[str, str]:
     def render(messages: tuple[Message, ...], **options: Any) -> str:
         chat = [{"role": role, "content": content} for role, content in messages]
         try:
-            return tokenizer.apply_chat_template(chat, tokenize=False, **options)
+            with time_limit(CHAT_TEMPLATE_SECONDS):
+                return tokenizer.apply_chat_template(chat, tokenize=False, **options)
+        except TimeLimitExceeded:
+            raise DataError(
+                f"document {number}: the chat template was still rendering it after {CHAT_TEMPLATE_SECONDS:g} s "
+                "(a template that loops without end, or a hostile one), and was stopped"
+            ) from None
         except Exception as exc:  # a template raises what it likes (jinja2's TemplateError for a bad role order)
             raise DataError(f"document {number}: the chat template refuses it ({one_line(exc)})") from None
 

@@ -150,8 +150,9 @@ def test_the_loss_skips_prompt_tokens():
     assert labels.tolist() == [[-100, -100, *b"ye"], list(b"s\npl"), list(b"ain\n")]
 
 
-def byte_tokenizer(folder: Path, *, chat: bool):
-    """A byte-level BPE tokenizer with no merges (ids: the 256 bytes, then EOS), saved in ``folder``."""
+def byte_tokenizer(folder: Path, *, chat: bool, template: str | None = None):
+    """A byte-level BPE tokenizer with no merges (ids: the 256 bytes, then EOS), saved in ``folder``,
+    with a chat template (``template``, else a plain one) if ``chat``."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -160,7 +161,7 @@ def byte_tokenizer(folder: Path, *, chat: bool):
     core.pre_tokenizer, core.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
     if chat:
-        tokenizer.chat_template = (
+        tokenizer.chat_template = template or (
             "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}"
         )
@@ -181,6 +182,30 @@ def test_conversations_are_rendered_by_the_chat_template(tmp_path):
     assert tokens.ids == ids + [256] + ids + [256]
     # The conversation is trained whole; of the prompt-completion record only the answer and EOS.
     assert tokens.trained == [True] * (len(whole) + 1) + [False] * len(prompt) + [True] * (len(answer) + 1)
+
+
+def test_a_chat_template_that_runs_for_hours_is_stopped_in_one_line(tmp_path, tiny_lm, monkeypatch):
+    # Jinja's sandbox bounds each range to 100,000 items, not their product: 10^10 iterations.
+    import time
+
+    from typer.testing import CliRunner
+
+    from cdka_search import textdata
+    from cdka_search.cli.app import app
+
+    monkeypatch.setattr(textdata, "CHAT_TEMPLATE_SECONDS", 0.5)
+    loops = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    byte_tokenizer(tiny_lm, chat=True, template=loops + "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CHAT}) + "\n")
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["probe", "--grad", str(tiny_lm), "--data", str(data), "-o", str(tmp_path / "g.safetensors")])
+    assert time.monotonic() - started < 30
+    assert result.exit_code == 9
+    assert result.stderr.splitlines()[-1] == ("error: document 1: the chat template was still rendering it after 0.5 s "
+                                              "(a template that loops without end, or a hostile one), and was stopped")
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "g.safetensors").exists()
 
 
 def test_a_conversation_without_a_chat_template_is_one_clear_error(tmp_path, tiny_lm):
