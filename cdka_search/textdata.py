@@ -22,6 +22,7 @@ MAX_DATA_BYTES = 256 * 1024 * 1024  # a trial trains a few hundred batches (200 
 MAX_DATA_RECORDS = 1_000_000
 # Per conversation rendered: a real template takes well under a millisecond; one that loops for hours is stopped.
 CHAT_TEMPLATE_SECONDS = 10.0
+CHAT_TEMPLATE_GROWTH, CHAT_TEMPLATE_EXTRA = 16, 1 << 20  # a rendered conversation: at most 16 x its text + 1 MiB
 # Per .json document or .jsonl line: what a 256 MiB chat dataset holds, and no more Python objects than that.
 DATA_JSON_LIMITS = JsonLimits(max_bytes=MAX_DATA_BYTES, max_objects=2_000_000, max_arrays=1_000_000, max_commas=8_000_000)
 DATA_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -273,7 +274,7 @@ def _rendered(example: Example, tokenizer: Any, number: int) -> tuple[str, str]:
         chat = [{"role": role, "content": content} for role, content in messages]
         try:
             with time_limit(CHAT_TEMPLATE_SECONDS):
-                return tokenizer.apply_chat_template(chat, tokenize=False, **options)
+                text = tokenizer.apply_chat_template(chat, tokenize=False, **options)
         except TimeLimitExceeded:
             raise DataError(
                 f"document {number}: the chat template was still rendering it after {CHAT_TEMPLATE_SECONDS:g} s "
@@ -281,6 +282,12 @@ def _rendered(example: Example, tokenizer: Any, number: int) -> tuple[str, str]:
             ) from None
         except Exception as exc:  # a template raises what it likes (jinja2's TemplateError for a bad role order)
             raise DataError(f"document {number}: the chat template refuses it ({one_line(exc)})") from None
+        # Role markers and a system prompt add little; a template that pads (or repeats) adds without end.
+        most = CHAT_TEMPLATE_GROWTH * sum(len(content) for _, content in messages) + CHAT_TEMPLATE_EXTRA
+        if len(text) > most:
+            raise DataError(f"document {number}: the chat template rendered it as {len(text):,} characters, more than the "
+                            f"{most:,} its messages allow ({CHAT_TEMPLATE_GROWTH} x their text + {CHAT_TEMPLATE_EXTRA:,})")
+        return text
 
     if not example.prompt:
         return "", render(example.completion)  # type: ignore[arg-type]

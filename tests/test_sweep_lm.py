@@ -208,6 +208,18 @@ def test_a_chat_template_that_runs_for_hours_is_stopped_in_one_line(tmp_path, ti
     assert not (tmp_path / "g.safetensors").exists()
 
 
+def test_a_chat_template_that_pads_without_end_is_refused_before_tokenising(tmp_path):
+    from cdka_search.textdata import encode, load_tokenizer, read_examples
+
+    byte_tokenizer(tmp_path, chat=True, template="{{ 'x' * 2000000 }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CHAT}) + "\n")
+    with pytest.raises(DataError) as raised:
+        encode(read_examples(data), load_tokenizer(tmp_path), 257)
+    assert str(raised.value) == ("document 1: the chat template rendered it as 2,000,005 characters, more than the "
+                                 "1,048,656 its messages allow (16 x their text + 1,048,576)")
+
+
 def test_a_conversation_without_a_chat_template_is_one_clear_error(tmp_path, tiny_lm):
     from typer.testing import CliRunner
 
