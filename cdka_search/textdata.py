@@ -15,6 +15,7 @@ from cdka_search.errors import DataError, ModelSourceError, one_line
 from cdka_search.time_limit import TimeLimitExceeded, time_limit
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+MAX_TOKENIZER_BYTES = 256 * 1024 * 1024  # each of them; released tokenizer files are tens of MB at most
 
 
 MAX_DATA_BYTES = 256 * 1024 * 1024  # a trial trains a few hundred batches (200 x 8 x 128 tokens: about 1 MB of text)
@@ -228,6 +229,11 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     folder = Path(model_dir)
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         return None
+    for name in _TOKENIZER_FILES:
+        file = folder / name
+        if file.is_file() and file.stat().st_size > MAX_TOKENIZER_BYTES:  # read whole, by Rust code no limit stops
+            raise ModelSourceError(f"{file}: {file.stat().st_size:,} bytes, more than a tokenizer file may hold "
+                                   f"({MAX_TOKENIZER_BYTES:,})")
     refuse_remote_code(folder, "tokenizer_config.json")
     check_fast_tokenizer(folder / "tokenizer.json")
     try:

@@ -220,6 +220,21 @@ def test_a_chat_template_that_pads_without_end_is_refused_before_tokenising(tmp_
                                  "1,048,656 its messages allow (16 x their text + 1,048,576)")
 
 
+def test_an_oversized_tokenizer_file_is_refused_before_any_library_reads_it(tmp_path, monkeypatch):
+    from cdka_search import textdata
+    from cdka_search.errors import ModelSourceError
+
+    byte_tokenizer(tmp_path, chat=False)
+    size = (tmp_path / "tokenizer.json").stat().st_size
+    monkeypatch.setattr(textdata, "MAX_TOKENIZER_BYTES", size - 1)
+    with pytest.raises(ModelSourceError) as raised:
+        textdata.load_tokenizer(tmp_path)
+    assert str(raised.value) == (f"{tmp_path / 'tokenizer.json'}: {size:,} bytes, more than a tokenizer file may hold "
+                                 f"({size - 1:,})")
+    monkeypatch.setattr(textdata, "MAX_TOKENIZER_BYTES", size)
+    assert textdata.load_tokenizer(tmp_path) is not None
+
+
 def test_a_conversation_without_a_chat_template_is_one_clear_error(tmp_path, tiny_lm):
     from typer.testing import CliRunner
 
