@@ -244,11 +244,14 @@ def load_tokenizer(model_dir: str | Path) -> Any:
         raise ModelSourceError(f"{folder}: cannot load its tokenizer ({one_line(exc)})") from None
 
 
-def encode(examples: list[Example], tokenizer: Any, vocab_size: int) -> Tokens:
+def encode(examples: list[Example], tokenizer: Any, vocab_size: int | None) -> Tokens:
     """Token ids of every example, each prompt then completion then EOS: with ``tokenizer``
     (load_tokenizer) if there is one, else UTF-8 bytes (id = byte % vocab_size, so that tiny test models
-    without a tokenizer train). Prompt and completion are tokenised apart, as generation sees them."""
+    without a tokenizer train; ``vocab_size`` is read only then). Prompt and completion are tokenised
+    apart, as generation sees them."""
     if tokenizer is None:
+        if vocab_size is None:
+            raise ValueError("encode without a tokenizer needs the model's vocab_size")
         def pieces(text: str) -> list[int]:
             return [b % vocab_size for b in text.encode("utf-8")]
         eos = [b"\n"[0] % vocab_size]

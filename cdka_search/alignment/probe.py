@@ -43,11 +43,14 @@ def probe_gradients(
     where = resolve_device(device)
     examples = read_examples(data)
     tokenizer = load_tokenizer(model_dir)
+    # With a tokenizer the data is rendered and tokenised before the model loads (minutes for 7B): its errors come first.
+    tokens = encode(examples, tokenizer, None) if tokenizer is not None else None
     model = load_causal_lm(model_dir).to(where)
     from cdka_search.spec import spec_from_module
 
     spec = select_targets(spec_from_module(model, Path(model_dir).name), targets)
-    tokens = encode(examples, tokenizer, model.config.vocab_size)
+    if tokens is None:
+        tokens = encode(examples, None, model.config.vocab_size)
     loader = token_batches(tokens, seq_len=seq_len, batch_size=batch_size, limit=batches)
     conv1d = [t.name for t in spec.targets if t.kind == "conv1d"]
     transposed = [t.name for t in spec.targets if t.transposed]
