@@ -290,9 +290,7 @@ def list_recipes(root: Path | None = None) -> list[str]:
 def recipe_path(name: str, root: Path | None = None) -> Path:
     """The file of a recipe given by name (``llama2/7B_cdka_lora8``) or as a path to a YAML file."""
     given = user_path(name, RecipeError, "--recipe")
-    if given.suffix in (_SUFFIX, ".yml") and given.is_file():
-        return given
-    if given.exists() and not given.is_dir():  # a FIFO or device named as a file: no name lookup hides it
+    if given.exists() and not given.is_dir():  # a file, or a FIFO or device that no name lookup may hide
         return regular_file(given, RecipeError)
     base = root or recipes_root()
     key = name.strip().removesuffix(_SUFFIX)

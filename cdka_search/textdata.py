@@ -223,19 +223,26 @@ def check_fast_tokenizer(file: Path) -> None:
         raise ModelSourceError(f"{file.parent}: cannot load its tokenizer ({one_line(exc)})") from None
 
 
+def check_tokenizer(folder: Path) -> None:
+    """What a folder's tokenizer files must pass before transformers reads them: each at most
+    MAX_TOKENIZER_BYTES (libraries read them whole, in code no limit stops), no remote code, and a
+    tokenizer.json that the tokenizers library loads."""
+    for name in _TOKENIZER_FILES:
+        file = folder / name
+        size = file.stat().st_size if file.is_file() else 0
+        if size > MAX_TOKENIZER_BYTES:
+            raise ModelSourceError(f"{file}: {size:,} bytes, more than a tokenizer file may hold ({MAX_TOKENIZER_BYTES:,})")
+    refuse_remote_code(folder, "tokenizer_config.json")
+    check_fast_tokenizer(folder / "tokenizer.json")
+
+
 def load_tokenizer(model_dir: str | Path) -> Any:
     """The folder's tokenizer, or None when it has none (ModelSourceError for a broken one, or one
     that asks for remote code). Load it before the model, so a bad tokenizer fails fast."""
     folder = Path(model_dir)
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         return None
-    for name in _TOKENIZER_FILES:
-        file = folder / name
-        if file.is_file() and file.stat().st_size > MAX_TOKENIZER_BYTES:  # read whole, by Rust code no limit stops
-            raise ModelSourceError(f"{file}: {file.stat().st_size:,} bytes, more than a tokenizer file may hold "
-                                   f"({MAX_TOKENIZER_BYTES:,})")
-    refuse_remote_code(folder, "tokenizer_config.json")
-    check_fast_tokenizer(folder / "tokenizer.json")
+    check_tokenizer(folder)
     try:
         from transformers import AutoTokenizer
 
@@ -349,7 +356,8 @@ def _check_lm_config(folder: Path) -> None:
 
 def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, seq_len: int) -> None:
     """What a gradient probe can check before importing torch: its sizes, a model folder with a
-    config.json that asks for no remote code, and a loadable tokenizer.json (so bad input is rejected at once)."""
+    config.json that asks for no remote code, and tokenizer files check_tokenizer accepts (so bad input is
+    rejected at once)."""
     from cdka_search.errors import ArgumentError
     from cdka_search.limits import check_int
 
@@ -360,8 +368,18 @@ def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, s
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise ModelSourceError(f"{folder}: not a Hugging Face model folder (no config.json)")
     _check_lm_config(folder)
-    refuse_remote_code(folder, "tokenizer_config.json")
-    check_fast_tokenizer(folder / "tokenizer.json")
+    check_tokenizer(folder)
+
+
+def load_lm_and_tokens(model_dir: str | Path, data: str | Path) -> tuple[Any, Tokens]:
+    """The folder's causal LM (load_causal_lm) and ``data`` as its tokens (encode). With a tokenizer the
+    data is rendered and tokenised before the model loads (minutes for a 7B model), so its errors come
+    first; without one the byte ids need the model's vocabulary size."""
+    examples = read_examples(data)
+    tokenizer = load_tokenizer(model_dir)
+    tokens = encode(examples, tokenizer, None) if tokenizer is not None else None
+    model = load_causal_lm(model_dir)
+    return model, tokens if tokens is not None else encode(examples, None, model.config.vocab_size)
 
 
 def load_causal_lm(model_dir: str | Path) -> Any:

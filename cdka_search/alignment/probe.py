@@ -11,7 +11,7 @@ from cdka_search.alignment.device import resolve_device
 from cdka_search.alignment.reference import delta_reference, gradient_reference
 from cdka_search.spec import load_spec
 from cdka_search.targets import select_targets
-from cdka_search.textdata import check_grad_inputs, encode, load_causal_lm, load_tokenizer, read_examples, token_batches
+from cdka_search.textdata import check_grad_inputs, load_lm_and_tokens, token_batches
 
 Progress = Callable[[int, "int | None"], None]
 
@@ -41,16 +41,11 @@ def probe_gradients(
     runs on ``device`` (cdka_search.alignment.device) and the sums stay on the CPU."""
     check_grad_inputs(model_dir, batches=batches, batch_size=batch_size, seq_len=seq_len)
     where = resolve_device(device)
-    examples = read_examples(data)
-    tokenizer = load_tokenizer(model_dir)
-    # With a tokenizer the data is rendered and tokenised before the model loads (minutes for 7B): its errors come first.
-    tokens = encode(examples, tokenizer, None) if tokenizer is not None else None
-    model = load_causal_lm(model_dir).to(where)
+    model, tokens = load_lm_and_tokens(model_dir, data)
+    model = model.to(where)
     from cdka_search.spec import spec_from_module
 
     spec = select_targets(spec_from_module(model, Path(model_dir).name), targets)
-    if tokens is None:
-        tokens = encode(examples, None, model.config.vocab_size)
     loader = token_batches(tokens, seq_len=seq_len, batch_size=batch_size, limit=batches)
     conv1d = [t.name for t in spec.targets if t.kind == "conv1d"]
     transposed = [t.name for t in spec.targets if t.transposed]

@@ -57,17 +57,11 @@ class LMTask:
     def prepare(self, space: "SearchSpace") -> None:
         import torch
 
-        from cdka_search.textdata import encode, load_causal_lm, load_tokenizer, read_examples, token_blocks
+        from cdka_search.textdata import load_lm_and_tokens, token_blocks
 
-        examples = read_examples(self.options.data)  # type: ignore[arg-type]
-        tokenizer = load_tokenizer(self.options.model)  # type: ignore[arg-type]
-        # With a tokenizer the data is rendered and tokenised before the model loads: its errors come first.
-        tokens = encode(examples, tokenizer, None) if tokenizer is not None else None
-        self.base = load_causal_lm(self.options.model)  # type: ignore[arg-type]
+        self.base, tokens = load_lm_and_tokens(self.options.model, self.options.data)  # type: ignore[arg-type]
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base.eval()
-        if tokens is None:
-            tokens = encode(examples, None, int(self.base.config.vocab_size))
         inputs, labels = token_blocks(tokens, self.seq_len)
         if len(inputs) < 2:
             raise SweepError(
