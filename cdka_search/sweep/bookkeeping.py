@@ -89,10 +89,6 @@ def counted_trials(study: Any) -> int:
     return sum(counted(t) for t in study.get_trials(deepcopy=False))
 
 
-def heuristic_complete(study: Any) -> bool:
-    return any(t.user_attrs.get(HEURISTIC) and t.state == _state("COMPLETE") for t in study.get_trials(deepcopy=False))
-
-
 def reap_dead(study: Any) -> int:
     """Fail every RUNNING trial whose worker process on this host is gone and queue it again
     (trial 0 always, others up to MAX_REQUEUE times). Returns how many were reaped."""

@@ -159,11 +159,6 @@ def _check_compatible(study: Any, wanted: dict[str, Any], storage: str) -> None:
         )
 
 
-def finished_count(study: Any) -> int:
-    """The trials --trials counts (see cdka_search.sweep.bookkeeping)."""
-    return counted_trials(study)
-
-
 def open_study(storage: str | None, name: str | None, *, create: bool = False, sampler: Any = None,
                pruner: Any = None, heartbeat: bool = True) -> Any:
     """Load (or create) a study; with no name, the storage's only study."""
