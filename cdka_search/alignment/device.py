@@ -6,9 +6,6 @@ import torch
 
 from cdka_search.errors import ReferenceFileError
 
-DEVICES = ("auto", "cpu", "cuda")
-
-
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """The torch device for ``name``: ``auto`` is CUDA where present, else the CPU.
 
