@@ -33,8 +33,10 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate, chain, pairwise
+from numbers import Real
 from operator import itemgetter
 
+from cdka_search.documents import brief
 from cdka_search.errors import BudgetError
 from cdka_search.gc_pause import paused_gc
 
@@ -296,11 +298,18 @@ def allocate_units(
     if sum(len(u.front) for u in units) >= VECTORISE_FROM and sum(u.count for u in units) < 2**62:
         from cdka_search import allocate_arrays
 
-        fronts = allocate_arrays.Fronts(units)
+        try:
+            fronts = allocate_arrays.Fronts(units)
+        except (TypeError, ValueError):  # an option numpy cannot read as two numbers
+            _check_options(units)
+            raise
+        if not fronts.numbers_valid():
+            _check_options(units)
         if fronts.fits_int64():
             _check_floor(fronts.floor(), budget)
             lam, best, options, upper = allocate_arrays.relax_and_screen(fronts, budget)
             return _search(units, budget, lam, best, options, upper, node_limit, tolerance, True)
+    _check_options(units)
     expanded = [u.options() for u in units]
     _check_floor(sum(min(c for c, _ in u) for u in expanded), budget)
     lp = _relax(expanded, budget)
@@ -309,6 +318,29 @@ def allocate_units(
         _fill(expanded, best, budget)
     options, upper = _screen(expanded, lp.lam, budget, lp.upper, sum(expanded[k][i][1] for k, i in enumerate(best)))
     return _search(expanded, budget, lp.lam, best, options, upper, node_limit, tolerance, False)
+
+
+def _check_options(units: Sequence[Unit]) -> None:
+    """BudgetError naming the first option that is not (a finite cost >= 0, a finite value): a nan or a
+    negative cost would pass every comparison of the search unnoticed and yield a wrong allocation."""
+    seen: set[int] = set()
+    for k, u in enumerate(units):
+        if id(u.front) in seen:
+            continue
+        seen.add(id(u.front))
+        for i, option in enumerate(u.front):
+            try:
+                cost, value = option
+                valid = _finite(cost) and cost >= 0 and _finite(value)
+            except (TypeError, ValueError):
+                valid = False
+            if not valid:
+                raise BudgetError(f"allocation unit {k}, option {i}: {brief(option, 60)} is not a (cost, value) pair "
+                                  "of a finite cost >= 0 and a finite value")
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, Real) and math.isfinite(x)
 
 
 def _check_floor(floor: int, budget: int) -> None:

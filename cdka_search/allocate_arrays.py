@@ -41,7 +41,10 @@ GROWN_BLOCK = 1 << 15  # (state, choice) pairs the search tests at once: bounded
 
 class Fronts:
     """The distinct fronts of ``units``, each once: its hull and its options by cost, flat over all
-    fronts, and per unit where its front's hull starts, its count and its value scale ``weight * count``."""
+    fronts, and per unit where its front's hull starts, its count and its value scale ``weight * count``.
+    Where every front is its own hull (``own_hulls``), hull points are the options themselves, and the
+    maps between them (``first_option``, ``options_after``, ``option_index``, ``hull_option``) are
+    computed rather than stored."""
 
     def __init__(self, units: Sequence[Unit]) -> None:
         index: dict[int, int] = {}
@@ -56,23 +59,26 @@ class Fronts:
         flat = np.fromiter(chain.from_iterable(chain.from_iterable(fronts)), np.float64, count=2 * int(lengths.sum()))
         offset = np.cumsum(lengths) - lengths
         given_cost, given_value = flat[0::2], flat[1::2]
-        self.whole_costs = bool((given_cost == np.floor(given_cost)).all())  # nothing for int64 to drop
-        if concave_chains(lengths, given_cost, given_value):
-            # Every front is its own hull, by cost: nothing to sort, pad or chain (the rank objective's fronts).
+        self.least_cost, self.total = float(given_cost.min()), float(flat.sum())
+        # Every front its own hull, by cost (the rank objective's fronts): nothing to sort, pad or chain,
+        # and a hull point is its option, so no per-option index is stored (at 4.9 million options those
+        # arrays were 200 MB of fresh pages, a third of the first call).
+        self.own_hulls = concave_chains(lengths, given_cost, given_value)
+        if self.own_hulls:
             self.largest_cost = float(given_cost.max())
-            self.option_cost, self.option_value = given_cost.astype(np.int64), given_value
-            self.option_index = np.arange(len(self.option_cost)) - np.repeat(offset, lengths)
-            self.hull_cost, self.hull_value, self.hull_option = self.option_cost, self.option_value, self.option_index
-            self.first_at = np.arange(len(self.option_cost))
-            self.last_after = self.first_at + 1
+            self.option_cost, self.option_value = _int64(given_cost), given_value
+            self.whole_costs = bool((self.option_cost == given_cost).all())  # nothing for int64 to drop
+            self.hull_cost, self.hull_value = self.option_cost, self.option_value
             hull_size = lengths
         else:
             hull, by_cost = hulls(lengths, given_cost, given_value)
             cost, value, order = by_cost
             listed = np.arange(cost.shape[1]) < lengths[:, None]
             self.largest_cost = float(cost[listed].max())
-            self.option_cost, self.option_value = cost[listed].astype(np.int64), value[listed]
-            self.option_index = order[listed]
+            listed_cost = cost[listed]
+            self.option_cost, self.option_value = _int64(listed_cost), value[listed]
+            self.whole_costs = bool((self.option_cost == listed_cost).all())
+            self._option_index = order[listed]
             # Per option (front by front, by cost): where the options of its front and cost end.
             new_cost = np.ones(cost.shape, bool)
             new_cost[:, 1:] = cost[:, 1:] != cost[:, :-1]
@@ -81,10 +87,10 @@ class Fronts:
             hull_cost, hull_value, hull_index, hull_column, hull_size = hull
             on_hull = np.arange(hull_cost.shape[1]) < hull_size[:, None]
             self.hull_cost, self.hull_value = hull_cost[on_hull].astype(np.int64), hull_value[on_hull]
-            self.hull_option = hull_index[on_hull]
+            self._hull_option = hull_index[on_hull]
             # A hull point is the first option of its cost (the best-valued one): where its cost begins and ends.
-            self.first_at = (offset[:, None] + hull_column)[on_hull]
-            self.last_after = ends[self.first_at]
+            self._first_at = (offset[:, None] + hull_column)[on_hull]
+            self._last_after = ends[self._first_at]
         front_of = np.asarray(of_unit, np.int64)
         self.count = np.fromiter((u.count for u in units), np.int64, count=len(units))
         weight = np.fromiter((u.weight for u in units), np.float64, count=len(units))
@@ -93,6 +99,27 @@ class Fronts:
         # A unit of weight 0 values every option 0: its hull is its cheapest option alone.
         self.size = np.where(weight > 0, hull_size[front_of], 1)
         self.options_end = (offset + lengths)[front_of]
+
+    def first_option(self, p: np.ndarray) -> np.ndarray:
+        """Flat index of the first option at the cost of flat hull point p."""
+        return p if self.own_hulls else self._first_at[p]
+
+    def options_after(self, p: np.ndarray) -> np.ndarray:
+        """Flat index just past the last option at the cost of flat hull point p."""
+        return p + 1 if self.own_hulls else self._last_after[p]
+
+    def option_index(self, k: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """Index, in the front as given, of flat option ``at`` of units k."""
+        return at - self.start[k] if self.own_hulls else self._option_index[at]
+
+    def hull_option(self, k: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Index, in the front as given, of hull point j of units k."""
+        return j if self.own_hulls else self._hull_option[self.start[k] + j]
+
+    def numbers_valid(self) -> bool:
+        """Whether every cost is finite and >= 0 and every value finite (the sum of a finite array is
+        nan or inf only where it overflows, which the caller's exact check then clears)."""
+        return self.least_cost >= 0 and bool(np.isfinite(self.total))
 
     def fits_int64(self) -> bool:
         """Whether every cost is a whole number read exactly and every sum of costs fits int64."""
@@ -117,6 +144,13 @@ class Fronts:
     def reduced(self, k: np.ndarray, j: np.ndarray, lam: float) -> np.ndarray:
         """v - lam c of hull point j of units k."""
         return self.value(k, j) - lam * self.cost(k, j)
+
+
+def _int64(cost: np.ndarray) -> np.ndarray:
+    """``cost`` as int64; a fraction, nan or inf comes out as some other number, which
+    Fronts.whole_costs then reports (comparing the copy with ``cost`` needs no float temporary)."""
+    with np.errstate(invalid="ignore"):
+        return cost.astype(np.int64)
 
 
 def concave_chains(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> bool:
@@ -295,8 +329,8 @@ def screen(
     # tangent below it] can reach the floor.
     left = first_true(np.zeros_like(size), tangent, lambda k, j: reduced(k, j) >= floor[k])
     right = first_true(np.minimum(tangent + 1, size), size, lambda k, j: reduced(k, j) < floor[k])
-    begin = fronts.first_at[fronts.start + np.maximum(left - 1, 0)]
-    end = np.where(right < size, fronts.last_after[fronts.start + np.minimum(right, size - 1)], fronts.options_end)
+    begin = fronts.first_option(fronts.start + np.maximum(left - 1, 0))
+    end = np.where(right < size, fronts.options_after(fronts.start + np.minimum(right, size - 1)), fronts.options_end)
     lengths = end - begin  # at least 1: the window holds the tangent
     offsets = np.cumsum(lengths) - lengths
     unit = np.repeat(units, lengths)
@@ -306,7 +340,7 @@ def screen(
     top = np.maximum.reduceat(gain, offsets)
     upper = min(upper, lam * budget + sum(top.tolist()))  # the same bound, by duality; min guards rounding
     kept = np.flatnonzero(gain > (top - (upper - best_value) - 1e-12 * max(1.0, abs(upper)))[unit])
-    loss, index = top[unit[kept]] - gain[kept], fronts.option_index[at[kept]]
+    loss, index = top[unit[kept]] - gain[kept], fronts.option_index(unit[kept], at[kept])
     order = np.lexsort((index, cost[kept], loss, unit[kept]))
     entries = list(zip(loss[order].tolist(), cost[kept][order].tolist(), index[order].tolist()))
     options, taken = [], 0
@@ -320,7 +354,7 @@ def relax_and_screen(fronts: Fronts, budget: int) -> tuple[float, list[int], lis
     """(multiplier lam, the rounded walk as option indices, the options screening keeps, upper bound)."""
     upper, lam, at = relax(fronts, budget)
     every = np.arange(len(fronts.size))
-    start = fronts.hull_option[fronts.start + at].tolist()
+    start = fronts.hull_option(every, at).tolist()
     options, upper = screen(fronts, lam, budget, upper, sum(fronts.value(every, at).tolist()))
     return lam, start, options, upper
 

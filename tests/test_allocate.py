@@ -449,9 +449,17 @@ def test_fronts_that_are_their_own_hulls_skip_the_padded_hull_and_give_the_same_
     fast = allocate_arrays.Fronts(units)
     monkeypatch.setattr(allocate_arrays, "concave_chains", lambda *_: False)
     padded = allocate_arrays.Fronts(units)
-    for field in ("option_cost", "option_value", "option_index", "hull_cost", "hull_value", "hull_option", "first_at",
-                  "last_after", "start", "size", "options_end", "scale", "count"):
+    assert fast.own_hulls and not padded.own_hulls
+    for field in ("option_cost", "option_value", "hull_cost", "hull_value", "start", "size", "options_end", "scale", "count"):
         assert np.array_equal(getattr(fast, field), getattr(padded, field)), field
+    # The index maps the fast path computes instead of storing: every unit's every option and hull point.
+    unit = np.repeat(np.arange(len(units)), fast.size)
+    hull_point = np.arange(len(unit)) - np.repeat(np.cumsum(fast.size) - fast.size, fast.size)
+    flat_hull = fast.start[unit] + hull_point
+    for method, args in (("first_option", (flat_hull,)), ("options_after", (flat_hull,)), ("hull_option", (unit, hull_point)),
+                         ("option_index", (unit, flat_hull))):
+        assert np.array_equal(getattr(fast, method)(*args), getattr(padded, method)(*args)), method
+    assert fast.option_index(unit, flat_hull).max() == max(map(len, fronts)) - 1
 
 
 @pytest.mark.parametrize("bound", ["lp", "multipliers"])  # multipliers: where the LP's prefix sums would not fit
@@ -473,3 +481,19 @@ def test_grouped_units_with_concave_and_ragged_fronts_match_dynamic_programming(
     result = allocate_units(units, budget)
     assert result.cost <= budget and result.exact
     assert result.value == pytest.approx(dynamic_programming([u.options() for u in units], budget), abs=1e-9)
+
+
+# The numpy steps read what numpy reads as a number (the text "3" too); the Python ones take numbers only.
+@pytest.mark.parametrize(("bad", "vectorise_from"), [
+    *((bad, at) for bad in [(float("nan"), 1.0), (float("inf"), 1.0), (-3, 1.0), (3, float("nan")), (3, float("-inf")), (3, None)]
+      for at in (0, 10**12)),
+    (("3", 1.0), 10**12),
+])
+def test_an_option_that_is_no_finite_cost_and_value_is_refused_by_name(bad, vectorise_from, monkeypatch):
+    monkeypatch.setattr(allocate_module, "VECTORISE_FROM", vectorise_from)
+    fronts = [tuple((c, (1 + k) * c**0.5) for c in range(1, 30)) for k in range(5)]
+    fronts[3] = fronts[3][:7] + (bad,) + fronts[3][8:]
+    with pytest.raises(BudgetError, match=r"^allocation unit 3, option 7: .* is not a \(cost, value\) pair of a finite cost >= 0"):
+        allocate_units([Unit(f) for f in fronts], 400)
+    fronts[3] = fronts[3][:7] + ((7, 3.0),) + fronts[3][8:]
+    assert allocate_units([Unit(f) for f in fronts], 400).cost <= 400
