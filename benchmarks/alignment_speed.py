@@ -1,6 +1,6 @@
 """Speed and accuracy of alignment_table on a 4096 x 11008 matrix (a Llama-7B MLP shape).
 
-Run: python benchmarks/alignment_speed.py [--max-steps Q] [--target E] [--threads N] [--shape 4096x11008]
+Run: python benchmarks/alignment_speed.py [--max-steps Q] [--target E] [--threads N] [--shape 4096x11008] [--device cuda]
      python benchmarks/alignment_speed.py --accuracy [--accuracy-shapes 96x128 256x688 512x1376]
      python benchmarks/alignment_speed.py --rounding [--rounding-shape 1024x2752]
 
@@ -27,7 +27,7 @@ import time
 import torch
 
 from cdka_search.alignment import alignment_table, divisor_pairs, factor_sizes, rearrange
-from cdka_search.alignment.device import fast_bf16
+from cdka_search.alignment.device import fast_bf16, resolve_device
 from cdka_search.alignment.energy import DEFAULT_ACCURACY, DEFAULT_MAX_STEPS
 
 D_OUT, D_IN, R_MAX = 4096, 11008, 16
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="most Krylov blocks after the first")
     parser.add_argument("--target", type=float, default=DEFAULT_ACCURACY, help="target energy error (early stop)")
     parser.add_argument("--shape", default=f"{D_OUT}x{D_IN}", help="d_outxd_in of the test matrix")
+    parser.add_argument("--device", default="cpu", help="where alignment_table runs (cpu, cuda); the exact side stays on the CPU")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,13 +137,16 @@ def main() -> None:
     pairs = divisor_pairs(*shape)
     exact_pairs = [p for p in EXACT_PAIRS if p in pairs] or pairs[:: max(1, len(pairs) // 6)]
     modes = {"bf16 passes": True, "float32": False}
-    print(f"torch threads {torch.get_num_threads()}; max_steps {args.max_steps}, accuracy {args.target}; "
-          f"the library's default here: {'bf16 passes' if fast_bf16(torch.device('cpu')) else 'float32'}")
+    device = resolve_device(args.device)
+    print(f"torch threads {torch.get_num_threads()}; max_steps {args.max_steps}, accuracy {args.target}; device {device}; "
+          f"the library's default there: {'bf16 passes' if fast_bf16(device) else 'float32'}")
 
+    if device.type != "cpu":  # the device's start-up (context, BLAS handles) is no part of the energies' cost
+        alignment_table(M[:256, :688], R_MAX, device=device)
     totals = {}
     for mode, low in modes.items():
         start = time.perf_counter()
-        alignment_table(M, R_MAX, max_steps=args.max_steps, accuracy=args.target, bf16_passes=low)
+        alignment_table(M, R_MAX, max_steps=args.max_steps, accuracy=args.target, bf16_passes=low, device=device)
         totals[mode] = time.perf_counter() - start
         print(f"alignment_table, all {len(pairs)} pairs, {mode}: {totals[mode]:.1f} s", file=sys.stderr)
 
@@ -154,7 +158,8 @@ def main() -> None:
         exact_t = time.perf_counter() - start
         for mode, low in modes.items():
             start = time.perf_counter()
-            got = alignment_table(M, R_MAX, pairs=[pair], max_steps=args.max_steps, accuracy=args.target, bf16_passes=low)[pair]
+            got = alignment_table(M, R_MAX, pairs=[pair], max_steps=args.max_steps, accuracy=args.target, bf16_passes=low,
+                                  device=device)[pair]
             times[mode] = time.perf_counter() - start
             errors[mode] = (torch.tensor(got, dtype=torch.float64) - exact).abs().max().item()
         rows.append((pair, *small_side(shape, pair), times, errors, exact_t))

@@ -23,6 +23,7 @@ SCRIPT_SMOKE = {
     "benchmarks/adapter_speed.py": ["--tokens", "64", "--shapes", "64x96", "--warmup", "0", "--repeats", "1", "--slow-repeats", "1"],
     "benchmarks/alignment_speed.py": ["--shape", "64x96", "--accuracy-shapes", "48x64", "--rounding-shape", "48x64"],
     "benchmarks/scale.py": ["--layers", "2", "4", "--units", "32", "224", "--reference-layers", "1", "--reference-width", "64x96"],
+    "benchmarks/gpu_rows.py": ["--smoke"],
     "benchmarks/validity.py": ["--steps", "5", "--seeds", "1", "--shapes", "128x128"],
     "benchmarks/validity_lm.py": ["--smoke"],
     "benchmarks/model_types.py": ["--types", "olmoe"],
