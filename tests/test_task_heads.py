@@ -313,3 +313,61 @@ def test_a_model_whose_only_linear_layer_is_its_new_head_is_refused_naming_the_h
     with pytest.raises(ModelSourceError, match=r"^TinyForImageClassification: no nn.Linear, Conv1D or expert weights to adapt "
                                                r"outside its new task head \(head\)$"):
         spec_from_module(model)
+
+
+PERCEIVER = dict(d_model=32, d_latents=32, num_latents=4, num_blocks=1, num_self_attends_per_block=1, num_self_attention_heads=2,
+                 num_cross_attention_heads=2, vocab_size=50, max_position_embeddings=16, num_labels=LABELS)
+
+
+def test_a_head_built_inside_the_base_model_is_trained_whole_and_an_added_input_module_is_not():
+    """PerceiverForSequenceClassification builds its classification decoder inside its base model, with
+    its text preprocessor (pretrained embeddings): the bare PerceiverModel has neither, and only the
+    decoder is sized by the labels."""
+    torch.manual_seed(0)
+    model = transformers.PerceiverForSequenceClassification(transformers.PerceiverConfig(**PERCEIVER))
+    decoder = sum(p.numel() for p in model.perceiver.decoder.parameters())
+    spec = spec_from_module(model)
+    assert spec.modules_to_save == (("perceiver.decoder", decoder),)
+    assert not [t.name for t in spec.targets if t.name.startswith("perceiver.decoder.")]
+    assert any(t.name.startswith("perceiver.encoder.") for t in spec.targets)
+    plan = make_plan(spec, "lora:1")
+    summary = apply_plan(model, plan)
+    assert summary.trained_whole == ("perceiver.decoder",) and summary.trainable_params == plan.trained_params
+    assert all(p.requires_grad for p in model.perceiver.decoder.parameters())
+    assert not any(p.requires_grad for p in model.perceiver.input_preprocessor.parameters())
+    assert model(inputs=torch.randint(0, 50, (2, 16))).logits.shape == (2, LABELS)
+
+
+def test_a_pooler_the_task_model_adds_to_its_base_stays_a_target():
+    """Data2VecVisionForImageClassification builds its base with a pooler that AutoModel leaves out: a
+    pretrained module, not sized by the labels, so not a head."""
+    config = transformers.Data2VecVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                               image_size=16, patch_size=8, num_labels=LABELS, use_mean_pooling=False)
+    with torch.device("meta"):
+        model = transformers.Data2VecVisionForImageClassification(config)
+    assert "pooler" in dict(model.data2vec_vision.named_children())
+    assert spec_from_module(model).modules_to_save == (("classifier", 32 * LABELS + LABELS),)
+
+
+@pytest.mark.parametrize(("name", "new"), [
+    ("BertForSequenceClassification", True), ("DeiTForImageClassificationWithTeacher", True),
+    ("PerceiverForImageClassificationLearned", True), ("LukeForEntityPairClassification", True),
+    ("PatchTSTForClassification", True), ("XLNetForQuestionAnsweringSimple", True), ("RobertaForMultipleChoice", True),
+    ("LlamaForCausalLM", False), ("BertForMaskedLM", False), ("T5ForConditionalGeneration", False), ("BertModel", False),
+])
+def test_which_transformers_classes_add_a_new_head(name, new):
+    from cdka_search.spec.model_spec import has_new_head
+
+    assert has_new_head(name) is new
+
+
+def test_an_entity_classifier_trains_its_classifier_whole():
+    """LUKE's entity classifiers were not read as task models: their classifier was adapted as a target."""
+    config = transformers.LukeConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                     vocab_size=50, entity_vocab_size=20, entity_emb_size=16, max_position_embeddings=16,
+                                     num_labels=LABELS)
+    with torch.device("meta"):
+        model = transformers.LukeForEntityClassification(config)
+    spec = spec_from_module(model)
+    assert spec.modules_to_save == (("classifier", 32 * LABELS + LABELS),)
+    assert "classifier" not in {t.name for t in spec.targets}

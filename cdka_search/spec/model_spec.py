@@ -10,11 +10,10 @@ Kind = Literal["linear", "conv1d", "experts"]
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 # transformers' task models whose head is new at fine-tuning (num_labels outputs, a span or choice
 # scorer): trained whole, as PEFT's modules_to_save, not adapted. A pretrained head (an LM head's
-# transform, Gemma 4's projections) stays a target, as PEFT's all-linear keeps it.
-_TASK_HEAD_CLASS = re.compile(
-    r"For(Sequence|Token|Image|Audio|Video|AudioFrame)Classification(WithTeacher)?$|ForQuestionAnswering(Simple)?$"
-    r"|ForMultipleChoice$"
-)
+# transform, Gemma 4's projections) stays a target, as PEFT's all-linear keeps it. Any classification
+# counts (LUKE's ForEntityClassification, PatchTST's ForClassification, ViLT's ForImagesAndTextClassification),
+# and the name may go on in words (DeiT's ...WithTeacher; Perceiver's ...Learned, ...Fourier, ...ConvProcessing).
+_TASK_HEAD_CLASS = re.compile(r"For[A-Za-z]*Classification([A-Z][A-Za-z]*)?$|ForQuestionAnswering(Simple)?$|ForMultipleChoice$")
 #: What transformers (and timm, for ``fc`` and ``head``) names such a head at the top of the model, where no
 #: base model tells it apart (PPLCNetForImageClassification's base has no class of its own) or there is no
 #: model at all (a safetensors header).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cdka_search.documents import brief
@@ -105,26 +105,80 @@ def expert_layout(module) -> bool | None:
     return observed_layout(module)
 
 
-def _base_prefix(model) -> str | frozenset[str] | None:
-    """Where the new head of a transformers task model is. ``"name."`` of its base model
-    (``bert.`` of BertForSequenceClassification): the modules outside it are that head. When the task
-    model holds its base's modules itself (T5ForQuestionAnswering, WhisperForAudioClassification), the
-    names of its top-level modules that are the head (:func:`_own_head`). None for any other model."""
+@dataclass(frozen=True)
+class _Head:
+    """Where a transformers task model's new head is: every module outside its base model (``base``,
+    the base's ``"name."``: ``bert.`` of BertForSequenceClassification; None when the task model holds
+    its base's modules itself, as T5ForQuestionAnswering does), and the modules named in ``tops``
+    (full names: the head's modules within the base, or at the top where there is no base)."""
+
+    base: str | None
+    tops: frozenset[str]
+
+    def holds(self, name: str) -> bool:
+        """Whether module or parameter ``name`` belongs to the head (the base module itself does not)."""
+        if self.base is not None and not f"{name}.".startswith(self.base):
+            return True
+        return any(f"{name}.".startswith(f"{top}.") for top in self.tops)
+
+    def top(self, name: str) -> str:
+        """The outermost module of the head that holds ``name``."""
+        inside = next((top for top in self.tops if f"{name}.".startswith(f"{top}.")), None)
+        if inside is not None or self.base is None:
+            return inside or name.split(".")[0]
+        parts = name.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        return next(head for head in prefixes if not self.base.startswith(f"{head}."))
+
+
+def _new_head(model) -> _Head | None:
+    """The new head of a transformers task model (None for any other model): the modules outside its
+    base model, and those of its base that its model type's own base model (transformers' AutoModel of
+    its config, built on the meta device) lacks and that are sized by the labels, as Perceiver's
+    classification decoder, which PerceiverForSequenceClassification builds inside its ``perceiver``. A
+    task model holding its base's modules itself (T5ForQuestionAnswering, WhisperForAudioClassification)
+    has the top-level modules that base model lacks; without a base model to compare with, those named as
+    transformers names heads."""
     if not has_new_head(type(model).__name__):
         return None
+    bare = _base_model_tops(getattr(model, "config", None))
     base = getattr(model, "base_model", None)
     if base is None or base is model:
-        return _own_head(model)
-    return next((f"{n}." for n, m in model.named_modules() if m is base), "")
+        tops = {name for name, child in model.named_children() if _has_parameters(child)}
+        return _Head(None, frozenset(tops & set(TASK_HEAD_MODULES) if bare is None else tops - bare))
+    prefix = next((f"{n}." for n, m in model.named_modules() if m is base), "")
+    extra = [] if bare is None else [n for n, child in base.named_children() if n not in bare and _has_parameters(child)]
+    return _Head(prefix, frozenset(f"{prefix}{n}" for n in _sized_by_labels(model, base, extra)))
 
 
-def _own_head(model) -> frozenset[str]:
-    """The top-level modules of a task model holding its base itself that its model type's base model
-    (transformers' AutoModel of its config) lacks: T5's ``qa_outputs``, Whisper's ``projector`` and
-    ``classifier``. Without a base model to compare with, those named as transformers names heads."""
-    tops = {name for name, child in model.named_children() if any(True for _ in child.parameters())}
-    base_tops = _base_model_tops(getattr(model, "config", None))
-    return frozenset(tops & set(TASK_HEAD_MODULES) if base_tops is None else tops - base_tops)
+def _sized_by_labels(model, base, names: list[str]) -> list[str]:
+    """Those of ``base``'s children ``names`` whose size follows the number of labels: the task model
+    built again on meta with one label more sizes them differently. Only such a child is a new head; one
+    the task model merely adds to its base is not (Perceiver's input preprocessor, holding pretrained
+    embeddings; a pooler that AutoModel leaves out)."""
+    config = getattr(model, "config", None)
+    labels = getattr(config, "num_labels", None)
+    if not names or not isinstance(labels, int):
+        return []
+    wider = copy.deepcopy(config)
+    wider.num_labels = labels + 1
+    try:
+        import torch
+
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            other = type(model)(wider).base_model
+    except Exception:  # noqa: BLE001 - a class that cannot be built again from its own config
+        return []
+
+    def size(module, name: str) -> int:
+        return sum(p.numel() for p in module.get_submodule(name).parameters())
+
+    return [n for n in names if size(base, n) != size(other, n)]
+
+
+def _has_parameters(module) -> bool:
+    return any(True for _ in module.parameters())
 
 
 def _base_model_tops(config) -> set[str] | None:
@@ -146,24 +200,6 @@ def _base_model_tops(config) -> set[str] | None:
         return None
 
 
-def _in_head(name: str, base: str | frozenset[str] | None) -> bool:
-    """Whether module or parameter ``name`` belongs to the new head, given :func:`_base_prefix`."""
-    if base is None:
-        return False
-    if isinstance(base, str):
-        return not f"{name}.".startswith(base)  # the base module itself is no head either
-    return name.split(".", 1)[0] in base
-
-
-def _outside(name: str, base: str | frozenset[str]) -> str:
-    """The outermost module of ``name`` that does not hold the base model at ``base``."""
-    parts = name.split(".")
-    if not isinstance(base, str):
-        return parts[0]
-    prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return next(head for head in prefixes if not base.startswith(f"{head}."))
-
-
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
     """Targets are every linear module (:func:`base_kind`) except the output embedding and a task model's
     new head (a classifier: trained whole, listed in ``modules_to_save``), and
@@ -178,12 +214,12 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
     # nn.MultiheadAttention multiplies by out_proj.weight itself and never calls out_proj: an adapter
     # there would never run, so it is no target (its weight is reported uncovered).
     bypassed = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    base = _base_prefix(model)
+    head = _new_head(model)
     targets: list[TargetModule] = []
     for module_name, module in model.named_modules():
         if id(module) in excluded or module_name.split(".")[-1] == "lm_head":
             continue
-        if _in_head(module_name, base):
+        if head is not None and head.holds(module_name):
             continue  # a new task head (classifier, score): trained whole, not adapted
         kind = None if id(module) in bypassed else base_kind(module)
         if kind == "linear":
@@ -212,9 +248,9 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
             full = f"{module_name}.{param_name}" if module_name else param_name
             # A parameter of the task model itself (Nemotron 3 diarization's silence_embeds) is in no module
             # that PEFT's modules_to_save could train whole: it stays with the base, frozen.
-            if module_name and _in_head(full, base):
-                head = _outside(full, base)
-                heads[head] = heads.get(head, 0) + p.numel()
+            if module_name and head is not None and head.holds(full):
+                top = head.top(full)
+                heads[top] = heads.get(top, 0) + p.numel()
                 continue
             covered = module_name in targeted or full in targeted or id(module) in excluded
             if p.dim() >= 2 and not covered and not isinstance(module, nn.Embedding) and not is_embedding(full):
