@@ -9,6 +9,8 @@ Tasks (data this machine's Python ships, nothing downloaded):
 - ``prose``: English prose, the Python documentation topics in ``pydoc_data`` (a domain shift from code).
 - ``swapcase``: the standard library's test sources with upper and lower case swapped (the same grammar
   in another byte alphabet: an update far from low rank).
+- ``rot13``: the ``prose`` task's text with its letters shifted by 13 (ROT13): English under a new
+  alphabet, a shift in both the domain and the bytes.
 
 Designs, all at equal budget (``lora:R``, every linear layer): LoRA, the paper's (2,8,r) and (2,2,r) and
 other uniform (r1,r2,r) designs (one design on every target, r as large as fits), every objective's plan,
@@ -76,7 +78,7 @@ FULL_LRS = (3e-4, 1e-3, 3e-3)
 SPECTRA_LR = 1e-3  # full fine-tuning's best grid lr on prose (benchmarks/results/validity_lm_calibration.md)
 UNIFORM_PAIRS = ((1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (2, 8), (8, 2), (4, 8), (8, 4), (2, 4), (4, 2))
 PAPER = ((2, 8), (2, 2))
-TASKS = ("prose", "swapcase")
+TASKS = ("prose", "swapcase", "rot13")
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BUDGETS = (1, 2, 8)
 # --quick: the lrs the calibration grid picked (benchmarks/results/validity_lm_calibration.md), and the
@@ -124,6 +126,10 @@ def corpus(name: str, recipe: Recipe = FULL) -> bytes:
         return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")[: recipe.task_bytes]
     if name == "swapcase":
         return _read(_files(stdlib(), test=True), recipe.task_bytes).decode("utf-8", "replace").swapcase().encode("utf-8")
+    if name == "rot13":  # the prose's letters shifted by 13: the same text under a new alphabet
+        import codecs
+
+        return codecs.encode(corpus("prose", recipe).decode("utf-8", "replace"), "rot13").encode("utf-8")
     raise SystemExit(f"error: unknown task {name!r}; choose from {', '.join(TASKS)}")
 
 
