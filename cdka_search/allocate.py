@@ -303,7 +303,7 @@ def allocate_units(
         except (TypeError, ValueError):  # an option numpy cannot read as two numbers
             _check_options(units)
             raise
-        if not fronts.numbers_valid():
+        if not fronts.numbers_valid:
             _check_options(units)
         if fronts.fits_int64():
             _check_floor(fronts.floor(), budget)

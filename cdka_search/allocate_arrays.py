@@ -59,7 +59,9 @@ class Fronts:
         flat = np.fromiter(chain.from_iterable(chain.from_iterable(fronts)), np.float64, count=2 * int(lengths.sum()))
         offset = np.cumsum(lengths) - lengths
         given_cost, given_value = flat[0::2], flat[1::2]
-        self.least_cost, self.total = float(given_cost.min()), float(flat.sum())
+        # Every cost finite and >= 0, every value finite, with no temporary: the sum of finite numbers is nan
+        # or inf only where it overflows (allocate's exact check then clears them).
+        self.numbers_valid = bool(given_cost.min() >= 0 and np.isfinite(flat.sum()))
         # Every front its own hull, by cost (the rank objective's fronts): nothing to sort, pad or chain,
         # and a hull point is its option, so no per-option index is stored (at 4.9 million options those
         # arrays were 200 MB of fresh pages, a third of the first call).
@@ -115,11 +117,6 @@ class Fronts:
     def hull_option(self, k: np.ndarray, j: np.ndarray) -> np.ndarray:
         """Index, in the front as given, of hull point j of units k."""
         return j if self.own_hulls else self._hull_option[self.start[k] + j]
-
-    def numbers_valid(self) -> bool:
-        """Whether every cost is finite and >= 0 and every value finite (the sum of a finite array is
-        nan or inf only where it overflows, which the caller's exact check then clears)."""
-        return self.least_cost >= 0 and bool(np.isfinite(self.total))
 
     def fits_int64(self) -> bool:
         """Whether every cost is a whole number read exactly and every sum of costs fits int64."""

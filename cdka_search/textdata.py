@@ -377,9 +377,11 @@ def load_lm_and_tokens(model_dir: str | Path, data: str | Path) -> tuple[Any, To
     first; without one the byte ids need the model's vocabulary size."""
     examples = read_examples(data)
     tokenizer = load_tokenizer(model_dir)
-    tokens = encode(examples, tokenizer, None) if tokenizer is not None else None
+    if tokenizer is not None:
+        tokens = encode(examples, tokenizer, None)
+        return load_causal_lm(model_dir), tokens
     model = load_causal_lm(model_dir)
-    return model, tokens if tokens is not None else encode(examples, None, model.config.vocab_size)
+    return model, encode(examples, None, model.config.vocab_size)
 
 
 def load_causal_lm(model_dir: str | Path) -> Any:

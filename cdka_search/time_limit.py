@@ -23,10 +23,8 @@ class TimeLimitExceeded(Exception):
 def time_limit(seconds: float) -> Iterator[None]:
     """Raise TimeLimitExceeded in the block once ``seconds`` have passed; the SIGALRM handler and the
     timer are restored as they were, also on failure."""
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if signal.getitimer(signal.ITIMER_REAL)[0] > 0:  # someone else's timer: leave it alone
+    if (not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread()
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0):  # no timer here, or someone else's: leave it alone
         yield
         return
 

@@ -122,13 +122,11 @@ class _Head:
         return any(f"{name}.".startswith(f"{top}.") for top in self.tops)
 
     def top(self, name: str) -> str:
-        """The outermost module of the head that holds ``name``."""
-        inside = next((top for top in self.tops if f"{name}.".startswith(f"{top}.")), None)
-        if inside is not None or self.base is None:
-            return inside or name.split(".")[0]
+        """The outermost module of the head that holds ``name`` (one :meth:`holds`)."""
         parts = name.split(".")
-        prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-        return next(head for head in prefixes if not self.base.startswith(f"{head}."))
+        prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        # outside the base: the first prefix that does not lead to it; inside: the prefix named in tops
+        return next(head for head in prefixes if head in self.tops or not (self.base or "").startswith(f"{head}."))
 
 
 def _new_head(model) -> _Head | None:
