@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from cdka_search import scoring
 from cdka_search.budget import lora_params
 from cdka_search.plan import Plan, heads_text
 from cdka_search.planner import ExplainRow
@@ -131,9 +132,9 @@ def explain_table(shape: tuple[int, int], rows: Sequence[ExplainRow], objective:
     limit = f" within {max_params:,} parameters" if max_params else ""
     notes = (
         "capacity = log2(1+r*min(m1,n1)*min(m2,n2))/log2(1+min(d_out,d_in)) (1 = full rank, above 1 past it); "
-        "alignment = expected share kept of an update with the measured spectrum sigma_k ~ k^-0.9; "
+        f"alignment = expected share kept of an update with the measured spectrum sigma_k ~ k^-{scoring.SPECTRUM_BETA:g}; "
         "first_step = sqrt(r*r2/(r1*d_in)); speed = log(1+r*r2/r1)/log(1+d_in); score 'rank' (default) = "
-        "sqrt(min(capacity, 0.6) * size), size = log2(1+P/(d_out+d_in))/log2(1+min(d_out,d_in)); Pareto = no design "
+        f"sqrt(min(capacity, {scoring.RANK_KNEE:g}) * size), size = log2(1+P/(d_out+d_in))/log2(1+min(d_out,d_in)); Pareto = no design "
         "has fewer parameters and a higher score. What each predicts in real fine-tuning: docs/validity.md.",
     )
     return Table(

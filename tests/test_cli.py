@@ -104,6 +104,16 @@ def test_explain(cli):
     assert cli("explain", "--shape", "4096by11008").exit_code == 4
 
 
+def test_explain_states_the_constants_the_scores_use(cli, monkeypatch):
+    """The notes under the table once spelled the knee and the spectrum out, so they could drift from scoring."""
+    from cdka_search import scoring
+
+    monkeypatch.setattr(scoring, "RANK_KNEE", 0.8)
+    monkeypatch.setattr(scoring, "SPECTRUM_BETA", 1.1)
+    text = " ".join(cli("explain", "--shape", "256x256", "--params", "5k").stdout.split())
+    assert "sqrt(min(capacity, 0.8) * size)" in text and "k^-1.1" in text
+
+
 @pytest.mark.parametrize("options", [["--device", "cuda:99"], ["--device", "cpu"], ["--all-pairs"]])
 def test_reference_options_without_a_reference_are_refused(cli, tmp_path, options):
     """They were accepted and ignored: a plan made as if they had acted."""
