@@ -24,7 +24,11 @@ adapter designs of each task and budget.
 Run:  python benchmarks/validity_lm.py --quick     (prose, lora:2, 6 designs, 2 seeds, calibrated lrs: 96 s on 2 cores)
       python benchmarks/validity_lm.py --cells prose:2 prose:1 prose:8 swapcase:2 --lr 0.0045:0.001 \
           --out benchmarks/results/validity_lm.md  (3 seeds, 132 runs: 18.6 min on 2 cores)
-Options: --workers N (processes, one torch thread each), --tasks, --budgets, --seeds, --steps.
+      python benchmarks/validity_lm.py --hidden 512 --knees 0.6 0.75 --cells rot13:8 prose:8 rot13:2 prose:2 \
+          --lr 0.0045:0.001 --designs "(1,1," "(2,8," "(16,16," "plan rank" --objectives rank \
+          --out benchmarks/results/validity_lm_knee_wide.md  (the knee at a second width: 78 runs, 25 min)
+Options: --workers N (processes, one torch thread each), --tasks, --budgets, --seeds, --steps, --hidden W
+(model width, a multiple of 128), --knees K... (also plans with the rank objective's knee at K).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -85,6 +89,31 @@ BUDGETS = (1, 2, 8)
 # designs it compares: LoRA, the paper's (2,2,r), the best uniform designs there, the default plan.
 QUICK_LR = "0.0045:0.001"
 QUICK_DESIGNS = ("full", "(1,1,", "(2,2,", "(4,4,", "(16,16,", "plan rank")
+
+
+def widened(hidden: int) -> Recipe:
+    """FULL at another width, the ratios kept: intermediate hidden * 43/16, heads of 64, 2 query heads a key."""
+    if hidden < 128 or hidden % 128:
+        raise SystemExit(f"error: --hidden must be a positive multiple of 128, got {hidden}")
+    sizes = {"hidden_size": hidden, "intermediate_size": hidden * 43 // 16, "num_attention_heads": hidden // 64,
+             "num_key_value_heads": hidden // 128}
+    return replace(FULL, model=tuple((k, sizes.get(k, v)) for k, v in FULL.model))
+
+
+def register_knees(knees: list[float]) -> list[str]:
+    """The rank objective with its knee at each K, as objectives named rank@K in this process only: the
+    measurement that set scoring.RANK_KNEE (docs/validity.md)."""
+    import functools
+
+    from cdka_search import scoring
+
+    names = []
+    for knee in knees:
+        if not 0 < knee <= 2:
+            raise SystemExit(f"error: --knees takes capacities in (0, 2], got {knee}")
+        scoring.OBJECTIVES[f"rank@{knee:g}"] = functools.partial(scoring.rank_objective, knee=knee)
+        names.append(f"rank@{knee:g}")
+    return names
 
 
 def stdlib() -> Path:
@@ -597,10 +626,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rescore", type=Path, nargs="*", default=None, metavar="REPORT",
                         help="print Spearman's rho of today's scores against the losses of a written report")
     parser.add_argument("--spectra", action="store_true", help="only measure the update spectra (power-law fits)")
+    parser.add_argument("--hidden", type=int, default=None, help="model width (default 256; a new width pretrains once)")
+    parser.add_argument("--knees", nargs="*", type=float, default=[],
+                        help="also plan with the rank objective's knee at each K (objectives rank@K)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report (markdown) here")
     args = parser.parse_args(argv)
     argv_text = list(sys.argv[1:] if argv is None else argv)
-    recipe = SMOKE if args.smoke else FULL
+    recipe = SMOKE if args.smoke else FULL if args.hidden is None else widened(args.hidden)
+    knee_objectives = register_knees(args.knees)
+    if args.objectives is not None:
+        args.objectives += [k for k in knee_objectives if k not in args.objectives]
     if args.smoke:
         args.steps, args.seeds, args.workers, args.max_designs = min(args.steps, 3), args.seeds or 2, 1, args.max_designs or 3
         args.budgets = args.budgets or [1]

@@ -68,27 +68,29 @@ AlignmentCurve = Callable[[int, int, int], Sequence[float]]
 DEFAULT_OBJECTIVE = "rank"
 
 
-#: Capacity past which a higher rank bound stopped improving real fine-tuning (measured: every cell of
-#: benchmarks/validity_lm.py plateaus from capacity 0.5-0.65 on; docs/validity.md).
-RANK_KNEE = 0.6
+#: Capacity past which designs tie on rank bound (about half of full rank at widths 256 to 4096). Measured
+#: on two model widths and three tasks: plans with this knee trained as well as those with 0.6 (within a
+#: seed spread) where the task plateaus early, and better where it keeps gaining rank (docs/validity.md).
+RANK_KNEE = 0.9
 
 
-def _rank_objective(capacity: Any, alignment: Any, speed: Any, size: Any) -> Any:
-    """sqrt(min(capacity, RANK_KNEE) * size): the rank bound up to the measured knee, then parameters.
+def rank_objective(capacity: Any, alignment: Any, speed: Any, size: Any, knee: float | None = None) -> Any:
+    """sqrt(min(capacity, knee) * size): the rank bound up to the knee (RANK_KNEE unless given), then parameters.
 
     Past the knee designs tie on capacity, so the allocator spends parameters, and among designs of
     equal cost and value those with r1 >= 2 win, then the smallest r1, r2 (ScoreTable ordering: LoRA
-    and half-LoRA designs won those ties and trained worst past the knee, docs/validity.md).
+    and half-LoRA designs won those ties and trained worst past the knee, docs/validity.md). ``knee`` is
+    for measuring other knees (benchmarks/validity_lm.py --knees).
     """
     import numpy as np
 
-    return np.sqrt(np.minimum(capacity, RANK_KNEE) * size)
+    return np.sqrt(np.minimum(capacity, RANK_KNEE if knee is None else knee) * size)
 
 
 # "capacity" (stopped the budget at the cheapest full-rank design) and "speed" (its plans trained worst
 # of all in benchmarks/validity_lm.py) were removed; docs/validity.md has the measurements.
 OBJECTIVES: dict[str, Objective] = {
-    "rank": _rank_objective,
+    "rank": rank_objective,
     "balanced": lambda capacity, alignment, speed, size: (capacity * alignment) ** 0.5,
     "alignment": lambda capacity, alignment, speed, size: alignment,
 }

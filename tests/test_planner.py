@@ -144,10 +144,11 @@ def test_data_free_allocation_spreads_a_budget_as_lora_does():
     def lora_ranks(plan):  # the LoRA rank each group's parameters would buy
         return {g.shape: g.params / (g.count * sum(g.shape)) for g in plan.groups}
 
-    assert lora_ranks(make_plan(spec, "lora:8")) == {(128, 256): 8.0, (688, 256): 8.0, (256, 688): 8.0}
+    weighted = lora_ranks(make_plan(spec, "lora:8"))
+    assert all(7 <= r <= 9 for r in weighted.values()), weighted  # LoRA's 8, up to the designs' granularity
     fronts = score_fronts(spec, CandidateSpace(), "rank")
     equal = plan_from_fronts(spec, resolve_budget(spec, "lora:8"), fronts, weights={k: 1.0 for k in fronts})
-    assert lora_ranks(equal)[(128, 256)] == 16.0 and lora_ranks(equal)[(688, 256)] < 7
+    assert lora_ranks(equal)[(128, 256)] >= 15 and lora_ranks(equal)[(688, 256)] < 6
 
 
 def test_equal_fronts_become_one_allocation_front():

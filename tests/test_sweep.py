@@ -81,11 +81,13 @@ def test_plan_for_refuses_a_plan_over_budget():
 @pytest.mark.parametrize(
     ("objective", "expected"),
     [
-        # docs/sweep.md's example sizes.
-        ("balanced", {(4096, 4096): (512, 512), (11008, 4096): (688, 512), (4096, 11008): (512, 688)}),
-        # The default's designs include r2 = 32 on 4096 x 11008, so that side must be a multiple of 32:
-        # 1376 = 32 * 43.
-        ("rank", {(4096, 4096): (512, 512), (11008, 4096): (688, 512), (4096, 11008): (512, 1376)}),
+        # docs/sweep.md's example sizes. Before sides were multiples of the factors rather than divisors
+        # of the real side, 11008 became 688 (= 2^4 * 43) here.
+        ("balanced", {(4096, 4096): (512, 512), (11008, 4096): (512, 512), (4096, 11008): (512, 512)}),
+        # The default's space includes (16,64) on 11008 x 4096 (d_out' >= 16 * 64, d_in' >= 64 * 16) and
+        # (8,128) on 4096 x 11008 (d_out' >= 8 * 128, d_in' >= 128 * 8); as divisors of 11008 these were
+        # 1376 and 5504 (= 128 * 43), and the sweep 2.8x slower.
+        ("rank", {(4096, 4096): (512, 512), (11008, 4096): (1024, 1024), (4096, 11008): (1024, 1024)}),
     ],
 )
 def test_proxy_scaling_keeps_every_design_structure(objective, expected):
@@ -102,6 +104,25 @@ def test_proxy_scaling_keeps_every_design_structure(objective, expected):
             assert (s.r1, s.r2, s.r) == (d.r1, d.r2, d.r)
             assert min(s.m1, s.n1) == min(d.m1, d.n1) and min(s.m2, s.n2) == min(d.m2, d.n2)
             assert s.rank_bound == min(d.rank_bound, *small)
+
+
+@pytest.mark.parametrize("pairs", [[(1, 43), (8, 128)], [(43, 2), (2, 86), (16, 16)], [(4, 172), (1, 1)], [(8, 1)]])
+def test_proxy_sides_are_multiples_of_every_factor_and_keep_every_structure(pairs):
+    """Odd factors (--family every) included: 43 and 128 make the side 5504 again, a multiple of both."""
+    import math
+
+    from cdka_search.candidates import Design
+    from cdka_search.sweep.tasks.proxy import scale_design, scaled_shape
+
+    shape = (11008, 11008)
+    designs = [Design.from_paper(*shape, r1, r2, 2) for r1, r2 in pairs]
+    small = scaled_shape(shape, designs)
+    assert small[0] % math.lcm(*(r1 for r1, _ in pairs)) == 0 and small[1] % math.lcm(*(r2 for _, r2 in pairs)) == 0
+    assert 512 <= min(small) and max(small) <= 11008
+    for d in designs:
+        s = scale_design(d, small)
+        assert min(s.m1, s.n1) == min(d.m1, d.n1) and min(s.m2, s.n2) == min(d.m2, d.n2)
+        assert s.rank_bound == min(d.rank_bound, *small)
 
 
 def test_synthetic_update_has_the_documented_spectrum():

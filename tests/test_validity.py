@@ -87,18 +87,24 @@ def test_matched_scaling_starts_a_at_loras_size():
     assert float(paper.cdka_A.detach().abs().max()) > 0.9 / math.sqrt(128 / 8)
 
 
-def test_real_training_benchmark_smoke(tmp_path, monkeypatch):
-    """benchmarks/validity_lm.py end to end on a tiny model: pretrain, cache, fine-tune, table, rho."""
+def _load_benchmark(monkeypatch):
+    """benchmarks/validity_lm.py as a module, registered under its name while the test runs."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    monkeypatch.setenv("CDKA_CACHE", str(tmp_path / "cache"))
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "validity_lm.py"
     spec = importlib.util.spec_from_file_location("validity_lm", path)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "validity_lm", bench)  # dataclasses resolve the module by name
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_real_training_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks/validity_lm.py end to end on a tiny model: pretrain, cache, fine-tune, table, rho."""
+    monkeypatch.setenv("CDKA_CACHE", str(tmp_path / "cache"))
+    bench = _load_benchmark(monkeypatch)
     report = tmp_path / "report.md"
     assert bench.main(["--smoke", "--out", str(report)]) == 0
     cached = list((tmp_path / "cache" / "validity").iterdir())
@@ -114,18 +120,10 @@ def test_real_training_benchmark_smoke(tmp_path, monkeypatch):
 
 
 def test_benchmark_writes_what_cdka_sweep_lm_reads(tmp_path, monkeypatch):
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     from cdka_search.textdata import encode, load_causal_lm, load_tokenizer, read_examples
 
     monkeypatch.setenv("CDKA_CACHE", str(tmp_path / "cache"))
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "validity_lm.py"
-    spec = importlib.util.spec_from_file_location("validity_lm", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "validity_lm", bench)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark(monkeypatch)
     assert bench.main(["--smoke", "--write-task-data", str(tmp_path / "vlm")]) == 0
     model = load_causal_lm(tmp_path / "vlm" / "model")
     assert model.config.hidden_size == 32
@@ -151,21 +149,62 @@ def test_every_objective_spends_a_lora8_budget(objective):
         assert 0.95 * plan.budget_limit <= plan.used_params <= plan.budget_limit, (spec.name, objective)
 
 
-def test_the_default_plans_the_benchmarks_best_uniform_designs():
-    """What benchmarks/results/validity_lm.md measured: at lora:2 and lora:8 the default plan is the uniform
-    (4,4,2) / (2,2,8), the best or tied-best designs there, and spends the MLP's share as LoRA does."""
+# The "plan rank09" rows of benchmarks/results/validity_lm_knee.md (hidden 256) and validity_lm_knee_wide.md
+# (hidden 512), the plans whose training docs/validity.md reports for the default knee.
+MEASURED_PLANS = {
+    (256, "lora:2"): {"q_proj": "(8,32,1)", "k_proj": "(8,8,2)", "v_proj": "(8,8,2)", "o_proj": "(8,32,1)",
+                      "gate_proj": "(8,8,2)", "up_proj": "(8,8,2)", "down_proj": "(8,16,2)"},
+    (256, "lora:8"): {"q_proj": "(4,8,7)", "k_proj": "(4,4,8)", "v_proj": "(4,4,8)", "o_proj": "(4,8,7)",
+                      "gate_proj": "(4,8,5)", "up_proj": "(4,8,5)", "down_proj": "(4,8,8)"},
+    (512, "lora:2"): {"q_proj": "(16,16,2)", "k_proj": "(8,16,2)", "v_proj": "(8,16,2)", "o_proj": "(16,16,2)",
+                      "gate_proj": "(16,16,2)", "up_proj": "(16,16,2)", "down_proj": "(16,16,2)"},
+    (512, "lora:8"): {"q_proj": "(8,8,8)", "k_proj": "(4,8,8)", "v_proj": "(4,8,8)", "o_proj": "(8,8,8)",
+                      "gate_proj": "(8,8,8)", "up_proj": "(8,8,8)", "down_proj": "(8,8,8)"},
+}
+
+
+def _benchmark_spec(hidden: int):
+    """The benchmark model's targets at this width (benchmarks/validity_lm.py: widened)."""
     import torch
     import transformers
 
-    from cdka_search.planner import make_plan
     from cdka_search.spec import spec_from_module
 
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 43 // 16,
+                                      num_hidden_layers=2, num_attention_heads=hidden // 64,
+                                      num_key_value_heads=hidden // 128)
     with torch.device("meta"):
-        bench = spec_from_module(transformers.LlamaForCausalLM(config), "validity-llama")
+        return spec_from_module(transformers.LlamaForCausalLM(config), "validity-llama")
+
+
+@pytest.mark.parametrize(("hidden", "budget"), sorted(MEASURED_PLANS))
+def test_the_default_plans_what_the_benchmark_trained(hidden, budget):
+    """The default plan of each benchmark model is the one docs/validity.md reports training, and spends
+    its budget (all of it but what the designs' sizes cannot reach: 96 of 18,496 at hidden 256, lora:2)."""
+    from cdka_search.planner import make_plan
+
+    plan = make_plan(_benchmark_spec(hidden), budget)
+    assert {g.modules[0].rsplit(".", 1)[-1]: g.design.label() for g in plan.groups} == MEASURED_PLANS[(hidden, budget)]
+    assert 0.99 * plan.budget_limit <= plan.used_params <= plan.budget_limit
+
+
+def test_the_benchmark_measures_other_widths_and_knees(monkeypatch):
+    """--hidden widens the recipe with its ratios kept; --knees plans with other knees, and the knee at 0.6
+    plans what the default planned before it moved (uniform (4,4,2) / (2,2,8), benchmarks/results/validity_lm.md)."""
+    from cdka_search import scoring
+    from cdka_search.planner import make_plan
+
+    bench = _load_benchmark(monkeypatch)
+    config = bench.widened(512).config
+    assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"],
+            config["num_key_value_heads"]) == (512, 1376, 8, 4)
+    assert bench.widened(256) == bench.FULL
+    with pytest.raises(SystemExit, match="multiple of 128"):
+        bench.widened(100)
+    monkeypatch.setattr(scoring, "OBJECTIVES", dict(scoring.OBJECTIVES))  # registered for this test only
+    assert bench.register_knees([0.6]) == ["rank@0.6"]
+    spec = _benchmark_spec(256)
     for budget, label in (("lora:2", "(4,4,2)"), ("lora:8", "(2,2,8)")):
-        plan = make_plan(bench, budget)
-        assert {g.design.label() for g in plan.groups} == {label}
-        mlp = sum(g.params for g in plan.groups if "mlp" in g.modules[0])
-        assert mlp / plan.used_params == pytest.approx(3 * 944 / (3 * 944 + 2 * 512 + 2 * 384))
+        assert {g.design.label() for g in make_plan(spec, budget, objective="rank@0.6").groups} == {label}
+    with pytest.raises(SystemExit, match="in \\(0, 2\\]"):
+        bench.register_knees([0.0])
