@@ -26,10 +26,10 @@ likewise with r2 and min(m2, n2) = min(r1, d_in / r2). So only m1 = d_out / r1 a
 shrink, each design's rank bound r * min(m1, n1) * min(m2, n2) is kept (capped by the smaller side),
 and LoRA stays LoRA. LLaMA-2-7B at 0.5 %: every shape -> 512x512 in the `balanced` space; in the
 default's, whose designs reach (16,64) and (8,128), 4096x4096 -> 512x512 and the MLP shapes ->
-1024x1024. Caveat: a rank bound
-is a larger share of a small side than of the real one. With ``--reference`` the reference tensor's
-leading d_out' rows are used (exact: for every r1 dividing d_out' they are the rows of B's first
-d_out' / r1 rows) and d_in is kept whole, since no column block is design-independent.
+1024x1024. Caveat: a rank bound is a larger share of a small side than of the real one. With
+``--reference`` the reference tensor's leading d_out' rows are used (exact: for every r1 dividing
+d_out' they are the rows of B's first d_out' / r1 rows) and d_in is kept whole, since no column block
+is design-independent.
 """
 
 from __future__ import annotations
