@@ -28,7 +28,7 @@ Run:  python benchmarks/validity_lm.py --quick     (prose, lora:2, 6 designs, 2 
           --lr 0.0045:0.001 --designs "(1,1," "(2,8," "(16,16," "plan rank" --objectives rank \
           --out benchmarks/results/validity_lm_knee_wide.md  (the knee at a second width: 78 runs, 25 min)
 Options: --workers N (processes, one torch thread each), --tasks, --budgets, --seeds, --steps, --hidden W
-(model width, a multiple of 128), --knees K... (also plans with the rank objective's knee at K).
+(model width, a multiple of 128 up to 4096), --knees K... (also plans with the rank objective's knee at K).
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ QUICK_DESIGNS = ("full", "(1,1,", "(2,2,", "(4,4,", "(16,16,", "plan rank")
 
 def widened(hidden: int) -> Recipe:
     """FULL at another width, the ratios kept: intermediate hidden * 43/16, heads of 64, 2 query heads a key."""
-    if hidden < 128 or hidden % 128:
-        raise SystemExit(f"error: --hidden must be a positive multiple of 128, got {hidden}")
+    if not 128 <= hidden <= 4096 or hidden % 128:  # 4096: a 2-layer model of about 0.4B parameters
+        raise SystemExit(f"error: --hidden must be a multiple of 128 from 128 to 4096, got {hidden}")
     sizes = {"hidden_size": hidden, "intermediate_size": hidden * 43 // 16, "num_attention_heads": hidden // 64,
              "num_key_value_heads": hidden // 128}
     return replace(FULL, model=tuple((k, sizes.get(k, v)) for k, v in FULL.model))

@@ -199,8 +199,9 @@ def test_the_benchmark_measures_other_widths_and_knees(monkeypatch):
     assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"],
             config["num_key_value_heads"]) == (512, 1376, 8, 4)
     assert bench.widened(256) == bench.FULL
-    with pytest.raises(SystemExit, match="multiple of 128"):
-        bench.widened(100)
+    for hidden in (100, 0, 8192):
+        with pytest.raises(SystemExit, match="multiple of 128 from 128 to 4096"):
+            bench.widened(hidden)
     monkeypatch.setattr(scoring, "OBJECTIVES", dict(scoring.OBJECTIVES))  # registered for this test only
     assert bench.register_knees([0.6]) == ["rank@0.6"]
     spec = _benchmark_spec(256)
