@@ -107,12 +107,12 @@ def register_knees(knees: list[float]) -> list[str]:
 
     from cdka_search import scoring
 
-    names = []
-    for knee in knees:
-        if not 0 < knee <= 2:
-            raise SystemExit(f"error: --knees takes capacities in (0, 2], got {knee}")
-        scoring.OBJECTIVES[f"rank@{knee:g}"] = functools.partial(scoring.rank_objective, knee=knee)
-        names.append(f"rank@{knee:g}")
+    bad = [knee for knee in knees if not 0 < knee <= 2]
+    if bad:
+        raise SystemExit(f"error: --knees takes capacities in (0, 2], got {bad[0]}")
+    names = [f"rank@{knee:g}" for knee in knees]
+    for name, knee in zip(names, knees):
+        scoring.OBJECTIVES[name] = functools.partial(scoring.rank_objective, knee=knee)
     return names
 
 

@@ -163,27 +163,25 @@ MEASURED_PLANS = {
 }
 
 
-def _benchmark_spec(hidden: int):
-    """The benchmark model's targets at this width (benchmarks/validity_lm.py: widened)."""
+def _benchmark_spec(bench, hidden: int):
+    """The benchmark model's targets at this width, from its own recipe (validity_lm.widened)."""
     import torch
     import transformers
 
     from cdka_search.spec import spec_from_module
 
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 43 // 16,
-                                      num_hidden_layers=2, num_attention_heads=hidden // 64,
-                                      num_key_value_heads=hidden // 128)
     with torch.device("meta"):
-        return spec_from_module(transformers.LlamaForCausalLM(config), "validity-llama")
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**bench.widened(hidden).config))
+    return spec_from_module(model, "validity-llama")
 
 
 @pytest.mark.parametrize(("hidden", "budget"), sorted(MEASURED_PLANS))
-def test_the_default_plans_what_the_benchmark_trained(hidden, budget):
+def test_the_default_plans_what_the_benchmark_trained(hidden, budget, monkeypatch):
     """The default plan of each benchmark model is the one docs/validity.md reports training, and spends
     its budget (all of it but what the designs' sizes cannot reach: 96 of 18,496 at hidden 256, lora:2)."""
     from cdka_search.planner import make_plan
 
-    plan = make_plan(_benchmark_spec(hidden), budget)
+    plan = make_plan(_benchmark_spec(_load_benchmark(monkeypatch), hidden), budget)
     assert {g.modules[0].rsplit(".", 1)[-1]: g.design.label() for g in plan.groups} == MEASURED_PLANS[(hidden, budget)]
     assert 0.99 * plan.budget_limit <= plan.used_params <= plan.budget_limit
 
@@ -204,7 +202,7 @@ def test_the_benchmark_measures_other_widths_and_knees(monkeypatch):
             bench.widened(hidden)
     monkeypatch.setattr(scoring, "OBJECTIVES", dict(scoring.OBJECTIVES))  # registered for this test only
     assert bench.register_knees([0.6]) == ["rank@0.6"]
-    spec = _benchmark_spec(256)
+    spec = _benchmark_spec(bench, 256)
     for budget, label in (("lora:2", "(4,4,2)"), ("lora:8", "(2,2,8)")):
         assert {g.design.label() for g in make_plan(spec, budget, objective="rank@0.6").groups} == {label}
     with pytest.raises(SystemExit, match="in \\(0, 2\\]"):

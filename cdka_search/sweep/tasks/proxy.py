@@ -64,7 +64,7 @@ def scaled_side(size: int, factors: list[int], keep: list[int], max_side: int = 
     Why a multiple of the factors and not a divisor of ``size``: 11008 = 2^8 * 43 has no divisor between
     256 and 5504 that 128 divides, so a divisor made (8,128,r)'s proxy 1024 x 5504 where 1024 x 1024
     keeps its structure as well, and trials took 2.8x as long."""
-    step = math.lcm(*factors) if factors else 1
+    step = math.lcm(*factors)  # 1 for no factors
     least = max([min(size, max_side)] + [f * k for f, k in zip(factors, keep)])
     return -(-least // step) * step
 
