@@ -21,7 +21,7 @@ a few binary searches per unit.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 
 import numpy as np
@@ -62,7 +62,7 @@ class Fronts:
         # Every cost finite and >= 0, every value finite, with no temporary: the sum of finite numbers is nan
         # or inf only where it overflows (allocate's exact check then clears them).
         self.numbers_valid = bool(given_cost.min() >= 0 and np.isfinite(flat.sum()))
-        # Every front its own hull, by cost (the rank objective's fronts): nothing to sort, pad or chain,
+        # Every front its own hull (a concave chain by rising cost): nothing to chain,
         # and a hull point is its option, so no per-option index is stored (at 4.9 million options those
         # arrays were 200 MB of fresh pages, a third of the first call).
         self.own_hulls = concave_chains(lengths, given_cost, given_value)
@@ -73,26 +73,20 @@ class Fronts:
             self.hull_cost, self.hull_value = self.option_cost, self.option_value
             hull_size = lengths
         else:
-            hull, by_cost = hulls(lengths, given_cost, given_value)
-            cost, value, order = by_cost
-            listed = np.arange(cost.shape[1]) < lengths[:, None]
-            self.largest_cost = float(cost[listed].max())
-            listed_cost = cost[listed]
-            self.option_cost, self.option_value = _int64(listed_cost), value[listed]
-            self.whole_costs = bool((self.option_cost == listed_cost).all())
-            self._option_index = order[listed]
+            hull, hull_size, (cost, value, self._option_index) = hulls(lengths, given_cost, given_value)
+            self.largest_cost = float(cost.max())
+            self.option_cost, self.option_value = _int64(cost), value
+            self.whole_costs = bool((self.option_cost == cost).all())
             # Per option (front by front, by cost): where the options of its front and cost end.
-            new_cost = np.ones(cost.shape, bool)
-            new_cost[:, 1:] = cost[:, 1:] != cost[:, :-1]
-            run_start = np.flatnonzero(new_cost[listed])
-            ends = np.append(run_start[1:], len(self.option_cost))[np.cumsum(new_cost[listed]) - 1]
-            hull_cost, hull_value, hull_index, hull_column, hull_size = hull
-            on_hull = np.arange(hull_cost.shape[1]) < hull_size[:, None]
-            self.hull_cost, self.hull_value = hull_cost[on_hull].astype(np.int64), hull_value[on_hull]
-            self._hull_option = hull_index[on_hull]
+            new_cost = np.ones(len(cost), bool)
+            new_cost[1:] = cost[1:] != cost[:-1]
+            new_cost[offset] = True
+            run_start = np.flatnonzero(new_cost)
+            ends = np.append(run_start[1:], len(cost))[np.cumsum(new_cost) - 1]
+            self.hull_cost, self.hull_value = self.option_cost[hull], value[hull]
+            self._hull_option = self._option_index[hull]
             # A hull point is the first option of its cost (the best-valued one): where its cost begins and ends.
-            self._first_at = (offset[:, None] + hull_column)[on_hull]
-            self._last_after = ends[self._first_at]
+            self._first_at, self._last_after = hull, ends[hull]
         front_of = np.asarray(of_unit, np.int64)
         self.count = np.fromiter((u.count for u in units), np.int64, count=len(units))
         weight = np.fromiter((u.weight for u in units), np.float64, count=len(units))
@@ -150,19 +144,34 @@ def _int64(cost: np.ndarray) -> np.ndarray:
         return cost.astype(np.int64)
 
 
+def _blocks(lengths: np.ndarray, *arrays: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    """Flat per-option ``arrays`` of fronts of ``lengths`` options, block by block (overlapping by the two
+    options a chord test reaches ahead), each block with a last array: whether each pair (i, i + 1) of
+    it lies inside one front. The temporaries of millions of options, allocated whole, cost more in page
+    faults than the arithmetic (0.28 s against 0.04 s at 4.9 million options, benchmarks/scale.py)."""
+    n = len(arrays[0])
+    within = np.ones(max(n - 1, 0), bool)
+    within[(np.cumsum(lengths) - 1)[:-1]] = False
+    for lo in range(0, n - 1, CHAIN_BLOCK):
+        hi = min(lo + CHAIN_BLOCK + 2, n)
+        yield (*(a[lo:hi] for a in arrays), within[lo:hi - 1])
+
+
+def _rising(x: np.ndarray, within: np.ndarray) -> bool:
+    return bool(((np.diff(x) > 0) | ~within).all())
+
+
+def _rising_fronts(lengths: np.ndarray, x: np.ndarray) -> bool:
+    """Whether ``x`` rises strictly along every front."""
+    return all(_rising(block, within) for block, within in _blocks(lengths, x))
+
+
 def concave_chains(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> bool:
     """Whether every front (``lengths`` options each, flat) lists its options by strictly rising cost
     and value with each one strictly above the chord of its neighbours: then ``hulls`` would keep every
     option in the given order, and each front is its own hull."""
-    within = np.ones(max(len(cost) - 1, 0), bool)  # pairs (i, i + 1) inside one front
-    within[(np.cumsum(lengths) - 1)[:-1]] = False
-    # Block by block (blocks overlap by the two options a chord test reaches ahead): the temporaries of
-    # millions of options, allocated whole, cost more in page faults than the arithmetic (0.28 s against
-    # 0.04 s at 4.9 million options, benchmarks/scale.py).
-    for lo in range(0, len(cost) - 1, CHAIN_BLOCK):
-        hi = min(lo + CHAIN_BLOCK + 2, len(cost))
-        c, v, w = cost[lo:hi], value[lo:hi], within[lo:hi - 1]
-        if not ((np.diff(c) > 0) & (np.diff(v) > 0) | ~w).all():
+    for c, v, w in _blocks(lengths, cost, value):
+        if not (_rising(c, w) and _rising(v, w)):
             return False
         c0, c1, c2, v0, v1, v2 = c[:-2], c[1:-1], c[2:], v[:-2], v[1:-1], v[2:]
         if not (((v1 - v0) * (c2 - c0) > (v2 - v0) * (c1 - c0)) | ~(w[:-1] & w[1:])).all():
@@ -170,56 +179,66 @@ def concave_chains(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> 
     return True
 
 
-def hulls(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-    """The upper convex hull of every front (``lengths`` options each, flat ``cost`` and ``value``): the
-    monotone chain of allocate._hull, one column (the j-th cheapest option) of every front per step.
+def hulls(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """The upper convex hull of every front (``lengths`` options each, flat ``cost`` and ``value``), as
+    allocate._hull gives it.
 
-    Returns padded rows, one per front: the hulls' (cost, value, option index, column in the by-cost
-    order) and their lengths; and the options by cost (then best value first) as (cost, value, option
-    index), padded with cost inf.
+    Returns (hull, size, by_cost): by_cost holds the options front by front, each front by cost then
+    best value first, as flat (cost, value, index in the front as given); hull the flat positions in
+    by_cost of every front's hull points, front by front from the cheapest; size their number per front.
+    Fronts given by strictly rising cost, as the planner builds them, are neither sorted nor padded.
     """
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    cols = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    padded_cost, padded_value = np.full((len(lengths), int(lengths.max())), np.inf), np.full((len(lengths), int(lengths.max())), -np.inf)
-    padded_cost[rows, cols], padded_value[rows, cols] = cost, value
-    width = padded_cost.shape[1]
-    order = np.lexsort((np.broadcast_to(np.arange(width), padded_cost.shape), -padded_value, padded_cost), axis=-1)
-    cost = np.take_along_axis(padded_cost, order, axis=1)
-    value = np.take_along_axis(padded_value, order, axis=1)
-    best_before = np.full(value.shape, -np.inf)
-    best_before[:, 1:] = np.maximum.accumulate(value, axis=1)[:, :-1]
-    keep = (cost < np.inf) & (value > best_before)  # drop dominated options
-    # Every row's kept options, left-aligned: the hull itself where no point lies on or below the
-    # chord of its neighbours (the chain's test for popping), as on the fronts the planner builds.
-    hull_column = np.argsort(~keep, axis=1, kind="stable")  # kept columns first, in order
-    size = keep.sum(axis=1)
-    kept = np.arange(width) < size[:, None]
-    hull_cost = np.where(kept, np.take_along_axis(cost, hull_column, axis=1), 0.0)
-    hull_value = np.where(kept, np.take_along_axis(value, hull_column, axis=1), 0.0)
-    hull_index = np.take_along_axis(order, hull_column, axis=1)
-    c2, c1, c = hull_cost[:, :-2], hull_cost[:, 1:-1], hull_cost[:, 2:]
-    v2, v1, v = hull_value[:, :-2], hull_value[:, 1:-1], hull_value[:, 2:]
-    bent = ((v1 - v2) * (c - c2) <= (v - v2) * (c1 - c2)) & (np.arange(width - 2) < (size - 2)[:, None])
-    chained = np.flatnonzero(bent.any(axis=1))
-    size[chained] = 0
-    for j in range(width if chained.size else 0):  # the monotone chain, on the other rows only
-        rows = chained[keep[chained, j]]
-        if not rows.size:
-            continue
-        c, v = cost[rows, j], value[rows, j]
-        test = np.flatnonzero(size[rows] >= 2)
-        while test.size:  # pop while the last hull point lies on or below the chord to this one
-            r = rows[test]
-            c1, v1 = hull_cost[r, size[r] - 1], hull_value[r, size[r] - 1]
-            c2, v2 = hull_cost[r, size[r] - 2], hull_value[r, size[r] - 2]
-            popped = (v1 - v2) * (c[test] - c2) <= (v[test] - v2) * (c1 - c2)
-            test = test[popped]
-            size[rows[test]] -= 1
-            test = test[size[rows[test]] >= 2]
-        at = size[rows]
-        hull_cost[rows, at], hull_value[rows, at], hull_index[rows, at], hull_column[rows, at] = c, v, order[rows, j], j
-        size[rows] += 1
-    return (hull_cost, hull_value, hull_index, hull_column, size), (cost, value, order)
+    offset = np.cumsum(lengths) - lengths
+    index = np.arange(len(cost)) - np.repeat(offset, lengths)
+    if not _rising_fronts(lengths, cost):
+        order = np.lexsort((index, -value, cost, np.repeat(np.arange(len(lengths)), lengths)))
+        cost, value, index = cost[order], value[order], index[order]
+    if _rising_fronts(lengths, value):
+        return (*_chain(lengths, cost, value), (cost, value, index))
+    # Drop dominated options (worth no more than a cheaper one of their front) before the chain.
+    padded = np.full((len(lengths), int(lengths.max())), -np.inf)
+    listed = np.arange(padded.shape[1]) < lengths[:, None]
+    padded[listed] = value
+    kept = listed.copy()
+    kept[:, 1:] &= padded[:, 1:] > np.maximum.accumulate(padded, axis=1)[:, :-1]
+    hull, size = _chain(kept.sum(axis=1), cost[kept[listed]], value[kept[listed]])
+    return np.flatnonzero(kept[listed])[hull], size, (cost, value, index)
+
+
+def _chain(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The monotone chain of allocate._hull on fronts of strictly rising cost and value (flat, ``lengths``
+    options each), one option of every front per step. Returns the flat positions of the hull points,
+    front by front from the cheapest, and their number per front.
+
+    Fronts are walked longest first, so that those with a j-th option are a prefix. Each stack's top two
+    points are also held in arrays, so that the pop test of a step, which every front takes, is arithmetic
+    on whole arrays; only the fronts that pop gather from their stacks (gathering both points of every
+    front per step made the chain 4-5 times slower at 10,000 fronts)."""
+    rows = np.argsort(-lengths, kind="stable")
+    start, longer = (np.cumsum(lengths) - lengths)[rows], -lengths[rows]
+    stack, size = np.empty(len(cost), np.int64), np.zeros(len(lengths), np.int64)
+    top_cost, top_value, below_cost, below_value = (np.zeros(len(lengths)) for _ in range(4))
+    for j in range(int(lengths.max(initial=0))):
+        m = int(np.searchsorted(longer, -j))  # fronts with more than j options
+        at = start[:m] + j
+        c, v = cost[at], value[at]
+        pops = (top_value[:m] - below_value[:m]) * (c - below_cost[:m]) <= (v - below_value[:m]) * (top_cost[:m] - below_cost[:m])
+        r = np.flatnonzero(pops & (size[:m] >= 2))
+        while r.size:  # pop while the last hull point lies on or below the chord to this one
+            size[r] -= 1
+            top_cost[r], top_value[r] = below_cost[r], below_value[r]
+            r = r[size[r] >= 2]
+            below = stack[start[r] + size[r] - 2]
+            below_cost[r], below_value[r] = cost[below], value[below]
+            r = r[(top_value[r] - below_value[r]) * (c[r] - below_cost[r]) <= (v[r] - below_value[r]) * (top_cost[r] - below_cost[r])]
+        stack[start[:m] + size[:m]] = at
+        below_cost[:m], below_value[:m] = top_cost[:m], top_value[:m]
+        top_cost[:m], top_value[:m] = c, v
+        size[:m] += 1
+    in_order = np.empty_like(size)
+    in_order[rows] = size
+    on_hull = np.arange(len(cost)) - np.repeat(np.cumsum(lengths) - lengths, lengths) < np.repeat(in_order, lengths)
+    return stack[on_hull], in_order
 
 
 def first_true(lo: np.ndarray, hi: np.ndarray, test: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:

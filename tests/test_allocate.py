@@ -429,7 +429,7 @@ def test_concave_chains_checks_every_option_across_its_blocks(monkeypatch, fault
         assert allocate_arrays.concave_chains(lengths, cost, value) is expected
 
 
-def test_fronts_that_are_their_own_hulls_skip_the_padded_hull_and_give_the_same_arrays(monkeypatch):
+def test_fronts_that_are_their_own_hulls_skip_the_hull_chain_and_give_the_same_arrays(monkeypatch):
     # Concave chains by rising cost, as the rank objective's fronts are: every option is a hull point.
     rng = random.Random(9)
     fronts = [tuple((c, (1 + k) * c**0.5) for c in sorted(rng.sample(range(100, 40_000), rng.randint(1, 40)))) for k in range(50)]
@@ -460,6 +460,29 @@ def test_fronts_that_are_their_own_hulls_skip_the_padded_hull_and_give_the_same_
                          ("option_index", (unit, flat_hull))):
         assert np.array_equal(getattr(fast, method)(*args), getattr(padded, method)(*args)), method
     assert fast.option_index(unit, flat_hull).max() == max(map(len, fronts)) - 1
+
+
+@pytest.mark.parametrize("by_cost", [True, False])
+@pytest.mark.parametrize("seed", range(30))
+def test_the_hulls_of_many_fronts_at_once_are_each_fronts_python_hull(seed, by_cost):
+    """Ragged fronts with dominated options, collinear runs and convex stretches; given by strictly rising
+    cost (no sort) or in any order with tied costs (sorted first): every front's hull is allocate._hull's."""
+    rng = random.Random(seed)
+    fronts = []
+    for _ in range(rng.randint(1, 40)):
+        n = rng.randint(1, 60)
+        if by_cost:
+            steps = [rng.choice([0.0, 1.0, 1.0, 2.0, -1.0]) * rng.choice([1.0, rng.random()]) for _ in range(n)]
+            fronts.append(list(zip(sorted(rng.sample(range(1, 5_000), n)), itertools.accumulate(steps))))
+        else:
+            fronts.append([(rng.randint(0, 12), float(rng.randint(0, 8))) for _ in range(n)])
+    lengths = np.array([len(f) for f in fronts])
+    cost, value = (np.array([o[i] for f in fronts for o in f], float) for i in (0, 1))
+    hull, size, (by_cost_cost, by_cost_value, index) = allocate_arrays.hulls(lengths, cost, value)
+    hull_options = np.split(index[hull], np.cumsum(size)[:-1])
+    assert [h.tolist() for h in hull_options] == [allocate_module._hull(f) for f in fronts]
+    start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    assert np.array_equal(by_cost_cost, cost[start + index]) and np.array_equal(by_cost_value, value[start + index])
 
 
 @pytest.mark.parametrize("bound", ["lp", "multipliers"])  # multipliers: where the LP's prefix sums would not fit
