@@ -191,7 +191,7 @@ def hulls(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[np.
     offset = np.cumsum(lengths) - lengths
     index = np.arange(len(cost)) - np.repeat(offset, lengths)
     if not _rising_fronts(lengths, cost):
-        order = np.lexsort((index, -value, cost, np.repeat(np.arange(len(lengths)), lengths)))
+        order = np.lexsort((-value, cost, np.repeat(np.arange(len(lengths)), lengths)))  # stable: ties keep their order
         cost, value, index = cost[order], value[order], index[order]
     if _rising_fronts(lengths, value):
         return (*_chain(lengths, cost, value), (cost, value, index))
