@@ -77,16 +77,17 @@ class Fronts:
             self.largest_cost = float(cost.max())
             self.option_cost, self.option_value = _int64(cost), value
             self.whole_costs = bool((self.option_cost == cost).all())
-            # Per option (front by front, by cost): where the options of its front and cost end.
+            self.hull_cost, self.hull_value = self.option_cost[hull], value[hull]
+            self._hull_option = self._option_index[hull]
+            # A hull point is the first option of its cost (the best-valued one): where its cost begins and
+            # where the options of its front and cost end.
             new_cost = np.ones(len(cost), bool)
             new_cost[1:] = cost[1:] != cost[:-1]
             new_cost[offset] = True
-            run_start = np.flatnonzero(new_cost)
-            ends = np.append(run_start[1:], len(cost))[np.cumsum(new_cost) - 1]
-            self.hull_cost, self.hull_value = self.option_cost[hull], value[hull]
-            self._hull_option = self._option_index[hull]
-            # A hull point is the first option of its cost (the best-valued one): where its cost begins and ends.
-            self._first_at, self._last_after = hull, ends[hull]
+            self._first_at, self._last_after = hull, hull + 1
+            if not new_cost.all():
+                run_start = np.flatnonzero(new_cost)
+                self._last_after = np.append(run_start[1:], len(cost))[np.cumsum(new_cost)[hull] - 1]
         front_of = np.asarray(of_unit, np.int64)
         self.count = np.fromiter((u.count for u in units), np.int64, count=len(units))
         weight = np.fromiter((u.weight for u in units), np.float64, count=len(units))
