@@ -42,9 +42,10 @@ GROWN_BLOCK = 1 << 15  # (state, choice) pairs the search tests at once: bounded
 class Fronts:
     """The distinct fronts of ``units``, each once: its hull and its options by cost, flat over all
     fronts, and per unit where its front's hull starts, its count and its value scale ``weight * count``.
-    Where every front is its own hull (``own_hulls``), hull points are the options themselves, and the
-    maps between them (``first_option``, ``options_after``, ``option_index``, ``hull_option``) are
-    computed rather than stored."""
+    The maps between hull points and options (``first_option``, ``options_after``, ``option_index``,
+    ``hull_option``) are computed rather than stored where they are the identity: where every front is its
+    own hull (``own_hulls``), where no cost repeats within a front, and where fronts are given by cost.
+    At millions of options each stored map is tens of MB of fresh pages, which cost more than its use."""
 
     def __init__(self, units: Sequence[Unit]) -> None:
         index: dict[int, int] = {}
@@ -66,6 +67,7 @@ class Fronts:
         # and a hull point is its option, so no per-option index is stored (at 4.9 million options those
         # arrays were 200 MB of fresh pages, a third of the first call).
         self.own_hulls = concave_chains(lengths, given_cost, given_value)
+        self._first_at = self._last_after = self._option_index = None  # the identity maps
         if self.own_hulls:
             self.largest_cost = float(given_cost.max())
             self.option_cost, self.option_value = _int64(given_cost), given_value
@@ -78,13 +80,12 @@ class Fronts:
             self.option_cost, self.option_value = _int64(cost), value
             self.whole_costs = bool((self.option_cost == cost).all())
             self.hull_cost, self.hull_value = self.option_cost[hull], value[hull]
-            self._hull_option = self._option_index[hull]
             # A hull point is the first option of its cost (the best-valued one): where its cost begins and
             # where the options of its front and cost end.
+            self._first_at = hull
             new_cost = np.ones(len(cost), bool)
             new_cost[1:] = cost[1:] != cost[:-1]
             new_cost[offset] = True
-            self._first_at, self._last_after = hull, hull + 1
             if not new_cost.all():
                 run_start = np.flatnonzero(new_cost)
                 self._last_after = np.append(run_start[1:], len(cost))[np.cumsum(new_cost)[hull] - 1]
@@ -95,23 +96,23 @@ class Fronts:
         self.start = (np.cumsum(hull_size) - hull_size)[front_of]
         # A unit of weight 0 values every option 0: its hull is its cheapest option alone.
         self.size = np.where(weight > 0, hull_size[front_of], 1)
-        self.options_end = (offset + lengths)[front_of]
+        self.options_start, self.options_end = offset[front_of], (offset + lengths)[front_of]
 
     def first_option(self, p: np.ndarray) -> np.ndarray:
         """Flat index of the first option at the cost of flat hull point p."""
-        return p if self.own_hulls else self._first_at[p]
+        return p if self._first_at is None else self._first_at[p]
 
     def options_after(self, p: np.ndarray) -> np.ndarray:
         """Flat index just past the last option at the cost of flat hull point p."""
-        return p + 1 if self.own_hulls else self._last_after[p]
+        return self.first_option(p) + 1 if self._last_after is None else self._last_after[p]
 
     def option_index(self, k: np.ndarray, at: np.ndarray) -> np.ndarray:
         """Index, in the front as given, of flat option ``at`` of units k."""
-        return at - self.start[k] if self.own_hulls else self._option_index[at]
+        return at - self.options_start[k] if self._option_index is None else self._option_index[at]
 
     def hull_option(self, k: np.ndarray, j: np.ndarray) -> np.ndarray:
         """Index, in the front as given, of hull point j of units k."""
-        return j if self.own_hulls else self._hull_option[self.start[k] + j]
+        return self.option_index(k, self.first_option(self.start[k] + j))
 
     def fits_int64(self) -> bool:
         """Whether every cost is a whole number read exactly and every sum of costs fits int64."""
@@ -185,15 +186,15 @@ def hulls(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[np.
     allocate._hull gives it.
 
     Returns (hull, size, by_cost): by_cost holds the options front by front, each front by cost then
-    best value first, as flat (cost, value, index in the front as given); hull the flat positions in
+    best value first, as flat (cost, value, index in the front as given, None where that is the place in
+    the front: the fronts were given by cost); hull the flat positions in
     by_cost of every front's hull points, front by front from the cheapest; size their number per front.
     Fronts given by strictly rising cost, as the planner builds them, are neither sorted nor padded.
     """
-    offset = np.cumsum(lengths) - lengths
-    index = np.arange(len(cost)) - np.repeat(offset, lengths)
+    index = None
     if not _rising_fronts(lengths, cost):
         order = np.lexsort((-value, cost, np.repeat(np.arange(len(lengths)), lengths)))  # stable: ties keep their order
-        cost, value, index = cost[order], value[order], index[order]
+        cost, value, index = cost[order], value[order], order - np.repeat(np.cumsum(lengths) - lengths, lengths)
     if _rising_fronts(lengths, value):
         return (*_chain(lengths, cost, value), (cost, value, index))
     # Drop dominated options (worth no more than a cheaper one of their front) before the chain.
@@ -238,8 +239,11 @@ def _chain(lengths: np.ndarray, cost: np.ndarray, value: np.ndarray) -> tuple[np
         size[:m] += 1
     in_order = np.empty_like(size)
     in_order[rows] = size
-    on_hull = np.arange(len(cost)) - np.repeat(np.cumsum(lengths) - lengths, lengths) < np.repeat(in_order, lengths)
-    return stack[on_hull], in_order
+    # The first ``size`` places of each front: a running sum of +1 where a front starts, -1 where its hull ends.
+    edge = np.zeros(len(cost) + 1, np.int8)
+    np.add.at(edge, np.cumsum(lengths) - lengths, 1)
+    np.add.at(edge, np.cumsum(lengths) - lengths + in_order, -1)
+    return stack[np.cumsum(edge[:-1], dtype=np.int8) > 0], in_order
 
 
 def first_true(lo: np.ndarray, hi: np.ndarray, test: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:

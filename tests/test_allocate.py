@@ -479,9 +479,12 @@ def test_the_hulls_of_many_fronts_at_once_are_each_fronts_python_hull(seed, by_c
     lengths = np.array([len(f) for f in fronts])
     cost, value = (np.array([o[i] for f in fronts for o in f], float) for i in (0, 1))
     hull, size, (by_cost_cost, by_cost_value, index) = allocate_arrays.hulls(lengths, cost, value)
+    start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    if by_cost:  # nothing reordered: an option's index is its place in its front, not stored
+        assert index is None
+        index = np.arange(len(cost)) - start
     hull_options = np.split(index[hull], np.cumsum(size)[:-1])
     assert [h.tolist() for h in hull_options] == [allocate_module._hull(f) for f in fronts]
-    start = np.repeat(np.cumsum(lengths) - lengths, lengths)
     assert np.array_equal(by_cost_cost, cost[start + index]) and np.array_equal(by_cost_value, value[start + index])
 
 
