@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 
+def first_line(text: str, limit: int = 200) -> str:
+    """The first line of ``text``, at most ``limit`` characters."""
+    text = text.strip()
+    first = text.splitlines()[0].strip() if text else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of a third-party exception's message, at most ``limit`` characters, for the
     one ``error:`` line cdka prints (many libraries put a whole explanation in their messages)."""
-    text = str(exc).strip()
-    first = text.splitlines()[0].strip() if text else ""
-    first = f"{exc.__class__.__name__}: {first}" if first else exc.__class__.__name__
-    return first if len(first) <= limit else first[: limit - 3] + "..."
+    first = first_line(str(exc), limit)
+    return first_line(f"{exc.__class__.__name__}: {first}", limit) if first else exc.__class__.__name__
 
 
 class CdkaError(Exception):

@@ -188,6 +188,28 @@ def test_console_script_exit_codes(tmp_path):
     assert result.stderr.strip().splitlines() == ["error: budget 'nope' is not understood; use a percentage (\"0.5%\"), a count (\"20M\", \"1.5B\", \"2e7\", \"20000000\") or \"lora:R\""]
 
 
+@pytest.mark.parametrize(("args", "line"), [
+    (["plan", "--seed", "abc"], "error: Invalid value for '--seed': 'abc' is not a valid int. (see `cdka plan --help`)"),
+    (["plan", "--no-such"], "error: No such option: --no-such (see `cdka plan --help`)"),
+    (["explain"], "error: Missing option '--shape'. (see `cdka explain --help`)"),
+    (["explain", "--shape", "4x4", "--top", "x" * 5000], None),  # a long value is cut, not echoed whole
+])
+def test_usage_errors_are_one_line_with_the_argument_exit_code(tmp_path, args, line):
+    result = subprocess.run([sys.executable, "-m", "cdka_search", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 11 and result.stdout == ""
+    [shown] = result.stderr.splitlines()
+    assert shown == line if line else shown.startswith("error: Invalid value for '--top'") and len(shown) < 260
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_arguments_print_the_help_and_closed_stdout_is_one_line(tmp_path):
+    bare = subprocess.run([sys.executable, "-m", "cdka_search"], capture_output=True, text=True)
+    assert bare.returncode == 0 and "Usage: cdka [OPTIONS] COMMAND" in bare.stdout and bare.stderr == ""
+    closed = subprocess.run([sys.executable, "-m", "cdka_search", "models"], stdout=subprocess.DEVNULL, capture_output=False,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: __import__("os").close(1))
+    assert closed.returncode == 10 and closed.stderr == "error: standard output is closed\n"
+
+
 def test_plan_from_a_recipe_with_a_flag_overriding_it(cli, tmp_path):
     out = tmp_path / "plan.yaml"
     result = cli("plan", "--recipe", "llama2/7B_cdka_lora8", "-o", str(out))
