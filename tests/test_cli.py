@@ -202,6 +202,17 @@ def test_usage_errors_are_one_line_with_the_argument_exit_code(tmp_path, args, l
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("args", "flag"), [
+    (["inspect", ""], "--model"), (["inspect", "-m", " "], "--model"), (["plan", "-m", ""], "--model"),
+    (["plan", "-t", ""], "--targets"), (["explain", "--shape", "4x4", "--params", ""], "--params"),
+    (["report", "--study", ""], "--study"), (["validate", "plan.yaml", "--model", ""], "--model"),
+])
+def test_an_empty_text_argument_is_refused_by_name(cli, tmp_path, monkeypatch, args, flag):
+    monkeypatch.chdir(tmp_path)  # an empty model name would have read this folder
+    result = cli(*args)
+    assert result.exit_code == 11 and result.stderr == f"error: {flag} is empty\n" and result.stdout == ""
+
+
 def test_no_arguments_print_the_help_and_closed_stdout_is_one_line(tmp_path):
     bare = subprocess.run([sys.executable, "-m", "cdka_search"], capture_output=True, text=True)
     assert bare.returncode == 0 and "Usage: cdka [OPTIONS] COMMAND" in bare.stdout and bare.stderr == ""

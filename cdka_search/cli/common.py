@@ -69,14 +69,18 @@ def load_recipe_option(recipe: str | None) -> Any:
     return load_recipe(recipe)
 
 
-def _check_paths(arguments: dict[str, Any]) -> None:
-    """Every path argument checked where it enters (names the system cannot take), before any work."""
+def _check_arguments(arguments: dict[str, Any]) -> None:
+    """Every path argument checked where it enters (names the system cannot take), and no text argument
+    empty (``-m ''`` would name the current folder, ``--study ''`` no study), before any work."""
     from cdka_search.fileio import check_path
 
     for name, value in arguments.items():
-        for path in value if isinstance(value, tuple) else (value,):
-            if isinstance(path, Path):
-                check_path(path, ArgumentError, f"--{name.replace('_', '-')}")
+        flag = f"--{name.removesuffix('_option').replace('_', '-')}"
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, Path):
+                check_path(item, ArgumentError, flag)
+            elif isinstance(item, str) and not item.strip():
+                raise ArgumentError(f"{flag} is empty")
 
 
 def guarded(fn: F) -> F:
@@ -86,7 +90,7 @@ def guarded(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            _check_paths(kwargs)
+            _check_arguments(kwargs)
             with warnings.catch_warnings():
                 shown = warnings.showwarning
 

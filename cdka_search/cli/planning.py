@@ -164,7 +164,7 @@ def inspect(
 
     if (model is None) == (model_option is None):
         raise ArgumentError("give the model once: cdka inspect MODEL or cdka inspect --model MODEL")
-    spec = _load(model or model_option)
+    spec = _load(model if model is not None else model_option)
     covered = _coverage(spec, targets)
     render(inspect_table(select_targets(spec, targets), covered), as_json=as_json)
 
