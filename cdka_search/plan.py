@@ -575,6 +575,11 @@ def loads_plan(text: str, where: str = "plan") -> Plan:
         raise PlanError(f"{where}: {exc}") from None
 
 
+def _read_as(path: Path) -> str:
+    """The format load_plan reads ``path`` in: JSON where it is named .json (in any case), else YAML."""
+    return "json" if path.suffix.lower() == ".json" else "yaml"
+
+
 def save_plan(plan: Plan, path: str | Path, fmt: str | None = None) -> Path:
     """Write atomically; the format follows the suffix (.json) unless given.
 
@@ -582,7 +587,9 @@ def save_plan(plan: Plan, path: str | Path, fmt: str | None = None) -> Path:
     modules) is a PlanError and nothing is written: such plans are JSON, read at C speed.
     """
     target = Path(path)
-    chosen = fmt or ("json" if target.suffix == ".json" else "yaml")
+    chosen = fmt or _read_as(target)
+    if chosen != "json" and _read_as(target) == "json":
+        raise PlanError(f"{target}: a .json plan is read as JSON; write {chosen} to another name, or use --format json")
     text = dumps_plan(plan, chosen)
     if chosen == "yaml" and (size := len(text.encode())) > MAX_YAML_BYTES:
         raise PlanError(
@@ -602,7 +609,7 @@ def load_plan(path: str | Path) -> Plan:
     file = Path(path)
     if not file.exists():
         raise PlanError(f"{file}: no such plan file")
-    if file.suffix == ".json":
+    if _read_as(file) == "json":
         data = read_json(read_file_bytes(file, PlanError, PLAN_JSON_LIMITS.max_bytes), str(file), PlanError, PLAN_JSON_LIMITS)
         try:
             return Plan.from_dict(data)

@@ -213,6 +213,17 @@ def test_an_empty_text_argument_is_refused_by_name(cli, tmp_path, monkeypatch, a
     assert result.exit_code == 11 and result.stderr == f"error: {flag} is empty\n" and result.stdout == ""
 
 
+def test_a_plan_is_written_in_the_format_its_name_is_read_in(cli, tmp_path):
+    result = cli("plan", "-m", "gpt2", "-b", "lora:8", "--format", "yaml", "-o", str(tmp_path / "c.json"))
+    assert result.exit_code == 5 and list(tmp_path.iterdir()) == []
+    assert result.stderr.endswith("c.json: a .json plan is read as JSON; write yaml to another name, or use --format json\n")
+    upper = tmp_path / "d.JSON"  # the suffix in any case
+    assert cli("plan", "-m", "gpt2", "-b", "lora:8", "-o", str(upper)).exit_code == 0
+    assert json.loads(upper.read_text())["model"]["name"] == "gpt2"
+    checked = cli("validate", str(upper))
+    assert checked.exit_code == 0 and "valid plan" in checked.stdout
+
+
 def test_no_arguments_print_the_help_and_closed_stdout_is_one_line(tmp_path):
     bare = subprocess.run([sys.executable, "-m", "cdka_search"], capture_output=True, text=True)
     assert bare.returncode == 0 and "Usage: cdka [OPTIONS] COMMAND" in bare.stdout and bare.stderr == ""
