@@ -99,6 +99,13 @@ class CandidateSpace:
                 check_int(value, f"--{name.replace('_', '-')}", TargetError, 1, MAX_DIM)
         if self.max_r is not None:
             check_int(self.max_r, "--max-r", TargetError, 1, MAX_DIM)
+        # A pin the family can never meet is refused here, not found after planning (by export) or
+        # reported as a divisor problem of the first shape.
+        if self.family == "lokr" and self.r not in (None, 1):
+            raise TargetError(f"--family lokr is one Kronecker term (r = 1); --r {self.r} cannot be met")
+        for name in ("r1", "r2"):
+            if self.family == "lora" and getattr(self, name) not in (None, 1):
+                raise TargetError(f"--family lora is r1 = r2 = 1; --{name} {getattr(self, name)} cannot be met")
 
     @property
     def cap(self) -> int:

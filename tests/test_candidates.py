@@ -122,6 +122,18 @@ def test_bad_spaces(bad):
         CandidateSpace(**bad)
 
 
+@pytest.mark.parametrize(("pins", "message"), [
+    (dict(family="lokr", r=2), "--family lokr is one Kronecker term (r = 1); --r 2 cannot be met"),
+    (dict(family="lora", r1=2), "--family lora is r1 = r2 = 1; --r1 2 cannot be met"),
+    (dict(family="lora", r2=4), "--family lora is r1 = r2 = 1; --r2 4 cannot be met"),
+])
+def test_a_pin_the_family_cannot_meet_is_refused_before_planning(pins, message):
+    with pytest.raises(TargetError) as refused:
+        CandidateSpace(**pins)
+    assert str(refused.value) == message
+    assert CandidateSpace(family="lokr", r=1).r == 1 and CandidateSpace(family="lora", r1=1, r2=1).r1 == 1
+
+
 def test_r_stops_at_the_rank_bound_of_each_design():
     # r1 = 1, r2 = 101 on 97x101: B is the whole 97x101 matrix, so r = 1 already reaches rank 97
     # (and costs more than the weight: no candidate at all); r1 = 97, r2 = 1 has A = 97x101 likewise
