@@ -338,24 +338,25 @@ def record_model_path(plan: Plan, model: str) -> Plan:
     return replace(plan, model_path=str(path.resolve())) if path.exists() else plan
 
 
-def plan_model(plan: Plan, model: str | None) -> ModelSpec | None:
-    """The model to check ``plan`` against: ``model`` if given, else the preset a preset plan names,
-    else the local path the plan recorded (ModelSourceError if it is gone), else None (a plan of a
-    live module: only the module can check it)."""
+def plan_model(plan: Plan, model: str | None) -> tuple[ModelSpec, str] | None:
+    """The model to check ``plan`` against and the name of what was read: ``model`` if given, else the
+    preset a preset plan names (a ``path`` beside it is not read), else the local path the plan
+    recorded (ModelSourceError if it is gone), else None (a plan of a live module: only the module can
+    check it)."""
     from pathlib import Path
 
     from cdka_search.errors import ModelSourceError
     from cdka_search.spec import load_spec
 
     if model:
-        return load_spec(model)
+        return load_spec(model), model
     if plan.model_source == "preset":
-        return load_spec(plan.model_name)
+        return load_spec(plan.model_name), f"preset {plan.model_name}"
     if plan.model_path is None:
         return None
     if not Path(plan.model_path).exists():
         raise ModelSourceError(f"the plan was made from {plan.model_path}, which no longer exists; give the model with --model")
-    return load_spec(plan.model_path)
+    return load_spec(plan.model_path), plan.model_path
 
 
 def parse_shape(text: str) -> tuple[int, int]:

@@ -141,7 +141,11 @@ def test_validate(cli, tmp_path):
     ok = cli("validate", str(plan), "--model", "llama-2-7b")
     assert ok.exit_code == 0 and "valid plan and matches llama-2-7b" in ok.stdout
     alone = cli("validate", str(plan))  # a preset plan is checked against the preset it names
-    assert alone.exit_code == 0 and "valid plan and matches llama-2-7b" in alone.stdout
+    assert alone.exit_code == 0 and "valid plan and matches preset llama-2-7b (" in alone.stdout
+    beside = tmp_path / "beside.yaml"  # a path written beside the preset is not what is read, nor named
+    beside.write_text(plan.read_text().replace("  source: preset\n", f"  source: preset\n  path: {tmp_path / 'gone'}\n", 1))
+    named = cli("validate", str(beside))
+    assert named.exit_code == 0 and "valid plan and matches preset llama-2-7b (" in named.stdout and "gone" not in named.stdout
     other = tmp_path / "other.yaml"
     other.write_text(plan.read_text().replace("name: llama-2-7b", "name: llama-3-8b", 1))
     wrong = cli("validate", str(other))

@@ -43,7 +43,8 @@ def export(
     from cdka_search.render import render
 
     loaded = load_plan(plan_file)
-    spec = plan_model(loaded, model)
+    checked = plan_model(loaded, model)
+    spec = checked[0] if checked is not None else None
     if model is not None:  # the model given is the one PEFT's check builds, not a path the plan recorded
         loaded = record_model_path(loaded, model)
     result = export_plan(loaded, to, spec)

@@ -212,11 +212,11 @@ def validate(
     from cdka_search.planner import plan_model, plan_problems
 
     loaded = load_plan(plan_file)
-    spec = plan_model(loaded, model)
-    problems = plan_problems(loaded, spec) if spec is not None else []
+    checked = plan_model(loaded, model)
+    problems = plan_problems(loaded, checked[0]) if checked is not None else []
     if problems:
         raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + summarise(problems, sep=" | "))
-    against = f" and matches {model or loaded.model_path or spec.name}" if spec is not None else ""
+    against = f" and matches {checked[1]}" if checked is not None else ""
     heads = f"; trained whole: {heads_text(loaded.modules_to_save)}" if loaded.modules_to_save else ""
     typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of "
                f"{loaded.budget_limit:,} parameters{heads})")
