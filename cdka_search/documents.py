@@ -64,6 +64,14 @@ def brief(value: Any, limit: int = _BRIEF_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (controls such as ESC, bidirectional
+    overrides, line breaks) written as its Python escape: names read from files reach a screen as data."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def named(text: str, limit: int = _BRIEF_CHARS) -> str:
     """``text`` as typed when it is short and printable (a path, a model name), else its brief repr."""
     return text if len(text) <= limit and text.isprintable() else brief(text, limit)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
+
+from cdka_search.documents import printable
 
 
 @dataclass(frozen=True)
@@ -30,16 +32,16 @@ def _cell(value: Any) -> str:
         return f"{value:,}"
     if isinstance(value, float):
         return f"{value:.4f}"
-    return str(value)
+    return printable(str(value))
 
 
 PLAIN_FROM = 100  # rows: rich spends ~0.4 ms a row (1.5 s on a 3,584-module per-layer plan)
-_PLAIN_TEXT = frozenset(chr(c) for c in range(0x20, 0x7F)) - {"["}  # one cell each, and no rich markup
+_PLAIN_TEXT = frozenset(chr(c) for c in range(0x20, 0x7F))  # one cell each (markup is off)
 
 
 def _plain_table(table: Table, width: int) -> str | None:
     """The text rich prints for ``table`` without colours, built directly; None where rich would do
-    more than pad (markup, wide or control characters, edge spaces, a table or title that does not fit)."""
+    more than pad (wide characters, edge spaces, a table or title that does not fit)."""
     cells = [[_cell(v) for v in row] for row in table.rows]
     texts = [table.title, *table.columns, *(c for row in cells for c in row)]
     if not table.title or any(not _PLAIN_TEXT.issuperset(t) or t != t.strip() for t in texts):
@@ -72,20 +74,23 @@ def render(table: Table, *, as_json: bool = False, stream=None) -> None:
         return
     from rich.console import Console
     from rich.table import Table as RichTable
+    from rich.text import Text
 
-    # Off a terminal (pipes, files, CI logs) use a fixed width so output is the same everywhere.
-    console = Console(file=out, width=Console().width if out.isatty() else 160, highlight=False)
+    # Off a terminal (pipes, files, CI logs) use a fixed width so output is the same everywhere. Text from
+    # files (module names) is shown as text: no rich markup ("[/]" in a tensor name), no control characters.
+    console = Console(file=out, width=Console().width if out.isatty() else 160, highlight=False, markup=False)
+    table = replace(table, title=printable(table.title), notes=tuple(map(printable, table.notes)))
     plain = _plain_table(table, console.width) if len(table.rows) >= PLAIN_FROM and console.color_system is None else None
     if plain is not None:
         out.write(plain)
         for note in table.notes:
             console.print(note, soft_wrap=True)
         return
-    rich_table = RichTable(title=table.title, title_justify="left")
+    rich_table = RichTable(title=Text(table.title), title_justify="left")
     for i, column in enumerate(table.columns):
-        rich_table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
+        rich_table.add_column(Text(column), justify="left" if i == 0 else "right", no_wrap=True)
     for row in table.rows:
-        rich_table.add_row(*(_cell(v) for v in row))
+        rich_table.add_row(*(Text(_cell(v)) for v in row))
     console.print(rich_table)
     for note in table.notes:
         console.print(note, soft_wrap=True)
@@ -93,7 +98,7 @@ def render(table: Table, *, as_json: bool = False, stream=None) -> None:
 
 def info(message: str) -> None:
     """A diagnostic line on stderr (never mixed into data on stdout)."""
-    sys.stderr.write(message + "\n")
+    sys.stderr.write(printable(message) + "\n")
 
 
 def rows_of(values: Sequence[Sequence[Any]]) -> tuple[tuple[Any, ...], ...]:

@@ -228,6 +228,20 @@ def test_a_plan_is_written_in_the_format_its_name_is_read_in(cli, tmp_path):
     assert checked.exit_code == 0 and "valid plan" in checked.stdout
 
 
+def test_a_tensor_name_with_terminal_controls_reaches_tables_and_errors_escaped(cli, tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    weights, plan = tmp_path / "odd.safetensors", tmp_path / "plan.yaml"
+    save_file({"\u202e\x1b[31m.weight": torch.zeros(8, 8)}, str(weights))  # a right-to-left override and a colour
+    shown = cli("inspect", "-m", str(weights))
+    assert shown.exit_code == 0 and "\\u202e\\x1b[31m" in shown.stdout and "\x1b" not in shown.stdout
+    assert cli("plan", "-m", str(weights), "-b", "50", "--r", "2", "-o", str(plan)).exit_code == 0
+    refused = cli("export", str(plan), "--to", "peft", "--out", str(tmp_path / "adapter"))
+    assert refused.exit_code == 8 and "\\u202e\\x1b[31m (r = 2)" in refused.stderr
+    assert "\x1b" not in refused.stderr and "\u202e" not in refused.stderr and len(refused.stderr.splitlines()) == 1
+
+
 def test_no_arguments_print_the_help_and_closed_stdout_is_one_line(tmp_path):
     bare = subprocess.run([sys.executable, "-m", "cdka_search"], capture_output=True, text=True)
     assert bare.returncode == 0 and "Usage: cdka [OPTIONS] COMMAND" in bare.stdout and bare.stderr == ""

@@ -41,8 +41,21 @@ def test_a_per_layer_export_table_takes_the_plain_path(monkeypatch):
     assert rendered(table, 0, monkeypatch) == rendered(table, 10**9, monkeypatch) == plain
 
 
-@pytest.mark.parametrize("odd", ["[bold]x[/bold]", "wide \u4e2d", "tab\there", " edge", "y" * 170])
+@pytest.mark.parametrize("odd", ["wide \u4e2d", " edge", "y" * 170])
 def test_what_rich_does_more_with_is_left_to_rich(odd, monkeypatch):
     table = Table("odd cells", ("A", "B"), (("a", odd), ("b", 1)))
     assert render_module._plain_table(table, 160) is None
+    assert rendered(table, 0, monkeypatch) == rendered(table, 10**9, monkeypatch)
+
+
+def test_names_from_files_are_shown_as_text_never_as_markup_or_terminal_controls(monkeypatch):
+    """A tensor name is data: rich markup in it ("[/]" closes nothing and made rich raise) is printed as
+    typed, and ESC, a right-to-left override or a tab as their escapes, in cells, title and notes."""
+    names = ("x[/]y", "[bold]b[/bold]", "red\x1b[31m", "\u202eevil", "tab\there")
+    table = Table("t\x1b]0;title\x07", ("Module", "N"), tuple((n, 1) for n in names), notes=("note \x1b[2J [/]",))
+    for plain_from in (0, 10**9):
+        out = rendered(table, plain_from, monkeypatch)
+        assert "\x1b" not in out and "\u202e" not in out and "\x07" not in out and "\t" not in out
+        for shown in ("x[/]y", "[bold]b[/bold]", "red\\x1b[31m", "\\u202eevil", "tab\\there", "t\\x1b]0;title\\x07", "note \\x1b[2J [/]"):
+            assert shown in out
     assert rendered(table, 0, monkeypatch) == rendered(table, 10**9, monkeypatch)

@@ -43,6 +43,7 @@ def main() -> None:
     draws a box of several lines and exits 2, the budget's code. No arguments at all prints the help."""
     import sys
 
+    from cdka_search.documents import printable
     from cdka_search.errors import ArgumentError, OutputError, first_line
 
     if sys.stdout is None:  # started with stdout closed (`cdka models >&-`): nothing could be printed
@@ -61,6 +62,6 @@ def main() -> None:
         context = getattr(exc, "ctx", None)
         hint = f" (see `{context.command_path} --help`)" if context is not None else ""
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        sys.stderr.write(f"error: {first_line(message) or type(exc).__name__}{hint}\n")
+        sys.stderr.write(f"error: {printable(first_line(message) or type(exc).__name__)}{hint}\n")
         sys.exit(ArgumentError.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 
-from cdka_search.documents import brief
+from cdka_search.documents import brief, printable
 from cdka_search.errors import ArgumentError, CdkaError, CdkaWarning, one_line
 from cdka_search.scoring import RANK_KNEE
 
@@ -96,7 +96,7 @@ def guarded(fn: F) -> F:
 
                 def show(message, category, filename, lineno, file=None, line=None):
                     if issubclass(category, CdkaWarning):
-                        sys.stderr.write(f"warning: {message}\n")
+                        sys.stderr.write(f"warning: {printable(str(message))}\n")
                     else:
                         shown(message, category, filename, lineno, file, line)
 
@@ -105,13 +105,13 @@ def guarded(fn: F) -> F:
         except CdkaError as exc:
             if os.environ.get("CDKA_DEBUG"):
                 raise
-            sys.stderr.write(f"error: {exc}\n")
+            sys.stderr.write(f"error: {printable(str(exc))}\n")
             raise typer.Exit(exc.exit_code) from None
         except OSError as exc:  # the system refused a file that no reader's own check caught
             if os.environ.get("CDKA_DEBUG"):
                 raise
             where = f"{brief(os.fsdecode(exc.filename))}: " if exc.filename is not None else ""
-            sys.stderr.write(f"error: {where}{exc.strerror or one_line(exc)}\n")
+            sys.stderr.write(f"error: {printable(where + (exc.strerror or one_line(exc)))}\n")
             raise typer.Exit(CdkaError.exit_code) from None
 
     return wrapper  # type: ignore[return-value]

@@ -83,10 +83,12 @@ def show(
     """
     import json
 
+    from cdka_search.documents import printable
     from cdka_search.recipes import load_recipe
 
     recipe = load_recipe(name)
     if as_json:
         typer.echo(json.dumps({"name": recipe.name, "path": str(recipe.path), **recipe.to_dict()}, indent=2))
     else:
-        typer.echo(recipe.path.read_text(encoding="utf-8"), nl=False)  # type: ignore[union-attr]
+        text = recipe.path.read_text(encoding="utf-8")  # type: ignore[union-attr]
+        typer.echo("".join(printable(line) + "\n" for line in text.splitlines()), nl=False)

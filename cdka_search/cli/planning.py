@@ -20,6 +20,7 @@ from cdka_search.cli.common import (
     guarded,
     load_recipe_option,
 )
+from cdka_search.documents import printable
 from cdka_search.errors import ArgumentError, PlanError
 
 app = typer.Typer()
@@ -218,5 +219,5 @@ def validate(
         raise PlanError(f"{plan_file}: {len(problems)} problem(s): " + summarise(problems, sep=" | "))
     against = f" and matches {checked[1]}" if checked is not None else ""
     heads = f"; trained whole: {heads_text(loaded.modules_to_save)}" if loaded.modules_to_save else ""
-    typer.echo(f"{plan_file}: valid plan{against} ({len(loaded.groups)} groups, {loaded.used_params:,} of "
+    typer.echo(f"{printable(f'{plan_file}: valid plan{against}')} ({len(loaded.groups)} groups, {loaded.used_params:,} of "
                f"{loaded.budget_limit:,} parameters{heads})")

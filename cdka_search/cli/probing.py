@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cdka_search.cli.common import DeviceOpt, TargetsOpt, guarded
+from cdka_search.documents import printable
 from cdka_search.errors import ReferenceFileError
 from cdka_search.fileio import check_output
 
@@ -69,4 +70,4 @@ def probe(
         kind = "gradient"
     written = save_reference(tensors, output, kind)
     energy = sum(squared_norm(t) for t in tensors.values())
-    typer.echo(f"{written}: {kind} reference for {len(tensors)} modules (total energy {energy:.4g})")
+    typer.echo(f"{printable(str(written))}: {kind} reference for {len(tensors)} modules (total energy {energy:.4g})")
