@@ -391,6 +391,22 @@ def test_every_trial_nan_is_one_error_line(cli, tmp_path, tiny_config, monkeypat
     assert not out.exists()
 
 
+def test_a_bad_input_leaves_no_study_behind_and_the_corrected_run_starts(cli, tmp_path, tiny_config):
+    """The reference updates are read before the storage is opened: a bad file (here not safetensors at
+    all) is its error line and nothing more, so the same command without it is not refused as a study
+    'started with other settings'."""
+    bad = tmp_path / "ref.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    storage, out = tmp_path / "s.db", tmp_path / "best.yaml"
+    args = ("sweep", "-m", str(tiny_config), "-b", "lora:4", "--trials", "1", "--steps", "2", "--storage", f"sqlite:///{storage}", "-o", str(out))
+    refused = cli(*args, "--reference", str(bad))
+    assert refused.exit_code == 6 and refused.stderr.startswith("error: ") and len(refused.stderr.splitlines()) == 1
+    assert not storage.exists() and not out.exists()
+    corrected = cli(*args)
+    assert corrected.exit_code == 0, corrected.output
+    assert out.exists() and storage.exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

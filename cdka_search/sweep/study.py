@@ -262,6 +262,9 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
     spec = select_targets(load_spec(config.model), config.targets)
     space = build_space(spec, config.budget, objective=config.objective, top_k=config.top_k,
                         lr_range=config.lr_range or task.lr_range, alpha_range=config.alpha_range)
+    # Every input (reference updates, data, the model's weights) is read before the storage is touched:
+    # a bad one must not leave a study behind whose settings then refuse the corrected run.
+    task.prepare(space)
     storage_url = normalise(config.storage)
     where = redact(storage_url)
     name = config.study or default_study_name(config, spec.name)
@@ -274,8 +277,6 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
     _check_compatible(study, _fingerprint(config, space, task.name, spec.name), where)
     heuristic = space.heuristic_params(task.default_lr)
     work_left = _keep_whole(study, space, heuristic, config.trials)
-    if work_left:
-        task.prepare(space)
     return PreparedSweep(config, study, space, task, heuristic, where, started, work_left)
 
 
