@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from cdka_search.errors import TargetError
-from cdka_search.limits import MAX_DIM, check_int
+from cdka_search.limits import MAX_DESIGNS, MAX_DIM, MAX_PAIRS, check_int
 
 FAMILIES = ("cdka", "every", "lora", "lokr")
 DEFAULT_MAX_R = 64  # the automatic cap on r: enough for budgets up to a few percent, and it keeps scoring cheap
@@ -190,14 +190,28 @@ def r_range(d_out: int, d_in: int, r1: int, r2: int, space: CandidateSpace = Can
     return range(1, min(space.cap, saturating, sane) + 1)
 
 
+def spans(d_out: int, d_in: int, space: CandidateSpace = EVERY_PAIR) -> list[tuple[int, int, range]]:
+    """(r1, r2, the r worth trying) of every pair of the space with a design; TargetError, before any
+    design is built or scored, where they are more than MAX_PAIRS pairs or MAX_DESIGNS designs."""
+    pairs = factor_pairs(d_out, d_in, space)
+    if len(pairs) > MAX_PAIRS:
+        raise TargetError(
+            f"{d_out}x{d_in} has {len(pairs):,} (r1, r2) pairs under --family {space.family}, more than cdka scores for "
+            f"one shape ({MAX_PAIRS:,}); choose a narrower --family or pin --r1 or --r2"
+        )
+    found = [(r1, r2, rs) for r1, r2 in pairs if (rs := r_range(d_out, d_in, r1, r2, space))]
+    if (count := sum(len(rs) for _, _, rs in found)) > MAX_DESIGNS:
+        raise TargetError(
+            f"{d_out}x{d_in} has {count:,} candidate designs under --family {space.family} and --max-r {space.cap}, "
+            f"more than cdka scores for one shape ({MAX_DESIGNS:,}); lower --max-r or choose a narrower --family"
+        )
+    return found
+
+
 def enumerate_candidates(d_out: int, d_in: int, space: CandidateSpace = EVERY_PAIR) -> list[Design]:
     """Every design of a d_out x d_in weight in the space, LoRA (r1 = r2 = 1) included, each with
     fewer parameters than the weight."""
-    return [
-        Design.from_paper(d_out, d_in, r1, r2, r)
-        for r1, r2 in factor_pairs(d_out, d_in, space)
-        for r in r_range(d_out, d_in, r1, r2, space)
-    ]
+    return [Design.from_paper(d_out, d_in, r1, r2, r) for r1, r2, rs in spans(d_out, d_in, space) for r in rs]
 
 
 def largest_params(d_out: int, d_in: int, space: CandidateSpace = EVERY_PAIR) -> int:

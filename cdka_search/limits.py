@@ -21,6 +21,12 @@ MAX_LAYERS = 1 << 14  # layers of one model
 MAX_TRIALS = 100_000  # trials of one sweep
 MAX_TOP_K = 1000  # design families per group of a sweep's space (--top-k, recipe sweep.top_k)
 MAX_SEED = 2**32 - 1  # seeds numpy and Optuna's samplers accept
+# Candidate designs of one weight shape, and their (r1, r2) pairs: released shapes have at most about
+# 70,000 designs even under --family every or a raised --max-r (16384x16384 with --max-r 16384: 67,119,
+# 2.5 s and 0.4 GB to score) and 800 pairs (129280x7168 under --family every); scoring costs about 5 KB
+# and 40 us a design and 1.6 ms a pair (720720x720720 under --family every has 57,600 pairs: 92 s).
+MAX_DESIGNS = 1 << 18
+MAX_PAIRS = 1 << 12
 
 
 def check_int(value: Any, where: str, error: type[CdkaError], low: int = 1, high: int = MAX_DIM) -> int:

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from cdka_search.allocate import Allocation, Option, Unit, allocate_units
 from cdka_search.budget import Budget, parse_budget
-from cdka_search.candidates import CandidateSpace, Design, enumerate_candidates, fit_max_r
+from cdka_search.candidates import CandidateSpace, Design, enumerate_candidates, fit_max_r, largest_params
 from cdka_search.documents import brief
 from cdka_search.errors import ArgumentError, BudgetError, TargetError
 from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_front
@@ -315,9 +315,8 @@ def unspent_reason(plan: Plan, space: CandidateSpace = CandidateSpace()) -> str 
         if larger:
             steps.append(((min(larger) - g.design.params) * g.count * g.experts, g.modules[0]))
     if not steps:
-        capped = space.r is None and any(
-            d.params > g.design.params for g in plan.groups
-            for d in enumerate_candidates(*g.shape, replace(space, max_r=MAX_DIM)))
+        uncapped = replace(space, max_r=MAX_DIM)
+        capped = space.r is None and any(largest_params(*g.shape, uncapped) > g.design.params for g in plan.groups)
         advice = f"raise --max-r (now {space.cap}), widen --targets or lower the budget" if capped else \
             "widen --targets or lower the budget"
         return (f"the budget cannot be spent usefully on these targets: no candidate goes past full rank, --max-r, or the "

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Iterable, Sequence
 
-from cdka_search.candidates import CandidateSpace, Design, factor_pairs, r_range
+from cdka_search.candidates import CandidateSpace, Design, spans
 from cdka_search.errors import TargetError
 
 DEFAULT_SAMPLES = 32
@@ -388,11 +388,8 @@ def score_shape(
     spectra = spectra or SpectrumCache()
     curve_of = alignment or (lambda r1, r2, r_max: spectra.curve(d_out, d_in, r1, r2, r_max))
     r1s, r2s, starts, stops, curves = [], [], [], [], []
-    for p1, p2 in factor_pairs(d_out, d_in, space):
+    for p1, p2, span in spans(d_out, d_in, space):
         if pairs is not None and (p1, p2) not in pairs:
-            continue
-        span = r_range(d_out, d_in, p1, p2, space)
-        if not span:
             continue
         r1s.append(p1)
         r2s.append(p2)

@@ -134,6 +134,22 @@ def test_a_pin_the_family_cannot_meet_is_refused_before_planning(pins, message):
     assert CandidateSpace(family="lokr", r=1).r == 1 and CandidateSpace(family="lora", r1=1, r2=1).r1 == 1
 
 
+def test_a_shape_with_too_many_designs_or_pairs_is_refused_before_any_is_built(cli):
+    from cdka_search.candidates import spans
+    from cdka_search.limits import MAX_DESIGNS, MAX_PAIRS
+
+    # 16384x16384 up to r = 16384: 67,119 designs, scored (the most of any released shape, about).
+    assert sum(len(rs) for _, _, rs in spans(16384, 16384, CandidateSpace(max_r=16384))) == 67_119 < MAX_DESIGNS
+    with pytest.raises(TargetError, match=r"^262144x262144 has 1,074,603 candidate designs under --family cdka and --max-r 1048576"):
+        spans(262144, 262144, CandidateSpace(max_r=1 << 20))
+    # 720720 = 2^4 3^2 5 7 11 13 has 240 divisors: 57,600 pairs, 92 s to score before this bound.
+    with pytest.raises(TargetError, match=r"^720720x720720 has 57,600 \(r1, r2\) pairs under --family every"):
+        spans(720720, 720720, CandidateSpace(family="every", r=1))
+    assert len(factor_pairs(720720, 720720, CandidateSpace(family="every", r1=16))) == 240 <= MAX_PAIRS  # a pin narrows it
+    result = cli("explain", "--shape", "720720x720720", "--family", "every")
+    assert result.exit_code == 4 and result.stderr.startswith("error: 720720x720720 has 57,600 (r1, r2) pairs")
+
+
 def test_r_stops_at_the_rank_bound_of_each_design():
     # r1 = 1, r2 = 101 on 97x101: B is the whole 97x101 matrix, so r = 1 already reaches rank 97
     # (and costs more than the weight: no candidate at all); r1 = 97, r2 = 1 has A = 97x101 likewise
