@@ -156,8 +156,8 @@ def read_yaml(text: str, where: str, error: type[CdkaError]) -> Any:
 
     Built from the parser's events with an explicit stack (libyaml's parser where installed), so
     neither deep nesting nor a large document recurses or composes a node tree. Scalars are null,
-    bool, int, float or str; a date or time stays the text written, as YAML 1.2 reads it (no cdka
-    document has dates, and a ``datetime`` would reach messages as its Python repr)."""
+    bool, int, float or str; a date or time stays the text written, and ``2e-4`` is a number, as YAML 1.2
+    reads them (no cdka document has dates, and a ``datetime`` would reach messages as its Python repr)."""
     if len(text) > MAX_YAML_BYTES:
         raise error(f"{where}: {len(text):,} characters is larger than a plan or recipe can be ({MAX_YAML_BYTES:,})")
     import yaml
@@ -216,6 +216,8 @@ def _data_from_events(loader: Any, where: str, error: type[CdkaError]) -> Any:
             tag = event.tag
             if tag is None or tag == "!":
                 tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+                if tag == _STR_TAG and event.implicit[0] and YAML12_FLOAT.fullmatch(event.value):  # plain, not quoted
+                    tag = _FLOAT_TAG  # 2e-4, 1.0e5: YAML 1.1 (PyYAML) reads them as text, YAML 1.2 as numbers
             if tag == _TIMESTAMP_TAG:
                 value = event.value
             elif tag in _SCALAR_TAGS:
@@ -252,6 +254,8 @@ def _data_from_events(loader: Any, where: str, error: type[CdkaError]) -> Any:
 _NO_KEY = object()
 _SCALAR_TAGS = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("null", "bool", "int", "float", "str"))
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_STR_TAG, _FLOAT_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:float"
+YAML12_FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?")  # the YAML 1.2 core schema's
 
 
 def _line(event: Any) -> int:

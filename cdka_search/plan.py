@@ -43,6 +43,7 @@ from cdka_search.budget import budget_for
 from cdka_search.candidates import Design
 from cdka_search.documents import (
     MAX_YAML_BYTES,
+    YAML12_FLOAT,
     JsonLimits,
     brief,
     named,
@@ -563,6 +564,8 @@ def dumps_plan(plan: Plan, fmt: str = "yaml") -> str:
         return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flow)
 
     _Dumper.add_representer(list, _list)
+    # Text that read_yaml takes for a number (budget "2e5", as YAML 1.2 reads it) is written quoted.
+    _Dumper.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=120)
 
 

@@ -349,7 +349,9 @@ def test_duplicate_keys_in_config_json(cli, tmp_path):
         ("alpha: 64.0", "alpha: .nan", "adapter.alpha: must be a finite number, got nan"),
         ("alpha: 64.0", "alpha: .inf", "adapter.alpha: must be a finite number, got inf"),
         ("alpha: 64.0", "alpha: -.inf", "adapter.alpha: must be a finite number"),
-        ("alpha: 64.0", "alpha: 1e400", "adapter.alpha: expected a number, got '1e400'"),
+        ("alpha: 64.0", "alpha: 1e400", "adapter.alpha: must be a finite number, got inf"),  # a number, as YAML 1.2 reads it
+        ("alpha: 64.0", "alpha: 1e+300", "adapter.alpha: 1e+300 is outside"),
+        ("alpha: 64.0", "alpha: '2e-4'", "adapter.alpha: expected a number, got '2e-4'"),  # quoted: text
         ("alpha: 64.0", "alpha: abc", "adapter.alpha: expected a number, got 'abc'"),
         ("alpha: 64.0", "alpha: 1.0e+300", "adapter.alpha: 1e+300 is outside"),
         ("dropout: 0.0", "dropout: .nan", "adapter.dropout: must be a finite number"),

@@ -28,6 +28,20 @@ def test_yaml_and_json_round_trip(tmp_path, gpt2_plan):
     assert json.loads((tmp_path / "p.json").read_text())["cdka_plan"] == 1
 
 
+def test_exponent_numbers_read_as_yaml_1_2_does_and_text_like_them_is_written_quoted(tmp_path):
+    """PyYAML (YAML 1.1) reads 2e-4 and 1.0e5 as text; cdka reads them as the numbers a user means, and
+    writes a budget spec such as "2e5" quoted, so that the plan reads back with its spec as text."""
+    from cdka_search.documents import read_yaml
+
+    parsed = read_yaml("a: 2e-4\nb: 1.0e5\nc: -1E+3\nd: '2e-4'\ne: 3e\nf: !!str 1e5\ng: 1.5\n", "x", PlanError)
+    assert parsed == {"a": 0.0002, "b": 100000.0, "c": -1000.0, "d": "2e-4", "e": "3e", "f": "1e5", "g": 1.5}
+    plan = make_plan(load_spec("gpt2"), "2e5")
+    text = dumps_plan(plan)
+    assert "  spec: '2e5'\n" in text
+    assert loads_plan(text, "p.yaml") == plan
+    assert load_plan(save_plan(plan, tmp_path / "p.yaml")) == plan
+
+
 def test_document_fields(gpt2_plan):
     doc = yaml.safe_load(dumps_plan(gpt2_plan))
     assert doc["budget"] == {"spec": "lora:8", "limit": 1_179_648, "used": gpt2_plan.used_params}
