@@ -172,7 +172,7 @@ def open_study(storage: str | None, name: str | None, *, create: bool = False, s
     if name is None and len(names) != 1:
         listing = ", ".join(names[:10]) or "none"
         raise SweepError(f"{where} holds {len(names)} studies ({listing}); choose one with --study")
-    name = name or names[0]
+    name = names[0] if name is None else name
     if name not in names and not create:
         raise SweepError(f"no study {name!r} in {where}; it holds: {', '.join(names) or 'none'}")
     # An existing study is loaded as it is, whatever its direction (check_direction refuses another), and
