@@ -27,6 +27,9 @@ MAX_SEED = 2**32 - 1  # seeds numpy and Optuna's samplers accept
 # and 40 us a design and 1.6 ms a pair (720720x720720 under --family every has 57,600 pairs: 92 s).
 MAX_DESIGNS = 1 << 18
 MAX_PAIRS = 1 << 12
+# Name tests of a plan's '**' patterns (each scans every module name): distinct patterns x names. A plan
+# has a handful; 16 on a model of a million modules is within it.
+MAX_SCANS = 1 << 24
 
 
 def check_int(value: Any, where: str, error: type[CdkaError], low: int = 1, high: int = MAX_DIM) -> int:

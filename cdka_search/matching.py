@@ -10,10 +10,12 @@ one pass, linear in names + groups.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from cdka_search.errors import PlanError
+from cdka_search.limits import MAX_SCANS
 from cdka_search.patterns import PatternError, compile_pattern, is_pattern
 
 
@@ -31,6 +33,7 @@ class ModuleIndex:
         self.names: tuple[str, ...] = tuple(dict.fromkeys(names))
         self._position = {n: i for i, n in enumerate(self.names)}
         self._root: _Node | None = None  # the tree of parts, built by the first glob (exact names never need it)
+        self._found: dict[str, list[int]] = {}  # each glob's matches, once: a plan may repeat a pattern
 
     def _tree(self) -> _Node:
         if self._root is None:
@@ -60,9 +63,17 @@ class ModuleIndex:
         if not is_pattern(pattern):
             index = self._position.get(pattern)
             return [] if index is None else [index]
+        if pattern not in self._found:
+            self._found[pattern] = self._glob_positions(pattern)
+        return self._found[pattern]
+
+    def _glob_positions(self, pattern: str) -> list[int]:
         glob = compile_pattern(pattern)
         if glob.crosses_dots:
-            return [i for i, n in enumerate(self.names) if glob.fullmatch(n)]
+            # The text before the first and after the last wildcard is literal: a cheap test first.
+            head, tail = re.split(r"[*?]", pattern, maxsplit=1)[0], re.split(r"[*?]", pattern)[-1]
+            return [i for i, n in enumerate(self.names)
+                    if n.startswith(head) and n.endswith(tail) and len(n) >= len(head) + len(tail) and glob.fullmatch(n)]
         nodes = [self._tree()]
         for part in pattern.split("."):
             if is_pattern(part):
@@ -113,6 +124,12 @@ def match_groups(
     number of names other than ``counts[g]``, and a name matched by more than one group.
     """
     index = names if isinstance(names, ModuleIndex) else ModuleIndex(names)
+    scanning = {p for patterns in groups for p in patterns if "**" in p}
+    if len(scanning) * len(index) > MAX_SCANS:
+        raise PlanError(
+            f"{len(scanning):,} patterns with '**' would each test all {len(index):,} modules of {model}, more than "
+            f"{MAX_SCANS:,} tests; name the modules, or use '*' (one dotted part) instead of '**'"
+        )
     problems: list[str] = []
     hits: list[tuple[str, ...]] = []
     first_claim: dict[str, int] = {}  # name -> the first group matching it

@@ -20,6 +20,12 @@ NAMES = [
         "model.layers.*.*.*_proj",
         "model.**.q_proj",
         "**proj",
+        "model.layers.1**",
+        "**.mlp.**_proj",
+        "mod?l.**.?_proj",
+        "model.**.layers",
+        "l**d",
+        "**",
         "model.layers.3.mlp.down_proj",
         "model.layers.*",
         "*",
@@ -113,3 +119,20 @@ def test_hostile_pattern_in_a_plan_file_is_a_validate_problem(cli, tmp_path):
     assert f"group 'model.layers.*.{HOSTILE}' matches 0 modules of llama-2-7b, but the plan says 32" in result.stderr
     assert result.stderr.count("\n") == 1
     assert path.read_bytes() == before
+
+
+def test_a_repeated_double_star_pattern_is_matched_once_and_many_distinct_ones_are_refused(monkeypatch):
+    """A plan repeating one '**' pattern 30,000 times took 28 s to validate; it is now matched once. Many
+    distinct '**' patterns, each a scan of every name, are refused past MAX_SCANS name tests."""
+    from cdka_search import matching
+
+    index = ModuleIndex(NAMES)
+    tests = []
+    real = matching.compile_pattern
+    monkeypatch.setattr(matching, "compile_pattern", lambda p: tests.append(p) or real(p))
+    found = match_groups([["**.q_proj"] * 30_000 + ["lm_head"]], index, counts=[13])
+    assert found.problems == () and len(found.hits[0]) == 13 and tests == ["**.q_proj"]
+    monkeypatch.setattr(matching, "MAX_SCANS", 10 * len(NAMES))
+    assert match_groups([[f"**.q_proj{'*' * k}" for k in range(10)]], index).hits[0] == tuple(n for n in NAMES if n.endswith("q_proj"))
+    with pytest.raises(PlanError, match=r"^11 patterns with '\*\*' would each test all 87 modules of the model, more than 870 tests"):
+        match_groups([[f"**.q_proj{'*' * k}" for k in range(11)]], index)
