@@ -35,7 +35,7 @@ def is_router(module: TargetModule) -> bool:
 
 _PRESETS = {
     "all-linear": lambda t: not is_router(t),
-    "attn": is_attention,
+    "attn": lambda t: is_attention(t) and not is_router(t),
     "mlp": lambda t: not is_attention(t) and not is_router(t),
     "experts": lambda t: t.kind == "experts",
 }

@@ -23,6 +23,7 @@ ROUTED = ModelSpec(
         TargetModule("layers.0.mlp.experts.gate_up_proj", 128, 64, "experts", 8),
         TargetModule("layers.0.mlp.shared_expert.up_proj", 64, 64),
         TargetModule("layers.0.moe.router.layer", 8, 64),  # JetMoE, GraniteMoE, DBRX: a router module's Linear
+        TargetModule("layers.0.self_attention.experts.router.layer", 8, 64),  # JetMoE's attention experts' router
         TargetModule("layers.0.ffn.proj_up_gate", 176, 64),  # xLSTM: a projection named *_gate
         TargetModule("layers.0.attn.output_gate", 64, 64),  # MiniMax: an attention output gate
         TargetModule("layers.0.per_layer_input_gate", 16, 64),  # Gemma 4
@@ -39,8 +40,8 @@ def test_selections_include_experts_and_leave_routers_out():
     assert names(select_targets(ROUTED, "all-linear")) == ["q_proj", "gate_up_proj", "up_proj", *projections]
     assert names(select_targets(ROUTED, "mlp")) == ["gate_up_proj", "up_proj", "proj_up_gate", "per_layer_input_gate"]
     assert names(select_targets(ROUTED, "experts")) == ["gate_up_proj"]
-    assert names(select_targets(ROUTED, "attn")) == ["q_proj", "output_gate"]
-    assert names(select_targets(ROUTED, "router.layer")) == ["layer"]  # named: a target
+    assert names(select_targets(ROUTED, "attn")) == ["q_proj", "output_gate"]  # a router inside attention too is left out
+    assert names(select_targets(ROUTED, "router.layer")) == ["layer", "layer"]  # named: a target
     assert names(select_targets(ROUTED, "mlp.gate,q_proj")) == ["q_proj", "gate"]  # named: a target
 
 
