@@ -381,3 +381,51 @@ def test_multihead_attention_out_proj_is_no_target():
     spec = spec_from_module(Block())
     assert [t.name for t in spec.targets] == ["proj"]
     assert dict(spec.unadaptable) == {"attn.in_proj_weight": 3 * 16 * 16, "attn.out_proj.weight": 16 * 16}
+
+
+def test_weights_a_transformers_forward_reads_directly_are_no_targets():
+    """Mamba's mixer multiplies by dt_proj.weight (transformers marks it with force_accelerate_hooks):
+    an adapter there never ran, took budget, and merging it changed the output. It is no target, and
+    its weight is reported uncovered; the decorator is found through the other wrappers of forward."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import functools
+
+    from torch import nn
+
+    from cdka_search.spec.torch_module import _hooked_children
+
+    config = transformers.MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2)
+    spec = spec_from_module(transformers.MambaForCausalLM(config))
+    names = {t.name for t in spec.targets}
+    assert names == {f"backbone.layers.{i}.mixer.{p}" for i in range(2) for p in ("in_proj", "x_proj", "out_proj")}
+    # uncovered, tallied by role: both layers' 32 x time_step_rank weights
+    assert {name: n for name, n in spec.unadaptable if "dt_proj" in name} == {
+        "backbone.layers.*.mixer.dt_proj.weight": 2 * 32 * config.time_step_rank}
+
+    def hooked(child_module_names):  # the decorator's closure, as transformers writes it
+        def decorator(forward_func):
+            @functools.wraps(forward_func)
+            def wrapped(self, *args, **kwargs):
+                assert all(hasattr(self, name) for name in child_module_names[:1])
+                return forward_func(self, *args, **kwargs)
+            return wrapped
+        return decorator
+
+    def outer(forward):  # another decorator around it, holding the original in its closure only
+        def new_forward(self, *args, **kwargs):
+            return forward(self, *args, **kwargs)
+        return new_forward
+
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dt, self.up = nn.Linear(4, 8), nn.Linear(8, 8)
+
+        @outer
+        @hooked(["dt", "conv"])
+        def forward(self, x):
+            return self.up(x @ self.dt.weight.T)
+
+    assert _hooked_children(Mixer.forward) == ("dt", "conv")
+    assert [t.name for t in spec_from_module(Mixer()).targets] == ["up"]

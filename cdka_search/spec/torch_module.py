@@ -198,6 +198,50 @@ def _base_model_tops(config) -> set[str] | None:
         return None
 
 
+def _read_directly(model) -> set[int]:
+    """Modules whose weight the model's code multiplies by itself instead of calling the module: an
+    adapter there would never run (and merging it would change the output), so they are no targets and
+    their weights are reported uncovered. nn.MultiheadAttention's ``out_proj``, and each child a
+    transformers forward names in ``force_accelerate_hooks``, the decorator that marks children whose
+    weights it reads (Mamba's, Falcon-Mamba's and Jamba's ``dt_proj``)."""
+    import torch.nn as nn
+
+    bypassed: set[int] = set()
+    named_by_class: dict[type, tuple[str, ...]] = {}
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            bypassed.add(id(module.out_proj))
+        kind = type(module)
+        if kind not in named_by_class:
+            named_by_class[kind] = _hooked_children(getattr(kind, "forward", None))
+        for child in named_by_class[kind]:
+            if isinstance(found := getattr(module, child, None), nn.Module):
+                bypassed.add(id(found))
+    return bypassed
+
+
+def _hooked_children(forward, depth: int = 6) -> tuple[str, ...]:
+    """The children named by transformers' ``force_accelerate_hooks`` (its wrapper's closure holds them
+    as ``child_module_names``) where ``forward`` is that wrapper or wraps it, through other decorators
+    (``functools.wraps``'s ``__wrapped__``, or a closure holding the original, as the kernels hub's
+    forward replacement does), else ()."""
+    code, cells = getattr(forward, "__code__", None), getattr(forward, "__closure__", None) or ()
+    if code is None or depth == 0:
+        return ()
+    if "child_module_names" in code.co_freevars:
+        names = cells[code.co_freevars.index("child_module_names")].cell_contents
+        return tuple(n for n in names if isinstance(n, str)) if isinstance(names, (list, tuple)) else ()
+    inner = [getattr(forward, "__wrapped__", None), *(c.cell_contents for c in cells if callable(_content(c)))]
+    return next((found for f in inner if f is not None and (found := _hooked_children(f, depth - 1))), ())
+
+
+def _content(cell) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not filled yet
+        return None
+
+
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
     """Targets are every linear module (:func:`base_kind`) except the output embedding and a task model's
     new head (a classifier: trained whole, listed in ``modules_to_save``), and
@@ -209,9 +253,7 @@ def spec_from_module(model, name: str | None = None) -> ModelSpec:
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out) and get_out() is not None:
         excluded.add(id(get_out()))
-    # nn.MultiheadAttention multiplies by out_proj.weight itself and never calls out_proj: an adapter
-    # there would never run, so it is no target (its weight is reported uncovered).
-    bypassed = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    bypassed = _read_directly(model)
     head = _new_head(model)
     targets: list[TargetModule] = []
     for module_name, module in model.named_modules():
