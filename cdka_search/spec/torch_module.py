@@ -204,7 +204,7 @@ def _read_directly(model) -> set[int]:
     their weights are reported uncovered. nn.MultiheadAttention's ``out_proj``, and each child a
     transformers forward names in ``force_accelerate_hooks``, the decorator that marks children whose
     weights it reads (Mamba's, Falcon-Mamba's and Jamba's ``dt_proj``)."""
-    import torch.nn as nn
+    from torch import nn
 
     bypassed: set[int] = set()
     named_by_class: dict[type, tuple[str, ...]] = {}
