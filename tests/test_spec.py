@@ -131,6 +131,28 @@ def test_sharded_index(tmp_path):
     assert len(spec.targets) == 48
 
 
+@pytest.mark.parametrize(("place", "message"), [
+    ({"h.0.attn.c_attn.weight": "b.safetensors"}, "1 tensor(s) are not in the shard the index names, e.g. 'h.0.attn.c_attn.weight' in b.safetensors (it is in a.safetensors)"),
+    ({"h.99.mlp.c_fc.weight": "a.safetensors"}, "1 tensor(s) are not in the shard the index names, e.g. 'h.99.mlp.c_fc.weight' in a.safetensors"),
+    (None, "tensor 'h.0.attn.c_attn.weight' is in two shards, a.safetensors and b.safetensors"),
+])
+def test_an_index_that_disagrees_with_its_shards_is_refused(tmp_path, place, message):
+    """The index says where each tensor is; a tensor it lists that its shard lacks (loading would fail),
+    or a tensor held by two shards (loading would keep one), is an error, not a silent merge."""
+    header = json.loads((DATA / "gpt2" / "header.json").read_text())
+    names = [k for k in header if k != "__metadata__"]
+    half = len(names) // 2
+    second = names[half:] if place is not None else ["h.0.attn.c_attn.weight", *names[half:]]
+    write_header_only(tmp_path / "a.safetensors", {k: header[k] for k in names[:half]})
+    write_header_only(tmp_path / "b.safetensors", {k: header[k] for k in second})
+    weight_map = {k: ("a.safetensors" if i < half else "b.safetensors") for i, k in enumerate(names)}
+    weight_map.update(place or {})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ModelSourceError) as refused:
+        load_spec(str(tmp_path))
+    assert str(refused.value) == f"{tmp_path / 'model.safetensors.index.json'}: {message}"
+
+
 def test_live_and_meta_modules_match_the_config(tmp_path):
     """Conformance: a tiny real LlamaForCausalLM, its saved folder, its safetensors and its config agree."""
     transformers = pytest.importorskip("transformers")

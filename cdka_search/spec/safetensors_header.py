@@ -114,12 +114,27 @@ def shard_files(index: Path, error: type[CdkaError] = ModelSourceError) -> dict[
 
 
 def index_headers(index: Path) -> dict[str, Any]:
-    """The merged headers of every shard named by a model.safetensors.index.json."""
+    """The merged headers of every shard named by a model.safetensors.index.json, which must agree with
+    the index: each tensor it lists is in the shard it names, and no tensor is in two shards (loading
+    would fail, or keep one of them)."""
+    files = shard_files(index)
     merged: dict[str, Any] = {}
-    for shard in sorted(set(shard_files(index).values())):
+    held: dict[str, Path] = {}
+    for shard in sorted(set(files.values())):
         if not shard.exists():  # a FIFO or folder exists: read_header says it is not a regular file
             raise ModelSourceError(f"{index}: shard {shard.name} is missing")
-        merged.update(read_header(shard))
+        header = read_header(shard)
+        for tensor in header:
+            if held.setdefault(tensor, shard) != shard:
+                raise ModelSourceError(f"{index}: tensor {brief(tensor)} is in two shards, {held[tensor].name} and {shard.name}")
+        merged.update(header)
+    misplaced = [tensor for tensor, shard in files.items() if held.get(tensor) != shard]
+    if misplaced:
+        first = misplaced[0]
+        raise ModelSourceError(
+            f"{index}: {len(misplaced):,} tensor(s) are not in the shard the index names, e.g. {brief(first)} in "
+            f"{files[first].name}" + (f" (it is in {held[first].name})" if first in held else "")
+        )
     return merged
 
 
