@@ -61,6 +61,8 @@ VARIANTS = {
     "deepseek_v3 kv null": ("deepseek_v3", {**TINY["deepseek_v3"], "num_key_value_heads": None}),
     "qwen3_moe no experts": ("qwen3_moe", {**TINY["qwen3_moe"], "num_experts": 0}),
     "deepseek_v3 all dense": ("deepseek_v3", {**TINY["deepseek_v3"], "first_k_dense_replace": 5}),
+    # transformers builds the shared experts 0 wide: nothing to adapt there, and no error
+    "deepseek_v3 no shared experts": ("deepseek_v3", {**TINY["deepseek_v3"], "n_shared_experts": 0}),
 }
 # A null where transformers fails on it is refused too, never read as "derive it".
 NULL_FAILS = [(t, "head_dim") for t in ("qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "phi3")] + [
@@ -225,6 +227,22 @@ def test_unknown_field_goes_through_transformers_not_a_guess(tmp_path, monkeypat
     monkeypatch.setattr(torch_module, "meta_spec_from_config", no_transformers)
     with pytest.raises(ConfigError, match="'some_new_shape_field' are unknown to the built-in llama family"):
         load_spec(str(tmp_path))
+
+
+def test_a_zero_width_shared_expert_is_no_target_and_no_error(cli, tmp_path):
+    """Qwen2-MoE at shared_expert_intermediate_size 0 (read through transformers, which builds and runs
+    it): the 0-wide shared expert was refused as a weight with a side outside [1, 2^20], after a torch
+    warning; it holds nothing to adapt, so it is no target, and the one output stays clean."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, num_experts=4, vocab_size=128,
+                                         shared_expert_intermediate_size=0)
+    config.save_pretrained(tmp_path)
+    spec = load_spec(str(tmp_path))
+    assert spec.targets and not [t.name for t in spec.targets if "shared_expert." in t.name]
+    assert {t.name.split(".")[-1] for t in spec.targets} >= {"q_proj", "gate_up_proj", "down_proj"}
+    shown = cli("inspect", str(tmp_path))
+    assert shown.exit_code == 0 and shown.stderr == ""
 
 
 def test_tiny_mixtral_module_plans_its_experts():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from cdka_search.documents import brief, named
 from cdka_search.errors import ModelSourceError
@@ -52,6 +53,7 @@ def _bounded(spec: ModelSpec, model: str) -> ModelSpec:
     width transformers derives from a ratio), which a plan would otherwise carry to a late failure."""
     if not 1 <= spec.total_params <= MAX_TOTAL_PARAMS:
         raise ModelSourceError(f"{named(model)}: describes a model of {spec.total_params:,} parameters, outside [1, {MAX_TOTAL_PARAMS:,}]")
+    spec = _without_empty(spec)
     wide = next((t for t in spec.targets if not (1 <= t.d_out <= MAX_DIM and 1 <= t.d_in <= MAX_DIM)), None)
     if wide is not None:
         raise ModelSourceError(
@@ -60,8 +62,17 @@ def _bounded(spec: ModelSpec, model: str) -> ModelSpec:
     return spec
 
 
+def _without_empty(spec: ModelSpec) -> ModelSpec:
+    """``spec`` without its weights of a side 0: they hold nothing to adapt (transformers builds and
+    runs Qwen2-MoE's shared expert at shared_expert_intermediate_size 0, DeepSeek-V3's at
+    n_shared_experts 0)."""
+    if all(t.d_out and t.d_in and t.experts for t in spec.targets):
+        return spec
+    return replace(spec, targets=tuple(t for t in spec.targets if t.d_out and t.d_in and t.experts))
+
+
 def spec_from_module(model, name: str | None = None) -> ModelSpec:
     """ModelSpec of a live torch.nn.Module (imports torch)."""
     from cdka_search.spec.torch_module import spec_from_module as _from_module
 
-    return _from_module(model, name)
+    return _without_empty(_from_module(model, name))

@@ -376,7 +376,10 @@ def _build_on_meta(config):
              and isinstance(config, cls.config_class)]  # a model class of this config, not a base class or another model's
     seq2seq = [transformers.AutoModelForSeq2SeqLM, transformers.AutoModelForSpeechSeq2Seq] if getattr(config, "is_encoder_decoder", False) else []
     autos = [*seq2seq, transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText, transformers.AutoModel]
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        # A zero-width module transformers builds (a shared expert of width 0) makes torch's init say it
+        # does nothing: not a warning for the user, whose one line must stay one line.
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
         for cls in named:
             try:
                 return cls._from_config(config)

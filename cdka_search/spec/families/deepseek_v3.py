@@ -20,7 +20,7 @@ def tensors(f: Fields) -> list[Tensor]:
     heads, _ = f.heads("num_attention_heads", "num_key_value_heads")
     q_rank, kv_rank = f.optional_int("q_lora_rank"), f.int("kv_lora_rank")
     rope, nope, v_dim = f.int("qk_rope_head_dim"), f.int("qk_nope_head_dim"), f.int("v_head_dim")
-    experts, shared = f.int("n_routed_experts", MAX_EXPERTS), f.int("n_shared_experts", MAX_EXPERTS)
+    experts, shared = f.int("n_routed_experts", MAX_EXPERTS), f.int("n_shared_experts", MAX_EXPERTS, low=0)
     dense, expert_intermediate = f.int("intermediate_size"), f.int("moe_intermediate_size")
     first_moe, bias = f.int("first_k_dense_replace", MAX_LAYERS, low=0), f.flag("attention_bias")
     layers = []
