@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from cdka_search.documents import brief
+from cdka_search.documents import brief, named
 from cdka_search.errors import TargetError
-from cdka_search.matching import ModuleIndex
+from cdka_search.matching import ModuleIndex, summarise
 from cdka_search.patterns import check_pattern, is_pattern
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
 
@@ -74,9 +74,10 @@ def select_targets(spec: ModelSpec, selection: str = "all-linear") -> ModelSpec:
     index = ModuleIndex(t.name for t in spec.targets)
     hits = {i: _selected(spec, index, i) for i in items}
     missing = [i for i in items if not hits[i] and i not in _PRESETS]
-    if missing:
-        known = ", ".join(sorted({t.name.rsplit(".", 1)[-1] for t in spec.targets}))
-        raise TargetError(f"target {', '.join(map(repr, missing))} matches no module of {spec.name}; modules end in: {known}")
+    if missing:  # bounded: a selection may list thousands of items
+        known = summarise(sorted({t.name.rsplit(".", 1)[-1] for t in spec.targets}), shown=12, sep=", ")
+        raise TargetError(f"target {summarise([brief(i) for i in missing], shown=5, sep=', ')} matches no module of "
+                          f"{spec.name}; modules end in: {known}")
     empty = [i for i in items if not hits[i]]
     if empty:
         raise TargetError(f"selection {', '.join(map(repr, empty))} matches no module of {spec.name}")
@@ -144,7 +145,7 @@ class Coverage:
             option = "--targets all-linear" if self.selection.strip() != "all-linear" else "their names in --targets"
             out.append(
                 f"warning: {self.share(self.left_out_params)} of {self.model}'s parameters are in weights "
-                f"--targets {self.selection} leaves out: {self._named(self.left_out)}; include them with {option}"
+                f"--targets {named(self.selection)} leaves out: {self._named(self.left_out)}; include them with {option}"
             )
         if self.unadaptable_params > WARN_SHARE * self.total:
             out.append(

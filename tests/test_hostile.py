@@ -733,6 +733,18 @@ def test_bad_target_selections(cli, tmp_path, selection, message):
     rejects(cli, tmp_path, ["inspect", "llama-2-7b", "--targets", selection], "target", message)
 
 
+def test_a_selection_of_thousands_of_items_gives_bounded_lines(cli, tmp_path):
+    """Every item of a selection missing, or one item repeated 10,000 times, is named in a line of bounded
+    length (the repeated one made a 70,000-character warning)."""
+    missing = cli("plan", "-m", "llama-2-7b", "-t", ",".join(["q_proj", *(f"nope{i}" for i in range(2000))]), "-o", str(tmp_path / "a.yaml"))
+    assert missing.exit_code == 4 and not (tmp_path / "a.yaml").exists()
+    assert missing.stderr.endswith("error: target 'nope0', 'nope1', 'nope2', 'nope3', 'nope4' (and 1995 more) matches no module of "
+                                   "llama-2-7b; modules end in: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj\n")
+    repeated = cli("plan", "-m", "llama-2-7b", "-t", ",".join(["q_proj"] * 10_000), "-o", str(tmp_path / "b.yaml"))
+    warning = [line for line in repeated.stderr.splitlines() if line.startswith("warning:")]
+    assert repeated.exit_code == 0 and len(warning) == 1 and len(warning[0]) < 400 and "--targets 'q_proj,q_proj" in warning[0]
+
+
 @pytest.mark.parametrize(
     ("budget", "message"),
     [
