@@ -36,6 +36,16 @@ def check_path(path: str | os.PathLike[str], error: type[CdkaError], what: str =
     return Path(text)
 
 
+def absent(path: str | os.PathLike[str], what: str = "file or folder") -> str:
+    """Why ``path``, which does not exist, cannot be read: a link that leads nowhere (to a missing
+    file, or round a loop) says so, rather than "no such file", which its name in a listing belies."""
+    try:
+        link = os.path.islink(path)
+    except (OSError, ValueError):
+        link = False
+    return "a link that leads to nothing (a missing file or a loop)" if link else f"no such {what}"
+
+
 def user_path(text: str, error: type[CdkaError], what: str = "path") -> Path:
     """``text`` as a Path with ``~`` expanded; ``error`` (one line) where it cannot be: ``~user`` of no
     such user, or no home directory (pathlib raises RuntimeError there), or a name the system cannot take."""

@@ -55,7 +55,7 @@ from cdka_search.documents import (
     strict_dataclass,
 )
 from cdka_search.errors import BudgetError, PlanError
-from cdka_search.fileio import atomic_write_text
+from cdka_search.fileio import absent, atomic_write_text
 from cdka_search.limits import MAX_DIM, MAX_EXPERTS, MAX_MODULES, MAX_TOTAL_PARAMS, check_int
 from cdka_search.matching import match_groups, raise_problems
 from cdka_search.patterns import MAX_PATTERN_CHARS, match_module
@@ -611,7 +611,7 @@ def load_plan(path: str | Path) -> Plan:
     """
     file = Path(path)
     if not file.exists():
-        raise PlanError(f"{file}: no such plan file")
+        raise PlanError(f"{file}: {absent(file, 'plan file')}")
     if _read_as(file) == "json":
         data = read_json(read_file_bytes(file, PlanError, PLAN_JSON_LIMITS.max_bytes), str(file), PlanError, PLAN_JSON_LIMITS)
         try:

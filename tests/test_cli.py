@@ -295,3 +295,17 @@ def test_cdka_warnings_are_one_line_and_other_warnings_keep_their_form():
     err = done.stderr.splitlines()
     assert err[0] == "warning: 2 adapter(s) got no gradient"
     assert "FutureWarning: a library's own warning" in err[1]
+
+
+def test_a_link_that_leads_nowhere_is_named_as_one(cli, tmp_path):
+    """A symlink loop (or a link to a missing file) used to be reported as "no such file", which its
+    name in a listing belies."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "gone").symlink_to(tmp_path / "missing.yaml")
+    for args, code in ((("validate", str(tmp_path / "a")), 5), (("inspect", "-m", str(tmp_path / "a")), 3),
+                       (("validate", str(tmp_path / "gone")), 5)):
+        result = cli(*args)
+        assert result.exit_code == code and result.stderr.count("\n") == 1
+        assert result.stderr.startswith("error: ") and result.stderr.endswith(": a link that leads to nothing (a missing file or a loop)\n")
+    assert cli("validate", str(tmp_path / "none.yaml")).stderr == f"error: {tmp_path / 'none.yaml'}: no such plan file\n"

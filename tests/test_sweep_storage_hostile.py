@@ -358,3 +358,22 @@ def test_a_bad_trial_written_while_the_sweep_runs_stops_it_after_that_trial(cli,
     assert result.exit_code == SweepError.exit_code, result.output
     assert result.stderr.endswith(f"error: study 's' trial 4: user attribute 'skipped' must be a text, got 7; {EDITED}\n")
     assert "Traceback" not in result.output and not (tmp_path / "best.yaml").exists()
+
+
+@pytest.mark.parametrize(("url", "hint"), [
+    ("mysql://u@db/x", "e.g. pip install mysqlclient"),
+    ("postgresql://u@db/x", "e.g. pip install psycopg2-binary"),
+    ("mysql+pymysql://u@db/x", "install the package that provides SQLAlchemy's 'pymysql' driver"),
+    ("cockroachdb://u@db/x", "install the database's SQLAlchemy driver"),
+])
+def test_a_missing_database_driver_names_that_database_s_driver(cli, monkeypatch, url, hint):
+    """A MySQL URL used to be told to install PostgreSQL's driver."""
+    import optuna
+
+    def no_driver(*args, **kwargs):
+        raise ImportError("Failed to import DB access module for the specified storage URL.")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", no_driver)
+    result = cli("report", "--storage", url, "--no-plots")
+    assert result.exit_code == 7 and result.stderr.strip().endswith(f"a database driver is missing (Failed to import DB access "
+                                                                   f"module for the specified storage URL.); {hint}")

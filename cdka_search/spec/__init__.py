@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from cdka_search.documents import brief, named
 from cdka_search.errors import ModelSourceError
+from cdka_search.fileio import absent
 from cdka_search.limits import MAX_DIM, MAX_TOTAL_PARAMS
 from cdka_search.registry import resolve
 from cdka_search.spec.model_spec import Kind, ModelSpec, TargetModule
@@ -44,7 +45,7 @@ def load_spec(model: str) -> ModelSpec:
             f"{named(model)}: no such file or folder, and cdka reads no Hugging Face Hub id (it downloads nothing): "
             f"put the model's config.json in a folder and pass the folder{hint}"
         )
-    raise ModelSourceError(f"{named(model)}: no such file or folder")
+    raise ModelSourceError(f"{named(model)}: {absent(model)}")
 
 
 def _bounded(spec: ModelSpec, model: str) -> ModelSpec:

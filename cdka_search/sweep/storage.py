@@ -178,6 +178,19 @@ def driver_url(url: str) -> str:
     return f"postgresql{sep}{rest}"
 
 
+#: The package of each database's usual SQLAlchemy driver, by URL scheme (before any "+driver").
+_DRIVERS = {"postgresql": "psycopg2-binary", "postgres": "psycopg2-binary", "mysql": "mysqlclient", "mariadb": "mysqlclient",
+            "mssql": "pyodbc", "oracle": "cx_Oracle"}
+
+
+def _driver_hint(url: str) -> str:
+    scheme = url.split(":", 1)[0].split("+", 1)
+    if len(scheme) == 2:  # the URL names its driver: that module is what failed to import
+        return f"install the package that provides SQLAlchemy's {scheme[1]!r} driver"
+    package = _DRIVERS.get(scheme[0].lower())
+    return f"e.g. pip install {package}" if package else "install the database's SQLAlchemy driver"
+
+
 def _rdb(url: str, **kwargs: Any) -> Any:
     import time
 
@@ -187,9 +200,7 @@ def _rdb(url: str, **kwargs: Any) -> Any:
         try:
             return optuna.storages.RDBStorage(driver_url(url), **kwargs)
         except ImportError as exc:
-            raise SweepError(
-                f"storage {redact(url)}: a database driver is missing ({exc}); e.g. pip install psycopg2-binary"
-            ) from None
+            raise SweepError(f"storage {redact(url)}: a database driver is missing ({exc}); {_driver_hint(url)}") from None
         except Exception as exc:  # sqlalchemy errors: one line, no traceback
             # Several workers creating the schema of a new database at once: one wins, the others retry.
             if any(m in str(exc) for m in _SCHEMA_RACE) and attempt < 3:
