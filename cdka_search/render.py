@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from dataclasses import dataclass, replace
@@ -64,8 +65,22 @@ def _plain_table(table: Table, width: int) -> str | None:
 
 
 def render(table: Table, *, as_json: bool = False, stream=None) -> None:
-    """Print ``table`` to ``stream`` (stdout) as a rich table, or as one JSON object."""
+    """Print ``table`` to ``stream`` (stdout) as a rich table, or as one JSON object; OutputError
+    naming the stream where it cannot be written (stdout on a full disk, /dev/full)."""
     out = stream or sys.stdout
+    try:
+        _render(table, as_json, out)
+        out.flush()
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:  # a reader that stopped early (`| head`): quiet, as the CLI ends it
+            raise
+        from cdka_search.errors import OutputError
+
+        where = "standard output" if out is sys.stdout else getattr(out, "name", "the output")
+        raise OutputError(f"{where}: {exc.strerror or exc}") from None
+
+
+def _render(table: Table, as_json: bool, out) -> None:
     if as_json:
         payload: dict[str, Any] = {"title": table.title, "rows": table.records()}
         if table.extra:

@@ -309,3 +309,12 @@ def test_a_link_that_leads_nowhere_is_named_as_one(cli, tmp_path):
         assert result.exit_code == code and result.stderr.count("\n") == 1
         assert result.stderr.startswith("error: ") and result.stderr.endswith(": a link that leads to nothing (a missing file or a loop)\n")
     assert cli("validate", str(tmp_path / "none.yaml")).stderr == f"error: {tmp_path / 'none.yaml'}: no such plan file\n"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_stdout_is_named_in_one_line(tmp_path):
+    """Writing the table to a full device said only "No space left on device"."""
+    with open("/dev/full", "w") as full:
+        for args in (["models"], ["models", "--json"], ["plan", "-m", "gpt2", "-b", "lora:8", "-o", str(tmp_path / "p.yaml")]):
+            result = subprocess.run([sys.executable, "-m", "cdka_search", *args], stdout=full, stderr=subprocess.PIPE, text=True)
+            assert result.returncode == 10 and result.stderr.endswith("error: standard output: No space left on device\n")
