@@ -148,6 +148,14 @@ def _choice(value: Any, allowed: Iterable[str], where: str) -> str:
     return value
 
 
+def _count_as_text(value: Any) -> Any:
+    """A budget spec a hand-written plan gives as a number (``spec: 200000``, or ``spec: 2e5``, which YAML
+    1.2 reads as a number) as the count it means; anything else as it is, for the text check."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value == int(value):
+        return str(int(value))
+    return value
+
+
 def _is_int(value: Any, expected: int) -> bool:
     """``value`` is the integer ``expected``: not a float or bool that compares equal (1.0, True)."""
     return isinstance(value, int) and not isinstance(value, bool) and value == expected
@@ -463,7 +471,7 @@ class Plan:
         path = report.check(_text, model["path"], "model.path") if "path" in model else None
         total = report.check(_int, model["total_params"], "model.total_params", 1, MAX_TOTAL_PARAMS)
         limit = report.check(_int, budget["limit"], "budget.limit", 1, MAX_TOTAL_PARAMS)
-        spec = report.check(_text, budget.get("spec", str(budget["limit"])), "budget.spec", 256)
+        spec = report.check(_text, _count_as_text(budget.get("spec", str(budget["limit"]))), "budget.spec", 256)
         objective = report.check(_choice, data.get("objective", "rank"), OBJECTIVES, "objective")
         adapter = report.check(AdapterSettings.from_dict, {} if data.get("adapter") is None else data["adapter"])
         allocation = {} if data.get("allocation") is None else data["allocation"]

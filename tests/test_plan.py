@@ -40,6 +40,10 @@ def test_exponent_numbers_read_as_yaml_1_2_does_and_text_like_them_is_written_qu
     assert "  spec: '2e5'\n" in text
     assert loads_plan(text, "p.yaml") == plan
     assert load_plan(save_plan(plan, tmp_path / "p.yaml")) == plan
+    # By hand, unquoted, the spec is a number: read as the count it means.
+    for written in ("2e5", "200000", "2.0e+5"):
+        edited = loads_plan(text.replace("  spec: '2e5'\n", f"  spec: {written}\n"), "p.yaml")
+        assert edited.budget_spec == "200000" and edited.groups == plan.groups
 
 
 def test_document_fields(gpt2_plan):
