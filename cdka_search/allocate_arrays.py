@@ -81,14 +81,16 @@ class Fronts:
             self.whole_costs = bool((self.option_cost == cost).all())
             self.hull_cost, self.hull_value = self.option_cost[hull], value[hull]
             # A hull point is the first option of its cost (the best-valued one): where its cost begins and
-            # where the options of its front and cost end.
+            # where the options of its front and cost end. Fronts given by strictly rising cost (no index:
+            # not sorted) repeat no cost, so their options end just after each hull point.
             self._first_at = hull
-            new_cost = np.ones(len(cost), bool)
-            new_cost[1:] = cost[1:] != cost[:-1]
-            new_cost[offset] = True
-            if not new_cost.all():
-                run_start = np.flatnonzero(new_cost)
-                self._last_after = np.append(run_start[1:], len(cost))[np.cumsum(new_cost)[hull] - 1]
+            if self._option_index is not None:
+                new_cost = np.ones(len(cost), bool)
+                new_cost[1:] = cost[1:] != cost[:-1]
+                new_cost[offset] = True
+                if not new_cost.all():
+                    run_start = np.flatnonzero(new_cost)
+                    self._last_after = np.append(run_start[1:], len(cost))[np.cumsum(new_cost)[hull] - 1]
         front_of = np.asarray(of_unit, np.int64)
         self.count = np.fromiter((u.count for u in units), np.int64, count=len(units))
         weight = np.fromiter((u.weight for u in units), np.float64, count=len(units))

@@ -71,7 +71,8 @@ class ModuleIndex:
         glob = compile_pattern(pattern)
         if glob.crosses_dots:
             # The text before the first and after the last wildcard is literal: a cheap test first.
-            head, tail = re.split(r"[*?]", pattern, maxsplit=1)[0], re.split(r"[*?]", pattern)[-1]
+            literal = re.split(r"[*?]", pattern)
+            head, tail = literal[0], literal[-1]
             return [i for i, n in enumerate(self.names)
                     if n.startswith(head) and n.endswith(tail) and len(n) >= len(head) + len(tail) and glob.fullmatch(n)]
         nodes = [self._tree()]

@@ -598,8 +598,9 @@ def save_plan(plan: Plan, path: str | Path, fmt: str | None = None) -> Path:
     modules) is a PlanError and nothing is written: such plans are JSON, read at C speed.
     """
     target = Path(path)
-    chosen = fmt or _read_as(target)
-    if chosen != "json" and _read_as(target) == "json":
+    read_as = _read_as(target)
+    chosen = fmt or read_as
+    if chosen != "json" and read_as == "json":
         raise PlanError(f"{target}: a .json plan is read as JSON; write {chosen} to another name, or use --format json")
     text = dumps_plan(plan, chosen)
     if chosen == "yaml" and (size := len(text.encode())) > MAX_YAML_BYTES:

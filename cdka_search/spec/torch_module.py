@@ -225,13 +225,14 @@ def _hooked_children(forward, depth: int = 6) -> tuple[str, ...]:
     as ``child_module_names``) where ``forward`` is that wrapper or wraps it, through other decorators
     (``functools.wraps``'s ``__wrapped__``, or a closure holding the original, as the kernels hub's
     forward replacement does), else ()."""
-    code, cells = getattr(forward, "__code__", None), getattr(forward, "__closure__", None) or ()
+    code = getattr(forward, "__code__", None)
     if code is None or depth == 0:
         return ()
+    contents = [_content(c) for c in getattr(forward, "__closure__", None) or ()]
     if "child_module_names" in code.co_freevars:
-        names = cells[code.co_freevars.index("child_module_names")].cell_contents
+        names = contents[code.co_freevars.index("child_module_names")]
         return tuple(n for n in names if isinstance(n, str)) if isinstance(names, (list, tuple)) else ()
-    inner = [getattr(forward, "__wrapped__", None), *(c.cell_contents for c in cells if callable(_content(c)))]
+    inner = [getattr(forward, "__wrapped__", None), *(c for c in contents if callable(c))]
     return next((found for f in inner if f is not None and (found := _hooked_children(f, depth - 1))), ())
 
 
