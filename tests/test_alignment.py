@@ -12,7 +12,7 @@ from cdka_search.alignment import (
     rearrange,
     topr_energies,
 )
-from cdka_search.alignment.energy import _error_left, _gram
+from cdka_search.alignment.energy import _apply, _error_left, _gram
 from cdka_search.alignment.rearrange import row_blocks_transposed
 from cdka_search.errors import ReferenceFileError, TargetError
 
@@ -86,6 +86,29 @@ def test_one_block_layout_has_the_singular_values_of_every_rearrangement_sharing
     assert row_blocks_transposed(M, 4, torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(TargetError, match="m1=5 does not divide"):
         row_blocks_transposed(M, 5)
+
+
+@pytest.mark.parametrize("m1", [1, 2, 3])
+def test_block_layout_of_blocks_taller_than_a_slab_is_the_whole_transpose(m1: int) -> None:
+    M = torch.randn(300 * m1, 7, generator=gen())
+    expected = M.reshape(m1, 300, 7).transpose(1, 2)
+    assert torch.equal(row_blocks_transposed(M, m1), expected)
+    assert torch.equal(row_blocks_transposed(M, m1, torch.bfloat16), expected.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_apply_is_r_rt_times_the_block_in_either_memory_order(dtype: torch.dtype, transposed: bool) -> None:
+    g = gen()
+    R = torch.randn(40, 5000, generator=g, dtype=torch.float64)
+    block = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    stored = (R.T.contiguous().T if transposed else R.contiguous()).to(dtype)
+    assert (stored.stride(0) == 1) is transposed
+    got = _apply(stored, block.float(), torch.float32, chunk=1024)
+    expected = stored.double() @ (stored.double().T @ block)
+    assert got.shape == (40, 6) and got.dtype == torch.float32
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert float((got.double() - expected).abs().max() / expected.abs().max()) < tolerance
 
 
 def test_rearrange_rejects_a_shape_that_does_not_split() -> None:
