@@ -206,6 +206,22 @@ def test_usage_errors_are_one_line_with_the_argument_exit_code(tmp_path, args, l
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args", [
+    ["plan", "-m", "gpt2", "-o"], ["probe", "--delta", "a.safetensors", "b.safetensors", "-o"],
+    ["sweep", "-m", "gpt2", "-o"], ["export", "plan.yaml", "--to", "peft", "-o"],
+])
+@pytest.mark.parametrize(("value", "why"), [
+    ("out/", "'out/' names a folder; give a file name"), ("-", "'-' (standard output) is not written to; give a file name"),
+    ("", "is empty; give a file name"),
+])
+def test_an_output_file_named_as_a_folder_or_stdout_is_refused_before_any_work(tmp_path, args, value, why):
+    result = subprocess.run([sys.executable, "-m", "cdka_search", *args, value], capture_output=True, text=True, cwd=tmp_path)
+    command = args[0]
+    assert result.returncode == 11 and result.stdout == ""
+    assert result.stderr == f"error: Invalid value for '--output' / '-o': {why} (see `cdka {command} --help`)\n"
+    assert list(tmp_path.iterdir()) == []  # pathlib would have made a file named 'out' or '-'
+
+
 @pytest.mark.parametrize(("args", "flag"), [
     (["inspect", ""], "--model"), (["inspect", "-m", " "], "--model"), (["plan", "-m", ""], "--model"),
     (["plan", "-t", ""], "--targets"), (["explain", "--shape", "4x4", "--params", ""], "--params"),

@@ -36,7 +36,21 @@ DeviceOpt = Annotated[
     str, typer.Option("--device", help="Where torch runs: auto (CUDA where present), cpu, cuda or cuda:N.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
-OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the plan.")]
+def file_name(text: str | Path) -> Path:
+    """A file to write, checked as typed: pathlib drops a trailing '/', so ``-o out/`` would write a
+    file named ``out``, and ``-o -`` a file named ``-`` where Unix tools mean standard output."""
+    if isinstance(text, Path):
+        return text
+    if not text.strip():
+        raise typer.BadParameter("is empty; give a file name")
+    if text == "-":
+        raise typer.BadParameter("'-' (standard output) is not written to; give a file name")
+    if text.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"{brief(text)} names a folder; give a file name")
+    return Path(text)
+
+
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", parser=file_name, metavar="<file>", help="Where to write the plan.")]
 StorageOpt = Annotated[
     Optional[str], typer.Option("--storage", help="Optuna storage: sqlite:///file.db (default), postgresql://..., or a journal file path.")
 ]

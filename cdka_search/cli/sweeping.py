@@ -10,6 +10,7 @@ from typing import Annotated, Callable, Iterator, Optional
 import typer
 
 from cdka_search.cli.common import (
+    file_name,
     BudgetOpt,
     JsonOpt,
     ModelOpt,
@@ -46,7 +47,7 @@ def sweep(
     top_k: Annotated[int, typer.Option("--top-k", help="Design families per group taken from the planner's ranking.")] = 6,
     targets: TargetsOpt = "all-linear",
     objective: ObjectiveOpt = "rank",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the best plan.")] = Path("best.yaml"),
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=file_name, metavar="<file>", help="Where to write the best plan.")] = Path("best.yaml"),
     recipe: RecipeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
