@@ -36,6 +36,8 @@ DeviceOpt = Annotated[
     str, typer.Option("--device", help="Where torch runs: auto (CUDA where present), cpu, cuda or cuda:N.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+
+
 def file_name(text: str | Path) -> Path:
     """A file to write, checked as typed: pathlib drops a trailing '/', so ``-o out/`` would write a
     file named ``out``, and ``-o -`` a file named ``-`` where Unix tools mean standard output."""
@@ -50,7 +52,12 @@ def file_name(text: str | Path) -> Path:
     return Path(text)
 
 
-OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", parser=file_name, metavar="<file>", help="Where to write the plan.")]
+def output_option(help: str) -> Any:
+    """The ``-o`` of a command that writes one file (``file_name`` checks it)."""
+    return typer.Option("--output", "-o", parser=file_name, metavar="<file>", help=help)
+
+
+OutputOpt = Annotated[Optional[Path], output_option("Where to write the plan.")]
 StorageOpt = Annotated[
     Optional[str], typer.Option("--storage", help="Optuna storage: sqlite:///file.db (default), postgresql://..., or a journal file path.")
 ]

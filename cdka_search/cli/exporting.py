@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cdka_search.cli.common import JsonOpt, file_name, guarded
+from cdka_search.cli.common import JsonOpt, guarded, output_option
 
 app = typer.Typer()
 recipes_app = typer.Typer(no_args_is_help=True, help="Ready recipes (model, targets, budget, sweep space, training defaults).")
@@ -20,7 +20,7 @@ def export(
     to: Annotated[str, typer.Option("--to", help="peft (LoraConfig / LoKrConfig JSON) or lycoris (TOML preset).")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="The model, to list module names when the plan is not a preset's (default: the local model the plan was made from).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write into (peft: peft_adapter/, lycoris: .).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=file_name, metavar="<file>", help="Single file to write (when the export is one file).")] = None,
+    output: Annotated[Optional[Path], output_option("Single file to write (when the export is one file).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a plan as another tool's adapter config, exactly or not at all.

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cdka_search.cli.common import DeviceOpt, TargetsOpt, file_name, guarded
+from cdka_search.cli.common import DeviceOpt, TargetsOpt, guarded, output_option
 from cdka_search.documents import printable
 from cdka_search.errors import ReferenceFileError
 from cdka_search.fileio import check_output
@@ -18,7 +18,7 @@ app = typer.Typer()
 @app.command()
 @guarded
 def probe(
-    output: Annotated[Path, typer.Option("--output", "-o", parser=file_name, metavar="<file>", help="Reference file to write (.safetensors).")] = Path("reference.safetensors"),
+    output: Annotated[Path, output_option("Reference file to write (.safetensors).")] = Path("reference.safetensors"),
     delta: Annotated[
         Optional[tuple[Path, Path]], typer.Option("--delta", help="BASE FINETUNED: two .safetensors files or HF folders.")
     ] = None,

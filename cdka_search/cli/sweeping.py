@@ -10,7 +10,6 @@ from typing import Annotated, Callable, Iterator, Optional
 import typer
 
 from cdka_search.cli.common import (
-    file_name,
     BudgetOpt,
     JsonOpt,
     ModelOpt,
@@ -21,6 +20,7 @@ from cdka_search.cli.common import (
     from_recipe,
     guarded,
     load_recipe_option,
+    output_option,
 )
 
 app = typer.Typer()
@@ -47,7 +47,7 @@ def sweep(
     top_k: Annotated[int, typer.Option("--top-k", help="Design families per group taken from the planner's ranking.")] = 6,
     targets: TargetsOpt = "all-linear",
     objective: ObjectiveOpt = "rank",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", parser=file_name, metavar="<file>", help="Where to write the best plan.")] = Path("best.yaml"),
+    output: Annotated[Optional[Path], output_option("Where to write the best plan.")] = Path("best.yaml"),
     recipe: RecipeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
