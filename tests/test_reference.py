@@ -57,6 +57,17 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["ref.safetensors"]  # no temporary left
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_float8_reference_is_read_widened_to_bfloat16_exactly(tmp_path: Path, dtype: torch.dtype) -> None:
+    values = torch.randn(48, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    path = save_reference({"model.layers.0.mlp.up_proj": values}, tmp_path / "ref.safetensors", "delta")
+    loaded = load_reference(path)["model.layers.0.mlp.up_proj"]
+    assert loaded.dtype == torch.bfloat16 and torch.equal(loaded.float(), values.float())
+    values[0, 0] = float("nan")
+    with pytest.raises(ReferenceFileError, match="has NaN or infinite entries"):
+        save_reference({"a": values}, tmp_path / "nan.safetensors", "delta")
+
+
 def test_save_rejects_bad_kind_and_non_matrices(tmp_path: Path) -> None:
     with pytest.raises(ReferenceFileError, match="kind 'weights'"):
         save_reference({"a": torch.zeros(2, 2)}, tmp_path / "r.safetensors", "weights")
@@ -202,6 +213,15 @@ def test_delta_reference_refuses_weights_that_are_not_floats(checkpoints, tmp_pa
     save_file({key: torch.ones(32, 32, dtype=torch.bool)}, flags)
     with pytest.raises(ReferenceFileError, match=f"^tensor '{key}' in {flags} is bool, not a floating-point weight"):
         delta_reference(base_dir / "model.safetensors", flags, MODULES[:1])
+    # A float8 checkpoint's weights mean something only with its scales: refused, not subtracted raw.
+    eight = tmp_path / "fp8.safetensors"
+    save_file({key: base.get_submodule(MODULES[0]).weight.detach().to(torch.float8_e4m3fn)}, eight)
+    with pytest.raises(ReferenceFileError) as raised:
+        delta_reference(eight, tuned_dir, MODULES[:1])
+    assert str(raised.value) == (
+        f"tensor '{key}' in {eight} is float8_e4m3fn: a float8 weight means something only with its checkpoint's "
+        "scales; dequantize both checkpoints (to bfloat16) first"
+    )
     # Floats of different precision are compared in float32: a bf16 base and its fp32 fine-tune.
     half = tmp_path / "bf16.safetensors"
     save_file({key: base.get_submodule(MODULES[0]).weight.detach().bfloat16()}, half)

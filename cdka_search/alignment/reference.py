@@ -54,9 +54,7 @@ def load_reference(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             tensors = {name: reader.get_tensor(name) for name in reader.keys()}
     except (SafetensorError, OSError) as exc:
         raise ReferenceFileError(f"{source} is not a readable safetensors file ({one_line(exc)})") from None
-    for name, tensor in tensors.items():
-        _check_matrix(name, tensor, str(source))
-    return tensors
+    return {name: _check_matrix(name, tensor, str(source)) for name, tensor in tensors.items()}
 
 
 def delta_reference(
@@ -96,6 +94,11 @@ def delta_reference(
                 raise ReferenceFileError(
                     f"tensor {brief(key)} in {file} is {str(value.dtype).removeprefix('torch.')}, not a floating-point "
                     "weight; a delta needs float weights in both checkpoints"
+                )
+            if value.element_size() == 1:  # float8 checkpoints keep scales beside their weights (weight_scale_inv)
+                raise ReferenceFileError(
+                    f"tensor {brief(key)} in {file} is {str(value.dtype).removeprefix('torch.')}: a float8 weight means "
+                    "something only with its checkpoint's scales; dequantize both checkpoints (to bfloat16) first"
                 )
             return value
 
@@ -272,11 +275,22 @@ def _check_metadata(source: Path, metadata: Mapping[str, str]) -> None:
         )
 
 
-def _check_matrix(name: str, tensor: torch.Tensor, where: str) -> None:
+def _check_matrix(name: str, tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """``tensor`` if it is a finite 2-D or 3-D float tensor, float8 widened to bfloat16 (exactly: every
+    float8 value is a bfloat16 one, and torch computes little in float8); else ReferenceFileError."""
     if tensor.dim() not in (2, 3) or not tensor.is_floating_point():
         raise ReferenceFileError(
             f"{where}: {brief(name)} must be a 2-D float tensor, or 3-D (experts, d_out, d_in) for an expert "
             f"parameter, got {tuple(tensor.shape)} {tensor.dtype}"
         )
+    if tensor.element_size() == 1:
+        try:
+            tensor = tensor.to(torch.bfloat16)
+        except (RuntimeError, NotImplementedError):  # float4, two values packed in a byte
+            raise ReferenceFileError(
+                f"{where}: {brief(name)} is {tensor.dtype}, which torch cannot widen; write the reference "
+                "in bfloat16, float16 or float32"
+            ) from None
     if not bool(torch.isfinite(tensor).all()):
         raise ReferenceFileError(f"{where}: {brief(name)} has NaN or infinite entries; a reference update must be finite")
+    return tensor
