@@ -379,7 +379,15 @@ def load_lm_and_tokens(model_dir: str | Path, data: str | Path) -> tuple[Any, To
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is not None:
         tokens = encode(examples, tokenizer, None)
-        return load_causal_lm(model_dir), tokens
+        model = load_causal_lm(model_dir)
+        rows = model.get_input_embeddings().num_embeddings
+        largest = max(tokens.ids, default=-1)
+        if largest >= rows:  # torch would fail on it mid-training with an IndexError
+            raise ModelSourceError(
+                f"{model_dir}: its tokenizer gives {data} the token id {largest:,}, but the model embeds only ids "
+                f"0..{rows - 1:,}; the tokenizer does not belong to this model (or the model was not resized to it)"
+            )
+        return model, tokens
     model = load_causal_lm(model_dir)
     return model, encode(examples, None, model.config.vocab_size)
 

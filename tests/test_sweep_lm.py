@@ -364,3 +364,28 @@ def test_a_json_line_whose_text_holds_a_unicode_line_separator_is_one_record(tmp
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "one\u2028two"}\n{"text": "three"}\n', encoding="utf-8")
     assert read_examples(data) == [Example("one\u2028two"), Example("three")]
+
+
+def test_token_ids_past_the_model_embedding_are_refused_before_training(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from typer.testing import CliRunner
+
+    from cdka_search.cli.app import app
+
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=200, max_position_embeddings=64)
+    folder = tmp_path / "small-vocab"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    byte_tokenizer(folder, chat=False)  # ids 0..256: a byte above 0xC7 gets an id the 200 rows do not hold
+    data = tmp_path / "text.txt"
+    data.write_text("caf\u00e9 " * 50)
+    result = CliRunner().invoke(app, ["probe", "--grad", str(folder), "--data", str(data), "--batches", "1",
+                                      "--seq-len", "8", "-o", str(tmp_path / "g.safetensors")])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    largest = max(tokenizer("caf\u00e9 ")["input_ids"] + [tokenizer.eos_token_id])  # each document ends with EOS
+    assert largest >= 200 and result.exit_code == 3
+    assert result.stderr.splitlines()[-1] == (
+        f"error: {folder}: its tokenizer gives {data} the token id {largest}, but the model embeds only ids 0..199; "
+        "the tokenizer does not belong to this model (or the model was not resized to it)"
+    )
+    assert not (tmp_path / "g.safetensors").exists()
