@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from cdka_search.documents import brief
 from cdka_search.errors import PlanError
 from cdka_search.limits import MAX_SCANS
 from cdka_search.patterns import PatternError, compile_pattern, is_pattern
@@ -136,8 +137,8 @@ def match_groups(
     first_claim: dict[str, int] = {}  # name -> the first group matching it
     more_claims: dict[str, list[int]] = {}  # name -> every group matching it, where more than one does
 
-    def label(g: int) -> str:
-        return repr(groups[g][0]) if groups[g] else f"#{g}"
+    def label(g: int) -> str:  # bounded: a pattern or name may be thousands of characters long
+        return brief(groups[g][0]) if groups[g] else f"#{g}"
 
     for g, patterns in enumerate(groups):
         try:
@@ -156,7 +157,7 @@ def match_groups(
                 more_claims.setdefault(name, [first_claim[name]]).append(g)
     for name in sorted(more_claims, key=index.position):
         owners = more_claims[name]
-        problems.append(f"module {name}: matched by {len(owners)} groups ({', '.join(label(g) for g in owners)})")
+        problems.append(f"module {brief(name)[1:-1]}: matched by {len(owners)} groups ({summarise([label(g) for g in owners], 4, ', ')})")
     owner = {name: first_claim[name] for name in index.names if name in first_claim and name not in more_claims}
     return GroupMatch(tuple(hits), owner, tuple(problems))
 

@@ -80,7 +80,7 @@ def select_targets(spec: ModelSpec, selection: str = "all-linear") -> ModelSpec:
                           f"{spec.name}; modules end in: {known}")
     empty = [i for i in items if not hits[i]]
     if empty:
-        raise TargetError(f"selection {', '.join(map(repr, empty))} matches no module of {spec.name}")
+        raise TargetError(f"selection {summarise([brief(i) for i in empty], shown=5, sep=', ')} matches no module of {spec.name}")
     picked = set().union(*hits.values())
     return spec.with_targets(tuple(t for t in spec.targets if t.name in picked))
 
