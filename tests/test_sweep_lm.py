@@ -389,3 +389,22 @@ def test_token_ids_past_the_model_embedding_are_refused_before_training(tmp_path
         "the tokenizer does not belong to this model (or the model was not resized to it)"
     )
     assert not (tmp_path / "g.safetensors").exists()
+
+
+def test_data_too_short_for_two_blocks_is_a_data_error_as_for_the_probe(tmp_path, tiny_lm):
+    from typer.testing import CliRunner
+
+    from cdka_search.cli.app import app
+
+    data = tmp_path / "short.txt"
+    data.write_text("a few words\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    result = CliRunner().invoke(app, ["sweep", "-m", str(tiny_lm), "--task", "lm", "--data", str(data), "-b", "lora:2",
+                                      "--trials", "1", "--steps", "1", "-o", str(work / "best.yaml"),
+                                      "--storage", f"sqlite:///{work / 's.db'}"])
+    assert result.exit_code == 9  # DataError, where it was the sweep's 7
+    assert result.stderr.splitlines()[-1] == (
+        f"error: --data {data}: 12 tokens make 0 block(s) of 128 with a trained token; need at least 2"
+    )
+    assert list(work.iterdir()) == []

@@ -21,7 +21,7 @@ import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from cdka_search.errors import CdkaWarning, SweepError
+from cdka_search.errors import CdkaWarning, DataError, SweepError
 from cdka_search.sweep.tasks import NonFiniteLoss, Report, TaskOptions
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class LMTask:
         self.base.eval()
         inputs, labels = token_blocks(tokens, self.seq_len)
         if len(inputs) < 2:
-            raise SweepError(
+            raise DataError(  # a data file's problem, as for the probe (exit 9)
                 f"--data {self.options.data}: {len(tokens.ids)} tokens make {len(inputs)} block(s) of {self.seq_len} "
                 "with a trained token; need at least 2"
             )
