@@ -334,3 +334,15 @@ def test_a_full_stdout_is_named_in_one_line(tmp_path):
         for args in (["models"], ["models", "--json"], ["plan", "-m", "gpt2", "-b", "lora:8", "-o", str(tmp_path / "p.yaml")]):
             result = subprocess.run([sys.executable, "-m", "cdka_search", *args], stdout=full, stderr=subprocess.PIPE, text=True)
             assert result.returncode == 10 and result.stderr.endswith("error: standard output: No space left on device\n")
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--data", "notes.txt"], "error: --task proxy does not read --data; it is for --task lm"),
+    (["--task", "lm", "--data", "notes.txt", "--reference", "ref.safetensors"],
+     "error: --task lm does not read --reference; it is for --task proxy"),
+])
+def test_a_sweep_input_file_its_task_does_not_read_is_refused_not_ignored(cli, tmp_path, monkeypatch, args, line):
+    monkeypatch.chdir(tmp_path)
+    result = cli("sweep", "-m", "gpt2", "--trials", "1", "--steps", "1", *args)
+    assert result.exit_code == 7 and result.stderr == line + "\n"
+    assert list(tmp_path.iterdir()) == []  # checked before any file is read or storage opened

@@ -89,7 +89,7 @@ def test_every_task_builds_prepares_and_runs_a_tiny_space(name, tiny_lm):
     options = TASK_CASES[name](tiny_lm)
     task = make_task(name, options)
     assert task.name == name
-    assert task.needs <= {"data", "model"}
+    assert task.needs <= {"data", "model"} and task.takes <= {"data", "reference"} and not task.needs & task.takes
     for need in task.needs:  # what run_sweep checks up front, the task refuses to be built without
         with pytest.raises(SweepError):
             make_task(name, replace(options, **{need: None}))

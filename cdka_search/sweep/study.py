@@ -238,7 +238,7 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
     from cdka_search.spec.hf_config import read_config
     from cdka_search.spec.sources import existing_path
     from cdka_search.sweep.space import build_space
-    from cdka_search.sweep.tasks import make_task, task_class
+    from cdka_search.sweep.tasks import check_inputs, make_task, task_class
     from cdka_search.targets import select_targets
     from cdka_search.textdata import check_data_name, refuse_task_model
 
@@ -246,6 +246,7 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
         check_output(config.output)
     started = time.monotonic()
     needs = task_class(config.task).needs
+    check_inputs(config.task, {"data": config.data, "reference": config.reference})
     if "data" in needs:
         if config.data is None:
             raise SweepError(f"--task {config.task} needs --data FILE (a local .txt or .jsonl file)")

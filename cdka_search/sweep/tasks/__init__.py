@@ -55,6 +55,9 @@ class Task(Protocol):
     #: what the user must give, checked before any storage is opened: "data" (--data FILE),
     #: "model" (--model as a local Hugging Face folder, passed as TaskOptions.model)
     needs: frozenset[str]
+    #: the input files it reads beyond ``needs`` if given ("reference"); a file no task reading it
+    #: was given for is refused, not ignored
+    takes: frozenset[str]
 
     def prepare(self, space: "SearchSpace") -> None: ...
 
@@ -70,6 +73,16 @@ TASKS: dict[str, Entry] = {
 
 def task_names() -> tuple[str, ...]:
     return tuple(TASKS)
+
+
+def check_inputs(name: str, given: dict[str, object]) -> None:
+    """SweepError for an input file in ``given`` (option name -> value or None) that task ``name`` does
+    not read: running without it would ignore what the user asked for."""
+    reads = task_class(name).needs | task_class(name).takes
+    for option, value in given.items():
+        if value is not None and option not in reads:
+            readers = [n for n in task_names() if option in task_class(n).needs | task_class(n).takes]
+            raise SweepError(f"--task {name} does not read --{option}; it is for --task {' or '.join(readers)}")
 
 
 def task_class(name: str) -> type[Task]:

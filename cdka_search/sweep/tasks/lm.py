@@ -40,6 +40,7 @@ class LMTask:
     default_lr = 2e-4
     lr_range = (1e-5, 1e-2)
     needs = frozenset({"data", "model"})
+    takes = frozenset()
 
     def __init__(self, options: TaskOptions, *, seq_len: int = SEQ_LEN) -> None:
         if options.model is None or options.data is None:

@@ -128,6 +128,7 @@ class ProxyTask:
     default_lr = 5e-3
     lr_range = (1e-4, 1e-1)
     needs = frozenset()
+    takes = frozenset({"reference"})
 
     def __init__(self, options: TaskOptions, *, max_side: int = MAX_SIDE) -> None:
         if options.steps < 1:
