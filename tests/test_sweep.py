@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -227,6 +228,26 @@ def test_a_storage_file_that_is_not_a_regular_file_is_refused_before_optuna_open
     storage = ["--storage", str(journal)]
     args = _sweep_args(tiny_config, tmp_path, *storage) if command == "sweep" else ["report", *storage, "--no-plots"]
     _refused(cli, tmp_path, args, f"--storage journal:{journal}: {journal} {what}, not a regular file; give a file path")
+
+
+@pytest.mark.parametrize("tables", [("users",), ("trials",), ("a", "b", "c", "d", "e", "f", "g")])
+@pytest.mark.parametrize("command", ["sweep", "report"])
+def test_another_programs_sqlite_database_is_refused_and_left_as_it_was(cli, tmp_path, tiny_config, tables, command):
+    """Optuna added its 13 tables to it (and failed halfway where a table name was shared, as 'trials')."""
+    import sqlite3
+
+    database = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        for table in tables:
+            db.execute(f"CREATE TABLE {table} (x)")
+        db.commit()
+    before = database.read_bytes()
+    url = f"sqlite:///{database}"
+    shown = ", ".join(repr(t) for t in tables[:5]) + (" and 2 more" if len(tables) > 5 else "")
+    args = _sweep_args(tiny_config, tmp_path, "--storage", url) if command == "sweep" else ["report", "--storage", url, "--no-plots"]
+    _refused(cli, tmp_path, args, f"--storage {url}: {database} is a SQLite database of another program (its tables: {shown}), "
+                                  "not a sweep's; give a new file, or one a sweep wrote")
+    assert database.read_bytes() == before
 
 
 def test_dev_zero_is_refused_as_a_journal_and_as_a_database(cli, tmp_path):

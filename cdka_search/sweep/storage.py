@@ -19,6 +19,7 @@ What a study holds is checked as it is read (cdka_search.sweep.stored).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import stat
 from pathlib import Path
@@ -121,10 +122,32 @@ def _check_storage_file(path: Path, url: str) -> None:
     except OSError as exc:
         raise SweepError(f"--storage {redact(url)}: cannot read {path}: {exc.strerror or exc}") from None
     if stat.S_ISREG(mode):
+        if url.startswith("sqlite") and path.stat().st_size:
+            _check_not_foreign(path, url)
         return
     kind = next((name for test, name in _NOT_REGULAR if test(mode)), "a special file")
     what = "links to" if path.is_symlink() else "is"
     raise SweepError(f"--storage {redact(url)}: {path} {what} {kind}, not a regular file; give a file path")
+
+
+def _check_not_foreign(path: Path, url: str) -> None:
+    """Refuse a SQLite database that holds tables but not Optuna's: Optuna would add its 13 tables to
+    another program's file (or fail halfway on a table name they share). Optuna creates its schema
+    in one transaction, so a database a sweep started holds ``studies`` and ``version_info`` or nothing."""
+    import sqlite3
+    from urllib.request import pathname2url
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{pathname2url(str(path.resolve()))}?mode=ro", uri=True, timeout=1)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return  # not a database, or locked by a writer: Optuna's own open reports the former
+    if tables and not tables & {"studies", "version_info"}:
+        shown = ", ".join(brief(t) for t in sorted(tables)[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+        raise SweepError(
+            f"--storage {redact(url)}: {path} is a SQLite database of another program (its tables: {shown}), not a sweep's; "
+            "give a new file, or one a sweep wrote"
+        )
 
 
 def open_storage(storage: str | None, *, heartbeat: bool = True) -> Any:
