@@ -134,7 +134,7 @@ def read_json(data: bytes | str, where: str, error: type[CdkaError], limits: Jso
     import json
 
     try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        text = utf8_text(data, where, error) if isinstance(data, bytes) else data.removeprefix("\ufeff")
         parsed = json.loads(text, **strict_json_hooks(where, error))
     except CdkaError:
         raise
@@ -303,12 +303,20 @@ def read_file_bytes(path: str | os.PathLike[str], error: type[CdkaError], max_by
     return data
 
 
-def read_text_file(path: str | os.PathLike[str], error: type[CdkaError], max_bytes: int = MAX_YAML_BYTES) -> str:
-    """``read_file_bytes`` decoded as UTF-8."""
+def utf8_text(data: bytes, where: str, error: type[CdkaError]) -> str:
+    """``data`` as the text an editor shows: UTF-8 without a leading byte-order mark, and every line
+    break (CRLF, a lone CR) a LF. Windows editors write both, and text read otherwise kept a stray
+    U+FEFF (or a JSON document was refused for it) and a CR at each line's end."""
     try:
-        return read_file_bytes(path, error, max_bytes).decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise error(f"{path}: not UTF-8 text") from None
+        raise error(f"{where}: not UTF-8 text") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def read_text_file(path: str | os.PathLike[str], error: type[CdkaError], max_bytes: int = MAX_YAML_BYTES) -> str:
+    """``read_file_bytes`` as text (``utf8_text``)."""
+    return utf8_text(read_file_bytes(path, error, max_bytes), str(path), error)
 
 
 def reject_unknown(data: Mapping[str, Any], allowed: Iterable[str], where: str, error: type[CdkaError] = PlanError) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json
+from cdka_search.documents import JsonLimits, brief, read_file_bytes, read_json, utf8_text
 from cdka_search.errors import DataError, ModelSourceError, one_line
 from cdka_search.time_limit import TimeLimitExceeded, time_limit
 
@@ -75,11 +75,7 @@ def read_examples(path: str | Path) -> list[Example]:
     file = check_data_name(path)
     if not file.exists():
         raise DataError(f"{file}: no such data file")
-    raw = read_file_bytes(file, DataError, MAX_DATA_BYTES)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{file}: not UTF-8 text") from None
+    text = utf8_text(read_file_bytes(file, DataError, MAX_DATA_BYTES), str(file), DataError)
     nul = text.find("\0")
     if nul >= 0:  # valid UTF-8, but only a binary file holds one, and tokenizers would train on it
         line = text.count("\n", 0, nul) + 1
@@ -199,6 +195,8 @@ def _unicode(text: str, where: str) -> str:
     """``text``, checked to be valid Unicode: JSON's escapes can spell a lone surrogate (``"\\ud800"``),
     which json.loads accepts and no encoding can write, so every string a record gives is checked here
     once rather than failing in whatever encodes it later (UTF-8 bytes, a tokenizer, a chat template)."""
+    if "\0" in text:  # a JSON \u0000 escape: as a raw NUL byte, no text a tokenizer should train on
+        raise DataError(f"{where} holds a NUL character (\\u0000); a data file is text")
     found = _SURROGATE.search(text)
     if found is not None:
         raise DataError(

@@ -968,6 +968,37 @@ def test_bad_data_files(tmp_path, name, content, message):
     assert str(raised.value) == f"{tmp_path}/{message}"
 
 
+@pytest.mark.parametrize(("name", "content"), [
+    ("d.txt", b"first doc\nline two\n\nsecond doc\n"),
+    ("d.jsonl", b'{"text": "first doc\\nline two"}\n{"text": "second doc"}\n'),
+    ("d.json", b'[{"text": "first doc\\nline two"}, {"text": "second doc"}]'),
+])
+@pytest.mark.parametrize("windows", ["bom", "crlf", "bom+crlf", "cr"])
+def test_a_data_file_from_a_windows_editor_reads_as_its_plain_twin(tmp_path, name, content, windows):
+    """A BOM was trained as text in .txt and refused in JSON; CRLF kept a CR and hid .txt's blank lines."""
+    from cdka_search.textdata import read_examples
+
+    plain = tmp_path / name
+    plain.write_bytes(content)
+    twin = tmp_path / "twin" / name
+    twin.parent.mkdir()
+    edited = content.replace(b"\n", b"\r" if windows == "cr" else b"\r\n") if "cr" in windows else content
+    twin.write_bytes((b"\xef\xbb\xbf" if "bom" in windows else b"") + edited)
+    expected = read_examples(plain)
+    assert [e.completion for e in expected] == ["first doc\nline two", "second doc"]
+    assert read_examples(twin) == expected
+
+
+def test_a_nul_character_spelled_as_a_json_escape_is_refused_as_a_raw_one_is(tmp_path):
+    from cdka_search.textdata import read_examples
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "fine"}\n{"prompt": "a", "completion": "b\\u0000c"}\n')
+    with pytest.raises(DataError) as raised:
+        read_examples(data)
+    assert str(raised.value) == f"{data}: line 2, 'completion' holds a NUL character (\\u0000); a data file is text"
+
+
 def test_probe_refuses_a_csv_data_file_before_any_work(cli, tmp_path):
     (tmp_path / "m").mkdir()  # no config.json: the data file is judged first
     (tmp_path / "t.csv").write_text("text\nhello\n")

@@ -28,6 +28,14 @@ def test_yaml_and_json_round_trip(tmp_path, gpt2_plan):
     assert json.loads((tmp_path / "p.json").read_text())["cdka_plan"] == 1
 
 
+@pytest.mark.parametrize("name", ["p.yaml", "p.json"])
+def test_a_plan_saved_by_a_windows_editor_reads_as_written(tmp_path, gpt2_plan, name):
+    """A byte-order mark and CRLF line breaks: YAML took them, JSON refused the mark ("Unexpected UTF-8 BOM")."""
+    path = save_plan(gpt2_plan, tmp_path / name)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    assert load_plan(path) == gpt2_plan
+
+
 def test_exponent_numbers_read_as_yaml_1_2_does_and_text_like_them_is_written_quoted(tmp_path):
     """PyYAML (YAML 1.1) reads 2e-4 and 1.0e5 as text; cdka reads them as the numbers a user means, and
     writes a budget spec such as "2e5" quoted, so that the plan reads back with its spec as text."""
