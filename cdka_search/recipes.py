@@ -33,7 +33,7 @@ from cdka_search.budget import check_budget_text
 from cdka_search.candidates import FAMILIES, CandidateSpace
 from cdka_search.documents import brief, read_text_file, read_yaml, regular_file, reject_unknown
 from cdka_search.errors import CdkaError, PlanError
-from cdka_search.fileio import user_path
+from cdka_search.fileio import absent, user_path
 from cdka_search.limits import MAX_DIM, MAX_SEED, MAX_TOP_K, MAX_TRIALS
 from cdka_search.plan import AdapterSettings
 from cdka_search.targets import selection_items
@@ -297,6 +297,9 @@ def recipe_path(name: str, root: Path | None = None) -> Path:
     candidate = base / f"{key}{_SUFFIX}"
     if key and candidate.is_file():
         return candidate
+    if given.is_dir() or given.is_symlink():  # a path the user meant, not a recipe name
+        why = "a folder; give a recipe's YAML file or name" if given.is_dir() else absent(given)
+        raise RecipeError(f"--recipe {name!r}: {why}")
     names = list_recipes(base)
     near = difflib.get_close_matches(key, names, n=1, cutoff=0.3)
     hint = f" (did you mean {near[0]!r}?)" if near else ""

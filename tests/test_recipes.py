@@ -153,3 +153,16 @@ def test_cli_export_writes_or_refuses_with_no_file(tmp_path):
     assert refused.exit_code == 8 and "Conv1D" in refused.stderr and not (tmp_path / "ly").exists()
     unknown = runner.invoke(app, ["export", str(plan_file), "--to", "onnx"])
     assert unknown.exit_code == 8 and "choose one of peft, lycoris" in unknown.stderr
+
+
+def test_a_recipe_path_that_is_a_folder_or_a_dead_link_is_named_as_such(tmp_path):
+    """Both read "no recipe ...; known recipes: ...", as if a recipe name had been mistyped."""
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "self.yaml").symlink_to(tmp_path / "self.yaml")
+    (tmp_path / "gone.yaml").symlink_to(tmp_path / "missing.yaml")
+    for name, why in [("dir.yaml", "a folder; give a recipe's YAML file or name"),
+                      ("self.yaml", "a link that leads to nothing (a missing file or a loop)"),
+                      ("gone.yaml", "a link that leads to nothing (a missing file or a loop)")]:
+        with pytest.raises(RecipeError) as raised:
+            load_recipe(str(tmp_path / name))
+        assert str(raised.value) == f"--recipe '{tmp_path / name}': {why}"
