@@ -142,8 +142,9 @@ def test_the_loss_skips_prompt_tokens():
     from cdka_search.textdata import Example, encode, token_blocks
 
     tokens = encode([Example("yes", "Is it?"), Example("plain")], None, 260)
-    assert tokens.ids == list(b"Is it?yes\nplain\n")
-    assert tokens.trained == [False] * 6 + [True] * 4 + [True] * 6
+    assert tokens.ids.itemsize == 8 and isinstance(tokens.trained, bytearray)  # 9 bytes a token, not two lists
+    assert tokens.ids.tolist() == list(b"Is it?yes\nplain\n")
+    assert list(tokens.trained) == [0] * 6 + [1] * 4 + [1] * 6
     inputs, labels = token_blocks(tokens, 4)
     # Blocks "Is i", "t?ye", "s\npl", "ain\n": the first has no trained token and is left out.
     assert inputs.tolist() == [list(b"t?ye"), list(b"s\npl"), list(b"ain\n")]
@@ -179,9 +180,9 @@ def test_conversations_are_rendered_by_the_chat_template(tmp_path):
     whole, prompt, answer = "<user>2+2?\n<assistant>4\n", "<user>2+2?\n<assistant>", "4\n"
     ids = [tokenizer.convert_tokens_to_ids(c) for c in tokenizer.tokenize(whole)]
     assert len(ids) == len(whole)  # one id per character: no merges
-    assert tokens.ids == ids + [256] + ids + [256]
+    assert tokens.ids.tolist() == ids + [256] + ids + [256]
     # The conversation is trained whole; of the prompt-completion record only the answer and EOS.
-    assert tokens.trained == [True] * (len(whole) + 1) + [False] * len(prompt) + [True] * (len(answer) + 1)
+    assert list(tokens.trained) == [1] * (len(whole) + 1) + [0] * len(prompt) + [1] * (len(answer) + 1)
 
 
 def test_a_chat_template_that_runs_for_hours_is_stopped_in_one_line(tmp_path, tiny_lm, monkeypatch):
