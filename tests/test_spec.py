@@ -97,7 +97,7 @@ def test_unknown_model_suggests_near_names():
         load_spec("llama-2-7")
 
 
-@pytest.mark.parametrize("name", ["llama-2-7b", "mistral-7b", "qwen2-7b", "gpt2", "roberta-base"])
+@pytest.mark.parametrize("name", ["llama-2-7b", "mistral-7b", "qwen2-7b", "gpt2"])
 def test_config_json_gives_the_preset_spec(name):
     """Conformance: a local config.json and the preset describe the same model."""
     from_config = load_spec(str(DATA / name / "config.json"))
@@ -105,6 +105,30 @@ def test_config_json_gives_the_preset_spec(name):
     assert from_config.targets == preset.targets
     assert from_config.total_params == preset.total_params
     assert load_spec(str(DATA / name)).targets == preset.targets  # the folder form
+
+
+def test_an_encoder_config_is_read_as_the_class_its_architectures_name():
+    """roberta-base's config names RobertaForMaskedLM: its MLM transform is a target and it has no pooler
+    (the preset is the base model with its pooler, as a classifier starts from). The built-in family read
+    every BERT config as that base: a BertModel config got 'bert.'-prefixed names its model lacks."""
+    pytest.importorskip("transformers")
+    masked, preset = load_spec(str(DATA / "roberta-base" / "config.json")), load_spec("roberta-base")
+    assert [t for t in masked.targets if t.name != "lm_head.dense"] == list(preset.targets)
+    assert [(t.name, t.shape) for t in masked.targets if t.name == "lm_head.dense"] == [("lm_head.dense", (768, 768))]
+    assert masked.total_params == 124_697_433 == preset.total_params - (768 * 768 + 768) + (768 * 768 + 768) + 2 * 768 + 50265
+
+
+def test_a_base_model_config_plans_the_names_its_model_has(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    config = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 64, "vocab_size": 100, "architectures": ["BertModel"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    live = transformers.BertModel(transformers.BertConfig(**config))
+    spec = load_spec(str(tmp_path))
+    assert [t.name for t in spec.targets] == [n for n, m in live.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert spec.total_params == sum(p.numel() for p in live.parameters())
 
 
 def test_safetensors_header_gives_the_preset_spec(tmp_path):

@@ -52,7 +52,8 @@ def config_spec(path: Path) -> ModelSpec:
     family = family_of(config)
     unknown = unknown_fields(config, family) if family else []
     head = task_head_class(config)
-    if family is not None and not unknown and head is None:
+    other = next((a for a in listed_architectures(config.get("architectures")) if family and a not in family.models), None)
+    if family is not None and not unknown and head is None and other is None:
         return family_spec(config, family, name, "hf-config", str(path))
     from cdka_search.spec.torch_module import meta_spec_from_config
 
@@ -64,6 +65,11 @@ def config_spec(path: Path) -> ModelSpec:
             raise ModelSourceError(
                 f"{path}: its architectures name {head}, a task model whose new head only transformers knows; "
                 "install the 'hf' extra (pip install 'cdka[hf]') to read it"
+            ) from None
+        if other is not None:
+            raise ModelSourceError(
+                f"{path}: its architectures name {other}, whose module names the built-in "
+                f"{config['model_type']} family does not describe; install the 'hf' extra (pip install 'cdka[hf]') to read it"
             ) from None
         if unknown:
             raise ConfigError(

@@ -33,14 +33,19 @@ class Tensor:
 @dataclass(frozen=True)
 class Family:
     """One architecture family: the model_types it reads, the transformers defaults of the fields it
-    reads, every other field known not to change shapes, the tensor list of a config, and the fields
-    its transformers code accepts as null (a null elsewhere is an error, as it is in transformers)."""
+    reads, every other field known not to change shapes, the tensor list of a config, the fields
+    its transformers code accepts as null (a null elsewhere is an error, as it is in transformers),
+    and the model classes that tensor list describes."""
 
     model_types: tuple[str, ...]
     defaults: Mapping[str, object]
     harmless: frozenset[str]
     tensors: Callable[[Fields], list[Tensor]]
     nullable: frozenset[str] = frozenset()
+    #: The transformers classes whose module tree ``tensors`` is, names included: a config naming
+    #: another class in its ``architectures`` (LlamaModel has no ``model.`` prefix, BertForMaskedLM no
+    #: pooler but an MLM transform) is read through transformers instead.
+    models: frozenset[str] = frozenset()
 
     @property
     def fields(self) -> frozenset[str]:

@@ -46,5 +46,5 @@ def tensors(f: Fields) -> list[Tensor]:
 # qk_head_dim and head_dim are derived (nope + rope, rope); transformers overwrites them.
 FAMILY = Family(
     ("deepseek_v3",), DEFAULTS, COMMON_HARMLESS | {"qk_head_dim", "head_dim"}, tensors,
-    frozenset({"num_key_value_heads", "q_lora_rank"}),
+    frozenset({"num_key_value_heads", "q_lora_rank"}), models=frozenset({"DeepseekV3ForCausalLM"}),
 )

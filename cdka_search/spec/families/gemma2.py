@@ -16,4 +16,4 @@ def tensors(f: Fields) -> list[Tensor]:
     return decoder(f, qkv_bias=bias, o_bias=bias, sandwich_norms=True)
 
 
-FAMILY = Family(("gemma2",), DEFAULTS, COMMON_HARMLESS, tensors)
+FAMILY = Family(("gemma2",), DEFAULTS, COMMON_HARMLESS, tensors, models=frozenset({"Gemma2ForCausalLM"}))

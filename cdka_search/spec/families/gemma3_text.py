@@ -16,4 +16,7 @@ def tensors(f: Fields) -> list[Tensor]:
     return decoder(f, qkv_bias=bias, o_bias=bias, qk_norm=True, sandwich_norms=True)
 
 
-FAMILY = Family(("gemma3_text",), DEFAULTS, COMMON_HARMLESS | {"rope_local_base_freq"}, tensors)
+FAMILY = Family(
+    ("gemma3_text",), DEFAULTS, COMMON_HARMLESS | {"rope_local_base_freq"}, tensors,
+    models=frozenset({"Gemma3ForCausalLM"}),
+)

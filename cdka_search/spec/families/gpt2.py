@@ -36,4 +36,7 @@ def tensors(f: Fields) -> list[Tensor]:
     return out if f.flag("tie_word_embeddings") else out + linear("lm_head", vocab, hidden, kind=None)
 
 
-FAMILY = Family(("gpt2",), DEFAULTS, COMMON_HARMLESS | HARMLESS, tensors, frozenset({"n_inner"}))
+FAMILY = Family(
+    ("gpt2",), DEFAULTS, COMMON_HARMLESS | HARMLESS, tensors, frozenset({"n_inner"}),
+    models=frozenset({"GPT2LMHeadModel"}),
+)

@@ -16,4 +16,7 @@ def tensors(f: Fields) -> list[Tensor]:
     return decoder(f, qkv_bias=bias, o_bias=bias, mlp_bias=f.flag("mlp_bias"))
 
 
-FAMILY = Family(("llama",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"head_dim", "num_key_value_heads"}))
+FAMILY = Family(
+    ("llama",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"head_dim", "num_key_value_heads"}),
+    models=frozenset({"LlamaForCausalLM"}),
+)

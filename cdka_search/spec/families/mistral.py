@@ -14,4 +14,7 @@ def tensors(f: Fields) -> list[Tensor]:
     return decoder(f, qkv_bias=False, o_bias=False)
 
 
-FAMILY = Family(("mistral",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"head_dim"}))
+FAMILY = Family(
+    ("mistral",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"head_dim"}),
+    models=frozenset({"MistralForCausalLM"}),
+)

@@ -21,4 +21,7 @@ def tensors(f: Fields) -> list[Tensor]:
     return decoder(f, qkv_bias=False, o_bias=False, mlp=mlp)
 
 
-FAMILY = Family(("mixtral",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"head_dim"}))
+FAMILY = Family(
+    ("mixtral",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"head_dim"}),
+    models=frozenset({"MixtralForCausalLM"}),
+)

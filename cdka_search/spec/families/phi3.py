@@ -24,4 +24,7 @@ def tensors(f: Fields) -> list[Tensor]:
     return causal_lm(f, hidden, vocab, layers, norm("model.norm", hidden))
 
 
-FAMILY = Family(("phi3",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"num_key_value_heads"}))
+FAMILY = Family(
+    ("phi3",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"num_key_value_heads"}),
+    models=frozenset({"Phi3ForCausalLM"}),
+)

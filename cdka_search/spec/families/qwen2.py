@@ -15,4 +15,7 @@ def tensors(f: Fields) -> list[Tensor]:
 
 
 # Qwen2's modeling code hardcodes its biases and ignores a stray attention_bias.
-FAMILY = Family(("qwen2",), DEFAULTS, COMMON_HARMLESS | {"attention_bias"}, tensors, frozenset({"num_key_value_heads"}))
+FAMILY = Family(
+    ("qwen2",), DEFAULTS, COMMON_HARMLESS | {"attention_bias"}, tensors, frozenset({"num_key_value_heads"}),
+    models=frozenset({"Qwen2ForCausalLM"}),
+)

@@ -16,4 +16,7 @@ def tensors(f: Fields) -> list[Tensor]:
     return decoder(f, qkv_bias=bias, o_bias=bias, qk_norm=True)
 
 
-FAMILY = Family(("qwen3",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"num_key_value_heads"}))
+FAMILY = Family(
+    ("qwen3",), DEFAULTS, COMMON_HARMLESS, tensors, frozenset({"num_key_value_heads"}),
+    models=frozenset({"Qwen3ForCausalLM"}),
+)

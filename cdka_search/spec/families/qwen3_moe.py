@@ -28,4 +28,4 @@ def tensors(f: Fields) -> list[Tensor]:
     return decoder(f, qkv_bias=bias, o_bias=bias, qk_norm=True, mlp=mlp)
 
 
-FAMILY = Family(("qwen3_moe",), DEFAULTS, COMMON_HARMLESS, tensors)
+FAMILY = Family(("qwen3_moe",), DEFAULTS, COMMON_HARMLESS, tensors, models=frozenset({"Qwen3MoeForCausalLM"}))
