@@ -1,4 +1,5 @@
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -475,3 +476,48 @@ def test_weights_a_transformers_forward_reads_directly_are_no_targets():
 
     assert _hooked_children(Mixer.forward) == ("dt", "conv")
     assert [t.name for t in spec_from_module(Mixer()).targets] == ["up"]
+
+
+@pytest.mark.parametrize(("tensors", "kind"), [
+    ({"model.layers.0.mlp.down_proj.weight": ("U8", [4096, 1]), "model.layers.0.mlp.down_proj.weight.absmax": ("F32", [128]),
+      "model.layers.0.mlp.down_proj.weight.quant_map": ("F32", [16])}, "bitsandbytes 4-bit"),
+    ({"model.layers.0.mlp.down_proj.qweight": ("I32", [16, 64]), "model.layers.0.mlp.down_proj.qzeros": ("I32", [1, 8]),
+      "model.layers.0.mlp.down_proj.scales": ("F16", [1, 64])}, "GPTQ or AWQ"),
+])
+def test_a_header_of_packed_quantized_weights_is_refused_by_name(tmp_path, tensors, kind):
+    """A bitsandbytes 4-bit header was planned as 4096x1 layers (its packed bytes); GPTQ's said only
+    "no 2-D weight tensors"."""
+    header, offset = {}, 0
+    for name, (dtype, shape) in tensors.items():
+        size = math.prod(shape) * {"U8": 1, "F32": 4, "I32": 4, "F16": 2}[dtype]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    path = write_header_only(tmp_path / "model.safetensors", header)
+    first = sorted(n for n in tensors if n.endswith((".absmax", ".quant_map", ".qweight", ".qzeros")))[0]
+    with pytest.raises(ModelSourceError) as raised:
+        load_spec(str(path))
+    assert str(raised.value) == (
+        f"safetensors: a {kind} checkpoint ('{first}'): its weights are stored packed, so the header does not give the "
+        "layers' shapes; plan the model's folder (its config.json) or a float checkpoint"
+    )
+
+
+def test_a_quantized_config_is_planned_on_its_float_shapes_with_a_warning(tmp_path):
+    from cdka_search.errors import CdkaWarning
+
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "bnb").mkdir()
+    (tmp_path / "bnb" / "config.json").write_text(
+        json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
+    with pytest.warns(CdkaWarning) as caught:
+        quantized = load_spec(str(tmp_path / "bnb"))
+    assert [str(w.message) for w in caught] == [
+        "bnb: its config loads the weights quantized (quant_method 'bitsandbytes'); the plan is made on their float shapes, "
+        "and cdka's adapter applies to the model loaded without quantization; for quantized layers, export a --family lora "
+        "plan with `cdka export --to peft` (PEFT's LoRA wraps them)"
+    ]
+    plain = load_spec(str(tmp_path / "plain"))
+    assert quantized.targets == plain.targets and quantized.total_params == plain.total_params

@@ -3,11 +3,12 @@ or through transformers on the meta device for anything else."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
-from cdka_search.documents import read_file_bytes, read_json
-from cdka_search.errors import ConfigError, ModelSourceError
+from cdka_search.documents import brief, read_file_bytes, read_json
+from cdka_search.errors import CdkaWarning, ConfigError, ModelSourceError
 from cdka_search.limits import MAX_DIM
 from cdka_search.spec.config_fields import bounded_int, check_sizes
 from cdka_search.spec.families import family_of, family_spec, unknown_fields
@@ -49,6 +50,7 @@ def config_spec(path: Path) -> ModelSpec:
     config = read_config(path)
     folder = path if path.is_dir() else path.parent
     name = folder.name or str(path)
+    _warn_if_quantized(config, name)
     family = family_of(config)
     unknown = unknown_fields(config, family) if family else []
     head = task_head_class(config)
@@ -81,3 +83,18 @@ def config_spec(path: Path) -> ModelSpec:
             f"{path}: model_type {config.get('model_type')!r} is not built in; install the 'hf' extra "
             "(pip install 'cdka[hf]') to read any architecture"
         ) from None
+
+
+def _warn_if_quantized(config: dict[str, Any], name: str) -> None:
+    """A config that loads its linears quantized (QLoRA's bitsandbytes 4-bit, GPTQ, AWQ, FP8) is planned
+    on its float shapes, which is right, but cdka's adapter wraps only float ``nn.Linear`` weights: said
+    here, where the plan is made, rather than when apply_plan meets the quantized layers."""
+    quantized = config.get("quantization_config")
+    if not isinstance(quantized, dict):
+        return
+    method = brief(quantized.get("quant_method", "unnamed"))
+    warnings.warn(
+        f"{name}: its config loads the weights quantized (quant_method {method}); the plan is made on their float "
+        "shapes, and cdka's adapter applies to the model loaded without quantization; for quantized layers, export "
+        "a --family lora plan with `cdka export --to peft` (PEFT's LoRA wraps them)", CdkaWarning, stacklevel=2,
+    )

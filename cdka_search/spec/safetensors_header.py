@@ -138,8 +138,28 @@ def index_headers(index: Path) -> dict[str, Any]:
     return merged
 
 
+#: Tensor name endings of quantized checkpoints whose weights are stored packed (two 4-bit values a
+#: byte, eight a 32-bit word), so that a header's shapes are not the layers' shapes.
+_PACKED = {
+    ".weight.absmax": "bitsandbytes 4-bit", ".weight.quant_map": "bitsandbytes 4-bit",
+    ".qweight": "GPTQ or AWQ", ".qzeros": "GPTQ or AWQ",
+}
+
+
+def _check_not_packed(header: dict[str, Any], source: str) -> None:
+    for tensor in header:
+        kind = next((kind for end, kind in _PACKED.items() if tensor.endswith(end)), None)
+        if kind is not None:
+            raise ModelSourceError(
+                f"{source}: a {kind} checkpoint ({brief(tensor)}): its weights are stored packed, so the header does "
+                "not give the layers' shapes; plan the model's folder (its config.json) or a float checkpoint"
+            )
+
+
 def spec_from_header(header: dict[str, Any], name: str, source: str) -> ModelSpec:
-    """Targets are the 2-D ``*.weight`` tensors except embeddings and the LM head."""
+    """Targets are the 2-D ``*.weight`` tensors except embeddings and the LM head; a header of packed
+    quantized weights is refused (``_PACKED``)."""
+    _check_not_packed(header, source)
     total = 0
     targets: list[TargetModule] = []
     for tensor, info in header.items():
