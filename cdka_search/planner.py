@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from cdka_search.allocate import Allocation, Option, Unit, allocate_units
 from cdka_search.budget import Budget, parse_budget
-from cdka_search.candidates import CandidateSpace, Design, enumerate_candidates, fit_max_r, largest_params
+from cdka_search.candidates import CandidateSpace, Design, enumerate_candidates, fit_max_r, largest_params, spans
 from cdka_search.documents import brief
-from cdka_search.errors import ArgumentError, BudgetError, TargetError
+from cdka_search.errors import ArgumentError, BudgetError, CdkaWarning, TargetError
 from cdka_search.fronts import Front, front_of, is_shipped_setting, shipped_front
 from cdka_search.limits import MAX_DIM, MAX_SEED, check_int
 from cdka_search.matching import ModuleIndex, match_groups, raise_problems, summarise
@@ -24,7 +25,7 @@ from cdka_search.scoring import (
     shape_weight,
 )
 from cdka_search.spec.model_spec import ModelSpec, TargetModule
-from cdka_search.targets import select_targets
+from cdka_search.targets import PRESET_SELECTIONS, select_targets, selection_items
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,27 @@ def _check_family_adapts(chosen: ModelSpec, space: CandidateSpace) -> None:
         )
 
 
+def _adaptable(chosen: ModelSpec, space: CandidateSpace, targets: str) -> ModelSpec:
+    """``chosen`` without the weights no design of the space adapts for fewer parameters than the
+    weight itself (ELECTRA's 1 x hidden discriminator head under --family lora), with a warning, where
+    only preset selections (all-linear, attn, ...) chose them: one such weight refused the whole plan.
+    A weight the selection names is kept, and scoring refuses it by name."""
+    if not all(item in PRESET_SELECTIONS for item in selection_items(targets)):
+        return chosen
+    bare = {t.shape for t in chosen.targets if not spans(*t.shape, space)}
+    left = tuple(t for t in chosen.targets if t.shape not in bare)
+    if not bare or not left:
+        return chosen
+    shapes = ", ".join(f"{d_out}x{d_in}" for d_out, d_in in sorted(bare))
+    names = summarise([t.name for t in chosen.targets if t.shape in bare], shown=3, sep=", ")
+    warnings.warn(
+        f"{names} ({shapes}): no design of --family {space.family} adapts it for fewer parameters than the weight "
+        f"itself, so --targets {targets} leaves it out (fine-tune it directly, or plan it with another --family)",
+        CdkaWarning, stacklevel=3,
+    )
+    return chosen.with_targets(left)
+
+
 def make_plan(
     spec: ModelSpec,
     budget: str | int | Budget = "0.5%",
@@ -223,7 +245,7 @@ def make_plan(
     """
     check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
     check_int(samples, "samples", ArgumentError, 1, 1 << 16)
-    chosen = select_targets(spec, targets)
+    chosen = _adaptable(select_targets(spec, targets), space, targets)
     _check_family_adapts(chosen, space)
     limit = resolve_budget(chosen, budget)
     space = fit_max_r(space, chosen.matrices, limit.limit)

@@ -256,3 +256,24 @@ def test_lokr_family_refuses_targets_no_lokr_tool_adapts(model, said):
     if model == "mixtral-8x7b":
         attention = make_plan(spec, "0.1%", targets="attn", space=CandidateSpace(family="lokr"))
         assert {g.design.r for g in attention.groups} == {1}
+
+
+def test_a_weight_no_design_of_the_family_adapts_is_left_out_of_a_preset_selection_only():
+    """ELECTRA's 1 x 64 discriminator head under --family lora: rank 1 costs 65 > 64 parameters. It made
+    the default all-linear plan fail; it is now left out with a warning, and refused where named."""
+    from cdka_search.errors import CdkaWarning
+    from cdka_search.spec.model_spec import ModelSpec, TargetModule
+
+    targets = (TargetModule("layers.0.q", 64, 64), TargetModule("layers.1.q", 64, 64), TargetModule("head.dense_prediction", 1, 64))
+    spec = ModelSpec("small-head", "test", 10**5, targets)
+    lora = CandidateSpace(family="lora")
+    with pytest.warns(CdkaWarning) as caught:
+        plan = make_plan(spec, "lora:4", space=lora)
+    assert [str(w.message) for w in caught] == [
+        "head.dense_prediction (1x64): no design of --family lora adapts it for fewer parameters than the weight itself, "
+        "so --targets all-linear leaves it out (fine-tune it directly, or plan it with another --family)"
+    ]
+    assert [g.modules for g in plan.groups] == [("layers.*.q",)] and plan.used_params == 2 * 4 * (64 + 64)
+    with pytest.raises(TargetError, match="no design of the space fits 1x64"):
+        make_plan(spec, "lora:4", space=lora, targets="head.dense_prediction,layers.*.q")
+    assert any(g.shape == (1, 64) for g in make_plan(spec, "lora:4").groups)  # Kronecker designs do fit it
