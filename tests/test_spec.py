@@ -521,3 +521,27 @@ def test_a_quantized_config_is_planned_on_its_float_shapes_with_a_warning(tmp_pa
     ]
     plain = load_spec(str(tmp_path / "plain"))
     assert quantized.targets == plain.targets and quantized.total_params == plain.total_params
+
+
+def test_transformers_log_lines_become_cdka_warning_lines_and_its_logger_is_restored(tmp_path):
+    """They reached stderr raw ("[transformers] Model config: ..."), ahead of cdka's output or its one error line."""
+    pytest.importorskip("transformers")
+    import logging
+
+    from typer.testing import CliRunner
+
+    from cdka_search.cli.app import app
+
+    config = {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "intermediate_size": 64, "vocab_size": 100, "bos_token_id": 5000, "eos_token_id": 5001}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    logger = logging.getLogger("transformers")
+    before = (logger.handlers[:], logger.propagate)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 0
+    assert result.stderr.splitlines() == [
+        f"warning: {tmp_path}: transformers says: Model config: {key}_token_id must be `None` or an integer within the "
+        f"vocabulary (between 0 and 99), got {value}. This may result in unexpected behavior."
+        for key, value in (("bos", 5000), ("eos", 5001))
+    ]
+    assert (logger.handlers, logger.propagate) == before

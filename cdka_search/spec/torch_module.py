@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -346,8 +348,9 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        model = _build_on_meta(config)
+        with _transformers_log_as_warnings(path):
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            model = _build_on_meta(config)
     except Exception as exc:  # transformers raises many unrelated types for a bad config
         raise ModelSourceError(f"{path}: transformers cannot build this config ({one_line(exc)})") from None
     built_from_part = model.config is not config
@@ -358,6 +361,30 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
                       f"{', '.join(left_out)}: those parts are neither counted in the total nor planned", CdkaWarning,
                       stacklevel=2)
     return replace(spec_from_module(model, name), name=name, source="hf-config")
+
+
+@contextlib.contextmanager
+def _transformers_log_as_warnings(path: Path) -> Iterator[None]:
+    """transformers' own log lines while it reads and builds a config (``bos_token_id must be ... within
+    the vocabulary``), each said once as a cdka ``warning:`` line, in place of its handler's raw lines
+    ahead of cdka's output or its one error line. The logger is restored as it was."""
+    import logging
+
+    logger = logging.getLogger("transformers")
+    said: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [Collect(logging.WARNING)], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+        for message in dict.fromkeys(said):
+            warnings.warn(f"{path}: transformers says: {' '.join(message.split())}", CdkaWarning, stacklevel=4)
 
 
 def _build_on_meta(config):
