@@ -78,10 +78,15 @@ def _number(value: Any, where: str, *, low: float = 0.0, strict: bool = True, in
     if isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, float) and not math.isfinite(value)):
         raise RecipeError(f"{where}: expected {'an integer' if integer else 'a finite number'}, got {brief(value)}")
     if value < low or (strict and value == low):
-        raise RecipeError(f"{where}: must be {'above' if strict else 'at least'} {low:g}, got {brief(value)}")
+        raise RecipeError(f"{where}: must be {'above' if strict else 'at least'} {_bound(low, integer)}, got {brief(value)}")
     if value > high:
-        raise RecipeError(f"{where}: must be at most {high:g}, got {brief(value)}")
+        raise RecipeError(f"{where}: must be at most {_bound(high, integer)}, got {brief(value)}")
     return value
+
+
+def _bound(value: float, integer: bool) -> str:
+    """A range end as the user writes it: an integer's in full (4,294,967,295, not 4.29497e+09)."""
+    return f"{int(value):,}" if integer else f"{value:g}"
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ BASE = {"cdka_recipe": 1, "model": "llama-2-7b"}
         ({**BASE, "sweep": {"task": "glue"}}, "sweep.task 'glue'"),
         ({**BASE, "train": {"warmup_ratio": 3}}, "below 1"),
         ({**BASE, "train": {"batch_size": 0}}, "train.batch_size: must be above 0"),
+        ({**BASE, "sweep": {"seed": 2**32}}, "sweep.seed: must be at most 4,294,967,295, got 4294967296"),
         ({**BASE, "train": {"scheduler": "step"}}, "train.scheduler 'step'"),
         ({**BASE, "max_r": "8"}, "max_r: expected an integer"),
         ([1, 2], "expected a mapping"),
