@@ -339,7 +339,7 @@ class PlanGroup:
         derived = {"r1": design.r1, "r2": design.r2, "params_each": experts * design.params, "rank_bound": design.rank_bound}
         for key, value in derived.items():
             if key in data and not _is_int(data[key], value):
-                report.add(f"{where}.{key} is {brief(data[key])} but left/right/r give {value}")
+                report.add(f"{where}.{key} is {brief(data[key])}, but left/right/r give the integer {value}")
         return cls(patterns, shape, count, design, kind, dict(scores), experts)
 
 

@@ -122,6 +122,14 @@ def test_a_plan_without_budget_spec_reads_its_limit_as_a_count(gpt2_plan):
         loads_plan(edited(gpt2_plan, lambda d: (d["budget"].pop("spec"), d["budget"].update(limit=200_000_000))))
 
 
+@pytest.mark.parametrize("value", [8.0, True, "8"])
+def test_a_derived_field_written_as_another_type_is_named_with_the_integer_it_must_be(gpt2_plan, value):
+    with pytest.raises(PlanError) as raised:
+        loads_plan(edited(gpt2_plan, lambda d: d["groups"][0].update(r1=value)))
+    r1 = gpt2_plan.groups[0].design.r1
+    assert f"groups[0].r1 is {value!r}, but left/right/r give the integer {r1}" in str(raised.value)
+
+
 def test_consistent_hand_edit_is_accepted(gpt2_plan):
     def to_lora(d):
         g = d["groups"][0]
