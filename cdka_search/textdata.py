@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -253,11 +253,14 @@ def load_tokenizer(model_dir: str | Path) -> Any:
         raise ModelSourceError(f"{folder}: cannot load its tokenizer ({one_line(exc)})") from None
 
 
-def encode(examples: list[Example], tokenizer: Any, vocab_size: int | None) -> Tokens:
+def encode(examples: list[Example], tokenizer: Any, vocab_size: int | None, *,
+           enough: Callable[[Tokens], bool] | None = None) -> Tokens:
     """Token ids of every example, each prompt then completion then EOS: with ``tokenizer``
     (load_tokenizer) if there is one, else UTF-8 bytes (id = byte % vocab_size, so that tiny test models
     without a tokenizer train; ``vocab_size`` is read only then). Prompt and completion are tokenised
-    apart, as generation sees them."""
+    apart, as generation sees them. ``enough``: asked as the tokens double (from 2^16), it stops the
+    encoding once it holds what its user reads, a prefix of the whole (a probe of 8 batches needs
+    4,096 tokens of a file that may hold 256 MB)."""
     if tokenizer is None:
         if vocab_size is None:
             raise ValueError("encode without a tokenizer needs the model's vocab_size")
@@ -277,6 +280,7 @@ def encode(examples: list[Example], tokenizer: Any, vocab_size: int | None) -> T
         eos = array("q", [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
     ids = array("q")
     trained = bytearray()
+    ask_at = 1 << 16
     for number, example in enumerate(examples, start=1):
         prompt, completion = _rendered(example, tokenizer, number)
         head, tail = pieces(prompt), pieces(completion)
@@ -285,7 +289,20 @@ def encode(examples: list[Example], tokenizer: Any, vocab_size: int | None) -> T
         ids.extend(eos)
         trained.extend(bytes(len(head)))
         trained.extend(b"\x01" * (len(tail) + len(eos)))
+        if enough is not None and len(ids) >= ask_at:
+            if enough(Tokens(ids, trained)):
+                break
+            ask_at = 2 * len(ids)
     return Tokens(ids, trained)
+
+
+def counted_blocks(tokens: Tokens, seq_len: int) -> int:
+    """How many of the consecutive seq_len blocks token_blocks keeps (some token after the first trained)."""
+    import numpy as np
+
+    blocks = len(tokens.trained) // seq_len
+    flags = np.frombuffer(tokens.trained, dtype=np.uint8, count=blocks * seq_len).reshape(blocks, seq_len)
+    return int(flags[:, 1:].any(axis=1).sum())
 
 
 def _rendered(example: Example, tokenizer: Any, number: int) -> tuple[str, str]:
@@ -383,14 +400,16 @@ def check_grad_inputs(model_dir: str | Path, *, batches: int, batch_size: int, s
     check_tokenizer(folder)
 
 
-def load_lm_and_tokens(model_dir: str | Path, data: str | Path) -> tuple[Any, Tokens]:
-    """The folder's causal LM (load_causal_lm) and ``data`` as its tokens (encode). With a tokenizer the
-    data is rendered and tokenised before the model loads (minutes for a 7B model), so its errors come
-    first; without one the byte ids need the model's vocabulary size."""
+def load_lm_and_tokens(model_dir: str | Path, data: str | Path, *,
+                       enough: Callable[[Tokens], bool] | None = None) -> tuple[Any, Tokens]:
+    """The folder's causal LM (load_causal_lm) and ``data`` as its tokens (encode, stopping where
+    ``enough`` says). With a tokenizer the data is rendered and tokenised before the model loads
+    (minutes for a 7B model), so its errors come first; without one the byte ids need the model's
+    vocabulary size."""
     examples = read_examples(data)
     tokenizer = load_tokenizer(model_dir)
     if tokenizer is not None:
-        tokens = encode(examples, tokenizer, None)
+        tokens = encode(examples, tokenizer, None, enough=enough)
         model = load_causal_lm(model_dir)
         rows = model.get_input_embeddings().num_embeddings
         largest = max(tokens.ids, default=-1)
@@ -401,7 +420,7 @@ def load_lm_and_tokens(model_dir: str | Path, data: str | Path) -> tuple[Any, To
             )
         return model, tokens
     model = load_causal_lm(model_dir)
-    return model, encode(examples, None, model.config.vocab_size)
+    return model, encode(examples, None, model.config.vocab_size, enough=enough)
 
 
 def load_causal_lm(model_dir: str | Path) -> Any:

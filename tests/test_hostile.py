@@ -426,7 +426,7 @@ def test_recipe_with_nan_alpha_writes_no_plan(cli, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("cdka_recipe: 1\nmodel: gpt2\nsweep: {trials: 1000000000000}\n", "sweep.trials: must be at most 100000"),
+        ("cdka_recipe: 1\nmodel: gpt2\nsweep: {trials: 1000000000000}\n", "sweep.trials: must be at most 100,000"),
         ("cdka_recipe: 1\nmodel: gpt2\nsweep: {seed: -1}\n", "sweep.seed: must be at least 0"),
         ("cdka_recipe: 1\nmodel: gpt2\nmax_r: 100000000000000000000\n", "max_r: must be at most"),
         ("cdka_recipe: 1\nmodel: gpt2\ntrain: {lr: .inf}\n", "train.lr: expected a finite number, got inf"),

@@ -11,7 +11,7 @@ from cdka_search.alignment.device import resolve_device
 from cdka_search.alignment.reference import delta_reference, gradient_reference
 from cdka_search.spec import load_spec
 from cdka_search.targets import select_targets
-from cdka_search.textdata import check_grad_inputs, load_lm_and_tokens, token_batches
+from cdka_search.textdata import check_grad_inputs, counted_blocks, load_lm_and_tokens, token_batches
 
 Progress = Callable[[int, "int | None"], None]
 
@@ -41,7 +41,8 @@ def probe_gradients(
     runs on ``device`` (cdka_search.alignment.device) and the sums stay on the CPU."""
     check_grad_inputs(model_dir, batches=batches, batch_size=batch_size, seq_len=seq_len)
     where = resolve_device(device)
-    model, tokens = load_lm_and_tokens(model_dir, data)
+    wanted = batches * batch_size  # blocks: the data past them is neither rendered nor tokenised
+    model, tokens = load_lm_and_tokens(model_dir, data, enough=lambda t: counted_blocks(t, seq_len) >= wanted)
     model = model.to(where)
     from cdka_search.spec import spec_from_module
 
