@@ -307,7 +307,7 @@ def test_top_k_has_one_limit_for_the_command_line_and_recipes(tmp_path, tiny_con
     assert _config(tmp_path, tiny_config, top_k=MAX_TOP_K).top_k == SweepSettings(top_k=MAX_TOP_K).top_k
     with pytest.raises(SweepError, match=r"--top-k: 1001 is outside \[1, 1,000\]"):
         _config(tmp_path, tiny_config, top_k=MAX_TOP_K + 1)
-    with pytest.raises(RecipeError, match="sweep.top_k: must be at most 1000"):
+    with pytest.raises(RecipeError, match="sweep.top_k: must be at most 1,000"):
         SweepSettings(top_k=MAX_TOP_K + 1)
 
 
@@ -537,3 +537,18 @@ def test_an_output_folder_and_an_unread_data_format_are_refused_before_the_sweep
     assert data.exit_code == 9, data.output
     assert data.stderr.startswith(f"error: {tmp_path / 'd.csv'}: not a data format cdka reads")
     assert not (tmp_path / "best.yaml").exists() and not (tmp_path / "s.db").exists()
+
+
+def test_a_sweep_checks_each_finished_trial_once_not_once_per_trial(tmp_path, tiny_config, monkeypatch):
+    """The study was re-read and every stored trial re-checked after each trial: n^2 / 2 checks."""
+    from collections import Counter
+
+    from cdka_search.sweep import stored
+    from cdka_search.sweep.study import run_sweep
+
+    checks: Counter[int] = Counter()
+    real = stored.trial_problem
+    monkeypatch.setattr(stored, "trial_problem", lambda trial, expected=None: checks.update([trial.number]) or real(trial, expected))
+    result = run_sweep(_config(tmp_path, tiny_config, trials=8, steps=4))
+    assert result.ran_here == 8 and sorted(checks) == list(range(8))
+    assert max(checks.values()) == 2  # once while the sweep runs, once when its result is read

@@ -161,16 +161,22 @@ def trial_problem(trial: Any, expected: dict[str, Any] | None = None) -> str | N
     return None
 
 
-def checked_trials(study: Any, space: SearchSpace) -> list[Any]:
-    """Every trial of ``study``, each checked against ``space``; SweepError names the first wrong one."""
+def checked_trials(study: Any, space: SearchSpace, finished: set[int] | None = None) -> list[Any]:
+    """Every trial of ``study``, each checked against ``space``; SweepError names the first wrong one.
+    ``finished``: numbers of finished trials already checked, which Optuna no longer lets change; it is
+    extended, so that a sweep checking after every trial checks each finished one once, not once a trial."""
     trials = read(f"study {study.study_name!r}", lambda: study.get_trials(deepcopy=False))
     distributions = space.distributions()
     for t in trials:
+        if finished is not None and t.number in finished:
+            continue
         if (problem := trial_problem(t, distributions)) is not None:
             raise SweepError(
                 f"study {study.study_name!r} trial {t.number}: {problem}; the study was {_EDITED}: "
                 "start a new one with another --study name"
             )
+        if finished is not None and t.state.is_finished():
+            finished.add(t.number)
     return trials
 
 

@@ -185,10 +185,11 @@ def open_study(storage: str | None, name: str | None, *, create: bool = False, s
     return study
 
 
-def _keep_whole(study: Any, space: Any, heuristic: dict[str, Any], trials: int) -> bool:
+def _keep_whole(study: Any, space: Any, heuristic: dict[str, Any], trials: int, finished: set[int]) -> bool:
     """Check every trial, requeue what dead workers lost and trial 0 if missing; True while there is work left.
-    It runs before the first trial and after each one, so the bookkeeping and the sampler read checked trials."""
-    checked_trials(study, space)
+    It runs before the first trial and after each one, so the bookkeeping and the sampler read checked trials
+    (``finished``: the finished trials checked already, see checked_trials)."""
+    checked_trials(study, space, finished)
     reap_dead(study)
     ensure_heuristic(study, heuristic)
     return counted_trials(study) < trials or not heuristic_done(study)
@@ -206,6 +207,7 @@ class PreparedSweep:
     where: str
     started: float
     work_left: bool
+    finished: set[int]
 
     def run(self, on_trial: Callable[[int, int, float | None], None] | None = None) -> SweepResult:
         """Train until the study is full; write the best plan; return the result.
@@ -221,7 +223,7 @@ class PreparedSweep:
                     ran += 1
                     if on_trial is not None:
                         on_trial(counted_trials(st), config.trials, _best_value(st))
-                if not _keep_whole(st, self.space, self.heuristic, config.trials):
+                if not _keep_whole(st, self.space, self.heuristic, config.trials, self.finished):
                     st.stop()
 
             self.study.optimize(Objective(self.space, self.task, config.trials, config.seed), n_trials=None,
@@ -277,8 +279,9 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
                        pruner=make_pruner(config.pruner, config.steps, options.every))
     _check_compatible(study, _fingerprint(config, space, task.name, spec.name), where)
     heuristic = space.heuristic_params(task.default_lr)
-    work_left = _keep_whole(study, space, heuristic, config.trials)
-    return PreparedSweep(config, study, space, task, heuristic, where, started, work_left)
+    finished: set[int] = set()
+    work_left = _keep_whole(study, space, heuristic, config.trials, finished)
+    return PreparedSweep(config, study, space, task, heuristic, where, started, work_left, finished)
 
 
 def run_sweep(config: SweepConfig, *, on_trial: Callable[[int, int, float | None], None] | None = None) -> SweepResult:
