@@ -412,7 +412,9 @@ def load_lm_and_tokens(model_dir: str | Path, data: str | Path, *,
         tokens = encode(examples, tokenizer, None, enough=enough)
         model = load_causal_lm(model_dir)
         rows = model.get_input_embeddings().num_embeddings
-        largest = max(tokens.ids, default=-1)
+        import numpy as np
+
+        largest = int(np.frombuffer(tokens.ids, dtype=np.int64).max()) if len(tokens.ids) else -1
         if largest >= rows:  # torch would fail on it mid-training with an IndexError
             raise ModelSourceError(
                 f"{model_dir}: its tokenizer gives {data} the token id {largest:,}, but the model embeds only ids "
