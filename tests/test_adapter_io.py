@@ -229,3 +229,86 @@ def test_load_onto_adapted_model_in_eval_mode_keeps_dropout_off(tmp_path):
         assert torch.equal(target(ids).logits, target(ids).logits)
     target.train()
     assert all(m.dropout.training for m in layers)
+
+
+def _with_plan(path, target, edit):
+    """A copy of the adapter file ``path`` at ``target`` whose stored plan is changed by ``edit(dict)``."""
+    from safetensors.torch import load_file, save_file
+
+    raw = path.read_bytes()
+    metadata = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    plan = json.loads(metadata["cdka_plan"])
+    edit(plan)
+    save_file(load_file(path), target, metadata=dict(metadata, cdka_plan=json.dumps(plan)))
+    return target
+
+
+def test_a_stored_plan_that_does_not_describe_its_factors_is_refused_also_by_an_adapted_model(tmp_path):
+    """A model already carrying the adapters took a plan edited to r = 2 over rank-1 factors: its
+    plan and counts were then wrong, and save_adapter wrote a file no fresh model loads."""
+    source = trained(tiny_llama())
+    path = save_adapter(source, tmp_path / "a.safetensors")
+    plan = read_adapter(path)[0]
+    g, group = 0, plan.groups[0]
+    design = group.design
+    each = design.m1 * design.n1 + design.m2 * design.n2
+
+    def more_components(d):  # consistent in every derived field, with a budget that allows it
+        d["groups"][g].update(r=design.r + 1, params_each=(design.r + 1) * each,
+                              rank_bound=min(*group.shape, (design.r + 1) * design.rank_bound // design.r))
+        limit = d["budget"]["limit"] + group.count * each
+        d["budget"].update(limit=limit, spec=str(limit))
+        d["budget"].pop("used", None)
+
+    lie = _with_plan(path, tmp_path / "lie.safetensors", more_components)
+    layer = next(name for name, owner in plan.assign(adapter_modules(source)).items() if owner is group)
+    message = (f"{lie}: {layer}.cdka_A has shape {(design.r, design.m2, design.n2)}, but its stored plan's design "
+               f"gives {(design.r + 1, design.m2, design.n2)}")
+    before = snapshot(source)
+    for model in (source, tiny_llama()):
+        with pytest.raises(PlanError) as raised:
+            load_adapter(model, lie)
+        assert str(raised.value) == message
+    assert all(torch.equal(before[k], v) for k, v in snapshot(source).items())
+
+
+def test_the_meta_device_is_refused_for_loading_and_saving(tmp_path):
+    """load_adapter 'loaded' into meta tensors (the values were dropped) and reported success."""
+    path = save_adapter(trained(tiny_llama()), tmp_path / "a.safetensors")
+    with torch.device("meta"):
+        empty = tiny_llama()
+    message = "the model is on the meta device and holds no values; build or load it on a real device first"
+    with pytest.raises(PlanError, match=message):
+        load_adapter(empty, path)
+    assert not adapter_modules(empty)
+    apply_plan(empty, plan_for(tiny_llama()))  # a dry run on meta stays allowed
+    with pytest.raises(PlanError, match=message):
+        save_adapter(empty, tmp_path / "b.safetensors")
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_an_adapter_path_is_checked_where_it_enters(tmp_path):
+    model = tiny_llama()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    cases = [
+        (None, "an adapter file is a path (str or os.PathLike), got NoneType"),
+        ("x" * 5000, "adapter file '" + "x" * 27 + "..." + "x" * 28 + "': longer than this system allows (255 bytes a name, 4,095 in all)"),
+        (tmp_path, f"{tmp_path}: not a regular file"),
+        (tmp_path / "gone.safetensors", f"{tmp_path / 'gone.safetensors'}: no such adapter file"),
+    ]
+    for path, message in cases:
+        with pytest.raises(PlanError) as raised:
+            load_adapter(model, path)
+        assert str(raised.value) == message
+    with pytest.raises(PlanError, match="cannot read"):
+        load_adapter(model, tmp_path / "loop")
+
+
+def test_a_diverged_adapter_is_not_saved(tmp_path):
+    model = trained(tiny_llama())
+    layer = next(iter(adapter_modules(model).values()))
+    with torch.no_grad():
+        layer.cdka_B[0, 0, 0] = float("nan")
+    with pytest.raises(PlanError, match="holds NaN or infinite values \\(the training diverged\\); nothing was written"):
+        save_adapter(model, tmp_path / "a.safetensors")
+    assert list(tmp_path.iterdir()) == []

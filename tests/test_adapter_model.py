@@ -307,3 +307,24 @@ def test_a_linear_built_from_tensor_sizes_is_planned_and_adapted_with_integer_si
     apply_plan(model, plan)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == plan.used_params
     assert model(torch.randn(3, 16)).shape == (3, 16)
+
+
+@pytest.mark.parametrize(("bad", "why"), [
+    (lambda g: g.clone().fill_(float("nan")), "holds NaN or infinite values; its SVD would not converge"),
+    (lambda g: g.tolist(), "is a list; expected a real floating-point tensor with values"),
+    (lambda g: g.to(torch.complex64), "is a torch.complex64 tensor; expected a real floating-point tensor with values"),
+    (lambda g: g.to(torch.int64), "is a torch.int64 tensor; expected a real floating-point tensor with values"),
+    (lambda g: torch.empty_like(g, device="meta"), "is a torch.float32 tensor on the meta device; expected a real"),
+])
+def test_gradient_aligned_init_refuses_a_gradient_without_real_finite_values(bad, why):
+    """NaN raised torch's LinAlgError, a list an AttributeError; complex and integer ones were taken."""
+    model = tiny_llama()
+    plan = plan_for(model).with_adapter(init="gradient-aligned")
+    grads = {n: torch.randn(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    first = next(iter(plan.assign(grads)))
+    grads[first] = bad(grads[first])
+    before = snapshot(model)
+    with pytest.raises(PlanError) as raised:
+        apply_plan(model, plan, gradients=grads)
+    assert str(raised.value).startswith(f"gradient for {first} {why}")
+    assert not adapter_modules(model) and all(torch.equal(before[k], v) for k, v in snapshot(model).items())

@@ -10,6 +10,7 @@ File layout: one tensor per factor, named ``<module>.cdka_A`` (r, m2, n2) and ``
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,9 +30,9 @@ from cdka_search.adapter.model import (
     head_problems,
     train_whole,
 )
-from cdka_search.documents import read_json
+from cdka_search.documents import read_json, regular_file
 from cdka_search.errors import PlanError
-from cdka_search.fileio import atomic_write_bytes
+from cdka_search.fileio import absent, atomic_write_bytes, check_path
 from cdka_search.matching import summarise
 
 if TYPE_CHECKING:
@@ -58,11 +59,15 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     layers = adapter_modules(model)
     if plan is None or not layers:
         raise PlanError("the model carries no applied plan; apply_plan (or load_adapter) before save_adapter")
+    _check_holds_values(model)
     tensors = {
         f"{name}.{factor}": getattr(layer, factor).detach().to("cpu").contiguous()
         for name, layer in layers.items() for factor in _FACTORS
     }
     tensors.update({key: p.detach().to("cpu").contiguous() for key, p in _head_params(model, plan).items()})
+    broken = next((key for key, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+    if broken is not None:  # load_adapter would refuse the file
+        raise PlanError(f"{broken} holds NaN or infinite values (the training diverged); nothing was written to {path}")
     from cdka_search.plan import dumps_plan
 
     metadata = {"format": FORMAT, "cdka_adapter": FORMAT_VERSION, "cdka_plan": dumps_plan(plan, "json")}
@@ -73,9 +78,10 @@ def read_adapter(path: str | Path) -> tuple["Plan", dict[str, torch.Tensor]]:
     """The plan and the tensors stored in an adapter file; PlanError when it is not one."""
     from safetensors import SafetensorError, safe_open
 
-    file = Path(path)
-    if not file.is_file():
-        raise PlanError(f"{file}: no such adapter file")
+    if not isinstance(path, (str, os.PathLike)):
+        raise PlanError(f"an adapter file is a path (str or os.PathLike), got {type(path).__name__}")
+    given = check_path(path, PlanError, "adapter file")
+    file = regular_file(given, PlanError, f"{given}: {absent(given, 'adapter file')}")
     try:
         with safe_open(str(file), framework="pt") as handle:
             plan = _stored_plan(file, handle.metadata() or {})
@@ -97,7 +103,30 @@ def read_adapter(path: str | Path) -> tuple["Plan", dict[str, torch.Tensor]]:
     broken = next((key for key, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
     if broken is not None:
         raise PlanError(f"{file}: {broken} holds NaN or infinite values; the adapter it came from diverged")
+    _check_own_plan(file, plan, tensors)
     return plan, tensors
+
+
+def _check_own_plan(file: Path, plan: "Plan", tensors: dict[str, torch.Tensor]) -> None:
+    """The factors' shapes as the stored plan's designs give them: a file whose plan was edited (r = 2 over
+    rank-1 factors) was accepted by a model already carrying those adapters, and its counts were then wrong."""
+    modules = list(dict.fromkeys(key.rpartition(".")[0] for key in tensors if key.rpartition(".")[2] in _FACTORS))
+    try:
+        groups = plan.assign(modules)
+    except PlanError as exc:
+        raise PlanError(f"{file}: its stored plan does not describe its factors ({exc})") from None
+    for name, group in groups.items():
+        for factor, shape in factor_shapes(group).items():
+            stored = tensors.get(f"{name}.{factor}")  # a missing one is named where the model's list is compared
+            if stored is not None and tuple(stored.shape) != shape:
+                raise PlanError(f"{file}: {name}.{factor} has shape {tuple(stored.shape)}, but its stored plan's "
+                                f"design gives {shape}")
+
+
+def _check_holds_values(model: nn.Module) -> None:
+    """PlanError for a model on the meta device: it holds no values to load into or to save."""
+    if any(p.is_meta for p in model.parameters()):
+        raise PlanError("the model is on the meta device and holds no values; build or load it on a real device first")
 
 
 def _stored_plan(file: Path, metadata: dict[str, str]) -> "Plan":
@@ -128,6 +157,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
     is checked before anything changes; values are copied into the adapter parameters.
     """
     plan, tensors = read_adapter(path)
+    _check_holds_values(model)
     layers = adapter_modules(model)
     if layers:
         expected = {f"{name}.{f}": tuple(getattr(layer, f).shape) for name, layer in layers.items() for f in _FACTORS}

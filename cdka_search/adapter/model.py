@@ -247,7 +247,14 @@ def apply_plan(
                 "or set adapter.init to kaiming-A-zero-B"
             )
         for name, group in assignment.items():
-            got = tuple(gradients[name].shape)  # type: ignore[index]
+            gradient = gradients[name]  # type: ignore[index]
+            if not (isinstance(gradient, torch.Tensor) and gradient.is_floating_point() and not gradient.is_meta):
+                kind = f"a {gradient.dtype} tensor" if isinstance(gradient, torch.Tensor) else f"a {type(gradient).__name__}"
+                where = " on the meta device" if isinstance(gradient, torch.Tensor) and gradient.is_meta else ""
+                raise PlanError(f"gradient for {name} is {kind}{where}; expected a real floating-point tensor with values")
+            if not bool(torch.isfinite(gradient).all()):
+                raise PlanError(f"gradient for {name} holds NaN or infinite values; its SVD would not converge")
+            got = tuple(gradient.shape)
             if group.kind == "experts" and got != (group.experts, *group.shape):
                 raise PlanError(f"gradient for {name} has shape {got}, expected {(group.experts, *group.shape)} "
                                 "(experts, d_out, d_in)")
