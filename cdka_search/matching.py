@@ -157,7 +157,8 @@ def match_groups(
                 more_claims.setdefault(name, [first_claim[name]]).append(g)
     for name in sorted(more_claims, key=index.position):
         owners = more_claims[name]
-        problems.append(f"module {brief(name)[1:-1]}: matched by {len(owners)} groups ({summarise([label(g) for g in owners], 4, ', ')})")
+        shown = name if len(name) <= 80 else brief(name)
+        problems.append(f"module {shown}: matched by {len(owners)} groups ({summarise([label(g) for g in owners], 4, ', ')})")
     owner = {name: first_claim[name] for name in index.names if name in first_claim and name not in more_claims}
     return GroupMatch(tuple(hits), owner, tuple(problems))
 

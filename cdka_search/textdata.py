@@ -474,8 +474,12 @@ def token_blocks(tokens: Tokens, seq_len: int) -> tuple[Any, Any]:
     if not blocks:
         empty = torch.zeros(0, seq_len, dtype=torch.long)
         return empty, empty
-    ids = torch.frombuffer(tokens.ids, dtype=torch.long, count=blocks * seq_len).view(blocks, seq_len)
-    trained = torch.frombuffer(tokens.trained, dtype=torch.bool, count=blocks * seq_len).view(blocks, seq_len)
+    import numpy as np
+
+    # numpy views hold the buffers exported, so the Tokens cannot be resized under the tensors (torch.frombuffer
+    # alone keeps the object, not the export); the ids are copied where blocks are left out or labelled.
+    ids = torch.from_numpy(np.frombuffer(tokens.ids, dtype=np.int64, count=blocks * seq_len)).view(blocks, seq_len)
+    trained = torch.from_numpy(np.frombuffer(tokens.trained, dtype=np.bool_, count=blocks * seq_len)).view(blocks, seq_len)
     keep = trained[:, 1:].any(dim=1)
     labels = ids.masked_fill(~trained, -100)
     if bool(keep.all()):  # no copies of a large file's blocks where every block counts

@@ -385,3 +385,10 @@ def test_tables_of_any_small_shape_and_any_pairs_are_exact_in_float64() -> None:
             assert torch.allclose(torch.tensor(energies, dtype=torch.float64), exact_energies(M, pair, r_max), atol=1e-9), pair
 
     check()
+
+
+def test_a_column_major_matrix_gives_the_energies_of_its_row_major_copy():
+    """With m2 = 1 the layout was the raw view of M, which a transposed M cannot be viewed from."""
+    M = torch.randn(48, 64, generator=gen()).T
+    for sizes in ((64, 2, 1, 24), (64, 48, 1, 1), (8, 4, 8, 12)):
+        assert torch.equal(topr_energies(M, *sizes, 3), topr_energies(M.contiguous(), *sizes, 3))

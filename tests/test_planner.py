@@ -269,10 +269,10 @@ def test_a_weight_no_design_of_the_family_adapts_is_left_out_of_a_preset_selecti
     lora = CandidateSpace(family="lora")
     with pytest.warns(CdkaWarning) as caught:
         plan = make_plan(spec, "lora:4", space=lora)
-    assert [str(w.message) for w in caught] == [
+    assert [str(w.message) for w in caught] == [(
         "head.dense_prediction (1x64): no design of --family lora adapts it for fewer parameters than the weight itself, "
         "so --targets all-linear leaves it out (fine-tune it directly, or plan it with another --family)"
-    ]
+    )]
     assert [g.modules for g in plan.groups] == [("layers.*.q",)] and plan.used_params == 2 * 4 * (64 + 64)
     with pytest.raises(TargetError, match="no design of the space fits 1x64"):
         make_plan(spec, "lora:4", space=lora, targets="head.dense_prediction,layers.*.q")

@@ -493,7 +493,7 @@ def test_a_header_of_packed_quantized_weights_is_refused_by_name(tmp_path, tenso
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     path = write_header_only(tmp_path / "model.safetensors", header)
-    first = sorted(n for n in tensors if n.endswith((".absmax", ".quant_map", ".qweight", ".qzeros")))[0]
+    first = min(n for n in tensors if n.endswith((".absmax", ".quant_map", ".qweight", ".qzeros")))
     with pytest.raises(ModelSourceError) as raised:
         load_spec(str(path))
     assert str(raised.value) == (
@@ -514,11 +514,11 @@ def test_a_quantized_config_is_planned_on_its_float_shapes_with_a_warning(tmp_pa
         json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
     with pytest.warns(CdkaWarning) as caught:
         quantized = load_spec(str(tmp_path / "bnb"))
-    assert [str(w.message) for w in caught] == [
+    assert [str(w.message) for w in caught] == [(
         "bnb: its config loads the weights quantized (quant_method 'bitsandbytes'); the plan is made on their float shapes, "
         "and cdka's adapter applies to the model loaded without quantization; for quantized layers, export a --family lora "
         "plan with `cdka export --to peft` (PEFT's LoRA wraps them)"
-    ]
+    )]
     plain = load_spec(str(tmp_path / "plain"))
     assert quantized.targets == plain.targets and quantized.total_params == plain.total_params
 
@@ -545,3 +545,48 @@ def test_transformers_log_lines_become_cdka_warning_lines_and_its_logger_is_rest
         for key, value in (("bos", 5000), ("eos", 5001))
     ]
     assert (logger.handlers, logger.propagate) == before
+
+
+def test_a_safetensors_header_with_a_byte_order_mark_is_refused_as_safetensors_refuses_it(tmp_path):
+    """read_json drops a leading BOM (editors write one into config.json); safetensors refuses such a header."""
+    body = b"\xef\xbb\xbf" + json.dumps({"layer.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body + bytes(64))
+    with pytest.raises(ModelSourceError) as raised:
+        load_spec(str(path))
+    assert str(raised.value) == f"{path}: corrupt safetensors header (it starts with a byte-order mark)"
+
+
+def test_transformers_log_capture_overlapping_in_threads_leaves_the_logger_as_it_was():
+    """Swapping the handler list back restored another call's collector: later warnings were swallowed."""
+    pytest.importorskip("transformers")
+    import logging
+    import threading
+    import warnings
+
+    from cdka_search.spec.torch_module import _transformers_log_as_warnings
+
+    logger = logging.getLogger("transformers")
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with warnings.catch_warnings(record=True), _transformers_log_as_warnings(Path("a")):
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with warnings.catch_warnings(record=True), _transformers_log_as_warnings(Path("b")):
+            second_in.set()
+            first_out.wait(10)
+
+    with _transformers_log_as_warnings(Path("warm")):
+        pass  # transformers' handler exists from here on
+    before = [(h, list(h.filters)) for h in logger.handlers], logger.propagate
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert ([(h, list(h.filters)) for h in logger.handlers], logger.propagate) == before

@@ -414,14 +414,28 @@ def test_data_too_short_for_two_blocks_is_a_data_error_as_for_the_probe(tmp_path
 def test_encode_stops_where_enough_says_with_a_prefix_of_the_whole_encoding():
     """A probe reads batches x batch_size blocks; the whole file was rendered and tokenised for them
     (400,000 short documents: 34 s for 4,096 tokens)."""
+    import itertools
+
     from cdka_search.textdata import Example, Tokens, counted_blocks, encode, token_blocks
 
     examples = [Example(f"answer {i}. " * 20, f"question {i}? ") for i in range(3000)]
     whole = encode(examples, None, 260)
     asked: list[int] = []
     part = encode(examples, None, 260, enough=lambda t: asked.append(len(t.ids)) or counted_blocks(t, 128) >= 1000)
-    assert asked[0] >= 1 << 16 and all(b >= 2 * a for a, b in zip(asked, asked[1:]))  # asked as the tokens double
+    assert asked[0] >= 1 << 16 and all(b >= 2 * a for a, b in itertools.pairwise(asked))  # asked as the tokens double
     assert counted_blocks(part, 128) >= 1000 > counted_blocks(Tokens(part.ids[: asked[-2]], part.trained[: asked[-2]]), 128)
     assert len(part.ids) < len(whole.ids) and part.ids == whole.ids[: len(part.ids)]
     assert part.trained == whole.trained[: len(part.trained)]
     assert counted_blocks(whole, 128) == len(token_blocks(whole, 128)[0])
+
+
+def test_blocks_hold_the_tokens_they_view_so_the_tokens_cannot_move_under_them():
+    """torch.frombuffer kept the array object but not its buffer: extending the Tokens moved the data
+    under the tensors, which then read freed memory."""
+    from cdka_search.textdata import Example, encode, token_blocks
+
+    tokens = encode([Example("plain text " * 20)], None, 260)
+    inputs, _ = token_blocks(tokens, 8)
+    with pytest.raises(BufferError):
+        tokens.ids.extend(range(100_000))
+    assert inputs[0].tolist() == list(b"plain te")

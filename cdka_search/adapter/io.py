@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,12 +60,13 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     layers = adapter_modules(model)
     if plan is None or not layers:
         raise PlanError("the model carries no applied plan; apply_plan (or load_adapter) before save_adapter")
-    _check_holds_values(model)
+    heads = _head_params(model, plan)
+    _refuse_meta({**{f"{n}.{f}": getattr(layer, f) for n, layer in layers.items() for f in _FACTORS}, **heads})
     tensors = {
         f"{name}.{factor}": getattr(layer, factor).detach().to("cpu").contiguous()
         for name, layer in layers.items() for factor in _FACTORS
     }
-    tensors.update({key: p.detach().to("cpu").contiguous() for key, p in _head_params(model, plan).items()})
+    tensors.update({key: p.detach().to("cpu").contiguous() for key, p in heads.items()})
     broken = next((key for key, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
     if broken is not None:  # load_adapter would refuse the file
         raise PlanError(f"{broken} holds NaN or infinite values (the training diverged); nothing was written to {path}")
@@ -123,10 +125,26 @@ def _check_own_plan(file: Path, plan: "Plan", tensors: dict[str, torch.Tensor]) 
                                 f"design gives {shape}")
 
 
-def _check_holds_values(model: nn.Module) -> None:
-    """PlanError for a model on the meta device: it holds no values to load into or to save."""
-    if any(p.is_meta for p in model.parameters()):
-        raise PlanError("the model is on the meta device and holds no values; build or load it on a real device first")
+def _refuse_meta(values: dict[str, torch.Tensor]) -> None:
+    """PlanError naming the first of ``values`` (adapter factors, trained-whole parameters, target weights)
+    on the meta device, which holds no values to save or to load into. Only these: accelerate's offload
+    keeps other base weights on meta."""
+    name = next((name for name, value in values.items() if value.is_meta), None)
+    if name is not None:
+        raise PlanError(f"{name} is on the meta device and holds no values; build or load the model on a real device first")
+
+
+def _target_weights(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The weight each planned name adapts: a module's ``weight``, or a 3-D expert parameter itself."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = model.get_parameter(name)
+        except AttributeError:
+            weight = getattr(model.get_submodule(name), "weight", None)
+            if isinstance(weight, torch.Tensor):
+                out[name] = weight
+    return out
 
 
 def _stored_plan(file: Path, metadata: dict[str, str]) -> "Plan":
@@ -157,7 +175,6 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
     is checked before anything changes; values are copied into the adapter parameters.
     """
     plan, tensors = read_adapter(path)
-    _check_holds_values(model)
     layers = adapter_modules(model)
     if layers:
         expected = {f"{name}.{f}": tuple(getattr(layer, f).shape) for name, layer in layers.items() for f in _FACTORS}
@@ -168,6 +185,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
         if problems:  # at most three, as apply_plan's check shows: a stored plan may list 64 modules
             raise PlanError(f"{path}: the stored plan does not fit the model: {summarise(problems, shown=3)}")
         heads = _head_params(model, plan)
+        _refuse_meta({**{f"{n}.{f}": getattr(layer, f) for n, layer in layers.items() for f in _FACTORS}, **heads})
         expected.update({key: tuple(p.shape) for key, p in heads.items()})
         _check_tensors(Path(path), tensors, expected)
         try:
@@ -182,6 +200,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
     else:
         assignment = _resolve(model, plan)
         heads = _head_params(model, plan)
+        _refuse_meta({**_target_weights(model, assignment), **heads})
         expected = {f"{name}.{f}": shape for name, group in assignment.items() for f, shape in factor_shapes(group).items()}
         expected.update({key: tuple(p.shape) for key, p in heads.items()})
         _check_tensors(Path(path), tensors, expected)

@@ -80,6 +80,8 @@ def read_header(file: Path) -> dict[str, Any]:
         raise ModelSourceError(f"{file}: cannot read ({exc.strerror or exc.__class__.__name__})") from None
     if len(body) != size:
         raise ModelSourceError(f"{file}: truncated header")
+    if body.startswith(b"\xef\xbb\xbf"):  # read_json drops one, as editors write it; safetensors refuses it
+        raise ModelSourceError(f"{file}: corrupt safetensors header (it starts with a byte-order mark)")
     header = read_json(body, f"{file}: corrupt safetensors header", ModelSourceError, HEADER_LIMITS)
     if not isinstance(header, dict):
         raise ModelSourceError(f"{file}: corrupt safetensors header (not an object)")

@@ -367,22 +367,28 @@ def meta_spec_from_config(path: Path, name: str) -> ModelSpec:
 def _transformers_log_as_warnings(path: Path) -> Iterator[None]:
     """transformers' own log lines while it reads and builds a config (``bos_token_id must be ... within
     the vocabulary``), each said once as a cdka ``warning:`` line, in place of its handler's raw lines
-    ahead of cdka's output or its one error line. The logger is restored as it was."""
+    ahead of cdka's output or its one error line. A filter of this call's own is added to the handlers
+    and removed from them after, so that calls overlapping in threads leave the logger as it was."""
     import logging
 
-    logger = logging.getLogger("transformers")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger()  # transformers adds its handler on first use: filter that one, not a later one
     said: list[str] = []
 
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
+    def collect(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
             said.append(record.getMessage())
+        return False
 
-    handlers, propagate = logger.handlers[:], logger.propagate
-    logger.handlers, logger.propagate = [Collect(logging.WARNING)], False
+    handlers = logging.getLogger("transformers").handlers[:]
+    for handler in handlers:
+        handler.addFilter(collect)
     try:
         yield
     finally:
-        logger.handlers, logger.propagate = handlers, propagate
+        for handler in handlers:
+            handler.removeFilter(collect)
         for message in dict.fromkeys(said):
             warnings.warn(f"{path}: transformers says: {' '.join(message.split())}", CdkaWarning, stacklevel=4)
 
