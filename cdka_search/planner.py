@@ -199,25 +199,19 @@ def _check_family_adapts(chosen: ModelSpec, space: CandidateSpace) -> None:
         )
 
 
-def _adaptable(chosen: ModelSpec, space: CandidateSpace, targets: str) -> ModelSpec:
-    """``chosen`` without the weights no design of the space adapts for fewer parameters than the
-    weight itself (ELECTRA's 1 x hidden discriminator head under --family lora), with a warning, where
-    only preset selections (all-linear, attn, ...) chose them: one such weight refused the whole plan.
-    A weight the selection names is kept, and scoring refuses it by name."""
+def adaptable_selection(spec: ModelSpec, targets: str, space: CandidateSpace) -> tuple[ModelSpec, tuple[TargetModule, ...]]:
+    """The selection's targets, and those it leaves out: where only preset selections (all-linear, attn,
+    ...) chose them, the weights no design of the space adapts for fewer parameters than the weight
+    itself (ELECTRA's 1 x hidden discriminator head under --family lora), one of which refused the whole
+    plan. A weight the selection names is kept, and scoring refuses it by name."""
+    chosen = select_targets(spec, targets)
     if not all(item in PRESET_SELECTIONS for item in selection_items(targets)):
-        return chosen
+        return chosen, ()
     bare = {t.shape for t in chosen.targets if not spans(*t.shape, space)}
     left = tuple(t for t in chosen.targets if t.shape not in bare)
     if not bare or not left:
-        return chosen
-    shapes = ", ".join(f"{d_out}x{d_in}" for d_out, d_in in sorted(bare))
-    names = summarise([t.name for t in chosen.targets if t.shape in bare], shown=3, sep=", ")
-    warnings.warn(
-        f"{names} ({shapes}): no design of --family {space.family} adapts it for fewer parameters than the weight "
-        f"itself, so --targets {targets} leaves it out (fine-tune it directly, or plan it with another --family)",
-        CdkaWarning, stacklevel=3,
-    )
-    return chosen.with_targets(left)
+        return chosen, ()
+    return chosen.with_targets(left), tuple(t for t in chosen.targets if t.shape in bare)
 
 
 def make_plan(
@@ -245,7 +239,14 @@ def make_plan(
     """
     check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
     check_int(samples, "samples", ArgumentError, 1, 1 << 16)
-    chosen = _adaptable(select_targets(spec, targets), space, targets)
+    chosen, dropped = adaptable_selection(spec, targets, space)
+    if dropped:
+        shapes = ", ".join(f"{d_out}x{d_in}" for d_out, d_in in sorted({t.shape for t in dropped}))
+        warnings.warn(
+            f"{summarise([t.name for t in dropped], shown=3, sep=', ')} ({shapes}): no design of --family {space.family} "
+            f"adapts it for fewer parameters than the weight itself, so --targets {targets} leaves it out (fine-tune "
+            "it directly, or plan it with another --family)", CdkaWarning, stacklevel=2,
+        )
     _check_family_adapts(chosen, space)
     limit = resolve_budget(chosen, budget)
     space = fit_max_r(space, chosen.matrices, limit.limit)

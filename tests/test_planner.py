@@ -274,6 +274,10 @@ def test_a_weight_no_design_of_the_family_adapts_is_left_out_of_a_preset_selecti
         "so --targets all-linear leaves it out (fine-tune it directly, or plan it with another --family)"
     )]
     assert [g.modules for g in plan.groups] == [("layers.*.q",)] and plan.used_params == 2 * 4 * (64 + 64)
+    from cdka_search.planner import adaptable_selection
+
+    kept, dropped = adaptable_selection(spec, "all-linear", lora)  # what `cdka plan`'s coverage line counts
+    assert [t.name for t in kept.targets] == ["layers.0.q", "layers.1.q"] and [t.name for t in dropped] == ["head.dense_prediction"]
     with pytest.raises(TargetError, match="no design of the space fits 1x64"):
         make_plan(spec, "lora:4", space=lora, targets="head.dense_prediction,layers.*.q")
     assert any(g.shape == (1, 64) for g in make_plan(spec, "lora:4").groups)  # Kronecker designs do fit it

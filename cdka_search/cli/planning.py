@@ -52,12 +52,15 @@ def _load(model: str):
     return spec
 
 
-def _coverage(spec, targets: str):
-    """The selection's coverage of ``spec``; its warnings go to stderr."""
+def _coverage(spec, targets: str, space=None):
+    """The selection's coverage of ``spec`` (of what ``space`` adapts of it, where planned); its warnings go
+    to stderr."""
+    from cdka_search.planner import adaptable_selection
     from cdka_search.render import info
     from cdka_search.targets import coverage, select_targets
 
-    covered = coverage(spec, select_targets(spec, targets), targets)
+    chosen = select_targets(spec, targets) if space is None else adaptable_selection(spec, targets, space)[0]
+    covered = coverage(spec, chosen, targets)
     for line in covered.warnings():
         info(line)
     return covered
@@ -130,7 +133,7 @@ def plan(
     )
     result = record_model_path(result, opts["model"])
     written = save_plan(result, output or Path("plan.yaml"), fmt)
-    covered = _coverage(spec, opts["targets"])
+    covered = _coverage(spec, opts["targets"], space)
     render(plan_table(result, written, covered, unspent_reason(result, space)), as_json=as_json)
 
 
