@@ -214,6 +214,19 @@ def adaptable_selection(spec: ModelSpec, targets: str, space: CandidateSpace) ->
     return chosen.with_targets(left), tuple(t for t in chosen.targets if t.shape in bare)
 
 
+def adaptable_targets(spec: ModelSpec, targets: str, space: CandidateSpace) -> ModelSpec:
+    """adaptable_selection's targets, with one warning naming what it leaves out."""
+    chosen, dropped = adaptable_selection(spec, targets, space)
+    if dropped:
+        shapes = ", ".join(f"{d_out}x{d_in}" for d_out, d_in in sorted({t.shape for t in dropped}))
+        warnings.warn(
+            f"{summarise([t.name for t in dropped], shown=3, sep=', ')} ({shapes}): no design of --family {space.family} "
+            f"adapts it for fewer parameters than the weight itself, so --targets {targets} leaves it out (fine-tune "
+            "it directly, or plan it with another --family)", CdkaWarning, stacklevel=3,
+        )
+    return chosen
+
+
 def make_plan(
     spec: ModelSpec,
     budget: str | int | Budget = "0.5%",
@@ -239,14 +252,7 @@ def make_plan(
     """
     check_int(seed, "seed", ArgumentError, 0, MAX_SEED)
     check_int(samples, "samples", ArgumentError, 1, 1 << 16)
-    chosen, dropped = adaptable_selection(spec, targets, space)
-    if dropped:
-        shapes = ", ".join(f"{d_out}x{d_in}" for d_out, d_in in sorted({t.shape for t in dropped}))
-        warnings.warn(
-            f"{summarise([t.name for t in dropped], shown=3, sep=', ')} ({shapes}): no design of --family {space.family} "
-            f"adapts it for fewer parameters than the weight itself, so --targets {targets} leaves it out (fine-tune "
-            "it directly, or plan it with another --family)", CdkaWarning, stacklevel=2,
-        )
+    chosen = adaptable_targets(spec, targets, space)
     _check_family_adapts(chosen, space)
     limit = resolve_budget(chosen, budget)
     space = fit_max_r(space, chosen.matrices, limit.limit)

@@ -236,12 +236,13 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
     options, the storage or the data fails here, before the CLI shows any progress."""
     import optuna
 
+    from cdka_search.candidates import CandidateSpace
+    from cdka_search.planner import adaptable_targets
     from cdka_search.spec import load_spec
     from cdka_search.spec.hf_config import read_config
     from cdka_search.spec.sources import existing_path
     from cdka_search.sweep.space import build_space
     from cdka_search.sweep.tasks import check_inputs, make_task, task_class
-    from cdka_search.targets import select_targets
     from cdka_search.textdata import check_data_name, refuse_task_model
 
     if config.output is not None:
@@ -262,7 +263,7 @@ def prepare_sweep(config: SweepConfig) -> PreparedSweep:
                           data=config.data, reference=config.reference, model=folder)
     task = make_task(config.task, options)
     make_pruner(config.pruner, config.steps, options.every)  # validate before touching storage
-    spec = select_targets(load_spec(config.model), config.targets)
+    spec = adaptable_targets(load_spec(config.model), config.targets, CandidateSpace())  # the space build_space scores
     space = build_space(spec, config.budget, objective=config.objective, top_k=config.top_k,
                         lr_range=config.lr_range or task.lr_range, alpha_range=config.alpha_range)
     # Every input (reference updates, data, the model's weights) is read before the storage is touched:
