@@ -134,7 +134,7 @@ def read_json(data: bytes | str, where: str, error: type[CdkaError], limits: Jso
     import json
 
     try:
-        text = utf8_text(data, where, error) if isinstance(data, bytes) else data.removeprefix("\ufeff")
+        text = utf8_text(data, where, error) if isinstance(data, bytes) else data
         parsed = json.loads(text, **strict_json_hooks(where, error))
     except CdkaError:
         raise

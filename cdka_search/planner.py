@@ -207,7 +207,7 @@ def adaptable_selection(spec: ModelSpec, targets: str, space: CandidateSpace) ->
     chosen = select_targets(spec, targets)
     if not all(item in PRESET_SELECTIONS for item in selection_items(targets)):
         return chosen, ()
-    bare = {t.shape for t in chosen.targets if not spans(*t.shape, space)}
+    bare = {shape for shape in {t.shape for t in chosen.targets} if not spans(*shape, space)}
     left = tuple(t for t in chosen.targets if t.shape not in bare)
     if not bare or not left:
         return chosen, ()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,14 +60,10 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     layers = adapter_modules(model)
     if plan is None or not layers:
         raise PlanError("the model carries no applied plan; apply_plan (or load_adapter) before save_adapter")
-    heads = _head_params(model, plan)
-    _refuse_meta({**{f"{n}.{f}": getattr(layer, f) for n, layer in layers.items() for f in _FACTORS}, **heads})
-    tensors = {
-        f"{name}.{factor}": getattr(layer, factor).detach().to("cpu").contiguous()
-        for name, layer in layers.items() for factor in _FACTORS
-    }
-    tensors.update({key: p.detach().to("cpu").contiguous() for key, p in heads.items()})
-    broken = next((key for key, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+    values = {**_factors(layers), **_head_params(model, plan)}
+    _refuse_meta(values)
+    tensors = {key: p.detach().to("cpu").contiguous() for key, p in values.items()}
+    broken = _first_nonfinite(tensors)
     if broken is not None:  # load_adapter would refuse the file
         raise PlanError(f"{broken} holds NaN or infinite values (the training diverged); nothing was written to {path}")
     from cdka_search.plan import dumps_plan
@@ -102,7 +98,7 @@ def read_adapter(path: str | Path) -> tuple["Plan", dict[str, torch.Tensor]]:
         raise
     except (SafetensorError, OSError, ValueError) as exc:
         raise PlanError(f"{file}: not a readable .safetensors file ({exc})") from None
-    broken = next((key for key, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+    broken = _first_nonfinite(tensors)
     if broken is not None:
         raise PlanError(f"{file}: {broken} holds NaN or infinite values; the adapter it came from diverged")
     _check_own_plan(file, plan, tensors)
@@ -123,6 +119,15 @@ def _check_own_plan(file: Path, plan: "Plan", tensors: dict[str, torch.Tensor]) 
             if stored is not None and tuple(stored.shape) != shape:
                 raise PlanError(f"{file}: {name}.{factor} has shape {tuple(stored.shape)}, but its stored plan's "
                                 f"design gives {shape}")
+
+
+def _factors(layers: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Every factor of ``layers`` under its file name (``<module>.cdka_A``)."""
+    return {f"{name}.{factor}": getattr(layer, factor) for name, layer in layers.items() for factor in _FACTORS}
+
+
+def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    return next((key for key, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
 
 
 def _refuse_meta(values: dict[str, torch.Tensor]) -> None:
@@ -177,7 +182,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
     plan, tensors = read_adapter(path)
     layers = adapter_modules(model)
     if layers:
-        expected = {f"{name}.{f}": tuple(getattr(layer, f).shape) for name, layer in layers.items() for f in _FACTORS}
+        factors = _factors(layers)
+        expected = {key: tuple(p.shape) for key, p in factors.items()}
         merged = [name for name, layer in layers.items() if layer.merged]
         if merged:
             raise PlanError(f"{merged[0]} is merged; unmerge_adapters(model) before load_adapter")
@@ -185,7 +191,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> ApplySummary:
         if problems:  # at most three, as apply_plan's check shows: a stored plan may list 64 modules
             raise PlanError(f"{path}: the stored plan does not fit the model: {summarise(problems, shown=3)}")
         heads = _head_params(model, plan)
-        _refuse_meta({**{f"{n}.{f}": getattr(layer, f) for n, layer in layers.items() for f in _FACTORS}, **heads})
+        _refuse_meta({**factors, **heads})
         expected.update({key: tuple(p.shape) for key, p in heads.items()})
         _check_tensors(Path(path), tensors, expected)
         try:

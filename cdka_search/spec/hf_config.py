@@ -54,7 +54,8 @@ def config_spec(path: Path) -> ModelSpec:
     family = family_of(config)
     unknown = unknown_fields(config, family) if family else []
     head = task_head_class(config)
-    other = next((a for a in listed_architectures(config.get("architectures")) if family and a not in family.models), None)
+    listed = listed_architectures(config.get("architectures")) if family else []
+    other = next((a for a in listed if a not in family.models), None)
     if family is not None and not unknown and head is None and other is None:
         return family_spec(config, family, name, "hf-config", str(path))
     from cdka_search.spec.torch_module import meta_spec_from_config

@@ -116,16 +116,16 @@ def _check_storage_file(path: Path, url: str) -> None:
     if not path.parent.is_dir():
         raise SweepError(f"--storage {redact(url)}: folder {path.parent} does not exist")
     try:
-        mode = path.stat().st_mode
+        found = path.stat()
     except FileNotFoundError:
         return  # a new storage: Optuna creates the file
     except OSError as exc:
         raise SweepError(f"--storage {redact(url)}: cannot read {path}: {exc.strerror or exc}") from None
-    if stat.S_ISREG(mode):
-        if url.startswith("sqlite") and path.stat().st_size:
+    if stat.S_ISREG(found.st_mode):
+        if url.startswith("sqlite") and found.st_size:
             _check_not_foreign(path, url)
         return
-    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "a special file")
+    kind = next((name for test, name in _NOT_REGULAR if test(found.st_mode)), "a special file")
     what = "links to" if path.is_symlink() else "is"
     raise SweepError(f"--storage {redact(url)}: {path} {what} {kind}, not a regular file; give a file path")
 
